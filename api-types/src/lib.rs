@@ -1,1 +1,19 @@
-//! placeholder
+//! berth's resource model: the object envelope shared by every kind, the kinds' specs and validation,
+//! manifest loading, and the names (API paths, NATS subjects, Swarm labels) that other crates and
+//! outside tools rely on.
+
+pub mod event;
+pub mod image;
+pub mod kind;
+pub mod manifest;
+pub mod meta;
+pub mod names;
+pub mod service;
+pub mod typed;
+pub mod units;
+pub mod validate;
+
+pub use event::{Event, EventType};
+pub use kind::Kind;
+pub use meta::{Condition, ConditionStatus, DynObject, Object, ObjectMeta};
+pub use names::API_VERSION;

@@ -1,0 +1,77 @@
+//! Every name that crosses a process boundary, defined once: the API's paths, the NATS subjects events
+//! travel on, and the Swarm label keys berth stamps on what it creates. Outside tools depend on these,
+//! so they live here and nowhere else.
+
+use crate::kind::Kind;
+
+/// The API group/version every manifest declares in `apiVersion`.
+pub const API_VERSION: &str = "berth/v1";
+
+/// REST paths of the API server.
+pub mod paths {
+    use super::Kind;
+
+    /// Liveness endpoint; the only path served without a bearer token.
+    pub const HEALTHZ: &str = "/healthz";
+    /// Discovery document: the instance id and the kinds this server serves.
+    pub const API_ROOT: &str = "/apis/berth/v1";
+    /// Atomic multi-object apply (`kubectl apply` over a whole manifest set).
+    pub const APPLY: &str = "/apis/berth/v1/apply";
+    /// Recent events, optionally streamed with `?watch=true`.
+    pub const EVENTS: &str = "/apis/berth/v1/events";
+
+    /// `/apis/berth/v1/<plural>`
+    pub fn collection(kind: Kind) -> String {
+        format!("{API_ROOT}/{}", kind.plural())
+    }
+
+    /// `/apis/berth/v1/<plural>/<name>`
+    pub fn object(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}", kind.plural())
+    }
+
+    /// `/apis/berth/v1/<plural>/<name>/status`
+    pub fn status(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}/status", kind.plural())
+    }
+}
+
+/// NATS subjects (also used, unchanged, as topics of the embedded bus).
+pub mod subjects {
+    use super::Kind;
+
+    /// Prefix of every resource event; the JetStream stream captures `berth.events.>`.
+    pub const EVENTS_PREFIX: &str = "berth.events";
+    /// Subject filter the JetStream stream is created over.
+    pub const EVENTS_ALL: &str = "berth.events.>";
+    /// Name of the JetStream stream that keeps events for consumers that were down.
+    pub const EVENTS_STREAM: &str = "BERTH_EVENTS";
+
+    /// `berth.events.<kind>.<name>`
+    pub fn event(kind: Kind, name: &str) -> String {
+        format!("{EVENTS_PREFIX}.{}.{name}", kind.lower())
+    }
+
+    /// `berth.events.<kind>.>`: every event of one kind.
+    pub fn kind_events(kind: Kind) -> String {
+        format!("{EVENTS_PREFIX}.{}.>", kind.lower())
+    }
+}
+
+/// Label keys berth puts on Swarm objects so it can find, diff and garbage-collect its own objects and
+/// never touch anyone else's.
+pub mod labels {
+    /// Prefix reserved for berth; user labels may not use it.
+    pub const PREFIX: &str = "io.berth.";
+    /// Always `berth`; the first filter when listing Swarm objects.
+    pub const MANAGED_BY: &str = "io.berth.managed-by";
+    pub const MANAGED_BY_VALUE: &str = "berth";
+    /// Which berth installation owns the object: two berths sharing one Swarm never collect each other's.
+    pub const INSTANCE: &str = "io.berth.instance";
+    pub const KIND: &str = "io.berth.kind";
+    pub const NAME: &str = "io.berth.name";
+    pub const UID: &str = "io.berth.uid";
+    pub const GENERATION: &str = "io.berth.generation";
+    /// Hash of the Swarm spec berth built; equal hash and matching fields mean no update call.
+    pub const SPEC_HASH: &str = "io.berth.spec-hash";
+}

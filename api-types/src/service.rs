@@ -1,0 +1,517 @@
+//! The Service kind: one Swarm service, described the way Docker and Kubernetes users already think
+//! about it (image, replicas or global mode, command, env, resources, placement, update and restart
+//! policy, healthcheck), and the status the service controller reports back.
+
+use crate::image::ImageRef;
+use crate::meta::{Condition, Object};
+use crate::units::{ByteSize, Cpus, Duration};
+use crate::validate::{check_envelope, check_label_key, Errors, FieldError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+
+pub type Service = Object<ServiceSpec, ServiceStatus>;
+
+/// Most replicas a Service may ask for; a typo like `replicas: 10000000` should not reach the engine.
+pub const MAX_REPLICAS: u64 = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// `repo:tag` or `repo@sha256:...`.
+    pub image: ImageRef,
+    /// `replicated` (default) or `global` (one task per eligible node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ServiceMode>,
+    /// Replicated mode only; default 1. Zero is allowed (a stopped service that keeps its config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u64>,
+    /// Replaces the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's CMD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Labels on the Swarm service (berth adds its own `io.berth.*` labels beside them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Labels on the service's containers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub container_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_period: Option<Duration>,
+    /// Run an init process as PID 1 (`docker run --init`), so signals reach programs that do not
+    /// handle them themselves and stops do not wait out the grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// How a changed spec rolls out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdatePolicy>,
+    /// How a failed update rolls back (used when `update.failureAction` is `rollback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<UpdatePolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<Healthcheck>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    Replicated,
+    Global,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceAmounts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservations: Option<ResourceAmounts>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceAmounts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Cpus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Placement {
+    /// Swarm constraint expressions, e.g. `node.role == manager`, `node.labels.zone != b`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
+    /// Spread tasks over the values of a node label, e.g. `node.labels.zone`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spread: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_replicas_per_node: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdatePolicy {
+    /// Tasks changed at once; 0 means all at once. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u64>,
+    /// Pause between batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_action: Option<FailureAction>,
+    /// How long each task is watched for failure after it is updated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<Duration>,
+    /// Fraction (0 to 1) of tasks that may fail before the failure action triggers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failure_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<UpdateOrder>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    Pause,
+    Continue,
+    Rollback,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    StopFirst,
+    StartFirst,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RestartPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<RestartCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Duration>,
+    /// 0 or absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u64>,
+    /// Window in which restarts count towards `maxAttempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    None,
+    OnFailure,
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Healthcheck {
+    /// As in Docker: `["CMD", "prog", "arg"]`, `["CMD-SHELL", "cmd"]` or `["NONE"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test: Vec<String>,
+    /// Turns off a healthcheck the image defines.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_period: Option<Duration>,
+}
+
+/// What the service controller observed. Written only by the controller, through the status endpoint.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Tasks Swarm wants running (replicas, or eligible nodes in global mode).
+    #[serde(default)]
+    pub desired_replicas: u64,
+    #[serde(default)]
+    pub running_replicas: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Swarm's rolling-update state: `updating`, `completed`, `paused`, `rollback_started`,
+    /// `rollback_paused`, `rollback_completed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm_service_id: Option<String>,
+}
+
+/// Condition types of a Service.
+pub mod conditions {
+    /// Every desired task is running and no rollout is in flight.
+    pub const READY: &str = "Ready";
+    /// A rollout or task start is under way.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Tasks fail, a rollout paused or rolled back, or the spec cannot be applied.
+    pub const DEGRADED: &str = "Degraded";
+}
+
+impl ServiceSpec {
+    pub fn mode(&self) -> ServiceMode {
+        self.mode.unwrap_or(ServiceMode::Replicated)
+    }
+
+    /// Rules the types cannot express. Paths are relative to the object (`spec.…`).
+    pub fn validate(&self, errors: &mut Errors) {
+        if self.mode() == ServiceMode::Global && self.replicas.is_some() {
+            errors.add(
+                "spec.replicas",
+                "cannot be set when mode is `global` (global runs one task per node)",
+            );
+        }
+        if let Some(r) = self.replicas {
+            if r > MAX_REPLICAS {
+                errors.add(
+                    "spec.replicas",
+                    format!("{r} is out of range (0 to {MAX_REPLICAS})"),
+                );
+            }
+        }
+        if let Some(c) = &self.command {
+            if c.is_empty() {
+                errors.add(
+                    "spec.command",
+                    "must not be empty when given (omit it to use the image's entrypoint)",
+                );
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, e) in self.env.iter().enumerate() {
+            let path = format!("spec.env[{i}].name");
+            if e.name.is_empty() {
+                errors.add(path, "must not be empty");
+            } else if e.name.contains('=') || e.name.contains('\0') {
+                errors.add(path, format!("`{}` must not contain `=`", e.name));
+            } else if !seen.insert(e.name.as_str()) {
+                errors.add(path, format!("`{}` is set twice", e.name));
+            }
+        }
+        for key in self.labels.keys() {
+            check_label_key(errors, "spec.labels", key);
+        }
+        for key in self.container_labels.keys() {
+            check_label_key(errors, "spec.containerLabels", key);
+        }
+        if let Some(h) = &self.hostname {
+            crate::validate::check_dns_label(errors, "spec.hostname", h);
+        }
+        if let Some(res) = &self.resources {
+            if let (Some(l), Some(r)) = (&res.limits, &res.reservations) {
+                if let (Some(lc), Some(rc)) = (&l.cpus, &r.cpus) {
+                    if rc.nano_cpus() > lc.nano_cpus() {
+                        errors.add(
+                            "spec.resources.reservations.cpus",
+                            format!("{rc} is more than the limit {lc}"),
+                        );
+                    }
+                }
+                if let (Some(lm), Some(rm)) = (&l.memory, &r.memory) {
+                    if rm.bytes() > lm.bytes() {
+                        errors.add(
+                            "spec.resources.reservations.memory",
+                            format!("{rm} is more than the limit {lm}"),
+                        );
+                    }
+                }
+            }
+            if let Some(m) = res.limits.as_ref().and_then(|l| l.memory.as_ref()) {
+                // The engine refuses limits under 6 MiB; say so now rather than as a task error.
+                if m.bytes() < 6 * 1024 * 1024 {
+                    errors.add(
+                        "spec.resources.limits.memory",
+                        format!("{m} is below the engine's minimum of 6Mi"),
+                    );
+                }
+            }
+        }
+        if let Some(p) = &self.placement {
+            for (i, c) in p.constraints.iter().enumerate() {
+                if !["==", "!="].iter().any(|op| c.contains(op)) {
+                    errors.add(
+                        format!("spec.placement.constraints[{i}]"),
+                        format!(
+                            "`{c}` must compare with `==` or `!=`, e.g. `node.role == manager`"
+                        ),
+                    );
+                }
+            }
+            for (i, s) in p.spread.iter().enumerate() {
+                if !s.starts_with("node.labels.") && !s.starts_with("engine.labels.") {
+                    errors.add(
+                        format!("spec.placement.spread[{i}]"),
+                        format!("`{s}` must be a node or engine label, e.g. `node.labels.zone`"),
+                    );
+                }
+            }
+            if self.mode() == ServiceMode::Global && p.max_replicas_per_node.is_some() {
+                errors.add(
+                    "spec.placement.maxReplicasPerNode",
+                    "has no meaning in global mode",
+                );
+            }
+        }
+        for (name, policy) in [("update", &self.update), ("rollback", &self.rollback)] {
+            if let Some(u) = policy {
+                if let Some(r) = u.max_failure_ratio {
+                    if !(0.0..=1.0).contains(&r) {
+                        errors.add(
+                            format!("spec.{name}.maxFailureRatio"),
+                            format!("{r} is out of range (0 to 1)"),
+                        );
+                    }
+                }
+            }
+        }
+        if self
+            .rollback
+            .as_ref()
+            .is_some_and(|r| r.failure_action == Some(FailureAction::Rollback))
+        {
+            errors.add(
+                "spec.rollback.failureAction",
+                "`rollback` is not possible for a rollback (use `pause` or `continue`)",
+            );
+        }
+        if let Some(h) = &self.healthcheck {
+            if h.disable && !h.test.is_empty() {
+                errors.add("spec.healthcheck.disable", "cannot be combined with `test`");
+            }
+            if let Some(first) = h.test.first() {
+                let ok = match first.as_str() {
+                    "CMD" | "CMD-SHELL" => h.test.len() > 1,
+                    "NONE" => h.test.len() == 1,
+                    _ => false,
+                };
+                if !ok {
+                    errors.add(
+                        "spec.healthcheck.test",
+                        "must be [\"CMD\", prog, args...], [\"CMD-SHELL\", command] or [\"NONE\"]",
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Validates a whole Service object: the shared envelope rules, then the spec's own.
+pub fn validate_service(svc: &Service) -> Result<(), Vec<FieldError>> {
+    let mut errors = Errors::default();
+    check_envelope(&mut errors, &svc.api_version, &svc.metadata);
+    svc.spec.validate(&mut errors);
+    errors.into_result()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(spec: serde_json::Value) -> Result<Service, String> {
+        serde_json::from_value(json!({
+            "apiVersion": "berth/v1", "kind": "Service",
+            "metadata": {"name": "web"}, "spec": spec
+        }))
+        .map_err(|e| e.to_string())
+    }
+
+    fn problems(spec: serde_json::Value) -> Vec<String> {
+        match validate_service(&svc(spec).unwrap()) {
+            Ok(()) => vec![],
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn full_spec_parses_and_validates() {
+        let s = svc(json!({
+            "image": "berth-test/busybox:1",
+            "replicas": 3,
+            "command": ["sleep"], "args": ["1000"],
+            "env": [{"name": "A", "value": "1"}, {"name": "B"}],
+            "labels": {"team": "x"},
+            "resources": {"limits": {"cpus": 0.5, "memory": "128Mi"},
+                          "reservations": {"cpus": "100m", "memory": "64m"}},
+            "placement": {"constraints": ["node.role == manager"], "maxReplicasPerNode": 2},
+            "update": {"parallelism": 1, "delay": "2s", "failureAction": "rollback",
+                       "monitor": "5s", "maxFailureRatio": 0.2, "order": "start-first"},
+            "restart": {"condition": "on-failure", "delay": "1s", "maxAttempts": 3, "window": "1m"},
+            "healthcheck": {"test": ["CMD", "true"], "interval": "5s", "retries": 3},
+            "stopGracePeriod": "30s"
+        }))
+        .unwrap();
+        assert_eq!(validate_service(&s), Ok(()));
+        assert_eq!(s.spec.update.unwrap().order, Some(UpdateOrder::StartFirst));
+    }
+
+    #[test]
+    fn type_errors_are_precise() {
+        let e = svc(json!({"image": "Bad Image"})).unwrap_err();
+        assert!(e.contains("invalid image reference `Bad Image`"), "{e}");
+        let e = svc(json!({"image": "a", "replicsa": 2})).unwrap_err();
+        assert!(e.contains("unknown field `replicsa`"), "{e}");
+        let e = svc(json!({"image": "a", "update": {"order": "sideways"}})).unwrap_err();
+        assert!(e.contains("unknown variant `sideways`"), "{e}");
+        let e = svc(json!({"image": "a", "replicas": -1})).unwrap_err();
+        assert!(e.contains("invalid value: integer `-1`"), "{e}");
+        let e = svc(json!({"image": "a", "update": {"delay": "soon"}})).unwrap_err();
+        assert!(e.contains("invalid duration `soon`"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                json!({"image": "a", "mode": "global", "replicas": 2}),
+                "spec.replicas: cannot be set when mode is `global`",
+            ),
+            (
+                json!({"image": "a", "replicas": 20000}),
+                "spec.replicas: 20000 is out of range (0 to 10000)",
+            ),
+            (
+                json!({"image": "a", "env": [{"name": "A"}, {"name": "A"}]}),
+                "spec.env[1].name: `A` is set twice",
+            ),
+            (
+                json!({"image": "a", "env": [{"name": "A=B"}]}),
+                "spec.env[0].name: `A=B` must not contain `=`",
+            ),
+            (
+                json!({"image": "a", "labels": {"io.berth.kind": "x"}}),
+                "spec.labels.io.berth.kind: label prefix",
+            ),
+            (
+                json!({"image": "a", "resources": {"limits": {"cpus": 1}, "reservations": {"cpus": 2}}}),
+                "spec.resources.reservations.cpus: 2 is more than the limit 1",
+            ),
+            (
+                json!({"image": "a", "resources": {"limits": {"memory": "1m"}}}),
+                "spec.resources.limits.memory: 1m is below",
+            ),
+            (
+                json!({"image": "a", "placement": {"constraints": ["node.role"]}}),
+                "spec.placement.constraints[0]: `node.role` must compare",
+            ),
+            (
+                json!({"image": "a", "update": {"maxFailureRatio": 1.5}}),
+                "spec.update.maxFailureRatio: 1.5 is out of range",
+            ),
+            (
+                json!({"image": "a", "healthcheck": {"test": ["true"]}}),
+                "spec.healthcheck.test: must be",
+            ),
+            (
+                json!({"image": "a", "command": []}),
+                "spec.command: must not be empty",
+            ),
+            (
+                json!({"image": "a", "rollback": {"failureAction": "rollback"}}),
+                "spec.rollback.failureAction: `rollback` is not possible",
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = problems(spec.clone());
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "{spec}: want {want:?}, got {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn envelope_rules_apply() {
+        let mut s = svc(json!({"image": "a"})).unwrap();
+        s.metadata.name = "Web_1".into();
+        s.api_version = "v1".into();
+        let e: Vec<String> = validate_service(&s)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert!(e[0].starts_with("apiVersion: `v1` is not served"), "{e:?}");
+        assert!(
+            e[1].starts_with("metadata.name: `Web_1` must be a DNS label"),
+            "{e:?}"
+        );
+    }
+}

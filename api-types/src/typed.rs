@@ -1,0 +1,132 @@
+//! Turning untyped objects (an API request body, a manifest document) into checked ones: find the
+//! kind, deserialize its typed form with field paths, run its validation, and hand back the canonical
+//! untyped object the store keeps. One function per entry point, one rule set for both.
+
+use crate::kind::Kind;
+use crate::manifest::{ManifestError, SourceDoc};
+use crate::meta::DynObject;
+use crate::meta::Object;
+use crate::service::{validate_service, ServiceSpec};
+use crate::validate::FieldError;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Deserializes `value` into `T`, reporting the failing field's path (`spec.env[1].name`; for an
+/// unknown field, the path of the unknown field itself, so a manifest error points at the typo).
+pub fn deserialize_value<T: DeserializeOwned>(value: &Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut path = e.path().to_string();
+        if path == "." {
+            path.clear();
+        }
+        let message = e.inner().to_string();
+        FieldError { path, message }
+    })
+}
+
+/// The kind an untyped object declares, checked before anything else so errors can be kind-specific.
+pub fn kind_of(value: &Value) -> Result<Kind, FieldError> {
+    match value.get("kind") {
+        None => Err(FieldError::new("kind", "missing field `kind`")),
+        Some(Value::String(s)) => {
+            let kind: Kind = s.parse().map_err(|e: String| FieldError::new("kind", e))?;
+            if !kind.is_served() {
+                return Err(FieldError::new(
+                    "kind",
+                    format!("kind `{kind}` is not served by this version of berth yet"),
+                ));
+            }
+            Ok(kind)
+        }
+        Some(_) => Err(FieldError::new("kind", "must be a string")),
+    }
+}
+
+/// Checks an untyped object and returns it in canonical form: spec re-serialized from its typed form,
+/// status dropped (status is written only through the status endpoint).
+pub fn decode_object(value: &Value) -> Result<DynObject, Vec<FieldError>> {
+    let kind = kind_of(value).map_err(|e| vec![e])?;
+    match kind {
+        Kind::Service => {
+            let typed: Object<ServiceSpec, Value> =
+                deserialize_value(value).map_err(|e| vec![e])?;
+            let svc = Object {
+                api_version: typed.api_version,
+                kind: typed.kind,
+                metadata: typed.metadata,
+                spec: typed.spec,
+                status: Default::default(),
+            };
+            validate_service(&svc)?;
+            Ok(DynObject {
+                api_version: svc.api_version,
+                kind: svc.kind,
+                metadata: svc.metadata,
+                spec: serde_json::to_value(&svc.spec).map_err(|e| {
+                    vec![FieldError::new("spec", format!("cannot encode spec: {e}"))]
+                })?,
+                status: Value::Null,
+            })
+        }
+        other => Err(vec![FieldError::new(
+            "kind",
+            format!("kind `{other}` is not served by this version of berth yet"),
+        )]),
+    }
+}
+
+/// The same for one manifest document, with every error placed at its file, line and column.
+pub fn decode_doc(doc: &SourceDoc) -> Result<DynObject, Vec<ManifestError>> {
+    decode_object(&doc.value).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| ManifestError::at(doc, &e.path, e.message))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_form_drops_status_and_keeps_spelling() {
+        let obj = decode_object(&json!({
+            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"image": "a:1", "resources": {"limits": {"cpus": 0.5}}},
+            "status": {"anything": true}
+        }))
+        .unwrap();
+        assert_eq!(obj.status, Value::Null);
+        assert_eq!(obj.spec["resources"]["limits"]["cpus"], json!("0.5"));
+    }
+
+    #[test]
+    fn errors_carry_paths() {
+        let e = decode_object(&json!({"apiVersion": "berth/v1", "metadata": {"name": "x"}}))
+            .unwrap_err();
+        assert_eq!(e[0].to_string(), "kind: missing field `kind`");
+        let e = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Pod"})).unwrap_err();
+        assert!(
+            e[0].to_string().starts_with("kind: unknown kind `Pod`"),
+            "{}",
+            e[0]
+        );
+        let e = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Node", "metadata": {"name": "x"}, "spec": {}})).unwrap_err();
+        assert!(e[0].message.contains("not served"));
+        let e = decode_object(&json!({
+            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "x"},
+            "spec": {"image": "a", "env": [{"name": "A", "valeu": "1"}]}
+        }))
+        .unwrap_err();
+        assert_eq!(e[0].path, "spec.env[0].valeu");
+        assert!(e[0].message.starts_with("unknown field `valeu`"));
+        let e = decode_object(&json!({
+            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "x"},
+            "spec": {"image": "a", "replicas": "three"}
+        }))
+        .unwrap_err();
+        assert_eq!(e[0].path, "spec.replicas");
+    }
+}
