@@ -1,0 +1,323 @@
+# shellcheck shell=bash
+#
+# scripts/lib/prereqs.sh: machine prerequisites for berth's tests and demo.
+#
+# Sourced by scripts/test and scripts/demo. Brings a Debian bookworm machine (fresh, or reused
+# from an earlier run) to the state the e2e tests need:
+#   - packages: docker.io, nats-server, busybox-static, a C toolchain for crates like ring,
+#     plus curl, python3 and iproute2 used by these scripts;
+#   - a running dockerd (started by hand: these machines have no systemd);
+#   - a healthy single-node Swarm advertising 127.0.0.1;
+#   - local test images built FROM scratch (nothing can be pulled): berth-test/busybox:1 and
+#     berth-demo/web:1;
+#   - cargo on PATH.
+# Every function is idempotent: whatever is already in place is kept.
+# nats-server is only installed, never started: the e2e harness starts its own on free ports.
+#
+# Usage: source scripts/lib/prereqs.sh && berth_prereqs
+
+set -euo pipefail
+
+# Sourcing twice is harmless.
+if [[ -n ${_BERTH_PREREQS_LOADED:-} ]]; then
+    return 0
+fi
+_BERTH_PREREQS_LOADED=1
+
+BERTH_DOCKERD_LOG=${BERTH_DOCKERD_LOG:-/var/log/berth-dockerd.log}
+BERTH_SWARM_ADDR=${BERTH_SWARM_ADDR:-127.0.0.1}
+
+_berth_die() {
+    echo "==> ERROR: $*" >&2
+    exit 1
+}
+
+_berth_require_root() {
+    if [[ $EUID -ne 0 ]]; then
+        _berth_die "$1 needs root; run this script as root"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Packages
+# ---------------------------------------------------------------------------------------------
+
+# Installs, in one apt-get call, only the packages whose commands/files are missing.
+berth_install_packages() {
+    local -a missing=()
+
+    if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
+        missing+=(docker.io)
+    fi
+    command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+    # Only the *static* busybox can be copied into a FROM-scratch image: the plain `busybox`
+    # package also provides /bin/busybox, so ask dpkg rather than looking for the file.
+    dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    # C toolchain for build scripts (ring, ...): compiler, libc headers, pkg-config.
+    command -v cc >/dev/null 2>&1 || missing+=(gcc)
+    [[ -e /usr/include/stdio.h ]] || missing+=(libc6-dev)
+    command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    # Used by these scripts themselves.
+    command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "==> packages: all present"
+        return 0
+    fi
+
+    _berth_require_root "installing ${missing[*]}"
+    # NEEDRESTART_SUSPEND: docker.io recommends needrestart, whose apt hook would try to
+    # restart services (there is no systemd here) or prompt.
+    local -a apt_env=(env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1)
+    if [[ -z ${_BERTH_APT_UPDATED:-} ]]; then
+        echo "==> apt-get update"
+        "${apt_env[@]}" apt-get update -q
+        _BERTH_APT_UPDATED=1
+    fi
+    echo "==> apt-get install ${missing[*]}"
+    "${apt_env[@]}" apt-get install -y -q "${missing[@]}"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Docker engine
+# ---------------------------------------------------------------------------------------------
+
+# Is the dockerd named in the default pidfile alive? (Then it is starting up: do not start
+# another one next to it.)
+_berth_dockerd_pidfile_alive() {
+    local pid
+    pid=$(cat /var/run/docker.pid 2>/dev/null) || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]
+}
+
+# Starts dockerd in the background unless the engine already answers.
+berth_start_docker() {
+    if docker info >/dev/null 2>&1; then
+        echo "==> docker: engine already running"
+        return 0
+    fi
+
+    local pid=""
+    if _berth_dockerd_pidfile_alive; then
+        echo "==> docker: dockerd (pid $(cat /var/run/docker.pid)) is running but not answering yet; waiting"
+    else
+        _berth_require_root "starting dockerd"
+        command -v dockerd >/dev/null 2>&1 || _berth_die "dockerd not found (is docker.io installed?)"
+        echo "==> docker: starting dockerd (log: $BERTH_DOCKERD_LOG)"
+        # setsid + nohup: dockerd must outlive this script and its terminal. --wait keeps $!
+        # alive exactly as long as dockerd, even when setsid has to fork.
+        setsid --wait nohup dockerd >>"$BERTH_DOCKERD_LOG" 2>&1 </dev/null &
+        pid=$!
+    fi
+
+    local i
+    for ((i = 0; i < 60; i++)); do
+        if docker info >/dev/null 2>&1; then
+            echo "==> docker: engine up after ${i}s"
+            return 0
+        fi
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            break # the dockerd we started has exited: waiting longer is pointless
+        fi
+        sleep 1
+    done
+
+    echo "==> docker: the engine did not come up; last lines of $BERTH_DOCKERD_LOG:" >&2
+    tail -n 40 "$BERTH_DOCKERD_LOG" >&2 || true
+    _berth_die "dockerd is not answering (docker info fails)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Swarm
+# ---------------------------------------------------------------------------------------------
+
+# Prints why the local swarm is unusable, or nothing if it is healthy. Returns 0 when healthy,
+# 1 for a problem that may clear up by itself (engine just restarted), 2 for one that will not.
+_berth_swarm_problem() {
+    local info state addr control err
+    info=$(docker info --format '{{.Swarm.LocalNodeState}}|{{.Swarm.NodeAddr}}|{{.Swarm.ControlAvailable}}|{{.Swarm.Error}}') ||
+        { echo "docker info fails"; return 1; }
+    IFS='|' read -r state addr control err <<<"$info"
+
+    if [[ $state != active ]]; then
+        echo "LocalNodeState is '$state'${err:+ ($err)}"
+        # 'error' (a failed join) and 'locked' (autolock, and we have no key) stay that way;
+        # 'pending' may still turn into 'active'.
+        [[ $state == error || $state == locked ]] && return 2
+        return 1
+    fi
+    if [[ -n $err ]]; then
+        echo "swarm error: $err"
+        return 1
+    fi
+    # A swarm initialised on an address that has since gone away (say a removed veth) never
+    # becomes healthy again.
+    if ! ip -o addr show | awk '{ split($4, a, "/"); print a[1] }' | grep -Fx -- "$addr" >/dev/null; then
+        echo "it advertises $addr, which is not an address of this machine"
+        return 2
+    fi
+    if [[ $control != true ]]; then
+        echo "this node is not a manager"
+        return 2
+    fi
+    if ! docker node ls -q >/dev/null 2>&1; then
+        echo "docker node ls fails"
+        return 1
+    fi
+    local node_state
+    node_state=$(docker node inspect self --format '{{.Status.State}}' 2>/dev/null) || node_state="?"
+    if [[ $node_state != ready ]]; then
+        echo "this node's status is '$node_state'"
+        return 1
+    fi
+    return 0
+}
+
+# Waits up to $1 seconds for the swarm to be healthy. Sets _BERTH_SWARM_PROBLEM to the last
+# problem seen; returns as soon as a problem is known to be permanent.
+_berth_wait_swarm_healthy() {
+    local timeout=$1 i rc
+    for ((i = 0; ; i++)); do
+        rc=0
+        _BERTH_SWARM_PROBLEM=$(_berth_swarm_problem) || rc=$?
+        if [[ $rc -eq 0 ]]; then
+            return 0
+        fi
+        if [[ $rc -eq 2 || $i -ge $timeout ]]; then
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+_berth_swarm_init() {
+    echo "==> swarm: docker swarm init --advertise-addr $BERTH_SWARM_ADDR"
+    docker swarm init --advertise-addr "$BERTH_SWARM_ADDR" >/dev/null
+    if ! _berth_wait_swarm_healthy 30; then
+        _berth_die "swarm still unhealthy right after init: $_BERTH_SWARM_PROBLEM"
+    fi
+}
+
+# Makes sure this engine is the healthy manager of a swarm: inactive -> init; active and
+# healthy -> keep; broken (error/pending/locked, stale advertise address, not a manager,
+# `docker node ls` failing) -> leave --force and init again.
+berth_init_swarm() {
+    # Right after dockerd starts, LocalNodeState can be empty for a moment.
+    local state i
+    for ((i = 0; i < 10; i++)); do
+        state=$(docker info --format '{{.Swarm.LocalNodeState}}')
+        [[ -z $state ]] || break
+        sleep 1
+    done
+    if [[ $state == inactive ]]; then
+        _berth_swarm_init
+        return 0
+    fi
+
+    # An engine that just restarted may need a few seconds before its swarm is ready again.
+    if _berth_wait_swarm_healthy 20; then
+        echo "==> swarm: active and healthy ($(docker info --format '{{.Swarm.NodeAddr}}')); keeping it"
+        return 0
+    fi
+
+    echo "==> swarm: unusable ($_BERTH_SWARM_PROBLEM); leaving it and starting a new one"
+    if ! docker swarm leave --force >/dev/null; then
+        echo "==> swarm: leave failed; trying init anyway"
+    fi
+    _berth_swarm_init
+}
+
+# ---------------------------------------------------------------------------------------------
+# Test images
+# ---------------------------------------------------------------------------------------------
+
+# Builds the test images FROM scratch out of Debian's static busybox, unless present.
+# (The body is a subshell so that its EXIT trap removes the build contexts on any exit.)
+berth_build_images() (
+    local busybox=/bin/busybox
+    [[ -x $busybox ]] || _berth_die "$busybox missing (is busybox-static installed?)"
+
+    # Debian's docker.io uses the legacy builder. A newer CLI without the buildx plugin would
+    # refuse to build if BuildKit were requested from the environment, so ask for the legacy
+    # builder explicitly in that case.
+    if ! docker buildx version >/dev/null 2>&1; then
+        export DOCKER_BUILDKIT=0
+    fi
+
+    local tmp
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+
+    # `docker build -q TAG DIR`, quiet unless it fails (a newer CLI warns on stderr that the
+    # legacy builder is deprecated).
+    build() {
+        if ! docker build -q -t "$1" "$2" >/dev/null 2>"$tmp/build.log"; then
+            cat "$tmp/build.log" >&2
+            _berth_die "docker build of $1 failed"
+        fi
+    }
+
+    # berth-test/busybox:1: busybox with its applets linked into /bin, no default command.
+    if docker image inspect berth-test/busybox:1 >/dev/null 2>&1; then
+        echo "==> image berth-test/busybox:1: present"
+    else
+        echo "==> image berth-test/busybox:1: building"
+        mkdir "$tmp/busybox"
+        cp "$busybox" "$tmp/busybox/busybox"
+        cat >"$tmp/busybox/Dockerfile" <<'EOF'
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+EOF
+        build berth-test/busybox:1 "$tmp/busybox"
+    fi
+
+    # berth-demo/web:1: the same busybox serving /www/index.html with httpd on port 8080.
+    if docker image inspect berth-demo/web:1 >/dev/null 2>&1; then
+        echo "==> image berth-demo/web:1: present"
+    else
+        echo "==> image berth-demo/web:1: building"
+        mkdir "$tmp/web"
+        cp "$busybox" "$tmp/web/busybox"
+        echo "hello from berth" >"$tmp/web/index.html"
+        cat >"$tmp/web/Dockerfile" <<'EOF'
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+COPY index.html /www/index.html
+EXPOSE 8080
+CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
+EOF
+        build berth-demo/web:1 "$tmp/web"
+    fi
+)
+
+# ---------------------------------------------------------------------------------------------
+# Rust
+# ---------------------------------------------------------------------------------------------
+
+# Makes sure cargo is on PATH (rustup's env file is sourced if needed). Toolchains cannot be
+# downloaded on these machines, so a missing one is an error, not something to install.
+berth_ensure_rust() {
+    if ! command -v cargo >/dev/null 2>&1 && [[ -f ${HOME:-/root}/.cargo/env ]]; then
+        # shellcheck source=/dev/null
+        source "${HOME:-/root}/.cargo/env"
+    fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        _berth_die "cargo not found on PATH nor in ~/.cargo/env: this machine needs the Rust toolchain (rustup) preinstalled; it cannot be downloaded here"
+    fi
+    echo "==> rust: $(cargo --version)"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+berth_prereqs() {
+    berth_install_packages
+    berth_start_docker
+    berth_init_swarm
+    berth_build_images
+    berth_ensure_rust
+}
