@@ -1,1 +1,8 @@
-//! placeholder
+//! berth controllers: the shared controller runtime (queue, backoff, resync, event intake), the event
+//! buses, the API client, and one folder per kind.
+
+pub mod bus;
+pub mod client;
+pub mod engine;
+pub mod runtime;
+pub mod service;

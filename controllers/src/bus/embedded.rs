@@ -1,0 +1,214 @@
+//! The in-process event bus: a bounded broadcast channel for a single berth process that runs
+//! without NATS. Nothing is persisted; a subscriber that falls too far behind is told it lagged
+//! rather than slowing the publishers down.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use berth_api_types::{Event, Kind};
+use futures::StreamExt;
+use tokio::sync::broadcast;
+
+use super::{wants, BusError, BusMessage, EventBus, RecentIds, Subscription};
+
+/// Events a subscriber may fall behind by before it lags. Large enough that a controller busy
+/// with one slow reconcile does not lag on an ordinary apply burst, small enough to bound memory.
+const CAPACITY: usize = 4096;
+
+/// In-process bus; clones share the same channel.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBus {
+    tx: broadcast::Sender<Event>,
+    /// Ids already published, so a re-published event is dropped as JetStream would.
+    published: Arc<Mutex<RecentIds>>,
+}
+
+impl EmbeddedBus {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Self {
+            tx,
+            published: Arc::new(Mutex::new(RecentIds::new(CAPACITY))),
+        }
+    }
+}
+
+impl Default for EmbeddedBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait::async_trait]
+impl EventBus for EmbeddedBus {
+    async fn publish(&self, event: &Event) -> Result<(), BusError> {
+        // Checked and sent under one lock so two racing publishes of one id cannot both pass.
+        let mut published = self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !published.insert(&event.id) {
+            tracing::debug!(id = %event.id, "event already published; not sent twice");
+            return Ok(());
+        }
+        // Sending fails only when nobody is subscribed, and then nobody can miss the event.
+        let _ = self.tx.send(event.clone());
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        kinds: &[Kind],
+        _durable: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        let kinds = kinds.to_vec();
+        let rx = self.tx.subscribe();
+        let stream = futures::stream::unfold(rx, move |mut rx| {
+            let kinds = kinds.clone();
+            async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(event) if wants(&kinds, &event) => {
+                            return Some((BusMessage::Event(event), rx))
+                        }
+                        Ok(_) => continue,
+                        // The receiver has already skipped to the oldest retained event, so the
+                        // stream can go on after telling the subscriber to resync.
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "embedded event bus subscriber lagged");
+                            return Some((BusMessage::Lagged, rx));
+                        }
+                        // Every bus handle is gone: no event can ever arrive again.
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    fn describe(&self) -> String {
+        "embedded".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::event;
+    use super::*;
+    use std::time::Duration;
+
+    async fn next(sub: &mut Subscription) -> BusMessage {
+        tokio::time::timeout(Duration::from_secs(1), sub.next())
+            .await
+            .expect("no message within 1s")
+            .expect("subscription ended")
+    }
+
+    async fn assert_idle(sub: &mut Subscription) {
+        let got = tokio::time::timeout(Duration::from_millis(50), sub.next()).await;
+        assert!(got.is_err(), "unexpected message: {got:?}");
+    }
+
+    fn name_of(msg: BusMessage) -> String {
+        match msg {
+            BusMessage::Event(e) => e.name,
+            BusMessage::Lagged => panic!("unexpected Lagged"),
+        }
+    }
+
+    #[tokio::test]
+    async fn bus_filters_by_kind() {
+        let bus = EmbeddedBus::new();
+        let mut services = bus.subscribe(&[Kind::Service], None).await.unwrap();
+        let mut nodes_and_ingresses = bus
+            .subscribe(&[Kind::Node, Kind::Ingress], None)
+            .await
+            .unwrap();
+        let mut all = bus.subscribe(&[], None).await.unwrap();
+
+        bus.publish(&event(Kind::Node, "n1", "1")).await.unwrap();
+        bus.publish(&event(Kind::Service, "web", "2"))
+            .await
+            .unwrap();
+        bus.publish(&event(Kind::Ingress, "i1", "3")).await.unwrap();
+
+        assert_eq!(name_of(next(&mut services).await), "web");
+        assert_idle(&mut services).await;
+        assert_eq!(name_of(next(&mut nodes_and_ingresses).await), "n1");
+        assert_eq!(name_of(next(&mut nodes_and_ingresses).await), "i1");
+        assert_idle(&mut nodes_and_ingresses).await;
+        for expected in ["n1", "web", "i1"] {
+            assert_eq!(name_of(next(&mut all).await), expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn bus_subscribers_each_get_every_event_and_only_new_ones() {
+        let bus = EmbeddedBus::new();
+        bus.publish(&event(Kind::Service, "before", "0"))
+            .await
+            .unwrap();
+        let mut a = bus.subscribe(&[], None).await.unwrap();
+        // A clone is the same bus, so publishing through it reaches existing subscribers.
+        let other = bus.clone();
+        let mut b = other.subscribe(&[], Some("ignored")).await.unwrap();
+        for i in 1..=3 {
+            other
+                .publish(&event(Kind::Service, &format!("s{i}"), &i.to_string()))
+                .await
+                .unwrap();
+        }
+        for sub in [&mut a, &mut b] {
+            for i in 1..=3 {
+                assert_eq!(name_of(next(sub).await), format!("s{i}"));
+            }
+            assert_idle(sub).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn bus_lagging_subscriber_gets_lagged_then_continues() {
+        let bus = EmbeddedBus::new();
+        let mut slow = bus.subscribe(&[Kind::Service], None).await.unwrap();
+        let total = CAPACITY + 10;
+        for i in 0..total {
+            bus.publish(&event(Kind::Service, &format!("s{i}"), &i.to_string()))
+                .await
+                .unwrap();
+        }
+        assert!(matches!(next(&mut slow).await, BusMessage::Lagged));
+        // The oldest events were overwritten; the newest CAPACITY are still delivered in order.
+        for i in (total - CAPACITY)..total {
+            assert_eq!(name_of(next(&mut slow).await), format!("s{i}"));
+        }
+        assert_idle(&mut slow).await;
+        bus.publish(&event(Kind::Service, "after", "x"))
+            .await
+            .unwrap();
+        assert_eq!(name_of(next(&mut slow).await), "after");
+    }
+
+    #[tokio::test]
+    async fn bus_drops_a_republished_event() {
+        let bus = EmbeddedBus::new();
+        let mut sub = bus.subscribe(&[], None).await.unwrap();
+        let e = event(Kind::Service, "web", "same-id");
+        bus.publish(&e).await.unwrap();
+        bus.clone().publish(&e).await.unwrap();
+        bus.publish(&event(Kind::Service, "next", "other-id"))
+            .await
+            .unwrap();
+        assert_eq!(name_of(next(&mut sub).await), "web");
+        assert_eq!(name_of(next(&mut sub).await), "next");
+        assert_idle(&mut sub).await;
+    }
+
+    #[tokio::test]
+    async fn bus_subscription_ends_when_every_handle_is_dropped() {
+        let bus = EmbeddedBus::new();
+        let mut sub = bus.subscribe(&[], None).await.unwrap();
+        drop(bus);
+        let end = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+        assert!(matches!(end, Ok(None)));
+    }
+}

@@ -1,0 +1,203 @@
+//! The event bus: how a change to an object reaches the controllers and outside tools.
+//!
+//! Two implementations sit behind one trait so the controllers never care which is in use:
+//! [`EmbeddedBus`], an in-process broadcast channel for a single berth process with no extra
+//! infrastructure, and [`NatsBus`], NATS JetStream, which keeps events for subscribers that were
+//! down and lets outside tools follow `berth.events.<kind>.<name>`.
+//!
+//! Events are triggers, not state: they carry no spec or status, and controllers reconcile the
+//! object's current state. So a subscriber that may have missed events is told so with
+//! [`BusMessage::Lagged`] and simply resyncs, instead of the bus trying to guarantee delivery of
+//! every single event.
+
+mod embedded;
+mod nats;
+
+use std::sync::Arc;
+
+use berth_api_types::{Event, Kind};
+
+pub use embedded::EmbeddedBus;
+pub use nats::NatsBus;
+
+/// Where events are published and how controllers receive them.
+#[async_trait::async_trait]
+pub trait EventBus: Send + Sync + 'static {
+    /// Publishes one event; returns once it is accepted durably (NATS: after the JetStream ack).
+    /// Publishing the same event id twice must not deliver it twice (JetStream `Nats-Msg-Id` dedup).
+    async fn publish(&self, event: &Event) -> Result<(), BusError>;
+
+    /// Events of the given kinds (empty slice = all kinds).
+    ///
+    /// `durable`: a consumer name that survives restarts and resumes where it left off (NATS: a
+    /// durable pull consumer, created if missing with deliver policy All, each message acked once it
+    /// has been parsed and is handed to the subscriber). `None`: only events from now on.
+    /// The embedded bus keeps nothing across subscriptions and ignores `durable`.
+    async fn subscribe(
+        &self,
+        kinds: &[Kind],
+        durable: Option<&str>,
+    ) -> Result<Subscription, BusError>;
+
+    /// Human-readable description for logs (`embedded`, `nats://127.0.0.1:4222`); never contains
+    /// credentials.
+    fn describe(&self) -> String;
+}
+
+/// What a subscriber reads. The NATS subscriptions never end on their own; drop it to unsubscribe.
+pub type Subscription = futures::stream::BoxStream<'static, BusMessage>;
+
+#[derive(Debug, Clone)]
+pub enum BusMessage {
+    Event(Event),
+    /// Some events were missed (embedded bus lagged, NATS consumer reset or reconnect gap): the
+    /// subscriber must fall back to a full resync. Level-based controllers handle this cheaply.
+    Lagged,
+}
+
+/// Bus failures. The messages name URLs, subjects and event ids but never carry an event payload,
+/// so they are safe to log and to return from the API.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("JetStream stream {stream} on {url} is unavailable: {reason}")]
+    Stream {
+        stream: String,
+        url: String,
+        reason: String,
+    },
+    #[error("cannot encode event {id}: {reason}")]
+    Encode { id: String, reason: String },
+    #[error("publishing event {id} on {subject} failed: {reason}")]
+    Publish {
+        id: String,
+        subject: String,
+        reason: String,
+    },
+    #[error("subscribing to {target} failed: {reason}")]
+    Subscribe { target: String, reason: String },
+}
+
+/// The bus for this process: NATS when a URL is configured, otherwise the embedded one.
+pub async fn connect(nats_url: Option<&str>) -> Result<Arc<dyn EventBus>, BusError> {
+    match nats_url {
+        None => Ok(Arc::new(EmbeddedBus::new())),
+        Some(url) => Ok(Arc::new(NatsBus::connect(url).await?)),
+    }
+}
+
+/// Kind filtering on the event itself, applied by both buses even where the subject already
+/// filters: a NATS server older than 2.10 ignores multiple filter subjects, and a durable
+/// consumer created earlier may still carry a wider filter.
+fn wants(kinds: &[Kind], event: &Event) -> bool {
+    kinds.is_empty() || kinds.contains(&event.kind)
+}
+
+/// The ids of the most recent events, to drop a re-published event where JetStream's
+/// `Nats-Msg-Id` dedup does not reach: the embedded bus, and core NATS subscribers (the server
+/// forwards a duplicate to them even though the stream discards it). Bounded by count rather than
+/// JetStream's time window; a retried publish follows the original closely.
+#[derive(Debug)]
+struct RecentIds {
+    order: std::collections::VecDeque<String>,
+    seen: std::collections::HashSet<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        Self {
+            order: std::collections::VecDeque::with_capacity(capacity),
+            seen: std::collections::HashSet::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Records the id; false if it was already among the recent ones.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+        self.order.push_back(id.to_string());
+        self.seen.insert(id.to_string());
+        true
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use berth_api_types::{Event, EventType, Kind};
+
+    pub fn event(kind: Kind, name: &str, id: &str) -> Event {
+        Event {
+            id: id.to_string(),
+            type_: EventType::Applied,
+            kind,
+            name: name.to_string(),
+            uid: format!("uid-{name}"),
+            generation: 1,
+            resource_version: "1".to_string(),
+            time: chrono::Utc::now(),
+            message: String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::event;
+    use super::*;
+    use futures::StreamExt;
+
+    #[test]
+    fn wants_filters_on_kind() {
+        let svc = event(Kind::Service, "web", "1");
+        assert!(wants(&[], &svc));
+        assert!(wants(&[Kind::Node, Kind::Service], &svc));
+        assert!(!wants(&[Kind::Node], &svc));
+    }
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut ids = RecentIds::new(2);
+        assert!(ids.insert("a"));
+        assert!(!ids.insert("a"));
+        assert!(ids.insert("b"));
+        assert!(ids.insert("c"));
+        assert!(ids.insert("a"), "a was evicted by c");
+        assert!(!ids.insert("c"));
+    }
+
+    #[tokio::test]
+    async fn connect_without_url_is_embedded() {
+        let bus = connect(None).await.unwrap();
+        assert_eq!(bus.describe(), "embedded");
+        let mut sub = bus.subscribe(&[], None).await.unwrap();
+        bus.publish(&event(Kind::Service, "web", "1"))
+            .await
+            .unwrap();
+        assert!(matches!(sub.next().await, Some(BusMessage::Event(e)) if e.name == "web"));
+    }
+
+    #[tokio::test]
+    async fn connect_to_unreachable_nats_fails_naming_the_url() {
+        // Port 1 on loopback is never a NATS server; the connect must fail fast, not retry forever.
+        let err = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            connect(Some("nats://user:secret@127.0.0.1:1")),
+        )
+        .await
+        .expect("connect must not hang")
+        .err()
+        .expect("connect must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("127.0.0.1:1"), "{msg}");
+        assert!(!msg.contains("secret"), "credentials leaked: {msg}");
+    }
+}

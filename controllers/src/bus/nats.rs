@@ -1,0 +1,555 @@
+//! The NATS JetStream event bus.
+//!
+//! Every event is stored in the `BERTH_EVENTS` stream, so a controller that was down catches up
+//! through its durable consumer, and the same events are plain NATS messages on
+//! `berth.events.<kind>.<name>` for outside tools. Publishing waits for the JetStream ack and
+//! sets `Nats-Msg-Id` to the event id, so a publisher that retries after a lost ack does not
+//! deliver the event twice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use berth_api_types::names::subjects::{kind_events, EVENTS_ALL, EVENTS_STREAM};
+use berth_api_types::{Event, Kind};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use super::{wants, BusError, BusMessage, EventBus, RecentIds, Subscription};
+
+/// How long events stay in the stream: long enough for a controller to be down over a weekend and
+/// still catch up without a resync.
+const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// JetStream deduplicates equal `Nats-Msg-Id`s within this window, which covers any publish retry.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
+/// Bounds of the delay between attempts to re-open a broken durable subscription.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How many recent event ids a live subscription remembers to drop re-published events.
+const LIVE_DEDUP_IDS: usize = 4096;
+
+/// Event bus on a NATS server with JetStream enabled.
+#[derive(Debug, Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// The URL with any credentials masked, for logs and errors.
+    url: String,
+    /// Bumped after every event that may have cost core-NATS subscribers messages (a reconnect, or
+    /// the client dropping messages for a slow subscriber), so their subscriptions yield `Lagged`.
+    gaps: watch::Receiver<u64>,
+}
+
+impl NatsBus {
+    /// Connects and makes sure the event stream exists. Fails at once when the server cannot be
+    /// reached (a mistyped URL should stop startup with a clear error, not hang); once connected,
+    /// the client reconnects forever.
+    pub async fn connect(url: &str) -> Result<Self, BusError> {
+        let shown = redact_url(url);
+        let (gap_tx, gaps) = watch::channel(0u64);
+        let gap_tx = Arc::new(gap_tx);
+        let disconnected = Arc::new(AtomicBool::new(false));
+        let log_url = shown.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name("berth")
+            .event_callback(move |event| {
+                let gap_tx = gap_tx.clone();
+                let disconnected = disconnected.clone();
+                let url = log_url.clone();
+                async move { on_client_event(event, &gap_tx, &disconnected, &url) }
+            })
+            .connect(url)
+            .await
+            .map_err(|err| BusError::Connect {
+                url: shown.clone(),
+                reason: err.to_string(),
+            })?;
+        let js = jetstream::new(client.clone());
+        ensure_stream(&js)
+            .await
+            .map_err(|reason| BusError::Stream {
+                stream: EVENTS_STREAM.to_string(),
+                url: shown.clone(),
+                reason,
+            })?;
+        tracing::info!(url = %shown, stream = EVENTS_STREAM, "connected to NATS event bus");
+        Ok(Self {
+            client,
+            js,
+            url: shown,
+            gaps,
+        })
+    }
+
+    async fn subscribe_durable(
+        &self,
+        kinds: Vec<Kind>,
+        durable: &str,
+    ) -> Result<Subscription, BusError> {
+        let name = sanitize_durable(durable);
+        if name.is_empty() {
+            return Err(BusError::Subscribe {
+                target: format!("durable consumer `{durable}`"),
+                reason: "the name has no letters, digits, `_` or `-`".to_string(),
+            });
+        }
+        let consumer = open_consumer(&self.js, &name, &kinds, consumer::DeliverPolicy::All)
+            .await
+            .map_err(|reason| BusError::Subscribe {
+                target: format!("durable consumer {name} on {}", self.url),
+                reason,
+            })?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|err| BusError::Subscribe {
+                target: format!("durable consumer {name} on {}", self.url),
+                reason: err.to_string(),
+            })?;
+        let state = Durable {
+            js: self.js.clone(),
+            name,
+            kinds,
+            messages: Some(messages),
+            retry_delay: RETRY_MIN,
+            resync_owed: false,
+        };
+        Ok(futures::stream::unfold(state, |mut state| async move {
+            let msg = state.next().await;
+            Some((msg, state))
+        })
+        .boxed())
+    }
+
+    async fn subscribe_live(&self, kinds: Vec<Kind>) -> Result<Subscription, BusError> {
+        let subjects = filters_for(&kinds);
+        // Taken before subscribing so a gap that happens while we subscribe is not lost, and marked
+        // seen so gaps from before this subscription existed do not trigger a pointless resync.
+        let mut gaps = self.gaps.clone();
+        gaps.borrow_and_update();
+        let mut subscribers = Vec::with_capacity(subjects.len());
+        for subject in &subjects {
+            let sub = self
+                .client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|err| BusError::Subscribe {
+                    target: format!("{subject} on {}", self.url),
+                    reason: err.to_string(),
+                })?;
+            subscribers.push(sub);
+        }
+        // Without the round trip, an event published right after `subscribe` returns could reach
+        // the server before the SUB does and be missed.
+        self.client
+            .flush()
+            .await
+            .map_err(|err| BusError::Subscribe {
+                target: format!("{} on {}", subjects.join(", "), self.url),
+                reason: err.to_string(),
+            })?;
+        // Core NATS forwards a re-published event even though the stream discards it as a
+        // duplicate, so live subscriptions deduplicate by id themselves.
+        let mut recent = RecentIds::new(LIVE_DEDUP_IDS);
+        let events = futures::stream::select_all(subscribers).filter_map(move |msg| {
+            let event = parse_event(&msg.subject, &msg.payload)
+                .filter(|e| wants(&kinds, e) && recent.insert(&e.id));
+            futures::future::ready(event.map(BusMessage::Event))
+        });
+        let lagged = futures::stream::unfold(gaps, |mut gaps| async move {
+            gaps.changed().await.ok()?;
+            Some((BusMessage::Lagged, gaps))
+        });
+        Ok(futures::stream::select(events, lagged).boxed())
+    }
+}
+
+#[async_trait::async_trait]
+impl EventBus for NatsBus {
+    async fn publish(&self, event: &Event) -> Result<(), BusError> {
+        let subject = event.subject();
+        let publish_error = |reason: String| BusError::Publish {
+            id: event.id.clone(),
+            subject: subject.clone(),
+            reason,
+        };
+        let payload = serde_json::to_vec(event).map_err(|err| BusError::Encode {
+            id: event.id.clone(),
+            reason: err.to_string(),
+        })?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|err| publish_error(err.to_string()))?
+            .await
+            .map_err(|err| publish_error(err.to_string()))?;
+        if ack.duplicate {
+            tracing::debug!(id = %event.id, %subject, "event already in the stream; not stored twice");
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        kinds: &[Kind],
+        durable: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        let mut kinds = kinds.to_vec();
+        kinds.sort();
+        kinds.dedup();
+        match durable {
+            Some(name) => self.subscribe_durable(kinds, name).await,
+            None => self.subscribe_live(kinds).await,
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
+
+fn on_client_event(
+    event: async_nats::Event,
+    gaps: &watch::Sender<u64>,
+    disconnected: &AtomicBool,
+    url: &str,
+) {
+    match event {
+        async_nats::Event::Disconnected => {
+            disconnected.store(true, Ordering::SeqCst);
+            tracing::warn!(%url, "lost connection to NATS; reconnecting");
+        }
+        // `Connected` also fires for the very first connection, which is no gap.
+        async_nats::Event::Connected => {
+            if disconnected.swap(false, Ordering::SeqCst) {
+                tracing::info!(%url, "reconnected to NATS; live subscribers will resync");
+                gaps.send_modify(|n| *n += 1);
+            }
+        }
+        async_nats::Event::SlowConsumer(sid) => {
+            tracing::warn!(%url, sid, "NATS client dropped messages for a slow subscriber");
+            gaps.send_modify(|n| *n += 1);
+        }
+        other => tracing::info!(%url, event = %other, "NATS connection event"),
+    }
+}
+
+fn stream_config() -> stream::Config {
+    stream::Config {
+        name: EVENTS_STREAM.to_string(),
+        subjects: vec![EVENTS_ALL.to_string()],
+        storage: stream::StorageType::File,
+        max_age: MAX_AGE,
+        duplicate_window: DUPLICATE_WINDOW,
+        discard: stream::DiscardPolicy::Old,
+        description: Some("berth resource events".to_string()),
+        ..Default::default()
+    }
+}
+
+/// Creates the stream if missing. An existing stream is left as it is: an operator may have
+/// tuned it (replicas, retention), and overwriting that on every start would be hostile.
+async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream, String> {
+    let wanted = stream_config();
+    let stream = js
+        .get_or_create_stream(wanted.clone())
+        .await
+        .map_err(|err| err.to_string())?;
+    let have = &stream.cached_info().config;
+    if !have.subjects.iter().any(|s| s == EVENTS_ALL) {
+        tracing::warn!(
+            stream = EVENTS_STREAM,
+            subjects = ?have.subjects,
+            "existing event stream does not capture {EVENTS_ALL}; publishing may fail"
+        );
+    } else if have.storage != wanted.storage
+        || have.max_age != wanted.max_age
+        || have.duplicate_window != wanted.duplicate_window
+        || have.discard != wanted.discard
+    {
+        tracing::info!(
+            stream = EVENTS_STREAM,
+            storage = ?have.storage,
+            max_age = ?have.max_age,
+            duplicate_window = ?have.duplicate_window,
+            discard = ?have.discard,
+            "existing event stream differs from berth's defaults; leaving it unchanged"
+        );
+    }
+    Ok(stream)
+}
+
+/// NATS consumer names may not contain `.`, `*`, `>` or whitespace; anything outside
+/// `[A-Za-z0-9_-]` becomes `_` so distinct names stay (mostly) distinct.
+fn sanitize_durable(name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if cleaned.chars().all(|c| c == '_') {
+        String::new()
+    } else {
+        cleaned
+    }
+}
+
+fn filters_for(kinds: &[Kind]) -> Vec<String> {
+    if kinds.is_empty() {
+        vec![EVENTS_ALL.to_string()]
+    } else {
+        kinds.iter().map(|k| kind_events(*k)).collect()
+    }
+}
+
+fn set_filters(config: &mut consumer::pull::Config, filters: &[String]) {
+    if let [only] = filters {
+        config.filter_subject = only.clone();
+        config.filter_subjects = Vec::new();
+    } else {
+        config.filter_subject = String::new();
+        config.filter_subjects = filters.to_vec();
+    }
+}
+
+/// The subjects a consumer really filters on, as the server reports them.
+fn server_filters(config: &consumer::Config) -> Vec<String> {
+    let mut filters = config.filter_subjects.clone();
+    if !config.filter_subject.is_empty() {
+        filters.push(config.filter_subject.clone());
+    }
+    filters.sort();
+    filters
+}
+
+/// Gets the durable consumer, creating it with `deliver` if missing. An existing consumer whose
+/// filter no longer matches the requested kinds is updated where the server allows it; otherwise
+/// the client-side kind filter still keeps other kinds out, and a warning says which kinds may be
+/// missed.
+async fn open_consumer(
+    js: &jetstream::Context,
+    name: &str,
+    kinds: &[Kind],
+    deliver: consumer::DeliverPolicy,
+) -> Result<consumer::PullConsumer, String> {
+    let stream = ensure_stream(js).await?;
+    let mut wanted_filters = filters_for(kinds);
+    wanted_filters.sort();
+    let mut config = consumer::pull::Config {
+        durable_name: Some(name.to_string()),
+        description: Some("berth event subscriber".to_string()),
+        deliver_policy: deliver,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    set_filters(&mut config, &wanted_filters);
+    let mut consumer = stream
+        .get_or_create_consumer(name, config)
+        .await
+        .map_err(|err| err.to_string())?;
+
+    if server_filters(&consumer.cached_info().config) != wanted_filters {
+        use consumer::FromConsumer as _;
+        // Start from the server's config: the deliver policy of an existing consumer cannot change.
+        let mut update =
+            consumer::pull::Config::try_from_consumer_config(consumer.cached_info().config.clone())
+                .map_err(|err| err.to_string())?;
+        set_filters(&mut update, &wanted_filters);
+        match stream.create_consumer(update).await {
+            Ok(updated) => consumer = updated,
+            Err(err) => {
+                tracing::debug!(consumer = name, error = %err, "cannot update consumer filter")
+            }
+        }
+    }
+
+    let have = server_filters(&consumer.cached_info().config);
+    if have != wanted_filters {
+        let covered = |wanted: &String| {
+            have.is_empty() || have.iter().any(|f| f == wanted || f == EVENTS_ALL)
+        };
+        if wanted_filters.iter().all(covered) {
+            // NATS before 2.10 ignores multiple filter subjects: correct, just more traffic.
+            tracing::info!(consumer = name, server_filter = ?have, wanted = ?wanted_filters,
+                "durable consumer filters more loosely than requested; filtering kinds client-side");
+        } else {
+            tracing::warn!(consumer = name, server_filter = ?have, wanted = ?wanted_filters,
+                "durable consumer exists with a narrower filter and could not be updated; events of \
+                 the missing kinds will not arrive until the consumer is deleted");
+        }
+    }
+    Ok(consumer)
+}
+
+/// A durable subscription that survives consumer and connection trouble by re-opening itself.
+struct Durable {
+    js: jetstream::Context,
+    name: String,
+    kinds: Vec<Kind>,
+    messages: Option<consumer::pull::Stream>,
+    retry_delay: Duration,
+    /// Set when the message stream broke. `Lagged` is only yielded once the consumer is open
+    /// again: a resync done earlier could miss events published before the consumer was back.
+    resync_owed: bool,
+}
+
+impl Durable {
+    async fn next(&mut self) -> BusMessage {
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                tokio::time::sleep(self.retry_delay).await;
+                self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                // A consumer that vanished is re-created delivering only new events: the `Lagged`
+                // that follows makes the subscriber resync, so replaying a week of history is waste.
+                let reopened = match open_consumer(
+                    &self.js,
+                    &self.name,
+                    &self.kinds,
+                    consumer::DeliverPolicy::New,
+                )
+                .await
+                {
+                    Ok(consumer) => consumer.messages().await.map_err(|err| err.to_string()),
+                    Err(err) => Err(err),
+                };
+                match reopened {
+                    Ok(messages) => {
+                        tracing::info!(consumer = %self.name, "durable event subscription re-opened");
+                        self.messages = Some(messages);
+                        if std::mem::take(&mut self.resync_owed) {
+                            return BusMessage::Lagged;
+                        }
+                    }
+                    Err(err) => tracing::warn!(
+                        consumer = %self.name,
+                        error = %err,
+                        retry_in = ?self.retry_delay,
+                        "cannot re-open durable event subscription"
+                    ),
+                }
+                continue;
+            };
+            match messages.next().await {
+                Some(Ok(msg)) => {
+                    self.retry_delay = RETRY_MIN;
+                    if let Some(event) = self.take(msg).await {
+                        return BusMessage::Event(event);
+                    }
+                }
+                Some(Err(err)) => {
+                    tracing::warn!(consumer = %self.name, error = %err, "durable event subscription broke");
+                    self.messages = None;
+                    self.resync_owed = true;
+                }
+                None => {
+                    tracing::warn!(consumer = %self.name, "durable event subscription ended");
+                    self.messages = None;
+                    self.resync_owed = true;
+                }
+            }
+        }
+    }
+
+    /// Acks the message and returns the event if the subscriber wants it. Messages that are not
+    /// events are acked too: redelivering them could never succeed.
+    async fn take(&self, msg: jetstream::Message) -> Option<Event> {
+        let event = parse_event(&msg.subject, &msg.payload);
+        if let Err(err) = msg.ack().await {
+            // Only costs a redelivery after the ack wait; events are idempotent triggers.
+            tracing::warn!(consumer = %self.name, error = %err, "cannot ack event");
+        }
+        event.filter(|e| wants(&self.kinds, e))
+    }
+}
+
+/// Parses an event, logging (without the payload, which could be anything) when it is not one.
+fn parse_event(subject: &str, payload: &[u8]) -> Option<Event> {
+    match serde_json::from_slice::<Event>(payload) {
+        Ok(event) => Some(event),
+        Err(err) => {
+            tracing::warn!(
+                %subject,
+                bytes = payload.len(),
+                error_kind = ?err.classify(),
+                line = err.line(),
+                column = err.column(),
+                "skipping message that is not a berth event"
+            );
+            None
+        }
+    }
+}
+
+/// Masks `user:password@` / `token@` in each comma-separated server URL.
+fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let host_start = part.find("://").map_or(0, |i| i + 3);
+            let authority_end = part[host_start..]
+                .find('/')
+                .map_or(part.len(), |i| host_start + i);
+            match part[host_start..authority_end].rfind('@') {
+                Some(at) => format!(
+                    "{}***@{}",
+                    &part[..host_start],
+                    &part[host_start + at + 1..]
+                ),
+                None => part.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_durable_names_are_sanitized() {
+        assert_eq!(
+            sanitize_durable("service-controller_1"),
+            "service-controller_1"
+        );
+        assert_eq!(sanitize_durable("berth.service>ctl"), "berth_service_ctl");
+        assert_eq!(sanitize_durable("..."), "");
+        assert_eq!(sanitize_durable(""), "");
+    }
+
+    #[test]
+    fn bus_urls_are_redacted() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("nats://user:pw@host:4222/x@y"),
+            "nats://***@host:4222/x@y"
+        );
+        assert_eq!(redact_url("tok@host:4222"), "***@host:4222");
+        assert_eq!(
+            redact_url("nats://a:b@h1:4222, nats://h2:4222"),
+            "nats://***@h1:4222,nats://h2:4222"
+        );
+    }
+
+    #[test]
+    fn bus_filters_one_subject_per_kind() {
+        assert_eq!(filters_for(&[]), vec![EVENTS_ALL.to_string()]);
+        assert_eq!(
+            filters_for(&[Kind::Service, Kind::Node]),
+            vec![kind_events(Kind::Service), kind_events(Kind::Node)]
+        );
+        let mut config = consumer::pull::Config::default();
+        set_filters(&mut config, &filters_for(&[Kind::Service]));
+        assert_eq!(config.filter_subject, kind_events(Kind::Service));
+        assert!(config.filter_subjects.is_empty());
+    }
+}

@@ -1,0 +1,354 @@
+//! How controllers (and the CLI) reach the API server. `ResourceStore` is the narrow interface a
+//! controller needs: read objects, write their status. In `berth up` it is the store itself; a
+//! controller running as its own process uses `ApiClient` over HTTP. Either way the API server stays
+//! the only writer of `spec`.
+
+use async_trait::async_trait;
+use berth_api_types::names::paths;
+use berth_api_types::{DynObject, Event, Kind};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error document.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        reason: String,
+        message: String,
+        details: Vec<ErrorDetail>,
+    },
+    #[error("cannot reach the berth API at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from the berth API: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// Whether retrying later may succeed (server down, overloaded, or a write conflict).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Api { status, .. } => *status == 409 || *status == 429 || *status >= 500,
+            ClientError::Unreachable { .. } => true,
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+/// The JSON error body every API error carries (modelled on Kubernetes' `Status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub code: u16,
+    pub reason: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<ErrorDetail>,
+}
+
+/// One field-level problem; `object` names which document of a multi-object request it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    pub path: String,
+    pub message: String,
+}
+
+/// Result of applying one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult {
+    pub kind: Kind,
+    pub name: String,
+    pub outcome: ApplyOutcome,
+    pub generation: u64,
+}
+
+/// Discovery document served at the API root.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Discovery {
+    pub api_version: String,
+    /// Identifies this berth installation; stamped on every Swarm object it creates.
+    pub instance: String,
+    pub kinds: Vec<Kind>,
+}
+
+/// A list response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct List<T> {
+    pub items: Vec<T>,
+}
+
+/// What a controller needs from the API server.
+#[async_trait]
+pub trait ResourceStore: Send + Sync + 'static {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError>;
+    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError>;
+    /// Replaces the object's status. Writing identical status is a no-op that publishes no event.
+    async fn update_status(&self, kind: Kind, name: &str, status: Value)
+        -> Result<(), ClientError>;
+    /// The installation id Swarm objects are labelled with.
+    async fn instance(&self) -> Result<String, ClientError>;
+}
+
+/// HTTP client of the berth API, used by the CLI and by controllers running as their own process.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a client with only a timeout set builds");
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn unreachable(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Unreachable {
+            url: self.base.clone(),
+            source,
+        }
+    }
+
+    /// Sends a request and decodes a JSON answer, turning error bodies into `ClientError::Api`.
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    reason: b.reason,
+                    message: b.message,
+                    details: b.details,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    reason: status.canonical_reason().unwrap_or("Error").to_string(),
+                    message: format!(
+                        "{status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    ),
+                    details: vec![],
+                },
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn discovery(&self) -> Result<Discovery, ClientError> {
+        self.send(self.http.get(self.url(paths::API_ROOT))).await
+    }
+
+    pub async fn get_object(&self, kind: Kind, name: &str) -> Result<DynObject, ClientError> {
+        self.send(self.http.get(self.url(&paths::object(kind, name))))
+            .await
+    }
+
+    pub async fn list_objects(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
+        let list: List<DynObject> = self
+            .send(self.http.get(self.url(&paths::collection(kind))))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// Atomically applies a set of objects (all or nothing).
+    pub async fn apply(
+        &self,
+        objects: &[DynObject],
+        dry_run: bool,
+    ) -> Result<Vec<ApplyResult>, ClientError> {
+        let list: List<ApplyResult> = self
+            .send(
+                self.http
+                    .post(self.url(paths::APPLY))
+                    .query(&[("dryRun", dry_run)])
+                    .json(&List {
+                        items: objects.to_vec(),
+                    }),
+            )
+            .await?;
+        Ok(list.items)
+    }
+
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, ClientError> {
+        self.send(self.http.delete(self.url(&paths::object(kind, name))))
+            .await
+    }
+
+    pub async fn put_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: &Value,
+    ) -> Result<DynObject, ClientError> {
+        self.send(
+            self.http
+                .put(self.url(&paths::status(kind, name)))
+                .json(&serde_json::json!({ "status": status })),
+        )
+        .await
+    }
+
+    /// Recent events, oldest first, optionally only those of one object.
+    pub async fn events(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, ClientError> {
+        let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+        if let Some(k) = kind {
+            q.push(("kind", k.lower().to_string()));
+        }
+        if let Some(n) = name {
+            q.push(("name", n.to_string()));
+        }
+        let list: List<Event> = self
+            .send(self.http.get(self.url(paths::EVENTS)).query(&q))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// Streams events as they happen (newline-delimited JSON from `?watch=true`).
+    pub async fn watch_events(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<Event, ClientError>>, ClientError> {
+        use futures::StreamExt;
+        let resp = self
+            .http
+            .get(self.url(paths::EVENTS))
+            .query(&[("watch", "true")])
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Api {
+                status: resp.status().as_u16(),
+                reason: "Error".into(),
+                message: format!("watch refused: {}", resp.status()),
+                details: vec![],
+            });
+        }
+        let base = self.base.clone();
+        let lines = futures::stream::unfold(
+            (resp.bytes_stream(), Vec::<u8>::new()),
+            move |(mut body, mut buf)| {
+                let base = base.clone();
+                async move {
+                    loop {
+                        if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=pos).collect();
+                            if line.iter().all(u8::is_ascii_whitespace) {
+                                continue;
+                            }
+                            let item = serde_json::from_slice::<Event>(&line)
+                                .map_err(|e| ClientError::Protocol(e.to_string()));
+                            return Some((item, (body, buf)));
+                        }
+                        match body.next().await {
+                            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                            Some(Err(e)) => {
+                                return Some((
+                                    Err(ClientError::Unreachable {
+                                        url: base,
+                                        source: e,
+                                    }),
+                                    (body, buf),
+                                ))
+                            }
+                            None => return None,
+                        }
+                    }
+                }
+            },
+        );
+        Ok(lines)
+    }
+}
+
+#[async_trait]
+impl ResourceStore for ApiClient {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
+        match self.get_object(kind, name).await {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
+        self.list_objects(kind).await
+    }
+
+    async fn update_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: Value,
+    ) -> Result<(), ClientError> {
+        self.put_status(kind, name, &status).await.map(|_| ())
+    }
+
+    async fn instance(&self) -> Result<String, ClientError> {
+        Ok(self.discovery().await?.instance)
+    }
+}

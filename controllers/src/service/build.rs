@@ -1,0 +1,474 @@
+//! Service -> Swarm service spec. Pure and client-free: everything the engine is told comes from here,
+//! so it is unit-tested without Docker. Also the two comparisons the reconcile needs: the spec hash
+//! stamped as a label, and "does the engine's spec still contain everything we asked for".
+
+use berth_api_types::names::labels;
+use berth_api_types::service::{
+    FailureAction, RestartCondition, Service, ServiceMode, UpdateOrder, UpdatePolicy,
+};
+use berth_api_types::Kind;
+use bollard::models::{
+    HealthConfig, Limit, ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
+    ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
+    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecPlacementPreferences,
+    TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+
+/// The Swarm spec for a Service and its hash (also stamped on it as the `io.berth.spec-hash` label).
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub spec: ServiceSpec,
+    pub hash: String,
+}
+
+/// Builds the Swarm service spec. `instance` is the berth installation id stamped on everything.
+pub fn build(svc: &Service, instance: &str) -> Built {
+    let s = &svc.spec;
+    let name = svc.metadata.name.clone();
+    let uid = svc.metadata.uid.clone().unwrap_or_default();
+
+    let mut service_labels: HashMap<String, String> = s.labels.clone().into_iter().collect();
+    service_labels.extend(ownership_labels(instance, &name));
+    service_labels.insert(labels::UID.into(), uid);
+    service_labels.insert(
+        labels::GENERATION.into(),
+        svc.metadata.generation.to_string(),
+    );
+
+    // Containers carry the ownership labels too: container events then name their berth object.
+    let mut container_labels: HashMap<String, String> =
+        s.container_labels.clone().into_iter().collect();
+    container_labels.extend(ownership_labels(instance, &name));
+
+    let container = TaskSpecContainerSpec {
+        image: Some(s.image.to_string()),
+        labels: Some(container_labels),
+        command: s.command.clone(),
+        args: s.args.clone(),
+        hostname: s.hostname.clone(),
+        env: non_empty(
+            s.env
+                .iter()
+                .map(|e| format!("{}={}", e.name, e.value))
+                .collect(),
+        ),
+        dir: s.working_dir.clone(),
+        user: s.user.clone(),
+        stop_grace_period: s.stop_grace_period.as_ref().map(|d| nanos(d.as_nanos())),
+        init: s.init,
+        health_check: s.healthcheck.as_ref().map(|h| HealthConfig {
+            test: if h.disable {
+                Some(vec!["NONE".into()])
+            } else {
+                non_empty(h.test.clone())
+            },
+            interval: h.interval.as_ref().map(|d| nanos(d.as_nanos())),
+            timeout: h.timeout.as_ref().map(|d| nanos(d.as_nanos())),
+            retries: h.retries.map(|r| r as i64),
+            start_period: h.start_period.as_ref().map(|d| nanos(d.as_nanos())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+
+    let resources = s.resources.as_ref().map(|r| TaskSpecResources {
+        limits: r.limits.as_ref().map(|l| Limit {
+            nano_cpus: l.cpus.as_ref().map(|c| c.nano_cpus()),
+            memory_bytes: l.memory.as_ref().map(|m| m.bytes()),
+            ..Default::default()
+        }),
+        reservations: r.reservations.as_ref().map(|l| ResourceObject {
+            nano_cpus: l.cpus.as_ref().map(|c| c.nano_cpus()),
+            memory_bytes: l.memory.as_ref().map(|m| m.bytes()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+
+    let placement = s.placement.as_ref().map(|p| TaskSpecPlacement {
+        constraints: non_empty(p.constraints.clone()),
+        preferences: non_empty(
+            p.spread
+                .iter()
+                .map(|d| TaskSpecPlacementPreferences {
+                    spread: Some(TaskSpecPlacementSpread {
+                        spread_descriptor: Some(d.clone()),
+                    }),
+                })
+                .collect(),
+        ),
+        max_replicas: p.max_replicas_per_node.map(|m| m as i64),
+        ..Default::default()
+    });
+
+    let restart = s.restart.as_ref().map(|r| TaskSpecRestartPolicy {
+        condition: r.condition.map(|c| match c {
+            RestartCondition::None => TaskSpecRestartPolicyConditionEnum::NONE,
+            RestartCondition::OnFailure => TaskSpecRestartPolicyConditionEnum::ON_FAILURE,
+            RestartCondition::Any => TaskSpecRestartPolicyConditionEnum::ANY,
+        }),
+        delay: r.delay.as_ref().map(|d| nanos(d.as_nanos())),
+        max_attempts: r.max_attempts.map(|m| m as i64),
+        window: r.window.as_ref().map(|d| nanos(d.as_nanos())),
+    });
+
+    let mode = match s.mode() {
+        ServiceMode::Replicated => ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated {
+                replicas: Some(s.replicas.unwrap_or(1) as i64),
+            }),
+            ..Default::default()
+        },
+        ServiceMode::Global => ServiceSpecMode {
+            global: Some(HashMap::new()),
+            ..Default::default()
+        },
+    };
+
+    let mut spec = ServiceSpec {
+        name: Some(name),
+        labels: Some(service_labels),
+        task_template: Some(TaskSpec {
+            container_spec: Some(container),
+            resources,
+            restart_policy: restart,
+            placement,
+            ..Default::default()
+        }),
+        mode: Some(mode),
+        update_config: s.update.as_ref().map(update_config),
+        rollback_config: s.rollback.as_ref().map(rollback_config),
+        ..Default::default()
+    };
+    let hash = spec_hash(&spec);
+    if let Some(l) = spec.labels.as_mut() {
+        l.insert(labels::SPEC_HASH.into(), hash.clone());
+    }
+    Built { spec, hash }
+}
+
+/// The labels that say "berth instance X owns this, for object Y".
+pub fn ownership_labels(instance: &str, name: &str) -> [(String, String); 4] {
+    [
+        (labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into()),
+        (labels::INSTANCE.into(), instance.into()),
+        (labels::KIND.into(), Kind::Service.lower().into()),
+        (labels::NAME.into(), name.into()),
+    ]
+}
+
+/// Label filters (`key=value`) that select exactly the Swarm services this instance owns.
+pub fn owned_filters(instance: &str, name: Option<&str>) -> HashMap<String, Vec<String>> {
+    let mut l = vec![
+        format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
+        format!("{}={instance}", labels::INSTANCE),
+        format!("{}={}", labels::KIND, Kind::Service.lower()),
+    ];
+    if let Some(n) = name {
+        l.push(format!("{}={n}", labels::NAME));
+    }
+    HashMap::from([("label".to_string(), l)])
+}
+
+fn update_config(u: &UpdatePolicy) -> ServiceSpecUpdateConfig {
+    ServiceSpecUpdateConfig {
+        parallelism: u.parallelism.map(|p| p as i64),
+        delay: u.delay.as_ref().map(|d| nanos(d.as_nanos())),
+        failure_action: u.failure_action.map(|a| match a {
+            FailureAction::Pause => ServiceSpecUpdateConfigFailureActionEnum::PAUSE,
+            FailureAction::Continue => ServiceSpecUpdateConfigFailureActionEnum::CONTINUE,
+            FailureAction::Rollback => ServiceSpecUpdateConfigFailureActionEnum::ROLLBACK,
+        }),
+        monitor: u.monitor.as_ref().map(|d| nanos(d.as_nanos())),
+        max_failure_ratio: u.max_failure_ratio,
+        order: u.order.map(|o| match o {
+            UpdateOrder::StopFirst => ServiceSpecUpdateConfigOrderEnum::STOP_FIRST,
+            UpdateOrder::StartFirst => ServiceSpecUpdateConfigOrderEnum::START_FIRST,
+        }),
+    }
+}
+
+fn rollback_config(u: &UpdatePolicy) -> ServiceSpecRollbackConfig {
+    ServiceSpecRollbackConfig {
+        parallelism: u.parallelism.map(|p| p as i64),
+        delay: u.delay.as_ref().map(|d| nanos(d.as_nanos())),
+        // Validation refuses `rollback` here: a rollback cannot roll back.
+        failure_action: u.failure_action.and_then(|a| match a {
+            FailureAction::Pause => Some(ServiceSpecRollbackConfigFailureActionEnum::PAUSE),
+            FailureAction::Continue => Some(ServiceSpecRollbackConfigFailureActionEnum::CONTINUE),
+            FailureAction::Rollback => None,
+        }),
+        monitor: u.monitor.as_ref().map(|d| nanos(d.as_nanos())),
+        max_failure_ratio: u.max_failure_ratio,
+        order: u.order.map(|o| match o {
+            UpdateOrder::StopFirst => ServiceSpecRollbackConfigOrderEnum::STOP_FIRST,
+            UpdateOrder::StartFirst => ServiceSpecRollbackConfigOrderEnum::START_FIRST,
+        }),
+    }
+}
+
+fn nanos(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Swarm drops empty lists; sending them would make every comparison see drift.
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v)
+    }
+}
+
+/// Hash of the spec in canonical JSON (sorted keys), without the hash label itself.
+pub fn spec_hash(spec: &ServiceSpec) -> String {
+    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
+    if let Some(l) = v.get_mut("Labels").and_then(Value::as_object_mut) {
+        l.remove(labels::SPEC_HASH);
+    }
+    let mut h = Sha256::new();
+    write_canonical(&v, &mut h);
+    hex::encode(&h.finalize()[..8])
+}
+
+fn write_canonical(v: &Value, h: &mut Sha256) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for k in keys {
+                h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
+                h.update(b":");
+                write_canonical(&m[k], h);
+                h.update(b",");
+            }
+            h.update(b"}");
+        }
+        Value::Array(a) => {
+            h.update(b"[");
+            for x in a {
+                write_canonical(x, h);
+                h.update(b",");
+            }
+            h.update(b"]");
+        }
+        other => h.update(other.to_string().as_bytes()),
+    }
+}
+
+/// Whether the engine's spec still holds everything berth asked for. The engine fills in defaults
+/// (isolation, endpoint mode, platforms...), so equality is too strict; a field berth set that now
+/// differs — replicas scaled by hand, an image changed with `docker service update` — is drift.
+pub fn contains(observed: &ServiceSpec, desired: &ServiceSpec) -> bool {
+    let o = serde_json::to_value(observed).unwrap_or(Value::Null);
+    let d = serde_json::to_value(desired).unwrap_or(Value::Null);
+    value_contains(&o, &d)
+}
+
+fn value_contains(observed: &Value, desired: &Value) -> bool {
+    match (observed, desired) {
+        (Value::Object(o), Value::Object(d)) => d.iter().all(|(k, dv)| match o.get(k) {
+            Some(ov) => value_contains(ov, dv),
+            // The engine omits empty maps and zero-valued fields it stores as defaults.
+            None => is_empty_value(dv),
+        }),
+        (Value::Array(o), Value::Array(d)) => {
+            o.len() == d.len() && o.iter().zip(d).all(|(ov, dv)| value_contains(ov, dv))
+        }
+        (Value::Number(o), Value::Number(d)) => o.as_f64() == d.as_f64(),
+        (o, d) => o == d,
+    }
+}
+
+fn is_empty_value(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(m) => m.values().all(is_empty_value),
+        Value::Array(a) => a.is_empty(),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Bool(b) => !b,
+        Value::String(s) => s.is_empty(),
+    }
+}
+
+/// Swarm cannot switch a service between replicated and global: that takes a re-create.
+pub fn same_mode(observed: &ServiceSpec, desired: &ServiceSpec) -> bool {
+    let global = |s: &ServiceSpec| s.mode.as_ref().is_some_and(|m| m.global.is_some());
+    global(observed) == global(desired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(spec: Value) -> Service {
+        let obj = berth_api_types::typed::decode_object(&json!({
+            "apiVersion": "berth/v1", "kind": "Service",
+            "metadata": {"name": "web", "uid": "01HZXTEST", "generation": 3},
+            "spec": spec
+        }))
+        .expect("valid test service");
+        serde_json::from_value(serde_json::to_value(obj).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn builds_every_field() {
+        let b = build(
+            &service(json!({
+                "image": "berth-test/busybox:1", "replicas": 3,
+                "command": ["sleep"], "args": ["100"],
+                "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "x=y"}],
+                "labels": {"team": "blue"}, "containerLabels": {"c": "1"},
+                "workingDir": "/srv", "user": "1000", "stopGracePeriod": "30s", "init": true,
+                "resources": {"limits": {"cpus": "0.5", "memory": "128Mi"},
+                              "reservations": {"cpus": "100m", "memory": "64Mi"}},
+                "placement": {"constraints": ["node.role == manager"], "spread": ["node.labels.zone"],
+                              "maxReplicasPerNode": 2},
+                "update": {"parallelism": 2, "delay": "5s", "failureAction": "rollback",
+                           "monitor": "10s", "maxFailureRatio": 0.5, "order": "start-first"},
+                "rollback": {"parallelism": 0, "order": "stop-first"},
+                "restart": {"condition": "on-failure", "delay": "2s", "maxAttempts": 5, "window": "1m"},
+                "healthcheck": {"test": ["CMD", "true"], "interval": "10s", "timeout": "2s",
+                                "retries": 3, "startPeriod": "1s"}
+            })),
+            "inst1",
+        );
+        let v = serde_json::to_value(&b.spec).unwrap();
+        assert_eq!(v["Name"], "web");
+        assert_eq!(v["Labels"]["team"], "blue");
+        assert_eq!(v["Labels"][labels::MANAGED_BY], "berth");
+        assert_eq!(v["Labels"][labels::INSTANCE], "inst1");
+        assert_eq!(v["Labels"][labels::KIND], "service");
+        assert_eq!(v["Labels"][labels::NAME], "web");
+        assert_eq!(v["Labels"][labels::UID], "01HZXTEST");
+        assert_eq!(v["Labels"][labels::GENERATION], "3");
+        assert_eq!(v["Labels"][labels::SPEC_HASH], b.hash.as_str());
+        let c = &v["TaskTemplate"]["ContainerSpec"];
+        assert_eq!(c["Image"], "berth-test/busybox:1");
+        assert_eq!(c["Command"], json!(["sleep"]));
+        assert_eq!(c["Args"], json!(["100"]));
+        assert_eq!(c["Env"], json!(["A=1", "B=x=y"]));
+        assert_eq!(c["Labels"]["c"], "1");
+        assert_eq!(c["Labels"][labels::NAME], "web");
+        assert_eq!(c["Dir"], "/srv");
+        assert_eq!(c["User"], "1000");
+        assert_eq!(c["StopGracePeriod"], 30_000_000_000i64);
+        assert_eq!(c["Init"], true);
+        assert_eq!(c["HealthCheck"]["Test"], json!(["CMD", "true"]));
+        assert_eq!(c["HealthCheck"]["Interval"], 10_000_000_000i64);
+        assert_eq!(c["HealthCheck"]["StartPeriod"], 1_000_000_000i64);
+        let r = &v["TaskTemplate"]["Resources"];
+        assert_eq!(r["Limits"]["NanoCPUs"], 500_000_000);
+        assert_eq!(r["Limits"]["MemoryBytes"], 128 << 20);
+        assert_eq!(r["Reservations"]["NanoCPUs"], 100_000_000);
+        assert_eq!(r["Reservations"]["MemoryBytes"], 64 << 20);
+        let p = &v["TaskTemplate"]["Placement"];
+        assert_eq!(p["Constraints"], json!(["node.role == manager"]));
+        assert_eq!(
+            p["Preferences"][0]["Spread"]["SpreadDescriptor"],
+            "node.labels.zone"
+        );
+        assert_eq!(p["MaxReplicas"], 2);
+        let rp = &v["TaskTemplate"]["RestartPolicy"];
+        assert_eq!(rp["Condition"], "on-failure");
+        assert_eq!(rp["MaxAttempts"], 5);
+        assert_eq!(rp["Window"], 60_000_000_000i64);
+        assert_eq!(v["Mode"]["Replicated"]["Replicas"], 3);
+        let u = &v["UpdateConfig"];
+        assert_eq!(u["Parallelism"], 2);
+        assert_eq!(u["FailureAction"], "rollback");
+        assert_eq!(u["Order"], "start-first");
+        assert_eq!(u["Monitor"], 10_000_000_000i64);
+        assert_eq!(u["MaxFailureRatio"], 0.5);
+        assert_eq!(v["RollbackConfig"]["Parallelism"], 0);
+        assert_eq!(v["RollbackConfig"]["Order"], "stop-first");
+    }
+
+    #[test]
+    fn global_mode_and_defaults() {
+        let b = build(&service(json!({"image": "a", "mode": "global"})), "i");
+        let v = serde_json::to_value(&b.spec).unwrap();
+        assert_eq!(v["Mode"], json!({"Global": {}}));
+        let b = build(&service(json!({"image": "a"})), "i");
+        let v = serde_json::to_value(&b.spec).unwrap();
+        assert_eq!(v["Mode"]["Replicated"]["Replicas"], 1);
+        // Nothing the user did not ask for: the engine's defaults stay the engine's.
+        assert!(v.get("UpdateConfig").is_none());
+        assert!(v["TaskTemplate"].get("Resources").is_none());
+        assert!(v["TaskTemplate"]["ContainerSpec"].get("Env").is_none());
+    }
+
+    #[test]
+    fn hash_is_stable_and_sensitive() {
+        let a = build(
+            &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "3"}})),
+            "i",
+        );
+        for _ in 0..20 {
+            // HashMap iteration order differs between builds; the hash must not.
+            let again = build(
+                &service(json!({"image": "a", "labels": {"z": "3", "y": "2", "x": "1"}})),
+                "i",
+            );
+            assert_eq!(a.hash, again.hash);
+        }
+        let b = build(
+            &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "4"}})),
+            "i",
+        );
+        assert_ne!(a.hash, b.hash);
+        let c = build(
+            &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "3"}})),
+            "other",
+        );
+        assert_ne!(a.hash, c.hash);
+    }
+
+    #[test]
+    fn containment_ignores_engine_defaults_but_sees_drift() {
+        let desired = build(
+            &service(json!({"image": "a", "replicas": 2, "env": [{"name": "A", "value": "1"}]})),
+            "i",
+        )
+        .spec;
+        let mut observed = desired.clone();
+        // What the engine adds on its own.
+        observed.endpoint_spec = Some(bollard::models::EndpointSpec {
+            mode: Some(bollard::models::EndpointSpecModeEnum::VIP),
+            ..Default::default()
+        });
+        if let Some(t) = observed.task_template.as_mut() {
+            t.force_update = Some(0);
+            t.placement = Some(TaskSpecPlacement::default());
+        }
+        assert!(contains(&observed, &desired));
+        // Scaled by hand.
+        let mut scaled = observed.clone();
+        scaled.mode = Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(5) }),
+            ..Default::default()
+        });
+        assert!(!contains(&scaled, &desired));
+        // Env var added by hand.
+        let mut env = observed.clone();
+        env.task_template
+            .as_mut()
+            .unwrap()
+            .container_spec
+            .as_mut()
+            .unwrap()
+            .env = Some(vec!["A=1".into(), "B=2".into()]);
+        assert!(!contains(&env, &desired));
+        assert!(same_mode(&observed, &desired));
+        let global = build(&service(json!({"image": "a", "mode": "global"})), "i").spec;
+        assert!(!same_mode(&global, &desired));
+    }
+}

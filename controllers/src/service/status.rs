@@ -1,0 +1,463 @@
+//! Observed Swarm state -> Service status. Pure: the reconcile hands in what it read from the engine
+//! (the service and its tasks) and gets back the status to write, conditions included.
+
+use berth_api_types::meta::set_condition;
+use berth_api_types::service::{conditions, ServiceStatus};
+use berth_api_types::ConditionStatus::{False, True};
+use bollard::models::{
+    Service as SwarmService, ServiceUpdateStatusStateEnum as U, Task, TaskState,
+};
+use chrono::{DateTime, Duration, Utc};
+
+/// Task failures older than this no longer mark a service Degraded once it runs fully again.
+const RECENT_FAILURE: i64 = 120;
+
+/// What the reconcile observed.
+pub struct Observed<'a> {
+    pub service: &'a SwarmService,
+    pub tasks: &'a [Task],
+    pub now: DateTime<Utc>,
+}
+
+/// Status for a spec berth will not apply (invalid, or a name taken by a service berth does not own).
+pub fn refused(
+    current: &ServiceStatus,
+    generation: u64,
+    reason: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) -> ServiceStatus {
+    let mut s = current.clone();
+    s.observed_generation = Some(generation);
+    set_condition(
+        &mut s.conditions,
+        conditions::READY,
+        False,
+        reason,
+        message,
+        now,
+    );
+    set_condition(
+        &mut s.conditions,
+        conditions::PROGRESSING,
+        False,
+        reason,
+        "",
+        now,
+    );
+    set_condition(
+        &mut s.conditions,
+        conditions::DEGRADED,
+        True,
+        reason,
+        message,
+        now,
+    );
+    s
+}
+
+/// Status from the engine's view of the service.
+pub fn observed(current: &ServiceStatus, generation: u64, o: &Observed) -> ServiceStatus {
+    let mut s = current.clone();
+    s.observed_generation = Some(generation);
+    let spec = o.service.spec.as_ref();
+    let global = spec
+        .and_then(|sp| sp.mode.as_ref())
+        .is_some_and(|m| m.global.is_some());
+    let live: Vec<&Task> = o
+        .tasks
+        .iter()
+        .filter(|t| t.desired_state == Some(TaskState::RUNNING))
+        .collect();
+    let running = live
+        .iter()
+        .filter(|t| t.status.as_ref().and_then(|st| st.state) == Some(TaskState::RUNNING))
+        .count() as u64;
+    let desired = if global {
+        live.len() as u64
+    } else {
+        spec.and_then(|sp| sp.mode.as_ref())
+            .and_then(|m| m.replicated.as_ref())
+            .and_then(|r| r.replicas)
+            .unwrap_or(0)
+            .max(0) as u64
+    };
+    s.desired_replicas = desired;
+    s.running_replicas = running;
+    s.image = spec
+        .and_then(|sp| sp.task_template.as_ref())
+        .and_then(|t| t.container_spec.as_ref())
+        .and_then(|c| c.image.clone());
+    s.swarm_service_id = o.service.id.clone();
+    let update = o.service.update_status.as_ref();
+    let state = update.and_then(|u| u.state).filter(|st| *st != U::EMPTY);
+    s.update_state = state.map(|st| st.to_string());
+    s.update_message = update
+        .and_then(|u| u.message.clone())
+        .filter(|m| !m.is_empty());
+
+    // The newest recent failure explains a service that is not fully running.
+    let failure = o
+        .tasks
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.status.as_ref().and_then(|st| st.state),
+                Some(TaskState::FAILED | TaskState::REJECTED)
+            )
+        })
+        .filter_map(|t| {
+            let st = t.status.as_ref()?;
+            let at = st.timestamp?;
+            (o.now - at < Duration::seconds(RECENT_FAILURE)).then(|| {
+                let err = st
+                    .err
+                    .clone()
+                    .or_else(|| st.message.clone())
+                    .unwrap_or_default();
+                (
+                    at,
+                    format!("task {} failed: {err}", t.id.as_deref().unwrap_or("?")),
+                )
+            })
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, m)| m);
+
+    let now = o.now;
+    let msg_update = s.update_message.clone().unwrap_or_default();
+    let replicas_msg = format!("{running}/{desired} tasks running");
+    match state {
+        Some(U::ROLLBACK_COMPLETED) | Some(U::ROLLBACK_STARTED) | Some(U::ROLLBACK_PAUSED) => {
+            let reason = if state == Some(U::ROLLBACK_COMPLETED) {
+                "RolledBack"
+            } else {
+                "RollingBack"
+            };
+            let why = if msg_update.is_empty() {
+                failure
+                    .clone()
+                    .unwrap_or_else(|| "update failed; engine rolled back".into())
+            } else {
+                msg_update.clone()
+            };
+            set_condition(
+                &mut s.conditions,
+                conditions::READY,
+                False,
+                reason,
+                &why,
+                now,
+            );
+            set_condition(
+                &mut s.conditions,
+                conditions::PROGRESSING,
+                (state == Some(U::ROLLBACK_STARTED)).into(),
+                reason,
+                &replicas_msg,
+                now,
+            );
+            set_condition(
+                &mut s.conditions,
+                conditions::DEGRADED,
+                True,
+                reason,
+                &why,
+                now,
+            );
+        }
+        Some(U::PAUSED) => {
+            let why = if msg_update.is_empty() {
+                "update paused".to_string()
+            } else {
+                msg_update.clone()
+            };
+            set_condition(
+                &mut s.conditions,
+                conditions::READY,
+                False,
+                "UpdatePaused",
+                &why,
+                now,
+            );
+            set_condition(
+                &mut s.conditions,
+                conditions::PROGRESSING,
+                False,
+                "UpdatePaused",
+                &replicas_msg,
+                now,
+            );
+            set_condition(
+                &mut s.conditions,
+                conditions::DEGRADED,
+                True,
+                "UpdatePaused",
+                &why,
+                now,
+            );
+        }
+        _ => {
+            let updating = state == Some(U::UPDATING);
+            let complete = running >= desired && !updating;
+            if complete {
+                set_condition(
+                    &mut s.conditions,
+                    conditions::READY,
+                    True,
+                    "AllTasksRunning",
+                    &replicas_msg,
+                    now,
+                );
+                set_condition(
+                    &mut s.conditions,
+                    conditions::PROGRESSING,
+                    False,
+                    "AllTasksRunning",
+                    &replicas_msg,
+                    now,
+                );
+                set_condition(
+                    &mut s.conditions,
+                    conditions::DEGRADED,
+                    False,
+                    "AllTasksRunning",
+                    "",
+                    now,
+                );
+            } else {
+                let reason = if updating {
+                    "Updating"
+                } else {
+                    "TasksStarting"
+                };
+                set_condition(
+                    &mut s.conditions,
+                    conditions::READY,
+                    False,
+                    reason,
+                    &replicas_msg,
+                    now,
+                );
+                set_condition(
+                    &mut s.conditions,
+                    conditions::PROGRESSING,
+                    True,
+                    reason,
+                    &replicas_msg,
+                    now,
+                );
+                match &failure {
+                    Some(f) => set_condition(
+                        &mut s.conditions,
+                        conditions::DEGRADED,
+                        True,
+                        "TaskFailed",
+                        f,
+                        now,
+                    ),
+                    None => set_condition(
+                        &mut s.conditions,
+                        conditions::DEGRADED,
+                        False,
+                        reason,
+                        "",
+                        now,
+                    ),
+                };
+            }
+        }
+    }
+    s
+}
+
+/// Whether the service is fully converged (nothing left to watch closely).
+pub fn is_ready(s: &ServiceStatus) -> bool {
+    berth_api_types::meta::condition(&s.conditions, conditions::READY)
+        .is_some_and(|c| c.status == True)
+}
+
+/// Whether the engine gave up on the current spec (paused or rolled back): pushing the same spec again
+/// would only repeat the failure.
+pub fn engine_gave_up(service: &SwarmService) -> bool {
+    matches!(
+        service.update_status.as_ref().and_then(|u| u.state),
+        Some(U::PAUSED | U::ROLLBACK_STARTED | U::ROLLBACK_PAUSED | U::ROLLBACK_COMPLETED)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api_types::meta::condition;
+    use bollard::models::{
+        ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, ServiceUpdateStatus, TaskStatus,
+    };
+
+    fn swarm(replicas: i64, state: Option<U>, msg: &str) -> SwarmService {
+        SwarmService {
+            id: Some("svc1".into()),
+            spec: Some(ServiceSpec {
+                mode: Some(ServiceSpecMode {
+                    replicated: Some(ServiceSpecModeReplicated {
+                        replicas: Some(replicas),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_status: state.map(|s| ServiceUpdateStatus {
+                state: Some(s),
+                message: Some(msg.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn task(
+        id: &str,
+        desired: TaskState,
+        state: TaskState,
+        err: Option<&str>,
+        at: DateTime<Utc>,
+    ) -> Task {
+        Task {
+            id: Some(id.into()),
+            desired_state: Some(desired),
+            status: Some(TaskStatus {
+                state: Some(state),
+                err: err.map(Into::into),
+                timestamp: Some(at),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn cond(s: &ServiceStatus, t: &str) -> (berth_api_types::ConditionStatus, String, String) {
+        let c = condition(&s.conditions, t).unwrap();
+        (c.status, c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn ready_when_all_running() {
+        let now = Utc::now();
+        let tasks = vec![
+            task("a", TaskState::RUNNING, TaskState::RUNNING, None, now),
+            task("b", TaskState::RUNNING, TaskState::RUNNING, None, now),
+        ];
+        let svc = swarm(2, Some(U::COMPLETED), "update completed");
+        let s = observed(
+            &ServiceStatus::default(),
+            4,
+            &Observed {
+                service: &svc,
+                tasks: &tasks,
+                now,
+            },
+        );
+        assert_eq!((s.running_replicas, s.desired_replicas), (2, 2));
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(cond(&s, "Ready").0, True);
+        assert_eq!(cond(&s, "Degraded").0, False);
+        assert!(is_ready(&s));
+        assert_eq!(s.update_state.as_deref(), Some("completed"));
+    }
+
+    #[test]
+    fn degraded_with_task_error_text() {
+        let now = Utc::now();
+        let tasks = vec![
+            task("a", TaskState::RUNNING, TaskState::RUNNING, None, now),
+            task(
+                "old",
+                TaskState::SHUTDOWN,
+                TaskState::FAILED,
+                Some("starting container failed: exec: \"nope\": not found"),
+                now - Duration::seconds(5),
+            ),
+        ];
+        let svc = swarm(2, None, "");
+        let s = observed(
+            &ServiceStatus::default(),
+            1,
+            &Observed {
+                service: &svc,
+                tasks: &tasks,
+                now,
+            },
+        );
+        let (st, reason, msg) = cond(&s, "Degraded");
+        assert_eq!((st, reason.as_str()), (True, "TaskFailed"));
+        assert!(msg.contains("exec: \"nope\": not found"), "{msg}");
+        assert_eq!(cond(&s, "Ready").0, False);
+        assert_eq!(cond(&s, "Progressing").0, True);
+    }
+
+    #[test]
+    fn rolled_back_is_degraded_not_ready() {
+        let now = Utc::now();
+        let tasks = vec![task("a", TaskState::RUNNING, TaskState::RUNNING, None, now)];
+        let svc = swarm(1, Some(U::ROLLBACK_COMPLETED), "rollback completed");
+        let s = observed(
+            &ServiceStatus::default(),
+            2,
+            &Observed {
+                service: &svc,
+                tasks: &tasks,
+                now,
+            },
+        );
+        assert_eq!(
+            cond(&s, "Ready"),
+            (False, "RolledBack".into(), "rollback completed".into())
+        );
+        assert_eq!(cond(&s, "Degraded").0, True);
+        assert!(engine_gave_up(&svc));
+        assert_eq!(s.update_state.as_deref(), Some("rollback_completed"));
+    }
+
+    #[test]
+    fn transition_time_kept_across_observations() {
+        let t0 = Utc::now();
+        let tasks = vec![task("a", TaskState::RUNNING, TaskState::RUNNING, None, t0)];
+        let svc = swarm(1, None, "");
+        let s1 = observed(
+            &ServiceStatus::default(),
+            1,
+            &Observed {
+                service: &svc,
+                tasks: &tasks,
+                now: t0,
+            },
+        );
+        let s2 = observed(
+            &s1,
+            1,
+            &Observed {
+                service: &svc,
+                tasks: &tasks,
+                now: t0 + Duration::seconds(60),
+            },
+        );
+        assert_eq!(s1, s2, "nothing changed, so nothing to write");
+    }
+
+    #[test]
+    fn refused_is_terminal_shape() {
+        let s = refused(
+            &ServiceStatus::default(),
+            7,
+            "InvalidSpec",
+            "spec.image: bad",
+            Utc::now(),
+        );
+        assert_eq!(s.observed_generation, Some(7));
+        assert_eq!(
+            cond(&s, "Ready"),
+            (False, "InvalidSpec".into(), "spec.image: bad".into())
+        );
+        assert_eq!(cond(&s, "Degraded").0, True);
+    }
+}

@@ -1,0 +1,305 @@
+//! The NATS event bus against a real `nats-server` with JetStream: every test starts its own
+//! server on a free port with its own store, so tests run in parallel and leave nothing behind.
+//! A missing `nats-server` fails the tests: a silently skipped bus test would hide a broken bus.
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_api_types::names::subjects;
+use berth_api_types::{Event, EventType, Kind};
+use berth_controllers::bus::{BusMessage, EventBus, NatsBus, Subscription};
+use futures::StreamExt;
+
+const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// A `nats-server` child process, killed when the guard is dropped (also when a test panics).
+struct NatsServer {
+    child: Child,
+    url: String,
+    _store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn start() -> Self {
+        let binary = if std::path::Path::new(NATS_SERVER).exists() {
+            NATS_SERVER.to_string()
+        } else {
+            "nats-server".to_string()
+        };
+        let store = tempfile::tempdir().expect("create JetStream store dir");
+        let port = free_port();
+        let child = Command::new(&binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .arg("-l").arg(format!("/tmp/natslog-{port}.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| {
+                panic!(
+                    "cannot start `{binary}` ({err}): these tests need a real NATS server; \
+                     install nats-server (e.g. `apt-get install nats-server`) so it is at \
+                     {NATS_SERVER} or on PATH"
+                )
+            });
+        let mut server = NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _store: store,
+        };
+        server.wait_until_listening(port);
+        server
+    }
+
+    fn wait_until_listening(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("nats-server exited before listening on port {port}: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on port {port} within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+fn event(kind: Kind, name: &str) -> Event {
+    Event {
+        id: ulid::Ulid::new().to_string(),
+        type_: EventType::Applied,
+        kind,
+        name: name.to_string(),
+        uid: format!("uid-{name}"),
+        generation: 3,
+        resource_version: "7".to_string(),
+        time: chrono::Utc::now(),
+        message: String::new(),
+    }
+}
+
+async fn next(sub: &mut Subscription) -> BusMessage {
+    tokio::time::timeout(Duration::from_secs(3), sub.next())
+        .await
+        .expect("no message within 3s")
+        .expect("subscription ended")
+}
+
+async fn next_event(sub: &mut Subscription) -> Event {
+    match next(sub).await {
+        BusMessage::Event(e) => e,
+        BusMessage::Lagged => panic!("unexpected Lagged"),
+    }
+}
+
+/// Asserts nothing arrives for a while; long enough for a pull consumer's redelivery or a
+/// stray message to show up on a local server.
+async fn assert_idle(sub: &mut Subscription) {
+    let got = tokio::time::timeout(Duration::from_millis(400), sub.next()).await;
+    assert!(got.is_err(), "unexpected message: {got:?}");
+}
+
+#[tokio::test]
+async fn round_trip_filters_by_kind() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    assert_eq!(bus.describe(), server.url);
+
+    let mut live_services = bus.subscribe(&[Kind::Service], None).await.unwrap();
+    let mut live_all = bus.subscribe(&[], None).await.unwrap();
+    let mut durable_nodes = bus.subscribe(&[Kind::Node], Some("nodes")).await.unwrap();
+    let mut durable_two = bus
+        .subscribe(&[Kind::Service, Kind::Ingress], Some("svc.and.ing"))
+        .await
+        .unwrap();
+
+    let published = [
+        event(Kind::Node, "n1"),
+        event(Kind::Service, "web"),
+        event(Kind::Ingress, "i1"),
+        event(Kind::Service, "api"),
+    ];
+    for e in &published {
+        bus.publish(e).await.unwrap();
+    }
+
+    assert_eq!(next_event(&mut live_services).await, published[1]);
+    assert_eq!(next_event(&mut live_services).await, published[3]);
+    for e in &published {
+        assert_eq!(&next_event(&mut live_all).await, e);
+    }
+    assert_eq!(next_event(&mut durable_nodes).await, published[0]);
+    // Two kinds need multiple filter subjects (NATS >= 2.10); older servers filter client-side.
+    for e in [&published[1], &published[2], &published[3]] {
+        assert_eq!(&next_event(&mut durable_two).await, e);
+    }
+    assert_idle(&mut live_services).await;
+    assert_idle(&mut durable_nodes).await;
+    assert_idle(&mut durable_two).await;
+}
+
+#[tokio::test]
+async fn duplicate_publish_is_delivered_once() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let mut live = bus.subscribe(&[Kind::Service], None).await.unwrap();
+    let mut durable = bus
+        .subscribe(&[Kind::Service], Some("dedup"))
+        .await
+        .unwrap();
+
+    let e = event(Kind::Service, "web");
+    bus.publish(&e).await.unwrap();
+    bus.publish(&e).await.unwrap();
+    let after = event(Kind::Service, "after");
+    bus.publish(&after).await.unwrap();
+
+    // JetStream drops the duplicate, so it is neither stored nor forwarded to core subscribers.
+    for sub in [&mut durable, &mut live] {
+        assert_eq!(next_event(sub).await, e);
+        assert_eq!(next_event(sub).await, after);
+        assert_idle(sub).await;
+    }
+}
+
+#[tokio::test]
+async fn durable_consumer_catches_up_without_redelivery() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+
+    let first: Vec<Event> = (0..3)
+        .map(|i| event(Kind::Service, &format!("before-{i}")))
+        .collect();
+    for e in &first {
+        bus.publish(e).await.unwrap();
+    }
+    // Created after the events: deliver policy All still hands it everything in the stream.
+    let mut sub = bus
+        .subscribe(&[Kind::Service], Some("service-controller"))
+        .await
+        .unwrap();
+    for e in &first {
+        assert_eq!(&next_event(&mut sub).await, e);
+    }
+    drop(sub);
+
+    // Published while the controller is "down"; other kinds must not show up later.
+    let missed: Vec<Event> = (0..5)
+        .map(|i| event(Kind::Service, &format!("missed-{i}")))
+        .collect();
+    for (i, e) in missed.iter().enumerate() {
+        bus.publish(e).await.unwrap();
+        bus.publish(&event(Kind::Node, &format!("node-{i}")))
+            .await
+            .unwrap();
+    }
+
+    // A fresh connection, as after a restart of the process.
+    let restarted = NatsBus::connect(&server.url).await.unwrap();
+    let mut sub = restarted
+        .subscribe(&[Kind::Service], Some("service-controller"))
+        .await
+        .unwrap();
+    for e in &missed {
+        assert_eq!(&next_event(&mut sub).await, e, "catch-up out of order");
+    }
+    assert_idle(&mut sub).await;
+
+    let live = event(Kind::Service, "live");
+    restarted.publish(&live).await.unwrap();
+    assert_eq!(next_event(&mut sub).await, live);
+}
+
+#[tokio::test]
+async fn outside_core_subscriber_sees_the_event_json() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let outside = async_nats::connect(&server.url).await.unwrap();
+    let subject = subjects::event(Kind::Service, "web");
+    let mut sub = outside.subscribe(subject.clone()).await.unwrap();
+    outside.flush().await.unwrap();
+
+    let e = event(Kind::Service, "web");
+    bus.publish(&e).await.unwrap();
+
+    let msg = tokio::time::timeout(Duration::from_secs(3), sub.next())
+        .await
+        .expect("no message within 3s")
+        .expect("subscriber closed");
+    assert_eq!(msg.subject.as_str(), subject);
+    let json: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(json["id"], e.id.as_str());
+    assert_eq!(json["type"], "Applied");
+    assert_eq!(json["kind"], "Service");
+    assert_eq!(json["name"], "web");
+    assert_eq!(json["generation"], 3);
+    let time = json["time"].as_str().expect("time is a string");
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(time).unwrap(),
+        e.time,
+        "time must be RFC 3339"
+    );
+    let headers = msg.headers.expect("published with headers");
+    assert_eq!(
+        headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str()),
+        Some(e.id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn wrong_url_fails_fast_naming_the_url() {
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let err = NatsBus::connect(&url)
+        .await
+        .expect_err("nothing listens there");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "connect retried"
+    );
+    assert!(err.to_string().contains(&url), "{err}");
+}
+
+#[tokio::test]
+async fn undecodable_message_is_skipped() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let mut durable = bus.subscribe(&[], Some("poison")).await.unwrap();
+    let mut live = bus.subscribe(&[], None).await.unwrap();
+
+    // Someone else publishes garbage into the stream's subjects.
+    let outside = async_nats::connect(&server.url).await.unwrap();
+    let js = async_nats::jetstream::new(outside);
+    js.publish(subjects::event(Kind::Service, "junk"), "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = event(Kind::Service, "good");
+    bus.publish(&good).await.unwrap();
+
+    assert_eq!(next_event(&mut durable).await, good);
+    assert_eq!(next_event(&mut live).await, good);
+}
