@@ -1,1 +1,215 @@
-fn main() {}
+//! `berth`: the command line. Server commands (`up`, `api`, `controller`) run berth; client commands
+//! (`apply`, `get`, `describe`, `delete`, `events`) talk to a running API server.
+
+mod cli;
+mod daemon;
+mod local;
+mod output;
+mod publisher;
+mod server;
+mod store;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "A Kubernetes-style operator for Docker Swarm"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the API server is and how to authenticate.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// API server URL.
+    #[arg(
+        long,
+        env = "BERTH_URL",
+        default_value = "http://127.0.0.1:7474",
+        global = true
+    )]
+    pub url: String,
+    /// Bearer token (`berth up` writes the admin token to <data-dir>/admin.token).
+    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct ServerArgs {
+    /// Where the API server keeps its database and the admin token.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
+    pub data_dir: PathBuf,
+    /// Address the API server listens on.
+    #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:7474")]
+    pub listen: String,
+    /// NATS server URL; without it, events stay inside this process (embedded bus).
+    #[arg(long, env = "BERTH_NATS")]
+    pub nats: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server and every controller in one process.
+    Up {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Docker engine (unix:///var/run/docker.sock, tcp://HOST:PORT); default DOCKER_HOST or the local socket.
+        #[arg(long, env = "DOCKER_HOST")]
+        docker_host: Option<String>,
+        /// Seconds between full resyncs of every object.
+        #[arg(long, default_value_t = 60)]
+        resync: u64,
+    },
+    /// Run the API server alone (controllers run as their own processes, connected through NATS).
+    Api {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run one controller alone, against a running API server and NATS.
+    Controller {
+        /// Which controller: `service`.
+        kind: String,
+        #[command(flatten)]
+        conn: Conn,
+        /// NATS server URL (required: it is how a separate controller hears about changes).
+        #[arg(long, env = "BERTH_NATS")]
+        nats: String,
+        #[arg(long, env = "DOCKER_HOST")]
+        docker_host: Option<String>,
+        /// Where this controller keeps its own state.
+        #[arg(long, default_value = "/var/lib/berth/controllers")]
+        state_dir: PathBuf,
+        #[arg(long, default_value_t = 60)]
+        resync: u64,
+    },
+    /// Create or update objects from manifest files or directories (all or nothing).
+    Apply {
+        /// Files or directories (*.yaml, *.yml, *.json); `-` reads standard input.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate and show what would change, without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List objects of a kind, or show one.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show an object's spec, status, conditions and recent events.
+    Describe {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete objects by kind and name, or those named in manifest files.
+    Delete {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// Do not fail when an object does not exist.
+        #[arg(long)]
+        ignore_not_found: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show recent events, or follow them.
+    Events {
+        #[arg(long)]
+        watch: bool,
+        /// Only events of this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(short = 'o', long, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up {
+                server,
+                docker_host,
+                resync,
+            } => daemon::up(server, docker_host, resync).await,
+            Command::Api { server } => daemon::api(server).await,
+            Command::Controller {
+                kind,
+                conn,
+                nats,
+                docker_host,
+                state_dir,
+                resync,
+            } => daemon::controller(&kind, conn, nats, docker_host, state_dir, resync).await,
+            Command::Apply {
+                files,
+                dry_run,
+                conn,
+            } => cli::apply(&conn, &files, dry_run).await,
+            Command::Get {
+                kind,
+                name,
+                output,
+                conn,
+            } => cli::get(&conn, &kind, name.as_deref(), output).await,
+            Command::Describe { kind, name, conn } => cli::describe(&conn, &kind, &name).await,
+            Command::Delete {
+                kind,
+                name,
+                files,
+                ignore_not_found,
+                conn,
+            } => {
+                cli::delete(
+                    &conn,
+                    kind.as_deref(),
+                    name.as_deref(),
+                    &files,
+                    ignore_not_found,
+                )
+                .await
+            }
+            Command::Events {
+                watch,
+                kind,
+                limit,
+                output,
+                conn,
+            } => cli::events(&conn, watch, kind.as_deref(), limit, output).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{}", message.trim_end());
+            ExitCode::FAILURE
+        }
+    }
+}

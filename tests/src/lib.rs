@@ -1,1 +1,360 @@
-//! placeholder
+//! The end-to-end harness: real processes against the real Swarm engine. It starts `berth up` (the
+//! binary under test) and `nats-server` on free ports with their own data directories, runs CLI
+//! commands, and cleans up every Swarm object a test created even when the test fails. A missing
+//! engine, binary or nats-server is a loud failure, never a skip.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use bollard::Docker;
+
+/// The `berth` binary under test: `BERTH_BIN`, or the workspace's debug build.
+pub fn berth_bin() -> PathBuf {
+    let path = std::env::var_os("BERTH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/debug/berth")
+        });
+    assert!(
+        path.exists(),
+        "e2e: the berth binary is missing at {} (run `cargo build --bins` or scripts/test; set BERTH_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on loopback (racy by nature; fine for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("e2e: cannot find a free port")
+}
+
+/// A per-test name prefix, unique per run, so tests sharing one Swarm never collide.
+pub fn prefix(test: &str) -> String {
+    let rand = ulid::Ulid::new().to_string().to_lowercase();
+    format!("e2e-{test}-{}", &rand[rand.len() - 5..])
+}
+
+/// Connects to the local engine; fails loudly when there is none.
+pub async fn docker() -> Docker {
+    let d = Docker::connect_with_local_defaults()
+        .expect("e2e: cannot connect to the Docker engine (is dockerd running? scripts/test starts it)");
+    let d = d
+        .negotiate_version()
+        .await
+        .expect("e2e: the Docker engine does not answer (is dockerd running? scripts/test starts it)");
+    let info = d.info().await.expect("e2e: docker info failed");
+    let state = info
+        .swarm
+        .and_then(|s| s.local_node_state)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    assert_eq!(state, "active", "e2e: the engine is not in Swarm mode (scripts/test initialises it)");
+    d
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("e2e: timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A nats-server with JetStream on a free port, killed on drop.
+pub struct Nats {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("e2e: cannot start nats-server (is it installed? scripts/test installs it)");
+        let nats = Nats {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_port(port, Duration::from_secs(10), "nats-server");
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_port(port: u16, timeout: Duration, what: &str) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < timeout, "e2e: {what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Output of one CLI run.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A `berth up` process with its own data directory and port.
+pub struct Berth {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+    pub port: u16,
+    pub nats: Option<String>,
+    pub token: String,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Berth {
+    /// Starts `berth up` (embedded bus when `nats` is None) and waits until the API answers.
+    pub fn start(nats: Option<String>) -> Berth {
+        Self::start_with(nats, &[])
+    }
+
+    pub fn start_with(nats: Option<String>, extra: &[&str]) -> Berth {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data_dir = tmp.path().join("data");
+        let mut b = Berth {
+            child: None,
+            log: tmp.path().join("berth.log"),
+            data_dir,
+            _tmp: tmp,
+            port: free_port(),
+            nats,
+            token: String::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(berth_bin());
+        cmd.arg("up")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.extra)
+            .env("BERTH_LOG", "info,berth=debug,berth_controllers=debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        if let Some(n) = &self.nats {
+            cmd.arg("--nats").arg(n);
+        }
+        self.child = Some(cmd.spawn().expect("e2e: cannot start berth up"));
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("e2e: berth up exited with {status}:\n{}", self.log_text());
+                }
+            }
+            let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            let token = std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap_or_default();
+            if healthy && !token.trim().is_empty() {
+                self.token = token.trim().to_string();
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "e2e: berth up did not start listening:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Everything `berth up` logged so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a client command (`apply -f x`, `get services -o json`, ...) against this server.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        self.cli_in(args, None)
+    }
+
+    /// Same, with standard input.
+    pub fn cli_in(&self, args: &[&str], stdin: Option<&str>) -> CliOutput {
+        use std::io::Write;
+        let mut child = Command::new(berth_bin())
+            .args(args)
+            .env("BERTH_URL", self.url())
+            .env("BERTH_TOKEN", &self.token)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("e2e: cannot run berth");
+        if let Some(input) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("berth output");
+        CliOutput {
+            success: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Like `cli`, but panics (with the server log) unless the command succeeds.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.success,
+            "e2e: `berth {}` failed: {}\n{}\n--- berth up log ---\n{}",
+            args.join(" "),
+            out.stderr,
+            out.stdout,
+            self.log_text()
+        );
+        out.stdout
+    }
+
+    /// GET an API path with the admin token; returns (status, JSON body).
+    pub async fn api_get(&self, path: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("API request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// SIGKILL: no shutdown code runs, like a power cut for the process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGKILL);
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same server again on the same data directory and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Removes every Swarm service whose name starts with the prefix when dropped — also when the test
+/// panicked — so a failed test leaves nothing behind in the shared Swarm.
+pub struct Cleanup {
+    pub prefix: String,
+}
+
+impl Cleanup {
+    pub fn new(prefix: &str) -> Cleanup {
+        Cleanup {
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let out = Command::new("docker")
+            .args(["service", "ls", "-q", "--filter"])
+            .arg(format!("name={}", self.prefix))
+            .output();
+        if let Ok(out) = out {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["service", "rm"])
+                    .args(&ids)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// Writes a manifest into a fresh temporary directory and returns (dir guard, file path).
+pub fn manifest(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).expect("write manifest");
+    (dir, path)
+}

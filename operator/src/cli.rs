@@ -1,0 +1,234 @@
+//! Client commands. Everything the user sees on failure is a complete sentence naming what is wrong
+//! (file, line, field); the exit code is non-zero on any failure.
+
+use crate::output;
+use crate::Conn;
+use berth_api_types::manifest::load_paths;
+use berth_api_types::typed::decode_doc;
+use berth_api_types::{DynObject, Kind};
+use berth_controllers::client::{ApiClient, ApplyOutcome, ClientError};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+type CliResult = Result<(), String>;
+
+fn client(conn: &Conn) -> Result<ApiClient, String> {
+    let token = conn.token.clone().ok_or(
+        "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
+    )?;
+    Ok(ApiClient::new(&conn.url, &token))
+}
+
+fn api_error(e: ClientError) -> String {
+    match e {
+        ClientError::Api { message, .. } => format!("error: {message}"),
+        other => format!("error: {other}"),
+    }
+}
+
+fn kind_arg(s: &str) -> Result<Kind, String> {
+    Kind::parse_loose(s).ok_or_else(|| {
+        format!(
+            "error: unknown resource type `{s}` (known: {})",
+            Kind::ALL.map(|k| k.plural()).join(", ")
+        )
+    })
+}
+
+/// Loads, parses and validates every manifest; returns every problem found, or the objects.
+fn load(files: &[PathBuf]) -> Result<Vec<DynObject>, String> {
+    let docs = load_paths(files).map_err(|errs| {
+        errs.iter()
+            .map(|e| format!("error: {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    let mut objects = Vec::new();
+    let mut problems = Vec::new();
+    let mut seen: HashMap<(Kind, String), String> = HashMap::new();
+    for doc in &docs {
+        match decode_doc(doc) {
+            Ok(obj) => {
+                let here = format!("{}:{}", doc.file, doc.location_of("metadata.name"));
+                if let Some(first) =
+                    seen.insert((obj.kind, obj.metadata.name.clone()), here.clone())
+                {
+                    problems.push(format!(
+                        "error: {here}: {}/{} is defined twice (first at {first})",
+                        obj.kind.lower(),
+                        obj.metadata.name
+                    ));
+                }
+                objects.push(obj);
+            }
+            Err(errs) => problems.extend(errs.iter().map(|e| format!("error: {e}"))),
+        }
+    }
+    if !problems.is_empty() {
+        problems.push(format!(
+            "nothing was applied: {} problem(s) in {} document(s)",
+            problems.len(),
+            docs.len()
+        ));
+        return Err(problems.join("\n"));
+    }
+    Ok(objects)
+}
+
+pub async fn apply(conn: &Conn, files: &[PathBuf], dry_run: bool) -> CliResult {
+    let objects = load(files)?;
+    let client = client(conn)?;
+    let results = client.apply(&objects, dry_run).await.map_err(api_error)?;
+    let suffix = if dry_run { " (dry run)" } else { "" };
+    for r in results {
+        let what = match r.outcome {
+            ApplyOutcome::Created => "created",
+            ApplyOutcome::Configured => "configured",
+            ApplyOutcome::Unchanged => "unchanged",
+        };
+        println!("{}/{} {what}{suffix}", r.kind.lower(), r.name);
+    }
+    Ok(())
+}
+
+pub async fn get(conn: &Conn, kind: &str, name: Option<&str>, out: Output) -> CliResult {
+    let kind = kind_arg(kind)?;
+    let client = client(conn)?;
+    let objects = match name {
+        Some(n) => vec![client.get_object(kind, n).await.map_err(api_error)?],
+        None => client.list_objects(kind).await.map_err(api_error)?,
+    };
+    match out {
+        Output::Table => {
+            if objects.is_empty() {
+                eprintln!("No {} found.", kind.plural());
+            } else {
+                println!("{}", output::objects_table(kind, &objects));
+            }
+        }
+        Output::Json => {
+            let v = if name.is_some() {
+                serde_json::to_value(&objects[0])
+            } else {
+                serde_json::to_value(serde_json::json!({ "items": objects }))
+            }
+            .map_err(|e| e.to_string())?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
+            );
+        }
+        Output::Yaml => {
+            for o in &objects {
+                let v = serde_json::to_value(o).map_err(|e| e.to_string())?;
+                print!("{}", output::to_yaml(&v));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn describe(conn: &Conn, kind: &str, name: &str) -> CliResult {
+    let kind = kind_arg(kind)?;
+    let client = client(conn)?;
+    let obj = client.get_object(kind, name).await.map_err(api_error)?;
+    let events = client
+        .events(Some(kind), Some(name), 20)
+        .await
+        .map_err(api_error)?;
+    print!("{}", output::describe(&obj, &events));
+    Ok(())
+}
+
+pub async fn delete(
+    conn: &Conn,
+    kind: Option<&str>,
+    name: Option<&str>,
+    files: &[PathBuf],
+    ignore_not_found: bool,
+) -> CliResult {
+    let targets: Vec<(Kind, String)> = match (kind, name, files.is_empty()) {
+        (Some(k), Some(n), true) => vec![(kind_arg(k)?, n.to_string())],
+        (None, None, false) => load(files)?
+            .into_iter()
+            .map(|o| (o.kind, o.metadata.name))
+            .collect(),
+        _ => return Err("error: give either KIND NAME or -f PATH".into()),
+    };
+    let client = client(conn)?;
+    let mut failures = Vec::new();
+    for (kind, name) in targets {
+        match client.delete(kind, &name).await {
+            Ok(_) => println!("{}/{name} deleted", kind.lower()),
+            Err(e) if e.is_not_found() && ignore_not_found => {}
+            Err(e) => failures.push(api_error(e)),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+pub async fn events(
+    conn: &Conn,
+    watch: bool,
+    kind: Option<&str>,
+    limit: usize,
+    out: Output,
+) -> CliResult {
+    let kind = kind.map(kind_arg).transpose()?;
+    let client = client(conn)?;
+    let print = |events: &[berth_api_types::Event], header: bool| match out {
+        Output::Json => {
+            for e in events {
+                println!("{}", serde_json::to_string(e).unwrap_or_default());
+            }
+        }
+        Output::Yaml => {
+            for e in events {
+                print!(
+                    "{}",
+                    output::to_yaml(&serde_json::to_value(e).unwrap_or_default())
+                );
+            }
+        }
+        Output::Table => {
+            let t = output::events_table(events);
+            let body = if header {
+                t.as_str()
+            } else {
+                t.split_once('\n').map(|x| x.1).unwrap_or("")
+            };
+            if !body.is_empty() {
+                println!("{body}");
+            }
+        }
+    };
+    if watch {
+        let mut stream = Box::pin(client.watch_events().await.map_err(api_error)?);
+        println!(
+            "{}",
+            output::table(&["TIME", "TYPE", "OBJECT", "GEN", "MESSAGE"], &[])
+        );
+        while let Some(item) = stream.next().await {
+            let e = item.map_err(api_error)?;
+            if kind.is_none_or(|k| k == e.kind) {
+                print(&[e], false);
+            }
+        }
+        return Err("error: the API server closed the event stream".into());
+    }
+    let events = client.events(kind, None, limit).await.map_err(api_error)?;
+    print(&events, true);
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! The long-running commands: `berth up` (API server and every controller in one process),
+//! `berth api` (API server alone) and `berth controller KIND` (one controller alone). They share the
+//! pieces below; only which pieces run differs.
+
+use crate::local::LocalStore;
+use crate::server::{router, AppState};
+use crate::store::Store;
+use crate::{publisher, Conn, ServerArgs};
+use berth_controllers::bus::{self, EventBus};
+use berth_controllers::client::{ApiClient, ResourceStore};
+use berth_controllers::engine;
+use berth_controllers::runtime::state::LocalState;
+use berth_controllers::runtime::{Controller, ControllerConfig};
+use berth_controllers::service::ServiceController;
+use rand::RngCore;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Reads the admin token, creating it (256 random bits, file mode 0600) at first start.
+fn admin_token(data_dir: &Path) -> Result<(String, PathBuf), String> {
+    let path = data_dir.join("admin.token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok((t, path));
+        }
+    }
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &token)
+        .map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
+    Ok((token, path))
+}
+
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(content.as_bytes())?;
+    f.sync_all()
+}
+
+struct ApiParts {
+    store: Store,
+    bus: Arc<dyn EventBus>,
+}
+
+/// Opens the store, connects the bus, starts the outbox publisher and the HTTP server.
+async fn start_api(
+    server: &ServerArgs,
+    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+) -> Result<ApiParts, String> {
+    std::fs::create_dir_all(&server.data_dir)
+        .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
+    let store = Store::open(&server.data_dir.join("store")).map_err(|e| format!("error: {e}"))?;
+    let (token, token_path) = admin_token(&server.data_dir)?;
+    let bus = bus::connect(server.nats.as_deref())
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(&server.listen)
+        .await
+        .map_err(|e| format!("error: cannot listen on {}: {e}", server.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    info!(%addr, instance = %store.instance(), bus = %bus.describe(), "API server listening");
+    eprintln!(
+        "berth API on http://{addr}; admin token in {}",
+        token_path.display()
+    );
+
+    tasks.spawn(publisher_task(store.clone(), bus.clone()));
+    let app = router(AppState {
+        store: store.clone(),
+        token: Arc::new(token),
+    });
+    tasks.spawn(async move {
+        axum::serve(listener, app)
+            .await
+            .map_err(|e| format!("error: API server failed: {e}"))
+    });
+    Ok(ApiParts { store, bus })
+}
+
+async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {
+    publisher::run(store, bus).await;
+    Ok(())
+}
+
+fn config(resync: u64, durable: Option<String>) -> ControllerConfig {
+    ControllerConfig {
+        resync: Duration::from_secs(resync.max(1)),
+        durable,
+        ..Default::default()
+    }
+}
+
+async fn service_controller(
+    store: Arc<dyn ResourceStore>,
+    bus: Arc<dyn EventBus>,
+    docker_host: Option<&str>,
+    state_dir: &Path,
+    resync: u64,
+    durable: Option<String>,
+) -> Result<Controller<ServiceController>, String> {
+    let docker = engine::connect(docker_host)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let instance = store
+        .instance()
+        .await
+        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
+    let state = LocalState::open(&state_dir.join("service"), "applied")
+        .map_err(|e| format!("error: {e}"))?;
+    let reconciler = Arc::new(ServiceController::new(
+        docker.clone(),
+        store.clone(),
+        instance,
+        state,
+    ));
+    Ok(Controller::new(reconciler, store, bus, config(resync, durable)).with_engine_events(docker))
+}
+
+/// Waits for a signal or for a task to fail, whichever comes first.
+async fn supervise(mut tasks: tokio::task::JoinSet<Result<(), String>>) -> Result<(), String> {
+    tokio::select! {
+        _ = shutdown_signal() => {
+            info!("shutting down");
+            Ok(())
+        }
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Err("error: a component stopped unexpectedly".into()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(format!("error: a component panicked: {e}")),
+        },
+    }
+}
+
+pub async fn up(
+    server: ServerArgs,
+    docker_host: Option<String>,
+    resync: u64,
+) -> Result<(), String> {
+    init_tracing();
+    let mut tasks = tokio::task::JoinSet::new();
+    let parts = start_api(&server, &mut tasks).await?;
+    let store: Arc<dyn ResourceStore> = Arc::new(LocalStore(parts.store.clone()));
+    // With NATS, a durable consumer lets the controller catch up on what it missed while down.
+    let durable = server
+        .nats
+        .as_ref()
+        .map(|_| "berth-controller-service".to_string());
+    let ctl = service_controller(
+        store,
+        parts.bus.clone(),
+        docker_host.as_deref(),
+        &server.data_dir.join("controllers"),
+        resync,
+        durable,
+    )
+    .await?;
+    tasks.spawn(async move {
+        ctl.run(std::future::pending()).await;
+        Ok(())
+    });
+    supervise(tasks).await
+}
+
+pub async fn api(server: ServerArgs) -> Result<(), String> {
+    init_tracing();
+    let mut tasks = tokio::task::JoinSet::new();
+    start_api(&server, &mut tasks).await?;
+    supervise(tasks).await
+}
+
+pub async fn controller(
+    kind: &str,
+    conn: Conn,
+    nats: String,
+    docker_host: Option<String>,
+    state_dir: PathBuf,
+    resync: u64,
+) -> Result<(), String> {
+    init_tracing();
+    let token = conn
+        .token
+        .ok_or("error: no token: set BERTH_TOKEN or pass --token")?;
+    let client: Arc<dyn ResourceStore> = Arc::new(ApiClient::new(&conn.url, &token));
+    let bus = bus::connect(Some(&nats))
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    match kind {
+        "service" | "services" => {
+            let ctl = service_controller(
+                client,
+                bus,
+                docker_host.as_deref(),
+                &state_dir,
+                resync,
+                Some("berth-controller-service".into()),
+            )
+            .await?;
+            tasks.spawn(async move {
+                ctl.run(std::future::pending()).await;
+                Ok(())
+            });
+        }
+        other => {
+            return Err(format!(
+                "error: no controller for `{other}` (available: service)"
+            ))
+        }
+    }
+    supervise(tasks).await
+}

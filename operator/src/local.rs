@@ -1,0 +1,53 @@
+//! The store as a controller's `ResourceStore`, for controllers running inside `berth up`: the same
+//! interface a separate controller process reaches over HTTP, without the HTTP.
+
+use crate::store::{Store, StoreError};
+use async_trait::async_trait;
+use berth_api_types::{DynObject, Kind};
+use berth_controllers::client::{ClientError, ErrorDetail, ResourceStore};
+use serde_json::Value;
+
+#[derive(Clone)]
+pub struct LocalStore(pub Store);
+
+fn to_client(e: StoreError) -> ClientError {
+    let (status, reason) = match &e {
+        StoreError::NotFound { .. } => (404, "NotFound"),
+        StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => (409, "Conflict"),
+        StoreError::Storage(_) => (500, "StorageError"),
+    };
+    ClientError::Api {
+        status,
+        reason: reason.to_string(),
+        message: e.to_string(),
+        details: Vec::<ErrorDetail>::new(),
+    }
+}
+
+#[async_trait]
+impl ResourceStore for LocalStore {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
+        self.0.get(kind, name).map_err(to_client)
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
+        self.0.list(kind).map_err(to_client)
+    }
+
+    async fn update_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: Value,
+    ) -> Result<(), ClientError> {
+        self.0
+            .update_status(kind, name, status)
+            .await
+            .map(|_| ())
+            .map_err(to_client)
+    }
+
+    async fn instance(&self) -> Result<String, ClientError> {
+        Ok(self.0.instance().to_string())
+    }
+}

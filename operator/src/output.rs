@@ -1,0 +1,229 @@
+//! How the CLI prints objects: kubectl-like tables, YAML and JSON.
+
+use berth_api_types::meta::{condition, format_time};
+use berth_api_types::{DynObject, Event, Kind};
+use chrono::Utc;
+use serde_json::Value;
+use yaml_rust2::{Yaml, YamlEmitter};
+
+/// JSON -> YAML text (the manifest format users write).
+pub fn to_yaml(v: &Value) -> String {
+    fn conv(v: &Value) -> Yaml {
+        match v {
+            Value::Null => Yaml::Null,
+            Value::Bool(b) => Yaml::Boolean(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Yaml::Integer(i),
+                None => Yaml::Real(n.to_string()),
+            },
+            Value::String(s) => Yaml::String(s.clone()),
+            Value::Array(a) => Yaml::Array(a.iter().map(conv).collect()),
+            Value::Object(m) => Yaml::Hash(
+                m.iter()
+                    .map(|(k, v)| (Yaml::String(k.clone()), conv(v)))
+                    .collect(),
+            ),
+        }
+    }
+    let mut out = String::new();
+    let mut em = YamlEmitter::new(&mut out);
+    em.multiline_strings(true);
+    if em.dump(&conv(v)).is_err() {
+        return serde_json::to_string_pretty(v).unwrap_or_default();
+    }
+    // The emitter starts every document with `---`; keep it, it makes multi-object output valid.
+    out.push('\n');
+    out
+}
+
+/// `3m`, `2h`, `5d`: kubectl's AGE column.
+pub fn age(obj: &DynObject) -> String {
+    let Some(created) = obj.metadata.creation_timestamp else {
+        return "-".into();
+    };
+    let secs = (Utc::now() - created).num_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Pads columns to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == cells.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("   ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+fn status_conditions(obj: &DynObject) -> Vec<berth_api_types::Condition> {
+    obj.status
+        .get("conditions")
+        .cloned()
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default()
+}
+
+/// The `get` table for a kind.
+pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
+    match kind {
+        Kind::Service => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| {
+                    let conds = status_conditions(o);
+                    let ready = condition(&conds, "Ready");
+                    let st = &o.status;
+                    let replicas = match (st.get("runningReplicas"), st.get("desiredReplicas")) {
+                        (Some(r), Some(d)) => format!("{r}/{d}"),
+                        _ => "-".into(),
+                    };
+                    let state = match ready {
+                        Some(c) if c.status == berth_api_types::ConditionStatus::True => {
+                            "Ready".to_string()
+                        }
+                        Some(c) => c.reason.clone(),
+                        None => "Pending".into(),
+                    };
+                    vec![
+                        o.metadata.name.clone(),
+                        replicas,
+                        o.spec
+                            .get("image")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                        state,
+                        age(o),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "REPLICAS", "IMAGE", "STATUS", "AGE"], &rows)
+        }
+        _ => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| vec![o.metadata.name.clone(), age(o)])
+                .collect();
+            table(&["NAME", "AGE"], &rows)
+        }
+    }
+}
+
+pub fn events_table(events: &[Event]) -> String {
+    let rows: Vec<Vec<String>> = events.iter().map(event_row).collect();
+    table(&["TIME", "TYPE", "OBJECT", "GEN", "MESSAGE"], &rows)
+}
+
+pub fn event_row(e: &Event) -> Vec<String> {
+    vec![
+        format_time(&e.time),
+        format!("{:?}", e.type_),
+        format!("{}/{}", e.kind.lower(), e.name),
+        e.generation.to_string(),
+        e.message.clone(),
+    ]
+}
+
+/// `describe`: metadata, spec, status and conditions, then recent events.
+pub fn describe(obj: &DynObject, events: &[Event]) -> String {
+    let mut out = String::new();
+    let m = &obj.metadata;
+    out.push_str(&format!("Name:          {}\n", m.name));
+    out.push_str(&format!("Kind:          {}\n", obj.kind));
+    out.push_str(&format!(
+        "UID:           {}\n",
+        m.uid.as_deref().unwrap_or("-")
+    ));
+    out.push_str(&format!("Generation:    {}\n", m.generation));
+    out.push_str(&format!(
+        "Observed:      {}\n",
+        obj.status
+            .get("observedGeneration")
+            .map(ToString::to_string)
+            .unwrap_or_else(|| "-".into())
+    ));
+    if let Some(t) = &m.creation_timestamp {
+        out.push_str(&format!("Created:       {}\n", format_time(t)));
+    }
+    for (title, map) in [("Labels", &m.labels), ("Annotations", &m.annotations)] {
+        if !map.is_empty() {
+            out.push_str(&format!("{title}:\n"));
+            for (k, v) in map {
+                out.push_str(&format!("  {k}={v}\n"));
+            }
+        }
+    }
+    out.push_str("Spec:\n");
+    out.push_str(&indent(to_yaml(&obj.spec).trim_start_matches("---\n")));
+    let mut status = obj.status.clone();
+    if let Some(s) = status.as_object_mut() {
+        s.remove("conditions");
+        s.remove("observedGeneration");
+    }
+    if status.as_object().is_some_and(|s| !s.is_empty()) {
+        out.push_str("Status:\n");
+        out.push_str(&indent(to_yaml(&status).trim_start_matches("---\n")));
+    }
+    let conds = status_conditions(obj);
+    out.push_str("Conditions:\n");
+    if conds.is_empty() {
+        out.push_str("  <none>\n");
+    } else {
+        let rows: Vec<Vec<String>> = conds
+            .iter()
+            .map(|c| {
+                vec![
+                    c.type_.clone(),
+                    format!("{:?}", c.status),
+                    c.reason.clone(),
+                    format_time(&c.last_transition_time),
+                    c.message.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&indent(&table(
+            &["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"],
+            &rows,
+        )));
+        out.push('\n');
+    }
+    out.push_str("Events:\n");
+    if events.is_empty() {
+        out.push_str("  <none>\n");
+    } else {
+        out.push_str(&indent(&events_table(events)));
+        out.push('\n');
+    }
+    out
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}\n")).collect()
+}

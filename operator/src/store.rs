@@ -1,0 +1,502 @@
+//! The API server's source of truth, persisted in sled. Every write is one transaction over the
+//! object, the event history and the outbox, and is flushed to disk before it is acknowledged, so a
+//! `kill -9` right after a reply loses nothing. Events leave through the outbox (see `publisher.rs`):
+//! a crash between commit and publish delays an event, it never loses it.
+
+use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
+use berth_controllers::client::{ApplyOutcome, ApplyResult};
+use chrono::Utc;
+use serde_json::Value;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{broadcast, Notify};
+
+/// Events kept for `berth events` and `describe`; older ones are trimmed.
+const EVENT_HISTORY: usize = 5000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} `{name}` not found")]
+    NotFound { kind: Kind, name: String },
+    #[error("{kind} `{name}` already exists")]
+    AlreadyExists { kind: Kind, name: String },
+    #[error("{kind} `{name}` was changed by someone else (resourceVersion {expected} is not current {actual}); get it again and retry")]
+    Conflict {
+        kind: Kind,
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+impl From<TransactionError<StoreError>> for StoreError {
+    fn from(e: TransactionError<StoreError>) -> Self {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => e.into(),
+        }
+    }
+}
+
+/// How a write treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Fail if it exists (POST).
+    Create,
+    /// Fail if it does not exist (PUT/PATCH).
+    Replace,
+    /// Either (apply).
+    Upsert,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    objects: sled::Tree,
+    events: sled::Tree,
+    outbox: sled::Tree,
+    meta: sled::Tree,
+    ids: Arc<Mutex<ulid::Generator>>,
+    /// Wakes the outbox publisher after a commit.
+    pub(crate) outbox_ready: Arc<Notify>,
+    /// Live feed for `events --watch` (after commit, in commit order per writer).
+    watchers: broadcast::Sender<Event>,
+    instance: String,
+}
+
+fn key(kind: Kind, name: &str) -> String {
+    format!("{}/{}", kind.lower(), name)
+}
+
+fn abort<T>(e: StoreError) -> Result<T, ConflictableTransactionError<StoreError>> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn decode(bytes: &[u8]) -> Result<DynObject, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Storage(format!("corrupt object: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("JSON values always encode")
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
+        let meta = db.open_tree("meta")?;
+        let instance = match meta.get("instance")? {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => {
+                let id = ulid::Ulid::new().to_string().to_lowercase();
+                meta.insert("instance", id.as_bytes())?;
+                db.flush()?;
+                id
+            }
+        };
+        let (watchers, _) = broadcast::channel(1024);
+        Ok(Store {
+            objects: db.open_tree("objects")?,
+            events: db.open_tree("events")?,
+            outbox: db.open_tree("outbox")?,
+            meta,
+            db,
+            ids: Arc::new(Mutex::new(ulid::Generator::new())),
+            outbox_ready: Arc::new(Notify::new()),
+            watchers,
+            instance,
+        })
+    }
+
+    /// This installation's id, created at first start; stamped on every Swarm object berth creates.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn next_id(&self) -> String {
+        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        // The generator only fails when 2^80 ids are made in one millisecond.
+        g.generate()
+            .unwrap_or_else(|_| ulid::Ulid::new())
+            .to_string()
+    }
+
+    pub fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, StoreError> {
+        self.objects
+            .get(key(kind, name))?
+            .map(|b| decode(&b))
+            .transpose()
+    }
+
+    pub fn list(&self, kind: Kind) -> Result<Vec<DynObject>, StoreError> {
+        self.objects
+            .scan_prefix(format!("{}/", kind.lower()))
+            .values()
+            .map(|v| decode(&v?))
+            .collect()
+    }
+
+    /// Atomically writes a set of validated objects (apply, create, replace). Either every object is
+    /// written or none is. `expected_rv`: conditional write (only for a single object).
+    pub async fn write(
+        &self,
+        objects: Vec<DynObject>,
+        mode: WriteMode,
+        expected_rv: Option<String>,
+        dry_run: bool,
+    ) -> Result<Vec<(ApplyResult, DynObject)>, StoreError> {
+        let now = Utc::now();
+        let ids: Vec<String> = objects.iter().map(|_| self.next_id()).collect();
+        let uids: Vec<String> = objects
+            .iter()
+            .map(|_| ulid::Ulid::new().to_string().to_lowercase())
+            .collect();
+        if dry_run {
+            // The same checks against the current state; nothing is written.
+            let mut rv = self.current_rv_now()?;
+            let mut out = Vec::with_capacity(objects.len());
+            for (i, incoming) in objects.iter().enumerate() {
+                let old = self.get(incoming.kind, &incoming.metadata.name)?;
+                let (obj, outcome) = plan(
+                    old,
+                    incoming,
+                    mode,
+                    expected_rv.as_deref(),
+                    now,
+                    &uids[i],
+                    &mut rv,
+                )?;
+                out.push((result_of(&obj, outcome), obj));
+            }
+            return Ok(out);
+        }
+        let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
+        let (out, emitted) = trees.transaction(|(objs, events, outbox, meta)| {
+            let mut rv = current_rv(meta)?;
+            let mut out = Vec::with_capacity(objects.len());
+            let mut emitted = Vec::new();
+            for (i, incoming) in objects.iter().enumerate() {
+                let k = key(incoming.kind, &incoming.metadata.name);
+                let old = match objs.get(k.as_bytes())? {
+                    Some(b) => Some(decode(&b).or_else(abort)?),
+                    None => None,
+                };
+                let (obj, outcome) = plan(
+                    old,
+                    incoming,
+                    mode,
+                    expected_rv.as_deref(),
+                    now,
+                    &uids[i],
+                    &mut rv,
+                )
+                .or_else(abort)?;
+                if outcome != ApplyOutcome::Unchanged {
+                    objs.insert(k.as_bytes(), encode(&obj))?;
+                    let ev = make_event(&ids[i], EventType::Applied, &obj, now, String::new());
+                    record_event(events, outbox, &ev)?;
+                    emitted.push(ev);
+                }
+                out.push((result_of(&obj, outcome), obj));
+            }
+            meta.insert("rv", &rv.to_be_bytes())?;
+            Ok((out, emitted))
+        })?;
+        self.committed(emitted).await?;
+        Ok(out)
+    }
+
+    fn current_rv_now(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta
+            .get("rv")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    }
+
+    /// Replaces an object's status (controllers only). Identical status is not written and emits no
+    /// event, so a controller that reconciles without change causes no traffic.
+    pub async fn update_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: Value,
+    ) -> Result<DynObject, StoreError> {
+        let now = Utc::now();
+        let id = self.next_id();
+        let k = key(kind, name);
+        let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
+        let (obj, emitted) = trees.transaction(|(objs, events, outbox, meta)| {
+            let Some(b) = objs.get(k.as_bytes())? else {
+                return abort(StoreError::NotFound {
+                    kind,
+                    name: name.to_string(),
+                });
+            };
+            let mut obj = decode(&b).or_else(abort)?;
+            if obj.status == status {
+                return Ok((obj, None));
+            }
+            let rv = current_rv(meta)? + 1;
+            meta.insert("rv", &rv.to_be_bytes())?;
+            obj.status = status.clone();
+            obj.metadata.resource_version = Some(rv.to_string());
+            objs.insert(k.as_bytes(), encode(&obj))?;
+            let ev = make_event(
+                &id,
+                EventType::StatusChanged,
+                &obj,
+                now,
+                ready_message(&obj),
+            );
+            record_event(events, outbox, &ev)?;
+            Ok((obj, Some(ev)))
+        })?;
+        if let Some(ev) = emitted {
+            self.committed(vec![ev]).await?;
+        }
+        Ok(obj)
+    }
+
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, StoreError> {
+        let now = Utc::now();
+        let id = self.next_id();
+        let k = key(kind, name);
+        let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
+        let (obj, ev) = trees.transaction(|(objs, events, outbox, meta)| {
+            let Some(b) = objs.remove(k.as_bytes())? else {
+                return abort(StoreError::NotFound {
+                    kind,
+                    name: name.to_string(),
+                });
+            };
+            let mut obj = decode(&b).or_else(abort)?;
+            let rv = current_rv(meta)? + 1;
+            meta.insert("rv", &rv.to_be_bytes())?;
+            obj.metadata.resource_version = Some(rv.to_string());
+            let ev = make_event(&id, EventType::Deleted, &obj, now, String::new());
+            record_event(events, outbox, &ev)?;
+            Ok((obj, ev))
+        })?;
+        self.committed(vec![ev]).await?;
+        Ok(obj)
+    }
+
+    /// Makes a commit durable, then lets the publisher and watchers know.
+    async fn committed(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        self.outbox_ready.notify_one();
+        for e in events {
+            let _ = self.watchers.send(e);
+        }
+        Ok(())
+    }
+
+    /// Recent events, oldest first, filtered by kind and name.
+    pub fn recent_events(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.events.iter().rev() {
+            let (_, v) = item?;
+            let Ok(e) = serde_json::from_slice::<Event>(&v) else {
+                continue;
+            };
+            if kind.is_some_and(|k| k != e.kind) || name.is_some_and(|n| n != e.name) {
+                continue;
+            }
+            out.push(e);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    pub fn watch(&self) -> broadcast::Receiver<Event> {
+        self.watchers.subscribe()
+    }
+
+    /// The oldest unpublished events, in commit order.
+    pub(crate) fn outbox_batch(&self, max: usize) -> Result<Vec<(sled::IVec, Event)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.outbox.iter().take(max) {
+            let (k, v) = item?;
+            match serde_json::from_slice::<Event>(&v) {
+                Ok(e) => out.push((k, e)),
+                Err(_) => {
+                    // Unreadable entries would block the outbox forever.
+                    self.outbox.remove(&k)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn outbox_done(&self, key: &sled::IVec) -> Result<(), StoreError> {
+        self.outbox.remove(key)?;
+        Ok(())
+    }
+
+    /// Keeps the event history bounded.
+    pub(crate) fn trim_events(&self) -> Result<(), StoreError> {
+        let excess = self.events.len().saturating_sub(EVENT_HISTORY);
+        for k in self.events.iter().keys().take(excess) {
+            self.events.remove(k?)?;
+        }
+        Ok(())
+    }
+}
+
+/// What writing `incoming` over `old` results in: the new object and whether anything changed.
+/// `generation` moves only when the spec changes; `resourceVersion` on every change.
+fn plan(
+    old: Option<DynObject>,
+    incoming: &DynObject,
+    mode: WriteMode,
+    expected_rv: Option<&str>,
+    now: chrono::DateTime<Utc>,
+    uid: &str,
+    rv: &mut u64,
+) -> Result<(DynObject, ApplyOutcome), StoreError> {
+    let (kind, name) = (incoming.kind, incoming.metadata.name.clone());
+    match (&old, mode) {
+        (Some(_), WriteMode::Create) => return Err(StoreError::AlreadyExists { kind, name }),
+        (None, WriteMode::Replace) => return Err(StoreError::NotFound { kind, name }),
+        _ => {}
+    }
+    if let (Some(exp), Some(o)) = (expected_rv, &old) {
+        let actual = o.metadata.resource_version.clone().unwrap_or_default();
+        if exp != actual {
+            return Err(StoreError::Conflict {
+                kind,
+                name,
+                expected: exp.to_string(),
+                actual,
+            });
+        }
+    }
+    Ok(match old {
+        None => {
+            *rv += 1;
+            let mut obj = incoming.clone();
+            obj.metadata = ObjectMeta {
+                uid: Some(uid.to_string()),
+                generation: 1,
+                resource_version: Some(rv.to_string()),
+                creation_timestamp: Some(now),
+                ..incoming.metadata.clone()
+            };
+            obj.status = Value::Null;
+            (obj, ApplyOutcome::Created)
+        }
+        Some(old) => {
+            let spec_changed = old.spec != incoming.spec;
+            let meta_changed = old.metadata.labels != incoming.metadata.labels
+                || old.metadata.annotations != incoming.metadata.annotations;
+            if !spec_changed && !meta_changed {
+                (old, ApplyOutcome::Unchanged)
+            } else {
+                *rv += 1;
+                let mut obj = old;
+                obj.spec = incoming.spec.clone();
+                obj.metadata.labels = incoming.metadata.labels.clone();
+                obj.metadata.annotations = incoming.metadata.annotations.clone();
+                if spec_changed {
+                    obj.metadata.generation += 1;
+                }
+                obj.metadata.resource_version = Some(rv.to_string());
+                (obj, ApplyOutcome::Configured)
+            }
+        }
+    })
+}
+
+fn result_of(obj: &DynObject, outcome: ApplyOutcome) -> ApplyResult {
+    ApplyResult {
+        kind: obj.kind,
+        name: obj.metadata.name.clone(),
+        outcome,
+        generation: obj.metadata.generation,
+    }
+}
+
+fn current_rv(meta: &TransactionalTree) -> Result<u64, ConflictableTransactionError<StoreError>> {
+    Ok(meta
+        .get("rv")?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0))
+}
+
+fn make_event(
+    id: &str,
+    type_: EventType,
+    obj: &DynObject,
+    time: chrono::DateTime<Utc>,
+    message: String,
+) -> Event {
+    Event {
+        id: id.to_string(),
+        type_,
+        kind: obj.kind,
+        name: obj.metadata.name.clone(),
+        uid: obj.metadata.uid.clone().unwrap_or_default(),
+        generation: obj.metadata.generation,
+        resource_version: obj.metadata.resource_version.clone().unwrap_or_default(),
+        time,
+        message,
+    }
+}
+
+/// Events are keyed by their ULID (time-ordered), in the history and the outbox alike.
+fn record_event(
+    events: &TransactionalTree,
+    outbox: &TransactionalTree,
+    ev: &Event,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    let k = ev.id.as_bytes();
+    let v = encode(ev);
+    events.insert(k, v.clone())?;
+    outbox.insert(k, v)?;
+    Ok(())
+}
+
+/// The Ready condition's message, as a one-line summary on `StatusChanged` events.
+fn ready_message(obj: &DynObject) -> String {
+    obj.status
+        .get("conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+        })
+        .map(|c| {
+            format!(
+                "Ready={} {}",
+                c.get("status").and_then(Value::as_str).unwrap_or("?"),
+                c.get("message").and_then(Value::as_str).unwrap_or("")
+            )
+            .trim_end()
+            .to_string()
+        })
+        .unwrap_or_default()
+}
