@@ -540,7 +540,194 @@ fn tokio_stream_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
     use serde_json::json;
+    use tower::ServiceExt;
+
+    fn app() -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let app = router(AppState {
+            store,
+            token: Arc::new("secret-token".into()),
+        });
+        (app, dir)
+    }
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: bool,
+    ) -> (u16, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if token {
+            req = req.header("authorization", "Bearer secret-token");
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(
+                body.map(|b| Body::from(b.to_string()))
+                    .unwrap_or_else(Body::empty),
+            )
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn svc(name: &str, replicas: Value) -> Value {
+        json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"image": "a:1", "replicas": replicas}})
+    }
+
+    #[tokio::test]
+    async fn token_is_required_except_for_healthz() {
+        let (app, _d) = app();
+        let (code, body) = call(&app, "GET", "/apis/berth/v1/services", None, false).await;
+        assert_eq!(code, 401);
+        assert_eq!(body["reason"], "Unauthorized");
+        let (code, _) = call(&app, "GET", "/healthz", None, false).await;
+        assert_eq!(code, 200);
+        let (code, _) = call(&app, "GET", "/apis/berth/v1/services", None, true).await;
+        assert_eq!(code, 200);
+    }
+
+    #[tokio::test]
+    async fn invalid_objects_get_field_errors_and_change_nothing() {
+        let (app, _d) = app();
+        let body = json!({"items": [svc("ok", json!(1)), svc("bad", json!("three"))]});
+        let (code, err) = call(&app, "POST", "/apis/berth/v1/apply", Some(body), true).await;
+        assert_eq!(code, 422);
+        assert_eq!(err["details"][0]["object"], "Service/bad");
+        assert_eq!(err["details"][0]["path"], "spec.replicas");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Service/bad: spec.replicas: invalid type"),
+            "{err}"
+        );
+        let (_, list) = call(&app, "GET", "/apis/berth/v1/services", None, true).await;
+        assert_eq!(
+            list["items"],
+            json!([]),
+            "one bad object means nothing is applied"
+        );
+    }
+
+    #[tokio::test]
+    async fn crud_patch_and_status() {
+        let (app, _d) = app();
+        let (code, created) = call(
+            &app,
+            "POST",
+            "/apis/berth/v1/services",
+            Some(svc("web", json!(1))),
+            true,
+        )
+        .await;
+        assert_eq!(code, 201);
+        assert_eq!(created["metadata"]["generation"], 1);
+        let (code, _) = call(
+            &app,
+            "POST",
+            "/apis/berth/v1/services",
+            Some(svc("web", json!(1))),
+            true,
+        )
+        .await;
+        assert_eq!(code, 409);
+        let (code, patched) = call(
+            &app,
+            "PATCH",
+            "/apis/berth/v1/services/web",
+            Some(json!({"spec": {"replicas": 4}})),
+            true,
+        )
+        .await;
+        assert_eq!(code, 200, "{patched}");
+        assert_eq!(patched["spec"]["replicas"], 4);
+        assert_eq!(patched["metadata"]["generation"], 2);
+        let (code, err) = call(
+            &app,
+            "PATCH",
+            "/apis/berth/v1/services/web",
+            Some(json!({"spec": {"image": "Nope Nope"}})),
+            true,
+        )
+        .await;
+        assert_eq!(code, 422);
+        assert_eq!(err["details"][0]["path"], "spec.image");
+        let (code, err) = call(
+            &app,
+            "PUT",
+            "/apis/berth/v1/services/other",
+            Some(svc("web", json!(1))),
+            true,
+        )
+        .await;
+        assert_eq!(code, 422, "{err}");
+        let (code, _) = call(
+            &app,
+            "PUT",
+            "/apis/berth/v1/services/web/status",
+            Some(json!({"status": {"runningReplicas": 4}})),
+            true,
+        )
+        .await;
+        assert_eq!(code, 200);
+        let (_, got) = call(&app, "GET", "/apis/berth/v1/services/web", None, true).await;
+        assert_eq!(got["status"]["runningReplicas"], 4);
+        assert_eq!(
+            got["metadata"]["generation"], 2,
+            "status writes do not bump generation"
+        );
+        let (code, _) = call(&app, "DELETE", "/apis/berth/v1/services/web", None, true).await;
+        assert_eq!(code, 200);
+        let (code, err) = call(&app, "GET", "/apis/berth/v1/services/web", None, true).await;
+        assert_eq!(code, 404);
+        assert_eq!(err["message"], "Service `web` not found");
+        let (_, events) = call(&app, "GET", "/apis/berth/v1/events?name=web", None, true).await;
+        let types: Vec<&str> = events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Applied", "Applied", "StatusChanged", "Deleted"]);
+    }
+
+    #[tokio::test]
+    async fn oversized_and_malformed_bodies() {
+        let (app, _d) = app();
+        let big = "x".repeat(MAX_BODY + 1);
+        let req = Request::builder()
+            .method("POST")
+            .uri("/apis/berth/v1/apply")
+            .header("authorization", "Bearer secret-token")
+            .body(Body::from(big))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 413);
+        let req = Request::builder()
+            .method("POST")
+            .uri("/apis/berth/v1/apply")
+            .header("authorization", "Bearer secret-token")
+            .body(Body::from("{\"items\": [}"))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let (code, _) = call(&app, "GET", "/apis/berth/v1/pods", None, true).await;
+        assert_eq!(code, 404);
+    }
 
     #[test]
     fn merge_patch_rfc7386() {

@@ -500,3 +500,194 @@ fn ready_message(obj: &DynObject) -> String {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api_types::typed::decode_object;
+    use serde_json::json;
+
+    fn svc(name: &str, replicas: u64) -> DynObject {
+        decode_object(&json!({
+            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"image": "a:1", "replicas": replicas}
+        }))
+        .unwrap()
+    }
+
+    fn outbox_types(s: &Store) -> Vec<(EventType, String, u64)> {
+        s.outbox_batch(100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| (e.type_, e.name, e.generation))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn generation_moves_only_with_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let r = s
+            .write(vec![svc("web", 1)], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Created);
+        assert_eq!(r[0].1.metadata.generation, 1);
+        let rv1 = r[0].1.metadata.resource_version.clone().unwrap();
+
+        let r = s
+            .write(vec![svc("web", 1)], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Unchanged);
+        assert_eq!(
+            r[0].1.metadata.resource_version.as_deref(),
+            Some(rv1.as_str())
+        );
+
+        let mut labelled = svc("web", 1);
+        labelled.metadata.labels.insert("team".into(), "x".into());
+        let r = s
+            .write(vec![labelled], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Configured);
+        assert_eq!(
+            r[0].1.metadata.generation, 1,
+            "metadata changes do not bump generation"
+        );
+
+        let r = s
+            .write(vec![svc("web", 3)], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        assert_eq!(r[0].1.metadata.generation, 2);
+        assert!(r[0].1.metadata.labels.is_empty(), "apply replaces labels");
+
+        // Identical status is not a write; a new one is, without touching generation.
+        s.update_status(Kind::Service, "web", json!({"a": 1}))
+            .await
+            .unwrap();
+        s.update_status(Kind::Service, "web", json!({"a": 1}))
+            .await
+            .unwrap();
+        let o = s.get(Kind::Service, "web").unwrap().unwrap();
+        assert_eq!(o.metadata.generation, 2);
+        assert_eq!(o.status, json!({"a": 1}));
+
+        s.delete(Kind::Service, "web").await.unwrap();
+        assert!(s.get(Kind::Service, "web").unwrap().is_none());
+        assert_eq!(
+            outbox_types(&s),
+            vec![
+                (EventType::Applied, "web".into(), 1),
+                (EventType::Applied, "web".into(), 1),
+                (EventType::Applied, "web".into(), 2),
+                (EventType::StatusChanged, "web".into(), 2),
+                (EventType::Deleted, "web".into(), 2),
+            ],
+            "one event per change, none for no-ops, in commit order"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write(vec![svc("b", 1)], WriteMode::Create, None, false)
+            .await
+            .unwrap();
+        let err = s
+            .write(
+                vec![svc("a", 1), svc("b", 1)],
+                WriteMode::Create,
+                None,
+                false,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
+        assert!(
+            s.get(Kind::Service, "a").unwrap().is_none(),
+            "nothing of a failed batch is kept"
+        );
+        assert_eq!(outbox_types(&s).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn dry_run_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let r = s
+            .write(vec![svc("a", 1)], WriteMode::Upsert, None, true)
+            .await
+            .unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Created);
+        assert!(s.get(Kind::Service, "a").unwrap().is_none());
+        assert!(outbox_types(&s).is_empty());
+    }
+
+    #[tokio::test]
+    async fn conditional_writes_detect_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let r = s
+            .write(vec![svc("a", 1)], WriteMode::Create, None, false)
+            .await
+            .unwrap();
+        let rv = r[0].1.metadata.resource_version.clone().unwrap();
+        s.write(
+            vec![svc("a", 2)],
+            WriteMode::Replace,
+            Some(rv.clone()),
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .write(vec![svc("a", 3)], WriteMode::Replace, Some(rv), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        let err = s
+            .write(vec![svc("zz", 1)], WriteMode::Replace, None, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }));
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_with_instance_and_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let (instance, rv) = {
+            let s = Store::open(dir.path()).unwrap();
+            let r = s
+                .write(vec![svc("a", 1)], WriteMode::Create, None, false)
+                .await
+                .unwrap();
+            (
+                s.instance().to_string(),
+                r[0].1.metadata.resource_version.clone().unwrap(),
+            )
+        };
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.instance(), instance);
+        assert!(s.get(Kind::Service, "a").unwrap().is_some());
+        let r = s
+            .write(vec![svc("b", 1)], WriteMode::Create, None, false)
+            .await
+            .unwrap();
+        let rv2: u64 = r[0]
+            .1
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            rv2 > rv.parse::<u64>().unwrap(),
+            "resourceVersion keeps increasing across restarts"
+        );
+    }
+}

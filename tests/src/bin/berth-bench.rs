@@ -1,1 +1,308 @@
-fn main() {}
+//! `berth-bench`: measures berth against plain Swarm tooling on the same engine.
+//!
+//! `berth-bench apply-converge --services N` times, for N equivalent services:
+//! - berth: from `berth apply -f DIR` (N Service manifests) to all N Swarm services created, and to
+//!   all N tasks running;
+//! - `docker stack deploy --resolve-image never` of the equivalent compose file, measured the same way;
+//!
+//! and prints both and their ratio. Both runs poll the engine the same way, start from an engine with
+//! none of the services, and are cleaned up (containers gone) before the next run starts.
+
+use anyhow::{bail, Context, Result};
+use berth_e2e::{docker, prefix, Berth, Docker};
+use bollard::query_parameters::{ListContainersOptions, ListServicesOptions};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::collections::HashMap;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks berth against docker stack deploy on the same engine")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply N services and time until created and until all tasks run, berth vs docker stack deploy.
+    ApplyConverge {
+        #[arg(long, default_value_t = 100)]
+        services: usize,
+        /// Rounds; each round runs both tools, alternating which goes first.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        #[arg(long, default_value = "berth-test/busybox:1")]
+        image: String,
+        /// Network the stack's services join. `default`: the stack's own overlay network (what a
+        /// plain compose file gets); `host`: no per-task network set-up at all (the cheapest
+        /// possible start, a harsher comparison for berth, whose services use the bridge network).
+        #[arg(long, value_enum, default_value_t = StackNet::Default)]
+        stack_network: StackNet,
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum StackNet {
+    Default,
+    Host,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    created: Duration,
+    running: Duration,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::ApplyConverge {
+            services,
+            rounds,
+            image,
+            stack_network,
+            timeout_secs,
+        } => {
+            let timeout = Duration::from_secs(timeout_secs);
+            let d = docker().await;
+            let mut berth_runs = Vec::new();
+            let mut stack_runs = Vec::new();
+            for round in 0..rounds {
+                let order = if round % 2 == 0 {
+                    ["berth", "stack"]
+                } else {
+                    ["stack", "berth"]
+                };
+                for tool in order {
+                    let t = if tool == "berth" {
+                        run_berth(&d, services, &image, timeout).await?
+                    } else {
+                        run_stack(&d, services, &image, stack_network, timeout).await?
+                    };
+                    eprintln!(
+                        "round {}: {tool:<5} created {:>7.2}s  running {:>7.2}s",
+                        round + 1,
+                        t.created.as_secs_f64(),
+                        t.running.as_secs_f64()
+                    );
+                    if tool == "berth" {
+                        berth_runs.push(t);
+                    } else {
+                        stack_runs.push(t);
+                    }
+                }
+            }
+            report(services, stack_network, &berth_runs, &stack_runs);
+            Ok(())
+        }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn report(n: usize, net: StackNet, berth: &[Timing], stack: &[Timing]) {
+    let b_created = median(berth.iter().map(|t| t.created).collect());
+    let b_running = median(berth.iter().map(|t| t.running).collect());
+    let s_created = median(stack.iter().map(|t| t.created).collect());
+    let s_running = median(stack.iter().map(|t| t.running).collect());
+    println!(
+        "apply-converge, {n} services, {} round(s), median; stack network: {net:?}",
+        berth.len()
+    );
+    println!("{:<28} {:>12} {:>14}", "", "all created", "all running");
+    println!(
+        "{:<28} {:>11.2}s {:>13.2}s",
+        "berth apply",
+        b_created.as_secs_f64(),
+        b_running.as_secs_f64()
+    );
+    println!(
+        "{:<28} {:>11.2}s {:>13.2}s",
+        "docker stack deploy",
+        s_created.as_secs_f64(),
+        s_running.as_secs_f64()
+    );
+    println!(
+        "{:<28} {:>11.2}x {:>13.2}x",
+        "ratio berth / stack",
+        b_created.as_secs_f64() / s_created.as_secs_f64(),
+        b_running.as_secs_f64() / s_running.as_secs_f64()
+    );
+}
+
+fn manifest(name: &str, image: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  replicas: 1\n  command: [\"sleep\", \"1000000\"]\n  init: true\n  stopGracePeriod: 1s\n---\n"
+    )
+}
+
+async fn run_berth(d: &Docker, n: usize, image: &str, timeout: Duration) -> Result<Timing> {
+    let p = prefix("bench");
+    let dir = tempfile::tempdir()?;
+    // One file per service, as a team would keep them.
+    for i in 0..n {
+        std::fs::write(
+            dir.path().join(format!("svc-{i:04}.yaml")),
+            manifest(&format!("{p}-{i}"), image),
+        )?;
+    }
+    let berth = Berth::start(None);
+    let start = Instant::now();
+    let out = berth.cli(&["apply", "-f", dir.path().to_str().context("utf-8 path")?]);
+    if !out.success {
+        bail!("berth apply failed: {}", out.stderr);
+    }
+    let t = converge(d, &p, n, start, timeout).await;
+    // Delete through berth first so the controller does not recreate what cleanup removes.
+    let objects = berth.cli(&["delete", "-f", dir.path().to_str().unwrap_or_default()]);
+    drop(berth);
+    cleanup(d, &p, !objects.success).await?;
+    t
+}
+
+async fn run_stack(
+    d: &Docker,
+    n: usize,
+    image: &str,
+    net: StackNet,
+    timeout: Duration,
+) -> Result<Timing> {
+    let p = prefix("bench");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("stack.yml");
+    let mut compose = String::from("version: \"3.8\"\nservices:\n");
+    for i in 0..n {
+        compose.push_str(&format!(
+            "  s{i}:\n    image: {image}\n    command: [\"sleep\", \"1000000\"]\n    init: true\n    stop_grace_period: 1s\n    deploy:\n      replicas: 1\n"
+        ));
+        if net == StackNet::Host {
+            compose.push_str("    networks: [hostnet]\n");
+        }
+    }
+    if net == StackNet::Host {
+        compose.push_str("networks:\n  hostnet:\n    external: true\n    name: host\n");
+    }
+    std::fs::write(&file, compose)?;
+    let start = Instant::now();
+    let status = Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(&file)
+        .arg(&p)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("docker stack deploy failed");
+    }
+    let t = converge(d, &p, n, start, timeout).await;
+    let _ = Command::new("docker")
+        .args(["stack", "rm", &p])
+        .stdout(std::process::Stdio::null())
+        .status();
+    cleanup(d, &p, true).await?;
+    // The stack's network goes once its tasks are gone.
+    let _ = Command::new("docker")
+        .args(["network", "rm", &format!("{p}_default")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    t
+}
+
+/// Polls the engine until N services with the prefix exist, then until all their tasks run.
+async fn converge(
+    d: &Docker,
+    p: &str,
+    n: usize,
+    start: Instant,
+    timeout: Duration,
+) -> Result<Timing> {
+    let filters = HashMap::from([("name".to_string(), vec![p.to_string()])]);
+    let mut created = None;
+    loop {
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} (created: {created:?})");
+        }
+        let services = d
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters.clone()),
+                status: Some(true),
+            }))
+            .await?;
+        if created.is_none() && services.len() >= n {
+            created = Some(start.elapsed());
+        }
+        if let Some(c) = created {
+            let running: u64 = services
+                .iter()
+                .filter_map(|s| s.service_status.as_ref()?.running_tasks)
+                .sum();
+            if running >= n as u64 {
+                return Ok(Timing {
+                    created: c,
+                    running: start.elapsed(),
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Removes the services (if asked) and waits until their containers are gone, so the next run starts
+/// on an idle engine.
+async fn cleanup(d: &Docker, p: &str, remove: bool) -> Result<()> {
+    let filters = HashMap::from([("name".to_string(), vec![p.to_string()])]);
+    if remove {
+        for s in d
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await?
+        {
+            let _ = d.delete_service(s.id.as_deref().unwrap_or_default()).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let left = d
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(HashMap::from([(
+                    "label".to_string(),
+                    vec![format!("com.docker.stack.namespace={p}")],
+                )])),
+                ..Default::default()
+            }))
+            .await?
+            .len()
+            + d.list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(HashMap::from([("name".to_string(), vec![p.to_string()])])),
+                ..Default::default()
+            }))
+            .await?
+            .len();
+        let services = d
+            .list_services(Some(ListServicesOptions {
+                filters: Some(filters.clone()),
+                ..Default::default()
+            }))
+            .await?
+            .len();
+        if left == 0 && services == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("cleanup of {p} did not finish: {left} containers, {services} services left");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
