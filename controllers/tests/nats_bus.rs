@@ -2,7 +2,8 @@
 //! server on a free port with its own store, so tests run in parallel and leave nothing behind.
 //! A missing `nats-server` fails the tests: a silently skipped bus test would hide a broken bus.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,56 +17,45 @@ const NATS_SERVER: &str = "/usr/sbin/nats-server";
 /// A `nats-server` child process, killed when the guard is dropped (also when a test panics).
 struct NatsServer {
     child: Child,
+    port: u16,
     url: String,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
 }
 
 impl NatsServer {
     fn start() -> Self {
-        let binary = if std::path::Path::new(NATS_SERVER).exists() {
-            NATS_SERVER.to_string()
-        } else {
-            "nats-server".to_string()
-        };
         let store = tempfile::tempdir().expect("create JetStream store dir");
-        let port = free_port();
-        let child = Command::new(&binary)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store.path())
-            .arg("-l").arg(format!("/tmp/natslog-{port}.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|err| {
-                panic!(
-                    "cannot start `{binary}` ({err}): these tests need a real NATS server; \
-                     install nats-server (e.g. `apt-get install nats-server`) so it is at \
-                     {NATS_SERVER} or on PATH"
-                )
-            });
-        let mut server = NatsServer {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _store: store,
-        };
-        server.wait_until_listening(port);
-        server
+        // Another process may grab the free port before the server binds it; try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(child) = spawn_server(port, store.path()) {
+                return NatsServer {
+                    child,
+                    port,
+                    url: format!("nats://127.0.0.1:{port}"),
+                    store,
+                };
+            }
+        }
+        panic!("nats-server did not start on any of 5 free ports");
     }
 
-    fn wait_until_listening(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    /// Stops the server and starts it again on the same port and store, as after a crash.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if let Some(child) = spawn_server(self.port, self.store.path()) {
+                self.child = child;
                 return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("nats-server exited before listening on port {port}: {status}");
             }
             assert!(
                 Instant::now() < deadline,
-                "nats-server did not listen on port {port} within 10s"
+                "nats-server did not restart on port {}",
+                self.port
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -74,6 +64,59 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Starts `nats-server` and waits until it listens; `None` if it exits first (port taken).
+fn spawn_server(port: u16, store: &Path) -> Option<Child> {
+    let binary = if Path::new(NATS_SERVER).exists() {
+        NATS_SERVER
+    } else {
+        "nats-server"
+    };
+    // A fresh directory per start: a ports file left by a previous start must not count.
+    let ports_dir = tempfile::tempdir_in(store).expect("create ports dir");
+    let mut child = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store.join("js"))
+        .arg("--ports_file_dir")
+        .arg(ports_dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot start `{binary}` ({err}): these tests need a real NATS server; install \
+                 nats-server (e.g. `apt-get install nats-server`) so it is at {NATS_SERVER} or \
+                 on PATH"
+            )
+        });
+    // The server writes its ports file once it listens. Polling the port with connects instead
+    // can be fooled by a TCP self-connect on an ephemeral port, or by another test's server.
+    let ports_file_suffix = format!("_{}.ports", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let written = std::fs::read_dir(ports_dir.path())
+            .expect("read ports dir")
+            .flatten()
+            .any(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(&ports_file_suffix)
+            });
+        if written {
+            return Some(child);
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nats-server did not listen on port {port} within 10s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -237,7 +280,9 @@ async fn outside_core_subscriber_sees_the_event_json() {
     let outside = async_nats::connect(&server.url).await.unwrap();
     let subject = subjects::event(Kind::Service, "web");
     let mut sub = outside.subscribe(subject.clone()).await.unwrap();
-    outside.flush().await.unwrap();
+    // `flush` only writes the socket; a request round trip proves the server has the SUB before
+    // the bus (another connection) publishes.
+    let _ = outside.request("$JS.API.INFO", "".into()).await.unwrap();
 
     let e = event(Kind::Service, "web");
     bus.publish(&e).await.unwrap();
@@ -302,4 +347,71 @@ async fn undecodable_message_is_skipped() {
 
     assert_eq!(next_event(&mut durable).await, good);
     assert_eq!(next_event(&mut live).await, good);
+}
+
+/// Skips any `Lagged` and returns the next event.
+async fn next_event_after_lag(sub: &mut Subscription) -> Event {
+    loop {
+        if let BusMessage::Event(e) = next(sub).await {
+            return e;
+        }
+    }
+}
+
+#[tokio::test]
+async fn deleted_consumer_is_recreated_and_reports_lagged() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let mut sub = bus
+        .subscribe(&[Kind::Service], Some("reset-me"))
+        .await
+        .unwrap();
+    let first = event(Kind::Service, "first");
+    bus.publish(&first).await.unwrap();
+    assert_eq!(next_event(&mut sub).await, first);
+
+    // An operator deletes the consumer: events may be missed, so the subscriber must resync.
+    let admin = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    admin
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .unwrap()
+        .delete_consumer("reset-me")
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut sub).await, BusMessage::Lagged));
+
+    // Re-created from "now": the subscription goes on without replaying `first`.
+    let after = event(Kind::Service, "after");
+    bus.publish(&after).await.unwrap();
+    assert_eq!(next_event(&mut sub).await, after);
+}
+
+#[tokio::test]
+async fn server_restart_makes_live_subscribers_resync() {
+    let mut server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let mut live = bus.subscribe(&[Kind::Service], None).await.unwrap();
+    let mut durable = bus
+        .subscribe(&[Kind::Service], Some("survivor"))
+        .await
+        .unwrap();
+    let before = event(Kind::Service, "before");
+    bus.publish(&before).await.unwrap();
+    assert_eq!(next_event(&mut live).await, before);
+    assert_eq!(next_event(&mut durable).await, before);
+
+    server.restart();
+    // Core NATS lost whatever was published during the gap; only a resync can cover it.
+    assert!(matches!(next(&mut live).await, BusMessage::Lagged));
+
+    // The file store kept the stream, and both subscriptions work again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = event(Kind::Service, "after");
+    while let Err(err) = bus.publish(&after).await {
+        assert!(Instant::now() < deadline, "publish after restart: {err}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(next_event_after_lag(&mut live).await, after);
+    assert_eq!(next_event_after_lag(&mut durable).await, after);
 }

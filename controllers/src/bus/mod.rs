@@ -24,14 +24,15 @@ pub use nats::NatsBus;
 #[async_trait::async_trait]
 pub trait EventBus: Send + Sync + 'static {
     /// Publishes one event; returns once it is accepted durably (NATS: after the JetStream ack).
-    /// Publishing the same event id twice must not deliver it twice (JetStream `Nats-Msg-Id` dedup).
+    /// Publishing the same event id twice must not deliver it twice (JetStream `Nats-Msg-Id`
+    /// dedup).
     async fn publish(&self, event: &Event) -> Result<(), BusError>;
 
     /// Events of the given kinds (empty slice = all kinds).
     ///
     /// `durable`: a consumer name that survives restarts and resumes where it left off (NATS: a
-    /// durable pull consumer, created if missing with deliver policy All, each message acked once it
-    /// has been parsed and is handed to the subscriber). `None`: only events from now on.
+    /// durable pull consumer, created if missing with deliver policy All, each message acked once
+    /// it has been parsed, as it is handed to the subscriber). `None`: only events from now on.
     /// The embedded bus keeps nothing across subscriptions and ignores `durable`.
     async fn subscribe(
         &self,

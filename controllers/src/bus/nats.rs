@@ -26,6 +26,8 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 /// Bounds of the delay between attempts to re-open a broken durable subscription.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a subscribe waits for the server to confirm it.
+const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many recent event ids a live subscription remembers to drop re-published events.
 const LIVE_DEDUP_IDS: usize = 4096;
 
@@ -140,14 +142,13 @@ impl NatsBus {
                 })?;
             subscribers.push(sub);
         }
-        // Without the round trip, an event published right after `subscribe` returns could reach
-        // the server before the SUB does and be missed.
-        self.client
-            .flush()
+        // Without the round trip, an event published (by anyone) right after `subscribe` returns
+        // could reach the server before the SUB does and be missed.
+        round_trip(&self.client)
             .await
-            .map_err(|err| BusError::Subscribe {
+            .map_err(|reason| BusError::Subscribe {
                 target: format!("{} on {}", subjects.join(", "), self.url),
-                reason: err.to_string(),
+                reason,
             })?;
         // Core NATS forwards a re-published event even though the stream discards it as a
         // duplicate, so live subscriptions deduplicate by id themselves.
@@ -188,7 +189,7 @@ impl EventBus for NatsBus {
             .await
             .map_err(|err| publish_error(err.to_string()))?;
         if ack.duplicate {
-            tracing::debug!(id = %event.id, %subject, "event already in the stream; not stored twice");
+            tracing::debug!(id = %event.id, %subject, "event already in the stream; not stored");
         }
         Ok(())
     }
@@ -209,6 +210,28 @@ impl EventBus for NatsBus {
 
     fn describe(&self) -> String {
         self.url.clone()
+    }
+}
+
+/// Returns once the server has processed everything this client sent before. `flush` only
+/// writes the socket; a message to our own inbox coming back proves the server got that far,
+/// because it handles one connection's operations in order.
+async fn round_trip(client: &async_nats::Client) -> Result<(), String> {
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|err| err.to_string())?;
+    client
+        .publish(inbox, bytes::Bytes::new())
+        .await
+        .map_err(|err| err.to_string())?;
+    match tokio::time::timeout(ROUND_TRIP_TIMEOUT, echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("connection closed while subscribing".to_string()),
+        Err(_) => Err(format!(
+            "server did not confirm the subscription within {ROUND_TRIP_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -233,6 +256,9 @@ fn on_client_event(
         async_nats::Event::SlowConsumer(sid) => {
             tracing::warn!(%url, sid, "NATS client dropped messages for a slow subscriber");
             gaps.send_modify(|n| *n += 1);
+        }
+        event @ (async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_)) => {
+            tracing::warn!(%url, %event, "NATS connection error")
         }
         other => tracing::info!(%url, event = %other, "NATS connection event"),
     }
@@ -379,12 +405,20 @@ async fn open_consumer(
         };
         if wanted_filters.iter().all(covered) {
             // NATS before 2.10 ignores multiple filter subjects: correct, just more traffic.
-            tracing::info!(consumer = name, server_filter = ?have, wanted = ?wanted_filters,
-                "durable consumer filters more loosely than requested; filtering kinds client-side");
+            tracing::info!(
+                consumer = name,
+                server_filter = ?have,
+                wanted = ?wanted_filters,
+                "durable consumer filters more loosely than requested; filtering kinds here"
+            );
         } else {
-            tracing::warn!(consumer = name, server_filter = ?have, wanted = ?wanted_filters,
-                "durable consumer exists with a narrower filter and could not be updated; events of \
-                 the missing kinds will not arrive until the consumer is deleted");
+            tracing::warn!(
+                consumer = name,
+                server_filter = ?have,
+                wanted = ?wanted_filters,
+                "durable consumer has a narrower filter and could not be updated; events of the \
+                 missing kinds will not arrive until the consumer is deleted"
+            );
         }
     }
     Ok(consumer)
@@ -408,8 +442,9 @@ impl Durable {
             let Some(messages) = self.messages.as_mut() else {
                 tokio::time::sleep(self.retry_delay).await;
                 self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
-                // A consumer that vanished is re-created delivering only new events: the `Lagged`
-                // that follows makes the subscriber resync, so replaying a week of history is waste.
+                // A consumer that vanished is re-created delivering only new events: the
+                // `Lagged` that follows makes the subscriber resync, so replaying a week of
+                // history would be waste.
                 let reopened = match open_consumer(
                     &self.js,
                     &self.name,
@@ -423,7 +458,7 @@ impl Durable {
                 };
                 match reopened {
                     Ok(messages) => {
-                        tracing::info!(consumer = %self.name, "durable event subscription re-opened");
+                        tracing::info!(consumer = %self.name, "durable subscription re-opened");
                         self.messages = Some(messages);
                         if std::mem::take(&mut self.resync_owed) {
                             return BusMessage::Lagged;
@@ -446,7 +481,7 @@ impl Durable {
                     }
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(consumer = %self.name, error = %err, "durable event subscription broke");
+                    tracing::warn!(consumer = %self.name, error = %err, "durable subscription broke");
                     self.messages = None;
                     self.resync_owed = true;
                 }
