@@ -14,10 +14,7 @@ pub use bollard::Docker;
 pub fn berth_bin() -> PathBuf {
     let path = std::env::var_os("BERTH_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/debug/berth")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/berth"));
     assert!(
         path.exists(),
         "e2e: the berth binary is missing at {} (run `cargo build --bins` or scripts/test; set BERTH_BIN)",
@@ -42,19 +39,22 @@ pub fn prefix(test: &str) -> String {
 
 /// Connects to the local engine; fails loudly when there is none.
 pub async fn docker() -> Docker {
-    let d = Docker::connect_with_local_defaults()
-        .expect("e2e: cannot connect to the Docker engine (is dockerd running? scripts/test starts it)");
-    let d = d
-        .negotiate_version()
-        .await
-        .expect("e2e: the Docker engine does not answer (is dockerd running? scripts/test starts it)");
+    let d = Docker::connect_with_local_defaults().expect(
+        "e2e: cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
+    );
+    let d = d.negotiate_version().await.expect(
+        "e2e: the Docker engine does not answer (is dockerd running? scripts/test starts it)",
+    );
     let info = d.info().await.expect("e2e: docker info failed");
     let state = info
         .swarm
         .and_then(|s| s.local_node_state)
         .map(|s| s.to_string())
         .unwrap_or_default();
-    assert_eq!(state, "active", "e2e: the engine is not in Swarm mode (scripts/test initialises it)");
+    assert_eq!(
+        state, "active",
+        "e2e: the engine is not in Swarm mode (scripts/test initialises it)"
+    );
     d
 }
 
@@ -118,7 +118,10 @@ impl Drop for Nats {
 fn wait_port(port: u16, timeout: Duration, what: &str) {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < timeout, "e2e: {what} did not open port {port}");
+        assert!(
+            start.elapsed() < timeout,
+            "e2e: {what} did not open port {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -195,7 +198,8 @@ impl Berth {
                 }
             }
             let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
-            let token = std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap_or_default();
+            let token =
+                std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap_or_default();
             if healthy && !token.trim().is_empty() {
                 self.token = token.trim().to_string();
                 return;
@@ -230,7 +234,11 @@ impl Berth {
             .args(args)
             .env("BERTH_URL", self.url())
             .env("BERTH_TOKEN", &self.token)
-            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -271,6 +279,19 @@ impl Berth {
         let resp = reqwest::Client::new()
             .get(format!("{}{path}", self.url()))
             .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("API request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// POST a JSON body to an API path with the admin token; returns (status, JSON body).
+    pub async fn api_post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.url()))
+            .bearer_auth(&self.token)
+            .json(body)
             .send()
             .await
             .expect("API request");
@@ -334,20 +355,46 @@ impl Drop for Cleanup {
             .args(["service", "ls", "-q", "--filter"])
             .arg(format!("name={}", self.prefix))
             .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["service", "rm"])
-                    .args(&ids)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
+        let Ok(out) = out else { return };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        // Engine 20.10's swarmkit dereferences a nil task (SetServiceTasksRemove) when a service
+        // is removed while the task reaper deletes that service's tasks — right after a scale-down,
+        // or in a crash loop — and the whole dockerd dies. So scale to zero first, let the reaper
+        // finish, and only then remove: the removal then has no tasks to race with.
+        let quiet = |args: &[&str]| {
+            Command::new("docker")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+        };
+        let scale: Vec<String> = ids.iter().map(|id| format!("{id}=0")).collect();
+        let mut args = vec!["service", "scale", "-d"];
+        args.extend(scale.iter().map(String::as_str));
+        let _ = quiet(&args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let tasks = Command::new("docker")
+                .args(["service", "ps", "-q"])
+                .args(&ids)
+                .stderr(Stdio::null())
+                .output();
+            match tasks {
+                Ok(t) if t.status.success() && !t.stdout.iter().all(u8::is_ascii_whitespace) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                _ => break,
             }
         }
+        let mut args = vec!["service", "rm"];
+        args.extend(ids.iter().map(String::as_str));
+        let _ = quiet(&args);
     }
 }
 
@@ -357,4 +404,71 @@ pub fn manifest(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join(name);
     std::fs::write(&path, text).expect("write manifest");
     (dir, path)
+}
+
+/// Which event bus a scenario runs `berth up` with: every scenario runs once with each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bus {
+    /// In-process bus (no `--nats`).
+    Embedded,
+    /// A real nats-server with JetStream, started for the test.
+    Nats,
+}
+
+/// `berth up` on the chosen bus, plus the nats-server behind it when there is one. Fields drop in
+/// declaration order: berth stops before its nats-server does.
+pub struct Stack {
+    pub berth: Berth,
+    pub nats: Option<Nats>,
+}
+
+impl Stack {
+    pub fn start(bus: Bus) -> Stack {
+        Self::start_with(bus, &[])
+    }
+
+    pub fn start_with(bus: Bus, extra: &[&str]) -> Stack {
+        let nats = match bus {
+            Bus::Embedded => None,
+            Bus::Nats => Some(Nats::start()),
+        };
+        let berth = Berth::start_with(nats.as_ref().map(Nats::url), extra);
+        Stack { berth, nats }
+    }
+
+    /// The NATS URL (panics on the embedded bus: only NATS scenarios ask).
+    pub fn nats_url(&self) -> String {
+        self.nats
+            .as_ref()
+            .map(Nats::url)
+            .expect("e2e: this stack runs the embedded bus")
+    }
+}
+
+/// Polls `f` every 100 ms until it returns `Ok`. `Err` describes what was seen instead; on timeout
+/// the panic shows the last such description and the tail of the `berth up` log, so a convergence
+/// failure explains itself.
+pub async fn eventually<T, F, Fut>(berth: &Berth, timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(last) if start.elapsed() > timeout => {
+                let log = berth.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(80).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "e2e: timed out after {timeout:?} waiting for {what}\nlast seen: {last}\n--- berth up log (last {} lines) ---\n{}",
+                    tail.len(),
+                    tail.join("\n")
+                );
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -89,6 +89,24 @@ impl ServiceController {
         }
     }
 
+    /// The Swarm service named exactly `name`, whoever owns it. Not `inspect(name)`: the engine
+    /// resolves that by ID, then name, then ID prefix, so a name that happens to start another
+    /// service's ID would look taken (or fail as ambiguous).
+    async fn named(&self, name: &str) -> Result<Option<SwarmService>, DockerError> {
+        Ok(self
+            .docker
+            .list_services(Some(ListServicesOptions {
+                filters: Some(HashMap::from([(
+                    "name".to_string(),
+                    vec![name.to_string()],
+                )])),
+                ..Default::default()
+            }))
+            .await?
+            .into_iter()
+            .find(|s| s.spec.as_ref().and_then(|sp| sp.name.as_deref()) == Some(name)))
+    }
+
     async fn remove(&self, svc: &SwarmService) -> Result<(), DockerError> {
         let id = svc.id.as_deref().unwrap_or_default();
         match self.docker.delete_service(id).await {
@@ -140,7 +158,7 @@ impl ServiceController {
 
         let Some(ex) = existing else {
             // Never adopt or replace a service berth does not own.
-            if let Some(foreign) = self.inspect(name).await? {
+            if let Some(foreign) = self.named(name).await? {
                 let owner = foreign
                     .spec
                     .as_ref()
