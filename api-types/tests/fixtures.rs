@@ -8,15 +8,7 @@ use std::path::PathBuf;
 #[test]
 fn shipped_fixtures_are_valid() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
-    let docs = load_paths(&[dir]).unwrap_or_else(|errs| {
-        panic!(
-            "{}",
-            errs.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    });
+    let docs = load_paths(&[dir]).unwrap_or_else(|errs| panic!("{}", lines(&errs)));
     assert!(
         docs.len() >= 3,
         "expected the demo and example manifests, found {}",
@@ -24,13 +16,14 @@ fn shipped_fixtures_are_valid() {
     );
     for doc in &docs {
         if let Err(errs) = decode_doc(doc) {
-            panic!(
-                "{}",
-                errs.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
+            panic!("{}", lines(&errs));
         }
     }
+}
+
+fn lines(errs: &[berth_api_types::manifest::ManifestError]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -48,6 +48,13 @@ impl From<TransactionError<StoreError>> for StoreError {
     }
 }
 
+/// What `modify` does to an existing object.
+enum Change {
+    /// New status (the only in-place change the API makes outside `write`).
+    Status(Value),
+    Remove,
+}
+
 /// How a write treats an existing object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
@@ -236,6 +243,27 @@ impl Store {
         name: &str,
         status: Value,
     ) -> Result<DynObject, StoreError> {
+        self.modify(kind, name, |obj| {
+            if obj.status == status {
+                return None;
+            }
+            Some(Change::Status(status.clone()))
+        })
+        .await
+    }
+
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, StoreError> {
+        self.modify(kind, name, |_| Some(Change::Remove)).await
+    }
+
+    /// Read-modify-write of one existing object in one transaction, with its event. `change` returns
+    /// `None` for "nothing to do" (no write, no event).
+    async fn modify(
+        &self,
+        kind: Kind,
+        name: &str,
+        change: impl Fn(&DynObject) -> Option<Change>,
+    ) -> Result<DynObject, StoreError> {
         let now = Utc::now();
         let id = self.next_id();
         let k = key(kind, name);
@@ -247,52 +275,38 @@ impl Store {
                     name: name.to_string(),
                 });
             };
-            let mut obj = decode(&b).or_else(abort)?;
-            if obj.status == status {
-                return Ok((obj, None));
-            }
+            let old = decode(&b).or_else(abort)?;
+            let Some(change) = change(&old) else {
+                return Ok((old, None));
+            };
             let rv = current_rv(meta)? + 1;
             meta.insert("rv", &rv.to_be_bytes())?;
-            obj.status = status.clone();
+            let (mut obj, type_) = match change {
+                Change::Status(status) => {
+                    let mut obj = old;
+                    obj.status = status;
+                    (obj, EventType::StatusChanged)
+                }
+                Change::Remove => {
+                    objs.remove(k.as_bytes())?;
+                    (old, EventType::Deleted)
+                }
+            };
             obj.metadata.resource_version = Some(rv.to_string());
-            objs.insert(k.as_bytes(), encode(&obj))?;
-            let ev = make_event(
-                &id,
-                EventType::StatusChanged,
-                &obj,
-                now,
-                ready_message(&obj),
-            );
+            if type_ != EventType::Deleted {
+                objs.insert(k.as_bytes(), encode(&obj))?;
+            }
+            let message = match type_ {
+                EventType::StatusChanged => ready_message(&obj),
+                _ => String::new(),
+            };
+            let ev = make_event(&id, type_, &obj, now, message);
             record_event(events, outbox, &ev)?;
             Ok((obj, Some(ev)))
         })?;
         if let Some(ev) = emitted {
             self.committed(vec![ev]).await?;
         }
-        Ok(obj)
-    }
-
-    pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, StoreError> {
-        let now = Utc::now();
-        let id = self.next_id();
-        let k = key(kind, name);
-        let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
-        let (obj, ev) = trees.transaction(|(objs, events, outbox, meta)| {
-            let Some(b) = objs.remove(k.as_bytes())? else {
-                return abort(StoreError::NotFound {
-                    kind,
-                    name: name.to_string(),
-                });
-            };
-            let mut obj = decode(&b).or_else(abort)?;
-            let rv = current_rv(meta)? + 1;
-            meta.insert("rv", &rv.to_be_bytes())?;
-            obj.metadata.resource_version = Some(rv.to_string());
-            let ev = make_event(&id, EventType::Deleted, &obj, now, String::new());
-            record_event(events, outbox, &ev)?;
-            Ok((obj, ev))
-        })?;
-        self.committed(vec![ev]).await?;
         Ok(obj)
     }
 

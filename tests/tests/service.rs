@@ -16,6 +16,25 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
+/// One `#[tokio::test]` per bus for a scenario: `<scenario>::embedded` and `<scenario>::nats`.
+macro_rules! on_both_buses {
+    ($scenario:ident) => {
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$scenario(Bus::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$scenario(Bus::Nats).await;
+            }
+        }
+    };
+}
+
 const IMAGE: &str = "berth-test/busybox:1";
 /// Generous bound for convergence on a loaded 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -592,15 +611,7 @@ async fn apply_update_delete(bus: Bus) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_update_delete_embedded() {
-    apply_update_delete(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_update_delete_nats() {
-    apply_update_delete(Bus::Nats).await;
-}
+on_both_buses!(apply_update_delete);
 
 // ---------------------------------------------------------------------------------------------
 // 3: re-applying an unchanged manifest changes nothing, also across forced resyncs.
@@ -710,15 +721,7 @@ async fn reapply_unchanged(bus: Bus) {
     assert_eq!(swarm_names(d, &p).await, vec![name.clone()]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reapply_unchanged_embedded() {
-    reapply_unchanged(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reapply_unchanged_nats() {
-    reapply_unchanged(Bus::Nats).await;
-}
+on_both_buses!(reapply_unchanged);
 
 // ---------------------------------------------------------------------------------------------
 // 5, 6: drift by hand is repaired: a removed service comes back within 5 s, a scaled one is
@@ -800,15 +803,7 @@ async fn self_heal(bus: Bus) {
     assert_eq!(uid_of(&obj), uid);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn self_heal_embedded() {
-    self_heal(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn self_heal_nats() {
-    self_heal(Bus::Nats).await;
-}
+on_both_buses!(self_heal);
 
 // ---------------------------------------------------------------------------------------------
 // 7: bad manifests are refused with file:line:col, document, field path and message, and nothing
@@ -999,15 +994,7 @@ async fn bad_manifest(bus: Bus) {
     assert_eq!(swarm_names(d, &p).await, Vec::<String>::new());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_manifest_embedded() {
-    bad_manifest(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_manifest_nats() {
-    bad_manifest(Bus::Nats).await;
-}
+on_both_buses!(bad_manifest);
 
 // ---------------------------------------------------------------------------------------------
 // 8: an acknowledged apply survives `kill -9` of the server right after it.
@@ -1055,15 +1042,7 @@ async fn kill9_after_apply(bus: Bus) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_after_apply_embedded() {
-    kill9_after_apply(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_after_apply_nats() {
-    kill9_after_apply(Bus::Nats).await;
-}
+on_both_buses!(kill9_after_apply);
 
 // ---------------------------------------------------------------------------------------------
 // 10: the API requires the token; only /healthz is open.
@@ -1143,15 +1122,7 @@ async fn api_requires_token(bus: Bus) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_requires_token_embedded() {
-    api_requires_token(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_requires_token_nats() {
-    api_requires_token(Bus::Nats).await;
-}
+on_both_buses!(api_requires_token);
 
 // ---------------------------------------------------------------------------------------------
 // 11: a service whose tasks cannot start is Degraded, with the engine's own error text.
@@ -1197,15 +1168,7 @@ async fn failing_task(bus: Bus) {
     assert_eq!(obj["status"]["observedGeneration"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_task_embedded() {
-    failing_task(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_task_nats() {
-    failing_task(Bus::Nats).await;
-}
+on_both_buses!(failing_task);
 
 // ---------------------------------------------------------------------------------------------
 // Extra: a Service whose name happens to be a prefix of a foreign Swarm service's ID is not a name
@@ -1301,12 +1264,4 @@ async fn id_prefix_is_no_conflict(bus: Bus) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn id_prefix_is_no_conflict_embedded() {
-    id_prefix_is_no_conflict(Bus::Embedded).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn id_prefix_is_no_conflict_nats() {
-    id_prefix_is_no_conflict(Bus::Nats).await;
-}
+on_both_buses!(id_prefix_is_no_conflict);
