@@ -411,6 +411,22 @@ mod tests {
         q.get().now_or_never().flatten()
     }
 
+    /// `get()`, failing instead of hanging when a bug strands the key. Under a paused
+    /// clock the timeout costs nothing and does not move time unless it fires.
+    async fn next<K: Clone + Eq + Hash + Send + 'static>(q: &WorkQueue<K>) -> Option<K> {
+        tokio::time::timeout(3600 * SEC, q.get())
+            .await
+            .expect("get() never returned")
+    }
+
+    /// Joins a spawned `get()`, failing instead of hanging.
+    async fn join<K>(worker: tokio::task::JoinHandle<Option<K>>) -> Option<K> {
+        tokio::time::timeout(3600 * SEC, worker)
+            .await
+            .expect("worker never got a key")
+            .expect("worker panicked")
+    }
+
     fn spawn_get<K: Clone + Eq + Hash + Send + 'static>(
         q: &WorkQueue<K>,
     ) -> tokio::task::JoinHandle<Option<K>> {
@@ -426,8 +442,8 @@ mod tests {
         q.add("a");
         q.add("a");
         assert_eq!(q.len(), 2);
-        assert_eq!(q.get().await, Some("a"));
-        assert_eq!(q.get().await, Some("b"));
+        assert_eq!(next(&q).await, Some("a"));
+        assert_eq!(next(&q).await, Some("b"));
         assert_eq!(ready_now(&q), None);
     }
 
@@ -437,9 +453,9 @@ mod tests {
         for key in ["c", "a", "b", "a", "c"] {
             q.add(key);
         }
-        assert_eq!(q.get().await, Some("c"));
-        assert_eq!(q.get().await, Some("a"));
-        assert_eq!(q.get().await, Some("b"));
+        assert_eq!(next(&q).await, Some("c"));
+        assert_eq!(next(&q).await, Some("a"));
+        assert_eq!(next(&q).await, Some("b"));
         assert!(q.is_empty());
     }
 
@@ -447,7 +463,7 @@ mod tests {
     async fn key_added_while_processing_waits_for_done_then_runs_once() {
         let q = WorkQueue::new();
         q.add("a");
-        let a = q.get().await.unwrap();
+        let a = next(&q).await.unwrap();
         assert!(q.is_processing(&"a"));
         q.add("a");
         q.add("a");
@@ -461,7 +477,7 @@ mod tests {
         );
 
         q.done(&a);
-        assert_eq!(second.await.unwrap(), Some("a"));
+        assert_eq!(join(second).await, Some("a"));
         assert!(q.is_processing(&"a"));
         q.done(&"a");
         assert!(!q.is_processing(&"a"));
@@ -476,13 +492,13 @@ mod tests {
     async fn other_keys_flow_while_one_is_processing() {
         let q = WorkQueue::new();
         q.add("a");
-        let a = q.get().await.unwrap();
+        let a = next(&q).await.unwrap();
         q.add("a");
         q.add("b");
-        assert_eq!(q.get().await, Some("b"));
+        assert_eq!(next(&q).await, Some("b"));
         assert_eq!(ready_now(&q), None);
         q.done(&a);
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(next(&q).await, Some("a"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -492,7 +508,7 @@ mod tests {
         q.done(&"a");
         q.done(&"b");
         assert_eq!(q.len(), 1);
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(next(&q).await, Some("a"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -503,7 +519,7 @@ mod tests {
         assert_eq!(q.len(), 0);
         assert_eq!(q.delayed_len(), 1);
         assert_eq!(ready_now(&q), None);
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(next(&q).await, Some("a"));
         assert_eq!(start.elapsed(), 5 * SEC);
         assert_eq!(q.delayed_len(), 0);
     }
@@ -518,10 +534,10 @@ mod tests {
         q.add_after("b", 2 * SEC);
         assert_eq!(q.delayed_len(), 2);
 
-        assert_eq!(q.get().await, Some("b"));
+        assert_eq!(next(&q).await, Some("b"));
         assert_eq!(start.elapsed(), 2 * SEC);
         q.done(&"b");
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(next(&q).await, Some("a"));
         assert_eq!(start.elapsed(), 5 * SEC);
         q.done(&"a");
 
@@ -540,7 +556,7 @@ mod tests {
         tokio::time::sleep(SEC).await;
         // The worker is asleep until the 10 s deadline and must re-arm for this one.
         q.add_after("b", 2 * SEC);
-        assert_eq!(worker.await.unwrap(), Some("b"));
+        assert_eq!(join(worker).await, Some("b"));
         assert_eq!(start.elapsed(), 3 * SEC);
     }
 
@@ -586,7 +602,7 @@ mod tests {
     async fn delay_expiring_during_processing_runs_after_done() {
         let q = WorkQueue::new();
         q.add("a");
-        let a = q.get().await.unwrap();
+        let a = next(&q).await.unwrap();
         q.add_after("a", SEC);
         tokio::time::sleep(2 * SEC).await;
         assert_eq!(ready_now(&q), None);
@@ -602,7 +618,7 @@ mod tests {
         for (attempt, secs) in [1, 2, 4, 8, 10, 10].into_iter().enumerate() {
             let start = Instant::now();
             assert_eq!(q.add_rate_limited("a"), secs * SEC);
-            assert_eq!(q.get().await, Some("a"));
+            assert_eq!(next(&q).await, Some("a"));
             assert_eq!(start.elapsed(), secs * SEC);
             q.done(&"a");
             assert_eq!(q.failures(&"a") as usize, attempt + 1);
@@ -613,7 +629,7 @@ mod tests {
         assert_eq!(q.failures(&"a"), 0);
         let start = Instant::now();
         assert_eq!(q.add_rate_limited("a"), SEC);
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(next(&q).await, Some("a"));
         assert_eq!(start.elapsed(), SEC);
     }
 
@@ -626,7 +642,7 @@ mod tests {
         assert!((280..=520).contains(&second.as_millis()), "{second:?}");
         // The second call's deadline is later than the first's, so the first wins.
         let start = Instant::now();
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(next(&q).await, Some("a"));
         // tokio's timer rounds deadlines up to the next millisecond.
         let waited = start.elapsed();
         assert!(
@@ -644,7 +660,7 @@ mod tests {
         tokio::time::sleep(SEC).await;
         q.shutdown();
         for worker in workers {
-            assert_eq!(worker.await.unwrap(), None);
+            assert_eq!(join(worker).await, None);
         }
         assert_eq!(start.elapsed(), SEC, "shutdown must not wait for delays");
         assert!(q.is_shutdown());
@@ -655,7 +671,7 @@ mod tests {
         let q = WorkQueue::new();
         q.add("a");
         q.add("b");
-        let a = q.get().await.unwrap();
+        let a = next(&q).await.unwrap();
         q.add("a");
         q.shutdown();
 
@@ -664,11 +680,11 @@ mod tests {
         assert_eq!(q.add_rate_limited("e"), Duration::ZERO);
         assert_eq!(q.delayed_len(), 0);
 
-        assert_eq!(q.get().await, Some("b"));
-        assert_eq!(q.get().await, None);
+        assert_eq!(next(&q).await, Some("b"));
+        assert_eq!(next(&q).await, None);
         q.done(&a);
         assert!(!q.is_processing(&"a"));
-        assert_eq!(q.get().await, None, "re-runs are dropped after shutdown");
+        assert_eq!(next(&q).await, None, "re-runs are dropped after shutdown");
     }
 
     #[tokio::test(start_paused = true)]
@@ -739,9 +755,11 @@ mod tests {
     }
 
     async fn pause(rng: &mut Rng) {
-        match rng.below(3) {
-            0 => tokio::task::yield_now().await,
-            1 => tokio::time::sleep(Duration::from_micros(rng.below(2000))).await,
+        // Mostly yields: real sleeps are needed to let delays expire mid-run, but
+        // they cost at least a millisecond each on the real clock.
+        match rng.below(8) {
+            0..=2 => tokio::task::yield_now().await,
+            3 => tokio::time::sleep(Duration::from_micros(rng.below(2000))).await,
             _ => {}
         }
     }
@@ -831,14 +849,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_workers_never_share_a_key() {
         for seed in [1, 0xdead_beef, 42] {
-            stress(seed).await;
+            tokio::time::timeout(Duration::from_secs(60), stress(seed))
+                .await
+                .expect("stress run stalled");
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_workers_never_share_a_key_paused_clock() {
         for seed in [7, 0x1234_5678_9abc] {
-            stress(seed).await;
+            tokio::time::timeout(Duration::from_secs(60), stress(seed))
+                .await
+                .expect("stress run stalled");
         }
     }
 }
