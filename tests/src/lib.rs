@@ -145,6 +145,8 @@ pub struct Berth {
     pub token: String,
     log: PathBuf,
     extra: Vec<String>,
+    /// `up` (everything in one process) or `api` (the API server alone).
+    subcommand: &'static str,
 }
 
 impl Berth {
@@ -154,6 +156,15 @@ impl Berth {
     }
 
     pub fn start_with(nats: Option<String>, extra: &[&str]) -> Berth {
+        Self::launch("up", nats, extra)
+    }
+
+    /// Starts `berth api` alone: controllers run as their own processes (see `start_controller`).
+    pub fn start_api(nats: String) -> Berth {
+        Self::launch("api", Some(nats), &[])
+    }
+
+    fn launch(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
         let mut b = Berth {
@@ -165,6 +176,7 @@ impl Berth {
             nats,
             token: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            subcommand,
         };
         b.spawn();
         b
@@ -177,7 +189,7 @@ impl Berth {
             .open(&self.log)
             .expect("log file");
         let mut cmd = Command::new(berth_bin());
-        cmd.arg("up")
+        cmd.arg(self.subcommand)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen")
@@ -194,7 +206,11 @@ impl Berth {
         loop {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("e2e: berth up exited with {status}:\n{}", self.log_text());
+                    panic!(
+                        "e2e: berth {} exited with {status}:\n{}",
+                        self.subcommand,
+                        self.log_text()
+                    );
                 }
             }
             let healthy = std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
@@ -215,6 +231,36 @@ impl Berth {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts `berth controller KIND` as its own process against this API server and its NATS.
+    pub fn start_controller(&self, kind: &str) -> ControllerProcess {
+        let nats = self
+            .nats
+            .clone()
+            .expect("e2e: a separate controller needs the API server to run with NATS");
+        let state = self._tmp.path().join(format!("controller-{kind}"));
+        let log = self._tmp.path().join(format!("controller-{kind}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(berth_bin())
+            .args([
+                "controller",
+                kind,
+                "--nats",
+                &nats,
+                "--url",
+                &self.url(),
+                "--token",
+                &self.token,
+            ])
+            .arg("--state-dir")
+            .arg(&state)
+            .env("BERTH_LOG", "info,berth_controllers=debug")
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("e2e: cannot start berth controller");
+        ControllerProcess { child, log }
     }
 
     /// Everything `berth up` logged so far (for failure messages).
@@ -470,5 +516,29 @@ where
             Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `berth controller KIND` process, stopped on drop.
+pub struct ControllerProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ControllerProcess {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it is still running (it must not exit on its own).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1040,6 +1040,21 @@ async fn kill9_after_apply(bus: Bus) {
         history.first().map(|e| e["type"].clone()),
         Some("Applied".into())
     );
+
+    // A converged installation that restarts resumes without touching Swarm: the controller's own
+    // state says what it applied, so the startup resync is a no-op (no update, no status churn).
+    let version = version_of(&swarm_service(d, &name).await.expect("the Swarm service"));
+    let status = get_service(b, &name).expect("object")["status"].clone();
+    stack.berth.restart();
+    let b = &stack.berth;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        version_of(&swarm_service(d, &name).await.expect("the Swarm service")),
+        version,
+        "a restart must not update the Swarm service\n{}",
+        b.log_text()
+    );
+    assert_eq!(get_service(b, &name).expect("object")["status"], status);
 }
 
 on_both_buses!(kill9_after_apply);

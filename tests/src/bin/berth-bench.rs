@@ -160,11 +160,27 @@ async fn run_berth(d: &Docker, n: usize, image: &str, timeout: Duration) -> Resu
         bail!("berth apply failed: {}", out.stderr);
     }
     let t = converge(d, &p, n, start, timeout).await;
-    // Delete through berth first so the controller does not recreate what cleanup removes.
-    let objects = berth.cli(&["delete", "-f", dir.path().to_str().unwrap_or_default()]);
+    // Delete through berth first so the controller does not recreate what cleanup removes, and let
+    // it finish removing before it stops; cleanup then removes whatever is left either way.
+    let deleted = berth.cli(&["delete", "-f", dir.path().to_str().unwrap_or_default()]);
+    if deleted.success {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && count_services(d, &p).await? > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     drop(berth);
-    cleanup(d, &p, !objects.success).await?;
+    cleanup(d, &p, true).await?;
     t
+}
+
+async fn count_services(d: &Docker, p: &str) -> Result<usize> {
+    Ok(d.list_services(Some(ListServicesOptions {
+        filters: Some(HashMap::from([("name".to_string(), vec![p.to_string()])])),
+        ..Default::default()
+    }))
+    .await?
+    .len())
 }
 
 async fn run_stack(
