@@ -310,3 +310,158 @@ async fn engine_intake<R: Reconciler>(
         retry = (retry * 2).min(Duration::from_secs(10));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::EmbeddedBus;
+    use crate::client::ClientError;
+    use berth_api_types::{DynObject, Event};
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    /// A store with a fixed set of Service names.
+    struct Names(Vec<String>);
+
+    #[async_trait]
+    impl ResourceStore for Names {
+        async fn get(&self, _: Kind, _: &str) -> Result<Option<DynObject>, ClientError> {
+            Ok(None)
+        }
+        async fn list(&self, _: Kind) -> Result<Vec<DynObject>, ClientError> {
+            Ok(self
+                .0
+                .iter()
+                .map(|n| {
+                    serde_json::from_value(serde_json::json!({
+                        "apiVersion": "berth/v1", "kind": "Service",
+                        "metadata": {"name": n}, "spec": {}
+                    }))
+                    .unwrap()
+                })
+                .collect())
+        }
+        async fn update_status(
+            &self,
+            _: Kind,
+            _: &str,
+            _: serde_json::Value,
+        ) -> Result<(), ClientError> {
+            Ok(())
+        }
+        async fn instance(&self) -> Result<String, ClientError> {
+            Ok("test".into())
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("engine unreachable")]
+    struct Transient;
+
+    /// Answers per name: `fail` always errors, `invalid` waits for a change, `poll` requeues after 10 s.
+    #[derive(Default)]
+    struct Script {
+        calls: Mutex<Vec<(String, Instant)>>,
+    }
+
+    impl Script {
+        fn times(&self, name: &str) -> Vec<Instant> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, t)| *t)
+                .collect()
+        }
+    }
+
+    #[async_trait]
+    impl Reconciler for Script {
+        type Error = Transient;
+        fn kind(&self) -> Kind {
+            Kind::Service
+        }
+        async fn reconcile(&self, name: &str) -> Result<Action, Transient> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((name.to_string(), Instant::now()));
+            match name {
+                "fail" => Err(Transient),
+                "poll" => Ok(Action::requeue(Duration::from_secs(10))),
+                _ => Ok(Action::await_change()),
+            }
+        }
+        async fn engine_names(&self) -> Result<Vec<String>, Transient> {
+            Ok(vec!["orphan".into()])
+        }
+    }
+
+    fn event(name: &str, type_: EventType) -> Event {
+        Event {
+            id: ulid::Ulid::new().to_string(),
+            type_,
+            kind: Kind::Service,
+            name: name.into(),
+            uid: String::new(),
+            generation: 1,
+            resource_version: "1".into(),
+            time: chrono::Utc::now(),
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_back_off_invalid_waits_requeue_polls_and_events_trigger() {
+        let script = Arc::new(Script::default());
+        let bus = Arc::new(EmbeddedBus::new());
+        let store = Arc::new(Names(vec!["fail".into(), "invalid".into(), "poll".into()]));
+        let config = ControllerConfig {
+            resync: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let ctl = Controller::new(script.clone(), store, bus.clone(), config);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(ctl.run(async {
+            let _ = stop_rx.await;
+        }));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+
+        // The first resync visits every object and every engine-side name (orphans are collected there).
+        assert_eq!(script.times("orphan").len(), 1);
+        // A spec the controller cannot apply is reported once and not retried.
+        assert_eq!(script.times("invalid").len(), 1);
+        // Requeue(10 s): about every 10 s.
+        let polls = script.times("poll").len();
+        assert!((6..=7).contains(&polls), "polls in 60 s: {polls}");
+        // Transient errors back off exponentially (200 ms, 400 ms, ... with ±30 % jitter), not a hot loop.
+        let fails = script.times("fail");
+        assert!(
+            (7..=11).contains(&fails.len()),
+            "retries in 60 s: {}",
+            fails.len()
+        );
+        let gaps: Vec<Duration> = fails.windows(2).map(|w| w[1] - w[0]).collect();
+        for w in gaps.windows(2) {
+            assert!(w[1] > w[0], "retry gaps must grow: {gaps:?}");
+        }
+
+        // An Applied event triggers a reconcile; the controller's own StatusChanged does not.
+        bus.publish(&event("invalid", EventType::StatusChanged))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.times("invalid").len(), 1);
+        bus.publish(&event("invalid", EventType::Applied))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.times("invalid").len(), 2);
+        assert!(start.elapsed() >= Duration::from_secs(60));
+
+        let _ = stop_tx.send(());
+        run.await.unwrap();
+    }
+}
