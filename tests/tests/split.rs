@@ -1,6 +1,8 @@
 //! berth split into processes, the way controllers are scaled on their own: `berth api --nats` and
 //! `berth controller service --nats --url --token`, talking only through the API and NATS.
 
+use berth_api_types::names::paths;
+use berth_api_types::Kind;
 use berth_e2e::{docker, manifest, prefix, wait_for, Berth, Cleanup, Nats};
 use bollard::query_parameters::InspectServiceOptions;
 use std::time::Duration;
@@ -59,9 +61,7 @@ async fn api_and_controller_as_separate_processes() {
         Duration::from_secs(30),
         "status written through the API",
         || async {
-            let (_, obj) = api
-                .api_get(&format!("/apis/berth/v1/services/{name}"))
-                .await;
+            let (_, obj) = api.api_get(&paths::object(Kind::Service, &name)).await;
             let ready = obj["status"]["conditions"]
                 .as_array()?
                 .iter()
