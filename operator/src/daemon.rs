@@ -141,7 +141,7 @@ async fn service_controller(
     docker_host: Option<&str>,
     state_dir: &Path,
     resync: u64,
-    durable: Option<String>,
+    durable: bool,
 ) -> Result<Controller<ServiceController>, String> {
     let docker = engine::connect(docker_host)
         .await
@@ -155,9 +155,11 @@ async fn service_controller(
     let reconciler = Arc::new(ServiceController::new(
         docker.clone(),
         store.clone(),
-        instance,
+        instance.clone(),
         state,
     ));
+    // Named per installation: two berths on one NATS server must not share (and split) a consumer.
+    let durable = durable.then(|| format!("berth-{instance}-controller-service"));
     Ok(Controller::new(reconciler, store, bus, config(resync, durable)).with_engine_events(docker))
 }
 
@@ -186,10 +188,7 @@ pub async fn up(
     let parts = start_api(&server, &mut tasks).await?;
     let store: Arc<dyn ResourceStore> = Arc::new(LocalStore(parts.store.clone()));
     // With NATS, a durable consumer lets the controller catch up on what it missed while down.
-    let durable = server
-        .nats
-        .as_ref()
-        .map(|_| "berth-controller-service".to_string());
+    let durable = server.nats.is_some();
     let ctl = service_controller(
         store,
         parts.bus.clone(),
@@ -240,7 +239,7 @@ pub async fn controller(
                 docker_host.as_deref(),
                 &state_dir,
                 resync,
-                Some("berth-controller-service".into()),
+                true,
             )
             .await?;
             tasks.spawn(async move {
