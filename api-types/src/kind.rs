@@ -8,6 +8,10 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     Service,
+    Secret,
+    Config,
+    Volume,
+    Network,
     Node,
     Ingress,
     Registry,
@@ -15,8 +19,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Service,
+        Kind::Secret,
+        Kind::Config,
+        Kind::Volume,
+        Kind::Network,
         Kind::Node,
         Kind::Ingress,
         Kind::Registry,
@@ -27,6 +35,10 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Service => "Service",
+            Kind::Secret => "Secret",
+            Kind::Config => "Config",
+            Kind::Volume => "Volume",
+            Kind::Network => "Network",
             Kind::Node => "Node",
             Kind::Ingress => "Ingress",
             Kind::Registry => "Registry",
@@ -38,6 +50,10 @@ impl Kind {
     pub fn lower(self) -> &'static str {
         match self {
             Kind::Service => "service",
+            Kind::Secret => "secret",
+            Kind::Config => "config",
+            Kind::Volume => "volume",
+            Kind::Network => "network",
             Kind::Node => "node",
             Kind::Ingress => "ingress",
             Kind::Registry => "registry",
@@ -49,6 +65,10 @@ impl Kind {
     pub fn plural(self) -> &'static str {
         match self {
             Kind::Service => "services",
+            Kind::Secret => "secrets",
+            Kind::Config => "configs",
+            Kind::Volume => "volumes",
+            Kind::Network => "networks",
             Kind::Node => "nodes",
             Kind::Ingress => "ingresses",
             Kind::Registry => "registries",
@@ -59,7 +79,10 @@ impl Kind {
     /// Whether this version of berth has a spec type (and so an API) for the kind. The others are
     /// named everywhere already so their subjects, paths and labels are fixed before they ship.
     pub fn is_served(self) -> bool {
-        matches!(self, Kind::Service)
+        matches!(
+            self,
+            Kind::Service | Kind::Secret | Kind::Config | Kind::Volume | Kind::Network
+        )
     }
 
     /// Accepts what a kubectl user would type: `Service`, `service`, `services`, `svc`.
@@ -70,7 +93,7 @@ impl Kind {
                 || l == k.plural()
                 || matches!(
                     (k, l.as_str()),
-                    (Kind::Service, "svc") | (Kind::Ingress, "ing")
+                    (Kind::Service, "svc") | (Kind::Ingress, "ing") | (Kind::Network, "net")
                 )
         })
     }
@@ -111,5 +134,6 @@ mod tests {
         assert_eq!(Kind::parse_loose("svc"), Some(Kind::Service));
         assert!("service".parse::<Kind>().is_err());
         assert_eq!(Kind::parse_loose("pods"), None);
+        assert_eq!(Kind::parse_loose("net"), Some(Kind::Network));
     }
 }

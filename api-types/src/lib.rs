@@ -2,6 +2,7 @@
 //! manifest loading, and the names (API paths, NATS subjects, Swarm labels) that other crates and
 //! outside tools rely on.
 
+pub mod data;
 pub mod event;
 pub mod image;
 pub mod kind;
@@ -12,6 +13,7 @@ pub mod service;
 pub mod typed;
 pub mod units;
 pub mod validate;
+pub mod volume;
 
 pub use event::{Event, EventType};
 pub use kind::Kind;

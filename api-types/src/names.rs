@@ -30,6 +30,11 @@ pub mod paths {
         format!("{API_ROOT}/{}/{name}", kind.plural())
     }
 
+    /// `/apis/berth/v1/<plural>/<name>/data`: a Secret's or Config's values, for controllers only.
+    pub fn data(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}/data", kind.plural())
+    }
+
     /// `/apis/berth/v1/<plural>/<name>/status`
     pub fn status(kind: Kind, name: &str) -> String {
         format!("{API_ROOT}/{}/{name}/status", kind.plural())

@@ -65,6 +65,76 @@ pub struct ServiceSpec {
     pub restart: Option<RestartPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthcheck: Option<Healthcheck>,
+    /// Secret keys mounted as files (default target `/run/secrets/<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<FileRef>,
+    /// Config keys mounted as files (default target `/<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub configs: Vec<FileRef>,
+    /// Named volumes (Volume objects), anonymous volumes and tmpfs mounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// Network objects to join; none listed means the default network `berth-internal`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+}
+
+/// A Secret or Config key mounted into the service's containers as a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileRef {
+    /// The Secret or Config object.
+    pub name: String,
+    /// Which key; may be omitted when the object has exactly one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// File path in the container (relative paths are under `/run/secrets` for secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<String>,
+    /// File mode as an octal string, e.g. `"0440"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl FileRef {
+    /// The mode as a number, if it parses as octal.
+    pub fn mode_bits(&self) -> Option<u32> {
+        self.mode
+            .as_deref()
+            .and_then(|m| u32::from_str_radix(m.trim_start_matches("0o"), 8).ok())
+    }
+}
+
+/// A mount: a named volume (`volume: NAME`), or, without `volume`, an anonymous volume or (with
+/// `tmpfs: true`) a tmpfs. Anonymous and tmpfs mounts are not backed up, and status says so.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeMount {
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tmpfs: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// tmpfs only: size limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
+}
+
+impl VolumeMount {
+    /// Why this mount is not backed up, if it is not.
+    pub fn unbacked_reason(&self) -> Option<&'static str> {
+        match (&self.volume, self.tmpfs) {
+            (Some(_), _) => None,
+            (None, true) => Some("tmpfs"),
+            (None, false) => Some("anonymous volume"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +284,9 @@ pub struct ServiceStatus {
     pub update_message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swarm_service_id: Option<String>,
+    /// Mounts whose data is not in any backup (anonymous volumes, tmpfs), as `target (why)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unbacked_mounts: Vec<String>,
 }
 
 /// Condition types of a Service.
@@ -352,6 +425,7 @@ impl ServiceSpec {
                 "`rollback` is not possible for a rollback (use `pause` or `continue`)",
             );
         }
+        self.validate_dependencies(errors);
         if let Some(h) = &self.healthcheck {
             if h.disable && !h.test.is_empty() {
                 errors.add("spec.healthcheck.disable", "cannot be combined with `test`");
@@ -369,6 +443,114 @@ impl ServiceSpec {
                     );
                 }
             }
+        }
+    }
+}
+
+impl ServiceSpec {
+    /// Secret, config, volume and network references: well-formed, and no two files or mounts on one
+    /// path. Whether the referenced objects exist is the controller's business (they may come later).
+    fn validate_dependencies(&self, errors: &mut Errors) {
+        let mut targets: HashSet<String> = HashSet::new();
+        let mut claim = |errors: &mut Errors, path: String, target: String| {
+            if !targets.insert(target.clone()) {
+                errors.add(path, format!("`{target}` is mounted twice"));
+            }
+        };
+        for (field, refs, base) in [
+            ("secrets", &self.secrets, "/run/secrets/"),
+            ("configs", &self.configs, "/"),
+        ] {
+            for (i, r) in refs.iter().enumerate() {
+                crate::validate::check_dns_label(
+                    errors,
+                    &format!("spec.{field}[{i}].name"),
+                    &r.name,
+                );
+                if r.mode.is_some() && r.mode_bits().is_none_or(|m| m > 0o777) {
+                    errors.add(
+                        format!("spec.{field}[{i}].mode"),
+                        "must be an octal file mode as a string, e.g. \"0440\"",
+                    );
+                }
+                let target = r.target.clone().unwrap_or_else(|| r.name.clone());
+                if target.is_empty() || target.split('/').any(|c| c == "..") {
+                    errors.add(
+                        format!("spec.{field}[{i}].target"),
+                        "must be a file path without `..`",
+                    );
+                }
+                let full = if target.starts_with('/') {
+                    target
+                } else {
+                    format!("{base}{target}")
+                };
+                claim(errors, format!("spec.{field}[{i}].target"), full);
+            }
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if !v.target.starts_with('/') || v.target.split('/').any(|c| c == "..") {
+                errors.add(
+                    format!("spec.volumes[{i}].target"),
+                    "must be an absolute path without `..`",
+                );
+            }
+            if let Some(name) = &v.volume {
+                crate::validate::check_dns_label(
+                    errors,
+                    &format!("spec.volumes[{i}].volume"),
+                    name,
+                );
+                if v.tmpfs {
+                    errors.add(
+                        format!("spec.volumes[{i}].tmpfs"),
+                        "cannot be combined with `volume` (a named volume is not a tmpfs)",
+                    );
+                }
+            }
+            if v.size.is_some() && !v.tmpfs {
+                errors.add(
+                    format!("spec.volumes[{i}].size"),
+                    "applies to tmpfs mounts only",
+                );
+            }
+            claim(
+                errors,
+                format!("spec.volumes[{i}].target"),
+                v.target.clone(),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, n) in self.networks.iter().enumerate() {
+            crate::validate::check_dns_label(errors, &format!("spec.networks[{i}]"), n);
+            if !seen.insert(n) {
+                errors.add(
+                    format!("spec.networks[{i}]"),
+                    format!("`{n}` is listed twice"),
+                );
+            }
+        }
+    }
+
+    /// Names of the objects of `kind` this spec refers to.
+    pub fn references(&self, kind: crate::Kind) -> Vec<&str> {
+        use crate::Kind;
+        match kind {
+            Kind::Secret => self.secrets.iter().map(|r| r.name.as_str()).collect(),
+            Kind::Config => self.configs.iter().map(|r| r.name.as_str()).collect(),
+            Kind::Volume => self
+                .volumes
+                .iter()
+                .filter_map(|v| v.volume.as_deref())
+                .collect(),
+            Kind::Network => {
+                if self.networks.is_empty() {
+                    vec![crate::volume::DEFAULT_NETWORK]
+                } else {
+                    self.networks.iter().map(String::as_str).collect()
+                }
+            }
+            _ => Vec::new(),
         }
     }
 }
@@ -496,6 +678,72 @@ mod tests {
                 "{spec}: want {want:?}, got {got:?}"
             );
         }
+    }
+
+    #[test]
+    fn dependency_references() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                json!({"image": "a", "secrets": [{"name": "db", "mode": "999"}]}),
+                "spec.secrets[0].mode: must be an octal",
+            ),
+            (
+                json!({"image": "a", "secrets": [{"name": "db"}, {"name": "db2", "target": "db"}]}),
+                "spec.secrets[1].target: `/run/secrets/db` is mounted twice",
+            ),
+            (
+                json!({"image": "a", "configs": [{"name": "c", "target": "../etc"}]}),
+                "spec.configs[0].target: must be a file path",
+            ),
+            (
+                json!({"image": "a", "volumes": [{"target": "data"}]}),
+                "spec.volumes[0].target: must be an absolute path",
+            ),
+            (
+                json!({"image": "a", "volumes": [{"target": "/d", "volume": "v", "tmpfs": true}]}),
+                "spec.volumes[0].tmpfs: cannot be combined",
+            ),
+            (
+                json!({"image": "a", "volumes": [{"target": "/d", "size": "1m"}]}),
+                "spec.volumes[0].size: applies to tmpfs",
+            ),
+            (
+                json!({"image": "a", "networks": ["n", "n"]}),
+                "spec.networks[1]: `n` is listed twice",
+            ),
+            (
+                json!({"image": "a", "networks": ["Bad_Net"]}),
+                "spec.networks[0]: `Bad_Net` must be a DNS label",
+            ),
+        ];
+        for (spec, want) in cases {
+            let got = problems(spec.clone());
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "{spec}: want {want:?}, got {got:?}"
+            );
+        }
+        let ok = svc(json!({"image": "a",
+            "secrets": [{"name": "db", "key": "password", "target": "db_pw", "uid": "0", "gid": "0", "mode": "0440"}],
+            "configs": [{"name": "nginx", "target": "/etc/nginx.conf"}],
+            "volumes": [{"target": "/data", "volume": "pgdata"}, {"target": "/tmp", "tmpfs": true, "size": "64m"}, {"target": "/cache"}],
+            "networks": ["backend"]})).unwrap();
+        assert_eq!(validate_service(&ok), Ok(()));
+        assert_eq!(ok.spec.secrets[0].mode_bits(), Some(0o440));
+        assert_eq!(ok.spec.references(crate::Kind::Volume), vec!["pgdata"]);
+        assert_eq!(ok.spec.references(crate::Kind::Network), vec!["backend"]);
+        let plain = svc(json!({"image": "a"})).unwrap();
+        assert_eq!(
+            plain.spec.references(crate::Kind::Network),
+            vec!["berth-internal"]
+        );
+        let unbacked: Vec<_> = ok
+            .spec
+            .volumes
+            .iter()
+            .filter_map(|v| v.unbacked_reason())
+            .collect();
+        assert_eq!(unbacked, vec!["tmpfs", "anonymous volume"]);
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! kind, deserialize its typed form with field paths, run its validation, and hand back the canonical
 //! untyped object the store keeps. One function per entry point, one rule set for both.
 
+use crate::data::{validate_data, DataSpec};
 use crate::kind::Kind;
 use crate::manifest::{ManifestError, SourceDoc};
 use crate::meta::DynObject;
 use crate::meta::Object;
 use crate::service::{validate_service, ServiceSpec};
 use crate::validate::FieldError;
+use crate::volume::{validate_network, validate_volume, NetworkSpec, VolumeSpec};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -47,32 +49,47 @@ pub fn kind_of(value: &Value) -> Result<Kind, FieldError> {
 pub fn decode_object(value: &Value) -> Result<DynObject, Vec<FieldError>> {
     let kind = kind_of(value).map_err(|e| vec![e])?;
     match kind {
-        Kind::Service => {
-            let typed: Object<ServiceSpec, Value> =
-                deserialize_value(value).map_err(|e| vec![e])?;
-            let svc = Object {
-                api_version: typed.api_version,
-                kind: typed.kind,
-                metadata: typed.metadata,
-                spec: typed.spec,
+        Kind::Service => decode_as::<ServiceSpec>(value, |o| {
+            validate_service(&Object {
+                api_version: o.api_version.clone(),
+                kind: o.kind,
+                metadata: o.metadata.clone(),
+                spec: o.spec.clone(),
                 status: Default::default(),
-            };
-            validate_service(&svc)?;
-            Ok(DynObject {
-                api_version: svc.api_version,
-                kind: svc.kind,
-                metadata: svc.metadata,
-                spec: serde_json::to_value(&svc.spec).map_err(|e| {
-                    vec![FieldError::new("spec", format!("cannot encode spec: {e}"))]
-                })?,
-                status: Value::Null,
             })
-        }
+        }),
+        Kind::Secret | Kind::Config => decode_as::<DataSpec>(value, validate_data),
+        Kind::Volume => decode_as::<VolumeSpec>(value, validate_volume),
+        Kind::Network => decode_as::<NetworkSpec>(value, validate_network),
         other => Err(vec![FieldError::new(
             "kind",
             format!("kind `{other}` is not served by this version of berth yet"),
         )]),
     }
+}
+
+/// Deserializes the typed form, validates it, and re-serializes the spec.
+fn decode_as<S>(
+    value: &Value,
+    validate: impl Fn(&Object<S, Value>) -> Result<(), Vec<FieldError>>,
+) -> Result<DynObject, Vec<FieldError>>
+where
+    S: serde::Serialize + DeserializeOwned,
+{
+    let typed: Object<S, Value> = deserialize_value(value).map_err(|e| vec![e])?;
+    let obj = Object {
+        status: Value::Null,
+        ..typed
+    };
+    validate(&obj)?;
+    Ok(DynObject {
+        spec: serde_json::to_value(&obj.spec)
+            .map_err(|e| vec![FieldError::new("spec", format!("cannot encode spec: {e}"))])?,
+        api_version: obj.api_version,
+        kind: obj.kind,
+        metadata: obj.metadata,
+        status: Value::Null,
+    })
 }
 
 /// The same for one manifest document, with every error placed at its file, line and column.

@@ -98,6 +98,8 @@ pub struct Discovery {
     pub api_version: String,
     /// Identifies this berth installation; stamped on every Swarm object it creates.
     pub instance: String,
+    /// The Network services join when they list none of their own.
+    pub default_network: String,
     pub kinds: Vec<Kind>,
 }
 
@@ -117,6 +119,23 @@ pub trait ResourceStore: Send + Sync + 'static {
         -> Result<(), ClientError>;
     /// The installation id Swarm objects are labelled with.
     async fn instance(&self) -> Result<String, ClientError>;
+
+    /// The files of a Secret or Config (key -> bytes), decrypted. Only controllers call this: it is
+    /// how a Secret's value reaches the engine, and the only way it leaves the API.
+    async fn data(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError>;
+
+    /// The Network services join when they list none of their own.
+    async fn default_network(&self) -> Result<String, ClientError>;
+}
+
+/// Body of `GET <object>/data`: base64 values per key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataBody {
+    pub data: std::collections::BTreeMap<String, String>,
 }
 
 /// HTTP client of the berth API, used by the CLI and by controllers running as their own process.
@@ -350,5 +369,35 @@ impl ResourceStore for ApiClient {
 
     async fn instance(&self) -> Result<String, ClientError> {
         Ok(self.discovery().await?.instance)
+    }
+
+    async fn data(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError> {
+        use base64::Engine;
+        let body: DataBody = match self
+            .send(self.http.get(self.url(&paths::data(kind, name))))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        body.data
+            .into_iter()
+            .map(|(k, v)| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.as_bytes())
+                    .map(|b| (k, b))
+                    .map_err(|_| ClientError::Protocol("data is not base64".into()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    async fn default_network(&self) -> Result<String, ClientError> {
+        Ok(self.discovery().await?.default_network)
     }
 }

@@ -113,6 +113,7 @@ async fn start_api(
     let app = router(AppState {
         store: store.clone(),
         token: Arc::new(token),
+        default_network: Arc::new(server.default_network.clone()),
     });
     tasks.spawn(async move {
         axum::serve(listener, app)
@@ -186,7 +187,10 @@ pub async fn up(
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
     let parts = start_api(&server, &mut tasks).await?;
-    let store: Arc<dyn ResourceStore> = Arc::new(LocalStore(parts.store.clone()));
+    let store: Arc<dyn ResourceStore> = Arc::new(LocalStore {
+        store: parts.store.clone(),
+        default_network: server.default_network.clone(),
+    });
     // With NATS, a durable consumer lets the controller catch up on what it missed while down.
     let durable = server.nats.is_some();
     let ctl = service_controller(

@@ -3,12 +3,17 @@
 
 use crate::store::{Store, StoreError};
 use async_trait::async_trait;
+use berth_api_types::data::DataSpec;
 use berth_api_types::{DynObject, Kind};
 use berth_controllers::client::{ClientError, ErrorDetail, ResourceStore};
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 #[derive(Clone)]
-pub struct LocalStore(pub Store);
+pub struct LocalStore {
+    pub store: Store,
+    pub default_network: String,
+}
 
 fn to_client(e: StoreError) -> ClientError {
     let (status, reason) = match &e {
@@ -27,11 +32,11 @@ fn to_client(e: StoreError) -> ClientError {
 #[async_trait]
 impl ResourceStore for LocalStore {
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
-        self.0.get(kind, name).map_err(to_client)
+        self.store.get(kind, name).map_err(to_client)
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
-        self.0.list(kind).map_err(to_client)
+        self.store.list(kind).map_err(to_client)
     }
 
     async fn update_status(
@@ -40,7 +45,7 @@ impl ResourceStore for LocalStore {
         name: &str,
         status: Value,
     ) -> Result<(), ClientError> {
-        self.0
+        self.store
             .update_status(kind, name, status)
             .await
             .map(|_| ())
@@ -48,6 +53,23 @@ impl ResourceStore for LocalStore {
     }
 
     async fn instance(&self) -> Result<String, ClientError> {
-        Ok(self.0.instance().to_string())
+        Ok(self.store.instance().to_string())
+    }
+
+    async fn data(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
+        let Some(obj) = self.store.get(kind, name).map_err(to_client)? else {
+            return Ok(None);
+        };
+        let spec: DataSpec = serde_json::from_value(obj.spec)
+            .map_err(|e| ClientError::Protocol(format!("{kind} `{name}` has no data: {e}")))?;
+        Ok(Some(spec.files()))
+    }
+
+    async fn default_network(&self) -> Result<String, ClientError> {
+        Ok(self.default_network.clone())
     }
 }

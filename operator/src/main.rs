@@ -51,6 +51,9 @@ pub struct ServerArgs {
     /// NATS server URL; without it, events stay inside this process (embedded bus).
     #[arg(long, env = "BERTH_NATS")]
     pub nats: Option<String>,
+    /// The Network every Service joins when it lists none; created at start if missing.
+    #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::volume::DEFAULT_NETWORK)]
+    pub default_network: String,
 }
 
 #[derive(Subcommand)]

@@ -30,6 +30,8 @@ pub const MAX_BODY: usize = 8 * 1024 * 1024;
 pub struct AppState {
     pub store: Store,
     pub token: Arc<String>,
+    /// The Network services join when they list none of their own.
+    pub default_network: Arc<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -226,6 +228,7 @@ async fn discovery(State(state): State<AppState>) -> Json<Discovery> {
     Json(Discovery {
         api_version: API_VERSION.to_string(),
         instance: state.store.instance().to_string(),
+        default_network: state.default_network.to_string(),
         kinds: Kind::ALL.into_iter().filter(|k| k.is_served()).collect(),
     })
 }
@@ -552,6 +555,7 @@ mod tests {
         let app = router(AppState {
             store,
             token: Arc::new("secret-token".into()),
+            default_network: Arc::new("berth-internal".into()),
         });
         (app, dir)
     }

@@ -352,6 +352,16 @@ mod tests {
         async fn instance(&self) -> Result<String, ClientError> {
             Ok("test".into())
         }
+        async fn data(
+            &self,
+            _: Kind,
+            _: &str,
+        ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError> {
+            Ok(None)
+        }
+        async fn default_network(&self) -> Result<String, ClientError> {
+            Ok("berth-internal".into())
+        }
     }
 
     #[derive(Debug, thiserror::Error)]
