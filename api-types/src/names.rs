@@ -77,6 +77,8 @@ pub mod labels {
     pub const NAME: &str = "io.berth.name";
     pub const UID: &str = "io.berth.uid";
     pub const GENERATION: &str = "io.berth.generation";
+    /// On a materialised secret or config: which key of the berth object it holds.
+    pub const KEY: &str = "io.berth.key";
     /// Hash of the Swarm spec berth built; equal hash and matching fields mean no update call.
     pub const SPEC_HASH: &str = "io.berth.spec-hash";
 }

@@ -4,5 +4,6 @@
 pub mod bus;
 pub mod client;
 pub mod engine;
+pub mod network;
 pub mod runtime;
 pub mod service;

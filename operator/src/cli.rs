@@ -163,6 +163,10 @@ pub async fn delete(
             .collect(),
         _ => return Err("error: give either KIND NAME or -f PATH".into()),
     };
+    // Services first: a Secret, Config, Volume or Network cannot be deleted while a Service uses it,
+    // so `delete -f DIR` removes the users before what they use.
+    let mut targets = targets;
+    targets.sort_by_key(|(k, _)| *k != Kind::Service);
     let client = client(conn)?;
     let mut failures = Vec::new();
     for (kind, name) in targets {
@@ -230,5 +234,34 @@ pub async fn events(
     }
     let events = client.events(kind, None, limit).await.map_err(api_error)?;
     print(&events, true);
+    Ok(())
+}
+
+pub async fn info(conn: &Conn, out: Output) -> CliResult {
+    let client = client(conn)?;
+    let d = client.discovery().await.map_err(api_error)?;
+    match out {
+        Output::Table => {
+            println!("API:             {} ({})", client.base_url(), d.api_version);
+            println!("Installation:    {}", d.instance);
+            println!("Default network: {}", d.default_network);
+            println!(
+                "Kinds:           {}",
+                d.kinds
+                    .iter()
+                    .map(|k| k.plural())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&d).map_err(|e| e.to_string())?
+        ),
+        Output::Yaml => print!(
+            "{}",
+            output::to_yaml(&serde_json::to_value(&d).map_err(|e| e.to_string())?)
+        ),
+    }
     Ok(())
 }

@@ -2,13 +2,15 @@
 //! `berth api` (API server alone) and `berth controller KIND` (one controller alone). They share the
 //! pieces below; only which pieces run differs.
 
+use crate::crypto::MasterKey;
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::{publisher, Conn, ServerArgs};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
+use berth_controllers::network::NetworkController;
 use berth_controllers::runtime::state::LocalState;
 use berth_controllers::runtime::{Controller, ControllerConfig};
 use berth_controllers::service::ServiceController;
@@ -82,6 +84,26 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Opens the store with the master key. A key file created just now for a store whose Secrets were
+/// sealed with another key is removed again, so the next start does not pick up a wrong key.
+fn open_store(dir: &Path, key: &MasterKey) -> Result<Store, String> {
+    match Store::open(dir, key) {
+        Ok(s) => Ok(s),
+        Err(e @ StoreError::WrongKey { .. }) => {
+            let mut msg = format!("error: {e}");
+            if let Some(created) = key.created_file() {
+                let _ = std::fs::remove_file(created);
+                msg.push_str(&format!(
+                    "\n{} did not exist, so a new key was made (and removed again): restore the original file",
+                    created.display()
+                ));
+            }
+            Err(msg)
+        }
+        Err(e) => Err(format!("error: {e}")),
+    }
+}
+
 struct ApiParts {
     store: Store,
     bus: Arc<dyn EventBus>,
@@ -94,7 +116,15 @@ async fn start_api(
 ) -> Result<ApiParts, String> {
     std::fs::create_dir_all(&server.data_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
-    let store = Store::open(&server.data_dir.join("store")).map_err(|e| format!("error: {e}"))?;
+    let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
+    let store = open_store(&server.data_dir.join("store"), &key)?;
+    if store
+        .ensure_network(&server.default_network)
+        .await
+        .map_err(|e| format!("error: {e} (see --default-network)"))?
+    {
+        info!(network = %server.default_network, "created the default network");
+    }
     let (token, token_path) = admin_token(&server.data_dir)?;
     let bus = bus::connect(server.nats.as_deref())
         .await
@@ -164,6 +194,29 @@ async fn service_controller(
     Ok(Controller::new(reconciler, store, bus, config(resync, durable)).with_engine_events(docker))
 }
 
+async fn network_controller(
+    store: Arc<dyn ResourceStore>,
+    bus: Arc<dyn EventBus>,
+    docker_host: Option<&str>,
+    resync: u64,
+    durable: bool,
+) -> Result<Controller<NetworkController>, String> {
+    let docker = engine::connect(docker_host)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let instance = store
+        .instance()
+        .await
+        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
+    let reconciler = Arc::new(NetworkController::new(
+        docker.clone(),
+        store.clone(),
+        instance.clone(),
+    ));
+    let durable = durable.then(|| format!("berth-{instance}-controller-network"));
+    Ok(Controller::new(reconciler, store, bus, config(resync, durable)).with_engine_events(docker))
+}
+
 /// Waits for a signal or for a task to fail, whichever comes first.
 async fn supervise(mut tasks: tokio::task::JoinSet<Result<(), String>>) -> Result<(), String> {
     tokio::select! {
@@ -193,7 +246,15 @@ pub async fn up(
     });
     // With NATS, a durable consumer lets the controller catch up on what it missed while down.
     let durable = server.nats.is_some();
-    let ctl = service_controller(
+    let networks = network_controller(
+        store.clone(),
+        parts.bus.clone(),
+        docker_host.as_deref(),
+        resync,
+        durable,
+    )
+    .await?;
+    let services = service_controller(
         store,
         parts.bus.clone(),
         docker_host.as_deref(),
@@ -203,7 +264,11 @@ pub async fn up(
     )
     .await?;
     tasks.spawn(async move {
-        ctl.run(std::future::pending()).await;
+        networks.run(std::future::pending()).await;
+        Ok(())
+    });
+    tasks.spawn(async move {
+        services.run(std::future::pending()).await;
         Ok(())
     });
     supervise(tasks).await
@@ -251,9 +316,16 @@ pub async fn controller(
                 Ok(())
             });
         }
+        "network" | "networks" => {
+            let ctl = network_controller(client, bus, docker_host.as_deref(), resync, true).await?;
+            tasks.spawn(async move {
+                ctl.run(std::future::pending()).await;
+                Ok(())
+            });
+        }
         other => {
             return Err(format!(
-                "error: no controller for `{other}` (available: service)"
+                "error: no controller for `{other}` (available: service, network)"
             ))
         }
     }

@@ -1,6 +1,7 @@
 //! The store as a controller's `ResourceStore`, for controllers running inside `berth up`: the same
 //! interface a separate controller process reaches over HTTP, without the HTTP.
 
+use crate::server::redact;
 use crate::store::{Store, StoreError};
 use async_trait::async_trait;
 use berth_api_types::data::DataSpec;
@@ -19,7 +20,9 @@ fn to_client(e: StoreError) -> ClientError {
     let (status, reason) = match &e {
         StoreError::NotFound { .. } => (404, "NotFound"),
         StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => (409, "Conflict"),
-        StoreError::Storage(_) => (500, "StorageError"),
+        StoreError::InUse { .. } => (409, "InUse"),
+        StoreError::Protected { .. } => (409, "Protected"),
+        StoreError::Storage(_) | StoreError::WrongKey { .. } => (500, "StorageError"),
     };
     ClientError::Api {
         status,
@@ -31,12 +34,20 @@ fn to_client(e: StoreError) -> ClientError {
 
 #[async_trait]
 impl ResourceStore for LocalStore {
+    // Secrets come back redacted, exactly as over HTTP, so a controller behaves the same in `berth up`
+    // and as its own process; values are read through `data`.
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
-        self.store.get(kind, name).map_err(to_client)
+        self.store
+            .get(kind, name)
+            .map(|o| o.map(redact))
+            .map_err(to_client)
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
-        self.store.list(kind).map_err(to_client)
+        self.store
+            .list(kind)
+            .map(|os| os.into_iter().map(redact).collect())
+            .map_err(to_client)
     }
 
     async fn update_status(

@@ -2,6 +2,7 @@
 //! (`apply`, `get`, `describe`, `delete`, `events`) talk to a running API server.
 
 mod cli;
+mod crypto;
 mod daemon;
 mod local;
 mod output;
@@ -130,6 +131,13 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Show which berth this is: API version, installation id, default network, kinds served.
+    Info {
+        #[arg(short = 'o', long, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Show recent events, or follow them.
     Events {
         #[arg(long)]
@@ -199,6 +207,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::Info { output, conn } => cli::info(&conn, output).await,
             Command::Events {
                 watch,
                 kind,

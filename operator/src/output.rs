@@ -126,6 +126,19 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                 .collect();
             table(&["NAME", "REPLICAS", "IMAGE", "STATUS", "AGE"], &rows)
         }
+        Kind::Secret | Kind::Config => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| {
+                    vec![
+                        o.metadata.name.clone(),
+                        data_keys(&o.spec).join(","),
+                        age(o),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "KEYS", "AGE"], &rows)
+        }
         _ => {
             let rows: Vec<Vec<String>> = objects
                 .iter()
@@ -134,6 +147,17 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
             table(&["NAME", "AGE"], &rows)
         }
     }
+}
+
+/// The keys of a Config's spec or of a Secret's redacted view (never values).
+fn data_keys(spec: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = ["data", "stringData", "redacted"]
+        .iter()
+        .filter_map(|f| spec.get(f).and_then(Value::as_object))
+        .flat_map(|m| m.keys().cloned())
+        .collect();
+    keys.sort();
+    keys
 }
 
 pub fn events_table(events: &[Event]) -> String {
@@ -226,4 +250,30 @@ pub fn describe(obj: &DynObject, events: &[Event]) -> String {
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api_types::typed::decode_object;
+    use serde_json::json;
+
+    #[test]
+    fn describe_and_table_show_a_redacted_secret() {
+        let mut obj = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Secret",
+            "metadata": {"name": "db"}, "spec": {"stringData": {"pw": "tapir-333", "user": "u"}}}))
+        .unwrap();
+        obj = crate::server::redact(obj);
+        let text = describe(&obj, &[]);
+        assert!(!text.contains("tapir-333"), "{text}");
+        assert!(text.contains("redacted:"), "{text}");
+        assert!(text.contains("pw:"), "{text}");
+        assert!(
+            text.contains(&berth_api_types::data::content_hash(b"tapir-333")),
+            "{text}"
+        );
+        let t = objects_table(Kind::Secret, &[obj]);
+        assert!(t.starts_with("NAME   KEYS"), "{t}");
+        assert!(t.contains("db     pw,user"), "{t}");
+    }
 }

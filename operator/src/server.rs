@@ -1,6 +1,10 @@
 //! The REST API (`/apis/berth/v1/...`): the only writer of `spec`. Requests carry a bearer token;
 //! bodies are size-limited; every error is a JSON document with the same precise, field-addressed
 //! messages the CLI prints.
+//!
+//! A Secret's values never appear in a response about the Secret: its `spec` is shown as
+//! `data::redacted_view` (keys, sizes, sha256). Only `GET .../{secrets|configs}/{name}/data` returns
+//! values, for controllers.
 
 use crate::store::{Store, StoreError, WriteMode};
 use axum::body::Bytes;
@@ -11,11 +15,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use berth_api_types::data::{redacted_view, DataSpec};
 use berth_api_types::names::{paths, API_VERSION};
 use berth_api_types::typed::decode_object;
 use berth_api_types::validate::FieldError;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::client::{Discovery, ErrorBody, ErrorDetail, List};
+use berth_controllers::client::{DataBody, Discovery, ErrorBody, ErrorDetail, List};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
@@ -50,6 +55,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             &format!("{}/{{plural}}/{{name}}/status", paths::API_ROOT),
             put(put_status).get(get_one_status),
+        )
+        .route(
+            &format!("{}/{{plural}}/{{name}}/data", paths::API_ROOT),
+            get(get_data),
         )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -119,7 +128,11 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "NotFound"),
             StoreError::AlreadyExists { .. } => (StatusCode::CONFLICT, "AlreadyExists"),
             StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
-            StoreError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "StorageError"),
+            StoreError::InUse { .. } => (StatusCode::CONFLICT, "InUse"),
+            StoreError::Protected { .. } => (StatusCode::CONFLICT, "Protected"),
+            StoreError::Storage(_) | StoreError::WrongKey { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "StorageError")
+            }
         };
         ApiError::new(status, reason, e.to_string())
     }
@@ -224,6 +237,18 @@ fn checked(value: &Value, kind: Kind, name: Option<&str>) -> ApiResult<DynObject
     Ok(obj)
 }
 
+/// An object as the API shows it: a Secret's spec replaced by its redacted view (keys, sizes,
+/// hashes). A spec that does not parse shows no keys rather than anything of its content.
+pub fn redact(mut obj: DynObject) -> DynObject {
+    if obj.kind == Kind::Secret {
+        obj.spec = match serde_json::from_value::<DataSpec>(std::mem::take(&mut obj.spec)) {
+            Ok(d) => redacted_view(&d),
+            Err(_) => serde_json::json!({ "redacted": {} }),
+        };
+    }
+    obj
+}
+
 async fn discovery(State(state): State<AppState>) -> Json<Discovery> {
     Json(Discovery {
         api_version: API_VERSION.to_string(),
@@ -316,7 +341,7 @@ async fn list(
 ) -> ApiResult<Json<List<DynObject>>> {
     let kind = kind_of(&plural)?;
     Ok(Json(List {
-        items: state.store.list(kind)?,
+        items: state.store.list(kind)?.into_iter().map(redact).collect(),
     }))
 }
 
@@ -328,8 +353,47 @@ async fn get_one(
     state
         .store
         .get(kind, &name)?
-        .map(Json)
+        .map(|o| Json(redact(o)))
         .ok_or_else(|| StoreError::NotFound { kind, name }.into())
+}
+
+/// `GET /apis/berth/v1/{secrets|configs}/{name}/data`: the object's files, base64 per key,
+/// decrypted. **For controllers only**: it is how a controller running as its own process gets the
+/// values it hands to the engine, and the only response that carries a Secret's values. Every other
+/// response shows a Secret redacted. Other kinds have no data (404).
+async fn get_data(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<Json<DataBody>> {
+    use base64::Engine;
+    let kind = kind_of(&plural)?;
+    if !matches!(kind, Kind::Secret | Kind::Config) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("{kind} has no data; only secrets and configs do"),
+        ));
+    }
+    let obj = state
+        .store
+        .get(kind, &name)?
+        .ok_or_else(|| StoreError::NotFound {
+            kind,
+            name: name.clone(),
+        })?;
+    let spec: DataSpec = serde_json::from_value(obj.spec).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "StorageError",
+            format!("{kind} `{name}` has a stored spec that does not parse"),
+        )
+    })?;
+    let data = spec
+        .files()
+        .into_iter()
+        .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect();
+    Ok(Json(DataBody { data }))
 }
 
 async fn get_one_status(
@@ -353,7 +417,7 @@ async fn create(
         .write(vec![obj], WriteMode::Create, None, q.dry_run)
         .await?;
     let (_, obj) = out.remove(0);
-    Ok((StatusCode::CREATED, Json(obj)).into_response())
+    Ok((StatusCode::CREATED, Json(redact(obj))).into_response())
 }
 
 async fn replace(
@@ -373,10 +437,12 @@ async fn replace(
         .store
         .write(vec![obj], WriteMode::Replace, rv, q.dry_run)
         .await?;
-    Ok(Json(out.remove(0).1))
+    Ok(Json(redact(out.remove(0).1)))
 }
 
-/// JSON merge patch (RFC 7386) over the stored object; the result is validated like a PUT.
+/// JSON merge patch (RFC 7386) over the stored object; the result is validated like a PUT. For a
+/// Secret the patch applies to the plaintext server-side (so `{"spec": {"stringData": {"k": "new"}}}`
+/// replaces one value), and the response is redacted like every other.
 async fn patch(
     State(state): State<AppState>,
     Path((plural, name)): Path<(String, String)>,
@@ -421,7 +487,7 @@ async fn patch(
         .store
         .write(vec![obj], WriteMode::Replace, rv, q.dry_run)
         .await?;
-    Ok(Json(out.remove(0).1))
+    Ok(Json(redact(out.remove(0).1)))
 }
 
 /// RFC 7386: objects merge recursively, `null` removes, anything else replaces.
@@ -449,9 +515,12 @@ async fn delete(
     Path((plural, name)): Path<(String, String)>,
 ) -> ApiResult<Json<DynObject>> {
     let kind = kind_of(&plural)?;
-    let obj = state.store.delete(kind, &name).await?;
+    let obj = state
+        .store
+        .delete(kind, &name, &state.default_network)
+        .await?;
     info!(%kind, %name, "deleted");
-    Ok(Json(obj))
+    Ok(Json(redact(obj)))
 }
 
 async fn put_status(
@@ -473,7 +542,9 @@ async fn put_status(
             vec![FieldError::new("status", "must be an object")],
         ));
     }
-    Ok(Json(state.store.update_status(kind, &name, status).await?))
+    Ok(Json(redact(
+        state.store.update_status(kind, &name, status).await?,
+    )))
 }
 
 #[derive(Deserialize)]
@@ -551,7 +622,8 @@ mod tests {
 
     fn app() -> (Router, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let key = crate::crypto::MasterKey::from_bytes([9u8; 32], "test key");
+        let store = Store::open(dir.path(), &key).unwrap();
         let app = router(AppState {
             store,
             token: Arc::new("secret-token".into()),
@@ -567,6 +639,18 @@ mod tests {
         body: Option<Value>,
         token: bool,
     ) -> (u16, Value) {
+        let (status, text) = call_raw(app, method, path, body, token).await;
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// The response body as text, for asserting what it does not contain.
+    async fn call_raw(
+        app: &Router,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        token: bool,
+    ) -> (u16, String) {
         let mut req = Request::builder().method(method).uri(path);
         if token {
             req = req.header("authorization", "Bearer secret-token");
@@ -581,10 +665,7 @@ mod tests {
         let resp = app.clone().oneshot(req).await.unwrap();
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        (status, String::from_utf8_lossy(&bytes).into_owned())
     }
 
     fn svc(name: &str, replicas: Value) -> Value {
@@ -741,5 +822,316 @@ mod tests {
         let mut t = json!({"a": [1, 2]});
         merge_patch(&mut t, &json!({"a": [3]}));
         assert_eq!(t, json!({"a": [3]}));
+    }
+
+    fn object(kind: &str, name: &str, spec: Value) -> Value {
+        json!({"apiVersion": "berth/v1", "kind": kind, "metadata": {"name": name}, "spec": spec})
+    }
+
+    fn b64(v: &str) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(v)
+    }
+
+    /// Sends a request and checks its response shows none of `values`, in clear or in base64.
+    async fn call_clean(
+        app: &Router,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        values: &[&str],
+    ) -> (u16, Value) {
+        let (code, text) = call_raw(app, method, path, body, true).await;
+        for v in values {
+            assert!(!text.contains(v), "{method} {path} shows `{v}`: {text}");
+            assert!(
+                !text.contains(&b64(v)),
+                "{method} {path} shows `{v}` in base64: {text}"
+            );
+        }
+        (code, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn secrets_are_redacted_in_every_response() {
+        let (app, _d) = app();
+        let (v1, v2, bin) = (
+            "pelican-7781-first",
+            "walrus-5120-second",
+            "heron-0042-bytes",
+        );
+        let values = [v1, v2, bin];
+        let base = "/apis/berth/v1/secrets";
+        let one = "/apis/berth/v1/secrets/db";
+        let spec = json!({"stringData": {"pw": v1}, "data": {"cert": b64(bin)}});
+        let (code, created) = call_clean(
+            &app,
+            "POST",
+            base,
+            Some(object("Secret", "db", spec.clone())),
+            &values,
+        )
+        .await;
+        assert_eq!(code, 201, "{created}");
+        assert_eq!(created["spec"]["redacted"]["pw"]["size"], v1.len());
+        assert_eq!(
+            created["spec"]["redacted"]["pw"]["sha256"],
+            berth_api_types::data::content_hash(v1.as_bytes())
+        );
+        assert!(created["spec"]["redacted"]["cert"].is_object());
+        let (code, dry) = call_clean(
+            &app,
+            "POST",
+            "/apis/berth/v1/secrets?dryRun=true",
+            Some(object("Secret", "dry", spec.clone())),
+            &values,
+        )
+        .await;
+        assert_eq!(code, 201, "{dry}");
+
+        let (code, got) = call_clean(&app, "GET", one, None, &values).await;
+        assert_eq!(code, 200);
+        assert_eq!(got["spec"], created["spec"]);
+        let (_, list) = call_clean(&app, "GET", base, None, &values).await;
+        assert_eq!(list["items"][0]["spec"], created["spec"]);
+
+        // PATCH applies to the plaintext: one value replaced, the other key kept.
+        let (code, patched) = call_clean(
+            &app,
+            "PATCH",
+            one,
+            Some(json!({"spec": {"stringData": {"pw": v2}}})),
+            &values,
+        )
+        .await;
+        assert_eq!(code, 200, "{patched}");
+        assert_eq!(patched["metadata"]["generation"], 2);
+        assert_eq!(patched["spec"]["redacted"]["pw"]["size"], v2.len());
+        assert!(patched["spec"]["redacted"]["cert"].is_object());
+        // The same value again is no change; a label is a change without a new generation.
+        let (_, same) = call_clean(
+            &app,
+            "PATCH",
+            one,
+            Some(json!({"spec": {"stringData": {"pw": v2}}})),
+            &values,
+        )
+        .await;
+        assert_eq!(same["metadata"]["generation"], 2);
+        assert_eq!(
+            same["metadata"]["resourceVersion"],
+            patched["metadata"]["resourceVersion"]
+        );
+        let (_, labelled) = call_clean(
+            &app,
+            "PATCH",
+            one,
+            Some(json!({"metadata": {"labels": {"team": "x"}}})),
+            &values,
+        )
+        .await;
+        assert_eq!(labelled["metadata"]["generation"], 2);
+        assert_ne!(
+            labelled["metadata"]["resourceVersion"],
+            patched["metadata"]["resourceVersion"]
+        );
+        // The redacted view is not accepted back.
+        let (code, err) = call_clean(
+            &app,
+            "PUT",
+            one,
+            Some(object("Secret", "db", got["spec"].clone())),
+            &values,
+        )
+        .await;
+        assert_eq!(code, 422, "{err}");
+        let (code, put) = call_clean(
+            &app,
+            "PUT",
+            one,
+            Some(object("Secret", "db", json!({"stringData": {"pw": v1}}))),
+            &values,
+        )
+        .await;
+        assert_eq!(code, 200, "{put}");
+        assert_eq!(put["metadata"]["generation"], 3);
+        let (code, _) = call_clean(
+            &app,
+            "PUT",
+            "/apis/berth/v1/secrets/db/status",
+            Some(json!({"status": {"observed": 3}})),
+            &values,
+        )
+        .await;
+        assert_eq!(code, 200);
+        let (code, _) = call_clean(&app, "GET", "/apis/berth/v1/events", None, &values).await;
+        assert_eq!(code, 200);
+
+        // Only the data endpoint carries values.
+        let (code, data) = call(&app, "GET", "/apis/berth/v1/secrets/db/data", None, true).await;
+        assert_eq!(code, 200);
+        assert_eq!(data, json!({"data": {"pw": b64(v1)}}));
+
+        let (code, deleted) = call_clean(&app, "DELETE", one, None, &values).await;
+        assert_eq!(code, 200);
+        assert_eq!(deleted["spec"]["redacted"]["pw"]["size"], v1.len());
+    }
+
+    #[tokio::test]
+    async fn data_endpoint_is_for_secrets_and_configs() {
+        let (app, _d) = app();
+        for (kind, plural) in [("Secret", "secrets"), ("Config", "configs")] {
+            let (code, _) = call(
+                &app,
+                "POST",
+                &format!("/apis/berth/v1/{plural}"),
+                Some(object(
+                    kind,
+                    "app",
+                    json!({"stringData": {"a": "text"}, "data": {"b": b64("bytes")}}),
+                )),
+                true,
+            )
+            .await;
+            assert_eq!(code, 201);
+            let path = format!("/apis/berth/v1/{plural}/app/data");
+            let (code, data) = call(&app, "GET", &path, None, true).await;
+            assert_eq!(code, 200);
+            assert_eq!(data, json!({"data": {"a": b64("text"), "b": b64("bytes")}}));
+            let (code, _) = call(&app, "GET", &path, None, false).await;
+            assert_eq!(code, 401);
+            let (code, err) = call(
+                &app,
+                "GET",
+                &format!("/apis/berth/v1/{plural}/missing/data"),
+                None,
+                true,
+            )
+            .await;
+            assert_eq!(code, 404);
+            assert_eq!(err["message"], format!("{kind} `missing` not found"));
+        }
+        // Configs are shown in clear.
+        let (_, cfg) = call(&app, "GET", "/apis/berth/v1/configs/app", None, true).await;
+        assert_eq!(cfg["spec"]["stringData"]["a"], "text");
+        let (code, _) = call(
+            &app,
+            "POST",
+            "/apis/berth/v1/services",
+            Some(svc("app", json!(1))),
+            true,
+        )
+        .await;
+        assert_eq!(code, 201);
+        for path in [
+            "/apis/berth/v1/services/app/data",
+            "/apis/berth/v1/networks/x/data",
+        ] {
+            let (code, err) = call(&app, "GET", path, None, true).await;
+            assert_eq!(code, 404, "{path}");
+            assert!(
+                err["message"].as_str().unwrap().contains("has no data"),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn objects_used_by_services_cannot_be_deleted() {
+        let (app, _d) = app();
+        let deps = [
+            object("Secret", "db", json!({"stringData": {"pw": "x"}})),
+            object("Config", "nginx", json!({"stringData": {"conf": "x"}})),
+            object("Volume", "pgdata", json!({})),
+            object("Network", "backend", json!({})),
+            object("Network", "berth-internal", json!({})),
+        ];
+        let full = json!({"image": "a:1", "secrets": [{"name": "db"}], "configs": [{"name": "nginx"}],
+                          "volumes": [{"target": "/data", "volume": "pgdata"}], "networks": ["backend"]});
+        let mut items = deps.to_vec();
+        items.push(object("Service", "api", full.clone()));
+        items.push(object("Service", "worker", full));
+        let (code, r) = call(
+            &app,
+            "POST",
+            "/apis/berth/v1/apply",
+            Some(json!({"items": items})),
+            true,
+        )
+        .await;
+        assert_eq!(code, 200, "{r}");
+        for (plural, kind, name) in [
+            ("secrets", "Secret", "db"),
+            ("configs", "Config", "nginx"),
+            ("volumes", "Volume", "pgdata"),
+            ("networks", "Network", "backend"),
+        ] {
+            let path = format!("/apis/berth/v1/{plural}/{name}");
+            let (code, err) = call(&app, "DELETE", &path, None, true).await;
+            assert_eq!(code, 409, "{path}: {err}");
+            assert_eq!(err["reason"], "InUse");
+            assert_eq!(
+                err["message"],
+                format!(
+                    "{kind} `{name}` is used by service/api, service/worker; remove those references first"
+                )
+            );
+            let (code, _) = call(&app, "GET", &path, None, true).await;
+            assert_eq!(code, 200, "a refused delete keeps the object");
+        }
+        // The default network cannot be deleted even when nothing uses it.
+        let (code, err) = call(
+            &app,
+            "DELETE",
+            "/apis/berth/v1/networks/berth-internal",
+            None,
+            true,
+        )
+        .await;
+        assert_eq!(code, 409, "{err}");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("the default network cannot be deleted"),
+            "{err}"
+        );
+
+        // worker drops every reference (and so joins the default network); api is deleted.
+        let (code, r) = call(
+            &app,
+            "PUT",
+            "/apis/berth/v1/services/worker",
+            Some(svc("worker", json!(1))),
+            true,
+        )
+        .await;
+        assert_eq!(code, 200, "{r}");
+        let (code, err) = call(&app, "DELETE", "/apis/berth/v1/secrets/db", None, true).await;
+        assert_eq!(code, 409);
+        assert_eq!(
+            err["message"],
+            "Secret `db` is used by service/api; remove those references first"
+        );
+        let (code, _) = call(&app, "DELETE", "/apis/berth/v1/services/api", None, true).await;
+        assert_eq!(code, 200);
+        for path in [
+            "/apis/berth/v1/secrets/db",
+            "/apis/berth/v1/configs/nginx",
+            "/apis/berth/v1/volumes/pgdata",
+            "/apis/berth/v1/networks/backend",
+        ] {
+            let (code, r) = call(&app, "DELETE", path, None, true).await;
+            assert_eq!(code, 200, "{path}: {r}");
+        }
+        let (code, _) = call(
+            &app,
+            "DELETE",
+            "/apis/berth/v1/networks/berth-internal",
+            None,
+            true,
+        )
+        .await;
+        assert_eq!(code, 409);
     }
 }

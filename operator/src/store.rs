@@ -2,11 +2,21 @@
 //! object, the event history and the outbox, and is flushed to disk before it is acknowledged, so a
 //! `kill -9` right after a reply loses nothing. Events leave through the outbox (see `publisher.rs`):
 //! a crash between commit and publish delays an event, it never loses it.
+//!
+//! Secrets are sealed before they reach sled: a stored Secret's `spec` is
+//! `{"sealed": "<base64(nonce || ciphertext)>"}` (XChaCha20-Poly1305, see `crypto.rs`), bound to
+//! `secret/<name>`. `get` and `list` open it again, so callers inside the process see plaintext; the
+//! API redacts it. Events carry no spec, so neither the history nor the outbox holds a value.
+//!
+//! One async write lock serialises every write. That makes "is this Secret still used by a Service?"
+//! and the delete that follows one step: no Service can start using it in between.
 
+use crate::crypto::{MasterKey, Sealer};
+use berth_api_types::service::ServiceSpec;
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use berth_controllers::client::{ApplyOutcome, ApplyResult};
 use chrono::Utc;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use std::path::Path;
@@ -29,6 +39,23 @@ pub enum StoreError {
         expected: String,
         actual: String,
     },
+    /// Deleting an object a Service still refers to.
+    #[error("{kind} `{name}` is used by {}; remove those references first", users.join(", "))]
+    InUse {
+        kind: Kind,
+        name: String,
+        users: Vec<String>,
+    },
+    /// Deleting an object berth itself needs.
+    #[error("{kind} `{name}` {why}")]
+    Protected {
+        kind: Kind,
+        name: String,
+        why: String,
+    },
+    /// The master key cannot open what this store holds: it is not the key the store was used with.
+    #[error("the master key ({source_}) cannot decrypt the Secrets in {dir}: it is not the key they were sealed with; start with the original key (BERTH_MASTER_KEY or <data-dir>/master.key)")]
+    WrongKey { dir: String, source_: String },
     #[error("storage failure: {0}")]
     Storage(String),
 }
@@ -79,6 +106,10 @@ pub struct Store {
     /// Live feed for `events --watch` (after commit, in commit order per writer).
     watchers: broadcast::Sender<Event>,
     instance: String,
+    /// Seals Secret specs on write and opens them on read.
+    sealer: Sealer,
+    /// Held by every write (see the module comment).
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn key(kind: Kind, name: &str) -> String {
@@ -93,12 +124,34 @@ fn decode(bytes: &[u8]) -> Result<DynObject, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Storage(format!("corrupt object: {e}")))
 }
 
+/// Associated data of a sealed Secret spec: the object's key, so a blob only opens where it was written.
+fn sealed_aad(name: &str) -> String {
+    key(Kind::Secret, name)
+}
+
+/// The sealed blob of a stored spec, if it is in sealed form (`{"sealed": "..."}`, nothing else).
+fn sealed_blob(spec: &Value) -> Option<&str> {
+    let m = spec.as_object()?;
+    if m.len() != 1 {
+        return None;
+    }
+    m.get("sealed")?.as_str()
+}
+
+/// Key-check entry in `meta`: a known plaintext sealed under the master key at first open, so a
+/// wrong key is refused at start rather than discovered on the first read of a Secret.
+const KEY_CHECK: &str = "key-check";
+const KEY_CHECK_AAD: &[u8] = b"berth/key-check";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"berth master key check v1";
+
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("JSON values always encode")
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store. A store that was used with another master key is refused with
+    /// `WrongKey`; Secrets stored unsealed (by a version before encryption) are sealed here.
+    pub fn open(dir: &Path, key: &MasterKey) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
@@ -114,8 +167,30 @@ impl Store {
                 id
             }
         };
+        let sealer = key.sealer();
+        match meta.get(KEY_CHECK)? {
+            Some(v) => {
+                let ok = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| sealer.open(KEY_CHECK_AAD, s).ok())
+                    .is_some_and(|p| p == KEY_CHECK_PLAINTEXT);
+                if !ok {
+                    return Err(StoreError::WrongKey {
+                        dir: dir.display().to_string(),
+                        source_: key.source().to_string(),
+                    });
+                }
+            }
+            None => {
+                meta.insert(
+                    KEY_CHECK,
+                    sealer.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT).as_bytes(),
+                )?;
+                db.flush()?;
+            }
+        }
         let (watchers, _) = broadcast::channel(1024);
-        Ok(Store {
+        let store = Store {
             objects: db.open_tree("objects")?,
             events: db.open_tree("events")?,
             outbox: db.open_tree("outbox")?,
@@ -125,7 +200,76 @@ impl Store {
             outbox_ready: Arc::new(Notify::new()),
             watchers,
             instance,
+            sealer,
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        store.seal_unsealed()?;
+        Ok(store)
+    }
+
+    /// Seals any Secret stored in clear (written before encryption at rest existed).
+    fn seal_unsealed(&self) -> Result<(), StoreError> {
+        let mut sealed_any = false;
+        for item in self
+            .objects
+            .scan_prefix(format!("{}/", Kind::Secret.lower()))
+        {
+            let (k, v) = item?;
+            let obj = decode(&v)?;
+            if sealed_blob(&obj.spec).is_none() {
+                self.objects.insert(k, self.encode_obj(&obj))?;
+                sealed_any = true;
+            }
+        }
+        if sealed_any {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    /// An object as stored: a Secret's spec sealed, everything else as is.
+    fn encode_obj(&self, obj: &DynObject) -> Vec<u8> {
+        if obj.kind != Kind::Secret {
+            return encode(obj);
+        }
+        let plaintext = encode(&obj.spec);
+        let sealed = self
+            .sealer
+            .seal(sealed_aad(&obj.metadata.name).as_bytes(), &plaintext);
+        encode(&DynObject {
+            api_version: obj.api_version.clone(),
+            kind: obj.kind,
+            metadata: obj.metadata.clone(),
+            spec: json!({ "sealed": sealed }),
+            status: obj.status.clone(),
         })
+    }
+
+    /// A stored object as callers see it: a Secret's spec opened. Errors name the object, never a value.
+    fn decode_obj(&self, bytes: &[u8]) -> Result<DynObject, StoreError> {
+        let mut obj = decode(bytes)?;
+        if obj.kind != Kind::Secret {
+            return Ok(obj);
+        }
+        let name = obj.metadata.name.clone();
+        let Some(blob) = sealed_blob(&obj.spec) else {
+            return Err(StoreError::Storage(format!(
+                "Secret `{name}` is stored without encryption; restart the API server to seal it"
+            )));
+        };
+        let plaintext = self
+            .sealer
+            .open(sealed_aad(&name).as_bytes(), blob)
+            .map_err(|_| {
+                StoreError::Storage(format!(
+                    "Secret `{name}` cannot be decrypted: it was sealed with another master key, \
+                     for another object, or was altered"
+                ))
+            })?;
+        obj.spec = serde_json::from_slice(&plaintext).map_err(|_| {
+            StoreError::Storage(format!("Secret `{name}` decrypts to an unreadable spec"))
+        })?;
+        Ok(obj)
     }
 
     /// This installation's id, created at first start; stamped on every Swarm object berth creates.
@@ -144,7 +288,7 @@ impl Store {
     pub fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, StoreError> {
         self.objects
             .get(key(kind, name))?
-            .map(|b| decode(&b))
+            .map(|b| self.decode_obj(&b))
             .transpose()
     }
 
@@ -152,7 +296,7 @@ impl Store {
         self.objects
             .scan_prefix(format!("{}/", kind.lower()))
             .values()
-            .map(|v| decode(&v?))
+            .map(|v| self.decode_obj(&v?))
             .collect()
     }
 
@@ -190,6 +334,7 @@ impl Store {
             }
             return Ok(out);
         }
+        let guard = self.write_lock.lock().await;
         let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
         let (out, emitted) = trees.transaction(|(objs, events, outbox, meta)| {
             let mut rv = current_rv(meta)?;
@@ -197,8 +342,9 @@ impl Store {
             let mut emitted = Vec::new();
             for (i, incoming) in objects.iter().enumerate() {
                 let k = key(incoming.kind, &incoming.metadata.name);
+                // Plaintext on both sides, so "unchanged" and `generation` see through the sealing.
                 let old = match objs.get(k.as_bytes())? {
-                    Some(b) => Some(decode(&b).or_else(abort)?),
+                    Some(b) => Some(self.decode_obj(&b).or_else(abort)?),
                     None => None,
                 };
                 let (obj, outcome) = plan(
@@ -212,7 +358,7 @@ impl Store {
                 )
                 .or_else(abort)?;
                 if outcome != ApplyOutcome::Unchanged {
-                    objs.insert(k.as_bytes(), encode(&obj))?;
+                    objs.insert(k.as_bytes(), self.encode_obj(&obj))?;
                     let ev = make_event(&ids[i], EventType::Applied, &obj, now, String::new());
                     record_event(events, outbox, &ev)?;
                     emitted.push(ev);
@@ -222,8 +368,36 @@ impl Store {
             meta.insert("rv", &rv.to_be_bytes())?;
             Ok((out, emitted))
         })?;
+        drop(guard);
         self.committed(emitted).await?;
         Ok(out)
+    }
+
+    /// Creates the default Network (`spec: {}`) unless it exists, through the normal write path (so
+    /// an `Applied` event goes out). Returns whether it was created.
+    pub async fn ensure_network(&self, name: &str) -> Result<bool, StoreError> {
+        if self.get(Kind::Network, name)?.is_some() {
+            return Ok(false);
+        }
+        let obj = berth_api_types::typed::decode_object(&json!({
+            "apiVersion": berth_api_types::names::API_VERSION,
+            "kind": "Network",
+            "metadata": {"name": name},
+            "spec": {},
+        }))
+        .map_err(|errs| {
+            let why: Vec<String> = errs.iter().map(ToString::to_string).collect();
+            StoreError::Storage(format!(
+                "the default network `{name}` is not a valid Network: {}",
+                why.join("; ")
+            ))
+        })?;
+        match self.write(vec![obj], WriteMode::Create, None, false).await {
+            Ok(_) => Ok(true),
+            // Created meanwhile by someone else: just as good.
+            Err(StoreError::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn current_rv_now(&self) -> Result<u64, StoreError> {
@@ -252,8 +426,74 @@ impl Store {
         .await
     }
 
-    pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, StoreError> {
-        self.modify(kind, name, |_| Some(Change::Remove)).await
+    /// Deletes an object, unless a Service still uses it (a Secret, Config, Volume or Network it
+    /// refers to; a Service that lists no networks uses `default_network`) or it is the default
+    /// network itself. The check and the delete happen under the write lock, so no write can add a
+    /// reference in between.
+    pub async fn delete(
+        &self,
+        kind: Kind,
+        name: &str,
+        default_network: &str,
+    ) -> Result<DynObject, StoreError> {
+        let guard = self.write_lock.lock().await;
+        if self.objects.contains_key(key(kind, name))? {
+            self.check_unused(kind, name, default_network)?;
+        }
+        let result = self.modify_locked(kind, name, |_| Some(Change::Remove));
+        drop(guard);
+        self.finish(result).await
+    }
+
+    /// Refuses to delete what a Service uses or what berth needs (call with the write lock held).
+    fn check_unused(
+        &self,
+        kind: Kind,
+        name: &str,
+        default_network: &str,
+    ) -> Result<(), StoreError> {
+        if !matches!(
+            kind,
+            Kind::Secret | Kind::Config | Kind::Volume | Kind::Network
+        ) {
+            return Ok(());
+        }
+        if kind == Kind::Network && name == default_network {
+            return Err(StoreError::Protected {
+                kind,
+                name: name.to_string(),
+                why: "is the default network (services that list no networks join it); \
+                      the default network cannot be deleted"
+                    .to_string(),
+            });
+        }
+        let mut users = Vec::new();
+        for svc in self.list(Kind::Service)? {
+            let spec: ServiceSpec = serde_json::from_value(svc.spec).map_err(|e| {
+                StoreError::Storage(format!(
+                    "cannot check whether service/{} uses {kind} `{name}`: its stored spec does \
+                     not parse: {e}",
+                    svc.metadata.name
+                ))
+            })?;
+            let uses = if kind == Kind::Network && spec.networks.is_empty() {
+                name == default_network
+            } else {
+                spec.references(kind).contains(&name)
+            };
+            if uses {
+                users.push(format!("service/{}", svc.metadata.name));
+            }
+        }
+        if users.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::InUse {
+                kind,
+                name: name.to_string(),
+                users,
+            })
+        }
     }
 
     /// Read-modify-write of one existing object in one transaction, with its event. `change` returns
@@ -264,18 +504,43 @@ impl Store {
         name: &str,
         change: impl Fn(&DynObject) -> Option<Change>,
     ) -> Result<DynObject, StoreError> {
+        let guard = self.write_lock.lock().await;
+        let result = self.modify_locked(kind, name, change);
+        drop(guard);
+        self.finish(result).await
+    }
+
+    /// Makes the result of `modify_locked` durable and announces its event (after the lock is released).
+    async fn finish(
+        &self,
+        result: Result<(DynObject, Option<Event>), StoreError>,
+    ) -> Result<DynObject, StoreError> {
+        let (obj, emitted) = result?;
+        if let Some(ev) = emitted {
+            self.committed(vec![ev]).await?;
+        }
+        Ok(obj)
+    }
+
+    /// The transaction of `modify`; the caller holds the write lock.
+    fn modify_locked(
+        &self,
+        kind: Kind,
+        name: &str,
+        change: impl Fn(&DynObject) -> Option<Change>,
+    ) -> Result<(DynObject, Option<Event>), StoreError> {
         let now = Utc::now();
         let id = self.next_id();
         let k = key(kind, name);
         let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
-        let (obj, emitted) = trees.transaction(|(objs, events, outbox, meta)| {
+        let result = trees.transaction(|(objs, events, outbox, meta)| {
             let Some(b) = objs.get(k.as_bytes())? else {
                 return abort(StoreError::NotFound {
                     kind,
                     name: name.to_string(),
                 });
             };
-            let old = decode(&b).or_else(abort)?;
+            let old = self.decode_obj(&b).or_else(abort)?;
             let Some(change) = change(&old) else {
                 return Ok((old, None));
             };
@@ -294,7 +559,7 @@ impl Store {
             };
             obj.metadata.resource_version = Some(rv.to_string());
             if type_ != EventType::Deleted {
-                objs.insert(k.as_bytes(), encode(&obj))?;
+                objs.insert(k.as_bytes(), self.encode_obj(&obj))?;
             }
             let message = match type_ {
                 EventType::StatusChanged => ready_message(&obj),
@@ -304,10 +569,7 @@ impl Store {
             record_event(events, outbox, &ev)?;
             Ok((obj, Some(ev)))
         })?;
-        if let Some(ev) = emitted {
-            self.committed(vec![ev]).await?;
-        }
-        Ok(obj)
+        Ok(result)
     }
 
     /// Makes a commit durable, then lets the publisher and watchers know.
@@ -521,6 +783,10 @@ mod tests {
     use berth_api_types::typed::decode_object;
     use serde_json::json;
 
+    fn test_key() -> MasterKey {
+        MasterKey::from_bytes([42u8; 32], "test key")
+    }
+
     fn svc(name: &str, replicas: u64) -> DynObject {
         decode_object(&json!({
             "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name},
@@ -540,7 +806,7 @@ mod tests {
     #[tokio::test]
     async fn generation_moves_only_with_spec() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
         let r = s
             .write(vec![svc("web", 1)], WriteMode::Upsert, None, false)
             .await
@@ -589,7 +855,9 @@ mod tests {
         assert_eq!(o.metadata.generation, 2);
         assert_eq!(o.status, json!({"a": 1}));
 
-        s.delete(Kind::Service, "web").await.unwrap();
+        s.delete(Kind::Service, "web", "berth-internal")
+            .await
+            .unwrap();
         assert!(s.get(Kind::Service, "web").unwrap().is_none());
         assert_eq!(
             outbox_types(&s),
@@ -607,7 +875,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
         s.write(vec![svc("b", 1)], WriteMode::Create, None, false)
             .await
             .unwrap();
@@ -631,7 +899,7 @@ mod tests {
     #[tokio::test]
     async fn dry_run_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
         let r = s
             .write(vec![svc("a", 1)], WriteMode::Upsert, None, true)
             .await
@@ -644,7 +912,7 @@ mod tests {
     #[tokio::test]
     async fn conditional_writes_detect_conflicts() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
         let r = s
             .write(vec![svc("a", 1)], WriteMode::Create, None, false)
             .await
@@ -674,7 +942,7 @@ mod tests {
     async fn survives_reopen_with_instance_and_counter() {
         let dir = tempfile::tempdir().unwrap();
         let (instance, rv) = {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).unwrap();
             let r = s
                 .write(vec![svc("a", 1)], WriteMode::Create, None, false)
                 .await
@@ -684,7 +952,7 @@ mod tests {
                 r[0].1.metadata.resource_version.clone().unwrap(),
             )
         };
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
         assert_eq!(s.instance(), instance);
         assert!(s.get(Kind::Service, "a").unwrap().is_some());
         let r = s
@@ -703,5 +971,296 @@ mod tests {
             rv2 > rv.parse::<u64>().unwrap(),
             "resourceVersion keeps increasing across restarts"
         );
+    }
+
+    fn obj(v: Value) -> DynObject {
+        decode_object(&v).unwrap()
+    }
+
+    fn secret(name: &str, data: Value) -> DynObject {
+        obj(
+            json!({"apiVersion": "berth/v1", "kind": "Secret", "metadata": {"name": name}, "spec": data}),
+        )
+    }
+
+    /// Every byte of every file under `dir`.
+    fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        out
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[tokio::test]
+    async fn secrets_are_sealed_at_rest() {
+        use base64::Engine;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
+        let text = "zebra-marmalade-4711-TEXT";
+        let bin = "okapi-quince-9932-BINARY";
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &test_key()).unwrap();
+            s.write(
+                vec![
+                    secret(
+                        "db",
+                        json!({"stringData": {"pw": text}, "data": {"blob": b64(bin.as_bytes())}}),
+                    ),
+                    obj(json!({"apiVersion": "berth/v1", "kind": "Config", "metadata": {"name": "plain"},
+                               "spec": {"stringData": {"conf": "visible-config-value"}}})),
+                ],
+                WriteMode::Upsert,
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+            // In-process readers see plaintext.
+            let got = s.get(Kind::Secret, "db").unwrap().unwrap();
+            assert_eq!(got.spec["stringData"]["pw"], text);
+            assert_eq!(s.list(Kind::Secret).unwrap()[0].spec, got.spec);
+            // Status writes re-seal; events and the outbox get entries of their own.
+            s.update_status(Kind::Secret, "db", json!({"observed": 1}))
+                .await
+                .unwrap();
+            let stored = decode(&s.objects.get("secret/db").unwrap().unwrap()).unwrap();
+            assert!(sealed_blob(&stored.spec).is_some(), "{}", stored.spec);
+            s.db.flush().unwrap();
+        }
+        let files = all_files(dir.path());
+        assert!(!files.is_empty());
+        let mut saw_config = false;
+        for (path, bytes) in &files {
+            for needle in [
+                text.to_string(),
+                b64(text.as_bytes()),
+                bin.to_string(),
+                b64(bin.as_bytes()),
+            ] {
+                assert!(
+                    !contains(bytes, needle.as_bytes()),
+                    "{path} holds a secret value in clear"
+                );
+            }
+            saw_config |= contains(bytes, b"visible-config-value");
+        }
+        assert!(
+            saw_config,
+            "Configs are stored in clear (and the scan does see values)"
+        );
+
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let got = s.get(Kind::Secret, "db").unwrap().unwrap();
+        assert_eq!(got.spec["stringData"]["pw"], text);
+        drop(s);
+
+        let other = MasterKey::from_bytes([7u8; 32], "BERTH_MASTER_KEY");
+        let err = Store::open(dir.path(), &other).err().unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{msg}");
+        assert!(
+            msg.contains("BERTH_MASTER_KEY") && msg.contains("not the key they were sealed with"),
+            "{msg}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sealed_blob_only_opens_where_it_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        s.write(
+            vec![
+                secret("a", json!({"stringData": {"k": "value-of-a"}})),
+                secret("b", json!({"stringData": {"k": "value-of-b"}})),
+            ],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        // Move a's sealed spec into b: authenticated as `secret/a`, it must not open as `secret/b`.
+        let a = decode(&s.objects.get("secret/a").unwrap().unwrap()).unwrap();
+        let mut b = decode(&s.objects.get("secret/b").unwrap().unwrap()).unwrap();
+        b.spec = a.spec;
+        s.objects.insert("secret/b", encode(&b)).unwrap();
+        let err = s.get(Kind::Secret, "b").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, StoreError::Storage(_)));
+        assert!(msg.contains("Secret `b` cannot be decrypted"), "{msg}");
+        assert!(!msg.contains("value-of"), "{msg}");
+        assert!(s.get(Kind::Secret, "a").is_ok());
+    }
+
+    #[tokio::test]
+    async fn unsealed_secrets_are_sealed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &test_key()).unwrap();
+            // As an older version would have stored it.
+            let old = secret("old", json!({"stringData": {"k": "legacy-clear-value"}}));
+            s.objects.insert("secret/old", encode(&old)).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let stored = decode(&s.objects.get("secret/old").unwrap().unwrap()).unwrap();
+        assert!(sealed_blob(&stored.spec).is_some());
+        assert_eq!(
+            s.get(Kind::Secret, "old").unwrap().unwrap().spec["stringData"]["k"],
+            "legacy-clear-value"
+        );
+    }
+
+    #[tokio::test]
+    async fn secret_generation_compares_plaintext() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let write = |v: &str| {
+            let s = s.clone();
+            let o = secret("db", json!({"stringData": {"pw": v}}));
+            async move { s.write(vec![o], WriteMode::Upsert, None, false).await }
+        };
+        let r = write("one").await.unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Created);
+        let r = write("one").await.unwrap();
+        assert_eq!(
+            r[0].0.outcome,
+            ApplyOutcome::Unchanged,
+            "fresh nonces do not make a change"
+        );
+        assert_eq!(r[0].1.metadata.generation, 1);
+        let r = write("two").await.unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Configured);
+        assert_eq!(r[0].1.metadata.generation, 2);
+    }
+
+    fn user(name: &str, spec: Value) -> DynObject {
+        obj(
+            json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}),
+        )
+    }
+
+    #[tokio::test]
+    async fn objects_in_use_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let net = |n: &str| {
+            obj(
+                json!({"apiVersion": "berth/v1", "kind": "Network", "metadata": {"name": n}, "spec": {}}),
+            )
+        };
+        s.write(
+            vec![
+                secret("db", json!({"stringData": {"pw": "x"}})),
+                secret("idle", json!({"stringData": {"pw": "x"}})),
+                net("backend"),
+                net("berth-internal"),
+                net("custom-default"),
+                user(
+                    "api",
+                    json!({"image": "a", "secrets": [{"name": "db"}], "networks": ["backend"]}),
+                ),
+                user("worker", json!({"image": "a", "secrets": [{"name": "db"}]})),
+            ],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .delete(Kind::Secret, "db", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InUse { .. }));
+        assert_eq!(
+            err.to_string(),
+            "Secret `db` is used by service/api, service/worker; remove those references first"
+        );
+        // `worker` lists no networks, so it uses the configured default, not the built-in name.
+        let err = s
+            .delete(Kind::Network, "backend", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("used by service/api;"), "{err}");
+        s.delete(Kind::Network, "berth-internal", "custom-default")
+            .await
+            .unwrap();
+        let err = s
+            .delete(Kind::Network, "custom-default", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Protected { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains("the default network cannot be deleted"));
+        s.delete(Kind::Secret, "idle", "custom-default")
+            .await
+            .unwrap();
+        // Missing objects are NotFound, not InUse, even when something refers to them.
+        s.write(
+            vec![user(
+                "x",
+                json!({"image": "a", "secrets": [{"name": "ghost"}]}),
+            )],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .delete(Kind::Secret, "ghost", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+        // Once the references are gone, the delete goes through.
+        s.delete(Kind::Service, "worker", "custom-default")
+            .await
+            .unwrap();
+        s.write(
+            vec![user("api", json!({"image": "a"}))],
+            WriteMode::Replace,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        s.delete(Kind::Secret, "db", "custom-default")
+            .await
+            .unwrap();
+        s.delete(Kind::Network, "backend", "custom-default")
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn default_network_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        assert!(s.ensure_network("berth-internal").await.unwrap());
+        assert!(!s.ensure_network("berth-internal").await.unwrap());
+        let n = s.get(Kind::Network, "berth-internal").unwrap().unwrap();
+        assert_eq!(n.spec, json!({}));
+        assert_eq!(n.metadata.generation, 1);
+        assert_eq!(
+            outbox_types(&s),
+            vec![(EventType::Applied, "berth-internal".into(), 1)]
+        );
+        let err = s.ensure_network("Bad_Name").await.unwrap_err();
+        assert!(err.to_string().contains("not a valid Network"), "{err}");
     }
 }

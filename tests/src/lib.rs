@@ -147,6 +147,10 @@ pub struct Berth {
     extra: Vec<String>,
     /// `up` (everything in one process) or `api` (the API server alone).
     subcommand: &'static str,
+    /// This berth's default network: unique, because tests share one Swarm.
+    pub default_network: String,
+    /// The installation id, read from the API once it is up; its labels find what it created.
+    pub instance: String,
 }
 
 impl Berth {
@@ -177,6 +181,8 @@ impl Berth {
             token: String::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             subcommand,
+            default_network: prefix("net"),
+            instance: String::new(),
         };
         b.spawn();
         b
@@ -194,6 +200,8 @@ impl Berth {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--default-network")
+            .arg(&self.default_network)
             .args(&self.extra)
             .env("BERTH_LOG", "info,berth=debug,berth_controllers=debug")
             .stdout(log.try_clone().expect("log"))
@@ -218,7 +226,13 @@ impl Berth {
                 std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap_or_default();
             if healthy && !token.trim().is_empty() {
                 self.token = token.trim().to_string();
-                return;
+                let info = self.cli(&["info", "-o", "json"]);
+                if info.success {
+                    let v: serde_json::Value =
+                        serde_json::from_str(&info.stdout).expect("berth info -o json");
+                    self.instance = v["instance"].as_str().unwrap_or_default().to_string();
+                    return;
+                }
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
@@ -369,16 +383,51 @@ impl Drop for Berth {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
+            let mut exited = false;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
-                    return;
+                    exited = true;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            if !exited {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        // Whatever this installation created, found by its instance label (never anyone else's).
+        if !self.instance.is_empty() {
+            let label = format!("label=io.berth.instance={}", self.instance);
+            remove_services(&ids(&["service", "ls", "-q", "--filter", &label]));
+            for family in ["network", "secret", "config", "volume"] {
+                let found = ids(&[family, "ls", "-q", "--filter", &label]);
+                if !found.is_empty() {
+                    let mut args = vec![family, "rm"];
+                    args.extend(found.iter().map(String::as_str));
+                    let _ = Command::new("docker")
+                        .args(&args)
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
         }
     }
+}
+
+/// IDs printed by a `docker ... ls -q` command.
+fn ids(args: &[&str]) -> Vec<String> {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Removes every Swarm service whose name starts with the prefix when dropped — also when the test
@@ -397,51 +446,55 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let out = Command::new("docker")
-            .args(["service", "ls", "-q", "--filter"])
-            .arg(format!("name={}", self.prefix))
-            .output();
-        let Ok(out) = out else { return };
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_string)
-            .collect();
-        if ids.is_empty() {
-            return;
-        }
-        // Engine 20.10's swarmkit dereferences a nil task (SetServiceTasksRemove) when a service
-        // is removed while the task reaper deletes that service's tasks — right after a scale-down,
-        // or in a crash loop — and the whole dockerd dies. So scale to zero first, let the reaper
-        // finish, and only then remove: the removal then has no tasks to race with.
-        let quiet = |args: &[&str]| {
-            Command::new("docker")
-                .args(args)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-        };
-        let scale: Vec<String> = ids.iter().map(|id| format!("{id}=0")).collect();
-        let mut args = vec!["service", "scale", "-d"];
-        args.extend(scale.iter().map(String::as_str));
-        let _ = quiet(&args);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let tasks = Command::new("docker")
-                .args(["service", "ps", "-q"])
-                .args(&ids)
-                .stderr(Stdio::null())
-                .output();
-            match tasks {
-                Ok(t) if t.status.success() && !t.stdout.iter().all(u8::is_ascii_whitespace) => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                _ => break,
-            }
-        }
-        let mut args = vec!["service", "rm"];
-        args.extend(ids.iter().map(String::as_str));
-        let _ = quiet(&args);
+        let services = ids(&[
+            "service",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name={}", self.prefix),
+        ]);
+        remove_services(&services);
     }
+}
+
+/// Removes Swarm services safely.
+///
+/// Engine 20.10's swarmkit dereferences a nil task (SetServiceTasksRemove) when a service is removed
+/// while the task reaper deletes that service's tasks — right after a scale-down, or in a crash loop —
+/// and the whole dockerd dies. So scale to zero first, let the reaper finish, and only then remove:
+/// the removal then has no tasks to race with.
+fn remove_services(ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    let quiet = |args: &[&str]| {
+        Command::new("docker")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+    };
+    let scale: Vec<String> = ids.iter().map(|id| format!("{id}=0")).collect();
+    let mut args = vec!["service", "scale", "-d"];
+    args.extend(scale.iter().map(String::as_str));
+    let _ = quiet(&args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let tasks = Command::new("docker")
+            .args(["service", "ps", "-q"])
+            .args(ids)
+            .stderr(Stdio::null())
+            .output();
+        match tasks {
+            Ok(t) if t.status.success() && !t.stdout.iter().all(u8::is_ascii_whitespace) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            _ => break,
+        }
+    }
+    let mut args = vec!["service", "rm"];
+    args.extend(ids.iter().map(String::as_str));
+    let _ = quiet(&args);
 }
 
 /// Writes a manifest into a fresh temporary directory and returns (dir guard, file path).

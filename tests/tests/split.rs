@@ -40,6 +40,8 @@ async fn api_and_controller_as_separate_processes() {
         "the API server alone must not touch Swarm"
     );
 
+    // Services join the default network, which the network controller creates.
+    let mut net = api.start_controller("network");
     let mut ctl = api.start_controller("service");
     wait_for(
         Duration::from_secs(30),
@@ -71,6 +73,11 @@ async fn api_and_controller_as_separate_processes() {
     )
     .await;
     assert!(ctl.is_running(), "controller exited:\n{}", ctl.log_text());
+    assert!(
+        net.is_running(),
+        "network controller exited:\n{}",
+        net.log_text()
+    );
 
     api.cli_ok(&["delete", "service", &name]);
     wait_for(

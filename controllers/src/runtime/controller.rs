@@ -8,7 +8,7 @@ use super::queue::WorkQueue;
 use crate::bus::{BusMessage, EventBus};
 use crate::client::ResourceStore;
 use async_trait::async_trait;
-use berth_api_types::{EventType, Kind};
+use berth_api_types::{Event, EventType, Kind};
 use bollard::models::EventMessage;
 use bollard::query_parameters::EventsOptions;
 use bollard::Docker;
@@ -54,6 +54,12 @@ pub trait Reconciler: Send + Sync + 'static {
     /// an engine object whose berth object is gone (deleted while the controller was down) is removed.
     async fn engine_names(&self) -> Result<Vec<String>, Self::Error>;
 
+    /// Removes engine objects the controller made that nothing needs any more (e.g. old contents of
+    /// a rotated secret). Called on every resync; failures are logged and retried next time.
+    async fn collect_garbage(&self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Engine event types to watch (`service`, `container`, ...); empty: no engine watch.
     fn engine_event_types(&self) -> Vec<&'static str> {
         Vec::new()
@@ -62,6 +68,17 @@ pub trait Reconciler: Send + Sync + 'static {
     /// The object name an engine event concerns, if any.
     fn map_engine_event(&self, _event: &EventMessage) -> Option<String> {
         None
+    }
+
+    /// Other kinds this controller depends on: their events (of every type, status included) are
+    /// mapped to objects of this kind with `map_related`.
+    fn watches(&self) -> Vec<Kind> {
+        Vec::new()
+    }
+
+    /// The objects of this kind that an event of a watched kind concerns.
+    async fn map_related(&self, _event: &Event) -> Vec<String> {
+        Vec::new()
     }
 }
 
@@ -214,6 +231,9 @@ async fn resync_all<R: Reconciler>(
             ok = false;
         }
     }
+    if let Err(e) = reconciler.collect_garbage().await {
+        warn!(%kind, error = %e, "resync: garbage collection failed; will retry");
+    }
     ok
 }
 
@@ -245,12 +265,19 @@ async fn bus_intake<R: Reconciler>(
     reconciler: Arc<R>,
 ) {
     let mut retry = Duration::from_millis(200);
+    let mut kinds = vec![kind];
+    kinds.extend(reconciler.watches());
     loop {
-        match bus.subscribe(&[kind], durable.as_deref()).await {
+        match bus.subscribe(&kinds, durable.as_deref()).await {
             Ok(mut events) => {
                 retry = Duration::from_millis(200);
                 while let Some(msg) = events.next().await {
                     match msg {
+                        BusMessage::Event(e) if e.kind != kind => {
+                            for name in reconciler.map_related(&e).await {
+                                queue.add(name);
+                            }
+                        }
                         // Our own status writes are not a reason to look again.
                         BusMessage::Event(e) if e.type_ == EventType::StatusChanged => {}
                         BusMessage::Event(e) => queue.add(e.name),
@@ -316,7 +343,7 @@ mod tests {
     use super::*;
     use crate::bus::EmbeddedBus;
     use crate::client::ClientError;
-    use berth_api_types::{DynObject, Event};
+    use berth_api_types::DynObject;
     use std::sync::Mutex;
     use tokio::time::Instant;
 

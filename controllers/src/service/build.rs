@@ -2,17 +2,22 @@
 //! so it is unit-tested without Docker. Also the two comparisons the reconcile needs: the spec hash
 //! stamped as a label, and "does the engine's spec still contain everything we asked for".
 
+use super::deps::{file_target, FileKind, Resolved};
 use berth_api_types::names::labels;
+use berth_api_types::service::VolumeMount;
 use berth_api_types::service::{
     FailureAction, RestartCondition, Service, ServiceMode, UpdateOrder, UpdatePolicy,
 };
 use berth_api_types::Kind;
 use bollard::models::{
-    HealthConfig, Limit, ResourceObject, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
-    ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
-    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum, TaskSpec,
-    TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecPlacementPreferences,
+    HealthConfig, Limit, Mount, MountTmpfsOptions, MountType, MountVolumeOptions,
+    MountVolumeOptionsDriverConfig, NetworkAttachmentConfig, ResourceObject, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, ServiceSpecRollbackConfig,
+    ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, TaskSpec, TaskSpecContainerSpec,
+    TaskSpecContainerSpecConfigs, TaskSpecContainerSpecFile, TaskSpecContainerSpecFile1,
+    TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecPlacementPreferences,
     TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum,
 };
@@ -27,8 +32,9 @@ pub struct Built {
     pub hash: String,
 }
 
-/// Builds the Swarm service spec. `instance` is the berth installation id stamped on everything.
-pub fn build(svc: &Service, instance: &str) -> Built {
+/// Builds the Swarm service spec. `instance` is the berth installation id stamped on everything;
+/// `deps` are the Service's dependencies as they exist in Swarm.
+pub fn build(svc: &Service, instance: &str, deps: &Resolved) -> Built {
     let s = &svc.spec;
     let name = svc.metadata.name.clone();
     let uid = svc.metadata.uid.clone().unwrap_or_default();
@@ -74,6 +80,40 @@ pub fn build(svc: &Service, instance: &str) -> Built {
             start_period: h.start_period.as_ref().map(|d| nanos(d.as_nanos())),
             ..Default::default()
         }),
+        secrets: non_empty(
+            s.secrets
+                .iter()
+                .zip(&deps.secrets)
+                .map(|(r, f)| TaskSpecContainerSpecSecrets {
+                    file: Some(TaskSpecContainerSpecFile {
+                        name: Some(file_target(FileKind::Secret, r)),
+                        uid: Some(r.uid.clone().unwrap_or_else(|| "0".into())),
+                        gid: Some(r.gid.clone().unwrap_or_else(|| "0".into())),
+                        mode: Some(r.mode_bits().unwrap_or(0o444)),
+                    }),
+                    secret_id: Some(f.id.clone()),
+                    secret_name: Some(f.name.clone()),
+                })
+                .collect(),
+        ),
+        configs: non_empty(
+            s.configs
+                .iter()
+                .zip(&deps.configs)
+                .map(|(r, f)| TaskSpecContainerSpecConfigs {
+                    file: Some(TaskSpecContainerSpecFile1 {
+                        name: Some(file_target(FileKind::Config, r)),
+                        uid: Some(r.uid.clone().unwrap_or_else(|| "0".into())),
+                        gid: Some(r.gid.clone().unwrap_or_else(|| "0".into())),
+                        mode: Some(r.mode_bits().unwrap_or(0o444)),
+                    }),
+                    config_id: Some(f.id.clone()),
+                    config_name: Some(f.name.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        mounts: non_empty(s.volumes.iter().map(|v| mount(v, instance, deps)).collect()),
         ..Default::default()
     };
 
@@ -139,6 +179,15 @@ pub fn build(svc: &Service, instance: &str) -> Built {
             resources,
             restart_policy: restart,
             placement,
+            networks: non_empty(
+                deps.networks
+                    .iter()
+                    .map(|id| NetworkAttachmentConfig {
+                        target: Some(id.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
             ..Default::default()
         }),
         mode: Some(mode),
@@ -151,6 +200,60 @@ pub fn build(svc: &Service, instance: &str) -> Built {
         l.insert(labels::SPEC_HASH.into(), hash.clone());
     }
     Built { spec, hash }
+}
+
+/// One mount. A named volume carries its Volume's driver, options and labels: Swarm has no volume
+/// object of its own, and each node creates the volume from these on first use.
+fn mount(v: &VolumeMount, instance: &str, deps: &Resolved) -> Mount {
+    match (&v.volume, v.tmpfs) {
+        (Some(name), _) => {
+            let spec = deps.volumes.get(name).cloned().unwrap_or_default();
+            let mut vlabels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+            vlabels.insert(labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into());
+            vlabels.insert(labels::INSTANCE.into(), instance.into());
+            vlabels.insert(labels::KIND.into(), Kind::Volume.lower().into());
+            vlabels.insert(labels::NAME.into(), name.clone());
+            Mount {
+                target: Some(v.target.clone()),
+                source: Some(name.clone()),
+                typ: Some(MountType::VOLUME),
+                read_only: v.read_only.then_some(true),
+                volume_options: Some(MountVolumeOptions {
+                    labels: Some(vlabels),
+                    driver_config: Some(MountVolumeOptionsDriverConfig {
+                        name: Some(spec.driver().to_string()),
+                        options: non_empty_map(spec.driver_opts.clone().into_iter().collect()),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+        (None, true) => Mount {
+            target: Some(v.target.clone()),
+            typ: Some(MountType::TMPFS),
+            read_only: v.read_only.then_some(true),
+            tmpfs_options: v.size.as_ref().map(|s| MountTmpfsOptions {
+                size_bytes: Some(s.bytes()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        (None, false) => Mount {
+            target: Some(v.target.clone()),
+            typ: Some(MountType::VOLUME),
+            read_only: v.read_only.then_some(true),
+            ..Default::default()
+        },
+    }
+}
+
+fn non_empty_map(m: HashMap<String, String>) -> Option<HashMap<String, String>> {
+    if m.is_empty() {
+        None
+    } else {
+        Some(m)
+    }
 }
 
 /// The labels that say "berth instance X owns this, for object Y".
@@ -309,6 +412,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn build_plain(svc: &Service, instance: &str) -> Built {
+        build(svc, instance, &Resolved::default())
+    }
+
     fn service(spec: Value) -> Service {
         let obj = berth_api_types::typed::decode_object(&json!({
             "apiVersion": "berth/v1", "kind": "Service",
@@ -321,7 +428,7 @@ mod tests {
 
     #[test]
     fn builds_every_field() {
-        let b = build(
+        let b = build_plain(
             &service(json!({
                 "image": "berth-test/busybox:1", "replicas": 3,
                 "command": ["sleep"], "args": ["100"],
@@ -393,11 +500,63 @@ mod tests {
     }
 
     #[test]
+    fn dependencies_become_files_mounts_and_networks() {
+        let svc = service(json!({
+            "image": "a",
+            "secrets": [{"name": "db", "target": "db_pw", "uid": "70", "mode": "0400"}],
+            "configs": [{"name": "nginx"}],
+            "volumes": [
+                {"target": "/data", "volume": "pgdata"},
+                {"target": "/ro", "volume": "pgdata", "readOnly": true},
+                {"target": "/tmp", "tmpfs": true, "size": "64Mi"},
+                {"target": "/cache"}
+            ],
+            "networks": ["backend"]
+        }));
+        let deps = Resolved {
+            secrets: vec![super::super::deps::SwarmFile { id: "sid".into(), name: "db-abc".into() }],
+            configs: vec![super::super::deps::SwarmFile { id: "cid".into(), name: "nginx-def".into() }],
+            volumes: std::collections::BTreeMap::from([(
+                "pgdata".to_string(),
+                serde_json::from_value(json!({"driver": "local", "driverOpts": {"type": "tmpfs"}, "labels": {"tier": "db"}})).unwrap(),
+            )]),
+            networks: vec!["netid1".into()],
+        };
+        let v = serde_json::to_value(build(&svc, "i", &deps).spec).unwrap();
+        let c = &v["TaskTemplate"]["ContainerSpec"];
+        assert_eq!(
+            c["Secrets"][0],
+            json!({"File": {"Name": "db_pw", "UID": "70", "GID": "0", "Mode": 0o400}, "SecretID": "sid", "SecretName": "db-abc"})
+        );
+        assert_eq!(
+            c["Configs"][0],
+            json!({"File": {"Name": "/nginx", "UID": "0", "GID": "0", "Mode": 0o444}, "ConfigID": "cid", "ConfigName": "nginx-def"})
+        );
+        let m = &c["Mounts"];
+        assert_eq!(m[0]["Type"], "volume");
+        assert_eq!(m[0]["Source"], "pgdata");
+        assert_eq!(
+            m[0]["VolumeOptions"]["DriverConfig"],
+            json!({"Name": "local", "Options": {"type": "tmpfs"}})
+        );
+        assert_eq!(m[0]["VolumeOptions"]["Labels"]["tier"], "db");
+        assert_eq!(m[0]["VolumeOptions"]["Labels"][labels::INSTANCE], "i");
+        assert!(m[0].get("ReadOnly").is_none());
+        assert_eq!(m[1]["ReadOnly"], true);
+        assert_eq!(
+            m[2],
+            json!({"Target": "/tmp", "Type": "tmpfs", "TmpfsOptions": {"SizeBytes": 64 << 20}})
+        );
+        assert_eq!(m[3], json!({"Target": "/cache", "Type": "volume"}));
+        assert_eq!(v["TaskTemplate"]["Networks"], json!([{"Target": "netid1"}]));
+    }
+
+    #[test]
     fn global_mode_and_defaults() {
-        let b = build(&service(json!({"image": "a", "mode": "global"})), "i");
+        let b = build_plain(&service(json!({"image": "a", "mode": "global"})), "i");
         let v = serde_json::to_value(&b.spec).unwrap();
         assert_eq!(v["Mode"], json!({"Global": {}}));
-        let b = build(&service(json!({"image": "a"})), "i");
+        let b = build_plain(&service(json!({"image": "a"})), "i");
         let v = serde_json::to_value(&b.spec).unwrap();
         assert_eq!(v["Mode"]["Replicated"]["Replicas"], 1);
         // Nothing the user did not ask for: the engine's defaults stay the engine's.
@@ -408,24 +567,24 @@ mod tests {
 
     #[test]
     fn hash_is_stable_and_sensitive() {
-        let a = build(
+        let a = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "3"}})),
             "i",
         );
         for _ in 0..20 {
             // HashMap iteration order differs between builds; the hash must not.
-            let again = build(
+            let again = build_plain(
                 &service(json!({"image": "a", "labels": {"z": "3", "y": "2", "x": "1"}})),
                 "i",
             );
             assert_eq!(a.hash, again.hash);
         }
-        let b = build(
+        let b = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "4"}})),
             "i",
         );
         assert_ne!(a.hash, b.hash);
-        let c = build(
+        let c = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "3"}})),
             "other",
         );
@@ -434,7 +593,7 @@ mod tests {
 
     #[test]
     fn containment_ignores_engine_defaults_but_sees_drift() {
-        let desired = build(
+        let desired = build_plain(
             &service(json!({"image": "a", "replicas": 2, "env": [{"name": "A", "value": "1"}]})),
             "i",
         )
@@ -468,7 +627,7 @@ mod tests {
             .env = Some(vec!["A=1".into(), "B=2".into()]);
         assert!(!contains(&env, &desired));
         assert!(same_mode(&observed, &desired));
-        let global = build(&service(json!({"image": "a", "mode": "global"})), "i").spec;
+        let global = build_plain(&service(json!({"image": "a", "mode": "global"})), "i").spec;
         assert!(!same_mode(&global, &desired));
     }
 }

@@ -3,6 +3,7 @@
 //! steps — dereference, validate, build (pure, `build.rs`), apply, update status (pure, `status.rs`).
 
 pub mod build;
+pub mod deps;
 pub mod status;
 
 use crate::client::{ClientError, ResourceStore};
@@ -10,14 +11,20 @@ use crate::runtime::state::LocalState;
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
 use berth_api_types::names::labels;
+use berth_api_types::service::ServiceSpec;
 use berth_api_types::service::{validate_service, Service, ServiceStatus};
+use berth_api_types::volume::VolumeSpec;
+use berth_api_types::Event;
 use berth_api_types::Kind;
 use bollard::errors::Error as DockerError;
+use bollard::models::{ConfigSpec, SecretSpec};
 use bollard::models::{EventMessage, EventMessageTypeEnum, Service as SwarmService};
 use bollard::query_parameters::{
-    InspectServiceOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions,
+    InspectNetworkOptions, InspectServiceOptions, ListConfigsOptions, ListSecretsOptions,
+    ListServicesOptions, ListTasksOptions, UpdateServiceOptions,
 };
 use bollard::Docker;
+use deps::{FileKind, Resolved, SwarmFile};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +33,22 @@ use tracing::{debug, info, warn};
 
 /// How often a service that is not yet Ready is looked at again (task starts, rollouts).
 const PROGRESS_POLL: Duration = Duration::from_secs(2);
+
+/// A secret or config this process materialised, and no service references yet, is not
+/// garbage-collected for this long: another worker may be about to update a service onto it.
+const FILE_GC_GRACE: Duration = Duration::from_secs(60);
+
+/// What resolving a Service's dependencies found.
+enum DepsOutcome {
+    Ready(Resolved),
+    /// Something does not exist yet; the reasons name it. `soon`: it is being created (poll).
+    Waiting {
+        reasons: Vec<String>,
+        soon: bool,
+    },
+    /// Something exists but berth may not use it (e.g. a Swarm object it does not own).
+    Refused(String),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -50,6 +73,8 @@ pub struct ServiceController {
     store: Arc<dyn ResourceStore>,
     instance: String,
     state: LocalState,
+    /// Swarm secret/config names this process materialised recently (see `FILE_GC_GRACE`).
+    fresh: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl ServiceController {
@@ -64,6 +89,7 @@ impl ServiceController {
             store,
             instance,
             state,
+            fresh: Default::default(),
         }
     }
 
@@ -223,6 +249,264 @@ impl ServiceController {
         }
     }
 
+    /// Dereferences everything the spec names: Secret and Config keys (materialised in Swarm),
+    /// Volume specs, and the Swarm IDs of its Networks.
+    async fn resolve(&self, spec: &ServiceSpec) -> Result<DepsOutcome, ServiceError> {
+        let mut resolved = Resolved::default();
+        let mut waiting = Vec::new();
+        let mut soon = false;
+        for (kind, refs) in [
+            (FileKind::Secret, &spec.secrets),
+            (FileKind::Config, &spec.configs),
+        ] {
+            for r in refs {
+                let Some(files) = self.store.data(kind.kind(), &r.name).await? else {
+                    waiting.push(format!("{} `{}` does not exist", kind.kind(), r.name));
+                    continue;
+                };
+                let (key, value) = match deps::pick_key(kind, &files, r) {
+                    Ok(kv) => kv,
+                    Err(why) => {
+                        waiting.push(why);
+                        continue;
+                    }
+                };
+                match self.materialise(kind, &r.name, key, value).await? {
+                    Ok(f) => match kind {
+                        FileKind::Secret => resolved.secrets.push(f),
+                        FileKind::Config => resolved.configs.push(f),
+                    },
+                    Err(refusal) => return Ok(DepsOutcome::Refused(refusal)),
+                }
+            }
+        }
+        for name in spec.references(Kind::Volume) {
+            match self.store.get(Kind::Volume, name).await? {
+                Some(obj) => match serde_json::from_value::<VolumeSpec>(obj.spec) {
+                    Ok(v) => {
+                        resolved.volumes.insert(name.to_string(), v);
+                    }
+                    Err(e) => waiting.push(format!("Volume `{name}` is unreadable: {e}")),
+                },
+                None => waiting.push(format!("Volume `{name}` does not exist")),
+            }
+        }
+        let networks = if spec.networks.is_empty() {
+            vec![self.store.default_network().await?]
+        } else {
+            spec.networks.clone()
+        };
+        for name in &networks {
+            if self.store.get(Kind::Network, name).await?.is_none() {
+                waiting.push(format!("Network `{name}` does not exist"));
+                continue;
+            }
+            match self
+                .docker
+                .inspect_network(name, None::<InspectNetworkOptions>)
+                .await
+            {
+                Ok(n) => {
+                    let owner = n.labels.as_ref().and_then(|l| l.get(labels::INSTANCE));
+                    if owner != Some(&self.instance) || n.name.as_deref() != Some(name.as_str()) {
+                        return Ok(DepsOutcome::Refused(format!(
+                            "the Swarm network `{name}` is not this berth installation's"
+                        )));
+                    }
+                    resolved.networks.push(n.id.unwrap_or_default());
+                }
+                Err(e) if status_code(&e) == Some(404) => {
+                    waiting.push(format!("Network `{name}` is being created"));
+                    soon = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if waiting.is_empty() {
+            Ok(DepsOutcome::Ready(resolved))
+        } else {
+            Ok(DepsOutcome::Waiting {
+                reasons: waiting,
+                soon,
+            })
+        }
+    }
+
+    /// Makes sure the Swarm secret or config holding this content exists; returns it.
+    async fn materialise(
+        &self,
+        kind: FileKind,
+        object: &str,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Result<SwarmFile, String>, ServiceError> {
+        use base64::Engine;
+        let name = deps::swarm_name(object, key, value);
+        for attempt in 0..2 {
+            self.fresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone(), std::time::Instant::now());
+            if let Some((id, owner)) = self.find_file(kind, &name).await? {
+                return Ok(if owner.as_deref() == Some(self.instance.as_str()) {
+                    Ok(SwarmFile { id, name })
+                } else {
+                    Err(format!("a Swarm {} named `{name}` exists that this berth installation does not own", kind.kind().lower()))
+                });
+            }
+            let labels = deps::file_labels(&self.instance, kind, object, key);
+            let data = base64::engine::general_purpose::STANDARD.encode(value);
+            let created = match kind {
+                FileKind::Secret => {
+                    self.docker
+                        .create_secret(SecretSpec {
+                            name: Some(name.clone()),
+                            labels: Some(labels),
+                            data: Some(data),
+                            ..Default::default()
+                        })
+                        .await
+                }
+                FileKind::Config => {
+                    self.docker
+                        .create_config(ConfigSpec {
+                            name: Some(name.clone()),
+                            labels: Some(labels),
+                            data: Some(data),
+                            ..Default::default()
+                        })
+                        .await
+                }
+            };
+            match created {
+                Ok(r) => {
+                    info!(%name, kind = %kind.kind(), "materialised");
+                    return Ok(Ok(SwarmFile { id: r.id, name }));
+                }
+                // Created concurrently by another reconcile: look it up again.
+                Err(e) if status_code(&e) == Some(409) && attempt == 0 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServiceError::Engine(
+            DockerError::DockerResponseServerError {
+                status_code: 409,
+                message: format!("{name} conflicts but cannot be found"),
+            },
+        ))
+    }
+
+    /// (id, owning instance) of the Swarm secret or config named exactly `name`.
+    async fn find_file(
+        &self,
+        kind: FileKind,
+        name: &str,
+    ) -> Result<Option<(String, Option<String>)>, DockerError> {
+        let filters = Some(HashMap::from([(
+            "name".to_string(),
+            vec![name.to_string()],
+        )]));
+        Ok(match kind {
+            FileKind::Secret => self
+                .docker
+                .list_secrets(Some(ListSecretsOptions { filters }))
+                .await?
+                .into_iter()
+                .filter_map(|s| {
+                    let spec = s.spec?;
+                    (spec.name.as_deref() == Some(name)).then(|| {
+                        (
+                            s.id.unwrap_or_default(),
+                            spec.labels.and_then(|l| l.get(labels::INSTANCE).cloned()),
+                        )
+                    })
+                })
+                .next(),
+            FileKind::Config => self
+                .docker
+                .list_configs(Some(ListConfigsOptions { filters }))
+                .await?
+                .into_iter()
+                .filter_map(|c| {
+                    let spec = c.spec?;
+                    (spec.name.as_deref() == Some(name)).then(|| {
+                        (
+                            c.id.unwrap_or_default(),
+                            spec.labels.and_then(|l| l.get(labels::INSTANCE).cloned()),
+                        )
+                    })
+                })
+                .next(),
+        })
+    }
+
+    /// Removes this installation's materialised secrets and configs that no Swarm service uses any
+    /// more (old contents after a rotation, or those of deleted objects).
+    async fn collect_files(&self) -> Result<(), DockerError> {
+        let services = self
+            .docker
+            .list_services(None::<ListServicesOptions>)
+            .await?;
+        let mut used = std::collections::HashSet::new();
+        for s in &services {
+            let c = s
+                .spec
+                .as_ref()
+                .and_then(|sp| sp.task_template.as_ref())
+                .and_then(|t| t.container_spec.as_ref());
+            for sec in c.and_then(|c| c.secrets.as_ref()).into_iter().flatten() {
+                used.extend(sec.secret_id.clone());
+            }
+            for cfg in c.and_then(|c| c.configs.as_ref()).into_iter().flatten() {
+                used.extend(cfg.config_id.clone());
+            }
+        }
+        let protected: std::collections::HashSet<String> = {
+            let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+            fresh.retain(|_, at| at.elapsed() < FILE_GC_GRACE);
+            fresh.keys().cloned().collect()
+        };
+        let old = |name: Option<&String>| name.is_some_and(|n| !protected.contains(n));
+        let secrets = self
+            .docker
+            .list_secrets(Some(ListSecretsOptions {
+                filters: Some(deps::owned_file_filters(&self.instance, FileKind::Secret)),
+            }))
+            .await?;
+        for s in secrets {
+            let id = s.id.clone().unwrap_or_default();
+            if !used.contains(&id) && old(s.spec.as_ref().and_then(|sp| sp.name.as_ref())) {
+                match self.docker.delete_secret(&id).await {
+                    Ok(()) => {
+                        info!(name = ?s.spec.and_then(|sp| sp.name), "removed unused secret version")
+                    }
+                    // In use after all (a service updated meanwhile) or already gone: fine.
+                    Err(e) if matches!(status_code(&e), Some(404 | 409 | 400)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let configs = self
+            .docker
+            .list_configs(Some(ListConfigsOptions {
+                filters: Some(deps::owned_file_filters(&self.instance, FileKind::Config)),
+            }))
+            .await?;
+        for c in configs {
+            let id = c.id.clone().unwrap_or_default();
+            if !used.contains(&id) && old(c.spec.as_ref().and_then(|sp| sp.name.as_ref())) {
+                match self.docker.delete_config(&id).await {
+                    Ok(()) => {
+                        info!(name = ?c.spec.and_then(|sp| sp.name), "removed unused config version")
+                    }
+                    Err(e) if matches!(status_code(&e), Some(404 | 409 | 400)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn after_write(
         &self,
         name: &str,
@@ -269,6 +553,9 @@ impl Reconciler for ServiceController {
                 self.remove(svc).await?;
             }
             self.state.remove(name);
+            if !owned.is_empty() {
+                self.collect_files().await?;
+            }
             return Ok(Action::await_change());
         };
         let generation = object.metadata.generation;
@@ -296,8 +583,33 @@ impl Reconciler for ServiceController {
                 }
             };
 
+        // Dereference what it depends on; a missing dependency is waited for, not retried hot.
+        let resolved = match self.resolve(&svc.spec).await? {
+            DepsOutcome::Ready(r) => r,
+            DepsOutcome::Waiting { reasons, soon } => {
+                let st = status::refused(
+                    &current,
+                    generation,
+                    "WaitingForDependencies",
+                    &format!("waiting: {}", reasons.join("; ")),
+                    now,
+                );
+                self.write_status(name, &current, st).await?;
+                return Ok(if soon {
+                    Action::requeue(PROGRESS_POLL)
+                } else {
+                    Action::await_change()
+                });
+            }
+            DepsOutcome::Refused(why) => {
+                let st = status::refused(&current, generation, "Refused", &why, now);
+                self.write_status(name, &current, st).await?;
+                return Ok(Action::await_change());
+            }
+        };
+
         // Build.
-        let built = build::build(&svc, &self.instance);
+        let built = build::build(&svc, &self.instance, &resolved);
 
         // Apply.
         owned.sort_by_key(|s| s.created_at);
@@ -309,6 +621,10 @@ impl Reconciler for ServiceController {
         let existing = owned.pop();
         let record: Option<Applied> = self.state.get(name);
         let record = record.filter(|r| Some(&r.uid) == svc.metadata.uid.as_ref());
+        let before = existing
+            .as_ref()
+            .and_then(|e| e.version.as_ref())
+            .and_then(|v| v.index);
         let swarm = match self.apply(&svc, &built, existing, record).await? {
             Ok(s) => s,
             Err(refusal) => {
@@ -317,6 +633,21 @@ impl Reconciler for ServiceController {
                 return Ok(Action::await_change());
             }
         };
+
+        // Everything resolved is now referenced by the service, so "fresh" no longer needs to protect it.
+        {
+            let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
+            for f in resolved.secrets.iter().chain(&resolved.configs) {
+                fresh.remove(&f.name);
+            }
+        }
+        // A write may have left old secret or config contents unused.
+        let wrote = swarm.version.as_ref().and_then(|v| v.index) != before;
+        if wrote {
+            if let Err(e) = self.collect_files().await {
+                warn!(error = %e, "cannot collect unused secret and config versions yet");
+            }
+        }
 
         // Update status.
         let id = swarm.id.clone().unwrap_or_default();
@@ -335,6 +666,16 @@ impl Reconciler for ServiceController {
                 now,
             },
         );
+        let mut st = st;
+        st.unbacked_mounts = svc
+            .spec
+            .volumes
+            .iter()
+            .filter_map(|v| {
+                v.unbacked_reason()
+                    .map(|why| format!("{} ({why})", v.target))
+            })
+            .collect();
         let ready = status::is_ready(&st);
         self.write_status(name, &current, st).await?;
         Ok(if ready {
@@ -351,6 +692,47 @@ impl Reconciler for ServiceController {
             .into_iter()
             .filter_map(|s| s.spec?.labels?.get(labels::NAME).cloned())
             .collect())
+    }
+
+    async fn collect_garbage(&self) -> Result<(), ServiceError> {
+        Ok(self.collect_files().await?)
+    }
+
+    fn watches(&self) -> Vec<Kind> {
+        vec![Kind::Secret, Kind::Config, Kind::Volume, Kind::Network]
+    }
+
+    /// The Services that use the object an event is about (a Secret's new value, a Network that now
+    /// exists...), so they converge without waiting for the resync.
+    async fn map_related(&self, event: &Event) -> Vec<String> {
+        let services = match self.store.list(Kind::Service).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "cannot list services for a dependency event");
+                return Vec::new();
+            }
+        };
+        let default_network = if event.kind == Kind::Network {
+            self.store.default_network().await.ok()
+        } else {
+            None
+        };
+        services
+            .into_iter()
+            .filter(|o| {
+                let Ok(spec) = serde_json::from_value::<ServiceSpec>(o.spec.clone()) else {
+                    return false;
+                };
+                if event.kind == Kind::Network && spec.networks.is_empty() {
+                    return default_network.as_deref() == Some(event.name.as_str());
+                }
+                if event.kind == Kind::Network {
+                    return spec.networks.contains(&event.name);
+                }
+                spec.references(event.kind).contains(&event.name.as_str())
+            })
+            .map(|o| o.metadata.name)
+            .collect()
     }
 
     fn engine_event_types(&self) -> Vec<&'static str> {
