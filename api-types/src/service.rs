@@ -543,15 +543,18 @@ impl ServiceSpec {
                 .iter()
                 .filter_map(|v| v.volume.as_deref())
                 .collect(),
-            Kind::Network => {
-                if self.networks.is_empty() {
-                    vec![crate::volume::DEFAULT_NETWORK]
-                } else {
-                    self.networks.iter().map(String::as_str).collect()
-                }
-            }
+            Kind::Network => self.networks.iter().map(String::as_str).collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// Whether this spec uses the object `kind`/`name`. A spec that lists no networks uses the
+    /// installation's default network.
+    pub fn uses(&self, kind: crate::Kind, name: &str, default_network: &str) -> bool {
+        if kind == crate::Kind::Network && self.networks.is_empty() {
+            return name == default_network;
+        }
+        self.references(kind).contains(&name)
     }
 }
 
@@ -733,9 +736,21 @@ mod tests {
         assert_eq!(ok.spec.references(crate::Kind::Volume), vec!["pgdata"]);
         assert_eq!(ok.spec.references(crate::Kind::Network), vec!["backend"]);
         let plain = svc(json!({"image": "a"})).unwrap();
+        assert!(plain
+            .spec
+            .uses(crate::Kind::Network, "berth-internal", "berth-internal"));
+        assert!(!plain
+            .spec
+            .uses(crate::Kind::Network, "backend", "berth-internal"));
+        assert!(ok
+            .spec
+            .uses(crate::Kind::Network, "backend", "berth-internal"));
+        assert!(!ok
+            .spec
+            .uses(crate::Kind::Network, "berth-internal", "berth-internal"));
         assert_eq!(
             plain.spec.references(crate::Kind::Network),
-            vec!["berth-internal"]
+            Vec::<&str>::new()
         );
         let unbacked: Vec<_> = ok
             .spec

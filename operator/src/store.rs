@@ -476,12 +476,7 @@ impl Store {
                     svc.metadata.name
                 ))
             })?;
-            let uses = if kind == Kind::Network && spec.networks.is_empty() {
-                name == default_network
-            } else {
-                spec.references(kind).contains(&name)
-            };
-            if uses {
+            if spec.uses(kind, name, default_network) {
                 users.push(format!("service/{}", svc.metadata.name));
             }
         }

@@ -712,24 +712,15 @@ impl Reconciler for ServiceController {
                 return Vec::new();
             }
         };
-        let default_network = if event.kind == Kind::Network {
-            self.store.default_network().await.ok()
-        } else {
-            None
+        let default_network = match event.kind {
+            Kind::Network => self.store.default_network().await.unwrap_or_default(),
+            _ => String::new(),
         };
         services
             .into_iter()
             .filter(|o| {
-                let Ok(spec) = serde_json::from_value::<ServiceSpec>(o.spec.clone()) else {
-                    return false;
-                };
-                if event.kind == Kind::Network && spec.networks.is_empty() {
-                    return default_network.as_deref() == Some(event.name.as_str());
-                }
-                if event.kind == Kind::Network {
-                    return spec.networks.contains(&event.name);
-                }
-                spec.references(event.kind).contains(&event.name.as_str())
+                serde_json::from_value::<ServiceSpec>(o.spec.clone())
+                    .is_ok_and(|spec| spec.uses(event.kind, &event.name, &default_network))
             })
             .map(|o| o.metadata.name)
             .collect()
