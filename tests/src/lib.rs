@@ -359,6 +359,35 @@ impl Berth {
         (status, resp.json().await.unwrap_or(serde_json::Value::Null))
     }
 
+    /// Any API request with the admin token; returns (status, the body exactly as sent), for tests
+    /// that check what a response does or does not contain.
+    pub async fn api_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, String) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url()))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.expect("API request");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    /// DELETE an API path with the admin token; returns (status, JSON body).
+    pub async fn api_delete(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, text) = self.api_raw("DELETE", path, None).await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// SIGKILL: no shutdown code runs, like a power cut for the process.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

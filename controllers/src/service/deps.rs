@@ -48,14 +48,33 @@ pub struct Resolved {
     pub networks: Vec<String>,
 }
 
+/// The longest name the engine accepts for a secret or config.
+pub const MAX_SWARM_NAME: usize = 64;
+
 /// The Swarm name of one key's content: `<object>-<12 hex of sha256(key, value)>`. Content-addressed,
 /// so the same value is never created twice and a new value never reuses a name.
+///
+/// Object names may be 63 characters but the engine takes at most 64 for the whole name, so a longer
+/// object name is cut to fit; the full name then goes into the hash too, so two objects that share
+/// the cut prefix still get different names. Names that fit are as they always were.
 pub fn swarm_name(object: &str, key: &str, value: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(key.as_bytes());
     h.update([0u8]);
     h.update(value);
-    format!("{object}-{}", &hex::encode(h.finalize())[..12])
+    let keep = MAX_SWARM_NAME - 13;
+    let prefix = if object.len() > keep {
+        h.update([0u8]);
+        h.update(object.as_bytes());
+        let cut = (0..=keep)
+            .rev()
+            .find(|&i| object.is_char_boundary(i))
+            .unwrap_or(0);
+        &object[..cut]
+    } else {
+        object
+    };
+    format!("{prefix}-{}", &hex::encode(h.finalize())[..12])
 }
 
 /// Labels on a materialised secret or config: owner, installation, which object and key.
@@ -157,6 +176,17 @@ mod tests {
             swarm_name("db", "user", b"one"),
             "same value under another key"
         );
+        // The longest object names still give names the engine accepts, and distinct ones.
+        let long_a = format!("{}a", "x".repeat(62));
+        let long_b = format!("{}b", "x".repeat(62));
+        let na = swarm_name(&long_a, "k", b"v");
+        let nb = swarm_name(&long_b, "k", b"v");
+        assert_eq!(na.len(), MAX_SWARM_NAME, "{na}");
+        assert_eq!(na[..51], long_a[..51]);
+        assert_ne!(na, nb, "objects sharing the cut prefix");
+        let fits = "y".repeat(51);
+        assert_eq!(swarm_name(&fits, "k", b"v").len(), MAX_SWARM_NAME);
+        assert!(swarm_name(&fits, "k", b"v").starts_with(&format!("{fits}-")));
     }
 
     #[test]

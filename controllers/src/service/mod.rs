@@ -385,6 +385,8 @@ impl ServiceController {
                 }
                 // Created concurrently by another reconcile: look it up again.
                 Err(e) if status_code(&e) == Some(409) && attempt == 0 => continue,
+                // The engine will never accept this one: say so in status instead of retrying.
+                Err(e) if status_code(&e) == Some(400) => return Ok(Err(engine_message(&e))),
                 Err(e) => return Err(e.into()),
             }
         }
