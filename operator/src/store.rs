@@ -568,8 +568,16 @@ impl Store {
     }
 
     /// Makes a commit durable, then lets the publisher and watchers know.
+    ///
+    /// The fsync runs as a blocking flush on tokio's blocking pool, not through sled's
+    /// `flush_async`: that one waits on sled's own small I/O thread pool, and enough concurrent
+    /// callers occupy every thread of it with waiters while the I/O they wait for needs one of those
+    /// threads (sled 0.34, spacejam/sled#1308). Seen here as every reconcile hanging under load.
     async fn committed(&self, events: Vec<Event>) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
         self.outbox_ready.notify_one();
         for e in events {
             let _ = self.watchers.send(e);

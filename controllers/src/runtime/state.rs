@@ -64,8 +64,11 @@ impl LocalState {
             .collect()
     }
 
+    /// Blocking flush on tokio's blocking pool (sled's `flush_async` can starve its own I/O pool;
+    /// see `Store::committed` in the operator).
     pub async fn flush(&self) {
-        let _ = self.db.flush_async().await;
+        let db = self.db.clone();
+        let _ = tokio::task::spawn_blocking(move || db.flush()).await;
     }
 }
 

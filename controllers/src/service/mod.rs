@@ -103,6 +103,16 @@ impl ServiceController {
             .await
     }
 
+    /// Whether a Swarm service carries this installation's ownership labels for object `name`.
+    fn owns(&self, svc: &SwarmService, name: &str) -> bool {
+        let l = svc.spec.as_ref().and_then(|sp| sp.labels.as_ref());
+        let get = |k: &str| l.and_then(|l| l.get(k)).map(String::as_str);
+        get(labels::MANAGED_BY) == Some(labels::MANAGED_BY_VALUE)
+            && get(labels::INSTANCE) == Some(self.instance.as_str())
+            && get(labels::KIND) == Some(Kind::Service.lower())
+            && get(labels::NAME) == Some(name)
+    }
+
     async fn inspect(&self, id: &str) -> Result<Option<SwarmService>, DockerError> {
         match self
             .docker
@@ -167,6 +177,7 @@ impl ServiceController {
         svc: &Service,
         built: &build::Built,
         existing: Option<SwarmService>,
+        foreign: Option<SwarmService>,
         record: Option<Applied>,
     ) -> Result<Result<SwarmService, String>, ServiceError> {
         let name = svc.name();
@@ -184,7 +195,7 @@ impl ServiceController {
 
         let Some(ex) = existing else {
             // Never adopt or replace a service berth does not own.
-            if let Some(foreign) = self.named(name).await? {
+            if let Some(foreign) = foreign {
                 let owner = foreign
                     .spec
                     .as_ref()
@@ -547,9 +558,9 @@ impl Reconciler for ServiceController {
     async fn reconcile(&self, name: &str) -> Result<Action, ServiceError> {
         // Dereference.
         let object = self.store.get(Kind::Service, name).await?;
-        let mut owned = self.owned(Some(name)).await?;
-
         let Some(object) = object else {
+            // Garbage collection goes by berth's labels, whatever the Swarm name.
+            let owned = self.owned(Some(name)).await?;
             for svc in &owned {
                 info!(id = ?svc.id, "object gone: removing its Swarm service");
                 self.remove(svc).await?;
@@ -559,6 +570,12 @@ impl Reconciler for ServiceController {
                 self.collect_files().await?;
             }
             return Ok(Action::await_change());
+        };
+        // One lookup by exact name answers both "ours?" and "taken by someone else?".
+        let (mut owned, foreign) = match self.named(name).await? {
+            Some(s) if self.owns(&s, name) => (vec![s], None),
+            Some(s) => (Vec::new(), Some(s)),
+            None => (Vec::new(), None),
         };
         let generation = object.metadata.generation;
         let current: ServiceStatus =
@@ -627,7 +644,17 @@ impl Reconciler for ServiceController {
             .as_ref()
             .and_then(|e| e.version.as_ref())
             .and_then(|v| v.index);
-        let swarm = match self.apply(&svc, &built, existing, record).await? {
+        // Only a service that mounted secrets or configs before this write can leave versions unused.
+        let had_files = existing
+            .as_ref()
+            .and_then(|e| e.spec.as_ref())
+            .and_then(|sp| sp.task_template.as_ref())
+            .and_then(|t| t.container_spec.as_ref())
+            .is_some_and(|c| {
+                c.secrets.as_ref().is_some_and(|v| !v.is_empty())
+                    || c.configs.as_ref().is_some_and(|v| !v.is_empty())
+            });
+        let swarm = match self.apply(&svc, &built, existing, foreign, record).await? {
             Ok(s) => s,
             Err(refusal) => {
                 let st = status::refused(&current, generation, "Refused", &refusal, now);
@@ -645,7 +672,7 @@ impl Reconciler for ServiceController {
         }
         // A write may have left old secret or config contents unused.
         let wrote = swarm.version.as_ref().and_then(|v| v.index) != before;
-        if wrote {
+        if wrote && had_files {
             if let Err(e) = self.collect_files().await {
                 warn!(error = %e, "cannot collect unused secret and config versions yet");
             }
