@@ -1,5 +1,6 @@
-//! Connecting to the Swarm engine: one place that understands `--docker-host` values and negotiates
-//! the API version down to what the engine speaks (Debian's engine 20.10 speaks 1.41).
+//! Talking to the Swarm engine: connecting (one place that understands `--docker-host` values and
+//! negotiates the API version down to what the engine speaks; Debian's engine 20.10 speaks 1.41), and
+//! the small helpers every controller needs around engine answers and spec hashes.
 
 use bollard::Docker;
 
@@ -32,4 +33,56 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, EngineError> {
     let docker = docker.negotiate_version().await.map_err(err)?;
     docker.ping().await.map_err(err)?;
     Ok(docker)
+}
+
+/// The HTTP status of an engine error answer, if it was one.
+pub fn status_code(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// "the engine refused the <what>: <engine's message>", for status conditions.
+pub fn refusal(what: &str, e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => {
+            format!("the engine refused the {what}: {message}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Short hash (16 hex) of a JSON value in canonical form (object keys sorted at every level), so
+/// maps the engine models as `HashMap` hash the same whatever their iteration order.
+pub fn canonical_hash(v: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    fn write(v: &serde_json::Value, h: &mut Sha256) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort();
+                h.update(b"{");
+                for k in keys {
+                    h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
+                    h.update(b":");
+                    write(&m[k], h);
+                    h.update(b",");
+                }
+                h.update(b"}");
+            }
+            serde_json::Value::Array(a) => {
+                h.update(b"[");
+                for x in a {
+                    write(x, h);
+                    h.update(b",");
+                }
+                h.update(b"]");
+            }
+            other => h.update(other.to_string().as_bytes()),
+        }
+    }
+    let mut h = Sha256::new();
+    write(v, &mut h);
+    hex::encode(&h.finalize()[..8])
 }

@@ -10,7 +10,6 @@ use berth_api_types::volume::Network;
 use berth_api_types::Kind;
 use bollard::models::{Network as SwarmNetwork, NetworkCreateRequest, Service as SwarmService};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 /// The only driver a berth Network uses.
@@ -252,35 +251,7 @@ pub fn spec_hash(request: &NetworkCreateRequest) -> String {
         l.remove(labels::SPEC_HASH);
         l.remove(labels::UID);
     }
-    let mut h = Sha256::new();
-    write_canonical(&v, &mut h);
-    hex::encode(&h.finalize()[..8])
-}
-
-fn write_canonical(v: &Value, h: &mut Sha256) {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
-                h.update(b":");
-                write_canonical(&m[k], h);
-                h.update(b",");
-            }
-            h.update(b"}");
-        }
-        Value::Array(a) => {
-            h.update(b"[");
-            for x in a {
-                write_canonical(x, h);
-                h.update(b",");
-            }
-            h.update(b"]");
-        }
-        other => h.update(other.to_string().as_bytes()),
-    }
+    crate::engine::canonical_hash(&v)
 }
 
 #[cfg(test)]

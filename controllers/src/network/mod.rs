@@ -12,6 +12,7 @@ pub mod build;
 pub mod status;
 
 use crate::client::{ClientError, ResourceStore};
+use crate::engine::status_code;
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
 use berth_api_types::typed::deserialize_value;
@@ -149,7 +150,9 @@ impl NetworkController {
     ) -> Result<Result<SwarmNetwork, String>, NetworkError> {
         let id = match self.docker.create_network(built.request.clone()).await {
             Ok(created) => created.id,
-            Err(e) if status_code(&e) == Some(400) => return Ok(Err(engine_message(&e))),
+            Err(e) if status_code(&e) == Some(400) => {
+                return Ok(Err(crate::engine::refusal("network", &e)))
+            }
             // 409 included: someone created the name meanwhile; the next attempt sees who.
             Err(e) => return Err(e.into()),
         };
@@ -372,22 +375,6 @@ impl Reconciler for NetworkController {
             }
             _ => None,
         }
-    }
-}
-
-fn status_code(e: &DockerError) -> Option<u16> {
-    match e {
-        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-fn engine_message(e: &DockerError) -> String {
-    match e {
-        DockerError::DockerResponseServerError { message, .. } => {
-            format!("the engine refused the network: {message}")
-        }
-        other => other.to_string(),
     }
 }
 

@@ -22,7 +22,6 @@ use bollard::models::{
     TaskSpecRestartPolicyConditionEnum,
 };
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
 /// The Swarm spec for a Service and its hash (also stamped on it as the `io.berth.spec-hash` label).
@@ -335,35 +334,7 @@ pub fn spec_hash(spec: &ServiceSpec) -> String {
     if let Some(l) = v.get_mut("Labels").and_then(Value::as_object_mut) {
         l.remove(labels::SPEC_HASH);
     }
-    let mut h = Sha256::new();
-    write_canonical(&v, &mut h);
-    hex::encode(&h.finalize()[..8])
-}
-
-fn write_canonical(v: &Value, h: &mut Sha256) {
-    match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            h.update(b"{");
-            for k in keys {
-                h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
-                h.update(b":");
-                write_canonical(&m[k], h);
-                h.update(b",");
-            }
-            h.update(b"}");
-        }
-        Value::Array(a) => {
-            h.update(b"[");
-            for x in a {
-                write_canonical(x, h);
-                h.update(b",");
-            }
-            h.update(b"]");
-        }
-        other => h.update(other.to_string().as_bytes()),
-    }
+    crate::engine::canonical_hash(&v)
 }
 
 /// Whether the engine's spec still holds everything berth asked for. The engine fills in defaults

@@ -7,6 +7,7 @@ pub mod deps;
 pub mod status;
 
 use crate::client::{ClientError, ResourceStore};
+use crate::engine::status_code;
 use crate::runtime::state::LocalState;
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
@@ -213,7 +214,9 @@ impl ServiceController {
                     let id = created.id.unwrap_or_default();
                     return self.after_write(name, &uid, built, &id).await;
                 }
-                Err(e) if status_code(&e) == Some(400) => return Ok(Err(engine_message(&e))),
+                Err(e) if status_code(&e) == Some(400) => {
+                    return Ok(Err(crate::engine::refusal("service", &e)))
+                }
                 Err(e) => return Err(e.into()),
             }
         };
@@ -255,7 +258,9 @@ impl ServiceController {
                 info!(%id, hash = %built.hash, "updated Swarm service");
                 self.after_write(name, &uid, built, &id).await
             }
-            Err(e) if status_code(&e) == Some(400) => Ok(Err(engine_message(&e))),
+            Err(e) if status_code(&e) == Some(400) => {
+                Ok(Err(crate::engine::refusal("service", &e)))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -397,7 +402,9 @@ impl ServiceController {
                 // Created concurrently by another reconcile: look it up again.
                 Err(e) if status_code(&e) == Some(409) && attempt == 0 => continue,
                 // The engine will never accept this one: say so in status instead of retrying.
-                Err(e) if status_code(&e) == Some(400) => return Ok(Err(engine_message(&e))),
+                Err(e) if status_code(&e) == Some(400) => {
+                    return Ok(Err(crate::engine::refusal("service", &e)))
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -772,21 +779,5 @@ impl Reconciler for ServiceController {
             .flatten(),
             _ => None,
         }
-    }
-}
-
-fn status_code(e: &DockerError) -> Option<u16> {
-    match e {
-        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
-        _ => None,
-    }
-}
-
-fn engine_message(e: &DockerError) -> String {
-    match e {
-        DockerError::DockerResponseServerError { message, .. } => {
-            format!("the engine refused the service: {message}")
-        }
-        other => other.to_string(),
     }
 }
