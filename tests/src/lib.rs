@@ -624,3 +624,24 @@ impl Drop for ControllerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// One `#[tokio::test]` per bus for a scenario `async fn NAME(bus: Bus)`: `NAME::embedded` and
+/// `NAME::nats`. The scenario's module must have `Bus` in scope.
+#[macro_export]
+macro_rules! on_both_buses {
+    ($scenario:ident) => {
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$scenario(Bus::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$scenario(Bus::Nats).await;
+            }
+        }
+    };
+}

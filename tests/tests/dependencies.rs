@@ -10,7 +10,9 @@
 use berth_api_types::data::content_hash;
 use berth_api_types::names::{labels, paths};
 use berth_api_types::Kind;
-use berth_e2e::{docker, eventually, manifest, prefix, Berth, Bus, Cleanup, Docker, Stack};
+use berth_e2e::{
+    docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
+};
 use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
 use bollard::models::{ExecConfig, Service as SwarmService};
@@ -23,25 +25,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// One `#[tokio::test]` per bus for a scenario: `<scenario>::embedded` and `<scenario>::nats`.
-macro_rules! on_both_buses {
-    ($scenario:ident) => {
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$scenario(Bus::Embedded).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$scenario(Bus::Nats).await;
-            }
-        }
-    };
-}
 
 const IMAGE: &str = "berth-test/busybox:1";
 /// Generous bound for convergence on a loaded 2-core machine.

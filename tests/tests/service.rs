@@ -8,32 +8,15 @@
 
 use berth_api_types::names::{labels, paths, subjects};
 use berth_api_types::{Event, EventType, Kind};
-use berth_e2e::{docker, eventually, manifest, prefix, Berth, Bus, Cleanup, Docker, Stack};
+use berth_e2e::{
+    docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
+};
 use bollard::models::{Service as SwarmService, ServiceSpec, ServiceSpecMode, TaskSpec};
 use bollard::query_parameters::{ListServicesOptions, UpdateServiceOptions};
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
-
-/// One `#[tokio::test]` per bus for a scenario: `<scenario>::embedded` and `<scenario>::nats`.
-macro_rules! on_both_buses {
-    ($scenario:ident) => {
-        mod $scenario {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$scenario(Bus::Embedded).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$scenario(Bus::Nats).await;
-            }
-        }
-    };
-}
 
 const IMAGE: &str = "berth-test/busybox:1";
 /// Generous bound for convergence on a loaded 2-core machine.
