@@ -12,8 +12,9 @@ use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
 use berth_controllers::network::NetworkController;
 use berth_controllers::runtime::state::LocalState;
-use berth_controllers::runtime::{Controller, ControllerConfig};
+use berth_controllers::runtime::{Controller, ControllerConfig, Reconciler};
 use berth_controllers::service::ServiceController;
+use bollard::Docker;
 use rand::RngCore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -166,6 +167,38 @@ fn config(resync: u64, durable: Option<String>) -> ControllerConfig {
     }
 }
 
+/// What every controller needs before its reconciler can be built: the engine and the installation id.
+async fn prepare(
+    store: &Arc<dyn ResourceStore>,
+    docker_host: Option<&str>,
+) -> Result<(Docker, String), String> {
+    let docker = engine::connect(docker_host)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let instance = store
+        .instance()
+        .await
+        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
+    Ok((docker, instance))
+}
+
+/// A reconciler on the shared runtime, triggered by the bus, the engine and the resync.
+fn assemble<R: Reconciler>(
+    reconciler: R,
+    store: Arc<dyn ResourceStore>,
+    bus: Arc<dyn EventBus>,
+    docker: Docker,
+    instance: &str,
+    resync: u64,
+    durable: bool,
+) -> Controller<R> {
+    // Named per installation: two berths on one NATS server must not share (and split) a consumer.
+    let durable =
+        durable.then(|| format!("berth-{instance}-controller-{}", reconciler.kind().lower()));
+    Controller::new(Arc::new(reconciler), store, bus, config(resync, durable))
+        .with_engine_events(docker)
+}
+
 async fn service_controller(
     store: Arc<dyn ResourceStore>,
     bus: Arc<dyn EventBus>,
@@ -174,24 +207,13 @@ async fn service_controller(
     resync: u64,
     durable: bool,
 ) -> Result<Controller<ServiceController>, String> {
-    let docker = engine::connect(docker_host)
-        .await
-        .map_err(|e| format!("error: {e}"))?;
-    let instance = store
-        .instance()
-        .await
-        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
+    let (docker, instance) = prepare(&store, docker_host).await?;
     let state = LocalState::open(&state_dir.join("service"), "applied")
         .map_err(|e| format!("error: {e}"))?;
-    let reconciler = Arc::new(ServiceController::new(
-        docker.clone(),
-        store.clone(),
-        instance.clone(),
-        state,
-    ));
-    // Named per installation: two berths on one NATS server must not share (and split) a consumer.
-    let durable = durable.then(|| format!("berth-{instance}-controller-service"));
-    Ok(Controller::new(reconciler, store, bus, config(resync, durable)).with_engine_events(docker))
+    let reconciler = ServiceController::new(docker.clone(), store.clone(), instance.clone(), state);
+    Ok(assemble(
+        reconciler, store, bus, docker, &instance, resync, durable,
+    ))
 }
 
 async fn network_controller(
@@ -201,20 +223,11 @@ async fn network_controller(
     resync: u64,
     durable: bool,
 ) -> Result<Controller<NetworkController>, String> {
-    let docker = engine::connect(docker_host)
-        .await
-        .map_err(|e| format!("error: {e}"))?;
-    let instance = store
-        .instance()
-        .await
-        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
-    let reconciler = Arc::new(NetworkController::new(
-        docker.clone(),
-        store.clone(),
-        instance.clone(),
-    ));
-    let durable = durable.then(|| format!("berth-{instance}-controller-network"));
-    Ok(Controller::new(reconciler, store, bus, config(resync, durable)).with_engine_events(docker))
+    let (docker, instance) = prepare(&store, docker_host).await?;
+    let reconciler = NetworkController::new(docker.clone(), store.clone(), instance.clone());
+    Ok(assemble(
+        reconciler, store, bus, docker, &instance, resync, durable,
+    ))
 }
 
 /// Waits for a signal or for a task to fail, whichever comes first.
