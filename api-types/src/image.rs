@@ -103,6 +103,29 @@ impl ImageRef {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The registry the engine pulls this image from, in the normal form Registry objects are
+    /// matched by: no registry named means Docker Hub.
+    pub fn registry_host(&self) -> String {
+        normalize_registry_host(self.registry.as_deref().unwrap_or(DOCKER_HUB))
+    }
+}
+
+/// Docker Hub's canonical name; the engine also knows it as the two aliases below.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// One spelling per registry: host names are case-insensitive and Docker Hub has three names.
+pub fn normalize_registry_host(host: &str) -> String {
+    let h = host.to_ascii_lowercase();
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
+        _ => h,
+    }
+}
+
+/// Checks a registry `host[:port]` with the rules image references use.
+pub fn check_registry_host(host: &str) -> Result<(), String> {
+    validate_host(host)
 }
 
 fn validate_host(host: &str) -> Result<(), String> {
@@ -200,6 +223,16 @@ mod tests {
         let both = format!("localhost:5000/app:1@sha256:{}", "0".repeat(64));
         assert!(ImageRef::parse(&both).is_ok());
         assert!(ImageRef::parse("my_org/my__app/x-y--z:latest").is_ok());
+    }
+
+    #[test]
+    fn registry_hosts_are_normalised() {
+        let host = |s: &str| ImageRef::parse(s).unwrap().registry_host();
+        assert_eq!(host("busybox"), "docker.io");
+        assert_eq!(host("library/busybox:1"), "docker.io");
+        assert_eq!(host("index.docker.io/library/busybox"), "docker.io");
+        assert_eq!(host("Registry.Example.com/app"), "registry.example.com");
+        assert_eq!(host("127.0.0.1:5000/team/app:1"), "127.0.0.1:5000");
     }
 
     #[test]

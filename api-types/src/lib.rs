@@ -9,6 +9,7 @@ pub mod kind;
 pub mod manifest;
 pub mod meta;
 pub mod names;
+pub mod registry;
 pub mod service;
 pub mod typed;
 pub mod units;

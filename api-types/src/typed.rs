@@ -7,6 +7,7 @@ use crate::kind::Kind;
 use crate::manifest::{ManifestError, SourceDoc};
 use crate::meta::DynObject;
 use crate::meta::Object;
+use crate::registry::{validate_registry, RegistrySpec};
 use crate::service::{validate_service, ServiceSpec};
 use crate::validate::FieldError;
 use crate::volume::{validate_network, validate_volume, NetworkSpec, VolumeSpec};
@@ -61,6 +62,7 @@ pub fn decode_object(value: &Value) -> Result<DynObject, Vec<FieldError>> {
         Kind::Secret | Kind::Config => decode_as::<DataSpec>(value, validate_data),
         Kind::Volume => decode_as::<VolumeSpec>(value, validate_volume),
         Kind::Network => decode_as::<NetworkSpec>(value, validate_network),
+        Kind::Registry => decode_as::<RegistrySpec>(value, validate_registry),
         other => Err(vec![FieldError::new(
             "kind",
             format!("kind `{other}` is not served by this version of berth yet"),

@@ -163,10 +163,10 @@ pub async fn delete(
             .collect(),
         _ => return Err("error: give either KIND NAME or -f PATH".into()),
     };
-    // Services first: a Secret, Config, Volume or Network cannot be deleted while a Service uses it,
-    // so `delete -f DIR` removes the users before what they use.
+    // Users first: a Secret, Config, Volume or Network cannot be deleted while a Service or Registry
+    // uses it, so `delete -f DIR` removes the users before what they use.
     let mut targets = targets;
-    targets.sort_by_key(|(k, _)| *k != Kind::Service);
+    targets.sort_by_key(|(k, _)| !matches!(k, Kind::Service | Kind::Registry));
     let client = client(conn)?;
     let mut failures = Vec::new();
     for (kind, name) in targets {

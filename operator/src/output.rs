@@ -139,6 +139,39 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                 .collect();
             table(&["NAME", "KEYS", "AGE"], &rows)
         }
+        Kind::Registry => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| {
+                    let field = |f: &str| {
+                        o.spec
+                            .get(f)
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    let conds = status_conditions(o);
+                    let auth = match condition(&conds, "Authenticated") {
+                        Some(c) if c.status == berth_api_types::ConditionStatus::True => {
+                            "True".to_string()
+                        }
+                        Some(c) => format!("False ({})", c.reason),
+                        None => "Unknown".into(),
+                    };
+                    vec![
+                        o.metadata.name.clone(),
+                        field("server"),
+                        field("username"),
+                        auth,
+                        age(o),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "SERVER", "USERNAME", "AUTHENTICATED", "AGE"],
+                &rows,
+            )
+        }
         _ => {
             let rows: Vec<Vec<String>> = objects
                 .iter()

@@ -12,6 +12,7 @@
 //! and the delete that follows one step: no Service can start using it in between.
 
 use crate::crypto::{MasterKey, Sealer};
+use berth_api_types::registry::RegistrySpec;
 use berth_api_types::service::ServiceSpec;
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use berth_controllers::client::{ApplyOutcome, ApplyResult};
@@ -478,6 +479,15 @@ impl Store {
             })?;
             if spec.uses(kind, name, default_network) {
                 users.push(format!("service/{}", svc.metadata.name));
+            }
+        }
+        if kind == Kind::Secret {
+            // A Registry's password: deleting it would break every pull from that registry.
+            for reg in self.list(Kind::Registry)? {
+                let spec: Result<RegistrySpec, _> = serde_json::from_value(reg.spec);
+                if spec.is_ok_and(|r| r.password_secret_ref.name == name) {
+                    users.push(format!("registry/{}", reg.metadata.name));
+                }
             }
         }
         if users.is_empty() {
@@ -1154,6 +1164,41 @@ mod tests {
         obj(
             json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}),
         )
+    }
+
+    #[tokio::test]
+    async fn a_registrys_password_secret_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let registry = obj(json!({"apiVersion": "berth/v1", "kind": "Registry",
+            "metadata": {"name": "team"},
+            "spec": {"server": "registry.example.com", "username": "ci",
+                     "passwordSecretRef": {"name": "reg-pass", "key": "password"}}}));
+        s.write(
+            vec![
+                secret("reg-pass", json!({"stringData": {"password": "x"}})),
+                registry,
+            ],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .delete(Kind::Secret, "reg-pass", "berth-internal")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Secret `reg-pass` is used by registry/team; remove those references first"
+        );
+        s.delete(Kind::Registry, "team", "berth-internal")
+            .await
+            .unwrap();
+        s.delete(Kind::Secret, "reg-pass", "berth-internal")
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
