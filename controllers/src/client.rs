@@ -132,6 +132,25 @@ pub trait ResourceStore: Send + Sync + 'static {
     async fn default_network(&self) -> Result<String, ClientError>;
 }
 
+/// Writes a controller's status for an object unless it is unchanged. An object deleted meanwhile is
+/// not an error: its delete event brings the controller back to clean up.
+pub async fn write_status<S: Serialize + PartialEq>(
+    store: &dyn ResourceStore,
+    kind: Kind,
+    name: &str,
+    current: &S,
+    new: &S,
+) -> Result<(), ClientError> {
+    if new == current {
+        return Ok(());
+    }
+    let value = serde_json::to_value(new).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    match store.update_status(kind, name, value).await {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => other,
+    }
+}
+
 /// Body of `GET <object>/data`: base64 values per key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataBody {

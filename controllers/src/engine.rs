@@ -46,9 +46,18 @@ pub fn status_code(e: &bollard::errors::Error) -> Option<u16> {
 /// "the engine refused the <what>: <engine's message>", for status conditions.
 pub fn refusal(what: &str, e: &bollard::errors::Error) -> String {
     match e {
-        bollard::errors::Error::DockerResponseServerError { message, .. } => {
-            format!("the engine refused the {what}: {message}")
+        bollard::errors::Error::DockerResponseServerError { .. } => {
+            format!("the engine refused the {what}: {}", message(e))
         }
+        other => other.to_string(),
+    }
+}
+
+/// The engine's own words for an error answer (without bollard's "Docker responded with status
+/// code" prefix), or the transport error.
+pub fn message(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
         other => other.to_string(),
     }
 }

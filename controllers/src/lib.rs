@@ -5,5 +5,6 @@ pub mod bus;
 pub mod client;
 pub mod engine;
 pub mod network;
+pub mod registry;
 pub mod runtime;
 pub mod service;

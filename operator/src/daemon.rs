@@ -11,6 +11,7 @@ use berth_controllers::bus::{self, EventBus};
 use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
 use berth_controllers::network::NetworkController;
+use berth_controllers::registry::RegistryController;
 use berth_controllers::runtime::state::LocalState;
 use berth_controllers::runtime::{Controller, ControllerConfig, Reconciler};
 use berth_controllers::service::ServiceController;
@@ -182,12 +183,13 @@ async fn prepare(
     Ok((docker, instance))
 }
 
-/// A reconciler on the shared runtime, triggered by the bus, the engine and the resync.
+/// A reconciler on the shared runtime, triggered by the bus, the engine (when it has engine objects)
+/// and the resync.
 fn assemble<R: Reconciler>(
     reconciler: R,
     store: Arc<dyn ResourceStore>,
     bus: Arc<dyn EventBus>,
-    docker: Docker,
+    docker: Option<Docker>,
     instance: &str,
     resync: u64,
     durable: bool,
@@ -195,8 +197,11 @@ fn assemble<R: Reconciler>(
     // Named per installation: two berths on one NATS server must not share (and split) a consumer.
     let durable =
         durable.then(|| format!("berth-{instance}-controller-{}", reconciler.kind().lower()));
-    Controller::new(Arc::new(reconciler), store, bus, config(resync, durable))
-        .with_engine_events(docker)
+    let controller = Controller::new(Arc::new(reconciler), store, bus, config(resync, durable));
+    match docker {
+        Some(docker) => controller.with_engine_events(docker),
+        None => controller,
+    }
 }
 
 async fn service_controller(
@@ -212,7 +217,13 @@ async fn service_controller(
         .map_err(|e| format!("error: {e}"))?;
     let reconciler = ServiceController::new(docker.clone(), store.clone(), instance.clone(), state);
     Ok(assemble(
-        reconciler, store, bus, docker, &instance, resync, durable,
+        reconciler,
+        store,
+        bus,
+        Some(docker),
+        &instance,
+        resync,
+        durable,
     ))
 }
 
@@ -226,7 +237,30 @@ async fn network_controller(
     let (docker, instance) = prepare(&store, docker_host).await?;
     let reconciler = NetworkController::new(docker.clone(), store.clone(), instance.clone());
     Ok(assemble(
-        reconciler, store, bus, docker, &instance, resync, durable,
+        reconciler,
+        store,
+        bus,
+        Some(docker),
+        &instance,
+        resync,
+        durable,
+    ))
+}
+
+/// The Registry controller talks to registries, not to the engine.
+async fn registry_controller(
+    store: Arc<dyn ResourceStore>,
+    bus: Arc<dyn EventBus>,
+    resync: u64,
+    durable: bool,
+) -> Result<Controller<RegistryController>, String> {
+    let instance = store
+        .instance()
+        .await
+        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
+    let reconciler = RegistryController::new(store.clone());
+    Ok(assemble(
+        reconciler, store, bus, None, &instance, resync, durable,
     ))
 }
 
@@ -267,6 +301,7 @@ pub async fn up(
         durable,
     )
     .await?;
+    let registries = registry_controller(store.clone(), parts.bus.clone(), resync, durable).await?;
     let services = service_controller(
         store,
         parts.bus.clone(),
@@ -282,6 +317,10 @@ pub async fn up(
     });
     tasks.spawn(async move {
         services.run(std::future::pending()).await;
+        Ok(())
+    });
+    tasks.spawn(async move {
+        registries.run(std::future::pending()).await;
         Ok(())
     });
     supervise(tasks).await
@@ -336,9 +375,16 @@ pub async fn controller(
                 Ok(())
             });
         }
+        "registry" | "registries" => {
+            let ctl = registry_controller(client, bus, resync, true).await?;
+            tasks.spawn(async move {
+                ctl.run(std::future::pending()).await;
+                Ok(())
+            });
+        }
         other => {
             return Err(format!(
-                "error: no controller for `{other}` (available: service, network)"
+                "error: no controller for `{other}` (available: service, network, registry)"
             ))
         }
     }

@@ -77,7 +77,7 @@ enum Command {
     },
     /// Run one controller alone, against a running API server and NATS.
     Controller {
-        /// Which controller: `service`.
+        /// Which controller: `service`, `network` or `registry`.
         kind: String,
         #[command(flatten)]
         conn: Conn,

@@ -179,16 +179,7 @@ impl NetworkController {
         current: &NetworkStatus,
         new: NetworkStatus,
     ) -> Result<(), NetworkError> {
-        if &new == current {
-            return Ok(());
-        }
-        let value = serde_json::to_value(&new).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        match self.store.update_status(Kind::Network, name, value).await {
-            Ok(()) => Ok(()),
-            // Deleted meanwhile: the delete event brings us back to clean up.
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(crate::client::write_status(&*self.store, Kind::Network, name, current, &new).await?)
     }
 }
 
