@@ -8,15 +8,18 @@ pub mod status;
 
 use crate::client::{ClientError, ResourceStore};
 use crate::engine::status_code;
+use crate::registry::creds::{self, PullAuth, PullAuthLookup};
 use crate::runtime::state::LocalState;
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
+use berth_api_types::image::ImageRef;
 use berth_api_types::names::labels;
+use berth_api_types::registry::RegistrySpec;
 use berth_api_types::service::ServiceSpec;
 use berth_api_types::service::{validate_service, Service, ServiceStatus};
 use berth_api_types::volume::VolumeSpec;
-use berth_api_types::Event;
 use berth_api_types::Kind;
+use berth_api_types::{ConditionStatus, Event};
 use bollard::errors::Error as DockerError;
 use bollard::models::{ConfigSpec, SecretSpec};
 use bollard::models::{EventMessage, EventMessageTypeEnum, Service as SwarmService};
@@ -38,6 +41,9 @@ const PROGRESS_POLL: Duration = Duration::from_secs(2);
 /// A secret or config this process materialised, and no service references yet, is not
 /// garbage-collected for this long: another worker may be about to update a service onto it.
 const FILE_GC_GRACE: Duration = Duration::from_secs(60);
+
+/// How long the registry is given to explain a failing pull.
+const REGISTRY_QUESTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What resolving a Service's dependencies found.
 enum DepsOutcome {
@@ -67,6 +73,9 @@ struct Applied {
     /// The engine's version index right after berth's own write: if it has not moved, nobody else
     /// changed the service and there is nothing to compare.
     version: u64,
+    /// Fingerprint of the registry credentials sent with that write (see `PullAuth::fingerprint`).
+    #[serde(default)]
+    auth: Option<String>,
 }
 
 pub struct ServiceController {
@@ -159,16 +168,7 @@ impl ServiceController {
         current: &ServiceStatus,
         new: ServiceStatus,
     ) -> Result<(), ServiceError> {
-        if &new == current {
-            return Ok(());
-        }
-        let value = serde_json::to_value(&new).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        match self.store.update_status(Kind::Service, name, value).await {
-            Ok(()) => Ok(()),
-            // Deleted meanwhile: the delete event brings us back to clean up.
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(crate::client::write_status(&*self.store, Kind::Service, name, current, &new).await?)
     }
 
     /// Creates or updates the Swarm service so it matches `built`. Returns the service as it is now,
@@ -180,8 +180,11 @@ impl ServiceController {
         existing: Option<SwarmService>,
         foreign: Option<SwarmService>,
         record: Option<Applied>,
+        pull: Option<&PullAuth>,
     ) -> Result<Result<SwarmService, String>, ServiceError> {
         let name = svc.name();
+        let credentials = pull.map(|p| p.credentials.clone());
+        let auth = pull.map(|p| p.fingerprint.clone());
         let uid = svc.metadata.uid.clone().unwrap_or_default();
         let mut existing = existing;
 
@@ -208,11 +211,15 @@ impl ServiceController {
                 };
                 return Ok(Err(msg));
             }
-            match self.docker.create_service(built.spec.clone(), None).await {
+            match self
+                .docker
+                .create_service(built.spec.clone(), credentials)
+                .await
+            {
                 Ok(created) => {
-                    info!(id = ?created.id, hash = %built.hash, "created Swarm service");
+                    info!(id = ?created.id, hash = %built.hash, registry = ?pull.map(|p| &p.registry), "created Swarm service");
                     let id = created.id.unwrap_or_default();
-                    return self.after_write(name, &uid, built, &id).await;
+                    return self.after_write(name, &uid, built, &id, auth).await;
                 }
                 Err(e) if status_code(&e) == Some(400) => {
                     return Ok(Err(crate::engine::refusal("service", &e)))
@@ -231,12 +238,20 @@ impl ServiceController {
         let ours_untouched = record
             .as_ref()
             .is_some_and(|r| r.hash == built.hash && r.version == version);
+        // New credentials (a rotated password, a Registry added) are sent with an update of an
+        // otherwise unchanged spec; the engine keeps running tasks and uses them for the next pull.
+        // Credentials that went away cannot be taken back from the engine, so that is no reason.
+        let auth_sent = auth.is_none() || record.as_ref().is_some_and(|r| r.auth == auth);
         let in_sync = hash_label.as_deref() == Some(built.hash.as_str())
-            && (ours_untouched || build::contains(&observed_spec, &built.spec));
+            && (ours_untouched || build::contains(&observed_spec, &built.spec))
+            && auth_sent;
         if in_sync {
             return Ok(Ok(ex));
         }
-        if status::engine_gave_up(&ex) && record.as_ref().is_some_and(|r| r.hash == built.hash) {
+        if auth_sent
+            && status::engine_gave_up(&ex)
+            && record.as_ref().is_some_and(|r| r.hash == built.hash)
+        {
             // The engine paused or rolled back this very spec; re-sending it would repeat the failure.
             debug!("engine gave up on this spec; waiting for a new one");
             return Ok(Ok(ex));
@@ -248,15 +263,15 @@ impl ServiceController {
         };
         match self
             .docker
-            .update_service(&id, built.spec.clone(), options, None)
+            .update_service(&id, built.spec.clone(), options, credentials)
             .await
         {
             Ok(resp) => {
                 for w in resp.warnings.unwrap_or_default() {
                     debug!(warning = %w, "engine warning");
                 }
-                info!(%id, hash = %built.hash, "updated Swarm service");
-                self.after_write(name, &uid, built, &id).await
+                info!(%id, hash = %built.hash, registry = ?pull.map(|p| &p.registry), "updated Swarm service");
+                self.after_write(name, &uid, built, &id, auth).await
             }
             Err(e) if status_code(&e) == Some(400) => {
                 Ok(Err(crate::engine::refusal("service", &e)))
@@ -527,12 +542,86 @@ impl ServiceController {
         Ok(())
     }
 
+    /// Why the engine cannot pull `image`, in the registry's words: the Registry's failed login, or
+    /// what the registry answers the engine now (asked with the same credentials the tasks use).
+    async fn explain_pull(&self, image: &ImageRef, pull: &PullAuthLookup) -> Option<String> {
+        let (host, credentials) = match pull {
+            PullAuthLookup::Ready(a) => {
+                if let Some(c) = a
+                    .authenticated
+                    .as_ref()
+                    .filter(|c| c.status == ConditionStatus::False)
+                {
+                    return Some(format!(
+                        "cannot pull {image}: Registry `{}` cannot log in to {}: {}",
+                        a.registry, a.host, c.message
+                    ));
+                }
+                (a.host.as_str(), Some(a.credentials.clone()))
+            }
+            PullAuthLookup::Anonymous { host } => (host.as_str(), None),
+            PullAuthLookup::Broken { .. } => return None,
+        };
+        let answer = tokio::time::timeout(
+            REGISTRY_QUESTION_TIMEOUT,
+            self.docker
+                .inspect_registry_image(image.as_str(), credentials),
+        )
+        .await;
+        let why = match answer {
+            Ok(Ok(_)) => return None,
+            Ok(Err(e)) => crate::engine::message(&e),
+            Err(_) => format!("no answer within {}s", REGISTRY_QUESTION_TIMEOUT.as_secs()),
+        };
+        Some(match pull {
+            PullAuthLookup::Ready(a) => format!(
+                "cannot pull {image} with the credentials of Registry `{}`: {why}",
+                a.registry
+            ),
+            _ if creds::asks_for_credentials(&why) => format!(
+                "cannot pull {image}: {host} requires credentials and no Registry provides them \
+                 (the registry answered: {why})"
+            ),
+            _ => format!("cannot pull {image}: {why}"),
+        })
+    }
+
+    /// The registry servers whose credentials an event may have changed: a Registry's own server,
+    /// or the servers of the Registries whose password is in the Secret. `Some(empty)`: unknown (the
+    /// Registry is gone), so every Service is concerned. `None`: no registry is concerned.
+    async fn registry_hosts(&self, event: &Event) -> Option<Vec<String>> {
+        let registries = match event.kind {
+            Kind::Registry | Kind::Secret => self.store.list(Kind::Registry).await.ok()?,
+            _ => return None,
+        };
+        let specs = registries.iter().filter_map(|o| {
+            let spec: RegistrySpec = serde_json::from_value(o.spec.clone()).ok()?;
+            Some((o.metadata.name.as_str(), spec))
+        });
+        let hosts: Vec<String> = match event.kind {
+            Kind::Registry => specs
+                .filter(|(name, _)| *name == event.name)
+                .map(|(_, s)| s.host())
+                .collect(),
+            _ => specs
+                .filter(|(_, s)| s.password_secret_ref.name == event.name)
+                .map(|(_, s)| s.host())
+                .collect(),
+        };
+        match (event.kind, hosts.is_empty()) {
+            (Kind::Registry, true) => Some(Vec::new()),
+            (_, true) => None,
+            _ => Some(hosts),
+        }
+    }
+
     async fn after_write(
         &self,
         name: &str,
         uid: &str,
         built: &build::Built,
         id: &str,
+        auth: Option<String>,
     ) -> Result<Result<SwarmService, String>, ServiceError> {
         let Some(now) = self.inspect(id).await? else {
             return Err(ServiceError::Engine(
@@ -546,6 +635,7 @@ impl ServiceController {
             uid: uid.to_string(),
             hash: built.hash.clone(),
             version: now.version.as_ref().and_then(|v| v.index).unwrap_or(0),
+            auth,
         };
         if let Err(e) = self.state.put(name, &record) {
             warn!(error = %e, "cannot record applied state");
@@ -634,6 +724,32 @@ impl Reconciler for ServiceController {
             }
         };
 
+        // The image's registry credentials, if a Registry provides them.
+        let pull = match creds::for_image(&*self.store, &svc.spec.image).await? {
+            PullAuthLookup::Broken {
+                registry,
+                host,
+                why,
+            } => {
+                let st = status::refused(
+                    &current,
+                    generation,
+                    "RegistryCredentialsMissing",
+                    &format!(
+                        "cannot read the credentials of Registry `{registry}` for {host}: {why}"
+                    ),
+                    now,
+                );
+                self.write_status(name, &current, st).await?;
+                return Ok(Action::await_change());
+            }
+            other => other,
+        };
+        let pull_auth = match &pull {
+            PullAuthLookup::Ready(a) => Some(a.as_ref()),
+            _ => None,
+        };
+
         // Build.
         let built = build::build(&svc, &self.instance, &resolved);
 
@@ -661,7 +777,10 @@ impl Reconciler for ServiceController {
                 c.secrets.as_ref().is_some_and(|v| !v.is_empty())
                     || c.configs.as_ref().is_some_and(|v| !v.is_empty())
             });
-        let swarm = match self.apply(&svc, &built, existing, foreign, record).await? {
+        let swarm = match self
+            .apply(&svc, &built, existing, foreign, record, pull_auth)
+            .await?
+        {
             Ok(s) => s,
             Err(refusal) => {
                 let st = status::refused(&current, generation, "Refused", &refusal, now);
@@ -703,6 +822,11 @@ impl Reconciler for ServiceController {
             },
         );
         let mut st = st;
+        if status::pull_failing(&tasks, now) {
+            if let Some(why) = self.explain_pull(&svc.spec.image, &pull).await {
+                status::explain_pull_failure(&mut st, &why, now);
+            }
+        }
         st.unbacked_mounts = svc
             .spec
             .volumes
@@ -735,7 +859,13 @@ impl Reconciler for ServiceController {
     }
 
     fn watches(&self) -> Vec<Kind> {
-        vec![Kind::Secret, Kind::Config, Kind::Volume, Kind::Network]
+        vec![
+            Kind::Secret,
+            Kind::Config,
+            Kind::Volume,
+            Kind::Network,
+            Kind::Registry,
+        ]
     }
 
     /// The Services that use the object an event is about (a Secret's new value, a Network that now
@@ -752,11 +882,16 @@ impl Reconciler for ServiceController {
             Kind::Network => self.store.default_network().await.unwrap_or_default(),
             _ => String::new(),
         };
+        let registry_hosts = self.registry_hosts(event).await;
         services
             .into_iter()
             .filter(|o| {
-                serde_json::from_value::<ServiceSpec>(o.spec.clone())
-                    .is_ok_and(|spec| spec.uses(event.kind, &event.name, &default_network))
+                serde_json::from_value::<ServiceSpec>(o.spec.clone()).is_ok_and(|spec| {
+                    spec.uses(event.kind, &event.name, &default_network)
+                        || registry_hosts.as_ref().is_some_and(|hosts| {
+                            hosts.is_empty() || hosts.contains(&spec.image.registry_host())
+                        })
+                })
             })
             .map(|o| o.metadata.name)
             .collect()

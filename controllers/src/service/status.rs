@@ -97,32 +97,8 @@ pub fn observed(current: &ServiceStatus, generation: u64, o: &Observed) -> Servi
         .filter(|m| !m.is_empty());
 
     // The newest recent failure explains a service that is not fully running.
-    let failure = o
-        .tasks
-        .iter()
-        .filter(|t| {
-            matches!(
-                t.status.as_ref().and_then(|st| st.state),
-                Some(TaskState::FAILED | TaskState::REJECTED)
-            )
-        })
-        .filter_map(|t| {
-            let st = t.status.as_ref()?;
-            let at = st.timestamp?;
-            (o.now - at < Duration::seconds(RECENT_FAILURE)).then(|| {
-                let err = st
-                    .err
-                    .clone()
-                    .or_else(|| st.message.clone())
-                    .unwrap_or_default();
-                (
-                    at,
-                    format!("task {} failed: {err}", t.id.as_deref().unwrap_or("?")),
-                )
-            })
-        })
-        .max_by_key(|(at, _)| *at)
-        .map(|(_, m)| m);
+    let failure = newest_failure(o.tasks, o.now)
+        .map(|(id, err)| format!("task {} failed: {err}", id.unwrap_or("?")));
 
     let now = o.now;
     let msg_update = s.update_message.clone().unwrap_or_default();
@@ -269,6 +245,66 @@ pub fn observed(current: &ServiceStatus, generation: u64, o: &Observed) -> Servi
         }
     }
     s
+}
+
+/// The newest task failure of the last `RECENT_FAILURE` seconds: (task id, the engine's error).
+fn newest_failure(tasks: &[Task], now: DateTime<Utc>) -> Option<(Option<&str>, String)> {
+    tasks
+        .iter()
+        .filter(|t| {
+            matches!(
+                t.status.as_ref().and_then(|st| st.state),
+                Some(TaskState::FAILED | TaskState::REJECTED)
+            )
+        })
+        .filter_map(|t| {
+            let st = t.status.as_ref()?;
+            let at = st.timestamp?;
+            (now - at < Duration::seconds(RECENT_FAILURE)).then(|| {
+                let err = st
+                    .err
+                    .clone()
+                    .or_else(|| st.message.clone())
+                    .unwrap_or_default();
+                (at, (t.id.as_deref(), err))
+            })
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, f)| f)
+}
+
+/// Whether the newest recent task failure is the engine not getting the image. The engine words
+/// this as "No such image" whatever the registry said, so the reconcile asks the registry why
+/// and reports that instead (`explain_pull_failure`).
+pub fn pull_failing(tasks: &[Task], now: DateTime<Utc>) -> bool {
+    newest_failure(tasks, now).is_some_and(|(_, err)| {
+        let e = err.to_ascii_lowercase();
+        [
+            "no such image",
+            "pull access denied",
+            "manifest unknown",
+            "unauthorized",
+            "no basic auth credentials",
+        ]
+        .iter()
+        .any(|needle| e.contains(needle))
+    })
+}
+
+/// Replaces a generic image-pull task failure with what the registry said.
+pub fn explain_pull_failure(s: &mut ServiceStatus, explanation: &str, now: DateTime<Utc>) {
+    let degraded = berth_api_types::meta::condition(&s.conditions, conditions::DEGRADED)
+        .is_some_and(|c| c.status == True);
+    if degraded {
+        set_condition(
+            &mut s.conditions,
+            conditions::DEGRADED,
+            True,
+            "ImagePullFailed",
+            explanation,
+            now,
+        );
+    }
 }
 
 /// Whether the service is fully converged (nothing left to watch closely).
