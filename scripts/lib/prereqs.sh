@@ -4,7 +4,8 @@
 #
 # Sourced by scripts/test and scripts/demo. Brings a Debian bookworm machine (fresh, or reused
 # from an earlier run) to the state the e2e tests need:
-#   - packages: docker.io, nats-server, busybox-static, a C toolchain for crates like ring,
+#   - packages: docker.io, nats-server, busybox-static, docker-registry and apache2-utils
+#     (htpasswd) for the private-registry tests, a C toolchain for crates like ring,
 #     plus curl, python3 and iproute2 used by these scripts;
 #   - a running dockerd (started by hand: these machines have no systemd);
 #   - a healthy single-node Swarm advertising 127.0.0.1;
@@ -57,6 +58,9 @@ berth_install_packages() {
     command -v cc >/dev/null 2>&1 || missing+=(gcc)
     [[ -e /usr/include/stdio.h ]] || missing+=(libc6-dev)
     command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+    # A private registry with htpasswd auth for the registry and deploy e2e tests.
+    command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
+    command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
     # Used by these scripts themselves.
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)

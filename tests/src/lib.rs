@@ -3,6 +3,10 @@
 //! commands, and cleans up every Swarm object a test created even when the test fails. A missing
 //! engine, binary or nats-server is a loud failure, never a skip.
 
+pub mod registry;
+
+use berth_api_types::names::paths;
+use berth_api_types::Kind;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -388,6 +392,45 @@ impl Berth {
         )
     }
 
+    /// `berth apply -f` of one manifest text (one or more YAML documents); returns what it printed.
+    pub fn apply(&self, text: &str) -> String {
+        let (_dir, file) = manifest("m.yaml", text);
+        self.cli_ok(&["apply", "-f", file.to_str().expect("utf-8 path")])
+    }
+
+    /// The object as the API returns it, or `None` when it does not exist.
+    pub async fn object(&self, kind: Kind, name: &str) -> Option<serde_json::Value> {
+        let (code, body) = self.api_get(&paths::object(kind, name)).await;
+        match code {
+            200 => Some(body),
+            404 => None,
+            _ => panic!("e2e: GET {kind}/{name} answered {code}: {body}"),
+        }
+    }
+
+    /// Waits until the object's condition `type_` satisfies `ok` (given the condition, never
+    /// missing) for the object's current generation; returns the object.
+    pub async fn wait_condition(
+        &self,
+        kind: Kind,
+        name: &str,
+        type_: &str,
+        timeout: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let what = format!("{}/{name}: condition {type_}", kind.lower());
+        let ok = &ok;
+        eventually(self, timeout, &what, || async move {
+            let o = self.object(kind, name).await.ok_or("object not found")?;
+            let current = o["status"]["observedGeneration"] == o["metadata"]["generation"];
+            match condition(&o, type_) {
+                Some(c) if current && ok(c) => Ok(o),
+                _ => Err(format!("status {}", o["status"])),
+            }
+        })
+        .await
+    }
+
     /// SIGKILL: no shutdown code runs, like a power cut for the process.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -599,6 +642,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A status condition of an object, by type.
+pub fn condition<'a>(obj: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
 }
 
 /// A `berth controller KIND` process, stopped on drop.
