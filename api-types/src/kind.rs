@@ -81,7 +81,12 @@ impl Kind {
     pub fn is_served(self) -> bool {
         matches!(
             self,
-            Kind::Service | Kind::Secret | Kind::Config | Kind::Volume | Kind::Network
+            Kind::Service
+                | Kind::Secret
+                | Kind::Config
+                | Kind::Volume
+                | Kind::Network
+                | Kind::Ingress
         )
     }
 

@@ -6,10 +6,11 @@ use crate::crypto::MasterKey;
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
-use crate::{publisher, Conn, ServerArgs};
+use crate::{publisher, Conn, IngressArgs, ServerArgs};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
+use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
 use berth_controllers::runtime::state::LocalState;
 use berth_controllers::runtime::{Controller, ControllerConfig, Reconciler};
@@ -230,6 +231,24 @@ async fn network_controller(
     ))
 }
 
+async fn ingress_controller(
+    store: Arc<dyn ResourceStore>,
+    bus: Arc<dyn EventBus>,
+    docker_host: Option<&str>,
+    ingress: &IngressArgs,
+    resync: u64,
+    durable: bool,
+) -> Result<Controller<IngressController>, String> {
+    let settings = ingress.settings();
+    settings.validate().map_err(|e| format!("error: {e}"))?;
+    let (docker, instance) = prepare(&store, docker_host).await?;
+    let reconciler =
+        IngressController::new(docker.clone(), store.clone(), instance.clone(), settings);
+    Ok(assemble(
+        reconciler, store, bus, docker, &instance, resync, durable,
+    ))
+}
+
 /// Waits for a signal or for a task to fail, whichever comes first.
 async fn supervise(mut tasks: tokio::task::JoinSet<Result<(), String>>) -> Result<(), String> {
     tokio::select! {
@@ -249,6 +268,7 @@ pub async fn up(
     server: ServerArgs,
     docker_host: Option<String>,
     resync: u64,
+    ingress: IngressArgs,
 ) -> Result<(), String> {
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
@@ -263,6 +283,15 @@ pub async fn up(
         store.clone(),
         parts.bus.clone(),
         docker_host.as_deref(),
+        resync,
+        durable,
+    )
+    .await?;
+    let ingresses = ingress_controller(
+        store.clone(),
+        parts.bus.clone(),
+        docker_host.as_deref(),
+        &ingress,
         resync,
         durable,
     )
@@ -284,6 +313,10 @@ pub async fn up(
         services.run(std::future::pending()).await;
         Ok(())
     });
+    tasks.spawn(async move {
+        ingresses.run(std::future::pending()).await;
+        Ok(())
+    });
     supervise(tasks).await
 }
 
@@ -301,6 +334,7 @@ pub async fn controller(
     docker_host: Option<String>,
     state_dir: PathBuf,
     resync: u64,
+    ingress: IngressArgs,
 ) -> Result<(), String> {
     init_tracing();
     let token = conn
@@ -336,9 +370,18 @@ pub async fn controller(
                 Ok(())
             });
         }
+        "ingress" | "ingresses" => {
+            let ctl =
+                ingress_controller(client, bus, docker_host.as_deref(), &ingress, resync, true)
+                    .await?;
+            tasks.spawn(async move {
+                ctl.run(std::future::pending()).await;
+                Ok(())
+            });
+        }
         other => {
             return Err(format!(
-                "error: no controller for `{other}` (available: service, network)"
+                "error: no controller for `{other}` (available: service, network, ingress)"
             ))
         }
     }
