@@ -104,7 +104,8 @@ pub struct Candidate<'a> {
 pub struct Backend {
     /// The berth Networks its tasks join (the default network when it lists none).
     pub networks: Vec<String>,
-    /// Ports its image declares (`EXPOSE`); `None` when the image cannot be inspected here.
+    /// Ports its image declares (`EXPOSE`); `None` when the image cannot be inspected here or
+    /// declares none (then any port is taken on trust).
     pub exposed: Option<BTreeSet<u32>>,
 }
 

@@ -172,7 +172,8 @@ impl IngressController {
         ))
     }
 
-    /// Ports the image declares, if it can be inspected on this engine.
+    /// TCP ports the image declares (`EXPOSE`), if it can be inspected on this engine and declares
+    /// any. An image that declares none is not held to it: many never say.
     async fn exposed_ports(&self, image: &str) -> Option<BTreeSet<u32>> {
         match self.docker.inspect_image(image).await {
             Ok(i) => Some(
@@ -181,8 +182,9 @@ impl IngressController {
                     .unwrap_or_default()
                     .iter()
                     .filter_map(|p| p.strip_suffix("/tcp").and_then(|n| n.parse().ok()))
-                    .collect(),
-            ),
+                    .collect::<BTreeSet<u32>>(),
+            )
+            .filter(|ports| !ports.is_empty()),
             Err(e) => {
                 if status_code(&e) != Some(404) {
                     debug!(%image, error = %e, "cannot inspect a backend's image");
