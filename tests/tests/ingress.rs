@@ -505,6 +505,52 @@ async fn routes_tls_and_conflicts(bus: Bus) {
 
     // Every change after the first went in live: the proxy never restarted.
     assert_eq!(proxy_tasks(&lb), 1, "the proxy's task was replaced");
+
+    // A rotated certificate is a new Swarm secret to mount: the restart path. The restarted proxy
+    // presents it, and still has every route loaded live before.
+    let rotated_dir = tmp.path().join("rotated");
+    std::fs::create_dir(&rotated_dir).expect("mkdir");
+    let org = format!("{p}-rotated");
+    let (rotated, cert2) =
+        tls_secret_yaml(&format!("{p}-tls"), "app.example.test", &org, &rotated_dir);
+    apply(b, &rotated);
+    eventually(b, CONVERGE, "the rotated certificate", || {
+        let presented = peer_certificate("app.example.test");
+        let ok = presented.contains(&format!("O = {org}"));
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err(presented)
+            }
+        }
+    })
+    .await;
+    eventually(b, CONVERGE, "Ready by restart", || async {
+        let o = get(b, Kind::Ingress, &format!("{p}-app"))
+            .await
+            .ok_or("gone")?;
+        let ready = condition(&o, "Ready").is_some_and(|c| c["status"] == "True");
+        if ready && o["status"]["delivery"] == "restart" {
+            Ok(())
+        } else {
+            Err(o["status"].to_string())
+        }
+    })
+    .await;
+    assert_eq!(
+        fetch("https://app.example.test/", Some(&cert2), &[]).code(),
+        Some(200)
+    );
+    assert_eq!(
+        fetch("https://broken.example.test/web/x", Some(&ca), &[]).code(),
+        Some(503)
+    );
+    assert!(matches!(
+        fetch("https://b.example.test/", None, &[]),
+        Reply::Failed(35, _)
+    ));
+    assert_eq!(proxy_tasks(&lb), 2, "one restart for the new certificate");
 }
 
 on_both_buses!(routes_tls_and_conflicts);

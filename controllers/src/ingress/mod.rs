@@ -22,7 +22,8 @@
 //!   and the only way for what lives in the service spec: image, ports, networks to join, mounted
 //!   certificate secrets, placement. It is also taken when the admin socket cannot be reached — a
 //!   proxy task on another node (berth reaches only its own node's socket), or berth talking to a
-//!   remote engine — and when the proxy refuses a config.
+//!   remote engine. A config Caddy refuses is never booted from: the old one keeps serving and every
+//!   Ingress says why it is not Ready.
 
 pub mod admin;
 pub mod build;
@@ -392,7 +393,8 @@ impl IngressController {
                 }
             }
         };
-        let poll = networks_pending || !matches!(state, ProxyState::Serving { .. });
+        // A refusal waits for the next change (or the resync) instead of being retried every second.
+        let poll = networks_pending || matches!(state, ProxyState::Starting(_));
         Ok((state, Some(ca.pem), poll))
     }
 
@@ -461,8 +463,17 @@ impl IngressController {
                             info!(config = %config.name, "loaded the new proxy config live");
                             return Ok(served(delivery::LIVE));
                         }
+                        // Caddy keeps running the config it has; booting a task from one it
+                        // rejects would only take the proxy down.
+                        Err(e @ admin::AdminError::Refused { .. }) => {
+                            warn!(error = %e, config = %config.name, "the proxy refused the new config");
+                            return Ok(ProxyState::Refused(format!(
+                                "the proxy refused config `{}` and keeps serving the previous one: {e}",
+                                config.name
+                            )));
+                        }
                         Err(e) => {
-                            warn!(error = %e, "live load refused; restarting the proxy instead")
+                            warn!(error = %e, "live load failed; restarting the proxy instead")
                         }
                     },
                     Err(e) => {
