@@ -87,6 +87,7 @@ impl Kind {
                 | Kind::Volume
                 | Kind::Network
                 | Kind::Registry
+                | Kind::Ingress
         )
     }
 

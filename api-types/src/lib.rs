@@ -5,6 +5,7 @@
 pub mod data;
 pub mod event;
 pub mod image;
+pub mod ingress;
 pub mod kind;
 pub mod manifest;
 pub mod meta;

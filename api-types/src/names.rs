@@ -81,4 +81,10 @@ pub mod labels {
     pub const KEY: &str = "io.berth.key";
     /// Hash of the Swarm spec berth built; equal hash and matching fields mean no update call.
     pub const SPEC_HASH: &str = "io.berth.spec-hash";
+    /// On what the Ingress controller creates for its proxy: which part it is (`proxy`, `config`,
+    /// `certificate`, `ca`, `ca-key`, `state`).
+    pub const ROLE: &str = "io.berth.role";
+    /// Node label (`docker node update --label-add io.berth.ingress=true`) choosing the nodes that
+    /// run the ingress proxy; without any such node it runs on the managers.
+    pub const INGRESS_NODE: &str = "io.berth.ingress";
 }

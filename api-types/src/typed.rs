@@ -3,6 +3,7 @@
 //! untyped object the store keeps. One function per entry point, one rule set for both.
 
 use crate::data::{validate_data, DataSpec};
+use crate::ingress::{validate_ingress, IngressSpec};
 use crate::kind::Kind;
 use crate::manifest::{ManifestError, SourceDoc};
 use crate::meta::DynObject;
@@ -63,6 +64,7 @@ pub fn decode_object(value: &Value) -> Result<DynObject, Vec<FieldError>> {
         Kind::Volume => decode_as::<VolumeSpec>(value, validate_volume),
         Kind::Network => decode_as::<NetworkSpec>(value, validate_network),
         Kind::Registry => decode_as::<RegistrySpec>(value, validate_registry),
+        Kind::Ingress => decode_as::<IngressSpec>(value, validate_ingress),
         other => Err(vec![FieldError::new(
             "kind",
             format!("kind `{other}` is not served by this version of berth yet"),

@@ -4,6 +4,7 @@
 pub mod bus;
 pub mod client;
 pub mod engine;
+pub mod ingress;
 pub mod network;
 pub mod registry;
 pub mod runtime;

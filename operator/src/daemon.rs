@@ -6,10 +6,11 @@ use crate::crypto::MasterKey;
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
-use crate::{publisher, Conn, ServerArgs};
+use crate::{publisher, Conn, IngressArgs, ServerArgs};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
+use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
 use berth_controllers::registry::RegistryController;
 use berth_controllers::runtime::state::LocalState;
@@ -264,6 +265,30 @@ async fn registry_controller(
     ))
 }
 
+async fn ingress_controller(
+    store: Arc<dyn ResourceStore>,
+    bus: Arc<dyn EventBus>,
+    docker_host: Option<&str>,
+    ingress: &IngressArgs,
+    resync: u64,
+    durable: bool,
+) -> Result<Controller<IngressController>, String> {
+    let settings = ingress.settings();
+    settings.validate().map_err(|e| format!("error: {e}"))?;
+    let (docker, instance) = prepare(&store, docker_host).await?;
+    let reconciler =
+        IngressController::new(docker.clone(), store.clone(), instance.clone(), settings);
+    Ok(assemble(
+        reconciler,
+        store,
+        bus,
+        Some(docker),
+        &instance,
+        resync,
+        durable,
+    ))
+}
+
 /// Waits for a signal or for a task to fail, whichever comes first.
 async fn supervise(mut tasks: tokio::task::JoinSet<Result<(), String>>) -> Result<(), String> {
     tokio::select! {
@@ -283,6 +308,7 @@ pub async fn up(
     server: ServerArgs,
     docker_host: Option<String>,
     resync: u64,
+    ingress: IngressArgs,
 ) -> Result<(), String> {
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
@@ -302,6 +328,15 @@ pub async fn up(
     )
     .await?;
     let registries = registry_controller(store.clone(), parts.bus.clone(), resync, durable).await?;
+    let ingresses = ingress_controller(
+        store.clone(),
+        parts.bus.clone(),
+        docker_host.as_deref(),
+        &ingress,
+        resync,
+        durable,
+    )
+    .await?;
     let services = service_controller(
         store,
         parts.bus.clone(),
@@ -323,6 +358,10 @@ pub async fn up(
         registries.run(std::future::pending()).await;
         Ok(())
     });
+    tasks.spawn(async move {
+        ingresses.run(std::future::pending()).await;
+        Ok(())
+    });
     supervise(tasks).await
 }
 
@@ -340,6 +379,7 @@ pub async fn controller(
     docker_host: Option<String>,
     state_dir: PathBuf,
     resync: u64,
+    ingress: IngressArgs,
 ) -> Result<(), String> {
     init_tracing();
     let token = conn
@@ -382,11 +422,18 @@ pub async fn controller(
                 Ok(())
             });
         }
-        other => {
-            return Err(format!(
-                "error: no controller for `{other}` (available: service, network, registry)"
-            ))
+        "ingress" | "ingresses" => {
+            let ctl =
+                ingress_controller(client, bus, docker_host.as_deref(), &ingress, resync, true)
+                    .await?;
+            tasks.spawn(async move {
+                ctl.run(std::future::pending()).await;
+                Ok(())
+            });
         }
+        other => return Err(format!(
+            "error: no controller for `{other}` (available: service, network, registry, ingress)"
+        )),
     }
     supervise(tasks).await
 }

@@ -57,6 +57,35 @@ pub struct ServerArgs {
     pub default_network: String,
 }
 
+/// The Ingress controller's load balancer.
+#[derive(Args, Clone)]
+pub struct IngressArgs {
+    /// Name of the proxy's Swarm service, also the prefix of its configs, secrets and volume. Give
+    /// each berth installation sharing a Swarm its own.
+    #[arg(long, env = "BERTH_INGRESS_NAME", default_value = berth_api_types::ingress::DEFAULT_PROXY_NAME)]
+    pub ingress_name: String,
+    /// The proxy's image: Caddy 2 (its `caddy` binary must be on PATH).
+    #[arg(long, env = "BERTH_INGRESS_IMAGE", default_value = "caddy:2")]
+    pub ingress_image: String,
+    /// Host port (host mode, on every proxy node) for HTTPS.
+    #[arg(long, env = "BERTH_INGRESS_HTTPS_PORT", default_value_t = 443)]
+    pub ingress_https_port: u16,
+    /// Host port for plain HTTP, which only redirects to HTTPS.
+    #[arg(long, env = "BERTH_INGRESS_HTTP_PORT", default_value_t = 80)]
+    pub ingress_http_port: u16,
+}
+
+impl IngressArgs {
+    pub fn settings(&self) -> berth_controllers::ingress::build::Settings {
+        berth_controllers::ingress::build::Settings {
+            name: self.ingress_name.clone(),
+            image: self.ingress_image.clone(),
+            https_port: self.ingress_https_port,
+            http_port: self.ingress_http_port,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the API server and every controller in one process.
@@ -69,6 +98,8 @@ enum Command {
         /// Seconds between full resyncs of every object.
         #[arg(long, default_value_t = 60)]
         resync: u64,
+        #[command(flatten)]
+        ingress: IngressArgs,
     },
     /// Run the API server alone (controllers run as their own processes, connected through NATS).
     Api {
@@ -77,7 +108,7 @@ enum Command {
     },
     /// Run one controller alone, against a running API server and NATS.
     Controller {
-        /// Which controller: `service`, `network` or `registry`.
+        /// Which controller: `service`, `network`, `registry` or `ingress`.
         kind: String,
         #[command(flatten)]
         conn: Conn,
@@ -91,6 +122,8 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long, default_value_t = 60)]
         resync: u64,
+        #[command(flatten)]
+        ingress: IngressArgs,
     },
     /// Create or update objects from manifest files or directories (all or nothing).
     Apply {
@@ -169,7 +202,8 @@ fn main() -> ExitCode {
                 server,
                 docker_host,
                 resync,
-            } => daemon::up(server, docker_host, resync).await,
+                ingress,
+            } => daemon::up(server, docker_host, resync, ingress).await,
             Command::Api { server } => daemon::api(server).await,
             Command::Controller {
                 kind,
@@ -178,7 +212,10 @@ fn main() -> ExitCode {
                 docker_host,
                 state_dir,
                 resync,
-            } => daemon::controller(&kind, conn, nats, docker_host, state_dir, resync).await,
+                ingress,
+            } => {
+                daemon::controller(&kind, conn, nats, docker_host, state_dir, resync, ingress).await
+            }
             Command::Apply {
                 files,
                 dry_run,

@@ -172,6 +172,29 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                 &rows,
             )
         }
+        Kind::Ingress => {
+            let rows: Vec<Vec<String>> = objects
+                .iter()
+                .map(|o| {
+                    let mut hosts: Vec<String> = o.spec["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r["host"].as_str().map(str::to_string))
+                        .collect();
+                    hosts.dedup();
+                    let state = match condition(&status_conditions(o), "Ready") {
+                        Some(c) if c.status == berth_api_types::ConditionStatus::True => {
+                            "Ready".to_string()
+                        }
+                        Some(c) => c.reason.clone(),
+                        None => "Pending".into(),
+                    };
+                    vec![o.metadata.name.clone(), hosts.join(","), state, age(o)]
+                })
+                .collect();
+            table(&["NAME", "HOSTS", "STATUS", "AGE"], &rows)
+        }
         _ => {
             let rows: Vec<Vec<String>> = objects
                 .iter()
@@ -308,5 +331,21 @@ mod tests {
         let t = objects_table(Kind::Secret, &[obj]);
         assert!(t.starts_with("NAME   KEYS"), "{t}");
         assert!(t.contains("db     pw,user"), "{t}");
+    }
+
+    #[test]
+    fn ingress_table_shows_hosts_and_readiness() {
+        let mut obj = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Ingress",
+            "metadata": {"name": "shop"}, "spec": {"tls": {"mode": "internal"}, "rules": [
+                {"host": "a.test", "paths": [{"path": "/", "service": "web", "port": 80}]},
+                {"host": "b.test", "paths": [{"path": "/", "service": "web", "port": 80}]}]}}))
+        .unwrap();
+        let t = objects_table(Kind::Ingress, std::slice::from_ref(&obj));
+        assert!(t.starts_with("NAME   HOSTS"), "{t}");
+        assert!(t.contains("shop   a.test,b.test   Pending"), "{t}");
+        obj.status = json!({"conditions": [{"type": "Ready", "status": "False",
+            "reason": "ProxyStarting", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let t = objects_table(Kind::Ingress, &[obj]);
+        assert!(t.contains("ProxyStarting"), "{t}");
     }
 }

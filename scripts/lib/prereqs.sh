@@ -5,12 +5,13 @@
 # Sourced by scripts/test and scripts/demo. Brings a Debian bookworm machine (fresh, or reused
 # from an earlier run) to the state the e2e tests need:
 #   - packages: docker.io, nats-server, busybox-static, docker-registry and apache2-utils
-#     (htpasswd) for the private-registry tests, a C toolchain for crates like ring,
-#     plus curl, python3 and iproute2 used by these scripts;
+#     (htpasswd) for the private-registry tests, caddy (copied into the ingress test image),
+#     a C toolchain for crates like ring, plus curl, openssl, python3 and iproute2 used by these
+#     scripts and the ingress tests;
 #   - a running dockerd (started by hand: these machines have no systemd);
 #   - a healthy single-node Swarm advertising 127.0.0.1;
-#   - local test images built FROM scratch (nothing can be pulled): berth-test/busybox:1 and
-#     berth-demo/web:1;
+#   - local test images built FROM scratch (nothing can be pulled): berth-test/busybox:1,
+#     berth-demo/web:1 and berth-test/caddy:1 (the ingress proxy, Debian's caddy binary);
 #   - cargo on PATH.
 # Every function is idempotent: whatever is already in place is kept.
 # nats-server is only installed, never started: the e2e harness starts its own on free ports.
@@ -54,6 +55,8 @@ berth_install_packages() {
     # Only the *static* busybox can be copied into a FROM-scratch image: the plain `busybox`
     # package also provides /bin/busybox, so ask dpkg rather than looking for the file.
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+    # Its binary and libraries go into the ingress proxy test image (no image can be pulled).
+    dpkg -s caddy >/dev/null 2>&1 || missing+=(caddy)
     # C toolchain for build scripts (ring, ...): compiler, libc headers, pkg-config.
     command -v cc >/dev/null 2>&1 || missing+=(gcc)
     [[ -e /usr/include/stdio.h ]] || missing+=(libc6-dev)
@@ -63,6 +66,7 @@ berth_install_packages() {
     command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
     # Used by these scripts themselves.
     command -v curl >/dev/null 2>&1 || missing+=(curl)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 
@@ -296,6 +300,33 @@ EXPOSE 8080
 CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
 EOF
         build berth-demo/web:1 "$tmp/web"
+    fi
+
+    # berth-test/caddy:1: Debian's caddy with the libraries it links, standing in for the official
+    # caddy:2 image that the ingress controller uses by default.
+    if docker image inspect berth-test/caddy:1 >/dev/null 2>&1; then
+        echo "==> image berth-test/caddy:1: present"
+    else
+        echo "==> image berth-test/caddy:1: building"
+        local root="$tmp/caddy/rootfs" lib
+        [[ -x /usr/bin/caddy ]] || _berth_die "/usr/bin/caddy missing (is caddy installed?)"
+        mkdir -p "$root/usr/bin" "$root/lib/x86_64-linux-gnu" "$root/lib64" "$root/etc" "$root/tmp" \
+            "$root/data" "$root/config"
+        cp /usr/bin/caddy "$root/usr/bin/caddy"
+        for lib in libzstd.so.1 libc.so.6; do
+            cp -L "/lib/x86_64-linux-gnu/$lib" "$root/lib/x86_64-linux-gnu/$lib"
+        done
+        cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/ld-linux-x86-64.so.2"
+        echo 'root:x:0:0:root:/tmp:/usr/bin/caddy' >"$root/etc/passwd"
+        chmod 1777 "$root/tmp"
+        cat >"$tmp/caddy/Dockerfile" <<'EOF'
+FROM scratch
+COPY rootfs/ /
+ENV HOME=/tmp XDG_DATA_HOME=/data XDG_CONFIG_HOME=/config
+EXPOSE 80 443
+CMD ["/usr/bin/caddy", "run"]
+EOF
+        build berth-test/caddy:1 "$tmp/caddy"
     fi
 )
 

@@ -29,7 +29,7 @@ impl FileKind {
 }
 
 /// A materialised key: the Swarm object a service mounts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SwarmFile {
     pub id: String,
     pub name: String,

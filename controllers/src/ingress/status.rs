@@ -1,0 +1,349 @@
+//! Plan and proxy state -> Ingress status. Pure: the reconcile hands in the planner's verdict on one
+//! Ingress and what it found the proxy doing, and gets back the status to write.
+
+use super::build::{Missing, Outcome};
+use berth_api_types::meta::set_condition;
+use berth_api_types::Condition;
+use berth_api_types::ConditionStatus::{False, True};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Condition types of an Ingress.
+pub mod conditions {
+    /// The spec is valid and at least one of its routes is this Ingress's.
+    pub const ACCEPTED: &str = "Accepted";
+    /// Some host/path (or a host's TLS settings) belongs to an older Ingress.
+    pub const CONFLICT: &str = "Conflict";
+    /// A Service, a port or a TLS Secret it names does not exist (those paths answer 503).
+    pub const BACKEND_MISSING: &str = "BackendMissing";
+    /// The proxy serves this Ingress's current spec.
+    pub const READY: &str = "Ready";
+}
+
+/// Condition reasons this controller sets.
+pub mod reasons {
+    pub const ACCEPTED: &str = "Accepted";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const CONFLICT: &str = "HostPathConflict";
+    pub const NO_CONFLICT: &str = "NoConflict";
+    pub const SERVICE_MISSING: &str = "ServiceMissing";
+    pub const PORT_NOT_EXPOSED: &str = "PortNotExposed";
+    pub const SECRET_MISSING: &str = "SecretMissing";
+    pub const BACKENDS_FOUND: &str = "BackendsFound";
+    pub const SERVING: &str = "Serving";
+    pub const NO_ROUTES: &str = "NoRoutes";
+    pub const PROXY_STARTING: &str = "ProxyStarting";
+    pub const PROXY_REFUSED: &str = "ProxyRefused";
+}
+
+/// How the serving config reached the proxy.
+pub mod delivery {
+    /// Loaded into the running proxy through its admin API: no connection dropped.
+    pub const LIVE: &str = "live";
+    /// The proxy service was updated and its tasks restarted with the config.
+    pub const RESTART: &str = "restart";
+}
+
+/// What the Ingress controller reports. Written only by the controller, through the status endpoint.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngressStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// `https://host/path` of every route this Ingress has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// The proxy's Swarm service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+    /// The Swarm config holding the proxy config now served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// `live` or `restart` (see [`delivery`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+    /// PEM root certificate of berth's internal CA, for Ingresses with `tls.mode: internal`: what
+    /// clients trust.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificate: Option<String>,
+}
+
+/// What the proxy is doing, as the reconcile found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyState {
+    /// The current config runs on every proxy task.
+    Serving { config: String, delivery: String },
+    /// Tasks are starting or being updated.
+    Starting(String),
+    /// berth cannot run the proxy (a service it does not own has the name, the engine refused it).
+    Refused(String),
+}
+
+/// Status for a spec that does not validate.
+pub fn invalid(
+    current: &IngressStatus,
+    generation: u64,
+    message: &str,
+    now: DateTime<Utc>,
+) -> IngressStatus {
+    let mut s = current.clone();
+    s.observed_generation = Some(generation);
+    s.urls.clear();
+    s.config = None;
+    s.delivery = None;
+    s.ca_certificate = None;
+    let c = &mut s.conditions;
+    set_condition(
+        c,
+        conditions::ACCEPTED,
+        False,
+        reasons::INVALID_SPEC,
+        message,
+        now,
+    );
+    set_condition(
+        c,
+        conditions::READY,
+        False,
+        reasons::INVALID_SPEC,
+        message,
+        now,
+    );
+    s
+}
+
+/// Status from the planner's verdict and the proxy's state.
+pub fn observed(
+    current: &IngressStatus,
+    generation: u64,
+    outcome: &Outcome,
+    proxy_name: &str,
+    proxy: &ProxyState,
+    ca_pem: Option<&str>,
+    now: DateTime<Utc>,
+) -> IngressStatus {
+    let mut s = current.clone();
+    s.observed_generation = Some(generation);
+    s.urls = outcome.urls.clone();
+    s.proxy = Some(proxy_name.to_string());
+    s.ca_certificate = outcome
+        .internal_tls
+        .then(|| ca_pem.map(str::to_string))
+        .flatten();
+    let c = &mut s.conditions;
+
+    let lost_everything = outcome.urls.is_empty();
+    if lost_everything && !outcome.conflicts.is_empty() {
+        set_condition(
+            c,
+            conditions::ACCEPTED,
+            False,
+            reasons::CONFLICT,
+            "every route of this Ingress belongs to an older Ingress",
+            now,
+        );
+    } else {
+        set_condition(c, conditions::ACCEPTED, True, reasons::ACCEPTED, "", now);
+    }
+
+    if outcome.conflicts.is_empty() {
+        set_condition(
+            c,
+            conditions::CONFLICT,
+            False,
+            reasons::NO_CONFLICT,
+            "",
+            now,
+        );
+    } else {
+        set_condition(
+            c,
+            conditions::CONFLICT,
+            True,
+            reasons::CONFLICT,
+            &outcome.conflicts.join("; "),
+            now,
+        );
+    }
+
+    match outcome.missing.first() {
+        None => set_condition(
+            c,
+            conditions::BACKEND_MISSING,
+            False,
+            reasons::BACKENDS_FOUND,
+            "",
+            now,
+        ),
+        Some((kind, _)) => {
+            let reason = match kind {
+                Missing::Service => reasons::SERVICE_MISSING,
+                Missing::Port => reasons::PORT_NOT_EXPOSED,
+                Missing::Secret => reasons::SECRET_MISSING,
+            };
+            let all: Vec<&str> = outcome.missing.iter().map(|(_, m)| m.as_str()).collect();
+            set_condition(
+                c,
+                conditions::BACKEND_MISSING,
+                True,
+                reason,
+                &all.join("; "),
+                now,
+            )
+        }
+    };
+
+    let (ready, reason, message, config, how) = match proxy {
+        _ if lost_everything => (
+            false,
+            reasons::NO_ROUTES,
+            "no route of this Ingress is served".to_string(),
+            None,
+            None,
+        ),
+        ProxyState::Serving { config, delivery } => (
+            true,
+            reasons::SERVING,
+            format!("served by `{proxy_name}` (config `{config}`, delivered by {delivery})"),
+            Some(config.clone()),
+            Some(delivery.clone()),
+        ),
+        ProxyState::Starting(m) => (
+            false,
+            reasons::PROXY_STARTING,
+            m.clone(),
+            s.config.clone(),
+            s.delivery.clone(),
+        ),
+        ProxyState::Refused(m) => (false, reasons::PROXY_REFUSED, m.clone(), None, None),
+    };
+    set_condition(c, conditions::READY, ready.into(), reason, &message, now);
+    s.config = config;
+    s.delivery = how;
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_api_types::meta::condition;
+    use berth_api_types::ConditionStatus;
+
+    fn cond(s: &IngressStatus, t: &str) -> (ConditionStatus, String, String) {
+        let c = condition(&s.conditions, t).unwrap();
+        (c.status, c.reason.clone(), c.message.clone())
+    }
+
+    fn serving() -> ProxyState {
+        ProxyState::Serving {
+            config: "lb-0123".into(),
+            delivery: delivery::LIVE.into(),
+        }
+    }
+
+    #[test]
+    fn serving_conflicting_and_missing() {
+        let now = Utc::now();
+        let ok = Outcome {
+            urls: vec!["https://a.test/".into()],
+            internal_tls: true,
+            ..Default::default()
+        };
+        let s = observed(
+            &IngressStatus::default(),
+            3,
+            &ok,
+            "lb",
+            &serving(),
+            Some("PEM"),
+            now,
+        );
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(cond(&s, "Ready").0, ConditionStatus::True);
+        assert_eq!(
+            cond(&s, "Ready").2,
+            "served by `lb` (config `lb-0123`, delivered by live)"
+        );
+        assert_eq!(cond(&s, "Conflict").0, ConditionStatus::False);
+        assert_eq!(cond(&s, "BackendMissing").0, ConditionStatus::False);
+        assert_eq!(s.ca_certificate.as_deref(), Some("PEM"));
+        assert_eq!(s.delivery.as_deref(), Some("live"));
+
+        let lost = Outcome {
+            conflicts: vec!["host `a.test` path `/` is already routed by Ingress `x`".into()],
+            ..Default::default()
+        };
+        let s2 = observed(&s, 4, &lost, "lb", &serving(), Some("PEM"), now);
+        assert_eq!(cond(&s2, "Accepted").0, ConditionStatus::False);
+        assert_eq!(
+            cond(&s2, "Conflict"),
+            (
+                ConditionStatus::True,
+                "HostPathConflict".into(),
+                "host `a.test` path `/` is already routed by Ingress `x`".into()
+            )
+        );
+        assert_eq!(cond(&s2, "Ready").1, "NoRoutes");
+        assert!(s2.ca_certificate.is_none());
+
+        let missing = Outcome {
+            urls: vec!["https://a.test/".into()],
+            missing: vec![
+                (Missing::Service, "Service `web` does not exist".into()),
+                (Missing::Secret, "Secret `t` does not exist".into()),
+            ],
+            ..Default::default()
+        };
+        let s3 = observed(
+            &IngressStatus::default(),
+            1,
+            &missing,
+            "lb",
+            &ProxyState::Starting("1 of 1 proxy tasks starting".into()),
+            None,
+            now,
+        );
+        assert_eq!(
+            cond(&s3, "BackendMissing"),
+            (
+                ConditionStatus::True,
+                "ServiceMissing".into(),
+                "Service `web` does not exist; Secret `t` does not exist".into()
+            )
+        );
+        assert_eq!(cond(&s3, "Ready").1, "ProxyStarting");
+        assert_eq!(cond(&s3, "Accepted").0, ConditionStatus::True);
+    }
+
+    #[test]
+    fn invalid_and_refused() {
+        let now = Utc::now();
+        let s = invalid(&IngressStatus::default(), 2, "spec.tls: bad", now);
+        assert_eq!(cond(&s, "Accepted").1, "InvalidSpec");
+        assert_eq!(cond(&s, "Ready").0, ConditionStatus::False);
+        let ok = Outcome {
+            urls: vec!["https://a.test/".into()],
+            ..Default::default()
+        };
+        let s = observed(
+            &s,
+            2,
+            &ok,
+            "lb",
+            &ProxyState::Refused("taken".into()),
+            None,
+            now,
+        );
+        assert_eq!(
+            cond(&s, "Ready"),
+            (
+                ConditionStatus::False,
+                "ProxyRefused".into(),
+                "taken".into()
+            )
+        );
+        assert_eq!(cond(&s, "Accepted").0, ConditionStatus::True);
+    }
+}
