@@ -431,9 +431,11 @@ pub async fn controller(
                 Ok(())
             });
         }
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "error: no controller for `{other}` (available: service, network, registry, ingress)"
-        )),
+        ))
+        }
     }
     supervise(tasks).await
 }
