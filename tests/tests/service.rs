@@ -1143,10 +1143,11 @@ async fn failing_task(bus: Bus) {
     );
     let (_dir, file) = manifest("fail.yaml", &text);
     assert_eq!(apply_ok(b, &file), format!("service/{name} created\n"));
+    // Degraded=True may first say WaitingForDependencies while the default network is created.
     let obj = eventually(b, CONVERGE, "Degraded=True with the task error", || async {
         let o = get_service(b, &name).ok_or("object not found")?;
         match condition(&o, "Degraded") {
-            Some(c) if c["status"] == "True" => Ok(o.clone()),
+            Some(c) if c["status"] == "True" && c["reason"] == "TaskFailed" => Ok(o.clone()),
             other => Err(format!("Degraded: {other:?}")),
         }
     })
