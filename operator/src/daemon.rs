@@ -148,7 +148,11 @@ async fn start_api(
         .nats
         .is_some()
         .then(|| format!("berth-{}-deploy-applier", store.instance()));
-    tasks.spawn(deploy_task(store.clone(), bus.clone(), applier));
+    let applier = deploy::start(store.clone(), bus.clone(), applier).await;
+    tasks.spawn(async move {
+        applier.await;
+        Ok(())
+    });
     let state = AppState {
         store: store.clone(),
         token: Arc::new(token),
@@ -171,15 +175,6 @@ async fn start_api(
 
 async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {
     publisher::run(store, bus).await;
-    Ok(())
-}
-
-async fn deploy_task(
-    store: Store,
-    bus: Arc<dyn EventBus>,
-    durable: Option<String>,
-) -> Result<(), String> {
-    deploy::run(store, bus, durable).await;
     Ok(())
 }
 

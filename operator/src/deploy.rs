@@ -18,7 +18,7 @@ use berth_api_types::image::ImageRef;
 use berth_api_types::names::annotations;
 use berth_api_types::typed::decode_object;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::bus::{DeployMessage, EventBus};
+use berth_controllers::bus::{DeployMessage, DeploySubscription, EventBus};
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -159,20 +159,46 @@ fn coalesce(events: Vec<DeployEvent>) -> Vec<DeployEvent> {
     out
 }
 
-/// Consumes deploy events until the bus ends (never, on NATS). `durable`: the consumer name.
-pub async fn run(store: Store, bus: Arc<dyn EventBus>, durable: Option<String>) {
+/// Subscribes to deploy events, retrying until the bus takes the subscription.
+async fn subscribe(bus: &Arc<dyn EventBus>, durable: Option<&str>) -> DeploySubscription {
     let mut retry = Duration::from_millis(100);
     loop {
-        let mut sub = match bus.subscribe_deploys(durable.as_deref()).await {
-            Ok(s) => s,
+        match bus.subscribe_deploys(durable).await {
+            Ok(s) => return s,
             Err(e) => {
                 warn!(error = %e, retry_in = ?retry, "cannot subscribe to deploy events");
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(Duration::from_secs(10));
-                continue;
             }
+        }
+    }
+}
+
+/// Subscribes, then returns the applier loop. Subscribing before the HTTP server answers its first
+/// webhook call matters: the embedded bus drops events nobody is subscribed to, and a new durable
+/// NATS consumer starts with the events published after it exists.
+pub async fn start(
+    store: Store,
+    bus: Arc<dyn EventBus>,
+    durable: Option<String>,
+) -> impl std::future::Future<Output = ()> {
+    let first = subscribe(&bus, durable.as_deref()).await;
+    run(store, bus, durable, first)
+}
+
+/// Consumes deploy events forever; re-subscribes if a subscription ends.
+async fn run(
+    store: Store,
+    bus: Arc<dyn EventBus>,
+    durable: Option<String>,
+    first: DeploySubscription,
+) {
+    let mut next_sub = Some(first);
+    loop {
+        let mut sub = match next_sub.take() {
+            Some(s) => s,
+            None => subscribe(&bus, durable.as_deref()).await,
         };
-        retry = Duration::from_millis(100);
         info!(bus = %bus.describe(), consumer = ?durable, "deploy applier listening");
         while let Some(first) = sub.next().await {
             let mut batch = Vec::new();
@@ -195,6 +221,7 @@ pub async fn run(store: Store, bus: Arc<dyn EventBus>, durable: Option<String>) 
             }
         }
         warn!("deploy event subscription ended; subscribing again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -255,9 +282,12 @@ mod tests {
             .1
     }
 
+    /// Ids in creation order, as the webhook handler makes them.
+    static IDS: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
+
     fn ev(service: &str, image: &str) -> DeployEvent {
         DeployEvent {
-            id: ulid::Ulid::new().to_string(),
+            id: IDS.lock().unwrap().generate().unwrap().to_string(),
             service: service.into(),
             image: image.into(),
             tag: None,
@@ -336,7 +366,6 @@ mod tests {
         let (store, _d) = store();
         create(&store, "web", "team/app:1").await;
         let older = ev("web", "team/app:2");
-        std::thread::sleep(std::time::Duration::from_millis(2));
         let newer = ev("web", "team/app:3");
         apply(&store, &newer).await.unwrap();
         assert_eq!(
@@ -389,7 +418,6 @@ mod tests {
         let mut events = Vec::new();
         for i in 0..50 {
             events.push(ev("web", &format!("team/app:{i}")));
-            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         events.push(ev("api", "team/api:1"));
         events.swap(0, 49);
@@ -404,20 +432,30 @@ mod tests {
         let (store, _d) = store();
         create(&store, "web", "team/app:1").await;
         let bus: Arc<dyn EventBus> = Arc::new(berth_controllers::bus::EmbeddedBus::new());
-        let task = tokio::spawn(run(store.clone(), bus.clone(), None));
-        // The applier subscribes asynchronously; publish until it has picked one up.
+        // Subscribed once `start` returns: the very first event is not lost.
+        let task = tokio::spawn(start(store.clone(), bus.clone(), None).await);
+        bus.publish_deploy(&ev("web", "team/app:7")).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            bus.publish_deploy(&ev("web", "team/app:7")).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            if get(&store, "web").spec["image"] == "team/app:7" {
-                break;
-            }
+        while get(&store, "web").spec["image"] != "team/app:7" {
             assert!(
                 std::time::Instant::now() < deadline,
                 "applier never applied"
             );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        // A burst of redeploys published at once is coalesced into fewer writes.
+        let before = get(&store, "web").metadata.generation;
+        for _ in 0..50 {
+            bus.publish_deploy(&ev("web", "team/app:7")).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let after = get(&store, "web");
+        assert!(after.spec["forceUpdate"].as_u64().unwrap() >= 1);
+        assert!(
+            after.metadata.generation - before < 50,
+            "50 queued redeploys were not coalesced: {} writes",
+            after.metadata.generation - before
+        );
         task.abort();
     }
 }

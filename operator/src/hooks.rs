@@ -49,6 +49,8 @@ pub struct HookState {
     pub bus: Arc<dyn EventBus>,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     replay: Arc<ReplayGuard>,
+    /// Monotonic even within one millisecond: the applier treats a smaller id as an older deploy.
+    ids: Arc<std::sync::Mutex<ulid::Generator>>,
 }
 
 impl HookState {
@@ -64,7 +66,16 @@ impl HookState {
                 Quota::per_second(rate).allow_burst(burst),
             )),
             replay: Arc::new(ReplayGuard::default()),
+            ids: Arc::new(std::sync::Mutex::new(ulid::Generator::new())),
         })
+    }
+
+    fn next_id(&self) -> String {
+        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        // Fails only when 2^80 ids are made in one millisecond.
+        g.generate()
+            .unwrap_or_else(|_| ulid::Ulid::new())
+            .to_string()
     }
 }
 
@@ -226,7 +237,7 @@ async fn service_hook(
         Err(why) => return err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", why),
     };
     let event = DeployEvent {
-        id: ulid::Ulid::new().to_string(),
+        id: state.next_id(),
         service,
         tag: image.tag.clone(),
         digest: image.digest.clone(),
