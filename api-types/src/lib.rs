@@ -3,6 +3,7 @@
 //! outside tools rely on.
 
 pub mod data;
+pub mod deploy;
 pub mod event;
 pub mod image;
 pub mod ingress;

@@ -39,6 +39,32 @@ pub mod paths {
     pub fn status(kind: Kind, name: &str) -> String {
         format!("{API_ROOT}/{}/{name}/status", kind.plural())
     }
+
+    /// Webhook administration (bearer token): list (GET) and create (POST).
+    pub const WEBHOOKS: &str = "/apis/berth/v1/webhooks";
+
+    /// `/apis/berth/v1/webhooks/<id>`: DELETE removes the webhook.
+    pub fn webhook(id: &str) -> String {
+        format!("{WEBHOOKS}/{id}")
+    }
+
+    /// `/apis/berth/v1/webhooks/<id>/rotate`: POST gives it a new URL (and signing secret).
+    pub fn webhook_rotate(id: &str) -> String {
+        format!("{WEBHOOKS}/{id}/rotate")
+    }
+
+    /// Prefix of the unauthenticated deploy hooks: the token in the path is the credential.
+    pub const HOOKS: &str = "/hooks/v1";
+
+    /// `/hooks/v1/<token>`: a CI system POSTs here after pushing an image.
+    pub fn hook(token: &str) -> String {
+        format!("{HOOKS}/{token}")
+    }
+
+    /// `/hooks/v1/registry/<token>`: a registry's push notifications (`notifications.endpoints`).
+    pub fn registry_hook(token: &str) -> String {
+        format!("{HOOKS}/registry/{token}")
+    }
 }
 
 /// NATS subjects (also used, unchanged, as topics of the embedded bus).
@@ -60,6 +86,18 @@ pub mod subjects {
     /// `berth.events.<kind>.>`: every event of one kind.
     pub fn kind_events(kind: Kind) -> String {
         format!("{EVENTS_PREFIX}.{}.>", kind.lower())
+    }
+
+    /// Prefix of deploy events (`api_types::deploy::DeployEvent`).
+    pub const DEPLOY_PREFIX: &str = "berth.deploy";
+    /// Every deploy event; the `BERTH_DEPLOYS` stream captures it.
+    pub const DEPLOY_ALL: &str = "berth.deploy.>";
+    /// JetStream stream of deploy events (deduplicated by `Nats-Msg-Id` = event id).
+    pub const DEPLOY_STREAM: &str = "BERTH_DEPLOYS";
+
+    /// `berth.deploy.<service>`
+    pub fn deploy(service: &str) -> String {
+        format!("{DEPLOY_PREFIX}.{service}")
     }
 }
 
@@ -87,4 +125,15 @@ pub mod labels {
     /// Node label (`docker node update --label-add io.berth.ingress=true`) choosing the nodes that
     /// run the ingress proxy; without any such node it runs on the managers.
     pub const INGRESS_NODE: &str = "io.berth.ingress";
+}
+
+/// Metadata annotation keys the API server sets on a Service when it applies a deploy event, so the
+/// controller (and `berth rollout history`) can tell which generation came from which trigger.
+pub mod annotations {
+    /// Id of the last deploy event applied (later redeliveries of it, or of older ones, are no-ops).
+    pub const DEPLOY_ID: &str = "deploy.berth.io/id";
+    /// `webhook`, `signed`, `registry`, `api` or `cli`.
+    pub const DEPLOY_SOURCE: &str = "deploy.berth.io/source";
+    /// The generation that deploy produced.
+    pub const DEPLOY_GENERATION: &str = "deploy.berth.io/generation";
 }

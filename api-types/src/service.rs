@@ -77,6 +77,14 @@ pub struct ServiceSpec {
     /// Network objects to join; none listed means the default network `berth-internal`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub networks: Vec<String>,
+    /// Bumped to restart every task (pulling the image again) without any other change: what a
+    /// deploy of the tag already running does. Swarm's `ForceUpdate`; 0 (absent) is the default.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub force_update: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A Secret or Config key mounted into the service's containers as a file.

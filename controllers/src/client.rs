@@ -231,6 +231,21 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Any request on an API path with an optional JSON body (for endpoints without a typed
+    /// method, such as webhook administration).
+    pub async fn request_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, ClientError> {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.send(req).await
+    }
+
     pub async fn discovery(&self) -> Result<Discovery, ClientError> {
         self.send(self.http.get(self.url(paths::API_ROOT))).await
     }

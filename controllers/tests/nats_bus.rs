@@ -7,9 +7,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_api_types::deploy::{DeployEvent, DeploySource};
 use berth_api_types::names::subjects;
 use berth_api_types::{Event, EventType, Kind};
-use berth_controllers::bus::{BusMessage, EventBus, NatsBus, Subscription};
+use berth_controllers::bus::{
+    BusMessage, DeployMessage, DeploySubscription, EventBus, NatsBus, Subscription,
+};
 use futures::StreamExt;
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
@@ -414,4 +417,84 @@ async fn server_restart_makes_live_subscribers_resync() {
     }
     assert_eq!(next_event_after_lag(&mut live).await, after);
     assert_eq!(next_event_after_lag(&mut durable).await, after);
+}
+
+fn deploy(service: &str, tag: &str) -> DeployEvent {
+    DeployEvent {
+        id: ulid::Ulid::new().to_string(),
+        service: service.to_string(),
+        image: format!("127.0.0.1:5000/team/app:{tag}"),
+        tag: Some(tag.to_string()),
+        digest: None,
+        source: DeploySource::Webhook,
+        time: chrono::Utc::now(),
+        instance: None,
+    }
+}
+
+async fn next_deploy(sub: &mut DeploySubscription) -> DeployEvent {
+    match tokio::time::timeout(Duration::from_secs(3), sub.next())
+        .await
+        .expect("no deploy within 3s")
+        .expect("deploy subscription ended")
+    {
+        DeployMessage::Deploy(d) => d,
+        DeployMessage::Lagged => panic!("unexpected Lagged"),
+    }
+}
+
+async fn assert_no_deploy(sub: &mut DeploySubscription) {
+    let got = tokio::time::timeout(Duration::from_millis(400), sub.next()).await;
+    assert!(got.is_err(), "unexpected deploy message: {got:?}");
+}
+
+#[tokio::test]
+async fn deploys_have_their_own_stream_and_are_delivered_once() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(&server.url).await.unwrap();
+    // Published before any durable consumer exists: a new consumer must not replay it.
+    let old = deploy("web", "0");
+    bus.publish_deploy(&old).await.unwrap();
+
+    let mut resource_events = bus.subscribe(&[], None).await.unwrap();
+    let mut live = bus.subscribe_deploys(None).await.unwrap();
+    let mut durable = bus.subscribe_deploys(Some("applier")).await.unwrap();
+    // An outside tool on plain core NATS, as the README describes.
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let mut outside = client.subscribe(subjects::deploy("web")).await.unwrap();
+    client.flush().await.unwrap();
+
+    let d1 = deploy("web", "2");
+    bus.publish_deploy(&d1).await.unwrap();
+    // A retried publish (lost ack) is stored and delivered once.
+    bus.publish_deploy(&d1).await.unwrap();
+    let d2 = deploy("api", "3");
+    bus.publish_deploy(&d2).await.unwrap();
+
+    assert_eq!(next_deploy(&mut live).await, d1);
+    assert_eq!(next_deploy(&mut live).await, d2);
+    assert_eq!(next_deploy(&mut durable).await, d1);
+    assert_eq!(next_deploy(&mut durable).await, d2);
+    assert_no_deploy(&mut durable).await;
+    assert_no_deploy(&mut live).await;
+    assert_idle(&mut resource_events).await;
+
+    let msg = tokio::time::timeout(Duration::from_secs(3), outside.next())
+        .await
+        .expect("outside subscriber got nothing")
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(json["id"], d1.id.as_str());
+    assert_eq!(json["service"], "web");
+    assert_eq!(json["image"], "127.0.0.1:5000/team/app:2");
+    assert_eq!(json["source"], "webhook");
+
+    // The durable consumer resumes after a restart of the subscriber, without redelivery.
+    drop(durable);
+    let d3 = deploy("web", "4");
+    bus.publish_deploy(&d3).await.unwrap();
+    let mut durable = bus.subscribe_deploys(Some("applier")).await.unwrap();
+    assert_eq!(next_deploy(&mut durable).await, d3);
+    assert_no_deploy(&mut durable).await;
+    assert_ne!(old.id, d3.id);
 }

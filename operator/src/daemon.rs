@@ -3,10 +3,11 @@
 //! pieces below; only which pieces run differs.
 
 use crate::crypto::MasterKey;
+use crate::hooks::{self, HookState};
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
-use crate::{publisher, Conn, IngressArgs, ServerArgs};
+use crate::{deploy, publisher, Conn, IngressArgs, ServerArgs};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
@@ -143,15 +144,33 @@ async fn start_api(
     );
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
-    let app = router(AppState {
+    // Deploy events become spec changes here, in the only writer of spec. Durable on NATS (named
+    // per installation, like the controllers' consumers) so deploys queued while down still land.
+    let applier = server
+        .nats
+        .is_some()
+        .then(|| format!("berth-{}-deploy-applier", store.instance()));
+    let applier = deploy::start(store.clone(), bus.clone(), applier).await;
+    tasks.spawn(async move {
+        applier.await;
+        Ok(())
+    });
+    let state = AppState {
         store: store.clone(),
         token: Arc::new(token),
         default_network: Arc::new(server.default_network.clone()),
-    });
+    };
+    let hook_state = HookState::new(store.clone(), bus.clone(), server.hook_rate)
+        .map_err(|e| format!("error: {e}"))?;
+    let app = router(state.clone()).merge(hooks::router(state, hook_state));
     tasks.spawn(async move {
-        axum::serve(listener, app)
-            .await
-            .map_err(|e| format!("error: API server failed: {e}"))
+        // The peer address is what webhook calls are rate-limited by.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .map_err(|e| format!("error: API server failed: {e}"))
     });
     Ok(ApiParts { store, bus })
 }

@@ -4,11 +4,16 @@
 mod cli;
 mod crypto;
 mod daemon;
+mod deploy;
+mod hooks;
 mod local;
 mod output;
 mod publisher;
+mod registry;
 mod server;
 mod store;
+mod webhook;
+mod webhook_cli;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -55,6 +60,9 @@ pub struct ServerArgs {
     /// The Network every Service joins when it lists none; created at start if missing.
     #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::volume::DEFAULT_NETWORK)]
     pub default_network: String,
+    /// Deploy webhook calls allowed per second from one source address (bursts of 5 s worth).
+    #[arg(long, env = "BERTH_HOOK_RATE", default_value_t = 20)]
+    pub hook_rate: u32,
 }
 
 /// The Ingress controller's load balancer.
@@ -171,6 +179,13 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Deploy webhooks: URLs a CI system or a registry calls to deploy a new image.
+    Webhook {
+        #[command(subcommand)]
+        command: webhook_cli::WebhookCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Show recent events, or follow them.
     Events {
         #[arg(long)]
@@ -245,6 +260,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Info { output, conn } => cli::info(&conn, output).await,
+            Command::Webhook { command, conn } => webhook_cli::run(&conn, command).await,
             Command::Events {
                 watch,
                 kind,

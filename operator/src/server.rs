@@ -78,13 +78,22 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        status: StatusCode,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             reason,
             message: message.into(),
             details: vec![],
         }
+    }
+
+    /// 422 for one field of a request body.
+    pub(crate) fn field(path: &str, message: impl Into<String>) -> Self {
+        Self::invalid(None, vec![FieldError::new(path, message)])
     }
 
     fn invalid(object: Option<String>, errors: Vec<FieldError>) -> Self {
@@ -154,7 +163,7 @@ impl From<BytesRejection> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -179,7 +188,7 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
     }
 }
 
-async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such API path")
 }
 

@@ -278,6 +278,26 @@ impl Store {
         &self.instance
     }
 
+    /// A named tree of the same database for records that are not objects (webhooks): they get
+    /// the same durability and the same data directory without going through the object path.
+    pub(crate) fn aux_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// The master key's sealer, for other secrets kept in the store (webhook signing secrets).
+    pub(crate) fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    /// Makes everything written so far durable (same blocking-pool flush as `committed`).
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
+        Ok(())
+    }
+
     fn next_id(&self) -> String {
         let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         // The generator only fails when 2^80 ids are made in one millisecond.

@@ -69,6 +69,8 @@ berth_install_packages() {
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    # The deploy e2e signs webhook calls with the README's openssl recipe.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 
     if [[ ${#missing[@]} -eq 0 ]]; then
         echo "==> packages: all present"

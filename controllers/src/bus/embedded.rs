@@ -4,11 +4,15 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use berth_api_types::deploy::DeployEvent;
 use berth_api_types::{Event, Kind};
 use futures::StreamExt;
 use tokio::sync::broadcast;
 
-use super::{wants, BusError, BusMessage, EventBus, RecentIds, Subscription};
+use super::{
+    wants, BusError, BusMessage, DeployMessage, DeploySubscription, EventBus, RecentIds,
+    Subscription,
+};
 
 /// Events a subscriber may fall behind by before it lags. Large enough that a controller busy
 /// with one slow reconcile does not lag on an ordinary apply burst, small enough to bound memory.
@@ -20,14 +24,19 @@ pub struct EmbeddedBus {
     tx: broadcast::Sender<Event>,
     /// Ids already published, so a re-published event is dropped as JetStream would.
     published: Arc<Mutex<RecentIds>>,
+    deploys: broadcast::Sender<DeployEvent>,
+    deploys_published: Arc<Mutex<RecentIds>>,
 }
 
 impl EmbeddedBus {
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(CAPACITY);
+        let (deploys, _) = broadcast::channel(CAPACITY);
         Self {
             tx,
             published: Arc::new(Mutex::new(RecentIds::new(CAPACITY))),
+            deploys,
+            deploys_published: Arc::new(Mutex::new(RecentIds::new(CAPACITY))),
         }
     }
 }
@@ -81,6 +90,35 @@ impl EventBus for EmbeddedBus {
                         Err(broadcast::error::RecvError::Closed) => return None,
                     }
                 }
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError> {
+        let mut published = self
+            .deploys_published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if published.insert(&event.id) {
+            let _ = self.deploys.send(event.clone());
+        }
+        Ok(())
+    }
+
+    async fn subscribe_deploys(
+        &self,
+        _durable: Option<&str>,
+    ) -> Result<DeploySubscription, BusError> {
+        let rx = self.deploys.subscribe();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            match rx.recv().await {
+                Ok(event) => Some((DeployMessage::Deploy(event), rx)),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "embedded deploy subscriber lagged");
+                    Some((DeployMessage::Lagged, rx))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
             }
         });
         Ok(stream.boxed())
@@ -201,6 +239,52 @@ mod tests {
         assert_eq!(name_of(next(&mut sub).await), "web");
         assert_eq!(name_of(next(&mut sub).await), "next");
         assert_idle(&mut sub).await;
+    }
+
+    fn deploy(service: &str, id: &str) -> DeployEvent {
+        DeployEvent {
+            id: id.to_string(),
+            service: service.to_string(),
+            image: "team/app:2".to_string(),
+            tag: Some("2".to_string()),
+            digest: None,
+            source: berth_api_types::deploy::DeploySource::Webhook,
+            time: chrono::Utc::now(),
+            instance: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn bus_deploys_travel_apart_from_resource_events_once_per_id() {
+        let bus = EmbeddedBus::new();
+        let mut events = bus.subscribe(&[], None).await.unwrap();
+        let mut deploys = bus.subscribe_deploys(Some("ignored")).await.unwrap();
+        bus.publish_deploy(&deploy("web", "d1")).await.unwrap();
+        bus.clone()
+            .publish_deploy(&deploy("web", "d1"))
+            .await
+            .unwrap();
+        bus.publish_deploy(&deploy("api", "d2")).await.unwrap();
+        let got = |m: Option<DeployMessage>| match m {
+            Some(DeployMessage::Deploy(d)) => (d.service, d.id),
+            other => panic!("unexpected {other:?}"),
+        };
+        let next_deploy = async |s: &mut DeploySubscription| {
+            tokio::time::timeout(Duration::from_secs(1), s.next())
+                .await
+                .expect("no deploy within 1s")
+        };
+        assert_eq!(
+            got(next_deploy(&mut deploys).await),
+            ("web".into(), "d1".into())
+        );
+        assert_eq!(
+            got(next_deploy(&mut deploys).await),
+            ("api".into(), "d2".into())
+        );
+        let idle = tokio::time::timeout(Duration::from_millis(50), deploys.next()).await;
+        assert!(idle.is_err(), "a re-published deploy was delivered twice");
+        assert_idle(&mut events).await;
     }
 
     #[tokio::test]

@@ -9,12 +9,18 @@
 //! object's current state. So a subscriber that may have missed events is told so with
 //! [`BusMessage::Lagged`] and simply resyncs, instead of the bus trying to guarantee delivery of
 //! every single event.
+//!
+//! The bus also carries deploy events (`berth.deploy.<service>`, see `api_types::deploy`): the
+//! webhook bridge publishes them and the API server's deploy applier consumes them. Unlike resource
+//! events they are commands, so their consumers deduplicate by id and a new durable consumer starts
+//! at the newest event rather than replaying old deploys.
 
 mod embedded;
 mod nats;
 
 use std::sync::Arc;
 
+use berth_api_types::deploy::DeployEvent;
 use berth_api_types::{Event, Kind};
 
 pub use embedded::EmbeddedBus;
@@ -40,6 +46,17 @@ pub trait EventBus: Send + Sync + 'static {
         durable: Option<&str>,
     ) -> Result<Subscription, BusError>;
 
+    /// Publishes one deploy event on `berth.deploy.<service>`; like `publish`, returns once it is
+    /// accepted durably, and the same id published twice is delivered once.
+    async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError>;
+
+    /// Deploy events of every service. `durable` as for `subscribe`, except that a durable
+    /// consumer created for the first time starts with new events: old deploys are not replayed.
+    async fn subscribe_deploys(
+        &self,
+        durable: Option<&str>,
+    ) -> Result<DeploySubscription, BusError>;
+
     /// Human-readable description for logs (`embedded`, `nats://127.0.0.1:4222`); never contains
     /// credentials.
     fn describe(&self) -> String;
@@ -53,6 +70,17 @@ pub enum BusMessage {
     Event(Event),
     /// Some events were missed (embedded bus lagged, NATS consumer reset or reconnect gap): the
     /// subscriber must fall back to a full resync. Level-based controllers handle this cheaply.
+    Lagged,
+}
+
+/// What a deploy subscriber reads.
+pub type DeploySubscription = futures::stream::BoxStream<'static, DeployMessage>;
+
+#[derive(Debug, Clone)]
+pub enum DeployMessage {
+    Deploy(DeployEvent),
+    /// Deploy events may have been missed (lagging, reconnect gap, consumer re-created). There is
+    /// no state to resync from: a missed deploy has to be asked for again, so this is logged.
     Lagged,
 }
 

@@ -5,22 +5,36 @@
 //! `berth.events.<kind>.<name>` for outside tools. Publishing waits for the JetStream ack and
 //! sets `Nats-Msg-Id` to the event id, so a publisher that retries after a lost ack does not
 //! deliver the event twice.
+//!
+//! Deploy events travel the same way on their own stream, `BERTH_DEPLOYS` over
+//! `berth.deploy.<service>`; the machinery below (durable consumers that re-open themselves, live
+//! subscriptions that report gaps) is written once, generic over what a stream carries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
-use berth_api_types::names::subjects::{kind_events, EVENTS_ALL, EVENTS_STREAM};
+use berth_api_types::deploy::DeployEvent;
+use berth_api_types::names::subjects::{
+    kind_events, DEPLOY_ALL, DEPLOY_STREAM, EVENTS_ALL, EVENTS_STREAM,
+};
 use berth_api_types::{Event, Kind};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::watch;
 
-use super::{wants, BusError, BusMessage, EventBus, RecentIds, Subscription};
+use super::{
+    wants, BusError, BusMessage, DeployMessage, DeploySubscription, EventBus, RecentIds,
+    Subscription,
+};
 
 /// How long events stay in the stream: long enough for a controller to be down over a weekend and
 /// still catch up without a resync.
 const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// How long deploy events stay: they are commands, and a day-old deploy that was never applied is
+/// better forgotten than replayed over whatever happened since.
+const DEPLOY_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// JetStream deduplicates equal `Nats-Msg-Id`s within this window, which covers any publish retry.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
 /// Bounds of the delay between attempts to re-open a broken durable subscription.
@@ -30,6 +44,62 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many recent event ids a live subscription remembers to drop re-published events.
 const LIVE_DEDUP_IDS: usize = 4096;
+
+/// A JetStream stream berth keeps, and how consumers of it start.
+#[derive(Debug, Clone, Copy)]
+struct StreamSpec {
+    name: &'static str,
+    /// The subject filter the stream captures (`<prefix>.>`).
+    all: &'static str,
+    max_age: Duration,
+    description: &'static str,
+    /// Where a durable consumer created for the first time starts: resource events are triggers,
+    /// so reading history is harmless; deploy events are commands, so a new consumer must not
+    /// replay old ones.
+    first_deliver: consumer::DeliverPolicy,
+}
+
+const EVENTS: StreamSpec = StreamSpec {
+    name: EVENTS_STREAM,
+    all: EVENTS_ALL,
+    max_age: MAX_AGE,
+    description: "berth resource events",
+    first_deliver: consumer::DeliverPolicy::All,
+};
+
+const DEPLOYS: StreamSpec = StreamSpec {
+    name: DEPLOY_STREAM,
+    all: DEPLOY_ALL,
+    max_age: DEPLOY_MAX_AGE,
+    description: "berth deploy events",
+    first_deliver: consumer::DeliverPolicy::New,
+};
+
+/// What a stream carries: decoded from JSON, deduplicated by id.
+trait Payload: serde::de::DeserializeOwned + Send + Sync + 'static {
+    fn id(&self) -> &str;
+}
+
+impl Payload for Event {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Payload for DeployEvent {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// One item of a generic subscription, before it becomes a `BusMessage` or `DeployMessage`.
+enum Delivery<T> {
+    Item(T),
+    Lagged,
+}
+
+/// Which decoded items a subscriber wants (the client-side filter, see `wants`).
+type Keep<T> = Arc<dyn Fn(&T) -> bool + Send + Sync>;
 
 /// Event bus on a NATS server with JetStream enabled.
 #[derive(Debug, Clone)]
@@ -68,13 +138,15 @@ impl NatsBus {
                 reason: err.to_string(),
             })?;
         let js = jetstream::new(client.clone());
-        ensure_stream(&js)
-            .await
-            .map_err(|reason| BusError::Stream {
-                stream: EVENTS_STREAM.to_string(),
-                url: shown.clone(),
-                reason,
-            })?;
+        for spec in [EVENTS, DEPLOYS] {
+            ensure_stream(&js, &spec)
+                .await
+                .map_err(|reason| BusError::Stream {
+                    stream: spec.name.to_string(),
+                    url: shown.clone(),
+                    reason,
+                })?;
+        }
         tracing::info!(url = %shown, stream = EVENTS_STREAM, "connected to NATS event bus");
         Ok(Self {
             client,
@@ -84,11 +156,13 @@ impl NatsBus {
         })
     }
 
-    async fn subscribe_durable(
+    async fn subscribe_durable<T: Payload>(
         &self,
-        kinds: Vec<Kind>,
+        spec: StreamSpec,
+        mut filters: Vec<String>,
+        keep: Keep<T>,
         durable: &str,
-    ) -> Result<Subscription, BusError> {
+    ) -> Result<BoxStream<'static, Delivery<T>>, BusError> {
         let name = sanitize_durable(durable);
         if name.is_empty() {
             return Err(BusError::Subscribe {
@@ -96,7 +170,8 @@ impl NatsBus {
                 reason: "the name has no letters, digits, `_` or `-`".to_string(),
             });
         }
-        let consumer = open_consumer(&self.js, &name, &kinds, consumer::DeliverPolicy::All)
+        filters.sort();
+        let consumer = open_consumer(&self.js, &spec, &name, &filters, spec.first_deliver)
             .await
             .map_err(|reason| BusError::Subscribe {
                 target: format!("durable consumer {name} on {}", self.url),
@@ -111,8 +186,10 @@ impl NatsBus {
             })?;
         let state = Durable {
             js: self.js.clone(),
+            spec,
             name,
-            kinds,
+            filters,
+            keep,
             messages: Some(messages),
             retry_delay: RETRY_MIN,
             resync_owed: false,
@@ -124,8 +201,11 @@ impl NatsBus {
         .boxed())
     }
 
-    async fn subscribe_live(&self, kinds: Vec<Kind>) -> Result<Subscription, BusError> {
-        let subjects = filters_for(&kinds);
+    async fn subscribe_live<T: Payload>(
+        &self,
+        subjects: Vec<String>,
+        keep: Keep<T>,
+    ) -> Result<BoxStream<'static, Delivery<T>>, BusError> {
         // Taken before subscribing so a gap that happens while we subscribe is not lost, and marked
         // seen so gaps from before this subscription existed do not trigger a pointless resync.
         let mut gaps = self.gaps.clone();
@@ -154,33 +234,31 @@ impl NatsBus {
         // duplicate, so live subscriptions deduplicate by id themselves.
         let mut recent = RecentIds::new(LIVE_DEDUP_IDS);
         let events = futures::stream::select_all(subscribers).filter_map(move |msg| {
-            let event = parse_event(&msg.subject, &msg.payload)
-                .filter(|e| wants(&kinds, e) && recent.insert(&e.id));
-            futures::future::ready(event.map(BusMessage::Event))
+            let item =
+                parse::<T>(&msg.subject, &msg.payload).filter(|e| keep(e) && recent.insert(e.id()));
+            futures::future::ready(item.map(Delivery::Item))
         });
         let lagged = futures::stream::unfold(gaps, |mut gaps| async move {
             gaps.changed().await.ok()?;
-            Some((BusMessage::Lagged, gaps))
+            Some((Delivery::Lagged, gaps))
         });
         Ok(futures::stream::select(events, lagged).boxed())
     }
-}
 
-#[async_trait::async_trait]
-impl EventBus for NatsBus {
-    async fn publish(&self, event: &Event) -> Result<(), BusError> {
-        let subject = event.subject();
+    /// Publishes one JSON payload with `Nats-Msg-Id` and waits for the JetStream ack.
+    async fn publish_json(
+        &self,
+        subject: String,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), BusError> {
         let publish_error = |reason: String| BusError::Publish {
-            id: event.id.clone(),
+            id: id.to_string(),
             subject: subject.clone(),
             reason,
         };
-        let payload = serde_json::to_vec(event).map_err(|err| BusError::Encode {
-            id: event.id.clone(),
-            reason: err.to_string(),
-        })?;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let ack = self
             .js
             .publish_with_headers(subject.clone(), headers, payload.into())
@@ -189,9 +267,20 @@ impl EventBus for NatsBus {
             .await
             .map_err(|err| publish_error(err.to_string()))?;
         if ack.duplicate {
-            tracing::debug!(id = %event.id, %subject, "event already in the stream; not stored");
+            tracing::debug!(%id, %subject, "event already in the stream; not stored");
         }
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl EventBus for NatsBus {
+    async fn publish(&self, event: &Event) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(event).map_err(|err| BusError::Encode {
+            id: event.id.clone(),
+            reason: err.to_string(),
+        })?;
+        self.publish_json(event.subject(), &event.id, payload).await
     }
 
     async fn subscribe(
@@ -202,10 +291,44 @@ impl EventBus for NatsBus {
         let mut kinds = kinds.to_vec();
         kinds.sort();
         kinds.dedup();
-        match durable {
-            Some(name) => self.subscribe_durable(kinds, name).await,
-            None => self.subscribe_live(kinds).await,
-        }
+        let filters = filters_for(&kinds);
+        let keep: Keep<Event> = Arc::new(move |e: &Event| wants(&kinds, e));
+        let items = match durable {
+            Some(name) => self.subscribe_durable(EVENTS, filters, keep, name).await?,
+            None => self.subscribe_live(filters, keep).await?,
+        };
+        Ok(items
+            .map(|d| match d {
+                Delivery::Item(e) => BusMessage::Event(e),
+                Delivery::Lagged => BusMessage::Lagged,
+            })
+            .boxed())
+    }
+
+    async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(event).map_err(|err| BusError::Encode {
+            id: event.id.clone(),
+            reason: err.to_string(),
+        })?;
+        self.publish_json(event.subject(), &event.id, payload).await
+    }
+
+    async fn subscribe_deploys(
+        &self,
+        durable: Option<&str>,
+    ) -> Result<DeploySubscription, BusError> {
+        let filters = vec![DEPLOY_ALL.to_string()];
+        let keep: Keep<DeployEvent> = Arc::new(|_: &DeployEvent| true);
+        let items = match durable {
+            Some(name) => self.subscribe_durable(DEPLOYS, filters, keep, name).await?,
+            None => self.subscribe_live(filters, keep).await?,
+        };
+        Ok(items
+            .map(|d| match d {
+                Delivery::Item(e) => DeployMessage::Deploy(e),
+                Delivery::Lagged => DeployMessage::Lagged,
+            })
+            .boxed())
     }
 
     fn describe(&self) -> String {
@@ -264,33 +387,37 @@ fn on_client_event(
     }
 }
 
-fn stream_config() -> stream::Config {
+fn stream_config(spec: &StreamSpec) -> stream::Config {
     stream::Config {
-        name: EVENTS_STREAM.to_string(),
-        subjects: vec![EVENTS_ALL.to_string()],
+        name: spec.name.to_string(),
+        subjects: vec![spec.all.to_string()],
         storage: stream::StorageType::File,
-        max_age: MAX_AGE,
+        max_age: spec.max_age,
         duplicate_window: DUPLICATE_WINDOW,
         discard: stream::DiscardPolicy::Old,
-        description: Some("berth resource events".to_string()),
+        description: Some(spec.description.to_string()),
         ..Default::default()
     }
 }
 
 /// Creates the stream if missing. An existing stream is left as it is: an operator may have
 /// tuned it (replicas, retention), and overwriting that on every start would be hostile.
-async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream, String> {
-    let wanted = stream_config();
+async fn ensure_stream(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+) -> Result<stream::Stream, String> {
+    let wanted = stream_config(spec);
+    let (stream_name, all) = (spec.name, spec.all);
     let stream = js
         .get_or_create_stream(wanted.clone())
         .await
         .map_err(|err| err.to_string())?;
     let have = &stream.cached_info().config;
-    if !have.subjects.iter().any(|s| s == EVENTS_ALL) {
+    if !have.subjects.iter().any(|s| s == all) {
         tracing::warn!(
-            stream = EVENTS_STREAM,
+            stream = stream_name,
             subjects = ?have.subjects,
-            "existing event stream does not capture {EVENTS_ALL}; publishing may fail"
+            "existing stream does not capture {all}; publishing may fail"
         );
     } else if have.storage != wanted.storage
         || have.max_age != wanted.max_age
@@ -298,12 +425,12 @@ async fn ensure_stream(js: &jetstream::Context) -> Result<stream::Stream, String
         || have.discard != wanted.discard
     {
         tracing::info!(
-            stream = EVENTS_STREAM,
+            stream = stream_name,
             storage = ?have.storage,
             max_age = ?have.max_age,
             duplicate_window = ?have.duplicate_window,
             discard = ?have.discard,
-            "existing event stream differs from berth's defaults; leaving it unchanged"
+            "existing stream differs from berth's defaults; leaving it unchanged"
         );
     }
     Ok(stream)
@@ -358,18 +485,18 @@ fn server_filters(config: &consumer::Config) -> Vec<String> {
 }
 
 /// Gets the durable consumer, creating it with `deliver` if missing. An existing consumer whose
-/// filter no longer matches the requested kinds is updated where the server allows it; otherwise
-/// the client-side kind filter still keeps other kinds out, and a warning says which kinds may be
-/// missed.
+/// filter no longer matches the requested (sorted) `wanted_filters` is updated where the server
+/// allows it; otherwise the client-side filter still keeps other kinds out, and a warning says
+/// which may be missed.
 async fn open_consumer(
     js: &jetstream::Context,
+    spec: &StreamSpec,
     name: &str,
-    kinds: &[Kind],
+    wanted_filters: &[String],
     deliver: consumer::DeliverPolicy,
 ) -> Result<consumer::PullConsumer, String> {
-    let stream = ensure_stream(js).await?;
-    let mut wanted_filters = filters_for(kinds);
-    wanted_filters.sort();
+    let stream = ensure_stream(js, spec).await?;
+    let wanted_filters = wanted_filters.to_vec();
     let mut config = consumer::pull::Config {
         durable_name: Some(name.to_string()),
         description: Some("berth event subscriber".to_string()),
@@ -400,9 +527,8 @@ async fn open_consumer(
 
     let have = server_filters(&consumer.cached_info().config);
     if have != wanted_filters {
-        let covered = |wanted: &String| {
-            have.is_empty() || have.iter().any(|f| f == wanted || f == EVENTS_ALL)
-        };
+        let covered =
+            |wanted: &String| have.is_empty() || have.iter().any(|f| f == wanted || f == spec.all);
         if wanted_filters.iter().all(covered) {
             // NATS before 2.10 ignores multiple filter subjects: correct, just more traffic.
             tracing::info!(
@@ -425,10 +551,12 @@ async fn open_consumer(
 }
 
 /// A durable subscription that survives consumer and connection trouble by re-opening itself.
-struct Durable {
+struct Durable<T> {
     js: jetstream::Context,
+    spec: StreamSpec,
     name: String,
-    kinds: Vec<Kind>,
+    filters: Vec<String>,
+    keep: Keep<T>,
     messages: Option<consumer::pull::Stream>,
     retry_delay: Duration,
     /// Set when the message stream broke. `Lagged` is only yielded once the consumer is open
@@ -436,8 +564,8 @@ struct Durable {
     resync_owed: bool,
 }
 
-impl Durable {
-    async fn next(&mut self) -> BusMessage {
+impl<T: Payload> Durable<T> {
+    async fn next(&mut self) -> Delivery<T> {
         loop {
             let Some(messages) = self.messages.as_mut() else {
                 tokio::time::sleep(self.retry_delay).await;
@@ -447,8 +575,9 @@ impl Durable {
                 // history would be waste.
                 let reopened = match open_consumer(
                     &self.js,
+                    &self.spec,
                     &self.name,
-                    &self.kinds,
+                    &self.filters,
                     consumer::DeliverPolicy::New,
                 )
                 .await
@@ -461,7 +590,7 @@ impl Durable {
                         tracing::info!(consumer = %self.name, "durable subscription re-opened");
                         self.messages = Some(messages);
                         if std::mem::take(&mut self.resync_owed) {
-                            return BusMessage::Lagged;
+                            return Delivery::Lagged;
                         }
                     }
                     Err(err) => tracing::warn!(
@@ -476,8 +605,8 @@ impl Durable {
             match messages.next().await {
                 Some(Ok(msg)) => {
                     self.retry_delay = RETRY_MIN;
-                    if let Some(event) = self.take(msg).await {
-                        return BusMessage::Event(event);
+                    if let Some(item) = self.take(msg).await {
+                        return Delivery::Item(item);
                     }
                 }
                 Some(Err(err)) => {
@@ -494,22 +623,22 @@ impl Durable {
         }
     }
 
-    /// Acks the message and returns the event if the subscriber wants it. Messages that are not
-    /// events are acked too: redelivering them could never succeed.
-    async fn take(&self, msg: jetstream::Message) -> Option<Event> {
-        let event = parse_event(&msg.subject, &msg.payload);
+    /// Acks the message and returns the item if the subscriber wants it. Messages that do not
+    /// decode are acked too: redelivering them could never succeed.
+    async fn take(&self, msg: jetstream::Message) -> Option<T> {
+        let item = parse::<T>(&msg.subject, &msg.payload);
         if let Err(err) = msg.ack().await {
-            // Only costs a redelivery after the ack wait; events are idempotent triggers.
+            // Only costs a redelivery after the ack wait; consumers are idempotent by event id.
             tracing::warn!(consumer = %self.name, error = %err, "cannot ack event");
         }
-        event.filter(|e| wants(&self.kinds, e))
+        item.filter(|e| (self.keep)(e))
     }
 }
 
-/// Parses an event, logging (without the payload, which could be anything) when it is not one.
-fn parse_event(subject: &str, payload: &[u8]) -> Option<Event> {
-    match serde_json::from_slice::<Event>(payload) {
-        Ok(event) => Some(event),
+/// Decodes a message, logging (without the payload, which could be anything) when it does not.
+fn parse<T: Payload>(subject: &str, payload: &[u8]) -> Option<T> {
+    match serde_json::from_slice::<T>(payload) {
+        Ok(item) => Some(item),
         Err(err) => {
             tracing::warn!(
                 %subject,

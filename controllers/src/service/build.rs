@@ -187,6 +187,9 @@ pub fn build(svc: &Service, instance: &str, deps: &Resolved) -> Built {
                     })
                     .collect(),
             ),
+            // Left unset at 0, so a spec without `forceUpdate` hashes as before and existing
+            // services do not roll when this field appears.
+            force_update: (s.force_update > 0).then_some(s.force_update),
             ..Default::default()
         }),
         mode: Some(mode),
@@ -395,6 +398,27 @@ mod tests {
         }))
         .expect("valid test service");
         serde_json::from_value(serde_json::to_value(obj).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn force_update_reaches_the_task_template_only_when_set() {
+        let plain = build_plain(&service(json!({"image": "a:1"})), "i");
+        let zero = build_plain(&service(json!({"image": "a:1", "forceUpdate": 0})), "i");
+        assert_eq!(
+            plain.hash, zero.hash,
+            "a spec without forceUpdate must not roll existing services"
+        );
+        let v = serde_json::to_value(&plain.spec).unwrap();
+        assert!(v["TaskTemplate"].get("ForceUpdate").is_none(), "{v}");
+        let forced = build_plain(&service(json!({"image": "a:1", "forceUpdate": 3})), "i");
+        let v = serde_json::to_value(&forced.spec).unwrap();
+        assert_eq!(v["TaskTemplate"]["ForceUpdate"], 3);
+        assert_ne!(forced.hash, plain.hash);
+        // The engine reports ForceUpdate 0 for a service that never set it: no drift.
+        let mut observed = plain.spec.clone();
+        observed.task_template.as_mut().unwrap().force_update = Some(0);
+        assert!(contains(&observed, &plain.spec));
+        assert!(!contains(&observed, &forced.spec));
     }
 
     #[test]

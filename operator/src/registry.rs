@@ -1,0 +1,281 @@
+//! Push notifications of a Docker distribution registry (`notifications.endpoints` in its config):
+//! which manifest pushes deploy which Services. Pure, so it is tested on real envelopes without a
+//! registry.
+//!
+//! Only a `push` of a manifest *by tag* counts: pulls, blob pushes and pushes by digest alone name
+//! no tag a Service could be running. A Service runs the pushed image when its reference names the
+//! same registry host (the one the registry reports in `request.host`, or the one configured on the
+//! webhook, since services may reach the registry under another name), the same repository and
+//! the same tag; a digest the service is pinned to does not matter, the new push supersedes it.
+//! The envelope (`application/vnd.docker.distribution.events.v1+json`) is read whatever
+//! `Content-Type` it comes with.
+
+use berth_api_types::image::ImageRef;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    events: Vec<RegistryEvent>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RegistryEvent {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    timestamp: Option<String>,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    target: Target,
+    #[serde(default)]
+    request: RequestInfo,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Target {
+    #[serde(default)]
+    media_type: String,
+    #[serde(default)]
+    digest: String,
+    #[serde(default)]
+    repository: String,
+    #[serde(default)]
+    tag: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RequestInfo {
+    #[serde(default)]
+    host: String,
+}
+
+/// A push of `host/repository:tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    /// The registry's own event id (stable across the registry's retries of one notification).
+    pub event_id: String,
+    pub time: Option<DateTime<Utc>>,
+    pub host: String,
+    pub repository: String,
+    pub tag: String,
+    /// `sha256:...` when the registry sent a well-formed one.
+    pub digest: Option<String>,
+}
+
+/// The tagged manifest pushes in an envelope, in order. Errors describe what is malformed.
+pub fn pushes(body: &[u8]) -> Result<Vec<Push>, String> {
+    let env: Envelope = serde_json::from_slice(body)
+        .map_err(|e| format!("not a registry notification envelope: {e}"))?;
+    Ok(env
+        .events
+        .into_iter()
+        .filter(|e| e.action == "push" && !e.target.tag.is_empty())
+        // Blobs never carry a tag; this also drops any future non-manifest event that did.
+        .filter(|e| !is_blob(&e.target.media_type))
+        .map(|e| Push {
+            time: e
+                .timestamp
+                .as_deref()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&Utc)),
+            digest: valid_digest(&e.target.digest).then(|| e.target.digest.clone()),
+            event_id: e.id,
+            host: e.request.host,
+            repository: e.target.repository,
+            tag: e.target.tag,
+        })
+        .collect())
+}
+
+fn is_blob(media_type: &str) -> bool {
+    media_type == "application/octet-stream"
+        || media_type.contains("rootfs")
+        || media_type.contains("image.layer")
+        || media_type.contains("container.image.v1+json")
+        || media_type.contains("image.config")
+}
+
+fn valid_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Registry host and repository in the form two spellings of one image agree on: host in lower
+/// case, Docker Hub's aliases and implicit `library/` made explicit.
+fn normalise(host: Option<&str>, repository: &str) -> (String, String) {
+    let host = host.unwrap_or("docker.io").to_ascii_lowercase();
+    let host = match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        _ => host,
+    };
+    let repository = if host == "docker.io" && !repository.contains('/') {
+        format!("library/{repository}")
+    } else {
+        repository.to_string()
+    };
+    (host, repository)
+}
+
+/// Whether a service running `image` runs what `push` pushed; `alias` is the registry host
+/// configured on the webhook, if any.
+pub fn runs(image: &ImageRef, push: &Push, alias: Option<&str>) -> bool {
+    if image.tag.as_deref() != Some(push.tag.as_str()) {
+        return false;
+    }
+    let (svc_host, svc_repo) = normalise(image.registry.as_deref(), &image.repository);
+    [Some(push.host.as_str()), alias]
+        .into_iter()
+        .flatten()
+        .filter(|h| !h.is_empty())
+        .any(|h| normalise(Some(h), &push.repository) == (svc_host.clone(), svc_repo.clone()))
+}
+
+/// A deploy event id for `push` to `service` that is the same every time the registry retries the
+/// notification: the registry event's time (so ids still order by time) and a hash of its id and
+/// the service. Re-sent notifications are then deduplicated by JetStream and by the applier.
+pub fn event_id(push: &Push, service: &str) -> String {
+    if push.event_id.is_empty() {
+        return ulid::Ulid::new().to_string();
+    }
+    let ms = push
+        .time
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .unwrap_or_else(|| Utc::now().timestamp_millis().max(0) as u64);
+    let h = Sha256::digest(format!("{}/{service}", push.event_id).as_bytes());
+    let mut r = [0u8; 16];
+    r[6..].copy_from_slice(&h[..10]);
+    ulid::Ulid::from_parts(ms, u128::from_be_bytes(r)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Captured from docker-registry 2.8.2 (Debian bookworm) posting to a `notifications.endpoints`
+    /// URL during `docker push 127.0.0.1:5731/team/app:2`: the manifest push by tag, one of the
+    /// blob pushes, and one of the blob pulls (the registry sent each in its own envelope).
+    const MANIFEST_PUSH: &str = include_str!("../tests/data/registry-push.json");
+    const BLOB_PUSH: &str = include_str!("../tests/data/registry-blob-push.json");
+    const BLOB_PULL: &str = include_str!("../tests/data/registry-pull.json");
+
+    #[test]
+    fn only_tagged_manifest_pushes_count() {
+        let p = pushes(MANIFEST_PUSH.as_bytes()).unwrap();
+        assert_eq!(p.len(), 1, "{p:?}");
+        let p = &p[0];
+        assert_eq!(p.repository, "team/app");
+        assert_eq!(p.tag, "2");
+        assert_eq!(p.host, "127.0.0.1:5731");
+        assert_eq!(
+            p.digest.as_deref(),
+            Some("sha256:810386da0edfa3e00bd421601b617c3bf245454c39e3ccfee7a03070790409bd")
+        );
+        assert_eq!(p.event_id, "d16e4033-7a9e-491e-8134-b5ec5263da5f");
+        assert!(p.time.is_some());
+        assert!(pushes(BLOB_PUSH.as_bytes()).unwrap().is_empty());
+        assert!(pushes(BLOB_PULL.as_bytes()).unwrap().is_empty());
+        // All in one envelope (the registry batches up to `threshold` events).
+        let mut events = Vec::new();
+        for text in [BLOB_PULL, BLOB_PUSH, MANIFEST_PUSH, BLOB_PULL] {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            events.extend(v["events"].as_array().unwrap().clone());
+        }
+        let batch = serde_json::json!({ "events": events }).to_string();
+        assert_eq!(pushes(batch.as_bytes()).unwrap(), vec![p.clone()]);
+    }
+
+    #[test]
+    fn malformed_envelopes_are_refused_with_a_reason() {
+        let e = pushes(b"{}").unwrap_err();
+        assert!(e.contains("missing field `events`"), "{e}");
+        let e = pushes(b"[1,2]").unwrap_err();
+        assert!(e.contains("not a registry notification envelope"), "{e}");
+        assert_eq!(pushes(br#"{"events": []}"#).unwrap(), vec![]);
+        // An event with a bad digest still deploys, without pinning.
+        let p = pushes(
+            br#"{"events":[{"id":"x","action":"push","target":{"mediaType":
+            "application/vnd.oci.image.manifest.v1+json","digest":"md5:1","repository":"a",
+            "tag":"t"},"request":{"host":"r:5000"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p[0].digest, None);
+    }
+
+    fn push(host: &str, repo: &str, tag: &str) -> Push {
+        Push {
+            event_id: "e1".into(),
+            time: None,
+            host: host.into(),
+            repository: repo.into(),
+            tag: tag.into(),
+            digest: None,
+        }
+    }
+
+    fn img(s: &str) -> ImageRef {
+        ImageRef::parse(s).unwrap()
+    }
+
+    #[test]
+    fn services_match_on_host_repository_and_tag() {
+        let p = push("127.0.0.1:5000", "team/app", "2");
+        assert!(runs(&img("127.0.0.1:5000/team/app:2"), &p, None));
+        let pinned = format!("127.0.0.1:5000/team/app:2@sha256:{}", "a".repeat(64));
+        assert!(
+            runs(&img(&pinned), &p, None),
+            "a pinned digest is superseded"
+        );
+        assert!(!runs(&img("127.0.0.1:5000/team/app:1"), &p, None));
+        assert!(!runs(&img("127.0.0.1:5000/team/other:2"), &p, None));
+        assert!(
+            !runs(&img("team/app:2"), &p, None),
+            "Docker Hub is not this registry"
+        );
+        assert!(!runs(&img("127.0.0.1:5001/team/app:2"), &p, None));
+        let by_digest = format!("127.0.0.1:5000/team/app@sha256:{}", "a".repeat(64));
+        assert!(!runs(&img(&by_digest), &p, None));
+        // Services that name the registry differently match through the webhook's alias.
+        assert!(!runs(&img("registry.internal:5000/team/app:2"), &p, None));
+        assert!(runs(
+            &img("registry.internal:5000/team/app:2"),
+            &p,
+            Some("registry.internal:5000")
+        ));
+        assert!(runs(
+            &img("Registry.Internal:5000/team/app:2"),
+            &p,
+            Some("registry.internal:5000")
+        ));
+        // Docker Hub's spellings of one image agree.
+        let hub = push("index.docker.io", "library/busybox", "1");
+        assert!(runs(&img("busybox:1"), &hub, None));
+        assert!(runs(&img("docker.io/library/busybox:1"), &hub, None));
+    }
+
+    #[test]
+    fn event_ids_are_stable_per_notification_and_service() {
+        let mut p = push("r", "a", "t");
+        p.time = Some("2024-05-01T10:00:00Z".parse().unwrap());
+        let a = event_id(&p, "web");
+        assert_eq!(
+            a,
+            event_id(&p, "web"),
+            "a retried notification has the same id"
+        );
+        assert_ne!(a, event_id(&p, "api"));
+        let parsed = ulid::Ulid::from_string(&a).unwrap();
+        assert_eq!(
+            parsed.timestamp_ms(),
+            p.time.unwrap().timestamp_millis() as u64
+        );
+        p.event_id.clear();
+        assert_ne!(event_id(&p, "web"), event_id(&p, "web"));
+    }
+}

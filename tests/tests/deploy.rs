@@ -1,0 +1,537 @@
+//! End-to-end tests of deploys through webhooks: `berth up` against the real Swarm engine (and a
+//! real nats-server on the NATS bus). A webhook call must end with the Swarm tasks running the new
+//! tag, and an independent NATS subscriber must see the deploy event; refused calls (wrong token,
+//! bad or replayed signature, oversized body) must leave no event and no spec change.
+//!
+//! Images are local: `berth-test/busybox:1` is tagged `berth-test/busybox:2` through the engine
+//! API, so no registry is needed. Signed calls are signed with `openssl`, exactly as the README
+//! tells users to.
+
+use berth_api_types::names::{annotations, paths, subjects};
+use berth_e2e::{
+    docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
+};
+use bollard::query_parameters::{ListTasksOptions, TagImageOptions};
+use futures::StreamExt;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+
+const IMAGE_1: &str = "berth-test/busybox:1";
+const REPO: &str = "berth-test/busybox";
+/// Generous bound for convergence on a loaded 2-core machine.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn service_yaml(name: &str, replicas: u64) -> String {
+    format!(
+        r#"apiVersion: berth/v1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  image: {IMAGE_1}
+  command: ["sleep", "100000"]
+  init: true
+  stopGracePeriod: 1s
+  replicas: {replicas}
+"#
+    )
+}
+
+fn apply(b: &Berth, name: &str, replicas: u64) {
+    let (_dir, path) = manifest("svc.yaml", &service_yaml(name, replicas));
+    b.cli_ok(&["apply", "-f", path.to_str().expect("utf-8 path")]);
+}
+
+/// `berth-test/busybox:2`: the same content under a new tag (idempotent; other tests may share it).
+async fn tag_image_2(d: &Docker) {
+    d.tag_image(
+        IMAGE_1,
+        Some(TagImageOptions {
+            repo: Some(REPO.to_string()),
+            tag: Some("2".to_string()),
+        }),
+    )
+    .await
+    .expect("e2e: tagging berth-test/busybox:1 as :2");
+}
+
+async fn service(b: &Berth, name: &str) -> Value {
+    let (code, v) = b
+        .api_get(&paths::object(berth_api_types::Kind::Service, name))
+        .await;
+    assert_eq!(code, 200, "GET service/{name}: {v}");
+    v
+}
+
+/// (task id, image) of the tasks of a Swarm service that are running and meant to be.
+async fn running_tasks(d: &Docker, service: &str) -> Vec<(String, String)> {
+    let tasks = match d
+        .list_tasks(Some(ListTasksOptions {
+            filters: Some(HashMap::from([
+                ("service".to_string(), vec![service.to_string()]),
+                ("desired-state".to_string(), vec!["running".to_string()]),
+            ])),
+        }))
+        .await
+    {
+        Ok(t) => t,
+        // Not created yet.
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return Vec::new(),
+        Err(e) => panic!("e2e: listing tasks of {service}: {e}"),
+    };
+    tasks
+        .into_iter()
+        .filter(|t| {
+            t.status
+                .as_ref()
+                .and_then(|s| s.state)
+                .is_some_and(|s| s == bollard::models::TaskState::RUNNING)
+        })
+        .map(|t| {
+            let image = t
+                .spec
+                .and_then(|s| s.container_spec)
+                .and_then(|c| c.image)
+                .unwrap_or_default();
+            (t.id.unwrap_or_default(), image)
+        })
+        .collect()
+}
+
+/// Waits until exactly `n` tasks run and every one runs an image starting with `image`.
+async fn wait_running(b: &Berth, d: &Docker, service: &str, image: &str, n: usize) -> Vec<String> {
+    let what = format!("{n} task(s) of {service} running {image}");
+    eventually(b, CONVERGE, &what, || async move {
+        let tasks = running_tasks(d, service).await;
+        let ok = tasks.len() == n && tasks.iter().all(|(_, i)| i.starts_with(image));
+        if ok {
+            Ok(tasks.into_iter().map(|(id, _)| id).collect())
+        } else {
+            Err(format!("{tasks:?}"))
+        }
+    })
+    .await
+}
+
+/// An outside NATS subscriber on `berth.deploy.<service>` (core NATS, as any tool would).
+struct Tap {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl Tap {
+    async fn start(url: &str, service: &str) -> Tap {
+        let client = async_nats::connect(url)
+            .await
+            .expect("e2e: test client cannot connect to nats-server");
+        let mut sub = client
+            .subscribe(subjects::deploy(service))
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _client = client;
+            while let Some(m) = sub.next().await {
+                let v: Value = serde_json::from_slice(&m.payload).expect("deploy event JSON");
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        Tap { rx }
+    }
+
+    async fn next(&mut self) -> Value {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("e2e: no deploy event on NATS within 10 s")
+            .expect("tap closed")
+    }
+
+    /// Everything that arrived so far, waiting a little for stragglers.
+    async fn drain(&mut self) -> Vec<Value> {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut out = Vec::new();
+        while let Ok(v) = self.rx.try_recv() {
+            out.push(v);
+        }
+        out
+    }
+}
+
+/// `berth webhook create ... -o json`.
+fn create_webhook(b: &Berth, args: &[&str]) -> Value {
+    let mut all = vec!["webhook", "create"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    serde_json::from_str(&b.cli_ok(&all)).expect("webhook create -o json")
+}
+
+async fn post(
+    url: &str,
+    headers: &[(&str, String)],
+    body: impl Into<reqwest::Body>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(url).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let resp = req.send().await.expect("webhook request");
+    let code = resp.status().as_u16();
+    (code, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The README's recipe: `printf '%s' "$TS.$BODY" | openssl dgst -sha256 -hmac "$SECRET"`.
+fn openssl_sign(secret: &str, ts: i64, body: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            r#"printf '%s' "$TS.$BODY" | openssl dgst -sha256 -hmac "$SECRET" | sed 's/^.* //'"#,
+        ])
+        .env("TS", ts.to_string())
+        .env("BODY", body)
+        .env("SECRET", secret)
+        .output()
+        .expect("e2e: openssl (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("sha256={}", String::from_utf8_lossy(&out.stdout).trim())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A webhook call with a new tag rolls the service onto it; a call without a tag redeploys the
+/// same tag (new tasks). On NATS an independent subscriber sees each deploy event.
+async fn webhook_rolls_out_new_tag(bus: Bus) {
+    let p = prefix("hook");
+    let _cleanup = Cleanup::new(&p);
+    let d = docker().await;
+    tag_image_2(&d).await;
+    let stack = Stack::start(bus);
+    let b = &stack.berth;
+    let name = format!("{p}-web");
+    apply(b, &name, 1);
+    let first = wait_running(b, &d, &name, IMAGE_1, 1).await;
+    let mut tap = match bus {
+        Bus::Nats => Some(Tap::start(&stack.nats_url(), &name).await),
+        Bus::Embedded => None,
+    };
+
+    let hook = create_webhook(b, &[&name]);
+    let url = hook["url"].as_str().expect("url").to_string();
+    assert!(
+        url.starts_with(&format!("{}/hooks/v1/bh_", b.url())),
+        "{url}"
+    );
+    let called = std::time::Instant::now();
+    let (code, body) = post(
+        &url,
+        &[("content-type", "application/json".into())],
+        r#"{"tag": "2"}"#,
+    )
+    .await;
+    assert_eq!(code, 202, "{body}\n{}", b.log_text());
+    let answered = called.elapsed();
+    let id = body["id"].as_str().expect("event id").to_string();
+
+    wait_running(b, &d, &name, &format!("{REPO}:2"), 1).await;
+    eprintln!(
+        "{bus:?}: webhook answered 202 in {answered:?}; new task running {:?} after the call",
+        called.elapsed()
+    );
+    let svc = service(b, &name).await;
+    assert_eq!(svc["spec"]["image"], format!("{REPO}:2"));
+    assert_eq!(
+        svc["metadata"]["annotations"][annotations::DEPLOY_ID],
+        id.as_str()
+    );
+    assert_eq!(
+        svc["metadata"]["annotations"][annotations::DEPLOY_SOURCE],
+        "webhook"
+    );
+    let generation = svc["metadata"]["generation"].as_u64().unwrap();
+    assert_eq!(
+        svc["metadata"]["annotations"][annotations::DEPLOY_GENERATION],
+        generation.to_string()
+    );
+    if let Some(tap) = tap.as_mut() {
+        let ev = tap.next().await;
+        assert_eq!(ev["id"], id.as_str());
+        assert_eq!(ev["service"], name.as_str());
+        assert_eq!(ev["image"], format!("{REPO}:2"));
+        assert_eq!(ev["tag"], "2");
+        assert_eq!(ev["source"], "webhook");
+        assert!(ev["time"].as_str().is_some_and(|t| t.contains('T')), "{ev}");
+    }
+
+    // Same tag again, no body: new tasks (the engine is told to force an update and pull).
+    let before = wait_running(b, &d, &name, &format!("{REPO}:2"), 1).await;
+    assert_ne!(before, first);
+    let (code, body) = post(&url, &[], "").await;
+    assert_eq!(code, 202, "{body}");
+    let what = "a new task after a redeploy of the same tag";
+    let before = &before;
+    let name2 = &name;
+    let d2 = &d;
+    eventually(b, CONVERGE, what, || async move {
+        let now: Vec<String> = running_tasks(d2, name2)
+            .await
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if now.len() == 1 && !before.contains(&now[0]) {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
+    })
+    .await;
+    let svc = service(b, &name).await;
+    assert_eq!(svc["spec"]["image"], format!("{REPO}:2"));
+    assert_eq!(svc["spec"]["forceUpdate"], 1);
+    assert_eq!(svc["metadata"]["generation"].as_u64(), Some(generation + 1));
+    let swarm = d.inspect_service(&name, None).await.expect("inspect");
+    let forced = swarm
+        .spec
+        .and_then(|s| s.task_template)
+        .and_then(|t| t.force_update);
+    assert_eq!(forced, Some(1));
+    if let Some(tap) = tap.as_mut() {
+        let ev = tap.next().await;
+        assert_eq!(ev["image"], format!("{REPO}:2"));
+        assert_eq!(ev["source"], "webhook");
+    }
+}
+
+on_both_buses!(webhook_rolls_out_new_tag);
+
+/// Wrong token, bad signature, replayed signature and oversized body: refused, no deploy event,
+/// no spec change. One good signed call in between shows the checks are not simply always failing.
+async fn refused_calls_change_nothing(bus: Bus) {
+    let p = prefix("hookno");
+    let _cleanup = Cleanup::new(&p);
+    let d = docker().await;
+    tag_image_2(&d).await;
+    let stack = Stack::start(bus);
+    let b = &stack.berth;
+    let name = format!("{p}-web");
+    // No tasks: the refusals are about the spec and the bus, not the engine.
+    apply(b, &name, 0);
+    let mut tap = match bus {
+        Bus::Nats => Some(Tap::start(&stack.nats_url(), &name).await),
+        Bus::Embedded => None,
+    };
+    let hook = create_webhook(b, &[&name, "--signed"]);
+    let url = hook["url"].as_str().unwrap().to_string();
+    let secret = hook["signingSecret"]
+        .as_str()
+        .expect("signing secret")
+        .to_string();
+    let generation = || async {
+        service(b, &name).await["metadata"]["generation"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(generation().await, 1);
+
+    let body = r#"{"tag":"2"}"#;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let signed = |ts: i64, sig: String| {
+        vec![
+            ("x-berth-timestamp", ts.to_string()),
+            ("x-berth-signature", sig),
+        ]
+    };
+
+    // Wrong token (with a valid signature for good measure): 404, exactly the generic body.
+    let ts = now();
+    let wrong = url.replace("/hooks/v1/bh_", "/hooks/v1/bh_x");
+    let (code, v) = post(&wrong, &signed(ts, openssl_sign(&secret, ts, body)), body).await;
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(v["message"], "no such API path");
+    // Bad signatures: none, wrong key, other body, stale.
+    let (code, _) = post(&url, &[], body).await;
+    assert_eq!(code, 401);
+    let (code, _) = post(
+        &url,
+        &signed(ts, openssl_sign("not-the-secret", ts, body)),
+        body,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, _) = post(
+        &url,
+        &signed(ts, openssl_sign(&secret, ts, r#"{"tag":"1"}"#)),
+        body,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let stale = ts - 600;
+    let (code, _) = post(
+        &url,
+        &signed(stale, openssl_sign(&secret, stale, body)),
+        body,
+    )
+    .await;
+    assert_eq!(code, 401);
+    // Oversized, even if signed.
+    let big = format!(r#"{{"tag":"2","x":"{}"}}"#, "y".repeat(70 * 1024));
+    let (code, _) = post(
+        &url,
+        &signed(ts, openssl_sign(&secret, ts, &big)),
+        big.clone(),
+    )
+    .await;
+    assert_eq!(code, 413);
+    assert_eq!(generation().await, 1, "a refused call changed the spec");
+    if let Some(tap) = tap.as_mut() {
+        assert_eq!(
+            tap.drain().await,
+            Vec::<Value>::new(),
+            "a refused call published an event"
+        );
+    }
+
+    // One good call...
+    let good = signed(ts, openssl_sign(&secret, ts, body));
+    let (code, v) = post(&url, &good, body).await;
+    assert_eq!(code, 202, "{v}\n{}", b.log_text());
+    let id = v["id"].as_str().unwrap().to_string();
+    let what = "the signed deploy to reach the spec";
+    let (b2, n2) = (b, &name);
+    eventually(b, CONVERGE, what, || async move {
+        let s = service(b2, n2).await;
+        if s["spec"]["image"] == format!("{REPO}:2") {
+            Ok(())
+        } else {
+            Err(s["spec"].to_string())
+        }
+    })
+    .await;
+    let svc = service(b, &name).await;
+    assert_eq!(
+        svc["metadata"]["annotations"][annotations::DEPLOY_SOURCE],
+        "signed"
+    );
+    assert_eq!(svc["metadata"]["generation"], 2);
+    // ...and its replay is refused.
+    let (code, _) = post(&url, &good, body).await;
+    assert_eq!(code, 401);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(generation().await, 2, "the replay changed the spec");
+    if let Some(tap) = tap.as_mut() {
+        let seen: Vec<Value> = tap.drain().await;
+        let ids: Vec<&str> = seen.iter().filter_map(|e| e["id"].as_str()).collect();
+        assert_eq!(
+            ids,
+            [id.as_str()],
+            "exactly the good call's event: {seen:?}"
+        );
+        assert_eq!(seen[0]["source"], "signed");
+    }
+}
+
+on_both_buses!(refused_calls_change_nothing);
+
+/// `berth webhook` round trip: create prints a URL once, list never shows it, a restart keeps it,
+/// rotate invalidates the old URL, delete invalidates the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_cli_round_trip() {
+    let p = prefix("hookcli");
+    let _cleanup = Cleanup::new(&p);
+    let mut b = Berth::start(None);
+    let name = format!("{p}-web");
+    apply(&b, &name, 0);
+
+    let out = b.cli_ok(&["webhook", "create", &name]);
+    let url = out
+        .split_whitespace()
+        .find(|w| w.contains("/hooks/v1/"))
+        .unwrap_or_else(|| panic!("no URL in `webhook create` output:\n{out}"))
+        .to_string();
+    let token = url.rsplit('/').next().unwrap().to_string();
+    assert!(
+        token.len() >= 3 + 22,
+        "token too short for 128 bits: {token}"
+    );
+    assert!(out.contains("shown only now"), "{out}");
+
+    let list = b.cli_ok(&["webhook", "list"]);
+    assert!(list.contains(&name) && !list.contains(&token), "{list}");
+    let json = b.cli_ok(&["webhook", "list", "-o", "json"]);
+    assert!(!json.contains(&token), "{json}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let id = v["items"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(v["items"][0]["service"], name.as_str());
+    // The token is not in the store in clear either.
+    let on_disk = files_containing(&b.data_dir, token.as_bytes());
+    assert!(on_disk.is_empty(), "token stored in clear in {on_disk:?}");
+
+    // Survives a restart of the API server.
+    b.restart();
+    let (code, v) = post(&url, &[], "").await;
+    assert_eq!(code, 202, "{v}");
+
+    let rotated = b.cli_ok(&["webhook", "rotate", &name]);
+    let new_url = rotated
+        .split_whitespace()
+        .find(|w| w.contains("/hooks/v1/"))
+        .expect("rotate prints the new URL")
+        .to_string();
+    assert_ne!(new_url, url);
+    let (code, _) = post(&url, &[], "").await;
+    assert_eq!(code, 404, "the old URL still works after rotate");
+    let (code, v) = post(&new_url, &[], "").await;
+    assert_eq!(code, 202, "{v}");
+
+    b.cli_ok(&["webhook", "delete", &id]);
+    let (code, _) = post(&new_url, &[], "").await;
+    assert_eq!(code, 404, "a deleted webhook still works");
+    let out = b.cli(&["webhook", "delete", &name]);
+    assert!(
+        !out.success && out.stderr.contains("no webhook"),
+        "{}",
+        out.stderr
+    );
+    let out = b.cli(&["webhook", "create", "no-such-service"]);
+    assert!(
+        !out.success && out.stderr.contains("Service `no-such-service` not found"),
+        "{}",
+        out.stderr
+    );
+    let list = b.cli(&["webhook", "list"]);
+    assert!(
+        list.success && list.stderr.contains("No webhooks found"),
+        "{list:?}"
+    );
+}
+
+/// Files under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    out
+}
