@@ -82,3 +82,13 @@ pub mod labels {
     /// Hash of the Swarm spec berth built; equal hash and matching fields mean no update call.
     pub const SPEC_HASH: &str = "io.berth.spec-hash";
 }
+
+/// Annotation keys berth itself sets on objects (in `metadata.annotations`).
+pub mod annotations {
+    /// The deploy event (ULID) that wrote the object's current image.
+    pub const DEPLOY_ID: &str = "deploy.berth.io/id";
+    /// Where that deploy came from: `webhook`, `registry`, `rollback`, ...
+    pub const DEPLOY_SOURCE: &str = "deploy.berth.io/source";
+    /// The generation that deploy's write produced: a later write by anyone else is not the deploy's.
+    pub const DEPLOY_GENERATION: &str = "deploy.berth.io/generation";
+}
