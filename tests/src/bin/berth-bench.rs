@@ -409,10 +409,10 @@ async fn webhook_latency(n: usize, rate: u64, seconds: u64) -> Result<()> {
         }
         let mut urls = Vec::with_capacity(n);
         for i in 0..n {
-            let out = berth.cli_ok(&["webhook", "create", &format!("{p}-{i}")]);
-            let url = out
-                .split_whitespace()
-                .find(|w| w.contains("/hooks/v1/"))
+            let out = berth.cli_ok(&["webhook", "create", &format!("{p}-{i}"), "-o", "json"]);
+            let hook: serde_json::Value = serde_json::from_str(&out)?;
+            let url = hook["url"]
+                .as_str()
                 .with_context(|| format!("no URL in `berth webhook create` output: {out}"))?;
             urls.push(url.to_string());
         }
