@@ -127,12 +127,13 @@ pub mod labels {
     pub const INGRESS_NODE: &str = "io.berth.ingress";
 }
 
-/// Metadata annotation keys the API server sets on a Service when it applies a deploy event, so the
-/// controller (and `berth rollout history`) can tell which generation came from which trigger.
+/// Metadata annotation keys set on a Service when a deploy (webhook, registry notification, or
+/// `berth rollout undo`) writes its image, so the controller (and `berth rollout history`) can tell
+/// which generation came from which trigger.
 pub mod annotations {
     /// Id of the last deploy event applied (later redeliveries of it, or of older ones, are no-ops).
     pub const DEPLOY_ID: &str = "deploy.berth.io/id";
-    /// `webhook`, `signed`, `registry`, `api` or `cli`.
+    /// `webhook`, `signed`, `registry`, `rollback`, `api` or `cli`.
     pub const DEPLOY_SOURCE: &str = "deploy.berth.io/source";
     /// The generation that deploy produced.
     pub const DEPLOY_GENERATION: &str = "deploy.berth.io/generation";

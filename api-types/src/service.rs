@@ -295,6 +295,75 @@ pub struct ServiceStatus {
     /// Mounts whose data is not in any backup (anonymous volumes, tmpfs), as `target (why)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unbacked_mounts: Vec<String>,
+    /// Running tasks that run the current image (the rest still run an older one mid-rollout).
+    #[serde(default)]
+    pub updated_replicas: u64,
+    /// The last rollouts, oldest first (at most [`REVISION_HISTORY`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<Revision>,
+}
+
+/// How many rollouts a Service's status remembers.
+pub const REVISION_HISTORY: usize = 10;
+
+/// One rollout: an image (or a forced redeploy of the same one) that berth sent to the engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// 1, 2, 3...: what `berth rollout undo --to-revision` names.
+    pub revision: u64,
+    /// The image as the spec names it.
+    pub image: String,
+    /// The manifest digest the engine was told to run, when berth knew it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The object generation this rollout applied.
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub force_update: u64,
+    pub time: chrono::DateTime<chrono::Utc>,
+    /// What asked for it: `webhook`, `registry`, `api` (any other spec write), `rollback`, ...
+    pub trigger: String,
+    /// The deploy event's id, for rollouts that came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_id: Option<String>,
+    pub result: RolloutResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutResult {
+    /// Sent to the engine; tasks are being replaced.
+    Progressing,
+    /// Every task runs it.
+    Complete,
+    /// The engine gave up on it and went back to the previous spec.
+    RolledBack,
+    /// The engine stopped the update on failure (update failure action `pause`).
+    Paused,
+    /// A newer rollout replaced it before it finished.
+    Superseded,
+}
+
+impl RolloutResult {
+    /// Whether the rollout ended badly.
+    pub fn failed(self) -> bool {
+        matches!(self, RolloutResult::RolledBack | RolloutResult::Paused)
+    }
+}
+
+impl std::fmt::Display for RolloutResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RolloutResult::Progressing => "progressing",
+            RolloutResult::Complete => "complete",
+            RolloutResult::RolledBack => "rolled-back",
+            RolloutResult::Paused => "paused",
+            RolloutResult::Superseded => "superseded",
+        })
+    }
 }
 
 /// Condition types of a Service.

@@ -281,6 +281,23 @@ impl ApiClient {
         Ok(list.items)
     }
 
+    /// JSON merge patch of an object's spec and metadata; a `metadata.resourceVersion` in the patch
+    /// makes it conditional.
+    pub async fn patch_object(
+        &self,
+        kind: Kind,
+        name: &str,
+        patch: &Value,
+    ) -> Result<DynObject, ClientError> {
+        self.send(
+            self.http
+                .patch(self.url(&paths::object(kind, name)))
+                .header("content-type", "application/merge-patch+json")
+                .body(patch.to_string()),
+        )
+        .await
+    }
+
     pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, ClientError> {
         self.send(self.http.delete(self.url(&paths::object(kind, name))))
             .await

@@ -20,14 +20,14 @@ pub enum Output {
 
 type CliResult = Result<(), String>;
 
-fn client(conn: &Conn) -> Result<ApiClient, String> {
+pub(crate) fn client(conn: &Conn) -> Result<ApiClient, String> {
     let token = conn.token.clone().ok_or(
         "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
     )?;
     Ok(ApiClient::new(&conn.url, &token))
 }
 
-fn api_error(e: ClientError) -> String {
+pub(crate) fn api_error(e: ClientError) -> String {
     match e {
         ClientError::Api { message, .. } => format!("error: {message}"),
         other => format!("error: {other}"),

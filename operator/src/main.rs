@@ -10,6 +10,7 @@ mod local;
 mod output;
 mod publisher;
 mod registry;
+mod rollout;
 mod server;
 mod store;
 mod webhook;
@@ -186,6 +187,11 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Follow, list or revert a Service's rollouts.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutAction,
+    },
     /// Show recent events, or follow them.
     Events {
         #[arg(long)]
@@ -200,6 +206,53 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutAction {
+    /// Follow the current rollout until it completes; exit non-zero when the engine rolled it back
+    /// or paused it.
+    Status {
+        /// `service`
+        kind: String,
+        name: String,
+        /// Give up after this long (`90s`, `5m`); 0 waits as long as it takes.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the last rollouts: image, digest, trigger (webhook, registry, api, rollback) and result.
+    History {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Go back to the previous revision's image (pinned to the digest it ran), or to one named.
+    Undo {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `90s`, `5m`, `1h`, or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 90s, 5m, 1h)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("`{s}` is not a duration (e.g. 90s, 5m, 1h)")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn main() -> ExitCode {
@@ -243,6 +296,23 @@ fn main() -> ExitCode {
                 conn,
             } => cli::get(&conn, &kind, name.as_deref(), output).await,
             Command::Describe { kind, name, conn } => cli::describe(&conn, &kind, &name).await,
+            Command::Rollout { action } => match action {
+                RolloutAction::Status {
+                    kind,
+                    name,
+                    timeout,
+                    conn,
+                } => rollout::status(&conn, &kind, &name, timeout).await,
+                RolloutAction::History { kind, name, conn } => {
+                    rollout::history(&conn, &kind, &name).await
+                }
+                RolloutAction::Undo {
+                    kind,
+                    name,
+                    to_revision,
+                    conn,
+                } => rollout::undo(&conn, &kind, &name, to_revision).await,
+            },
             Command::Delete {
                 kind,
                 name,

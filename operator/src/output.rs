@@ -38,10 +38,15 @@ pub fn to_yaml(v: &Value) -> String {
 
 /// `3m`, `2h`, `5d`: kubectl's AGE column.
 pub fn age(obj: &DynObject) -> String {
-    let Some(created) = obj.metadata.creation_timestamp else {
-        return "-".into();
-    };
-    let secs = (Utc::now() - created).num_seconds().max(0);
+    match obj.metadata.creation_timestamp {
+        Some(created) => age_since(created),
+        None => "-".into(),
+    }
+}
+
+/// Time since `t`, in the AGE column's units.
+pub fn age_since(t: chrono::DateTime<Utc>) -> String {
+    let secs = (Utc::now() - t).num_seconds().max(0);
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),

@@ -11,6 +11,7 @@
 #   - a running dockerd (started by hand: these machines have no systemd);
 #   - a healthy single-node Swarm advertising 127.0.0.1;
 #   - local test images built FROM scratch (nothing can be pulled): berth-test/busybox:1,
+#     berth-test/app:2 (a second image to deploy), berth-test/broken:1 (fails at once),
 #     berth-demo/web:1 and berth-test/caddy:1 (the ingress proxy, Debian's caddy binary);
 #   - cargo on PATH.
 # Every function is idempotent: whatever is already in place is kept.
@@ -283,6 +284,29 @@ COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
 EOF
         build berth-test/busybox:1 "$tmp/busybox"
+    fi
+
+    # berth-test/app:2: berth-test/busybox:1 plus /version, a different image (digest) to deploy.
+    if docker image inspect berth-test/app:2 >/dev/null 2>&1; then
+        echo "==> image berth-test/app:2: present"
+    else
+        echo "==> image berth-test/app:2: building"
+        mkdir "$tmp/app2"
+        printf 'FROM berth-test/busybox:1\nRUN ["/bin/sh", "-c", "echo 2 > /version"]\n' \
+            >"$tmp/app2/Dockerfile"
+        build berth-test/app:2 "$tmp/app2"
+    fi
+
+    # berth-test/broken:1: busybox without its applets, so any command fails at once: the
+    # failing image of the rollback tests.
+    if docker image inspect berth-test/broken:1 >/dev/null 2>&1; then
+        echo "==> image berth-test/broken:1: present"
+    else
+        echo "==> image berth-test/broken:1: building"
+        mkdir "$tmp/broken"
+        cp "$busybox" "$tmp/broken/busybox"
+        printf 'FROM scratch\nCOPY busybox /bin/busybox\n' >"$tmp/broken/Dockerfile"
+        build berth-test/broken:1 "$tmp/broken"
     fi
 
     # berth-demo/web:1: the same busybox serving /www/index.html with httpd on port 8080.

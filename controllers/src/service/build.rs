@@ -29,12 +29,27 @@ use std::collections::HashMap;
 pub struct Built {
     pub spec: ServiceSpec,
     pub hash: String,
+    /// (generation, digest) when the image was pinned to a digest the spec does not name.
+    pub pinned: Option<(u64, String)>,
 }
 
 /// Builds the Swarm service spec. `instance` is the berth installation id stamped on everything;
 /// `deps` are the Service's dependencies as they exist in Swarm.
 pub fn build(svc: &Service, instance: &str, deps: &Resolved) -> Built {
+    build_pinned(svc, instance, deps, None)
+}
+
+/// Like `build`, with the image pinned to `digest` (`repo:tag@sha256:...`, as the docker CLI sends
+/// it) unless the spec already names one.
+pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Option<&str>) -> Built {
     let s = &svc.spec;
+    let pinned = digest
+        .filter(|_| s.image.digest.is_none())
+        .map(|d| (svc.metadata.generation, d.to_string()));
+    let image = match &pinned {
+        Some((_, d)) => format!("{}@{d}", s.image),
+        None => s.image.to_string(),
+    };
     let name = svc.metadata.name.clone();
     let uid = svc.metadata.uid.clone().unwrap_or_default();
 
@@ -52,7 +67,7 @@ pub fn build(svc: &Service, instance: &str, deps: &Resolved) -> Built {
     container_labels.extend(ownership_labels(instance, &name));
 
     let container = TaskSpecContainerSpec {
-        image: Some(s.image.to_string()),
+        image: Some(image),
         labels: Some(container_labels),
         command: s.command.clone(),
         args: s.args.clone(),
@@ -201,7 +216,7 @@ pub fn build(svc: &Service, instance: &str, deps: &Resolved) -> Built {
     if let Some(l) = spec.labels.as_mut() {
         l.insert(labels::SPEC_HASH.into(), hash.clone());
     }
-    Built { spec, hash }
+    Built { spec, hash, pinned }
 }
 
 /// One mount. A named volume carries its Volume's driver, options and labels: Swarm has no volume

@@ -4,6 +4,7 @@
 
 pub mod build;
 pub mod deps;
+pub mod rollout;
 pub mod status;
 
 use crate::client::{ClientError, ResourceStore};
@@ -45,6 +46,18 @@ const FILE_GC_GRACE: Duration = Duration::from_secs(60);
 /// How long the registry is given to explain a failing pull.
 const REGISTRY_QUESTION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What `apply` did.
+enum Outcome {
+    /// The engine already runs this spec.
+    Unchanged(SwarmService),
+    /// berth created or updated the Swarm service; this is it afterwards.
+    Wrote(SwarmService),
+    /// An update is due but the service was written moments ago: try again after this long.
+    Deferred(Duration),
+    /// The engine will not take this spec (or the name is not berth's): the message says why.
+    Refused(String),
+}
+
 /// What resolving a Service's dependencies found.
 enum DepsOutcome {
     Ready(Resolved),
@@ -76,6 +89,10 @@ struct Applied {
     /// Fingerprint of the registry credentials sent with that write (see `PullAuth::fingerprint`).
     #[serde(default)]
     auth: Option<String>,
+    /// The digest the image was pinned to for a generation, so later reconciles of the same
+    /// generation do not ask the registry again (or follow a tag that moved meanwhile).
+    #[serde(default)]
+    pinned: Option<(u64, String)>,
 }
 
 pub struct ServiceController {
@@ -85,6 +102,31 @@ pub struct ServiceController {
     state: LocalState,
     /// Swarm secret/config names this process materialised recently (see `FILE_GC_GRACE`).
     fresh: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    pace: Pace,
+}
+
+/// Services are updated at most once per this interval: the engine starts a rolling update for
+/// each write, so a burst of deploys is folded into the first and one more with the newest spec.
+const MIN_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When each service was last written (see `MIN_UPDATE_INTERVAL`).
+#[derive(Default)]
+struct Pace(std::sync::Mutex<HashMap<String, std::time::Instant>>);
+
+impl Pace {
+    /// How long `name` must still wait before its next update, if at all.
+    fn wait(&self, name: &str) -> Option<Duration> {
+        let last = *self.0.lock().unwrap_or_else(|p| p.into_inner()).get(name)?;
+        MIN_UPDATE_INTERVAL
+            .checked_sub(last.elapsed())
+            .filter(|d| !d.is_zero())
+    }
+
+    fn wrote(&self, name: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, at| at.elapsed() < MIN_UPDATE_INTERVAL);
+        map.insert(name.to_string(), std::time::Instant::now());
+    }
 }
 
 impl ServiceController {
@@ -100,6 +142,7 @@ impl ServiceController {
             instance,
             state,
             fresh: Default::default(),
+            pace: Pace::default(),
         }
     }
 
@@ -171,8 +214,7 @@ impl ServiceController {
         Ok(crate::client::write_status(&*self.store, Kind::Service, name, current, &new).await?)
     }
 
-    /// Creates or updates the Swarm service so it matches `built`. Returns the service as it is now,
-    /// or `Err(Ok(message))` when the engine refuses the spec for good.
+    /// Creates or updates the Swarm service so it matches `built`.
     async fn apply(
         &self,
         svc: &Service,
@@ -181,7 +223,7 @@ impl ServiceController {
         foreign: Option<SwarmService>,
         record: Option<Applied>,
         pull: Option<&PullAuth>,
-    ) -> Result<Result<SwarmService, String>, ServiceError> {
+    ) -> Result<Outcome, ServiceError> {
         let name = svc.name();
         let credentials = pull.map(|p| p.credentials.clone());
         let auth = pull.map(|p| p.fingerprint.clone());
@@ -209,7 +251,7 @@ impl ServiceController {
                     Some(other) => format!("a Swarm service named `{name}` belongs to another berth installation ({other})"),
                     None => format!("a Swarm service named `{name}` exists that berth does not manage; remove or rename it"),
                 };
-                return Ok(Err(msg));
+                return Ok(Outcome::Refused(msg));
             }
             match self
                 .docker
@@ -219,10 +261,13 @@ impl ServiceController {
                 Ok(created) => {
                     info!(id = ?created.id, hash = %built.hash, registry = ?pull.map(|p| &p.registry), "created Swarm service");
                     let id = created.id.unwrap_or_default();
-                    return self.after_write(name, &uid, built, &id, auth).await;
+                    return self
+                        .after_write(name, &uid, built, &id, auth)
+                        .await
+                        .map(Outcome::Wrote);
                 }
                 Err(e) if status_code(&e) == Some(400) => {
-                    return Ok(Err(crate::engine::refusal("service", &e)))
+                    return Ok(Outcome::Refused(crate::engine::refusal("service", &e)))
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -246,7 +291,7 @@ impl ServiceController {
             && (ours_untouched || build::contains(&observed_spec, &built.spec))
             && auth_sent;
         if in_sync {
-            return Ok(Ok(ex));
+            return Ok(Outcome::Unchanged(ex));
         }
         if auth_sent
             && status::engine_gave_up(&ex)
@@ -254,7 +299,13 @@ impl ServiceController {
         {
             // The engine paused or rolled back this very spec; re-sending it would repeat the failure.
             debug!("engine gave up on this spec; waiting for a new one");
-            return Ok(Ok(ex));
+            return Ok(Outcome::Unchanged(ex));
+        }
+        // One update per service per interval: a burst of deploys becomes at most two rollouts, the
+        // second at the newest spec.
+        if let Some(wait) = self.pace.wait(name) {
+            debug!(?wait, "updated moments ago; deferring");
+            return Ok(Outcome::Deferred(wait));
         }
         let id = ex.id.clone().unwrap_or_default();
         let options = UpdateServiceOptions {
@@ -271,10 +322,12 @@ impl ServiceController {
                     debug!(warning = %w, "engine warning");
                 }
                 info!(%id, hash = %built.hash, registry = ?pull.map(|p| &p.registry), "updated Swarm service");
-                self.after_write(name, &uid, built, &id, auth).await
+                self.after_write(name, &uid, built, &id, auth)
+                    .await
+                    .map(Outcome::Wrote)
             }
             Err(e) if status_code(&e) == Some(400) => {
-                Ok(Err(crate::engine::refusal("service", &e)))
+                Ok(Outcome::Refused(crate::engine::refusal("service", &e)))
             }
             Err(e) => Err(e.into()),
         }
@@ -542,6 +595,28 @@ impl ServiceController {
         Ok(())
     }
 
+    /// The digest the registry serves for `image` now, asked through the engine with the Registry's
+    /// credentials. `None` when the registry does not say (the engine then pulls the tag).
+    async fn resolve_digest(&self, image: &ImageRef, auth: &PullAuth) -> Option<String> {
+        let answer = tokio::time::timeout(
+            REGISTRY_QUESTION_TIMEOUT,
+            self.docker
+                .inspect_registry_image(image.as_str(), Some(auth.credentials.clone())),
+        )
+        .await;
+        match answer {
+            Ok(Ok(d)) => Some(d.descriptor.digest?).filter(|d| d.starts_with("sha256:")),
+            Ok(Err(e)) => {
+                debug!(%image, error = %crate::engine::message(&e), "cannot resolve the image digest");
+                None
+            }
+            Err(_) => {
+                debug!(%image, "the registry did not tell the image digest in time");
+                None
+            }
+        }
+    }
+
     /// Why the engine cannot pull `image`, in the registry's words: the Registry's failed login, or
     /// what the registry answers the engine now (asked with the same credentials the tasks use).
     async fn explain_pull(&self, image: &ImageRef, pull: &PullAuthLookup) -> Option<String> {
@@ -622,7 +697,8 @@ impl ServiceController {
         built: &build::Built,
         id: &str,
         auth: Option<String>,
-    ) -> Result<Result<SwarmService, String>, ServiceError> {
+    ) -> Result<SwarmService, ServiceError> {
+        let pinned = built.pinned.clone();
         let Some(now) = self.inspect(id).await? else {
             return Err(ServiceError::Engine(
                 DockerError::DockerResponseServerError {
@@ -636,11 +712,13 @@ impl ServiceController {
             hash: built.hash.clone(),
             version: now.version.as_ref().and_then(|v| v.index).unwrap_or(0),
             auth,
+            pinned,
         };
         if let Err(e) = self.state.put(name, &record) {
             warn!(error = %e, "cannot record applied state");
         }
-        Ok(Ok(now))
+        self.pace.wrote(name);
+        Ok(now)
     }
 }
 
@@ -750,8 +828,27 @@ impl Reconciler for ServiceController {
             _ => None,
         };
 
+        // Pin the image to the digest its tag names now, as `docker service create` does, when it
+        // comes from a registry berth has credentials for (others: the engine pulls the tag).
+        let record: Option<Applied> = self.state.get(name);
+        let record = record.filter(|r| Some(&r.uid) == svc.metadata.uid.as_ref());
+        let digest = match (&svc.spec.image.digest, pull_auth) {
+            (None, Some(auth)) => {
+                let known = record
+                    .as_ref()
+                    .and_then(|r| r.pinned.clone())
+                    .filter(|(g, _)| *g == generation)
+                    .map(|(_, d)| d);
+                match known {
+                    Some(d) => Some(d),
+                    None => self.resolve_digest(&svc.spec.image, auth).await,
+                }
+            }
+            _ => None,
+        };
+
         // Build.
-        let built = build::build(&svc, &self.instance, &resolved);
+        let built = build::build_pinned(&svc, &self.instance, &resolved, digest.as_deref());
 
         // Apply.
         owned.sort_by_key(|s| s.created_at);
@@ -761,12 +858,6 @@ impl Reconciler for ServiceController {
             self.remove(&dup).await?;
         }
         let existing = owned.pop();
-        let record: Option<Applied> = self.state.get(name);
-        let record = record.filter(|r| Some(&r.uid) == svc.metadata.uid.as_ref());
-        let before = existing
-            .as_ref()
-            .and_then(|e| e.version.as_ref())
-            .and_then(|v| v.index);
         // Only a service that mounted secrets or configs before this write can leave versions unused.
         let had_files = existing
             .as_ref()
@@ -777,12 +868,14 @@ impl Reconciler for ServiceController {
                 c.secrets.as_ref().is_some_and(|v| !v.is_empty())
                     || c.configs.as_ref().is_some_and(|v| !v.is_empty())
             });
-        let swarm = match self
+        let (swarm, wrote) = match self
             .apply(&svc, &built, existing, foreign, record, pull_auth)
             .await?
         {
-            Ok(s) => s,
-            Err(refusal) => {
+            Outcome::Unchanged(s) => (s, false),
+            Outcome::Wrote(s) => (s, true),
+            Outcome::Deferred(wait) => return Ok(Action::requeue(wait)),
+            Outcome::Refused(refusal) => {
                 let st = status::refused(&current, generation, "Refused", &refusal, now);
                 self.write_status(name, &current, st).await?;
                 return Ok(Action::await_change());
@@ -797,7 +890,6 @@ impl Reconciler for ServiceController {
             }
         }
         // A write may have left old secret or config contents unused.
-        let wrote = swarm.version.as_ref().and_then(|v| v.index) != before;
         if wrote && had_files {
             if let Err(e) = self.collect_files().await {
                 warn!(error = %e, "cannot collect unused secret and config versions yet");
@@ -822,6 +914,31 @@ impl Reconciler for ServiceController {
             },
         );
         let mut st = st;
+        if wrote || st.revisions.is_empty() {
+            let (trigger, deploy_id) = rollout::trigger(&svc.metadata);
+            let image = svc.spec.image.to_string();
+            st.revisions = rollout::record(
+                &st.revisions,
+                &rollout::Sent {
+                    generation,
+                    image: &image,
+                    digest: digest.as_deref(),
+                    force_update: svc.spec.force_update,
+                    trigger: &trigger,
+                    deploy_id: deploy_id.as_deref(),
+                    now,
+                },
+            );
+        }
+        rollout::observe(
+            &mut st.revisions,
+            &rollout::Progress {
+                update_state: st.update_state.as_deref(),
+                update_message: st.update_message.as_deref(),
+                all_updated: st.updated_replicas >= st.desired_replicas
+                    && st.running_replicas >= st.desired_replicas,
+            },
+        );
         if status::pull_failing(&tasks, now) {
             if let Some(why) = self.explain_pull(&svc.spec.image, &pull).await {
                 status::explain_pull_failure(&mut st, &why, now);

@@ -82,6 +82,23 @@ pub fn observed(current: &ServiceStatus, generation: u64, o: &Observed) -> Servi
             .unwrap_or(0)
             .max(0) as u64
     };
+    // Tasks carry the task spec they were made from: those made from the current one are updated.
+    let template = spec.and_then(|sp| sp.task_template.as_ref());
+    let current = |t: &&&Task| {
+        let ts = t.spec.as_ref();
+        ts.and_then(|x| x.container_spec.as_ref())
+            .and_then(|c| c.image.as_deref())
+            == template
+                .and_then(|x| x.container_spec.as_ref())
+                .and_then(|c| c.image.as_deref())
+            && ts.and_then(|x| x.force_update).unwrap_or(0)
+                == template.and_then(|x| x.force_update).unwrap_or(0)
+    };
+    s.updated_replicas = live
+        .iter()
+        .filter(|t| t.status.as_ref().and_then(|st| st.state) == Some(TaskState::RUNNING))
+        .filter(current)
+        .count() as u64;
     s.desired_replicas = desired;
     s.running_replicas = running;
     s.image = spec

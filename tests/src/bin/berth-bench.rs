@@ -7,6 +7,12 @@
 //!
 //! and prints both and their ratio. Both runs poll the engine the same way, start from an engine with
 //! none of the services, and are cleaned up (containers gone) before the next run starts.
+//!
+//! `berth-bench webhook-latency --services N --rate R --seconds S` measures deploys: `berth up` on
+//! NATS with N services (0 replicas: the engine's update call is measured, not container starts), one
+//! webhook each, then R webhook calls per second for S seconds, round robin over the services, each
+//! naming a new tag. The latency of a call is from just before it is sent to the engine's service
+//! update event carrying that tag (`image.new`, time in ns): request received -> update committed.
 
 use anyhow::{bail, Context, Result};
 use berth_e2e::{docker, prefix, Berth, Docker};
@@ -43,6 +49,17 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
     },
+    /// Webhook call -> engine service update latency, p50/p99, at a steady request rate.
+    WebhookLatency {
+        /// Services deployed round robin; with N >= 2 x rate, each gets a call every 2 s or more,
+        /// so no call waits for berth's one-update-per-second pacing of a service.
+        #[arg(long, default_value_t = 200)]
+        services: usize,
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -62,6 +79,11 @@ struct Timing {
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::WebhookLatency {
+            services,
+            rate,
+            seconds,
+        } => webhook_latency(services, rate, seconds).await,
         Cmd::ApplyConverge {
             services,
             rounds,
@@ -345,4 +367,142 @@ async fn cleanup(d: &Docker, p: &str, remove: bool) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Nanoseconds since the Unix epoch (the clock the engine stamps events with).
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn webhook_latency(n: usize, rate: u64, seconds: u64) -> Result<()> {
+    use futures::StreamExt;
+    let d = docker().await;
+    let p = prefix("hookbench");
+    let nats = berth_e2e::Nats::start();
+    // A generous per-address limit: every call comes from this one process.
+    let berth = Berth::start_with(Some(nats.url()), &["--hook-rate", "100000"]);
+    let result = async {
+        let mut yaml = String::new();
+        for i in 0..n {
+            yaml.push_str(&format!(
+                "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {p}-{i}\nspec:\n  image: berth-test/busybox:1\n  replicas: 0\n  command: [\"sleep\", \"1000000\"]\n---\n"
+            ));
+        }
+        berth.apply(&yaml);
+        let ready = Instant::now();
+        while count_services(&d, &p).await? < n {
+            if ready.elapsed() > Duration::from_secs(300) {
+                bail!("the {n} services were not created in 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut urls = Vec::with_capacity(n);
+        for i in 0..n {
+            let out = berth.cli_ok(&["webhook", "create", &format!("{p}-{i}"), "-o", "json"]);
+            let hook: serde_json::Value = serde_json::from_str(&out)?;
+            let url = hook["url"]
+                .as_str()
+                .with_context(|| format!("no URL in `berth webhook create` output: {out}"))?;
+            urls.push(url.to_string());
+        }
+        // Let the creates settle (their tasks, none, and their events) before measuring.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        // The engine's service update events, by new image.
+        let mut events = d.events(Some(bollard::query_parameters::EventsOptions {
+            filters: Some(HashMap::from([
+                ("type".to_string(), vec!["service".to_string()]),
+                ("event".to_string(), vec!["update".to_string()]),
+            ])),
+            ..Default::default()
+        }));
+        let updates = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<String, i64>::new()));
+        let sink = updates.clone();
+        let watcher = tokio::spawn(async move {
+            while let Some(Ok(ev)) = events.next().await {
+                let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
+                if let (Some(image), Some(t)) = (attrs.get("image.new"), ev.time_nano) {
+                    sink.lock().unwrap().entry(image.clone()).or_insert(t);
+                }
+            }
+        });
+
+        let http = reqwest::Client::new();
+        let total = rate * seconds;
+        let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut calls = tokio::task::JoinSet::new();
+        for k in 0..total {
+            tick.tick().await;
+            let url = urls[k as usize % n].clone();
+            let http = http.clone();
+            let tag = format!("b{k}");
+            calls.spawn(async move {
+                let sent = now_ns();
+                let resp = http
+                    .post(&url)
+                    .json(&serde_json::json!({ "tag": tag }))
+                    .send()
+                    .await;
+                let answered = now_ns();
+                let status = resp.map(|r| r.status().as_u16()).unwrap_or(0);
+                (tag, sent, answered, status)
+            });
+        }
+        let mut sent = Vec::new();
+        while let Some(r) = calls.join_next().await {
+            sent.push(r?);
+        }
+        // Give the last updates time to land.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        watcher.abort();
+        let updates = updates.lock().unwrap().clone();
+
+        let refused = sent.iter().filter(|s| s.3 != 202).count();
+        let mut http_ms: Vec<f64> = sent.iter().map(|s| (s.2 - s.1) as f64 / 1e6).collect();
+        let mut e2e_ms: Vec<f64> = sent
+            .iter()
+            .filter_map(|(tag, at, _, _)| {
+                let t = updates.get(&format!("berth-test/busybox:{tag}"))?;
+                Some((*t - *at) as f64 / 1e6)
+            })
+            .collect();
+        http_ms.sort_by(f64::total_cmp);
+        e2e_ms.sort_by(f64::total_cmp);
+        println!(
+            "webhook-latency: {total} calls at {rate}/s over {n} services (NATS), {} answered non-202, {} without an engine update",
+            refused,
+            total as usize - e2e_ms.len()
+        );
+        println!("{:<38} {:>8} {:>8} {:>8} {:>8}", "", "p50", "p90", "p99", "max");
+        for (what, v) in [
+            ("webhook call -> 202 (ms)", &http_ms),
+            ("webhook call -> engine update (ms)", &e2e_ms),
+        ] {
+            println!(
+                "{what:<38} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+                percentile(v, 0.5),
+                percentile(v, 0.9),
+                percentile(v, 0.99),
+                v.last().copied().unwrap_or(f64::NAN)
+            );
+        }
+        Ok(())
+    }
+    .await;
+    // berth stops first, so its controller cannot recreate what cleanup removes.
+    drop(berth);
+    cleanup(&d, &p, true).await?;
+    result
 }
