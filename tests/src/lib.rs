@@ -3,6 +3,7 @@
 //! commands, and cleans up every Swarm object a test created even when the test fails. A missing
 //! engine, binary or nats-server is a loud failure, never a skip.
 
+pub mod deploy;
 pub mod registry;
 
 use berth_api_types::names::paths;
@@ -25,6 +26,13 @@ pub fn berth_bin() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// One HTTP client for the whole test process: building one loads the system's root certificates,
+/// which costs more than the requests a test makes with it.
+pub fn http() -> reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new).clone()
 }
 
 /// A free TCP port on loopback (racy by nature; fine for tests on one machine).
@@ -340,7 +348,7 @@ impl Berth {
 
     /// GET an API path with the admin token; returns (status, JSON body).
     pub async fn api_get(&self, path: &str) -> (u16, serde_json::Value) {
-        let resp = reqwest::Client::new()
+        let resp = http()
             .get(format!("{}{path}", self.url()))
             .bearer_auth(&self.token)
             .send()
@@ -352,7 +360,7 @@ impl Berth {
 
     /// POST a JSON body to an API path with the admin token; returns (status, JSON body).
     pub async fn api_post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        let resp = reqwest::Client::new()
+        let resp = http()
             .post(format!("{}{path}", self.url()))
             .bearer_auth(&self.token)
             .json(body)
@@ -372,7 +380,7 @@ impl Berth {
         body: Option<&serde_json::Value>,
     ) -> (u16, String) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
-        let mut req = reqwest::Client::new()
+        let mut req = http()
             .request(method, format!("{}{path}", self.url()))
             .bearer_auth(&self.token);
         if let Some(b) = body {

@@ -7,20 +7,17 @@
 //! API, so no registry is needed. Signed calls are signed with `openssl`, exactly as the README
 //! tells users to.
 
-use berth_api_types::names::{annotations, paths, subjects};
+use berth_api_types::names::{annotations, paths};
+use berth_e2e::deploy::{create_webhook, post, running_tasks, wait_running, Tap, CONVERGE};
 use berth_e2e::{
     docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
 };
-use bollard::query_parameters::{ListTasksOptions, TagImageOptions};
-use futures::StreamExt;
+use bollard::query_parameters::TagImageOptions;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::time::Duration;
 
 const IMAGE_1: &str = "berth-test/busybox:1";
 const REPO: &str = "berth-test/busybox";
-/// Generous bound for convergence on a loaded 2-core machine.
-const CONVERGE: Duration = Duration::from_secs(60);
 
 fn service_yaml(name: &str, replicas: u64) -> String {
     format!(
@@ -62,126 +59,6 @@ async fn service(b: &Berth, name: &str) -> Value {
         .await;
     assert_eq!(code, 200, "GET service/{name}: {v}");
     v
-}
-
-/// (task id, image) of the tasks of a Swarm service that are running and meant to be.
-async fn running_tasks(d: &Docker, service: &str) -> Vec<(String, String)> {
-    let tasks = match d
-        .list_tasks(Some(ListTasksOptions {
-            filters: Some(HashMap::from([
-                ("service".to_string(), vec![service.to_string()]),
-                ("desired-state".to_string(), vec!["running".to_string()]),
-            ])),
-        }))
-        .await
-    {
-        Ok(t) => t,
-        // Not created yet.
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => return Vec::new(),
-        Err(e) => panic!("e2e: listing tasks of {service}: {e}"),
-    };
-    tasks
-        .into_iter()
-        .filter(|t| {
-            t.status
-                .as_ref()
-                .and_then(|s| s.state)
-                .is_some_and(|s| s == bollard::models::TaskState::RUNNING)
-        })
-        .map(|t| {
-            let image = t
-                .spec
-                .and_then(|s| s.container_spec)
-                .and_then(|c| c.image)
-                .unwrap_or_default();
-            (t.id.unwrap_or_default(), image)
-        })
-        .collect()
-}
-
-/// Waits until exactly `n` tasks run and every one runs an image starting with `image`.
-async fn wait_running(b: &Berth, d: &Docker, service: &str, image: &str, n: usize) -> Vec<String> {
-    let what = format!("{n} task(s) of {service} running {image}");
-    eventually(b, CONVERGE, &what, || async move {
-        let tasks = running_tasks(d, service).await;
-        let ok = tasks.len() == n && tasks.iter().all(|(_, i)| i.starts_with(image));
-        if ok {
-            Ok(tasks.into_iter().map(|(id, _)| id).collect())
-        } else {
-            Err(format!("{tasks:?}"))
-        }
-    })
-    .await
-}
-
-/// An outside NATS subscriber on `berth.deploy.<service>` (core NATS, as any tool would).
-struct Tap {
-    rx: tokio::sync::mpsc::UnboundedReceiver<Value>,
-}
-
-impl Tap {
-    async fn start(url: &str, service: &str) -> Tap {
-        let client = async_nats::connect(url)
-            .await
-            .expect("e2e: test client cannot connect to nats-server");
-        let mut sub = client
-            .subscribe(subjects::deploy(service))
-            .await
-            .expect("subscribe");
-        client.flush().await.expect("flush");
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let _client = client;
-            while let Some(m) = sub.next().await {
-                let v: Value = serde_json::from_slice(&m.payload).expect("deploy event JSON");
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        Tap { rx }
-    }
-
-    async fn next(&mut self) -> Value {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
-            .await
-            .expect("e2e: no deploy event on NATS within 10 s")
-            .expect("tap closed")
-    }
-
-    /// Everything that arrived so far, waiting a little for stragglers.
-    async fn drain(&mut self) -> Vec<Value> {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut out = Vec::new();
-        while let Ok(v) = self.rx.try_recv() {
-            out.push(v);
-        }
-        out
-    }
-}
-
-/// `berth webhook create ... -o json`.
-fn create_webhook(b: &Berth, args: &[&str]) -> Value {
-    let mut all = vec!["webhook", "create"];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["-o", "json"]);
-    serde_json::from_str(&b.cli_ok(&all)).expect("webhook create -o json")
-}
-
-async fn post(
-    url: &str,
-    headers: &[(&str, String)],
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let mut req = reqwest::Client::new().post(url).body(body);
-    for (k, v) in headers {
-        req = req.header(*k, v);
-    }
-    let resp = req.send().await.expect("webhook request");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// The README's recipe: `printf '%s' "$TS.$BODY" | openssl dgst -sha256 -hmac "$SECRET"`.
