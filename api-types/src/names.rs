@@ -131,6 +131,8 @@ pub mod labels {
 /// `berth rollout undo`) writes its image, so the controller (and `berth rollout history`) can tell
 /// which generation came from which trigger.
 pub mod annotations {
+    /// Every annotation deploys set starts with this.
+    pub const DEPLOY_PREFIX: &str = "deploy.berth.io/";
     /// Id of the last deploy event applied (later redeliveries of it, or of older ones, are no-ops).
     pub const DEPLOY_ID: &str = "deploy.berth.io/id";
     /// `webhook`, `signed`, `registry`, `rollback`, `api` or `cli`.

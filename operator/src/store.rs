@@ -718,6 +718,11 @@ fn plan(
             (obj, ApplyOutcome::Created)
         }
         Some(old) => {
+            let mut incoming = incoming.clone();
+            if matches!(mode, WriteMode::Upsert) {
+                keep_deploy_state(&old, &mut incoming);
+            }
+            let incoming = &incoming;
             let spec_changed = old.spec != incoming.spec;
             let meta_changed = old.metadata.labels != incoming.metadata.labels
                 || old.metadata.annotations != incoming.metadata.annotations;
@@ -737,6 +742,29 @@ fn plan(
             }
         }
     })
+}
+
+/// What deploys wrote and a manifest does not know about survives `apply` of that manifest: the
+/// `deploy.berth.io/*` annotations and a Service's `forceUpdate` counter, unless the manifest sets
+/// them. Otherwise re-applying an unchanged manifest after a same-tag redeploy would lower the
+/// counter and restart every task. (The image is the manifest's to set: applying it reverts a deploy,
+/// as with kubectl.)
+fn keep_deploy_state(old: &DynObject, incoming: &mut DynObject) {
+    for (k, v) in &old.metadata.annotations {
+        if k.starts_with(berth_api_types::names::annotations::DEPLOY_PREFIX) {
+            incoming
+                .metadata
+                .annotations
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
+    }
+    if old.kind == Kind::Service {
+        if let (Some(n), Some(spec)) = (old.spec.get("forceUpdate"), incoming.spec.as_object_mut())
+        {
+            spec.entry("forceUpdate").or_insert_with(|| n.clone());
+        }
+    }
 }
 
 fn result_of(obj: &DynObject, outcome: ApplyOutcome) -> ApplyResult {
@@ -1184,6 +1212,51 @@ mod tests {
         obj(
             json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}),
         )
+    }
+
+    #[tokio::test]
+    async fn apply_keeps_what_deploys_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let manifest = || {
+            obj(
+                json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
+                       "spec": {"image": "app:1"}}),
+            )
+        };
+        s.write(vec![manifest()], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        // A same-tag redeploy, as the deploy applier writes it.
+        let mut deployed = s.get(Kind::Service, "web").unwrap().unwrap();
+        deployed.spec["forceUpdate"] = json!(1);
+        deployed
+            .metadata
+            .annotations
+            .insert("deploy.berth.io/id".into(), "01J".into());
+        s.write(vec![deployed], WriteMode::Replace, None, false)
+            .await
+            .unwrap();
+        // Re-applying the unchanged manifest changes nothing: no lower counter, no lost annotation.
+        let r = s
+            .write(vec![manifest()], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Unchanged);
+        let now = s.get(Kind::Service, "web").unwrap().unwrap();
+        assert_eq!(now.spec["forceUpdate"], 1);
+        assert_eq!(now.metadata.annotations["deploy.berth.io/id"], "01J");
+        // A PUT is a full replacement: there the client's object is the whole truth.
+        s.write(vec![manifest()], WriteMode::Replace, None, false)
+            .await
+            .unwrap();
+        assert!(s
+            .get(Kind::Service, "web")
+            .unwrap()
+            .unwrap()
+            .spec
+            .get("forceUpdate")
+            .is_none());
     }
 
     #[tokio::test]
