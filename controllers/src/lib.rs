@@ -9,3 +9,4 @@ pub mod network;
 pub mod registry;
 pub mod runtime;
 pub mod service;
+pub mod swarm_file;

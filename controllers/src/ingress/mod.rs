@@ -33,7 +33,7 @@ pub mod status;
 use crate::client::{ClientError, ResourceStore};
 use crate::engine::{canonical_hash, status_code};
 use crate::runtime::{Action, Reconciler};
-use crate::service::deps::SwarmFile;
+use crate::swarm_file::{self, FileKind, SwarmFile};
 use admin::Admin;
 use async_trait::async_trait;
 use berth_api_types::ingress::{validate_ingress, Ingress};
@@ -42,8 +42,8 @@ use berth_api_types::service::ServiceSpec;
 use berth_api_types::{DynObject, Event, EventType, Kind};
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ConfigSpec, EventMessage, EventMessageTypeEnum, SecretSpec, Service as SwarmService,
-    ServiceUpdateStatusStateEnum, Task, TaskState,
+    EventMessage, EventMessageTypeEnum, Service as SwarmService, ServiceUpdateStatusStateEnum,
+    Task, TaskState,
 };
 use bollard::query_parameters::{
     InspectNetworkOptions, ListConfigsOptions, ListNodesOptions, ListSecretsOptions,
@@ -611,100 +611,14 @@ impl IngressController {
         role: &str,
         key: &str,
     ) -> Result<SwarmFile, IngressError> {
-        use base64::Engine;
         self.mark_fresh(name);
-        for attempt in 0..2 {
-            if let Some((id, l)) = self.find_file(kind, name).await? {
-                if !self.owns(Some(&l)) {
-                    return Err(IngressError::Refused(format!(
-                        "a Swarm {} named `{name}` exists that this berth installation does not own",
-                        kind.word()
-                    )));
-                }
-                return Ok(SwarmFile {
-                    id,
-                    name: name.to_string(),
-                });
-            }
-            let mut l = build::labels_for(&self.instance, &self.settings.name, role);
-            if !key.is_empty() {
-                l.insert(labels::KEY.to_string(), key.to_string());
-            }
-            let encoded = base64::engine::general_purpose::STANDARD.encode(data);
-            let created = match kind {
-                FileKind::Secret => {
-                    self.docker
-                        .create_secret(SecretSpec {
-                            name: Some(name.to_string()),
-                            labels: Some(l),
-                            data: Some(encoded),
-                            ..Default::default()
-                        })
-                        .await
-                }
-                FileKind::Config => {
-                    self.docker
-                        .create_config(ConfigSpec {
-                            name: Some(name.to_string()),
-                            labels: Some(l),
-                            data: Some(encoded),
-                            ..Default::default()
-                        })
-                        .await
-                }
-            };
-            match created {
-                Ok(r) => {
-                    info!(%name, %role, "created Swarm {}", kind.word());
-                    return Ok(SwarmFile {
-                        id: r.id,
-                        name: name.to_string(),
-                    });
-                }
-                Err(e) if status_code(&e) == Some(409) && attempt == 0 => continue,
-                Err(e) if status_code(&e) == Some(400) => {
-                    return Err(IngressError::Refused(crate::engine::refusal(
-                        kind.word(),
-                        &e,
-                    )))
-                }
-                Err(e) => return Err(e.into()),
-            }
+        let mut l = build::labels_for(&self.instance, &self.settings.name, role);
+        if !key.is_empty() {
+            l.insert(labels::KEY.to_string(), key.to_string());
         }
-        Err(IngressError::Refused(format!(
-            "the Swarm {} `{name}` conflicts but cannot be found",
-            kind.word()
-        )))
-    }
-
-    /// (id, labels) of the Swarm secret or config named exactly `name`.
-    async fn find_file(
-        &self,
-        kind: FileKind,
-        name: &str,
-    ) -> Result<Option<(String, HashMap<String, String>)>, DockerError> {
-        let filters = Some(HashMap::from([(
-            "name".to_string(),
-            vec![name.to_string()],
-        )]));
-        Ok(match kind {
-            FileKind::Secret => self
-                .docker
-                .list_secrets(Some(ListSecretsOptions { filters }))
-                .await?
-                .into_iter()
-                .filter_map(|s| Some((s.id?, s.spec?)))
-                .find(|(_, sp)| sp.name.as_deref() == Some(name))
-                .map(|(id, sp)| (id, sp.labels.unwrap_or_default())),
-            FileKind::Config => self
-                .docker
-                .list_configs(Some(ListConfigsOptions { filters }))
-                .await?
-                .into_iter()
-                .filter_map(|c| Some((c.id?, c.spec?)))
-                .find(|(_, sp)| sp.name.as_deref() == Some(name))
-                .map(|(id, sp)| (id, sp.labels.unwrap_or_default())),
-        })
+        swarm_file::ensure(&self.docker, kind, name, data, l, |l| self.owns(Some(l)))
+            .await?
+            .map_err(IngressError::Refused)
     }
 
     /// The current CA: the newest root whose certificate (config) and key (secret) both exist in
@@ -938,22 +852,6 @@ impl IngressController {
                     _ => true,
                 })
         })
-    }
-}
-
-/// Which Swarm object family a file goes to.
-#[derive(Debug, Clone, Copy)]
-enum FileKind {
-    Secret,
-    Config,
-}
-
-impl FileKind {
-    fn word(self) -> &'static str {
-        match self {
-            FileKind::Secret => "secret",
-            FileKind::Config => "config",
-        }
     }
 }
 

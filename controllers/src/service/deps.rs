@@ -8,32 +8,10 @@
 use berth_api_types::names::labels;
 use berth_api_types::service::FileRef;
 use berth_api_types::volume::VolumeSpec;
-use berth_api_types::Kind;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 
-/// Which Swarm object family a file comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileKind {
-    Secret,
-    Config,
-}
-
-impl FileKind {
-    pub fn kind(self) -> Kind {
-        match self {
-            FileKind::Secret => Kind::Secret,
-            FileKind::Config => Kind::Config,
-        }
-    }
-}
-
-/// A materialised key: the Swarm object a service mounts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SwarmFile {
-    pub id: String,
-    pub name: String,
-}
+pub use crate::swarm_file::{FileKind, SwarmFile};
 
 /// Everything `build` needs besides the Service itself.
 #[derive(Debug, Clone, Default)]

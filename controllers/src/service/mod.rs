@@ -12,6 +12,7 @@ use crate::engine::status_code;
 use crate::registry::creds::{self, PullAuth, PullAuthLookup};
 use crate::runtime::state::LocalState;
 use crate::runtime::{Action, Reconciler};
+use crate::swarm_file;
 use async_trait::async_trait;
 use berth_api_types::image::ImageRef;
 use berth_api_types::names::labels;
@@ -22,7 +23,6 @@ use berth_api_types::volume::VolumeSpec;
 use berth_api_types::Kind;
 use berth_api_types::{ConditionStatus, Event};
 use bollard::errors::Error as DockerError;
-use bollard::models::{ConfigSpec, SecretSpec};
 use bollard::models::{EventMessage, EventMessageTypeEnum, Service as SwarmService};
 use bollard::query_parameters::{
     InspectNetworkOptions, InspectServiceOptions, ListConfigsOptions, ListSecretsOptions,
@@ -424,108 +424,16 @@ impl ServiceController {
         key: &str,
         value: &[u8],
     ) -> Result<Result<SwarmFile, String>, ServiceError> {
-        use base64::Engine;
         let name = deps::swarm_name(object, key, value);
-        for attempt in 0..2 {
-            self.fresh
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone(), std::time::Instant::now());
-            if let Some((id, owner)) = self.find_file(kind, &name).await? {
-                return Ok(if owner.as_deref() == Some(self.instance.as_str()) {
-                    Ok(SwarmFile { id, name })
-                } else {
-                    Err(format!("a Swarm {} named `{name}` exists that this berth installation does not own", kind.kind().lower()))
-                });
-            }
-            let labels = deps::file_labels(&self.instance, kind, object, key);
-            let data = base64::engine::general_purpose::STANDARD.encode(value);
-            let created = match kind {
-                FileKind::Secret => {
-                    self.docker
-                        .create_secret(SecretSpec {
-                            name: Some(name.clone()),
-                            labels: Some(labels),
-                            data: Some(data),
-                            ..Default::default()
-                        })
-                        .await
-                }
-                FileKind::Config => {
-                    self.docker
-                        .create_config(ConfigSpec {
-                            name: Some(name.clone()),
-                            labels: Some(labels),
-                            data: Some(data),
-                            ..Default::default()
-                        })
-                        .await
-                }
-            };
-            match created {
-                Ok(r) => {
-                    info!(%name, kind = %kind.kind(), "materialised");
-                    return Ok(Ok(SwarmFile { id: r.id, name }));
-                }
-                // Created concurrently by another reconcile: look it up again.
-                Err(e) if status_code(&e) == Some(409) && attempt == 0 => continue,
-                // The engine will never accept this one: say so in status instead of retrying.
-                Err(e) if status_code(&e) == Some(400) => {
-                    return Ok(Err(crate::engine::refusal("service", &e)))
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(ServiceError::Engine(
-            DockerError::DockerResponseServerError {
-                status_code: 409,
-                message: format!("{name} conflicts but cannot be found"),
-            },
-        ))
-    }
-
-    /// (id, owning instance) of the Swarm secret or config named exactly `name`.
-    async fn find_file(
-        &self,
-        kind: FileKind,
-        name: &str,
-    ) -> Result<Option<(String, Option<String>)>, DockerError> {
-        let filters = Some(HashMap::from([(
-            "name".to_string(),
-            vec![name.to_string()],
-        )]));
-        Ok(match kind {
-            FileKind::Secret => self
-                .docker
-                .list_secrets(Some(ListSecretsOptions { filters }))
-                .await?
-                .into_iter()
-                .filter_map(|s| {
-                    let spec = s.spec?;
-                    (spec.name.as_deref() == Some(name)).then(|| {
-                        (
-                            s.id.unwrap_or_default(),
-                            spec.labels.and_then(|l| l.get(labels::INSTANCE).cloned()),
-                        )
-                    })
-                })
-                .next(),
-            FileKind::Config => self
-                .docker
-                .list_configs(Some(ListConfigsOptions { filters }))
-                .await?
-                .into_iter()
-                .filter_map(|c| {
-                    let spec = c.spec?;
-                    (spec.name.as_deref() == Some(name)).then(|| {
-                        (
-                            c.id.unwrap_or_default(),
-                            spec.labels.and_then(|l| l.get(labels::INSTANCE).cloned()),
-                        )
-                    })
-                })
-                .next(),
-        })
+        self.fresh
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), std::time::Instant::now());
+        let labels = deps::file_labels(&self.instance, kind, object, key);
+        let ours = |l: &HashMap<String, String>| {
+            l.get(labels::INSTANCE).map(String::as_str) == Some(self.instance.as_str())
+        };
+        Ok(swarm_file::ensure(&self.docker, kind, &name, value, labels, ours).await?)
     }
 
     /// Removes this installation's materialised secrets and configs that no Swarm service uses any
