@@ -215,7 +215,13 @@ impl Berth {
             .arg("--default-network")
             .arg(&self.default_network)
             .args(&self.extra)
-            .env("BERTH_LOG", "info,berth=debug,berth_controllers=debug")
+            // Debug logs explain a failing test; a benchmark sets BERTH_E2E_LOG=info so that writing
+            // them is not what it measures.
+            .env(
+                "BERTH_LOG",
+                std::env::var("BERTH_E2E_LOG")
+                    .unwrap_or_else(|_| "info,berth=debug,berth_controllers=debug".into()),
+            )
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         if let Some(n) = &self.nats {

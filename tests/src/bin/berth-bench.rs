@@ -78,6 +78,10 @@ struct Timing {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // berth logs at info, as in production, unless the caller asks for more.
+    if std::env::var_os("BERTH_E2E_LOG").is_none() {
+        std::env::set_var("BERTH_E2E_LOG", "info");
+    }
     match Cli::parse().cmd {
         Cmd::WebhookLatency {
             services,
