@@ -46,6 +46,24 @@ pub fn kind_of(value: &Value) -> Result<Kind, FieldError> {
     }
 }
 
+/// A stored object in its typed form, validated again: what a controller does before trusting an
+/// object (the API validated it on write; another version of berth may have stored it). `Err` holds
+/// every problem in one line, for a status condition.
+pub fn recheck<T: DeserializeOwned>(
+    obj: &DynObject,
+    validate: impl Fn(&T) -> Result<(), Vec<FieldError>>,
+) -> Result<T, String> {
+    let value = serde_json::to_value(obj).map_err(|e| e.to_string())?;
+    let typed: T = deserialize_value(&value).map_err(|e| e.to_string())?;
+    validate(&typed).map_err(|errs| {
+        errs.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok(typed)
+}
+
 /// Checks an untyped object and returns it in canonical form: spec re-serialized from its typed form,
 /// status dropped (status is written only through the status endpoint).
 pub fn decode_object(value: &Value) -> Result<DynObject, Vec<FieldError>> {

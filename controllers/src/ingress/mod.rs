@@ -872,16 +872,7 @@ fn task_boot(t: &Task) -> Option<&str> {
 /// The typed, validated Ingress; `Err` is the message for status. The API validated on write; this
 /// guards against objects stored by another version.
 fn decode(o: &DynObject) -> Result<Ingress, String> {
-    let value = serde_json::to_value(o).map_err(|e| e.to_string())?;
-    let ing =
-        berth_api_types::typed::deserialize_value::<Ingress>(&value).map_err(|e| e.to_string())?;
-    validate_ingress(&ing).map_err(|errs| {
-        errs.iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
-    Ok(ing)
+    berth_api_types::typed::recheck(o, validate_ingress)
 }
 
 #[async_trait]

@@ -15,7 +15,7 @@ use crate::client::{ClientError, ResourceStore};
 use crate::engine::status_code;
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
-use berth_api_types::typed::deserialize_value;
+use berth_api_types::typed::recheck;
 use berth_api_types::volume::{validate_network, Network};
 use berth_api_types::Kind;
 use bollard::errors::Error as DockerError;
@@ -220,18 +220,7 @@ impl Reconciler for NetworkController {
         let now = chrono::Utc::now();
 
         // Validate. The API validated on write; this guards against objects stored by another version.
-        let validated = serde_json::to_value(&object)
-            .map_err(|e| e.to_string())
-            .and_then(|v| deserialize_value::<Network>(&v).map_err(|e| e.to_string()))
-            .and_then(|n| {
-                validate_network(&n).map(|()| n).map_err(|errs| {
-                    errs.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                })
-            });
-        let net = match validated {
+        let net = match recheck::<Network>(&object, validate_network) {
             Ok(n) => n,
             Err(message) => {
                 let st = status::refused(

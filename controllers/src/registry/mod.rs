@@ -15,6 +15,7 @@ use crate::client::{write_status, ClientError, ResourceStore};
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
 use berth_api_types::registry::{validate_registry, RegistrySpec, RegistryStatus};
+use berth_api_types::typed::recheck;
 use berth_api_types::{Event, Kind, Object};
 use creds::Password;
 use login::LoginOutcome;
@@ -73,17 +74,7 @@ impl Reconciler for RegistryController {
         let now = chrono::Utc::now();
 
         // Validate (the API did on write; this guards against objects stored by another version).
-        let typed: Result<Object<RegistrySpec, serde_json::Value>, String> =
-            serde_json::from_value(serde_json::to_value(&object).unwrap_or_default())
-                .map_err(|e| e.to_string())
-                .and_then(|r| {
-                    validate_registry(&r).map(|()| r).map_err(|errs| {
-                        errs.iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })
-                });
+        let typed = recheck::<Object<RegistrySpec, serde_json::Value>>(&object, validate_registry);
         let spec = match typed {
             Ok(r) => r.spec,
             Err(message) => {

@@ -19,6 +19,7 @@ use berth_api_types::names::labels;
 use berth_api_types::registry::RegistrySpec;
 use berth_api_types::service::ServiceSpec;
 use berth_api_types::service::{validate_service, Service, ServiceStatus};
+use berth_api_types::typed::recheck;
 use berth_api_types::volume::VolumeSpec;
 use berth_api_types::Kind;
 use berth_api_types::{ConditionStatus, Event};
@@ -666,24 +667,14 @@ impl Reconciler for ServiceController {
         let now = chrono::Utc::now();
 
         // Validate. The API validated on write; this guards against objects stored by another version.
-        let svc: Service =
-            match serde_json::from_value(serde_json::to_value(&object).unwrap_or_default())
-                .map_err(|e| e.to_string())
-                .and_then(|s: Service| {
-                    validate_service(&s).map(|()| s).map_err(|errs| {
-                        errs.iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    })
-                }) {
-                Ok(s) => s,
-                Err(message) => {
-                    let st = status::refused(&current, generation, "InvalidSpec", &message, now);
-                    self.write_status(name, &current, st).await?;
-                    return Ok(Action::await_change());
-                }
-            };
+        let svc: Service = match recheck(&object, validate_service) {
+            Ok(s) => s,
+            Err(message) => {
+                let st = status::refused(&current, generation, "InvalidSpec", &message, now);
+                self.write_status(name, &current, st).await?;
+                return Ok(Action::await_change());
+            }
+        };
 
         // Dereference what it depends on; a missing dependency is waited for, not retried hot.
         let resolved = match self.resolve(&svc.spec).await? {
