@@ -196,11 +196,15 @@ async fn prepare(
     let docker = engine::connect(docker_host)
         .await
         .map_err(|e| format!("error: {e}"))?;
-    let instance = store
+    Ok((docker, installation(store).await?))
+}
+
+/// The installation id every Swarm object a controller creates is labelled with.
+async fn installation(store: &Arc<dyn ResourceStore>) -> Result<String, String> {
+    store
         .instance()
         .await
-        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
-    Ok((docker, instance))
+        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))
 }
 
 /// A reconciler on the shared runtime, triggered by the bus, the engine (when it has engine objects)
@@ -274,10 +278,7 @@ async fn registry_controller(
     resync: u64,
     durable: bool,
 ) -> Result<Controller<RegistryController>, String> {
-    let instance = store
-        .instance()
-        .await
-        .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))?;
+    let instance = installation(&store).await?;
     let reconciler = RegistryController::new(store.clone());
     Ok(assemble(
         reconciler, store, bus, None, &instance, resync, durable,
@@ -306,6 +307,17 @@ async fn ingress_controller(
         resync,
         durable,
     ))
+}
+
+/// Runs a controller as one of the process's supervised tasks.
+fn spawn_controller<R: Reconciler>(
+    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+    controller: Controller<R>,
+) {
+    tasks.spawn(async move {
+        controller.run(std::future::pending()).await;
+        Ok(())
+    });
 }
 
 /// Waits for a signal or for a task to fail, whichever comes first.
@@ -365,22 +377,10 @@ pub async fn up(
         durable,
     )
     .await?;
-    tasks.spawn(async move {
-        networks.run(std::future::pending()).await;
-        Ok(())
-    });
-    tasks.spawn(async move {
-        services.run(std::future::pending()).await;
-        Ok(())
-    });
-    tasks.spawn(async move {
-        registries.run(std::future::pending()).await;
-        Ok(())
-    });
-    tasks.spawn(async move {
-        ingresses.run(std::future::pending()).await;
-        Ok(())
-    });
+    spawn_controller(&mut tasks, networks);
+    spawn_controller(&mut tasks, services);
+    spawn_controller(&mut tasks, registries);
+    spawn_controller(&mut tasks, ingresses);
     supervise(tasks).await
 }
 
@@ -422,33 +422,21 @@ pub async fn controller(
                 true,
             )
             .await?;
-            tasks.spawn(async move {
-                ctl.run(std::future::pending()).await;
-                Ok(())
-            });
+            spawn_controller(&mut tasks, ctl);
         }
         "network" | "networks" => {
             let ctl = network_controller(client, bus, docker_host.as_deref(), resync, true).await?;
-            tasks.spawn(async move {
-                ctl.run(std::future::pending()).await;
-                Ok(())
-            });
+            spawn_controller(&mut tasks, ctl);
         }
         "registry" | "registries" => {
             let ctl = registry_controller(client, bus, resync, true).await?;
-            tasks.spawn(async move {
-                ctl.run(std::future::pending()).await;
-                Ok(())
-            });
+            spawn_controller(&mut tasks, ctl);
         }
         "ingress" | "ingresses" => {
             let ctl =
                 ingress_controller(client, bus, docker_host.as_deref(), &ingress, resync, true)
                     .await?;
-            tasks.spawn(async move {
-                ctl.run(std::future::pending()).await;
-                Ok(())
-            });
+            spawn_controller(&mut tasks, ctl);
         }
         other => {
             return Err(format!(
