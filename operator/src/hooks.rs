@@ -196,18 +196,9 @@ async fn service_hook(
     Path(token): Path<String>,
     req: Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    if let Err(resp) = limit(&state, &parts) {
-        return *resp;
-    }
-    let body = match read_body(body).await {
-        Ok(b) => b,
+    let (parts, hook, body) = match admit(&state, &token, HookKind::Service, req).await {
+        Ok(admitted) => admitted,
         Err(resp) => return *resp,
-    };
-    let hook = match state.hooks.find(&token) {
-        Ok(Some(h)) if h.kind == HookKind::Service => h,
-        Ok(_) => return unknown().await,
-        Err(e) => return internal(e),
     };
     let source = match signed(&state, &hook, &parts, &body) {
         Ok(s) => s,
@@ -255,6 +246,25 @@ async fn service_hook(
         Json(json!({"id": event.id, "service": event.service, "image": event.image})),
     )
         .into_response()
+}
+
+/// What every hook call goes through first, in this order: the per-source rate limit (unknown
+/// tokens count too), the body size, then the token, which must be a webhook of `kind`; anything
+/// else is the same 404 as an unknown path.
+async fn admit(
+    state: &HookState,
+    token: &str,
+    kind: HookKind,
+    req: Request,
+) -> Result<(Parts, Webhook, Bytes), Refused> {
+    let (parts, body) = req.into_parts();
+    limit(state, &parts)?;
+    let body = read_body(body).await?;
+    match state.hooks.find(token) {
+        Ok(Some(h)) if h.kind == kind => Ok((parts, h, body)),
+        Ok(_) => Err(Box::new(unknown().await)),
+        Err(e) => Err(Box::new(internal(e))),
+    }
 }
 
 /// For a signed webhook, checks signature, window and replay; the deploy's source either way.
@@ -341,18 +351,9 @@ async fn registry_hook(
     Path(token): Path<String>,
     req: Request,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    if let Err(resp) = limit(&state, &parts) {
-        return *resp;
-    }
-    let body = match read_body(body).await {
-        Ok(b) => b,
+    let (_, hook, body) = match admit(&state, &token, HookKind::Registry, req).await {
+        Ok(admitted) => admitted,
         Err(resp) => return *resp,
-    };
-    let hook = match state.hooks.find(&token) {
-        Ok(Some(h)) if h.kind == HookKind::Registry => h,
-        Ok(_) => return unknown().await,
-        Err(e) => return internal(e),
     };
     let pushes = match registry::pushes(&body) {
         Ok(p) => p,
