@@ -11,7 +11,8 @@ use berth_api_types::data::content_hash;
 use berth_api_types::names::{labels, paths};
 use berth_api_types::Kind;
 use berth_e2e::{
-    docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
+    condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker,
+    Stack,
 };
 use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
@@ -72,36 +73,15 @@ fn network_yaml(name: &str, encrypted: Option<bool>) -> String {
     format!("apiVersion: berth/v1\nkind: Network\nmetadata:\n  name: {name}\n{spec}")
 }
 
-/// `berth apply -f` of one manifest text; returns what it printed.
-fn apply(b: &Berth, text: &str) -> String {
-    let (_dir, file) = manifest("m.yaml", text);
-    b.cli_ok(&["apply", "-f", file.to_str().expect("utf-8 path")])
-}
-
 // ---------------------------------------------------------------------------------------------
 // berth side
-
-async fn get(b: &Berth, kind: Kind, name: &str) -> Option<Value> {
-    let (code, body) = b.api_get(&paths::object(kind, name)).await;
-    match code {
-        200 => Some(body),
-        404 => None,
-        _ => panic!("e2e: GET {kind}/{name} answered {code}: {body}"),
-    }
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
 
 /// Waits until the Service reports 1/1 running, `Ready=True` and has observed its generation.
 async fn wait_ready(b: &Berth, name: &str) -> Value {
     let what = format!("service/{name} Ready with 1/1 running");
     eventually(b, CONVERGE, &what, || async move {
-        let o = get(b, Kind::Service, name)
+        let o = b
+            .object(Kind::Service, name)
             .await
             .ok_or("object not found")?;
         let generation = o["metadata"]["generation"].as_u64();
@@ -384,15 +364,15 @@ async fn rotation(bus: Bus) {
     let d = docker().await;
 
     let a = format!("alpha-{}", ulid::Ulid::new());
-    apply(b, &data_yaml("Secret", &secret, "password", &a));
-    apply(b, &ini_config_yaml(&config, 8080));
+    b.apply(&data_yaml("Secret", &secret, "password", &a));
+    b.apply(&ini_config_yaml(&config, 8080));
     let service = service_yaml(
         &svc,
         &format!(
             "  secrets:\n    - name: {secret}\n      target: app_pw\n  configs:\n    - name: {config}\n      target: /etc/app.ini\n"
         ),
     );
-    apply(b, &service);
+    b.apply(&service);
     wait_ready(b, &svc).await;
     let first = wait_file(b, &d, &svc, "/run/secrets/app_pw", &a).await;
     let (c, ini) = read_file(&d, &svc, "/etc/app.ini").await.expect("read ini");
@@ -446,7 +426,7 @@ async fn rotation(bus: Bus) {
 
     // Rotate the Secret; the Service manifest is not touched.
     let bval = format!("bravo-{}", ulid::Ulid::new());
-    let out = apply(b, &data_yaml("Secret", &secret, "password", &bval));
+    let out = b.apply(&data_yaml("Secret", &secret, "password", &bval));
     assert!(
         out.contains(&format!("secret/{secret} configured")),
         "{out}"
@@ -467,7 +447,7 @@ async fn rotation(bus: Bus) {
     );
 
     // Rotate the Config the same way.
-    apply(b, &ini_config_yaml(&config, 9090));
+    b.apply(&ini_config_yaml(&config, 9090));
     let third = wait_file(b, &d, &svc, "/etc/app.ini", &ini_text(9090)).await;
     assert_ne!(third, second);
     let new_config = wait_one_version(b, &d, Kind::Config, &config, &old_config).await;
@@ -497,17 +477,14 @@ async fn waits_for_missing_secret(bus: Bus) {
     let b = &stack.berth;
     let d = docker().await;
 
-    apply(
-        b,
-        &service_yaml(
-            &svc,
-            &format!("  secrets:\n    - name: {secret}\n      target: token\n"),
-        ),
-    );
+    b.apply(&service_yaml(
+        &svc,
+        &format!("  secrets:\n    - name: {secret}\n      target: token\n"),
+    ));
     let waiting = eventually(b, CONVERGE, "Ready=False WaitingForDependencies", || {
         let svc = svc.clone();
         async move {
-            let o = get(b, Kind::Service, &svc).await.ok_or("not found")?;
+            let o = b.object(Kind::Service, &svc).await.ok_or("not found")?;
             let c = condition(&o, "Ready").ok_or("no Ready condition yet")?;
             if c["status"] == "False" && c["reason"] == "WaitingForDependencies" {
                 Ok(o)
@@ -537,7 +514,7 @@ async fn waits_for_missing_secret(bus: Bus) {
 
     // The Secret appears; the Service converges without being applied again.
     let value = format!("tok-{}", ulid::Ulid::new());
-    apply(b, &data_yaml("Secret", &secret, "value", &value));
+    b.apply(&data_yaml("Secret", &secret, "value", &value));
     let obj = wait_ready(b, &svc).await;
     assert_eq!(obj["metadata"]["generation"], 1, "{obj}");
     wait_file(b, &d, &svc, "/run/secrets/token", &value).await;
@@ -565,14 +542,11 @@ async fn named_volume_survives_update() {
     let mounts = format!(
         "  volumes:\n    - volume: {vol}\n      target: /data\n    - target: /scratch\n      tmpfs: true\n      size: 8Mi\n    - target: /anon\n"
     );
-    apply(b, &volume_yaml(&vol));
-    apply(
-        b,
-        &service_yaml(
-            &svc,
-            &format!("  env:\n    - name: ROUND\n      value: one\n{mounts}"),
-        ),
-    );
+    b.apply(&volume_yaml(&vol));
+    b.apply(&service_yaml(
+        &svc,
+        &format!("  env:\n    - name: ROUND\n      value: one\n{mounts}"),
+    ));
     let obj = wait_ready(b, &svc).await;
     assert_eq!(
         obj["status"]["unbackedMounts"],
@@ -606,13 +580,10 @@ async fn named_volume_survives_update() {
     assert_eq!(l.get("backup").map(String::as_str), Some("hourly"), "{l:?}");
 
     // A changed env var forces a new task; the data is still there.
-    apply(
-        b,
-        &service_yaml(
-            &svc,
-            &format!("  env:\n    - name: ROUND\n      value: two\n{mounts}"),
-        ),
-    );
+    b.apply(&service_yaml(
+        &svc,
+        &format!("  env:\n    - name: ROUND\n      value: two\n{mounts}"),
+    ));
     let obj = wait_ready(b, &svc).await;
     assert_eq!(obj["metadata"]["generation"], 2);
     let second = wait_file(b, &d, &svc, "/data/f", "keep\n").await;
@@ -643,13 +614,13 @@ async fn networks_are_encrypted_overlays() {
     let b = &stack.berth;
     let d = docker().await;
 
-    apply(b, &network_yaml(&secure, None));
-    apply(b, &network_yaml(&plain, Some(false)));
-    apply(
-        b,
-        &service_yaml(&listed, &format!("  networks:\n    - {secure}\n")),
-    );
-    apply(b, &service_yaml(&unlisted, ""));
+    b.apply(&network_yaml(&secure, None));
+    b.apply(&network_yaml(&plain, Some(false)));
+    b.apply(&service_yaml(
+        &listed,
+        &format!("  networks:\n    - {secure}\n"),
+    ));
+    b.apply(&service_yaml(&unlisted, ""));
     wait_ready(b, &listed).await;
     wait_ready(b, &unlisted).await;
 
@@ -702,7 +673,10 @@ async fn networks_are_encrypted_overlays() {
         "{unlisted} lists no networks: it joins the default one"
     );
     // What berth reports matches the engine.
-    let n = get(b, Kind::Network, &plain).await.expect("Network object");
+    let n = b
+        .object(Kind::Network, &plain)
+        .await
+        .expect("Network object");
     assert_eq!(n["spec"]["encrypted"], false, "{n}");
 }
 
@@ -971,7 +945,7 @@ async fn deleting_a_dependency_in_use_is_refused() {
         ),
     ]
     .join("---\n");
-    apply(b, &all);
+    b.apply(&all);
     wait_ready(b, &svc).await;
     wait_file(b, &d, &svc, &format!("/run/secrets/{secret}"), "hunter2").await;
     assert_eq!(
@@ -990,7 +964,7 @@ async fn deleting_a_dependency_in_use_is_refused() {
         "stderr names the service: {}",
         out.stderr
     );
-    assert!(get(b, Kind::Secret, &secret).await.is_some(), "kept");
+    assert!(b.object(Kind::Secret, &secret).await.is_some(), "kept");
 
     // The API: 409 InUse for every dependency kind, and the object stays.
     for kind in [Kind::Secret, Kind::Config, Kind::Volume, Kind::Network] {
@@ -1027,7 +1001,7 @@ async fn deleting_a_dependency_in_use_is_refused() {
     assert!(out.contains(&format!("secret/{secret} deleted")), "{out}");
     let out = b.cli_ok(&["delete", "config", &config]);
     assert!(out.contains(&format!("config/{config} deleted")), "{out}");
-    assert!(get(b, Kind::Secret, &secret).await.is_none());
+    assert!(b.object(Kind::Secret, &secret).await.is_none());
     let instance = b.instance.clone();
     eventually(
         b,

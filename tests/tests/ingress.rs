@@ -6,9 +6,8 @@
 //! this file take turns (`PORTS`). Each test has its own berth installation, proxy name and name
 //! prefix, and its guards (declared before the stack) remove what it made even when it fails.
 
-use berth_api_types::names::paths;
 use berth_api_types::Kind;
-use berth_e2e::{eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Stack};
+use berth_e2e::{condition, eventually, on_both_buses, prefix, Berth, Bus, Cleanup, Stack};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -71,11 +70,6 @@ fn ports_are_free() {
 fn start(bus: Bus, p: &str) -> Stack {
     let lb = format!("{p}-lb");
     Stack::start_with(bus, &["--ingress-name", &lb, "--ingress-image", CADDY])
-}
-
-fn apply(b: &Berth, text: &str) -> String {
-    let (_dir, file) = manifest("m.yaml", text);
-    b.cli_ok(&["apply", "-f", file.to_str().expect("utf-8 path")])
 }
 
 fn web_yaml(name: &str, extra: &str) -> String {
@@ -247,27 +241,12 @@ fn peer_certificate(host: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // berth side
 
-async fn get(b: &Berth, kind: Kind, name: &str) -> Option<Value> {
-    let (code, body) = b.api_get(&paths::object(kind, name)).await;
-    match code {
-        200 => Some(body),
-        404 => None,
-        _ => panic!("e2e: GET {kind}/{name} answered {code}: {body}"),
-    }
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 /// Waits until the Ingress has observed its generation and its condition `type_` has `status`.
 async fn wait_condition(b: &Berth, name: &str, type_: &str, status: &str) -> Value {
     let what = format!("ingress/{name} {type_}={status}");
     eventually(b, CONVERGE, &what, || async move {
-        let o = get(b, Kind::Ingress, name)
+        let o = b
+            .object(Kind::Ingress, name)
             .await
             .ok_or("object not found")?;
         let observed = o["status"]["observedGeneration"] == o["metadata"]["generation"];
@@ -328,20 +307,17 @@ async fn routes_tls_and_conflicts(bus: Bus) {
 
     let (web, tenant) = (format!("{p}-web"), format!("{p}-tenant"));
     let (secret, cert) = tls_secret_yaml(&format!("{p}-tls"), "app.example.test", &p, tmp.path());
-    apply(
-        b,
-        &format!(
-            "{secret}---\n{}---\n{}---\n{}",
-            web_yaml(&web, ""),
-            tenant_yaml(&tenant),
-            ingress_yaml(
-                &format!("{p}-app"),
-                "app.example.test",
-                &[("/", &web, 8080)],
-                &format!("{{secretRef: {p}-tls}}")
-            )
-        ),
-    );
+    b.apply(&format!(
+        "{secret}---\n{}---\n{}---\n{}",
+        web_yaml(&web, ""),
+        tenant_yaml(&tenant),
+        ingress_yaml(
+            &format!("{p}-app"),
+            "app.example.test",
+            &[("/", &web, 8080)],
+            &format!("{{secretRef: {p}-tls}}")
+        )
+    ));
     let app = wait_condition(b, &format!("{p}-app"), "Ready", "True").await;
     assert_eq!(
         app["status"]["urls"],
@@ -375,15 +351,12 @@ async fn routes_tls_and_conflicts(bus: Bus) {
     assert_eq!(r.code(), Some(308), "{r:?}");
 
     // A second tenant with a certificate from berth's internal CA, loaded live.
-    apply(
-        b,
-        &ingress_yaml(
-            &format!("{p}-b"),
-            "b.example.test",
-            &[("/", &tenant, 8080)],
-            "{mode: internal}",
-        ),
-    );
+    b.apply(&ingress_yaml(
+        &format!("{p}-b"),
+        "b.example.test",
+        &[("/", &tenant, 8080)],
+        "{mode: internal}",
+    ));
     let ing_b = wait_condition(b, &format!("{p}-b"), "Ready", "True").await;
     assert_eq!(ing_b["status"]["delivery"], "live", "{}", ing_b["status"]);
     let ca = tmp.path().join("berth-ca.pem");
@@ -434,15 +407,12 @@ async fn routes_tls_and_conflicts(bus: Bus) {
 
     // A later Ingress claiming the same host and path gets the Conflict condition; the route stays
     // with the older one.
-    apply(
-        b,
-        &ingress_yaml(
-            &format!("{p}-dup"),
-            "app.example.test",
-            &[("/", &tenant, 8080)],
-            &format!("{{secretRef: {p}-tls}}"),
-        ),
-    );
+    b.apply(&ingress_yaml(
+        &format!("{p}-dup"),
+        "app.example.test",
+        &[("/", &tenant, 8080)],
+        &format!("{{secretRef: {p}-tls}}"),
+    ));
     let dup = wait_condition(b, &format!("{p}-dup"), "Conflict", "True").await;
     let msg = condition(&dup, "Conflict").unwrap()["message"]
         .as_str()
@@ -452,7 +422,7 @@ async fn routes_tls_and_conflicts(bus: Bus) {
         "{msg}"
     );
     assert_eq!(condition(&dup, "Accepted").unwrap()["status"], "False");
-    let app = get(b, Kind::Ingress, &format!("{p}-app")).await.unwrap();
+    let app = b.object(Kind::Ingress, &format!("{p}-app")).await.unwrap();
     assert_eq!(condition(&app, "Conflict").unwrap()["status"], "False");
     assert!(matches!(
         fetch("https://app.example.test/", Some(&cert), &[]),
@@ -460,15 +430,12 @@ async fn routes_tls_and_conflicts(bus: Bus) {
     ));
 
     // Missing backends are conditions, and their paths answer 503; the rest keeps working.
-    apply(
-        b,
-        &ingress_yaml(
-            &format!("{p}-broken"),
-            "broken.example.test",
-            &[("/", &format!("{p}-ghost"), 80), ("/web", &web, 9090)],
-            "{mode: internal}",
-        ),
-    );
+    b.apply(&ingress_yaml(
+        &format!("{p}-broken"),
+        "broken.example.test",
+        &[("/", &format!("{p}-ghost"), 80), ("/web", &web, 9090)],
+        "{mode: internal}",
+    ));
     let broken = wait_condition(b, &format!("{p}-broken"), "BackendMissing", "True").await;
     let c = condition(&broken, "BackendMissing").unwrap();
     assert_eq!(c["reason"], "ServiceMissing");
@@ -513,7 +480,7 @@ async fn routes_tls_and_conflicts(bus: Bus) {
     let org = format!("{p}-rotated");
     let (rotated, cert2) =
         tls_secret_yaml(&format!("{p}-tls"), "app.example.test", &org, &rotated_dir);
-    apply(b, &rotated);
+    b.apply(&rotated);
     eventually(b, CONVERGE, "the rotated certificate", || {
         let presented = peer_certificate("app.example.test");
         let ok = presented.contains(&format!("O = {org}"));
@@ -527,7 +494,8 @@ async fn routes_tls_and_conflicts(bus: Bus) {
     })
     .await;
     eventually(b, CONVERGE, "Ready by restart", || async {
-        let o = get(b, Kind::Ingress, &format!("{p}-app"))
+        let o = b
+            .object(Kind::Ingress, &format!("{p}-app"))
             .await
             .ok_or("gone")?;
         let ready = condition(&o, "Ready").is_some_and(|c| c["status"] == "True");
@@ -571,20 +539,17 @@ async fn no_dropped_requests_during_rollout_and_route_changes() {
 
     let web = format!("{p}-web");
     let rolling = "  replicas: 2\n  update: {parallelism: 1, order: start-first}\n";
-    apply(
-        b,
-        &format!(
-            "{}---\n{}",
-            web_yaml(&web, "  env: [{name: VERSION, value: \"1\"}]\n")
-                .replace("  replicas: 1\n", rolling),
-            ingress_yaml(
-                &format!("{p}-app"),
-                "app.example.test",
-                &[("/", &web, 8080)],
-                "{mode: internal}"
-            )
-        ),
-    );
+    b.apply(&format!(
+        "{}---\n{}",
+        web_yaml(&web, "  env: [{name: VERSION, value: \"1\"}]\n")
+            .replace("  replicas: 1\n", rolling),
+        ingress_yaml(
+            &format!("{p}-app"),
+            "app.example.test",
+            &[("/", &web, 8080)],
+            "{mode: internal}"
+        )
+    ));
     let app = wait_condition(b, &format!("{p}-app"), "Ready", "True").await;
     let ca = tmp.path().join("berth-ca.pem");
     std::fs::write(&ca, app["status"]["caCertificate"].as_str().unwrap()).unwrap();
@@ -609,20 +574,17 @@ async fn no_dropped_requests_during_rollout_and_route_changes() {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A rolling update of the backend and a new Ingress, at the same time.
-    apply(
-        b,
-        &format!(
-            "{}---\n{}",
-            web_yaml(&web, "  env: [{name: VERSION, value: \"2\"}]\n")
-                .replace("  replicas: 1\n", rolling),
-            ingress_yaml(
-                &format!("{p}-new"),
-                "new.example.test",
-                &[("/", &web, 8080)],
-                "{mode: internal}"
-            )
-        ),
-    );
+    b.apply(&format!(
+        "{}---\n{}",
+        web_yaml(&web, "  env: [{name: VERSION, value: \"2\"}]\n")
+            .replace("  replicas: 1\n", rolling),
+        ingress_yaml(
+            &format!("{p}-new"),
+            "new.example.test",
+            &[("/", &web, 8080)],
+            "{mode: internal}"
+        )
+    ));
     let new = wait_condition(b, &format!("{p}-new"), "Ready", "True").await;
     assert_eq!(new["status"]["delivery"], "live", "{}", new["status"]);
     wait_reply(b, "https://new.example.test/", Some(&ca), |r| {
@@ -632,7 +594,7 @@ async fn no_dropped_requests_during_rollout_and_route_changes() {
     // The rollout is over once the service runs two tasks of the new spec and none of the old.
     let what = "the backend's rolling update to finish";
     eventually(b, CONVERGE, what, || async {
-        let o = get(b, Kind::Service, &web).await.ok_or("gone")?;
+        let o = b.object(Kind::Service, &web).await.ok_or("gone")?;
         let st = &o["status"];
         let done = st["observedGeneration"] == o["metadata"]["generation"]
             && st["runningReplicas"] == 2

@@ -9,7 +9,8 @@
 use berth_api_types::names::{labels, paths, subjects};
 use berth_api_types::{Event, EventType, Kind};
 use berth_e2e::{
-    docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
+    condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker,
+    Stack,
 };
 use bollard::models::{Service as SwarmService, ServiceSpec, ServiceSpecMode, TaskSpec};
 use bollard::query_parameters::{ListServicesOptions, UpdateServiceOptions};
@@ -173,13 +174,6 @@ fn get_service(b: &Berth, name: &str) -> Option<Value> {
         assert_eq!(out.code, Some(1), "exit code of a failed get");
         None
     }
-}
-
-fn condition<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
-    obj["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
 }
 
 fn uid_of(obj: &Value) -> String {
