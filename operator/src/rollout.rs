@@ -13,6 +13,7 @@ use berth_api_types::meta::condition;
 use berth_api_types::names::annotations;
 use berth_api_types::service::{conditions, Revision, RolloutResult, ServiceStatus};
 use berth_api_types::{ConditionStatus, DynObject, Kind};
+use berth_controllers::client::ApiClient;
 use std::time::{Duration, Instant};
 
 type CliResult = Result<(), String>;
@@ -24,6 +25,17 @@ fn service_kind(kind: &str) -> Result<(), String> {
             "error: rollouts are a Service's: use `berth rollout ... service NAME`, not `{kind}`"
         )),
     }
+}
+
+/// The API client and the Service `name` (after checking `kind` names Services).
+async fn service(conn: &Conn, kind: &str, name: &str) -> Result<(ApiClient, DynObject), String> {
+    service_kind(kind)?;
+    let client = client(conn)?;
+    let obj = client
+        .get_object(Kind::Service, name)
+        .await
+        .map_err(api_error)?;
+    Ok((client, obj))
 }
 
 fn status_of(obj: &DynObject) -> ServiceStatus {
@@ -143,12 +155,7 @@ pub async fn status(conn: &Conn, kind: &str, name: &str, timeout: Duration) -> C
 }
 
 pub async fn history(conn: &Conn, kind: &str, name: &str) -> CliResult {
-    service_kind(kind)?;
-    let client = client(conn)?;
-    let obj = client
-        .get_object(Kind::Service, name)
-        .await
-        .map_err(api_error)?;
+    let (_, obj) = service(conn, kind, name).await?;
     let st = status_of(&obj);
     if st.revisions.is_empty() {
         eprintln!("No rollouts of service {name} yet.");
@@ -200,12 +207,7 @@ fn undo_target(revisions: &[Revision], to: Option<u64>) -> Result<&Revision, Str
 }
 
 pub async fn undo(conn: &Conn, kind: &str, name: &str, to: Option<u64>) -> CliResult {
-    service_kind(kind)?;
-    let client = client(conn)?;
-    let obj = client
-        .get_object(Kind::Service, name)
-        .await
-        .map_err(api_error)?;
+    let (client, obj) = service(conn, kind, name).await?;
     let st = status_of(&obj);
     let target = undo_target(&st.revisions, to)?;
     let image = pinned(target);
