@@ -65,13 +65,12 @@ berth_install_packages() {
     # A private registry with htpasswd auth for the registry and deploy e2e tests.
     command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
     command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
-    # Used by these scripts themselves.
+    # Used by these scripts themselves; openssl also by the ingress e2e (certificates) and the
+    # deploy e2e (it signs webhook calls with the README's openssl recipe).
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
-    # The deploy e2e signs webhook calls with the README's openssl recipe.
-    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 
     if [[ ${#missing[@]} -eq 0 ]]; then
         echo "==> packages: all present"
