@@ -1,7 +1,9 @@
-//! Per-key exponential retry delays for the controller work queue.
+//! berth's one retry policy: exponential delays with jitter, per key for the controller work queue
+//! ([`KeyBackoffs`]) and as a single sequence for a loop that keeps one thing alive (a bus
+//! subscription, an engine event stream, a publish) ([`Retry`]).
 //!
 //! This is the only module that touches the `backoff` crate: it is unmaintained
-//! upstream, so everything else talks to [`BackoffPolicy`] and [`KeyBackoffs`] and a
+//! upstream, so everything else talks to [`BackoffPolicy`], [`Retry`] and [`KeyBackoffs`] and a
 //! replacement only has to change this file.
 
 use std::collections::HashMap;
@@ -75,6 +77,18 @@ impl BackoffPolicy {
         self.jitter
     }
 
+    /// A fresh retry sequence that follows this policy.
+    pub fn retry(&self) -> Retry {
+        Retry::new(*self)
+    }
+
+    /// For loops that keep a connection or subscription alive (bus, engine events, publishing):
+    /// 100 ms doubling up to 10 s. A lost connection is usually back within a second, and a loop
+    /// that waits minutes would leave a controller deaf for that long.
+    pub fn reconnect() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10), 2.0, 0.3)
+    }
+
     fn build(&self) -> ExponentialBackoff {
         ExponentialBackoff {
             current_interval: self.initial,
@@ -107,9 +121,61 @@ impl Default for BackoffPolicy {
     }
 }
 
-struct KeyState {
+/// One sequence of growing delays for one thing that keeps failing; a success resets it.
+pub struct Retry {
+    policy: BackoffPolicy,
     backoff: ExponentialBackoff,
     failures: u32,
+}
+
+impl Retry {
+    pub fn new(policy: BackoffPolicy) -> Self {
+        Retry {
+            policy,
+            backoff: policy.build(),
+            failures: 0,
+        }
+    }
+
+    /// Records one more failure and returns how long to wait before trying again.
+    pub fn next_delay(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        // The crate applies jitter around an interval that is itself capped at `max`,
+        // so it can overshoot by up to `jitter * max`; callers are promised `max`.
+        self.backoff
+            .next_backoff()
+            .unwrap_or(self.policy.max)
+            .min(self.policy.max)
+    }
+
+    /// Records a failure and sleeps (tokio time) for the delay it earned; returns that delay.
+    pub async fn wait(&mut self) -> Duration {
+        let delay = self.next_delay();
+        tokio::time::sleep(delay).await;
+        delay
+    }
+
+    /// Forgets the failures: the next one waits about `initial` again.
+    pub fn reset(&mut self) {
+        if self.failures > 0 {
+            self.backoff = self.policy.build();
+            self.failures = 0;
+        }
+    }
+
+    /// Consecutive failures since the last reset.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+impl fmt::Debug for Retry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("policy", &self.policy)
+            .field("failures", &self.failures)
+            .finish()
+    }
 }
 
 /// Independent exponential backoffs, one per key, created lazily on first failure.
@@ -118,7 +184,7 @@ struct KeyState {
 /// are currently failing; callers should also reset keys whose object was deleted.
 pub struct KeyBackoffs<K> {
     policy: BackoffPolicy,
-    keys: HashMap<K, KeyState>,
+    keys: HashMap<K, Retry>,
 }
 
 impl<K: Clone + Eq + Hash> KeyBackoffs<K> {
@@ -138,21 +204,14 @@ impl<K: Clone + Eq + Hash> KeyBackoffs<K> {
     /// Records one more failure of `key` and returns how long to wait before retrying.
     pub fn next_delay(&mut self, key: &K) -> Duration {
         let policy = self.policy;
-        let state = match self.keys.get_mut(key) {
-            Some(state) => state,
-            None => self.keys.entry(key.clone()).or_insert_with(|| KeyState {
-                backoff: policy.build(),
-                failures: 0,
-            }),
-        };
-        state.failures = state.failures.saturating_add(1);
-        // The crate applies jitter around an interval that is itself capped at `max`,
-        // so it can overshoot by up to `jitter * max`; callers are promised `max`.
-        state
-            .backoff
-            .next_backoff()
-            .unwrap_or(policy.max)
-            .min(policy.max)
+        match self.keys.get_mut(key) {
+            Some(retry) => retry.next_delay(),
+            None => self
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| Retry::new(policy))
+                .next_delay(),
+        }
     }
 
     /// Forgets `key`'s failures, so its next failure waits about `initial` again.
@@ -162,7 +221,7 @@ impl<K: Clone + Eq + Hash> KeyBackoffs<K> {
 
     /// Consecutive failures of `key` since it was last reset.
     pub fn failures(&self, key: &K) -> u32 {
-        self.keys.get(key).map_or(0, |state| state.failures)
+        self.keys.get(key).map_or(0, Retry::failures)
     }
 
     /// Number of keys currently backing off.
@@ -310,15 +369,39 @@ mod tests {
         assert_eq!(b.len(), 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn delays_ignore_tokio_time() {
-        // The crate's own wall clock must not matter: advancing (paused) tokio time
-        // far past any elapsed-time limit neither stops nor changes the sequence.
+    #[test]
+    fn a_sequence_never_gives_up() {
+        // The crate stops a sequence (returns `None`) once its own wall clock passes
+        // `max_elapsed_time`; a controller must retry forever, so that limit must be unset,
+        // and the delays then depend only on the failure count.
         let policy = BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(8), 2.0, 0.0);
-        let mut b = KeyBackoffs::new(policy);
-        assert_eq!(b.next_delay(&"k"), Duration::from_secs(1));
-        tokio::time::advance(Duration::from_secs(7 * 24 * 3600)).await;
-        assert_eq!(b.next_delay(&"k"), Duration::from_secs(2));
+        assert_eq!(policy.build().max_elapsed_time, None);
+        let mut crate_sequence = policy.build();
+        for _ in 0..1000 {
+            assert!(crate_sequence.next_backoff().is_some());
+        }
+    }
+
+    #[test]
+    fn a_retry_grows_and_resets() {
+        let policy = BackoffPolicy::new(Duration::from_secs(1), Duration::from_secs(5), 2.0, 0.0);
+        let mut r = policy.retry();
+        let got: Vec<u64> = (0..5).map(|_| r.next_delay().as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 5, 5]);
+        assert_eq!(r.failures(), 5);
+        r.reset();
+        assert_eq!(r.failures(), 0);
+        assert_eq!(r.next_delay(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_waits_in_tokio_time() {
+        let policy = BackoffPolicy::new(Duration::from_secs(2), Duration::from_secs(5), 2.0, 0.0);
+        let mut r = policy.retry();
+        let start = tokio::time::Instant::now();
+        assert_eq!(r.wait().await, Duration::from_secs(2));
+        assert_eq!(r.wait().await, Duration::from_secs(4));
+        assert_eq!(start.elapsed(), Duration::from_secs(6));
     }
 
     #[test]
