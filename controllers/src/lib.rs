@@ -1,12 +1,12 @@
-//! berth controllers: the shared controller runtime (queue, backoff, resync, event intake), the event
-//! buses, the API client, and one folder per kind.
+//! berth controllers: the shared controller runtime (cache, queue, backoff, status writes), the
+//! Swarm kit every controller uses, the event buses, the API a controller sees, and one folder per
+//! kind. Controllers never import each other.
 
+pub mod api;
 pub mod bus;
-pub mod client;
-pub mod engine;
 pub mod ingress;
 pub mod network;
 pub mod registry;
 pub mod runtime;
 pub mod service;
-pub mod swarm_file;
+pub mod swarm;

@@ -10,11 +10,10 @@
 //! The proxy boots from a Swarm config and is then kept current through Caddy's admin API; see
 //! `mod.rs` for how the two relate.
 
-use crate::service::build::contains;
-use crate::service::deps::SwarmFile;
+use crate::swarm::hash::{canonical_hash, contains, spec_hash};
+use crate::swarm::{Owner, SwarmFile};
 use berth_api_types::ingress::{normalise_path, IngressSpec, TlsSource};
 use berth_api_types::names::labels;
-use berth_api_types::Kind;
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
     EndpointSpec, Mount, MountType, MountVolumeOptions, NetworkAttachmentConfig, ServiceSpec,
@@ -439,35 +438,8 @@ pub fn config_name(settings: &Settings, rendered: &Value) -> String {
     format!(
         "{}-{}",
         settings.name,
-        crate::engine::canonical_hash(rendered)
+        canonical_hash(rendered)
     )
-}
-
-/// Labels on everything the Ingress controller creates for its proxy.
-pub fn labels_for(instance: &str, proxy: &str, role: &str) -> HashMap<String, String> {
-    HashMap::from([
-        (
-            labels::MANAGED_BY.to_string(),
-            labels::MANAGED_BY_VALUE.to_string(),
-        ),
-        (labels::INSTANCE.to_string(), instance.to_string()),
-        (labels::KIND.to_string(), Kind::Ingress.lower().to_string()),
-        (labels::NAME.to_string(), proxy.to_string()),
-        (labels::ROLE.to_string(), role.to_string()),
-    ])
-}
-
-/// Label filters selecting this instance's ingress objects of one role.
-pub fn owned_filters(instance: &str, role: Option<&str>) -> HashMap<String, Vec<String>> {
-    let mut l = vec![
-        format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
-        format!("{}={instance}", labels::INSTANCE),
-        format!("{}={}", labels::KIND, Kind::Ingress.lower()),
-    ];
-    if let Some(r) = role {
-        l.push(format!("{}={r}", labels::ROLE));
-    }
-    HashMap::from([("label".to_string(), l)])
 }
 
 /// Roles of the objects the controller makes.
@@ -520,7 +492,7 @@ pub fn autosave_home(boot_name: &str) -> String {
 /// Builds the proxy service with `boot` as its boot config.
 pub fn build_service(
     settings: &Settings,
-    instance: &str,
+    owner: &Owner,
     parts: &ProxyParts,
     boot: &SwarmFile,
 ) -> BuiltProxy {
@@ -528,9 +500,9 @@ pub fn build_service(
         id: String::new(),
         name: String::new(),
     };
-    let mut spec = service_spec(settings, instance, parts, &placeholder);
-    let structural_hash = crate::service::build::spec_hash(&spec);
-    spec = service_spec(settings, instance, parts, boot);
+    let mut spec = service_spec(settings, owner, parts, &placeholder);
+    let structural_hash = spec_hash(&spec, &[]);
+    spec = service_spec(settings, owner, parts, boot);
     if let Some(l) = spec.labels.as_mut() {
         l.insert(labels::SPEC_HASH.into(), structural_hash.clone());
     }
@@ -542,11 +514,11 @@ pub fn build_service(
 
 fn service_spec(
     settings: &Settings,
-    instance: &str,
+    owner: &Owner,
     parts: &ProxyParts,
     boot: &SwarmFile,
 ) -> ServiceSpec {
-    let own = labels_for(instance, &settings.name, roles::PROXY);
+    let own = owner.labels_with(&settings.name, &[(labels::ROLE, roles::PROXY)]);
     let file = |name: &str| TaskSpecContainerSpecFile {
         name: Some(name.to_string()),
         uid: Some("0".into()),
@@ -609,7 +581,7 @@ fn service_spec(
             source: Some(settings.volume()),
             typ: Some(MountType::VOLUME),
             volume_options: Some(MountVolumeOptions {
-                labels: Some(labels_for(instance, &settings.name, roles::STATE)),
+                labels: Some(owner.labels_with(&settings.name, &[(labels::ROLE, roles::STATE)])),
                 ..Default::default()
             }),
             ..Default::default()
@@ -696,13 +668,13 @@ pub fn boot_of(spec: &ServiceSpec) -> Option<SwarmFile> {
 pub fn needs_restart(
     observed: &ServiceSpec,
     settings: &Settings,
-    instance: &str,
+    owner: &Owner,
     parts: &ProxyParts,
 ) -> bool {
     let Some(boot) = boot_of(observed) else {
         return true;
     };
-    let built = build_service(settings, instance, parts, &boot);
+    let built = build_service(settings, owner, parts, &boot);
     let label = observed
         .labels
         .as_ref()
@@ -754,6 +726,8 @@ pub fn certificate_pem(secret: &str, files: &BTreeMap<String, Vec<u8>>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_api_types::Kind;
+    use serde_json::Value;
     use berth_api_types::ingress::Ingress;
     use chrono::TimeZone;
 
@@ -1058,7 +1032,7 @@ mod tests {
             id: "b1".into(),
             name: "berth-ingress-0123".into(),
         };
-        let built = build_service(&settings(), "inst", &parts(), &boot);
+        let built = build_service(&settings(), &Owner::new("inst", Kind::Ingress), &parts(), &boot);
         let s = &built.spec;
         assert_eq!(s.name.as_deref(), Some("berth-ingress"));
         assert!(s.mode.as_ref().unwrap().global.is_some());
@@ -1100,25 +1074,25 @@ mod tests {
             name: "berth-ingress-4567".into(),
         };
         assert_eq!(
-            build_service(&settings(), "inst", &parts(), &other).structural_hash,
+            build_service(&settings(), &Owner::new("inst", Kind::Ingress), &parts(), &other).structural_hash,
             built.structural_hash
         );
-        assert!(!needs_restart(s, &settings(), "inst", &parts()));
+        assert!(!needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &parts()));
         // A new network, certificate, image or placement is.
         let mut p = parts();
         p.networks.push("n2".into());
-        assert!(needs_restart(s, &settings(), "inst", &p));
+        assert!(needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &p));
         let mut p = parts();
         p.certificates.clear();
-        assert!(needs_restart(s, &settings(), "inst", &p));
+        assert!(needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &p));
         let mut p = parts();
         p.constraint = constraint(true);
-        assert!(needs_restart(s, &settings(), "inst", &p));
+        assert!(needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &p));
         let img = Settings {
             image: "caddy:2.7".into(),
             ..settings()
         };
-        assert!(needs_restart(s, &img, "inst", &parts()));
+        assert!(needs_restart(s, &img, &Owner::new("inst", Kind::Ingress), &parts()));
         // Drift: the image changed by hand.
         let mut drifted = s.clone();
         drifted
@@ -1129,7 +1103,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .image = Some("evil:1".into());
-        assert!(needs_restart(&drifted, &settings(), "inst", &parts()));
+        assert!(needs_restart(&drifted, &settings(), &Owner::new("inst", Kind::Ingress), &parts()));
     }
 
     #[test]

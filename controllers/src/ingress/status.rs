@@ -2,6 +2,7 @@
 //! Ingress and what it found the proxy doing, and gets back the status to write.
 
 use super::build::{Missing, Outcome};
+use crate::runtime::ObjectStatus;
 use berth_api_types::meta::set_condition;
 use berth_api_types::Condition;
 use berth_api_types::ConditionStatus::{False, True};
@@ -88,6 +89,23 @@ pub fn invalid(
     message: &str,
     now: DateTime<Utc>,
 ) -> IngressStatus {
+    not_accepted(current, generation, reasons::INVALID_SPEC, message, now)
+}
+
+impl ObjectStatus for IngressStatus {
+    fn refused(&self, generation: u64, reason: &str, message: &str, now: DateTime<Utc>) -> Self {
+        not_accepted(self, generation, reason, message, now)
+    }
+}
+
+/// Status for an Ingress berth does not route: nothing of it is served.
+fn not_accepted(
+    current: &IngressStatus,
+    generation: u64,
+    reason: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) -> IngressStatus {
     let mut s = current.clone();
     s.observed_generation = Some(generation);
     s.urls.clear();
@@ -99,7 +117,7 @@ pub fn invalid(
         c,
         conditions::ACCEPTED,
         False,
-        reasons::INVALID_SPEC,
+        reason,
         message,
         now,
     );
@@ -107,7 +125,7 @@ pub fn invalid(
         c,
         conditions::READY,
         False,
-        reasons::INVALID_SPEC,
+        reason,
         message,
         now,
     );

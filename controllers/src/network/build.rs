@@ -1,15 +1,14 @@
 //! Network -> Swarm network create request. Pure and client-free: everything the engine is told comes
 //! from here, so it is unit-tested without Docker. Also the questions the reconcile asks of what it
-//! observed: is this network ours, does it still match the spec, who uses it.
+//! observed: does it still match the spec, who uses it.
 //!
 //! Swarm networks are immutable: there is no update call, so "does not match" always means "remove and
 //! re-create", which is only possible while nothing uses the network.
 
 use berth_api_types::names::labels;
 use berth_api_types::volume::Network;
-use berth_api_types::Kind;
+use crate::swarm::Owner;
 use bollard::models::{Network as SwarmNetwork, NetworkCreateRequest, Service as SwarmService};
-use serde_json::Value;
 use std::collections::HashMap;
 
 /// The only driver a berth Network uses.
@@ -30,13 +29,13 @@ pub struct Built {
     pub hash: String,
 }
 
-/// Builds the create request. `instance` is the berth installation id stamped on everything.
-pub fn build(net: &Network, instance: &str) -> Built {
+/// Builds the create request, labelled as `owner`'s.
+pub fn build(net: &Network, owner: &Owner) -> Built {
     let s = &net.spec;
     let name = net.metadata.name.clone();
 
     let mut network_labels: HashMap<String, String> = s.labels.clone().into_iter().collect();
-    network_labels.extend(ownership_labels(instance, &name));
+    network_labels.extend(owner.labels(&name));
 
     let mut options = HashMap::new();
     if s.encrypted() {
@@ -64,73 +63,6 @@ pub fn build(net: &Network, instance: &str) -> Built {
         );
     }
     Built { request, hash }
-}
-
-/// The labels that say "berth instance X owns this, for object Y".
-pub fn ownership_labels(instance: &str, name: &str) -> [(String, String); 4] {
-    [
-        (labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into()),
-        (labels::INSTANCE.into(), instance.into()),
-        (labels::KIND.into(), Kind::Network.lower().into()),
-        (labels::NAME.into(), name.into()),
-    ]
-}
-
-/// Label filters (`key=value`) that select exactly the networks this instance owns.
-pub fn owned_filters(instance: &str, name: Option<&str>) -> HashMap<String, Vec<String>> {
-    let mut l = vec![
-        format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
-        format!("{}={instance}", labels::INSTANCE),
-        format!("{}={}", labels::KIND, Kind::Network.lower()),
-    ];
-    if let Some(n) = name {
-        l.push(format!("{}={n}", labels::NAME));
-    }
-    HashMap::from([("label".to_string(), l)])
-}
-
-/// Who a network named like a berth object belongs to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Owner {
-    /// This installation, for this object.
-    Us,
-    /// Another berth installation (its instance id).
-    OtherInstance(String),
-    /// Nobody berth knows: created by hand or by another tool.
-    Unmanaged,
-}
-
-/// Whose network `net` is, judged by its labels, from the point of view of `instance` and object `name`.
-pub fn owner(net: &SwarmNetwork, instance: &str, name: &str) -> Owner {
-    let l = net.labels.as_ref();
-    let get = |k: &str| l.and_then(|l| l.get(k)).map(String::as_str);
-    if get(labels::MANAGED_BY) != Some(labels::MANAGED_BY_VALUE) {
-        return Owner::Unmanaged;
-    }
-    match get(labels::INSTANCE) {
-        Some(i) if i == instance => {
-            if get(labels::KIND) == Some(Kind::Network.lower()) && get(labels::NAME) == Some(name) {
-                Owner::Us
-            } else {
-                // Ours, but made for something else: not this object's to touch either.
-                Owner::Unmanaged
-            }
-        }
-        Some(other) => Owner::OtherInstance(other.to_string()),
-        None => Owner::Unmanaged,
-    }
-}
-
-/// Why berth will not create a network named `name`: one it does not own already has the name.
-pub fn refusal(name: &str, foreign: &SwarmNetwork, instance: &str) -> String {
-    match owner(foreign, instance, name) {
-        Owner::OtherInstance(other) => format!(
-            "a network named `{name}` belongs to another berth installation ({other}); berth leaves it alone"
-        ),
-        _ => format!(
-            "a network named `{name}` exists that berth does not manage; berth leaves it alone — remove or rename it"
-        ),
-    }
 }
 
 /// Whether the engine's options turn encryption on (the key's presence, whatever its value).
@@ -244,21 +176,21 @@ pub fn services_using(id: &str, name: &str, services: &[SwarmService]) -> Vec<St
     users
 }
 
-/// Hash of the request in canonical JSON (sorted keys), without the hash and uid labels.
+/// Hash of the request: what the network *is*, so without the uid label (which object asked).
 pub fn spec_hash(request: &NetworkCreateRequest) -> String {
-    let mut v = serde_json::to_value(request).unwrap_or(Value::Null);
-    if let Some(l) = v.get_mut("Labels").and_then(Value::as_object_mut) {
-        l.remove(labels::SPEC_HASH);
-        l.remove(labels::UID);
-    }
-    crate::engine::canonical_hash(&v)
+    crate::swarm::hash::spec_hash(request, &[labels::UID])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use bollard::models::{NetworkAttachmentConfig, ServiceSpec, TaskSpec};
     use serde_json::json;
+
+    fn owner(instance: &str) -> Owner {
+        Owner::new(instance, berth_api_types::Kind::Network)
+    }
 
     fn network(spec: Value) -> Network {
         network_named("backend", "01HZXNET", spec)
@@ -299,7 +231,7 @@ mod tests {
     fn builds_labels_and_options() {
         let b = build(
             &network(json!({"attachable": true, "internal": true, "labels": {"team": "blue"}})),
-            "inst1",
+            &Owner::new("inst1", berth_api_types::Kind::Network),
         );
         let v = serde_json::to_value(&b.request).unwrap();
         assert_eq!(v["Name"], "backend");
@@ -324,9 +256,9 @@ mod tests {
 
     #[test]
     fn encryption_is_on_by_default_and_opt_out_is_honoured() {
-        let default = build(&network(json!({})), "i");
-        let explicit = build(&network(json!({"encrypted": true})), "i");
-        let off = build(&network(json!({"encrypted": false})), "i");
+        let default = build(&network(json!({})), &owner("i"));
+        let explicit = build(&network(json!({"encrypted": true})), &owner("i"));
+        let off = build(&network(json!({"encrypted": false})), &owner("i"));
         assert!(is_encrypted(default.request.options.as_ref()));
         assert!(is_encrypted(explicit.request.options.as_ref()));
         assert_eq!(
@@ -358,21 +290,21 @@ mod tests {
     #[test]
     fn hash_is_stable_and_tracks_what_the_network_is() {
         let spec = json!({"attachable": true, "labels": {"a": "1", "b": "2", "c": "3"}});
-        let h = build(&network(spec.clone()), "i").hash;
+        let h = build(&network(spec.clone()), &owner("i")).hash;
         for _ in 0..20 {
-            assert_eq!(build(&network(spec.clone()), "i").hash, h);
+            assert_eq!(build(&network(spec.clone()), &owner("i")).hash, h);
         }
         assert_eq!(h.len(), 16);
         // Neither the object's uid nor its generation make a different network.
         assert_eq!(
-            build(&network_named("backend", "OTHERUID", spec.clone()), "i").hash,
+            build(&network_named("backend", "OTHERUID", spec.clone()), &owner("i")).hash,
             h
         );
         // Everything the engine is told does.
         assert_ne!(
             build(
                 &network(json!({"attachable": false, "labels": {"a": "1", "b": "2", "c": "3"}})),
-                "i"
+                &owner("i")
             )
             .hash,
             h
@@ -380,7 +312,7 @@ mod tests {
         assert_ne!(
             build(
                 &network(json!({"attachable": true, "internal": true, "labels": {"a": "1", "b": "2", "c": "3"}})),
-                "i"
+                &owner("i")
             )
             .hash,
             h
@@ -388,39 +320,39 @@ mod tests {
         assert_ne!(
             build(
                 &network(json!({"attachable": true, "labels": {"a": "1", "b": "2"}})),
-                "i"
+                &owner("i")
             )
             .hash,
             h
         );
-        assert_ne!(build(&network(spec.clone()), "other").hash, h);
-        assert_ne!(build(&network_named("frontend", "X", spec), "i").hash, h);
+        assert_ne!(build(&network(spec.clone()), &owner("other")).hash, h);
+        assert_ne!(build(&network_named("frontend", "X", spec), &owner("i")).hash, h);
     }
 
     #[test]
     fn matches_what_the_engine_reports_and_nothing_else() {
-        let b = build(&network(json!({"labels": {"team": "blue"}})), "i");
+        let b = build(&network(json!({"labels": {"team": "blue"}})), &owner("i"));
         let created = as_created(&b);
         assert!(matches(&created, &b));
         // The same object re-created (new uid) still matches its network.
         let again = build(
             &network_named("backend", "NEWUID", json!({"labels": {"team": "blue"}})),
-            "i",
+            &owner("i"),
         );
         assert!(matches(&created, &again));
 
         let off = build(
             &network(json!({"encrypted": false, "labels": {"team": "blue"}})),
-            "i",
+            &owner("i"),
         );
         assert!(!matches(&created, &off));
         assert!(!matches(&as_created(&off), &b));
         let attachable = build(
             &network(json!({"attachable": true, "labels": {"team": "blue"}})),
-            "i",
+            &owner("i"),
         );
         assert!(!matches(&created, &attachable));
-        let relabelled = build(&network(json!({"labels": {"team": "red"}})), "i");
+        let relabelled = build(&network(json!({"labels": {"team": "red"}})), &owner("i"));
         assert!(!matches(&created, &relabelled));
         assert!(needs_recreate(&created, &off));
         assert!(!needs_recreate(&created, &again));
@@ -453,36 +385,6 @@ mod tests {
         assert!(!allocated(&pending));
         assert!(allocated(&created));
         assert!(!needs_recreate(&pending, &b));
-    }
-
-    #[test]
-    fn ownership_by_labels() {
-        let b = build(&network(json!({})), "inst1");
-        let ours = as_created(&b);
-        assert_eq!(owner(&ours, "inst1", "backend"), Owner::Us);
-        assert_eq!(
-            owner(&ours, "inst2", "backend"),
-            Owner::OtherInstance("inst1".into())
-        );
-        assert!(refusal("backend", &ours, "inst2").contains("another berth installation (inst1)"));
-        // Ours, but for another object: hands off too.
-        assert_eq!(owner(&ours, "inst1", "frontend"), Owner::Unmanaged);
-        let bare = SwarmNetwork {
-            name: Some("backend".into()),
-            ..Default::default()
-        };
-        assert_eq!(owner(&bare, "inst1", "backend"), Owner::Unmanaged);
-        assert!(refusal("backend", &bare, "inst1").contains("does not manage"));
-        let filters = owned_filters("inst1", Some("backend"));
-        assert_eq!(
-            filters["label"],
-            vec![
-                "io.berth.managed-by=berth",
-                "io.berth.instance=inst1",
-                "io.berth.kind=network",
-                "io.berth.name=backend"
-            ]
-        );
     }
 
     #[test]

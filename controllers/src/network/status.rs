@@ -1,7 +1,9 @@
 //! Observed Swarm network -> Network status. Pure: the reconcile hands in what it read from the engine
 //! and gets back the status to write, conditions included.
 
+use super::apply::Outcome;
 use super::build::is_encrypted;
+use crate::runtime::ObjectStatus;
 use berth_api_types::meta::set_condition;
 use berth_api_types::Condition;
 use berth_api_types::ConditionStatus::{False, True};
@@ -186,6 +188,44 @@ pub fn refused(
         now,
     );
     s
+}
+
+/// The status for what apply found or did.
+pub fn observed(
+    current: &NetworkStatus,
+    generation: u64,
+    outcome: &Outcome,
+    name: &str,
+    now: DateTime<Utc>,
+) -> NetworkStatus {
+    match outcome {
+        Outcome::InPlace(n) if super::build::allocated(n) => ready(current, generation, n, now),
+        Outcome::InPlace(n) => allocating(current, generation, n, now),
+        Outcome::Mismatch {
+            network,
+            differences,
+        } => {
+            let msg = format!(
+                "network `{name}` carries this spec's hash but differs from it ({}); it was \
+                 changed outside berth: remove it and berth re-creates it",
+                differences.join("; ")
+            );
+            refused(current, generation, reasons::MISMATCH, &msg, Some(network), now)
+        }
+        Outcome::InUse { network, users } => in_use(current, generation, network, users, now),
+        Outcome::Refused(msg) => refused(current, generation, reasons::REFUSED, msg, None, now),
+    }
+}
+
+impl ObjectStatus for NetworkStatus {
+    /// Refused with the engine fields as they were: the network itself is untouched.
+    fn refused(&self, generation: u64, reason: &str, message: &str, now: DateTime<Utc>) -> Self {
+        let mut s = self.clone();
+        s.observed_generation = Some(generation);
+        set_condition(&mut s.conditions, conditions::READY, False, reason, message, now);
+        set_condition(&mut s.conditions, conditions::DEGRADED, True, reason, message, now);
+        s
+    }
 }
 
 /// Whether the status says the network is in place.

@@ -1,175 +1,131 @@
 //! The Registry controller: checks each Registry's credentials against the registry and reports the
 //! answer as the `Authenticated` condition, with the registry's own words when it says no. It creates
 //! nothing in Swarm: the Service controller sends the credentials with each service it writes
-//! (`creds.rs` is how both find a server's Registry and its password).
+//! (`swarm::pull` is how both find a server's Registry and its password).
 //!
-//! Reconcile: dereference (Registry, its Secret) -> validate -> check (only when the Registry, its
-//! password or the age of the last answer call for it) -> update status. A refusal waits for a
+//! Steps: `dereference.rs` (the one Registry for its server, its password) -> `build.rs` (pure: is a
+//! check due) -> `apply.rs` (the login, `login.rs`) -> `status.rs` (pure). A refusal waits for a
 //! change; an unreachable registry is retried with backoff.
 
-pub mod creds;
+pub mod apply;
+pub mod build;
+pub mod dereference;
 pub mod login;
 pub mod status;
 
-use crate::client::{write_status, ClientError, ResourceStore};
-use crate::runtime::{Action, Reconciler};
+use crate::api::SecretReader;
+use crate::runtime::{Action, Cached, Context, Error, Hooks, Reconciled, Reconciler, Resource};
 use async_trait::async_trait;
 use berth_api_types::registry::{validate_registry, RegistrySpec, RegistryStatus};
-use berth_api_types::typed::recheck;
+use berth_api_types::validate::FieldError;
 use berth_api_types::{Event, Kind, Object};
-use creds::Password;
+use dereference::Found;
 use login::LoginOutcome;
 use status::reasons;
 use std::sync::Arc;
-use tracing::{info, warn};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("berth API: {0}")]
-    Api(#[from] ClientError),
-    /// The registry did not answer; the status says so and the check is retried with backoff.
-    #[error("registry check: {0}")]
-    Unreachable(String),
-}
 
 pub struct RegistryController {
-    store: Arc<dyn ResourceStore>,
+    secrets: Arc<dyn SecretReader>,
     http: reqwest::Client,
 }
 
 impl RegistryController {
-    pub fn new(store: Arc<dyn ResourceStore>) -> Self {
+    /// `secrets`: where the Registries' passwords are read.
+    pub fn new(secrets: Arc<dyn SecretReader>) -> Self {
         RegistryController {
-            store,
+            secrets,
             http: login::client(),
         }
     }
+}
 
-    async fn write(
-        &self,
-        name: &str,
-        current: &RegistryStatus,
-        new: RegistryStatus,
-    ) -> Result<(), RegistryError> {
-        Ok(write_status(&*self.store, Kind::Registry, name, current, &new).await?)
+impl Resource for RegistryController {
+    type Object = Object<RegistrySpec, serde_json::Value>;
+    type Status = RegistryStatus;
+    const KIND: Kind = Kind::Registry;
+
+    fn validate(object: &Self::Object) -> Result<(), Vec<FieldError>> {
+        validate_registry(object)
     }
 }
 
 #[async_trait]
 impl Reconciler for RegistryController {
-    type Error = RegistryError;
-
-    fn kind(&self) -> Kind {
-        Kind::Registry
-    }
-
-    async fn reconcile(&self, name: &str) -> Result<Action, RegistryError> {
-        // Dereference. Nothing exists in the engine for a Registry, so a deleted one needs no cleanup.
-        let Some(object) = self.store.get(Kind::Registry, name).await? else {
-            return Ok(Action::await_change());
-        };
-        let generation = object.metadata.generation;
-        let current: RegistryStatus =
-            serde_json::from_value(object.status.clone()).unwrap_or_default();
-        let now = chrono::Utc::now();
-
-        // Validate (the API did on write; this guards against objects stored by another version).
-        let typed = recheck::<Object<RegistrySpec, serde_json::Value>>(&object, validate_registry);
-        let spec = match typed {
-            Ok(r) => r.spec,
-            Err(message) => {
-                let st =
-                    status::not_checked(&current, generation, reasons::INVALID_SPEC, &message, now);
-                self.write(name, &current, st).await?;
-                return Ok(Action::await_change());
-            }
-        };
-        let host = spec.host();
-
-        // One Registry per server: the oldest is used, later ones are reported and left alone.
-        let all = self.store.list(Kind::Registry).await?;
-        if let Some((used, _)) = creds::select(&all, &host) {
-            if used.metadata.name != name {
-                let message = format!(
-                    "Registry `{}` already provides the credentials for {host}; this one is not used",
-                    used.metadata.name
-                );
-                let st =
-                    status::not_checked(&current, generation, reasons::DUPLICATE, &message, now);
-                self.write(name, &current, st).await?;
-                return Ok(Action::await_change());
-            }
-        }
-
-        let (password, secret_version) = match creds::password(&*self.store, &spec).await? {
-            Password::Found {
-                password,
-                secret_version,
-            } => (password, secret_version),
-            Password::Missing(why) => {
-                let st =
-                    status::not_checked(&current, generation, reasons::SECRET_MISSING, &why, now);
-                self.write(name, &current, st).await?;
+    async fn reconcile(
+        &self,
+        obj: Arc<Cached<Self>>,
+        ctx: &Context<Self>,
+    ) -> Result<Reconciled<RegistryStatus>, Error> {
+        let spec = &obj.object.spec;
+        let name = obj.name();
+        let (password, secret_version) =
+            match dereference::dereference(&*ctx.store, &*self.secrets, name, spec).await? {
+                Found::Password {
+                    password,
+                    secret_version,
+                } => (password, secret_version),
+                Found::Duplicate(why) => return Err(Error::refused(reasons::DUPLICATE, why)),
                 // The Secret's events bring us back (see `map_related`).
-                return Ok(Action::await_change());
+                Found::SecretMissing(why) => {
+                    return Err(Error::refused(reasons::SECRET_MISSING, why))
+                }
+            };
+        let now = chrono::Utc::now();
+        let check = match build::build(
+            spec,
+            &password,
+            &obj.status,
+            obj.generation(),
+            &secret_version,
+            now,
+        ) {
+            Ok(check) => check,
+            Err(wait) => {
+                return Ok(Reconciled {
+                    status: obj.status.clone(),
+                    action: Action::requeue(wait),
+                })
             }
         };
-
-        if let Some(wait) = status::next_check(&current, generation, &secret_version, now) {
-            return Ok(Action::requeue(wait));
-        }
-
-        // Check.
-        let outcome = login::login(&self.http, &host, &spec.username, &password).await;
-        match &outcome {
-            LoginOutcome::Accepted => info!(%host, "registry accepted the credentials"),
-            LoginOutcome::Rejected(why) => warn!(%host, %why, "registry rejected the credentials"),
-            LoginOutcome::Unreachable(_) => {}
-        }
-
-        // Update status.
-        let st = status::checked(
-            &current,
-            generation,
+        let outcome = apply::apply(&self.http, &check).await;
+        let status = status::checked(
+            &obj.status,
+            obj.generation(),
             &secret_version,
             &outcome,
-            &spec.username,
-            &host,
+            &check.username,
+            &check.host,
             now,
         );
-        self.write(name, &current, st).await?;
-        match outcome {
-            LoginOutcome::Unreachable(why) => Err(RegistryError::Unreachable(why)),
-            _ => Ok(Action::requeue(status::RECHECK)),
-        }
+        let action = match outcome {
+            LoginOutcome::Unreachable(_) => Action::Backoff,
+            _ => Action::requeue(status::RECHECK),
+        };
+        Ok(Reconciled { status, action })
     }
 
-    async fn engine_names(&self) -> Result<Vec<String>, RegistryError> {
-        Ok(Vec::new())
+    /// Nothing exists in the engine for a Registry, so a deleted one needs no cleanup.
+    async fn cleanup(&self, _name: &str, _ctx: &Context<Self>) -> Result<Action, Error> {
+        Ok(Action::await_change())
     }
+}
 
+#[async_trait]
+impl Hooks for RegistryController {
     fn watches(&self) -> Vec<Kind> {
         vec![Kind::Secret]
     }
 
     /// The Registries whose password is in the Secret an event is about.
-    async fn map_related(&self, event: &Event) -> Vec<String> {
+    async fn map_related(&self, event: &Event, ctx: &Context<Self>) -> Vec<String> {
         if event.kind != Kind::Secret {
             return Vec::new();
         }
-        match self.store.list(Kind::Registry).await {
-            Ok(all) => all
-                .into_iter()
-                .filter(|o| {
-                    serde_json::from_value::<RegistrySpec>(o.spec.clone())
-                        .is_ok_and(|s| s.password_secret_ref.name == event.name)
-                })
-                .map(|o| o.metadata.name)
-                .collect(),
-            Err(e) => {
-                warn!(error = %e, "cannot list registries for a Secret event");
-                Vec::new()
-            }
-        }
+        ctx.cache
+            .objects()
+            .iter()
+            .filter(|o| o.object.spec.password_secret_ref.name == event.name)
+            .map(|o| o.name().to_string())
+            .collect()
     }
 }

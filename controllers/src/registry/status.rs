@@ -2,6 +2,7 @@
 //! found and the time, and gets back the status to write.
 
 use super::login::LoginOutcome;
+use crate::runtime::ObjectStatus;
 use berth_api_types::meta::{condition, set_condition};
 use berth_api_types::registry::{conditions, RegistryStatus};
 use berth_api_types::ConditionStatus::{False, True};
@@ -99,6 +100,12 @@ pub fn not_checked(
         now,
     );
     s
+}
+
+impl ObjectStatus for RegistryStatus {
+    fn refused(&self, generation: u64, reason: &str, message: &str, now: DateTime<Utc>) -> Self {
+        not_checked(self, generation, reason, message, now)
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,20 @@
-//! The loop every controller runs: intake (bus events of its kind, Swarm engine events, a periodic
-//! resync) feeds object names into the work queue; workers call the kind's `Reconciler` one name at a
-//! time and turn its answer into a requeue, a wait for the next change, or a backoff retry. A controller
-//! folder only implements `Reconciler`; nothing here knows about any kind.
+//! The loop every controller runs: intake (bus events of its kind and of the kinds it watches,
+//! Swarm engine events, a periodic resync) keeps the kind's cache current and feeds keys into the
+//! work queue; workers hand the reconciler its cached object and write the status it returns,
+//! conditional on the resourceVersion it was computed from. Nothing here knows about any kind.
+//!
+//! Error policy, written once: an object that does not validate, or a reconcile that answers
+//! [`Error::Refused`], gets `Ready=False` with the reason and waits for a change; any other error
+//! backs off per key with the one [`BackoffPolicy`].
 
 use super::backoff::BackoffPolicy;
+use super::cache::{refused_status, Cache, Cached, Entry};
 use super::queue::WorkQueue;
+use super::reconciler::{Action, Aggregator, Context, Error, Hooks, Reconciler, Resource};
+use crate::api::ResourceStore;
 use crate::bus::{BusMessage, EventBus};
-use crate::client::ResourceStore;
 use async_trait::async_trait;
-use berth_api_types::{Event, EventType, Kind};
-use bollard::models::EventMessage;
+use berth_api_types::{EventType, ObjectMeta};
 use bollard::query_parameters::EventsOptions;
 use bollard::Docker;
 use futures::StreamExt;
@@ -19,72 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn, Instrument};
 
-/// What a reconcile asks for next (after kube-runtime's `Action`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Look again after this long even if nothing changes (e.g. while a rollout is in flight).
-    Requeue(Duration),
-    /// Nothing to do until an event or the periodic resync says otherwise.
-    AwaitChange,
-}
-
-impl Action {
-    pub fn requeue(after: Duration) -> Self {
-        Action::Requeue(after)
-    }
-
-    pub fn await_change() -> Self {
-        Action::AwaitChange
-    }
-}
-
-/// One kind's reconcile logic. Level-based: `reconcile` gets a name, never "what happened", and must
-/// converge from whatever it finds. Invalid specs are reported in status and answered with
-/// `AwaitChange`; only transient failures are returned as errors (they back off per name).
-#[async_trait]
-pub trait Reconciler: Send + Sync + 'static {
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// The kind this controller owns.
-    fn kind(&self) -> Kind;
-
-    async fn reconcile(&self, name: &str) -> Result<Action, Self::Error>;
-
-    /// Names of the objects this controller has created in the engine. Resync reconciles them too, so
-    /// an engine object whose berth object is gone (deleted while the controller was down) is removed.
-    async fn engine_names(&self) -> Result<Vec<String>, Self::Error>;
-
-    /// Removes engine objects the controller made that nothing needs any more (e.g. old contents of
-    /// a rotated secret). Called on every resync; failures are logged and retried next time.
-    async fn collect_garbage(&self) -> Result<(), Self::Error> {
-        Ok(())
-    }
-
-    /// Engine event types to watch (`service`, `container`, ...); empty: no engine watch.
-    fn engine_event_types(&self) -> Vec<&'static str> {
-        Vec::new()
-    }
-
-    /// The object name an engine event concerns, if any.
-    fn map_engine_event(&self, _event: &EventMessage) -> Option<String> {
-        None
-    }
-
-    /// Other kinds this controller depends on: their events (of every type, status included) are
-    /// mapped to objects of this kind with `map_related`.
-    fn watches(&self) -> Vec<Kind> {
-        Vec::new()
-    }
-
-    /// The objects of this kind that an event of a watched kind concerns.
-    async fn map_related(&self, _event: &Event) -> Vec<String> {
-        Vec::new()
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// Reconciles running at once (for different names; one name is never reconciled twice at once).
+    /// Reconciles running at once (for different keys; one key is never reconciled twice at once).
     pub workers: usize,
     /// Every object is reconciled at least this often, so drift the engine does not report is fixed.
     pub resync: Duration,
@@ -104,30 +46,178 @@ impl Default for ControllerConfig {
     }
 }
 
-pub struct Controller<R: Reconciler> {
-    reconciler: Arc<R>,
+/// How a key becomes a reconcile: one object per key, or one thing for the whole kind.
+#[async_trait]
+trait Work<R: Hooks>: Send + Sync + 'static {
+    fn key_of(&self, name: &str) -> String;
+    async fn run(&self, key: &str, ctx: &Context<R>) -> Result<Action, Error>;
+}
+
+struct PerObject<R>(Arc<R>);
+
+#[async_trait]
+impl<R: Reconciler> Work<R> for PerObject<R> {
+    fn key_of(&self, name: &str) -> String {
+        name.to_string()
+    }
+
+    async fn run(&self, name: &str, ctx: &Context<R>) -> Result<Action, Error> {
+        match ctx.cache.get(name) {
+            None => self.0.cleanup(name, ctx).await,
+            Some(Entry::Invalid(bad)) => {
+                let status = refused_status(&bad.status, bad.meta.generation, "InvalidSpec", &bad.why);
+                write_status::<R>(ctx, &bad.meta, &bad.status, &status).await?;
+                Ok(Action::await_change())
+            }
+            Some(Entry::Valid(obj)) => match self.0.reconcile(obj.clone(), ctx).await {
+                Ok(done) => {
+                    write_status::<R>(ctx, &obj.meta, &obj.status, &done.status).await?;
+                    Ok(done.action)
+                }
+                Err(Error::Refused { reason, message }) => {
+                    let status = refused_status(&obj.status, obj.generation(), &reason, &message);
+                    write_status::<R>(ctx, &obj.meta, &obj.status, &status).await?;
+                    Ok(Action::await_change())
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+struct Whole<A>(Arc<A>);
+
+#[async_trait]
+impl<A: Aggregator> Work<A> for Whole<A> {
+    fn key_of(&self, _name: &str) -> String {
+        self.0.key()
+    }
+
+    async fn run(&self, _key: &str, ctx: &Context<A>) -> Result<Action, Error> {
+        let entries = ctx.cache.entries();
+        let mut valid: Vec<Arc<Cached<A>>> = Vec::new();
+        for e in entries {
+            match e {
+                Entry::Valid(c) => valid.push(c),
+                Entry::Invalid(bad) => {
+                    let status =
+                        refused_status(&bad.status, bad.meta.generation, "InvalidSpec", &bad.why);
+                    write_status::<A>(ctx, &bad.meta, &bad.status, &status).await?;
+                }
+            }
+        }
+        match self.0.converge(valid.clone(), ctx).await {
+            Ok(done) => {
+                for obj in &valid {
+                    if let Some(status) = done.statuses.get(obj.name()) {
+                        write_status::<A>(ctx, &obj.meta, &obj.status, status).await?;
+                    }
+                }
+                Ok(done.action)
+            }
+            Err(Error::Refused { reason, message }) => {
+                for obj in &valid {
+                    let status = refused_status(&obj.status, obj.generation(), &reason, &message);
+                    write_status::<A>(ctx, &obj.meta, &obj.status, &status).await?;
+                }
+                Ok(Action::await_change())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Writes `new` unless it equals `current`, only if the object is still at the version it was
+/// computed from: a status computed from an older object must not overwrite what another writer
+/// recorded meanwhile (a revision, a newer observation). On a conflict the cache is refreshed and
+/// the error backs the key off, so the next reconcile starts from the current object.
+async fn write_status<R: Resource>(
+    ctx: &Context<R>,
+    meta: &ObjectMeta,
+    current: &R::Status,
+    new: &R::Status,
+) -> Result<(), Error> {
+    if new == current {
+        return Ok(());
+    }
+    let value = serde_json::to_value(new).map_err(|e| Error::Transient(e.to_string()))?;
+    let name = meta.name.as_str();
+    match ctx
+        .store
+        .update_status(R::KIND, name, value, meta.resource_version.as_deref())
+        .await
+    {
+        Ok(stored) => {
+            ctx.cache.apply(name, Some(stored));
+            Ok(())
+        }
+        // Deleted meanwhile: its delete event brings the controller back to clean up.
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) if e.is_conflict() => {
+            debug!(%name, "status conflict: re-reading the object");
+            ctx.cache.apply(name, ctx.store.get(R::KIND, name).await?);
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A controller of kind `R`: the reconciler, the intake that triggers it, and its workers.
+pub struct Controller<R: Hooks> {
+    hooks: Arc<R>,
+    work: Arc<dyn Work<R>>,
     store: Arc<dyn ResourceStore>,
     bus: Arc<dyn EventBus>,
     docker: Option<Docker>,
     config: ControllerConfig,
     queue: WorkQueue<String>,
+    cache: Cache<R>,
 }
 
 impl<R: Reconciler> Controller<R> {
+    /// A controller that reconciles each object on its own.
     pub fn new(
         reconciler: Arc<R>,
         store: Arc<dyn ResourceStore>,
         bus: Arc<dyn EventBus>,
         config: ControllerConfig,
     ) -> Self {
+        let work = Arc::new(PerObject(reconciler.clone()));
+        Self::with_work(reconciler, work, store, bus, config)
+    }
+}
+
+impl<A: Aggregator> Controller<A> {
+    /// A controller that converges one thing from every object of its kind.
+    pub fn aggregate(
+        aggregator: Arc<A>,
+        store: Arc<dyn ResourceStore>,
+        bus: Arc<dyn EventBus>,
+        config: ControllerConfig,
+    ) -> Self {
+        let work = Arc::new(Whole(aggregator.clone()));
+        Self::with_work(aggregator, work, store, bus, config)
+    }
+}
+
+impl<R: Hooks> Controller<R> {
+    fn with_work(
+        hooks: Arc<R>,
+        work: Arc<dyn Work<R>>,
+        store: Arc<dyn ResourceStore>,
+        bus: Arc<dyn EventBus>,
+        config: ControllerConfig,
+    ) -> Self {
         let queue = WorkQueue::with_backoff(config.backoff);
         Controller {
-            reconciler,
+            hooks,
+            work,
             store,
             bus,
             docker: None,
             config,
             queue,
+            cache: Cache::default(),
         }
     }
 
@@ -142,40 +232,56 @@ impl<R: Reconciler> Controller<R> {
         self.queue.clone()
     }
 
-    /// Runs until `shutdown` resolves, then lets in-flight reconciles finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        let kind = self.reconciler.kind();
-        info!(%kind, workers = self.config.workers, bus = %self.bus.describe(), "controller starting");
-        let mut tasks = tokio::task::JoinSet::new();
+    /// The cache of the kind's objects, for tests.
+    pub fn cache(&self) -> Cache<R> {
+        self.cache.clone()
+    }
 
+    /// Runs until `shutdown` resolves, then lets in-flight reconciles finish. The installation is
+    /// read first (retrying until the API answers).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let kind = R::KIND;
+        info!(%kind, workers = self.config.workers, bus = %self.bus.describe(), "controller starting");
+        let installation = {
+            let mut retry = BackoffPolicy::reconnect().retry();
+            loop {
+                match self.store.installation().await {
+                    Ok(i) => break i,
+                    Err(e) => {
+                        let delay = retry.next_delay();
+                        warn!(%kind, error = %e, retry_in = ?delay, "cannot read the installation");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        };
+        let parts = Arc::new(Parts {
+            ctx: Context {
+                store: self.store.clone(),
+                cache: self.cache.clone(),
+                installation,
+            },
+            hooks: self.hooks.clone(),
+            work: self.work.clone(),
+            queue: self.queue.clone(),
+        });
+
+        let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(bus_intake(
-            kind,
+            parts.clone(),
             self.bus.clone(),
             self.config.durable.clone(),
-            self.queue.clone(),
-            self.store.clone(),
-            self.reconciler.clone(),
         ));
         if let Some(docker) = self.docker.clone() {
-            if !self.reconciler.engine_event_types().is_empty() {
-                tasks.spawn(engine_intake(
-                    docker,
-                    self.queue.clone(),
-                    self.store.clone(),
-                    self.reconciler.clone(),
-                ));
+            if !self.hooks.engine_event_types().is_empty() {
+                tasks.spawn(engine_intake(parts.clone(), docker));
             }
         }
-        tasks.spawn(resync_loop(
-            self.config.resync,
-            self.queue.clone(),
-            self.store.clone(),
-            self.reconciler.clone(),
-        ));
+        tasks.spawn(resync_loop(parts.clone(), self.config.resync));
 
         let mut workers = tokio::task::JoinSet::new();
         for id in 0..self.config.workers.max(1) {
-            workers.spawn(worker(id, self.queue.clone(), self.reconciler.clone()));
+            workers.spawn(worker(id, parts.clone()));
         }
 
         shutdown.await;
@@ -186,127 +292,139 @@ impl<R: Reconciler> Controller<R> {
     }
 }
 
-async fn worker<R: Reconciler>(id: usize, queue: WorkQueue<String>, reconciler: Arc<R>) {
-    let kind = reconciler.kind();
-    while let Some(name) = queue.get().await {
-        let span = tracing::info_span!("reconcile", kind = %kind, name = %name, worker = id);
-        let result = reconciler.reconcile(&name).instrument(span.clone()).await;
+/// What the intake loops and workers share.
+struct Parts<R: Hooks> {
+    ctx: Context<R>,
+    hooks: Arc<R>,
+    work: Arc<dyn Work<R>>,
+    queue: WorkQueue<String>,
+}
+
+async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
+    let kind = R::KIND;
+    while let Some(key) = parts.queue.get().await {
+        let span = tracing::info_span!("reconcile", kind = %kind, name = %key, worker = id);
+        let result = parts.work.run(&key, &parts.ctx).instrument(span.clone()).await;
         let _enter = span.enter();
         match result {
+            Ok(Action::Backoff) => {
+                let delay = parts.queue.add_rate_limited(key.clone());
+                debug!(retry_in = ?delay, "status written; retrying with backoff");
+            }
             Ok(action) => {
-                queue.forget(&name);
+                parts.queue.forget(&key);
                 if let Action::Requeue(after) = action {
                     debug!(?after, "requeue");
-                    queue.add_after(name.clone(), after);
+                    parts.queue.add_after(key.clone(), after);
                 }
             }
             Err(e) => {
-                let delay = queue.add_rate_limited(name.clone());
-                warn!(error = %e, retry_in = ?delay, failures = queue.failures(&name), "reconcile failed");
+                let delay = parts.queue.add_rate_limited(key.clone());
+                warn!(error = %e, retry_in = ?delay, failures = parts.queue.failures(&key), "reconcile failed");
             }
         }
-        queue.done(&name);
+        parts.queue.done(&key);
     }
 }
 
-/// Enqueues every object the API knows and every engine object this controller owns.
-async fn resync_all<R: Reconciler>(
-    queue: &WorkQueue<String>,
-    store: &Arc<dyn ResourceStore>,
-    reconciler: &Arc<R>,
-) -> bool {
-    let kind = reconciler.kind();
+/// Re-lists the kind into the cache and enqueues every object and every engine object this
+/// controller owns; then collects garbage. `false` if the API or the engine could not be read.
+async fn resync_all<R: Hooks>(parts: &Parts<R>) -> bool {
+    let kind = R::KIND;
     let mut ok = true;
-    match store.list(kind).await {
-        Ok(objects) => objects.into_iter().for_each(|o| queue.add(o.metadata.name)),
+    match parts.ctx.store.list(kind).await {
+        Ok(objects) => {
+            parts.ctx.cache.replace(objects);
+            for name in parts.ctx.cache.names() {
+                parts.queue.add(parts.work.key_of(&name));
+            }
+        }
         Err(e) => {
             warn!(%kind, error = %e, "resync: cannot list objects");
             ok = false;
         }
     }
-    match reconciler.engine_names().await {
-        Ok(names) => names.into_iter().for_each(|n| queue.add(n)),
+    match parts.hooks.engine_names().await {
+        Ok(names) => names
+            .iter()
+            .for_each(|n| parts.queue.add(parts.work.key_of(n))),
         Err(e) => {
             warn!(%kind, error = %e, "resync: cannot list engine objects");
             ok = false;
         }
     }
-    if let Err(e) = reconciler.collect_garbage().await {
+    if let Err(e) = parts.hooks.collect_garbage(&parts.ctx).await {
         warn!(%kind, error = %e, "resync: garbage collection failed; will retry");
     }
     ok
 }
 
-async fn resync_loop<R: Reconciler>(
-    every: Duration,
-    queue: WorkQueue<String>,
-    store: Arc<dyn ResourceStore>,
-    reconciler: Arc<R>,
-) {
+async fn resync_loop<R: Hooks>(parts: Arc<Parts<R>>, every: Duration) {
     // A failed resync (API or engine not up yet) is retried soon rather than after a full period.
-    let mut retry = Duration::from_millis(500);
+    let mut retry = BackoffPolicy::reconnect().retry();
     loop {
-        if resync_all(&queue, &store, &reconciler).await {
-            retry = Duration::from_millis(500);
+        if resync_all(&parts).await {
+            retry.reset();
             tokio::time::sleep(every).await;
         } else {
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(every);
+            tokio::time::sleep(retry.next_delay().min(every)).await;
         }
     }
 }
 
-async fn bus_intake<R: Reconciler>(
-    kind: Kind,
-    bus: Arc<dyn EventBus>,
-    durable: Option<String>,
-    queue: WorkQueue<String>,
-    store: Arc<dyn ResourceStore>,
-    reconciler: Arc<R>,
-) {
-    let mut retry = Duration::from_millis(200);
+async fn bus_intake<R: Hooks>(parts: Arc<Parts<R>>, bus: Arc<dyn EventBus>, durable: Option<String>) {
+    let kind = R::KIND;
+    let mut retry = BackoffPolicy::reconnect().retry();
     let mut kinds = vec![kind];
-    kinds.extend(reconciler.watches());
+    kinds.extend(parts.hooks.watches());
     loop {
         match bus.subscribe(&kinds, durable.as_deref()).await {
             Ok(mut events) => {
-                retry = Duration::from_millis(200);
+                retry.reset();
                 while let Some(msg) = events.next().await {
                     match msg {
                         BusMessage::Event(e) if e.kind != kind => {
-                            for name in reconciler.map_related(&e).await {
-                                queue.add(name);
+                            for name in parts.hooks.map_related(&e, &parts.ctx).await {
+                                parts.queue.add(parts.work.key_of(&name));
                             }
                         }
-                        // Our own status writes are not a reason to look again.
-                        BusMessage::Event(e) if e.type_ == EventType::StatusChanged => {}
-                        BusMessage::Event(e) => queue.add(e.name),
+                        BusMessage::Event(e) => {
+                            // The cache first, so the reconcile this event triggers sees it.
+                            if !parts.ctx.cache.has_version(&e.name, &e.resource_version) {
+                                match parts.ctx.store.get(kind, &e.name).await {
+                                    Ok(obj) => parts.ctx.cache.apply(&e.name, obj),
+                                    Err(err) => {
+                                        warn!(%kind, name = %e.name, error = %err, "cannot read a changed object; it is reconciled from the next resync");
+                                    }
+                                }
+                            }
+                            // Status writes (ours, mostly) are not a reason to look again.
+                            if e.type_ != EventType::StatusChanged {
+                                parts.queue.add(parts.work.key_of(&e.name));
+                            }
+                        }
                         BusMessage::Lagged => {
-                            resync_all(&queue, &store, &reconciler).await;
+                            info!(%kind, "missed bus events: resyncing");
+                            resync_all(&parts).await;
                         }
                     }
                 }
                 warn!(%kind, "bus subscription ended; resubscribing");
             }
-            Err(e) => warn!(%kind, error = %e, retry_in = ?retry, "cannot subscribe to the bus"),
+            Err(e) => warn!(%kind, error = %e, "cannot subscribe to the bus"),
         }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(Duration::from_secs(10));
+        retry.wait().await;
     }
 }
 
-async fn engine_intake<R: Reconciler>(
-    docker: Docker,
-    queue: WorkQueue<String>,
-    store: Arc<dyn ResourceStore>,
-    reconciler: Arc<R>,
-) {
-    let types: Vec<String> = reconciler
+async fn engine_intake<R: Hooks>(parts: Arc<Parts<R>>, docker: Docker) {
+    let types: Vec<String> = parts
+        .hooks
         .engine_event_types()
         .into_iter()
         .map(str::to_string)
         .collect();
-    let mut retry = Duration::from_millis(200);
+    let mut retry = BackoffPolicy::reconnect().retry();
     let mut first = true;
     loop {
         let options = EventsOptions {
@@ -316,15 +434,15 @@ async fn engine_intake<R: Reconciler>(
         let mut events = docker.events(Some(options));
         if !first {
             // Events may have been missed while the stream was down.
-            resync_all(&queue, &store, &reconciler).await;
+            resync_all(&parts).await;
         }
         first = false;
         while let Some(item) = events.next().await {
             match item {
                 Ok(ev) => {
-                    retry = Duration::from_millis(200);
-                    if let Some(name) = reconciler.map_engine_event(&ev) {
-                        queue.add(name);
+                    retry.reset();
+                    if let Some(name) = parts.hooks.map_engine_event(&ev) {
+                        parts.queue.add(parts.work.key_of(&name));
                     }
                 }
                 Err(e) => {
@@ -333,172 +451,6 @@ async fn engine_intake<R: Reconciler>(
                 }
             }
         }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(Duration::from_secs(10));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::bus::EmbeddedBus;
-    use crate::client::ClientError;
-    use berth_api_types::DynObject;
-    use std::sync::Mutex;
-    use tokio::time::Instant;
-
-    /// A store with a fixed set of Service names.
-    struct Names(Vec<String>);
-
-    #[async_trait]
-    impl ResourceStore for Names {
-        async fn get(&self, _: Kind, _: &str) -> Result<Option<DynObject>, ClientError> {
-            Ok(None)
-        }
-        async fn list(&self, _: Kind) -> Result<Vec<DynObject>, ClientError> {
-            Ok(self
-                .0
-                .iter()
-                .map(|n| {
-                    serde_json::from_value(serde_json::json!({
-                        "apiVersion": "berth/v1", "kind": "Service",
-                        "metadata": {"name": n}, "spec": {}
-                    }))
-                    .unwrap()
-                })
-                .collect())
-        }
-        async fn update_status(
-            &self,
-            _: Kind,
-            _: &str,
-            _: serde_json::Value,
-        ) -> Result<(), ClientError> {
-            Ok(())
-        }
-        async fn instance(&self) -> Result<String, ClientError> {
-            Ok("test".into())
-        }
-        async fn data(
-            &self,
-            _: Kind,
-            _: &str,
-        ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError> {
-            Ok(None)
-        }
-        async fn default_network(&self) -> Result<String, ClientError> {
-            Ok("berth-internal".into())
-        }
-    }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("engine unreachable")]
-    struct Transient;
-
-    /// Answers per name: `fail` always errors, `invalid` waits for a change, `poll` requeues after 10 s.
-    #[derive(Default)]
-    struct Script {
-        calls: Mutex<Vec<(String, Instant)>>,
-    }
-
-    impl Script {
-        fn times(&self, name: &str) -> Vec<Instant> {
-            self.calls
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, t)| *t)
-                .collect()
-        }
-    }
-
-    #[async_trait]
-    impl Reconciler for Script {
-        type Error = Transient;
-        fn kind(&self) -> Kind {
-            Kind::Service
-        }
-        async fn reconcile(&self, name: &str) -> Result<Action, Transient> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push((name.to_string(), Instant::now()));
-            match name {
-                "fail" => Err(Transient),
-                "poll" => Ok(Action::requeue(Duration::from_secs(10))),
-                _ => Ok(Action::await_change()),
-            }
-        }
-        async fn engine_names(&self) -> Result<Vec<String>, Transient> {
-            Ok(vec!["orphan".into()])
-        }
-    }
-
-    fn event(name: &str, type_: EventType) -> Event {
-        Event {
-            id: ulid::Ulid::new().to_string(),
-            type_,
-            kind: Kind::Service,
-            name: name.into(),
-            uid: String::new(),
-            generation: 1,
-            resource_version: "1".into(),
-            time: chrono::Utc::now(),
-            message: String::new(),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn errors_back_off_invalid_waits_requeue_polls_and_events_trigger() {
-        let script = Arc::new(Script::default());
-        let bus = Arc::new(EmbeddedBus::new());
-        let store = Arc::new(Names(vec!["fail".into(), "invalid".into(), "poll".into()]));
-        let config = ControllerConfig {
-            resync: Duration::from_secs(3600),
-            ..Default::default()
-        };
-        let ctl = Controller::new(script.clone(), store, bus.clone(), config);
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run = tokio::spawn(ctl.run(async {
-            let _ = stop_rx.await;
-        }));
-        let start = Instant::now();
-        tokio::time::sleep(Duration::from_secs(60)).await;
-
-        // The first resync visits every object and every engine-side name (orphans are collected there).
-        assert_eq!(script.times("orphan").len(), 1);
-        // A spec the controller cannot apply is reported once and not retried.
-        assert_eq!(script.times("invalid").len(), 1);
-        // Requeue(10 s): about every 10 s.
-        let polls = script.times("poll").len();
-        assert!((6..=7).contains(&polls), "polls in 60 s: {polls}");
-        // Transient errors back off exponentially (200 ms, 400 ms, ... with ±30 % jitter), not a hot loop.
-        let fails = script.times("fail");
-        assert!(
-            (7..=11).contains(&fails.len()),
-            "retries in 60 s: {}",
-            fails.len()
-        );
-        let gaps: Vec<Duration> = fails.windows(2).map(|w| w[1] - w[0]).collect();
-        for w in gaps.windows(2) {
-            assert!(w[1] > w[0], "retry gaps must grow: {gaps:?}");
-        }
-
-        // An Applied event triggers a reconcile; the controller's own StatusChanged does not.
-        bus.publish(&event("invalid", EventType::StatusChanged))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(script.times("invalid").len(), 1);
-        bus.publish(&event("invalid", EventType::Applied))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(script.times("invalid").len(), 2);
-        assert!(start.elapsed() >= Duration::from_secs(60));
-
-        let _ = stop_tx.send(());
-        run.await.unwrap();
+        retry.wait().await;
     }
 }

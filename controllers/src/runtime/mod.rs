@@ -1,9 +1,20 @@
-//! The shared controller runtime: the building blocks every per-kind controller uses to turn change
-//! events into serialised, retried reconciles (queue, backoff, the controller loop, local state).
+//! The shared controller runtime, after kube-runtime: a per-kind cache fed by list, bus events and
+//! resync; a work queue with per-key backoff; workers that hand each reconcile its object and write
+//! the status it returns; the one retry policy; a controller's on-disk records; and one fake API
+//! store for the controllers' unit tests.
 
 pub mod backoff;
+pub mod cache;
 pub mod controller;
 pub mod queue;
-pub mod state;
+pub mod reconciler;
+pub mod records;
+pub mod testing;
 
-pub use controller::{Action, Controller, ControllerConfig, Reconciler};
+pub use cache::{Cache, Cached};
+pub use controller::{Controller, ControllerConfig};
+pub use reconciler::{
+    Action, Aggregator, Context, Converged, Error, Hooks, ObjectStatus, Reconciled, Reconciler,
+    Resource,
+};
+pub use records::Records;

@@ -1,8 +1,11 @@
-//! Service -> Swarm service spec. Pure and client-free: everything the engine is told comes from here,
-//! so it is unit-tested without Docker. Also the two comparisons the reconcile needs: the spec hash
-//! stamped as a label, and "does the engine's spec still contain everything we asked for".
+//! Service, step 2 (pure): Service -> Swarm service spec. Client-free: everything the engine is told
+//! comes from here, so it is unit-tested without Docker. The spec hash stamped as a label and the
+//! containment check come from the Swarm kit (`swarm::hash`).
 
-use super::deps::{file_target, FileKind, Resolved};
+use super::dereference::Resolved;
+use crate::swarm::hash::spec_hash;
+use crate::swarm::{FileKind, Owner};
+use berth_api_types::service::FileRef;
 use berth_api_types::names::labels;
 use berth_api_types::service::VolumeMount;
 use berth_api_types::service::{
@@ -21,7 +24,6 @@ use bollard::models::{
     TaskSpecPlacementSpread, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum,
 };
-use serde_json::Value;
 use std::collections::HashMap;
 
 /// The Swarm spec for a Service and its hash (also stamped on it as the `io.berth.spec-hash` label).
@@ -33,15 +35,15 @@ pub struct Built {
     pub pinned: Option<(u64, String)>,
 }
 
-/// Builds the Swarm service spec. `instance` is the berth installation id stamped on everything;
-/// `deps` are the Service's dependencies as they exist in Swarm.
-pub fn build(svc: &Service, instance: &str, deps: &Resolved) -> Built {
-    build_pinned(svc, instance, deps, None)
+/// Builds the Swarm service spec, labelled as `owner`'s; `deps` are the Service's dependencies as
+/// they exist in Swarm.
+pub fn build(svc: &Service, owner: &Owner, deps: &Resolved) -> Built {
+    build_pinned(svc, owner, deps, None)
 }
 
 /// Like `build`, with the image pinned to `digest` (`repo:tag@sha256:...`, as the docker CLI sends
 /// it) unless the spec already names one.
-pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Option<&str>) -> Built {
+pub fn build_pinned(svc: &Service, owner: &Owner, deps: &Resolved, digest: Option<&str>) -> Built {
     let s = &svc.spec;
     let pinned = digest
         .filter(|_| s.image.digest.is_none())
@@ -54,7 +56,7 @@ pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Opti
     let uid = svc.metadata.uid.clone().unwrap_or_default();
 
     let mut service_labels: HashMap<String, String> = s.labels.clone().into_iter().collect();
-    service_labels.extend(ownership_labels(instance, &name));
+    service_labels.extend(owner.labels(&name));
     service_labels.insert(labels::UID.into(), uid);
     service_labels.insert(
         labels::GENERATION.into(),
@@ -64,7 +66,7 @@ pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Opti
     // Containers carry the ownership labels too: container events then name their berth object.
     let mut container_labels: HashMap<String, String> =
         s.container_labels.clone().into_iter().collect();
-    container_labels.extend(ownership_labels(instance, &name));
+    container_labels.extend(owner.labels(&name));
 
     let container = TaskSpecContainerSpec {
         image: Some(image),
@@ -127,7 +129,7 @@ pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Opti
                 })
                 .collect(),
         ),
-        mounts: non_empty(s.volumes.iter().map(|v| mount(v, instance, deps)).collect()),
+        mounts: non_empty(s.volumes.iter().map(|v| mount(v, owner, deps)).collect()),
         ..Default::default()
     };
 
@@ -212,7 +214,7 @@ pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Opti
         rollback_config: s.rollback.as_ref().map(rollback_config),
         ..Default::default()
     };
-    let hash = spec_hash(&spec);
+    let hash = spec_hash(&spec, &[]);
     if let Some(l) = spec.labels.as_mut() {
         l.insert(labels::SPEC_HASH.into(), hash.clone());
     }
@@ -221,15 +223,12 @@ pub fn build_pinned(svc: &Service, instance: &str, deps: &Resolved, digest: Opti
 
 /// One mount. A named volume carries its Volume's driver, options and labels: Swarm has no volume
 /// object of its own, and each node creates the volume from these on first use.
-fn mount(v: &VolumeMount, instance: &str, deps: &Resolved) -> Mount {
+fn mount(v: &VolumeMount, owner: &Owner, deps: &Resolved) -> Mount {
     match (&v.volume, v.tmpfs) {
         (Some(name), _) => {
             let spec = deps.volumes.get(name).cloned().unwrap_or_default();
             let mut vlabels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
-            vlabels.insert(labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into());
-            vlabels.insert(labels::INSTANCE.into(), instance.into());
-            vlabels.insert(labels::KIND.into(), Kind::Volume.lower().into());
-            vlabels.insert(labels::NAME.into(), name.clone());
+            vlabels.extend(owner.for_kind(Kind::Volume).labels(name));
             Mount {
                 target: Some(v.target.clone()),
                 source: Some(name.clone()),
@@ -271,29 +270,6 @@ fn non_empty_map(m: HashMap<String, String>) -> Option<HashMap<String, String>> 
     } else {
         Some(m)
     }
-}
-
-/// The labels that say "berth instance X owns this, for object Y".
-pub fn ownership_labels(instance: &str, name: &str) -> [(String, String); 4] {
-    [
-        (labels::MANAGED_BY.into(), labels::MANAGED_BY_VALUE.into()),
-        (labels::INSTANCE.into(), instance.into()),
-        (labels::KIND.into(), Kind::Service.lower().into()),
-        (labels::NAME.into(), name.into()),
-    ]
-}
-
-/// Label filters (`key=value`) that select exactly the Swarm services this instance owns.
-pub fn owned_filters(instance: &str, name: Option<&str>) -> HashMap<String, Vec<String>> {
-    let mut l = vec![
-        format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
-        format!("{}={instance}", labels::INSTANCE),
-        format!("{}={}", labels::KIND, Kind::Service.lower()),
-    ];
-    if let Some(n) = name {
-        l.push(format!("{}={n}", labels::NAME));
-    }
-    HashMap::from([("label".to_string(), l)])
 }
 
 fn update_config(u: &UpdatePolicy) -> ServiceSpecUpdateConfig {
@@ -346,47 +322,14 @@ fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
     }
 }
 
-/// Hash of the spec in canonical JSON (sorted keys), without the hash label itself.
-pub fn spec_hash(spec: &ServiceSpec) -> String {
-    let mut v = serde_json::to_value(spec).unwrap_or(Value::Null);
-    if let Some(l) = v.get_mut("Labels").and_then(Value::as_object_mut) {
-        l.remove(labels::SPEC_HASH);
-    }
-    crate::engine::canonical_hash(&v)
-}
-
-/// Whether the engine's spec still holds everything berth asked for. The engine fills in defaults
-/// (isolation, endpoint mode, platforms...), so equality is too strict; a field berth set that now
-/// differs — replicas scaled by hand, an image changed with `docker service update` — is drift.
-pub fn contains(observed: &ServiceSpec, desired: &ServiceSpec) -> bool {
-    let o = serde_json::to_value(observed).unwrap_or(Value::Null);
-    let d = serde_json::to_value(desired).unwrap_or(Value::Null);
-    value_contains(&o, &d)
-}
-
-fn value_contains(observed: &Value, desired: &Value) -> bool {
-    match (observed, desired) {
-        (Value::Object(o), Value::Object(d)) => d.iter().all(|(k, dv)| match o.get(k) {
-            Some(ov) => value_contains(ov, dv),
-            // The engine omits empty maps and zero-valued fields it stores as defaults.
-            None => is_empty_value(dv),
-        }),
-        (Value::Array(o), Value::Array(d)) => {
-            o.len() == d.len() && o.iter().zip(d).all(|(ov, dv)| value_contains(ov, dv))
-        }
-        (Value::Number(o), Value::Number(d)) => o.as_f64() == d.as_f64(),
-        (o, d) => o == d,
-    }
-}
-
-fn is_empty_value(v: &Value) -> bool {
-    match v {
-        Value::Null => true,
-        Value::Object(m) => m.values().all(is_empty_value),
-        Value::Array(a) => a.is_empty(),
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::Bool(b) => !b,
-        Value::String(s) => s.is_empty(),
+/// Where a file lands in the container: secrets default to `/run/secrets/<target>` (the engine's own
+/// rule for relative names); configs have no such directory, so a relative target is made absolute.
+pub fn file_target(kind: FileKind, r: &FileRef) -> String {
+    let t = r.target.clone().unwrap_or_else(|| r.name.clone());
+    match kind {
+        FileKind::Secret => t,
+        FileKind::Config if t.starts_with('/') => t,
+        FileKind::Config => format!("/{t}"),
     }
 }
 
@@ -399,10 +342,13 @@ pub fn same_mode(observed: &ServiceSpec, desired: &ServiceSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_api_types::Kind;
+    use serde_json::Value;
+    use crate::swarm::hash::contains;
     use serde_json::json;
 
     fn build_plain(svc: &Service, instance: &str) -> Built {
-        build(svc, instance, &Resolved::default())
+        build(svc, &Owner::new(instance, Kind::Service), &Resolved::default())
     }
 
     fn service(spec: Value) -> Service {
@@ -524,15 +470,15 @@ mod tests {
             "networks": ["backend"]
         }));
         let deps = Resolved {
-            secrets: vec![super::super::deps::SwarmFile { id: "sid".into(), name: "db-abc".into() }],
-            configs: vec![super::super::deps::SwarmFile { id: "cid".into(), name: "nginx-def".into() }],
+            secrets: vec![crate::swarm::SwarmFile { id: "sid".into(), name: "db-abc".into() }],
+            configs: vec![crate::swarm::SwarmFile { id: "cid".into(), name: "nginx-def".into() }],
             volumes: std::collections::BTreeMap::from([(
                 "pgdata".to_string(),
                 serde_json::from_value(json!({"driver": "local", "driverOpts": {"type": "tmpfs"}, "labels": {"tier": "db"}})).unwrap(),
             )]),
             networks: vec!["netid1".into()],
         };
-        let v = serde_json::to_value(build(&svc, "i", &deps).spec).unwrap();
+        let v = serde_json::to_value(build(&svc, &Owner::new("i", Kind::Service), &deps).spec).unwrap();
         let c = &v["TaskTemplate"]["ContainerSpec"];
         assert_eq!(
             c["Secrets"][0],
@@ -579,19 +525,19 @@ mod tests {
     fn hash_is_stable_and_sensitive() {
         let a = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "3"}})),
-            "i",
+            &Owner::new("i", Kind::Service),
         );
         for _ in 0..20 {
             // HashMap iteration order differs between builds; the hash must not.
             let again = build_plain(
                 &service(json!({"image": "a", "labels": {"z": "3", "y": "2", "x": "1"}})),
-                "i",
+                &Owner::new("i", Kind::Service),
             );
             assert_eq!(a.hash, again.hash);
         }
         let b = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "4"}})),
-            "i",
+            &Owner::new("i", Kind::Service),
         );
         assert_ne!(a.hash, b.hash);
         let c = build_plain(
@@ -605,7 +551,7 @@ mod tests {
     fn containment_ignores_engine_defaults_but_sees_drift() {
         let desired = build_plain(
             &service(json!({"image": "a", "replicas": 2, "env": [{"name": "A", "value": "1"}]})),
-            "i",
+            &Owner::new("i", Kind::Service),
         )
         .spec;
         let mut observed = desired.clone();

@@ -1,8 +1,10 @@
 //! Observed Swarm state -> Service status. Pure: the reconcile hands in what it read from the engine
 //! (the service and its tasks) and gets back the status to write, conditions included.
 
+use super::rollout;
+use crate::runtime::ObjectStatus;
 use berth_api_types::meta::set_condition;
-use berth_api_types::service::{conditions, ServiceStatus};
+use berth_api_types::service::{conditions, Service, ServiceStatus};
 use berth_api_types::ConditionStatus::{False, True};
 use bollard::models::{
     Service as SwarmService, ServiceUpdateStatusStateEnum as U, Task, TaskState,
@@ -54,6 +56,67 @@ pub fn refused(
         now,
     );
     s
+}
+
+/// What apply did, for the status.
+pub struct Applied<'a> {
+    /// Whether berth wrote the Swarm service in this reconcile (a new revision, if the image moved).
+    pub wrote: bool,
+    /// The digest the image was pinned to, if it was.
+    pub digest: Option<&'a str>,
+}
+
+/// The whole status after apply: the engine's view, the revision history and the mounts no volume
+/// backs.
+pub fn after_apply(
+    current: &ServiceStatus,
+    svc: &Service,
+    o: &Observed,
+    applied: &Applied,
+) -> ServiceStatus {
+    let generation = svc.metadata.generation;
+    let mut st = observed(current, generation, o);
+    if applied.wrote || st.revisions.is_empty() {
+        let (trigger, deploy_id) = rollout::trigger(&svc.metadata);
+        let image = svc.spec.image.to_string();
+        st.revisions = rollout::record(
+            &st.revisions,
+            &rollout::Sent {
+                generation,
+                image: &image,
+                digest: applied.digest,
+                force_update: svc.spec.force_update,
+                trigger: &trigger,
+                deploy_id: deploy_id.as_deref(),
+                now: o.now,
+            },
+        );
+    }
+    rollout::observe(
+        &mut st.revisions,
+        &rollout::Progress {
+            update_state: st.update_state.as_deref(),
+            update_message: st.update_message.as_deref(),
+            all_updated: st.updated_replicas >= st.desired_replicas
+                && st.running_replicas >= st.desired_replicas,
+        },
+    );
+    st.unbacked_mounts = svc
+        .spec
+        .volumes
+        .iter()
+        .filter_map(|v| {
+            v.unbacked_reason()
+                .map(|why| format!("{} ({why})", v.target))
+        })
+        .collect();
+    st
+}
+
+impl ObjectStatus for ServiceStatus {
+    fn refused(&self, generation: u64, reason: &str, message: &str, now: DateTime<Utc>) -> Self {
+        refused(self, generation, reason, message, now)
+    }
 }
 
 /// Status from the engine's view of the service.

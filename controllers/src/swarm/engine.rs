@@ -1,6 +1,6 @@
 //! Talking to the Swarm engine: connecting (one place that understands `--docker-host` values and
 //! negotiates the API version down to what the engine speaks; Debian's engine 20.10 speaks 1.41), and
-//! the small helpers every controller needs around engine answers and spec hashes.
+//! the small helpers every controller needs around engine answers.
 
 use bollard::Docker;
 
@@ -62,36 +62,16 @@ pub fn message(e: &bollard::errors::Error) -> String {
     }
 }
 
-/// Short hash (16 hex) of a JSON value in canonical form (object keys sorted at every level), so
-/// maps the engine models as `HashMap` hash the same whatever their iteration order.
-pub fn canonical_hash(v: &serde_json::Value) -> String {
-    use sha2::{Digest, Sha256};
-    fn write(v: &serde_json::Value, h: &mut Sha256) {
-        match v {
-            serde_json::Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                h.update(b"{");
-                for k in keys {
-                    h.update(serde_json::to_string(k).unwrap_or_default().as_bytes());
-                    h.update(b":");
-                    write(&m[k], h);
-                    h.update(b",");
-                }
-                h.update(b"}");
-            }
-            serde_json::Value::Array(a) => {
-                h.update(b"[");
-                for x in a {
-                    write(x, h);
-                    h.update(b",");
-                }
-                h.update(b"]");
-            }
-            other => h.update(other.to_string().as_bytes()),
-        }
+/// An engine answer where 404 means "not there": `Ok(None)`, other errors stay errors.
+pub fn found<T>(r: Result<T, bollard::errors::Error>) -> Result<Option<T>, bollard::errors::Error> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if status_code(&e) == Some(404) => Ok(None),
+        Err(e) => Err(e),
     }
-    let mut h = Sha256::new();
-    write(v, &mut h);
-    hex::encode(&h.finalize()[..8])
+}
+
+/// An engine delete where 404 ("already gone") is success.
+pub fn gone(r: Result<(), bollard::errors::Error>) -> Result<(), bollard::errors::Error> {
+    found(r).map(|_| ())
 }

@@ -1,8 +1,9 @@
-//! Which Registry an image is pulled with, and reading its password. Shared by the Registry
-//! controller (which checks the credentials) and the Service controller (which sends them with every
-//! create and update), so both agree on which Registry serves a server.
+//! Pull credentials for an image: which Registry serves its server, and reading that Registry's
+//! password from its Secret. The Registry controller checks the credentials and the Service
+//! controller sends them with every create and update; both ask here, so they agree on which
+//! Registry serves a server.
 
-use crate::client::{ClientError, ResourceStore};
+use crate::api::{ClientError, ResourceStore, SecretReader};
 use berth_api_types::image::{ImageRef, DOCKER_HUB};
 use berth_api_types::meta::condition;
 use berth_api_types::registry::{conditions, RegistrySpec, RegistryStatus};
@@ -41,6 +42,7 @@ pub enum Password {
 
 pub async fn password(
     store: &dyn ResourceStore,
+    secrets: &dyn SecretReader,
     spec: &RegistrySpec,
 ) -> Result<Password, ClientError> {
     let r = &spec.password_secret_ref;
@@ -50,7 +52,7 @@ pub async fn password(
             r.name
         )));
     };
-    let Some(files) = store.data(Kind::Secret, &r.name).await? else {
+    let Some(files) = secrets.data(Kind::Secret, &r.name).await? else {
         return Ok(Password::Missing(format!(
             "Secret `{}` does not exist",
             r.name
@@ -147,6 +149,7 @@ pub enum PullAuthLookup {
 /// The credentials for pulling `image`, if a Registry provides them.
 pub async fn for_image(
     store: &dyn ResourceStore,
+    secrets: &dyn SecretReader,
     image: &ImageRef,
 ) -> Result<PullAuthLookup, ClientError> {
     let host = image.registry_host();
@@ -155,7 +158,7 @@ pub async fn for_image(
         return Ok(PullAuthLookup::Anonymous { host });
     };
     let registry = obj.metadata.name.clone();
-    match password(store, &spec).await? {
+    match password(store, secrets, &spec).await? {
         Password::Missing(why) => Ok(PullAuthLookup::Broken {
             registry,
             host,

@@ -1,0 +1,13 @@
+//! The Swarm kit every controller uses: talking to the engine, ownership labels and filters,
+//! canonical spec hashing, content-addressed secrets and configs with one garbage collector, and
+//! pull credentials for an image. Controllers never import each other; what two of them need
+//! lives here, once.
+
+pub mod engine;
+pub mod files;
+pub mod hash;
+pub mod owner;
+pub mod pull;
+
+pub use files::{FileKind, SwarmFile, SwarmFiles};
+pub use owner::{Claim, Owner};
