@@ -4,12 +4,12 @@
 //! test ends, also when it fails. No engine (or no Swarm) fails the tests: a silently skipped engine
 //! test would hide a broken controller.
 
-use async_trait::async_trait;
-use berth_api_types::{DynObject, Kind};
-use berth_controllers::client::{ClientError, ResourceStore};
+use berth_api_types::Kind;
+use berth_controllers::api::ResourceStore;
 use berth_controllers::network::status::NetworkStatus;
-use berth_controllers::network::{NetworkController, NetworkError};
-use berth_controllers::runtime::{Action, Reconciler};
+use berth_controllers::network::NetworkController;
+use berth_controllers::runtime::testing::FakeStore;
+use berth_controllers::runtime::{reconcile_once, Action, Error, Hooks};
 use bollard::models::{
     EventMessage, Network as SwarmNetwork, NetworkAttachmentConfig, NetworkCreateRequest,
     ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
@@ -18,110 +18,38 @@ use bollard::query_parameters::{EventsOptions, ListNetworksOptions};
 use bollard::Docker;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The API server's side, in memory: objects by name; status writes are recorded and applied.
-#[derive(Default)]
-struct FakeStore {
-    instance: String,
-    objects: Mutex<HashMap<String, DynObject>>,
-    status_writes: Mutex<Vec<(String, Value)>>,
-}
+/// The API server's side: the runtime's one fake store, plus what these tests ask of it.
+struct Store(Arc<FakeStore>);
 
-impl FakeStore {
+impl Store {
     fn new(instance: &str) -> Arc<Self> {
-        Arc::new(FakeStore {
-            instance: instance.to_string(),
-            ..Default::default()
-        })
+        Arc::new(Store(Arc::new(FakeStore::new(instance))))
     }
 
-    /// Stores a Network object, bumping its generation if it exists (as the API server does).
+    /// Stores a Network object, bumping its generation if its spec changed (as the API server does).
     fn apply(&self, name: &str, spec: Value) {
-        let mut objects = self.objects.lock().unwrap();
-        let generation = objects.get(name).map_or(1, |o| o.metadata.generation + 1);
-        let status = objects.get(name).map_or(Value::Null, |o| o.status.clone());
-        let object: DynObject = serde_json::from_value(json!({
+        self.0.put(json!({
             "apiVersion": "berth/v1", "kind": "Network",
-            "metadata": {
-                "name": name,
-                "uid": ulid::Ulid::new().to_string(),
-                "generation": generation
-            },
+            "metadata": {"name": name},
             "spec": spec,
-            "status": status,
-        }))
-        .expect("test object");
-        objects.insert(name.to_string(), object);
+        }));
     }
 
     fn delete(&self, name: &str) {
-        self.objects.lock().unwrap().remove(name);
+        self.0.remove(Kind::Network, name);
     }
 
     fn status(&self, name: &str) -> NetworkStatus {
-        let objects = self.objects.lock().unwrap();
-        serde_json::from_value(objects[name].status.clone()).expect("status decodes")
+        serde_json::from_value(self.0.status(Kind::Network, name)).expect("status decodes")
     }
 
     fn writes(&self) -> usize {
-        self.status_writes.lock().unwrap().len()
-    }
-}
-
-#[async_trait]
-impl ResourceStore for FakeStore {
-    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
-        assert_eq!(kind, Kind::Network);
-        Ok(self.objects.lock().unwrap().get(name).cloned())
-    }
-
-    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
-        assert_eq!(kind, Kind::Network);
-        Ok(self.objects.lock().unwrap().values().cloned().collect())
-    }
-
-    async fn update_status(
-        &self,
-        kind: Kind,
-        name: &str,
-        status: Value,
-    ) -> Result<(), ClientError> {
-        assert_eq!(kind, Kind::Network);
-        let mut objects = self.objects.lock().unwrap();
-        let Some(o) = objects.get_mut(name) else {
-            return Err(ClientError::Api {
-                status: 404,
-                reason: "NotFound".into(),
-                message: format!("network {name} not found"),
-                details: vec![],
-            });
-        };
-        o.status = status.clone();
-        self.status_writes
-            .lock()
-            .unwrap()
-            .push((name.to_string(), status));
-        Ok(())
-    }
-
-    async fn instance(&self) -> Result<String, ClientError> {
-        Ok(self.instance.clone())
-    }
-
-    async fn data(
-        &self,
-        _: Kind,
-        _: &str,
-    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
-        Ok(None)
-    }
-
-    async fn default_network(&self) -> Result<String, ClientError> {
-        Ok("x".into())
+        self.0.status_writes().len()
     }
 }
 
@@ -166,8 +94,8 @@ impl Drop for Cleanup {
 
 struct Fixture {
     docker: Docker,
-    store: Arc<FakeStore>,
-    ctl: NetworkController,
+    store: Arc<Store>,
+    ctl: Arc<NetworkController>,
     instance: String,
     prefix: String,
     _cleanup: Cleanup,
@@ -175,7 +103,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let docker = berth_controllers::engine::connect(None).await.expect(
+        let docker = berth_controllers::swarm::engine::connect(None).await.expect(
             "cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
         );
         let info = docker.info().await.expect("docker info");
@@ -188,8 +116,8 @@ impl Fixture {
         let id = ulid::Ulid::new().to_string().to_lowercase();
         let prefix = format!("nettest-{}", &id[id.len() - 10..]);
         let instance = format!("test-{id}");
-        let store = FakeStore::new(&instance);
-        let ctl = NetworkController::new(docker.clone(), store.clone(), instance.clone());
+        let store = Store::new(&instance);
+        let ctl = Arc::new(NetworkController::new(docker.clone(), &instance));
         Fixture {
             docker,
             store,
@@ -219,9 +147,14 @@ impl Fixture {
         found.remove(0)
     }
 
+    /// One reconcile of `name`, exactly as the runtime's worker runs it.
+    async fn try_reconcile(&self, name: &str) -> Result<Action, Error> {
+        let api: Arc<dyn ResourceStore> = self.store.0.clone();
+        reconcile_once(&self.ctl, api, name).await
+    }
+
     async fn reconcile(&self, name: &str) -> Action {
-        self.ctl
-            .reconcile(name)
+        self.try_reconcile(name)
             .await
             .unwrap_or_else(|e| panic!("reconcile {name}: {e}"))
     }
@@ -230,7 +163,7 @@ impl Fixture {
     async fn reconcile_until(&self, name: &str, what: &str, done: impl Fn(&NetworkStatus) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let result = self.ctl.reconcile(name).await;
+            let result = self.try_reconcile(name).await;
             if result.is_ok() && done(&self.store.status(name)) {
                 return;
             }
@@ -501,11 +434,12 @@ async fn a_changed_spec_waits_while_in_use_then_re_creates() {
     // Deleting the object while the network is in use: an error, so the runtime backs off and retries.
     let spec_before_delete = json!({"encrypted": false});
     f.store.delete(&name);
-    match f.ctl.reconcile(&name).await {
-        Err(NetworkError::InUse { users, .. }) => {
-            assert!(users.contains(&format!("service {svc_name}")), "{users:?}")
-        }
-        other => panic!("expected InUse, got {other:?}"),
+    match f.try_reconcile(&name).await {
+        Err(Error::Transient(why)) => assert!(
+            why.contains("still in use") && why.contains(&format!("service {svc_name}")),
+            "{why}"
+        ),
+        other => panic!("expected an in-use error, got {other:?}"),
     }
     assert_eq!(f.network(&name).await.id, first.id);
     f.store.apply(&name, spec_before_delete);

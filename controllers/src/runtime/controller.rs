@@ -162,6 +162,36 @@ async fn write_status<R: Resource>(
     }
 }
 
+/// One key's reconcile exactly as a worker runs it, against a cache filled from `store`: for tests
+/// that drive a controller step by step (the engine tests, the controllers' unit tests).
+pub async fn reconcile_once<R: Reconciler>(
+    reconciler: &Arc<R>,
+    store: Arc<dyn ResourceStore>,
+    name: &str,
+) -> Result<Action, Error> {
+    let ctx = context_from(store).await?;
+    PerObject(reconciler.clone()).run(name, &ctx).await
+}
+
+/// [`reconcile_once`] for an [`Aggregator`]: one converge of the whole kind.
+pub async fn converge_once<A: Aggregator>(
+    aggregator: &Arc<A>,
+    store: Arc<dyn ResourceStore>,
+) -> Result<Action, Error> {
+    let ctx = context_from(store).await?;
+    Whole(aggregator.clone()).run(&aggregator.key(), &ctx).await
+}
+
+async fn context_from<R: Resource>(store: Arc<dyn ResourceStore>) -> Result<Context<R>, Error> {
+    let cache = Cache::default();
+    cache.replace(store.list(R::KIND).await?);
+    Ok(Context {
+        installation: store.installation().await?,
+        store,
+        cache,
+    })
+}
+
 /// A controller of kind `R`: the reconciler, the intake that triggers it, and its workers.
 pub struct Controller<R: Hooks> {
     hooks: Arc<R>,
@@ -452,5 +482,234 @@ async fn engine_intake<R: Hooks>(parts: Arc<Parts<R>>, docker: Docker) {
             }
         }
         retry.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::EmbeddedBus;
+    use crate::runtime::reconciler::{ObjectStatus, Reconciled};
+    use crate::runtime::testing::FakeStore;
+    use berth_api_types::validate::FieldError;
+    use berth_api_types::{Event, Kind, Object};
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Serialize};
+    use std::sync::Mutex;
+    use tokio::time::Instant;
+
+    #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+    struct Seen {
+        #[serde(default)]
+        note: String,
+    }
+
+    impl ObjectStatus for Seen {
+        fn refused(&self, _: u64, reason: &str, message: &str, _: DateTime<Utc>) -> Self {
+            Seen {
+                note: format!("refused {reason}: {message}"),
+            }
+        }
+    }
+
+    /// Answers per name: `fail` always errors, `refuse` is refused, `poll` requeues after 10 s,
+    /// anything else is done.
+    #[derive(Default)]
+    struct Script {
+        calls: Mutex<Vec<(String, Instant)>>,
+    }
+
+    impl Script {
+        fn times(&self, name: &str) -> Vec<Instant> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, t)| *t)
+                .collect()
+        }
+    }
+
+    impl Resource for Script {
+        type Object = Object<serde_json::Value, serde_json::Value>;
+        type Status = Seen;
+        const KIND: Kind = Kind::Service;
+
+        /// `spec.bad` makes an object invalid.
+        fn validate(o: &Self::Object) -> Result<(), Vec<FieldError>> {
+            match o.spec.get("bad") {
+                Some(_) => Err(vec![FieldError::new("spec.bad", "not allowed")]),
+                None => Ok(()),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Hooks for Script {
+        async fn engine_names(&self) -> Result<Vec<String>, Error> {
+            Ok(vec!["orphan".into()])
+        }
+    }
+
+    #[async_trait]
+    impl Reconciler for Script {
+        async fn reconcile(
+            &self,
+            obj: Arc<Cached<Self>>,
+            _: &Context<Self>,
+        ) -> Result<Reconciled<Seen>, Error> {
+            let name = obj.name().to_string();
+            self.calls.lock().unwrap().push((name.clone(), Instant::now()));
+            let done = |action| {
+                Ok(Reconciled {
+                    status: Seen {
+                        note: format!("seen generation {}", obj.generation()),
+                    },
+                    action,
+                })
+            };
+            match name.as_str() {
+                "fail" => Err(Error::Transient("engine unreachable".into())),
+                "refuse" => Err(Error::refused("Taken", "someone else's")),
+                "poll" => done(Action::requeue(Duration::from_secs(10))),
+                _ => done(Action::await_change()),
+            }
+        }
+
+        async fn cleanup(&self, name: &str, _: &Context<Self>) -> Result<Action, Error> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((name.to_string(), Instant::now()));
+            Ok(Action::await_change())
+        }
+    }
+
+    fn object(name: &str, spec: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "berth/v1", "kind": "Service",
+            "metadata": {"name": name}, "spec": spec
+        })
+    }
+
+    fn event(name: &str, type_: EventType, rv: &str) -> Event {
+        Event {
+            id: ulid::Ulid::new().to_string(),
+            type_,
+            kind: Kind::Service,
+            name: name.into(),
+            uid: String::new(),
+            generation: 1,
+            resource_version: rv.into(),
+            time: chrono::Utc::now(),
+            message: String::new(),
+        }
+    }
+
+    fn note(store: &FakeStore, name: &str) -> String {
+        store.status(Kind::Service, name)["note"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_back_off_refusals_wait_requeue_polls_and_events_trigger() {
+        let script = Arc::new(Script::default());
+        let bus = Arc::new(EmbeddedBus::new());
+        let store = Arc::new(FakeStore::default());
+        for name in ["fail", "refuse", "poll", "done"] {
+            store.put(object(name, serde_json::json!({})));
+        }
+        store.put(object("invalid", serde_json::json!({"bad": 1})));
+        let config = ControllerConfig {
+            resync: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let ctl = Controller::new(script.clone(), store.clone(), bus.clone(), config);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(ctl.run(async {
+            let _ = stop_rx.await;
+        }));
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+
+        // The first resync visits every object and every engine-side name (an orphan: cleanup).
+        assert_eq!(script.times("orphan").len(), 1);
+        // The runtime writes what reconcile returned...
+        assert_eq!(note(&store, "done"), "seen generation 1");
+        // ...reports an invalid object once, without calling reconcile...
+        assert_eq!(script.times("invalid").len(), 0);
+        assert_eq!(
+            note(&store, "invalid"),
+            "refused InvalidSpec: spec.bad: not allowed"
+        );
+        // ...and a refusal once, not retried.
+        assert_eq!(script.times("refuse").len(), 1);
+        assert_eq!(note(&store, "refuse"), "refused Taken: someone else's");
+        // Requeue(10 s): about every 10 s.
+        let polls = script.times("poll").len();
+        assert!((6..=7).contains(&polls), "polls in 60 s: {polls}");
+        // Transient errors back off exponentially (200 ms, 400 ms, ... with ±30 % jitter), not a hot
+        // loop, and write no status.
+        let fails = script.times("fail");
+        assert!(
+            (7..=11).contains(&fails.len()),
+            "retries in 60 s: {}",
+            fails.len()
+        );
+        let gaps: Vec<Duration> = fails.windows(2).map(|w| w[1] - w[0]).collect();
+        for w in gaps.windows(2) {
+            assert!(w[1] > w[0], "retry gaps must grow: {gaps:?}");
+        }
+        assert_eq!(note(&store, "fail"), "");
+
+        // A status-only event does not trigger; a change does, and reconcile sees the new object.
+        let rv = store
+            .object(Kind::Service, "done")
+            .unwrap()
+            .metadata
+            .resource_version
+            .unwrap();
+        bus.publish(&event("done", EventType::StatusChanged, &rv))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.times("done").len(), 1);
+        let changed = store.put(object("done", serde_json::json!({"image": "b"})));
+        bus.publish(&event(
+            "done",
+            EventType::Applied,
+            changed.metadata.resource_version.as_deref().unwrap(),
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(script.times("done").len(), 2);
+        assert_eq!(note(&store, "done"), "seen generation 2");
+        assert!(start.elapsed() >= Duration::from_secs(60));
+
+        let _ = stop_tx.send(());
+        run.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_status_computed_from_an_old_object_is_not_written() {
+        let script = Arc::new(Script::default());
+        let store = Arc::new(FakeStore::default());
+        store.put(object("done", serde_json::json!({})));
+        let ctx: Context<Script> = context_from(store.clone()).await.unwrap();
+        // Someone else writes meanwhile (a newer object than the cache holds).
+        store.put(object("done", serde_json::json!({"image": "b"})));
+        let result = PerObject(script.clone()).run("done", &ctx).await;
+        assert!(
+            matches!(&result, Err(Error::Api(e)) if e.is_conflict()),
+            "{result:?}"
+        );
+        assert_eq!(note(&store, "done"), "", "nothing written over the newer object");
+        // The cache was refreshed, so the retry starts from the current object and succeeds.
+        PerObject(script).run("done", &ctx).await.unwrap();
+        assert_eq!(note(&store, "done"), "seen generation 2");
     }
 }

@@ -12,7 +12,7 @@ pub mod records;
 pub mod testing;
 
 pub use cache::{Cache, Cached};
-pub use controller::{Controller, ControllerConfig};
+pub use controller::{converge_once, reconcile_once, Controller, ControllerConfig};
 pub use reconciler::{
     Action, Aggregator, Context, Converged, Error, Hooks, ObjectStatus, Reconciled, Reconciler,
     Resource,

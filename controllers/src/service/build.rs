@@ -525,19 +525,19 @@ mod tests {
     fn hash_is_stable_and_sensitive() {
         let a = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "3"}})),
-            &Owner::new("i", Kind::Service),
+            "i",
         );
         for _ in 0..20 {
             // HashMap iteration order differs between builds; the hash must not.
             let again = build_plain(
                 &service(json!({"image": "a", "labels": {"z": "3", "y": "2", "x": "1"}})),
-                &Owner::new("i", Kind::Service),
+                "i",
             );
             assert_eq!(a.hash, again.hash);
         }
         let b = build_plain(
             &service(json!({"image": "a", "labels": {"x": "1", "y": "2", "z": "4"}})),
-            &Owner::new("i", Kind::Service),
+            "i",
         );
         assert_ne!(a.hash, b.hash);
         let c = build_plain(
@@ -551,7 +551,7 @@ mod tests {
     fn containment_ignores_engine_defaults_but_sees_drift() {
         let desired = build_plain(
             &service(json!({"image": "a", "replicas": 2, "env": [{"name": "A", "value": "1"}]})),
-            &Owner::new("i", Kind::Service),
+            "i",
         )
         .spec;
         let mut observed = desired.clone();
