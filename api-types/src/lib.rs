@@ -1,6 +1,6 @@
 //! berth's resource model: the object envelope shared by every kind, the kinds' specs and validation,
-//! manifest loading, and the names (API paths, NATS subjects, Swarm labels) that other crates and
-//! outside tools rely on.
+//! manifest loading, the API's other documents (`wire`: errors, discovery, lists), and the names
+//! (API paths, NATS subjects, Swarm labels) that other crates and outside tools rely on.
 
 pub mod data;
 pub mod deploy;
@@ -17,6 +17,7 @@ pub mod typed;
 pub mod units;
 pub mod validate;
 pub mod volume;
+pub mod wire;
 
 pub use event::{Event, EventType};
 pub use kind::Kind;

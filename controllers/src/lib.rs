@@ -1,8 +1,8 @@
 //! berth controllers: the shared controller runtime (queue, backoff, resync, event intake), the event
-//! buses, the API client, and one folder per kind.
+//! buses, the interface to the API server (`api`), and one folder per kind.
 
+pub mod api;
 pub mod bus;
-pub mod client;
 pub mod engine;
 pub mod ingress;
 pub mod network;

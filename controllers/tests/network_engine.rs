@@ -5,8 +5,9 @@
 //! test would hide a broken controller.
 
 use async_trait::async_trait;
+use berth_api_types::wire::Installation;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::client::{ClientError, ResourceStore};
+use berth_controllers::api::{ClientError, ResourceStore};
 use berth_controllers::network::status::NetworkStatus;
 use berth_controllers::network::{NetworkController, NetworkError};
 use berth_controllers::runtime::{Action, Reconciler};
@@ -18,7 +19,7 @@ use bollard::query_parameters::{EventsOptions, ListNetworksOptions};
 use bollard::Docker;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,7 +90,8 @@ impl ResourceStore for FakeStore {
         kind: Kind,
         name: &str,
         status: Value,
-    ) -> Result<(), ClientError> {
+        _: Option<&str>,
+    ) -> Result<DynObject, ClientError> {
         assert_eq!(kind, Kind::Network);
         let mut objects = self.objects.lock().unwrap();
         let Some(o) = objects.get_mut(name) else {
@@ -105,23 +107,14 @@ impl ResourceStore for FakeStore {
             .lock()
             .unwrap()
             .push((name.to_string(), status));
-        Ok(())
+        Ok(o.clone())
     }
 
-    async fn instance(&self) -> Result<String, ClientError> {
-        Ok(self.instance.clone())
-    }
-
-    async fn data(
-        &self,
-        _: Kind,
-        _: &str,
-    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
-        Ok(None)
-    }
-
-    async fn default_network(&self) -> Result<String, ClientError> {
-        Ok("x".into())
+    async fn installation(&self) -> Result<Installation, ClientError> {
+        Ok(Installation {
+            instance: self.instance.clone(),
+            default_network: "x".into(),
+        })
     }
 }
 

@@ -2,14 +2,15 @@
 //! `berth api` (API server alone) and `berth controller KIND` (one controller alone). They share the
 //! pieces below; only which pieces run differs.
 
+use crate::api_client::ApiClient;
 use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
 use crate::{deploy, publisher, Conn, IngressArgs, ServerArgs};
+use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::bus::{self, EventBus};
-use berth_controllers::client::{ApiClient, ResourceStore};
 use berth_controllers::engine;
 use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
@@ -202,8 +203,9 @@ async fn prepare(
 /// The installation id every Swarm object a controller creates is labelled with.
 async fn installation(store: &Arc<dyn ResourceStore>) -> Result<String, String> {
     store
-        .instance()
+        .installation()
         .await
+        .map(|i| i.instance)
         .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))
 }
 
@@ -230,6 +232,7 @@ fn assemble<R: Reconciler>(
 
 async fn service_controller(
     store: Arc<dyn ResourceStore>,
+    secrets: Arc<dyn SecretReader>,
     bus: Arc<dyn EventBus>,
     docker_host: Option<&str>,
     state_dir: &Path,
@@ -239,7 +242,13 @@ async fn service_controller(
     let (docker, instance) = prepare(&store, docker_host).await?;
     let state = LocalState::open(&state_dir.join("service"), "applied")
         .map_err(|e| format!("error: {e}"))?;
-    let reconciler = ServiceController::new(docker.clone(), store.clone(), instance.clone(), state);
+    let reconciler = ServiceController::new(
+        docker.clone(),
+        store.clone(),
+        secrets,
+        instance.clone(),
+        state,
+    );
     Ok(assemble(
         reconciler,
         store,
@@ -274,12 +283,13 @@ async fn network_controller(
 /// The Registry controller talks to registries, not to the engine.
 async fn registry_controller(
     store: Arc<dyn ResourceStore>,
+    secrets: Arc<dyn SecretReader>,
     bus: Arc<dyn EventBus>,
     resync: u64,
     durable: bool,
 ) -> Result<Controller<RegistryController>, String> {
     let instance = installation(&store).await?;
-    let reconciler = RegistryController::new(store.clone());
+    let reconciler = RegistryController::new(store.clone(), secrets);
     Ok(assemble(
         reconciler, store, bus, None, &instance, resync, durable,
     ))
@@ -287,6 +297,7 @@ async fn registry_controller(
 
 async fn ingress_controller(
     store: Arc<dyn ResourceStore>,
+    secrets: Arc<dyn SecretReader>,
     bus: Arc<dyn EventBus>,
     docker_host: Option<&str>,
     ingress: &IngressArgs,
@@ -296,8 +307,13 @@ async fn ingress_controller(
     let settings = ingress.settings();
     settings.validate().map_err(|e| format!("error: {e}"))?;
     let (docker, instance) = prepare(&store, docker_host).await?;
-    let reconciler =
-        IngressController::new(docker.clone(), store.clone(), instance.clone(), settings);
+    let reconciler = IngressController::new(
+        docker.clone(),
+        store.clone(),
+        secrets,
+        instance.clone(),
+        settings,
+    );
     Ok(assemble(
         reconciler,
         store,
@@ -344,10 +360,12 @@ pub async fn up(
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
     let parts = start_api(&server, &mut tasks).await?;
-    let store: Arc<dyn ResourceStore> = Arc::new(LocalStore {
+    let local = Arc::new(LocalStore {
         store: parts.store.clone(),
         default_network: server.default_network.clone(),
     });
+    let store: Arc<dyn ResourceStore> = local.clone();
+    let secrets: Arc<dyn SecretReader> = local;
     // With NATS, a durable consumer lets the controller catch up on what it missed while down.
     let durable = server.nats.is_some();
     let networks = network_controller(
@@ -358,9 +376,17 @@ pub async fn up(
         durable,
     )
     .await?;
-    let registries = registry_controller(store.clone(), parts.bus.clone(), resync, durable).await?;
+    let registries = registry_controller(
+        store.clone(),
+        secrets.clone(),
+        parts.bus.clone(),
+        resync,
+        durable,
+    )
+    .await?;
     let ingresses = ingress_controller(
         store.clone(),
+        secrets.clone(),
         parts.bus.clone(),
         docker_host.as_deref(),
         &ingress,
@@ -370,6 +396,7 @@ pub async fn up(
     .await?;
     let services = service_controller(
         store,
+        secrets,
         parts.bus.clone(),
         docker_host.as_deref(),
         &server.data_dir.join("controllers"),
@@ -404,7 +431,9 @@ pub async fn controller(
     let token = conn
         .token
         .ok_or("error: no token: set BERTH_TOKEN or pass --token")?;
-    let client: Arc<dyn ResourceStore> = Arc::new(ApiClient::new(&conn.url, &token));
+    let http = Arc::new(ApiClient::new(&conn.url, &token));
+    let client: Arc<dyn ResourceStore> = http.clone();
+    let secrets: Arc<dyn SecretReader> = http;
     let bus = bus::connect(Some(&nats))
         .await
         .map_err(|e| format!("error: {e}"))?;
@@ -415,6 +444,7 @@ pub async fn controller(
         "service" | "services" => {
             let ctl = service_controller(
                 client,
+                secrets,
                 bus,
                 docker_host.as_deref(),
                 &state_dir,
@@ -429,13 +459,20 @@ pub async fn controller(
             spawn_controller(&mut tasks, ctl);
         }
         "registry" | "registries" => {
-            let ctl = registry_controller(client, bus, resync, true).await?;
+            let ctl = registry_controller(client, secrets, bus, resync, true).await?;
             spawn_controller(&mut tasks, ctl);
         }
         "ingress" | "ingresses" => {
-            let ctl =
-                ingress_controller(client, bus, docker_host.as_deref(), &ingress, resync, true)
-                    .await?;
+            let ctl = ingress_controller(
+                client,
+                secrets,
+                bus,
+                docker_host.as_deref(),
+                &ingress,
+                resync,
+                true,
+            )
+            .await?;
             spawn_controller(&mut tasks, ctl);
         }
         other => {

@@ -30,7 +30,7 @@ pub mod build;
 pub mod ca;
 pub mod status;
 
-use crate::client::{ClientError, ResourceStore};
+use crate::api::{ClientError, ResourceStore, SecretReader};
 use crate::engine::{canonical_hash, status_code};
 use crate::runtime::{Action, Reconciler};
 use crate::swarm_file::{self, FileKind, SwarmFile};
@@ -86,6 +86,8 @@ struct Ca {
 pub struct IngressController {
     docker: Docker,
     store: Arc<dyn ResourceStore>,
+    /// TLS certificates and keys, handed to the proxy as Swarm secrets.
+    secrets: Arc<dyn SecretReader>,
     instance: String,
     settings: Settings,
     /// One converge at a time: they all compute and apply the same global state.
@@ -101,12 +103,14 @@ impl IngressController {
     pub fn new(
         docker: Docker,
         store: Arc<dyn ResourceStore>,
+        secrets: Arc<dyn SecretReader>,
         instance: String,
         settings: Settings,
     ) -> Self {
         IngressController {
             docker,
             store,
+            secrets,
             instance,
             settings,
             lock: Default::default(),
@@ -210,7 +214,7 @@ impl IngressController {
                 }
             }
         }
-        let default_network = self.store.default_network().await?;
+        let default_network = self.store.installation().await?.default_network;
         let wanted: BTreeSet<&str> = valid
             .iter()
             .flat_map(|(_, i)| i.spec.rules.iter())
@@ -239,7 +243,7 @@ impl IngressController {
             .filter_map(|(_, i)| i.spec.tls.secret_ref.clone())
             .collect();
         for secret in refs {
-            let verdict = match self.store.data(Kind::Secret, &secret).await? {
+            let verdict = match self.secrets.data(Kind::Secret, &secret).await? {
                 None => Err(format!("Secret `{secret}` does not exist")),
                 Some(files) => build::certificate_pem(&secret, &files).map(|pem| {
                     pems.insert(secret.clone(), pem);
@@ -299,8 +303,12 @@ impl IngressController {
             if new != current {
                 let value =
                     serde_json::to_value(&new).map_err(|e| ClientError::Protocol(e.to_string()))?;
-                match self.store.update_status(Kind::Ingress, name, value).await {
-                    Ok(()) => {}
+                match self
+                    .store
+                    .update_status(Kind::Ingress, name, value, None)
+                    .await
+                {
+                    Ok(_) => {}
                     // Deleted meanwhile: its delete event brings the next converge.
                     Err(e) if e.is_not_found() => {}
                     Err(e) => return Err(e.into()),

@@ -11,7 +11,7 @@
 pub mod build;
 pub mod status;
 
-use crate::client::{ClientError, ResourceStore};
+use crate::api::{ClientError, ResourceStore};
 use crate::engine::status_code;
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
@@ -179,7 +179,21 @@ impl NetworkController {
         current: &NetworkStatus,
         new: NetworkStatus,
     ) -> Result<(), NetworkError> {
-        Ok(crate::client::write_status(&*self.store, Kind::Network, name, current, &new).await?)
+        // The runtime will write status; until then, written here unless unchanged. An object
+        // deleted meanwhile is not an error: its delete event brings the controller back.
+        if new == *current {
+            return Ok(());
+        }
+        let value = serde_json::to_value(&new).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match self
+            .store
+            .update_status(Kind::Network, name, value, None)
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
     }
 }
 
@@ -379,24 +393,23 @@ mod tests {
         }
         async fn update_status(
             &self,
-            _: Kind,
-            _: &str,
+            kind: Kind,
+            name: &str,
             _: serde_json::Value,
-        ) -> Result<(), ClientError> {
-            Ok(())
+            _: Option<&str>,
+        ) -> Result<berth_api_types::DynObject, ClientError> {
+            Err(ClientError::Api {
+                status: 404,
+                reason: "NotFound".into(),
+                message: format!("{kind} `{name}` not found"),
+                details: vec![],
+            })
         }
-        async fn instance(&self) -> Result<String, ClientError> {
-            Ok("i".into())
-        }
-        async fn data(
-            &self,
-            _: Kind,
-            _: &str,
-        ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError> {
-            Ok(None)
-        }
-        async fn default_network(&self) -> Result<String, ClientError> {
-            Ok("x".into())
+        async fn installation(&self) -> Result<berth_api_types::wire::Installation, ClientError> {
+            Ok(berth_api_types::wire::Installation {
+                instance: "i".into(),
+                default_network: "x".into(),
+            })
         }
     }
 

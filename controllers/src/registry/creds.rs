@@ -2,7 +2,7 @@
 //! controller (which checks the credentials) and the Service controller (which sends them with every
 //! create and update), so both agree on which Registry serves a server.
 
-use crate::client::{ClientError, ResourceStore};
+use crate::api::{ClientError, ResourceStore, SecretReader};
 use berth_api_types::image::{ImageRef, DOCKER_HUB};
 use berth_api_types::meta::condition;
 use berth_api_types::registry::{conditions, RegistrySpec, RegistryStatus};
@@ -41,6 +41,7 @@ pub enum Password {
 
 pub async fn password(
     store: &dyn ResourceStore,
+    secrets: &dyn SecretReader,
     spec: &RegistrySpec,
 ) -> Result<Password, ClientError> {
     let r = &spec.password_secret_ref;
@@ -50,7 +51,7 @@ pub async fn password(
             r.name
         )));
     };
-    let Some(files) = store.data(Kind::Secret, &r.name).await? else {
+    let Some(files) = secrets.data(Kind::Secret, &r.name).await? else {
         return Ok(Password::Missing(format!(
             "Secret `{}` does not exist",
             r.name
@@ -147,6 +148,7 @@ pub enum PullAuthLookup {
 /// The credentials for pulling `image`, if a Registry provides them.
 pub async fn for_image(
     store: &dyn ResourceStore,
+    secrets: &dyn SecretReader,
     image: &ImageRef,
 ) -> Result<PullAuthLookup, ClientError> {
     let host = image.registry_host();
@@ -155,7 +157,7 @@ pub async fn for_image(
         return Ok(PullAuthLookup::Anonymous { host });
     };
     let registry = obj.metadata.name.clone();
-    match password(store, &spec).await? {
+    match password(store, secrets, &spec).await? {
         Password::Missing(why) => Ok(PullAuthLookup::Broken {
             registry,
             host,

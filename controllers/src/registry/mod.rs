@@ -11,7 +11,7 @@ pub mod creds;
 pub mod login;
 pub mod status;
 
-use crate::client::{write_status, ClientError, ResourceStore};
+use crate::api::{ClientError, ResourceStore, SecretReader};
 use crate::runtime::{Action, Reconciler};
 use async_trait::async_trait;
 use berth_api_types::registry::{validate_registry, RegistrySpec, RegistryStatus};
@@ -34,13 +34,16 @@ pub enum RegistryError {
 
 pub struct RegistryController {
     store: Arc<dyn ResourceStore>,
+    /// The password Secret's value, to log in with.
+    secrets: Arc<dyn SecretReader>,
     http: reqwest::Client,
 }
 
 impl RegistryController {
-    pub fn new(store: Arc<dyn ResourceStore>) -> Self {
+    pub fn new(store: Arc<dyn ResourceStore>, secrets: Arc<dyn SecretReader>) -> Self {
         RegistryController {
             store,
+            secrets,
             http: login::client(),
         }
     }
@@ -51,7 +54,21 @@ impl RegistryController {
         current: &RegistryStatus,
         new: RegistryStatus,
     ) -> Result<(), RegistryError> {
-        Ok(write_status(&*self.store, Kind::Registry, name, current, &new).await?)
+        // The runtime will write status; until then, written here unless unchanged. An object
+        // deleted meanwhile is not an error: its delete event brings the controller back.
+        if new == *current {
+            return Ok(());
+        }
+        let value = serde_json::to_value(&new).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match self
+            .store
+            .update_status(Kind::Registry, name, value, None)
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
     }
 }
 
@@ -101,7 +118,9 @@ impl Reconciler for RegistryController {
             }
         }
 
-        let (password, secret_version) = match creds::password(&*self.store, &spec).await? {
+        let (password, secret_version) = match creds::password(&*self.store, &*self.secrets, &spec)
+            .await?
+        {
             Password::Found {
                 password,
                 secret_version,

@@ -5,8 +5,8 @@
 
 use super::backoff::BackoffPolicy;
 use super::queue::WorkQueue;
+use crate::api::ResourceStore;
 use crate::bus::{BusMessage, EventBus};
-use crate::client::ResourceStore;
 use async_trait::async_trait;
 use berth_api_types::{Event, EventType, Kind};
 use bollard::models::EventMessage;
@@ -341,8 +341,8 @@ async fn engine_intake<R: Reconciler>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::ClientError;
     use crate::bus::EmbeddedBus;
-    use crate::client::ClientError;
     use berth_api_types::DynObject;
     use std::sync::Mutex;
     use tokio::time::Instant;
@@ -370,24 +370,23 @@ mod tests {
         }
         async fn update_status(
             &self,
-            _: Kind,
-            _: &str,
+            kind: Kind,
+            name: &str,
             _: serde_json::Value,
-        ) -> Result<(), ClientError> {
-            Ok(())
+            _: Option<&str>,
+        ) -> Result<DynObject, ClientError> {
+            Err(ClientError::Api {
+                status: 404,
+                reason: "NotFound".into(),
+                message: format!("{kind} `{name}` not found"),
+                details: vec![],
+            })
         }
-        async fn instance(&self) -> Result<String, ClientError> {
-            Ok("test".into())
-        }
-        async fn data(
-            &self,
-            _: Kind,
-            _: &str,
-        ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError> {
-            Ok(None)
-        }
-        async fn default_network(&self) -> Result<String, ClientError> {
-            Ok("berth-internal".into())
+        async fn installation(&self) -> Result<berth_api_types::wire::Installation, ClientError> {
+            Ok(berth_api_types::wire::Installation {
+                instance: "test".into(),
+                default_network: "berth-internal".into(),
+            })
         }
     }
 

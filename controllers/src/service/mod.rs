@@ -7,7 +7,7 @@ pub mod deps;
 pub mod rollout;
 pub mod status;
 
-use crate::client::{ClientError, ResourceStore};
+use crate::api::{ClientError, ResourceStore, SecretReader};
 use crate::engine::status_code;
 use crate::registry::creds::{self, PullAuth, PullAuthLookup};
 use crate::runtime::state::LocalState;
@@ -99,6 +99,8 @@ struct Applied {
 pub struct ServiceController {
     docker: Docker,
     store: Arc<dyn ResourceStore>,
+    /// Secret and Config values, handed to the engine as Swarm secrets/configs.
+    secrets: Arc<dyn SecretReader>,
     instance: String,
     state: LocalState,
     /// Swarm secret/config names this process materialised recently (see `FILE_GC_GRACE`).
@@ -134,12 +136,14 @@ impl ServiceController {
     pub fn new(
         docker: Docker,
         store: Arc<dyn ResourceStore>,
+        secrets: Arc<dyn SecretReader>,
         instance: String,
         state: LocalState,
     ) -> Self {
         ServiceController {
             docker,
             store,
+            secrets,
             instance,
             state,
             fresh: Default::default(),
@@ -212,7 +216,21 @@ impl ServiceController {
         current: &ServiceStatus,
         new: ServiceStatus,
     ) -> Result<(), ServiceError> {
-        Ok(crate::client::write_status(&*self.store, Kind::Service, name, current, &new).await?)
+        // The runtime will write status; until then, written here unless unchanged. An object
+        // deleted meanwhile is not an error: its delete event brings the controller back.
+        if new == *current {
+            return Ok(());
+        }
+        let value = serde_json::to_value(&new).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match self
+            .store
+            .update_status(Kind::Service, name, value, None)
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(()),
+        }
     }
 
     /// Creates or updates the Swarm service so it matches `built`.
@@ -345,7 +363,7 @@ impl ServiceController {
             (FileKind::Config, &spec.configs),
         ] {
             for r in refs {
-                let Some(files) = self.store.data(kind.kind(), &r.name).await? else {
+                let Some(files) = self.secrets.data(kind.kind(), &r.name).await? else {
                     waiting.push(format!("{} `{}` does not exist", kind.kind(), r.name));
                     continue;
                 };
@@ -377,7 +395,7 @@ impl ServiceController {
             }
         }
         let networks = if spec.networks.is_empty() {
-            vec![self.store.default_network().await?]
+            vec![self.store.installation().await?.default_network]
         } else {
             spec.networks.clone()
         };
@@ -702,7 +720,7 @@ impl Reconciler for ServiceController {
         };
 
         // The image's registry credentials, if a Registry provides them.
-        let pull = match creds::for_image(&*self.store, &svc.spec.image).await? {
+        let pull = match creds::for_image(&*self.store, &*self.secrets, &svc.spec.image).await? {
             PullAuthLookup::Broken {
                 registry,
                 host,
@@ -895,7 +913,12 @@ impl Reconciler for ServiceController {
             }
         };
         let default_network = match event.kind {
-            Kind::Network => self.store.default_network().await.unwrap_or_default(),
+            Kind::Network => self
+                .store
+                .installation()
+                .await
+                .map(|i| i.default_network)
+                .unwrap_or_default(),
             _ => String::new(),
         };
         let registry_hosts = self.registry_hosts(event).await;

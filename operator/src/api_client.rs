@@ -1,161 +1,14 @@
-//! How controllers (and the CLI) reach the API server. `ResourceStore` is the narrow interface a
-//! controller needs: read objects, write their status. In `berth up` it is the store itself; a
-//! controller running as its own process uses `ApiClient` over HTTP. Either way the API server stays
-//! the only writer of `spec`.
+//! The HTTP client of the berth API: what the CLI uses, and what a controller running as its own
+//! process (`berth controller KIND`) uses as its `ResourceStore` and `SecretReader`.
 
 use async_trait::async_trait;
 use berth_api_types::names::paths;
+use berth_api_types::wire::{ApplyResult, DataBody, Discovery, ErrorBody, Installation, List};
 use berth_api_types::{DynObject, Event, Kind};
-use serde::{Deserialize, Serialize};
+use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::time::Duration;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The server answered with an error document.
-    #[error("{message}")]
-    Api {
-        status: u16,
-        reason: String,
-        message: String,
-        details: Vec<ErrorDetail>,
-    },
-    #[error("cannot reach the berth API at {url}: {source}")]
-    Unreachable {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("unexpected answer from the berth API: {0}")]
-    Protocol(String),
-}
-
-impl ClientError {
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ClientError::Api { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    pub fn is_not_found(&self) -> bool {
-        self.status() == Some(404)
-    }
-
-    /// Whether retrying later may succeed (server down, overloaded, or a write conflict).
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ClientError::Api { status, .. } => *status == 409 || *status == 429 || *status >= 500,
-            ClientError::Unreachable { .. } => true,
-            ClientError::Protocol(_) => false,
-        }
-    }
-}
-
-/// The JSON error body every API error carries (modelled on Kubernetes' `Status`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ErrorBody {
-    pub code: u16,
-    pub reason: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub details: Vec<ErrorDetail>,
-}
-
-/// One field-level problem; `object` names which document of a multi-object request it belongs to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ErrorDetail {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub object: Option<String>,
-    pub path: String,
-    pub message: String,
-}
-
-/// Result of applying one object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApplyOutcome {
-    Created,
-    Configured,
-    Unchanged,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApplyResult {
-    pub kind: Kind,
-    pub name: String,
-    pub outcome: ApplyOutcome,
-    pub generation: u64,
-}
-
-/// Discovery document served at the API root.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Discovery {
-    pub api_version: String,
-    /// Identifies this berth installation; stamped on every Swarm object it creates.
-    pub instance: String,
-    /// The Network services join when they list none of their own.
-    pub default_network: String,
-    pub kinds: Vec<Kind>,
-}
-
-/// A list response.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct List<T> {
-    pub items: Vec<T>,
-}
-
-/// What a controller needs from the API server.
-#[async_trait]
-pub trait ResourceStore: Send + Sync + 'static {
-    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError>;
-    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError>;
-    /// Replaces the object's status. Writing identical status is a no-op that publishes no event.
-    async fn update_status(&self, kind: Kind, name: &str, status: Value)
-        -> Result<(), ClientError>;
-    /// The installation id Swarm objects are labelled with.
-    async fn instance(&self) -> Result<String, ClientError>;
-
-    /// The files of a Secret or Config (key -> bytes), decrypted. Only controllers call this: it is
-    /// how a Secret's value reaches the engine, and the only way it leaves the API.
-    async fn data(
-        &self,
-        kind: Kind,
-        name: &str,
-    ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError>;
-
-    /// The Network services join when they list none of their own.
-    async fn default_network(&self) -> Result<String, ClientError>;
-}
-
-/// Writes a controller's status for an object unless it is unchanged. An object deleted meanwhile is
-/// not an error: its delete event brings the controller back to clean up.
-pub async fn write_status<S: Serialize + PartialEq>(
-    store: &dyn ResourceStore,
-    kind: Kind,
-    name: &str,
-    current: &S,
-    new: &S,
-) -> Result<(), ClientError> {
-    if new == current {
-        return Ok(());
-    }
-    let value = serde_json::to_value(new).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    match store.update_status(kind, name, value).await {
-        Err(e) if e.is_not_found() => Ok(()),
-        other => other,
-    }
-}
-
-/// Body of `GET <object>/data`: base64 values per key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DataBody {
-    pub data: std::collections::BTreeMap<String, String>,
-}
 
 /// HTTP client of the berth API, used by the CLI and by controllers running as their own process.
 #[derive(Clone)]
@@ -303,16 +156,23 @@ impl ApiClient {
             .await
     }
 
+    /// Replaces an object's status; with `resource_version`, only if the object is still at it
+    /// (409 Conflict otherwise).
     pub async fn put_status(
         &self,
         kind: Kind,
         name: &str,
         status: &Value,
+        resource_version: Option<&str>,
     ) -> Result<DynObject, ClientError> {
+        let mut body = serde_json::json!({ "status": status });
+        if let Some(rv) = resource_version {
+            body["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
         self.send(
             self.http
                 .put(self.url(&paths::status(kind, name)))
-                .json(&serde_json::json!({ "status": status })),
+                .json(&body),
         )
         .await
     }
@@ -414,19 +274,27 @@ impl ResourceStore for ApiClient {
         kind: Kind,
         name: &str,
         status: Value,
-    ) -> Result<(), ClientError> {
-        self.put_status(kind, name, &status).await.map(|_| ())
+        resource_version: Option<&str>,
+    ) -> Result<DynObject, ClientError> {
+        self.put_status(kind, name, &status, resource_version).await
     }
 
-    async fn instance(&self) -> Result<String, ClientError> {
-        Ok(self.discovery().await?.instance)
+    async fn installation(&self) -> Result<Installation, ClientError> {
+        let d = self.discovery().await?;
+        Ok(Installation {
+            instance: d.instance,
+            default_network: d.default_network,
+        })
     }
+}
 
+#[async_trait]
+impl SecretReader for ApiClient {
     async fn data(
         &self,
         kind: Kind,
         name: &str,
-    ) -> Result<Option<std::collections::BTreeMap<String, Vec<u8>>>, ClientError> {
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
         use base64::Engine;
         let body: DataBody = match self
             .send(self.http.get(self.url(&paths::data(kind, name))))
@@ -446,9 +314,5 @@ impl ResourceStore for ApiClient {
             })
             .collect::<Result<_, _>>()
             .map(Some)
-    }
-
-    async fn default_network(&self) -> Result<String, ClientError> {
-        Ok(self.discovery().await?.default_network)
     }
 }

@@ -1,0 +1,89 @@
+//! What a controller may ask of the API server: read objects, write their status, learn the
+//! installation (`ResourceStore`), and, for the few controllers that hand values to the engine, read
+//! decrypted Secret/Config data (`SecretReader`). In `berth up` these are the store itself; a
+//! controller running as its own process reaches the same interface over HTTP (the operator's
+//! `ApiClient`). Either way the API server stays the only writer of `spec`.
+
+use async_trait::async_trait;
+use berth_api_types::wire::{ErrorDetail, Installation};
+use berth_api_types::{DynObject, Kind};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error document.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        reason: String,
+        message: String,
+        details: Vec<ErrorDetail>,
+    },
+    #[error("cannot reach the berth API at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from the berth API: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// A conditional write lost: the object changed since it was read (HTTP 409 Conflict).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ClientError::Api { status: 409, reason, .. } if reason == "Conflict")
+    }
+
+    /// Whether retrying later may succeed (server down, overloaded, or a write conflict).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Api { status, .. } => *status == 409 || *status == 429 || *status >= 500,
+            ClientError::Unreachable { .. } => true,
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+/// What a controller needs from the API server.
+#[async_trait]
+pub trait ResourceStore: Send + Sync + 'static {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError>;
+    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError>;
+    /// Replaces the object's status, only if its resourceVersion is still `resource_version`
+    /// (when given): otherwise 409 Conflict (`ClientError::Api{status:409, reason:"Conflict",..}`).
+    /// Identical status is a no-op that publishes no event. Returns the object as stored afterwards.
+    async fn update_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: Value,
+        resource_version: Option<&str>,
+    ) -> Result<DynObject, ClientError>;
+    /// The installation id Swarm objects are labelled with, and the default network.
+    async fn installation(&self) -> Result<Installation, ClientError>;
+}
+
+/// Decrypted Secret/Config values. Given only to controllers that must hand them to the engine: it
+/// is how a Secret's value reaches Swarm, and the only way it leaves the API.
+#[async_trait]
+pub trait SecretReader: Send + Sync + 'static {
+    /// The files of a Secret or Config (key -> bytes); `None` if the object does not exist.
+    async fn data(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError>;
+}
