@@ -103,9 +103,11 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let docker = berth_controllers::swarm::engine::connect(None).await.expect(
-            "cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
-        );
+        let docker = berth_controllers::swarm::engine::connect(None)
+            .await
+            .expect(
+                "cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
+            );
         let info = docker.info().await.expect("docker info");
         let swarm = info
             .swarm

@@ -1,12 +1,14 @@
 //! Client commands. Everything the user sees on failure is a complete sentence naming what is wrong
 //! (file, line, field); the exit code is non-zero on any failure.
 
+use crate::api_client::ApiClient;
 use crate::output;
 use crate::Conn;
 use berth_api_types::manifest::load_paths;
 use berth_api_types::typed::decode_doc;
+use berth_api_types::wire::ApplyOutcome;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::client::{ApiClient, ApplyOutcome, ClientError};
+use berth_controllers::api::ClientError;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -2,21 +2,22 @@
 //! `berth api` (API server alone) and `berth controller KIND` (one controller alone). They share the
 //! pieces below; only which pieces run differs.
 
+use crate::api_client::ApiClient;
 use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
 use crate::{deploy, publisher, Conn, IngressArgs, ServerArgs};
+use berth_api_types::Kind;
+use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::bus::{self, EventBus};
-use berth_controllers::client::{ApiClient, ResourceStore};
-use berth_controllers::engine;
 use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
 use berth_controllers::registry::RegistryController;
-use berth_controllers::runtime::state::LocalState;
-use berth_controllers::runtime::{Controller, ControllerConfig, Reconciler};
+use berth_controllers::runtime::{Controller, ControllerConfig, Hooks, Records};
 use berth_controllers::service::ServiceController;
+use berth_controllers::swarm::engine;
 use bollard::Docker;
 use rand::RngCore;
 use std::path::{Path, PathBuf};
@@ -180,137 +181,125 @@ async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), Stri
     Ok(())
 }
 
-fn config(resync: u64, durable: Option<String>) -> ControllerConfig {
-    ControllerConfig {
-        resync: Duration::from_secs(resync.max(1)),
-        durable,
-        ..Default::default()
+/// The controllers berth runs: the one list `berth up` starts and `berth controller KIND` picks
+/// from. Networks first, so the default network exists before services look for it.
+const CONTROLLERS: [Kind; 4] = [Kind::Network, Kind::Service, Kind::Registry, Kind::Ingress];
+
+/// What every controller is built from.
+struct Wiring<'a> {
+    store: Arc<dyn ResourceStore>,
+    /// Secret and Config values: handed only to the controllers that pass them to the engine or a
+    /// registry (service, registry, ingress).
+    secrets: Arc<dyn SecretReader>,
+    bus: Arc<dyn EventBus>,
+    docker_host: Option<&'a str>,
+    /// Where controllers keep their records (`<dir>/<kind>`).
+    records_dir: &'a Path,
+    resync: u64,
+    /// With NATS, a durable consumer lets a controller catch up on what it missed while down.
+    durable: bool,
+    ingress: &'a IngressArgs,
+}
+
+impl Wiring<'_> {
+    fn config(&self, kind: Kind, instance: &str) -> ControllerConfig {
+        ControllerConfig {
+            resync: Duration::from_secs(self.resync.max(1)),
+            // Named per installation: two berths on one NATS server must not share (and split) a
+            // consumer.
+            durable: self
+                .durable
+                .then(|| format!("berth-{instance}-controller-{}", kind.lower())),
+            ..Default::default()
+        }
+    }
+
+    async fn docker(&self) -> Result<Docker, String> {
+        engine::connect(self.docker_host)
+            .await
+            .map_err(|e| format!("error: {e}"))
+    }
+
+    /// Builds the controller of `kind` and runs it as one of the process's supervised tasks.
+    async fn start(
+        &self,
+        kind: Kind,
+        tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+    ) -> Result<(), String> {
+        let instance = installation(&self.store).await?;
+        let config = self.config(kind, &instance);
+        let (store, bus) = (self.store.clone(), self.bus.clone());
+        match kind {
+            Kind::Network => {
+                let docker = self.docker().await?;
+                let reconciler = Arc::new(NetworkController::new(docker.clone(), &instance));
+                spawn(
+                    tasks,
+                    Controller::new(reconciler, store, bus, config).with_engine_events(docker),
+                );
+            }
+            Kind::Service => {
+                let docker = self.docker().await?;
+                let records = Records::open(&self.records_dir.join("service"), "applied")
+                    .map_err(|e| format!("error: {e}"))?;
+                let reconciler = Arc::new(ServiceController::new(
+                    docker.clone(),
+                    &instance,
+                    self.secrets.clone(),
+                    records,
+                ));
+                spawn(
+                    tasks,
+                    Controller::new(reconciler, store, bus, config).with_engine_events(docker),
+                );
+            }
+            // The Registry controller talks to registries, not to the engine.
+            Kind::Registry => {
+                let reconciler = Arc::new(RegistryController::new(self.secrets.clone()));
+                spawn(tasks, Controller::new(reconciler, store, bus, config));
+            }
+            Kind::Ingress => {
+                let settings = self.ingress.settings();
+                settings.validate().map_err(|e| format!("error: {e}"))?;
+                let docker = self.docker().await?;
+                let aggregator = Arc::new(IngressController::new(
+                    docker.clone(),
+                    store.clone(),
+                    self.secrets.clone(),
+                    &instance,
+                    settings,
+                ));
+                spawn(
+                    tasks,
+                    Controller::aggregate(aggregator, store, bus, config)
+                        .with_engine_events(docker),
+                );
+            }
+            other => return Err(no_controller(other.lower())),
+        }
+        Ok(())
     }
 }
 
-/// What every controller needs before its reconciler can be built: the engine and the installation id.
-async fn prepare(
-    store: &Arc<dyn ResourceStore>,
-    docker_host: Option<&str>,
-) -> Result<(Docker, String), String> {
-    let docker = engine::connect(docker_host)
-        .await
-        .map_err(|e| format!("error: {e}"))?;
-    Ok((docker, installation(store).await?))
+fn no_controller(asked: &str) -> String {
+    let available: Vec<&str> = CONTROLLERS.iter().map(|k| k.lower()).collect();
+    format!(
+        "error: no controller for `{asked}` (available: {})",
+        available.join(", ")
+    )
 }
 
 /// The installation id every Swarm object a controller creates is labelled with.
 async fn installation(store: &Arc<dyn ResourceStore>) -> Result<String, String> {
     store
-        .instance()
+        .installation()
         .await
+        .map(|i| i.instance)
         .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))
 }
 
-/// A reconciler on the shared runtime, triggered by the bus, the engine (when it has engine objects)
-/// and the resync.
-fn assemble<R: Reconciler>(
-    reconciler: R,
-    store: Arc<dyn ResourceStore>,
-    bus: Arc<dyn EventBus>,
-    docker: Option<Docker>,
-    instance: &str,
-    resync: u64,
-    durable: bool,
-) -> Controller<R> {
-    // Named per installation: two berths on one NATS server must not share (and split) a consumer.
-    let durable =
-        durable.then(|| format!("berth-{instance}-controller-{}", reconciler.kind().lower()));
-    let controller = Controller::new(Arc::new(reconciler), store, bus, config(resync, durable));
-    match docker {
-        Some(docker) => controller.with_engine_events(docker),
-        None => controller,
-    }
-}
-
-async fn service_controller(
-    store: Arc<dyn ResourceStore>,
-    bus: Arc<dyn EventBus>,
-    docker_host: Option<&str>,
-    state_dir: &Path,
-    resync: u64,
-    durable: bool,
-) -> Result<Controller<ServiceController>, String> {
-    let (docker, instance) = prepare(&store, docker_host).await?;
-    let state = LocalState::open(&state_dir.join("service"), "applied")
-        .map_err(|e| format!("error: {e}"))?;
-    let reconciler = ServiceController::new(docker.clone(), store.clone(), instance.clone(), state);
-    Ok(assemble(
-        reconciler,
-        store,
-        bus,
-        Some(docker),
-        &instance,
-        resync,
-        durable,
-    ))
-}
-
-async fn network_controller(
-    store: Arc<dyn ResourceStore>,
-    bus: Arc<dyn EventBus>,
-    docker_host: Option<&str>,
-    resync: u64,
-    durable: bool,
-) -> Result<Controller<NetworkController>, String> {
-    let (docker, instance) = prepare(&store, docker_host).await?;
-    let reconciler = NetworkController::new(docker.clone(), store.clone(), instance.clone());
-    Ok(assemble(
-        reconciler,
-        store,
-        bus,
-        Some(docker),
-        &instance,
-        resync,
-        durable,
-    ))
-}
-
-/// The Registry controller talks to registries, not to the engine.
-async fn registry_controller(
-    store: Arc<dyn ResourceStore>,
-    bus: Arc<dyn EventBus>,
-    resync: u64,
-    durable: bool,
-) -> Result<Controller<RegistryController>, String> {
-    let instance = installation(&store).await?;
-    let reconciler = RegistryController::new(store.clone());
-    Ok(assemble(
-        reconciler, store, bus, None, &instance, resync, durable,
-    ))
-}
-
-async fn ingress_controller(
-    store: Arc<dyn ResourceStore>,
-    bus: Arc<dyn EventBus>,
-    docker_host: Option<&str>,
-    ingress: &IngressArgs,
-    resync: u64,
-    durable: bool,
-) -> Result<Controller<IngressController>, String> {
-    let settings = ingress.settings();
-    settings.validate().map_err(|e| format!("error: {e}"))?;
-    let (docker, instance) = prepare(&store, docker_host).await?;
-    let reconciler =
-        IngressController::new(docker.clone(), store.clone(), instance.clone(), settings);
-    Ok(assemble(
-        reconciler,
-        store,
-        bus,
-        Some(docker),
-        &instance,
-        resync,
-        durable,
-    ))
-}
-
 /// Runs a controller as one of the process's supervised tasks.
-fn spawn_controller<R: Reconciler>(
+fn spawn<R: Hooks>(
     tasks: &mut tokio::task::JoinSet<Result<(), String>>,
     controller: Controller<R>,
 ) {
@@ -344,43 +333,24 @@ pub async fn up(
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
     let parts = start_api(&server, &mut tasks).await?;
-    let store: Arc<dyn ResourceStore> = Arc::new(LocalStore {
+    let local = Arc::new(LocalStore {
         store: parts.store.clone(),
         default_network: server.default_network.clone(),
     });
-    // With NATS, a durable consumer lets the controller catch up on what it missed while down.
-    let durable = server.nats.is_some();
-    let networks = network_controller(
-        store.clone(),
-        parts.bus.clone(),
-        docker_host.as_deref(),
+    let records_dir = server.data_dir.join("controllers");
+    let wiring = Wiring {
+        store: local.clone(),
+        secrets: local,
+        bus: parts.bus.clone(),
+        docker_host: docker_host.as_deref(),
+        records_dir: &records_dir,
         resync,
-        durable,
-    )
-    .await?;
-    let registries = registry_controller(store.clone(), parts.bus.clone(), resync, durable).await?;
-    let ingresses = ingress_controller(
-        store.clone(),
-        parts.bus.clone(),
-        docker_host.as_deref(),
-        &ingress,
-        resync,
-        durable,
-    )
-    .await?;
-    let services = service_controller(
-        store,
-        parts.bus.clone(),
-        docker_host.as_deref(),
-        &server.data_dir.join("controllers"),
-        resync,
-        durable,
-    )
-    .await?;
-    spawn_controller(&mut tasks, networks);
-    spawn_controller(&mut tasks, services);
-    spawn_controller(&mut tasks, registries);
-    spawn_controller(&mut tasks, ingresses);
+        durable: server.nats.is_some(),
+        ingress: &ingress,
+    };
+    for kind in CONTROLLERS {
+        wiring.start(kind, &mut tasks).await?;
+    }
     supervise(tasks).await
 }
 
@@ -404,45 +374,27 @@ pub async fn controller(
     let token = conn
         .token
         .ok_or("error: no token: set BERTH_TOKEN or pass --token")?;
-    let client: Arc<dyn ResourceStore> = Arc::new(ApiClient::new(&conn.url, &token));
+    let http = Arc::new(ApiClient::new(&conn.url, &token));
     let bus = bus::connect(Some(&nats))
         .await
         .map_err(|e| format!("error: {e}"))?;
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
+    let kind = CONTROLLERS
+        .into_iter()
+        .find(|k| Kind::parse_loose(kind) == Some(*k))
+        .ok_or_else(|| no_controller(kind))?;
+    let wiring = Wiring {
+        store: http.clone(),
+        secrets: http,
+        bus,
+        docker_host: docker_host.as_deref(),
+        records_dir: &state_dir,
+        resync,
+        durable: true,
+        ingress: &ingress,
+    };
     let mut tasks = tokio::task::JoinSet::new();
-    match kind {
-        "service" | "services" => {
-            let ctl = service_controller(
-                client,
-                bus,
-                docker_host.as_deref(),
-                &state_dir,
-                resync,
-                true,
-            )
-            .await?;
-            spawn_controller(&mut tasks, ctl);
-        }
-        "network" | "networks" => {
-            let ctl = network_controller(client, bus, docker_host.as_deref(), resync, true).await?;
-            spawn_controller(&mut tasks, ctl);
-        }
-        "registry" | "registries" => {
-            let ctl = registry_controller(client, bus, resync, true).await?;
-            spawn_controller(&mut tasks, ctl);
-        }
-        "ingress" | "ingresses" => {
-            let ctl =
-                ingress_controller(client, bus, docker_host.as_deref(), &ingress, resync, true)
-                    .await?;
-            spawn_controller(&mut tasks, ctl);
-        }
-        other => {
-            return Err(format!(
-            "error: no controller for `{other}` (available: service, network, registry, ingress)"
-        ))
-        }
-    }
+    wiring.start(kind, &mut tasks).await?;
     supervise(tasks).await
 }

@@ -1,12 +1,14 @@
-//! The store as a controller's `ResourceStore`, for controllers running inside `berth up`: the same
-//! interface a separate controller process reaches over HTTP, without the HTTP.
+//! The store as a controller's `ResourceStore` and `SecretReader`, for controllers running inside
+//! `berth up`: the same interface a separate controller process reaches over HTTP (`ApiClient`),
+//! without the HTTP, and with the same answers (redacted Secrets, the same error statuses).
 
 use crate::server::redact;
 use crate::store::{Store, StoreError};
 use async_trait::async_trait;
 use berth_api_types::data::DataSpec;
+use berth_api_types::wire::Installation;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::client::{ClientError, ErrorDetail, ResourceStore};
+use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -17,25 +19,19 @@ pub struct LocalStore {
 }
 
 fn to_client(e: StoreError) -> ClientError {
-    let (status, reason) = match &e {
-        StoreError::NotFound { .. } => (404, "NotFound"),
-        StoreError::AlreadyExists { .. } | StoreError::Conflict { .. } => (409, "Conflict"),
-        StoreError::InUse { .. } => (409, "InUse"),
-        StoreError::Protected { .. } => (409, "Protected"),
-        StoreError::Storage(_) | StoreError::WrongKey { .. } => (500, "StorageError"),
-    };
+    let (status, reason) = e.status_and_reason();
     ClientError::Api {
         status,
         reason: reason.to_string(),
         message: e.to_string(),
-        details: Vec::<ErrorDetail>::new(),
+        details: Vec::new(),
     }
 }
 
 #[async_trait]
 impl ResourceStore for LocalStore {
     // Secrets come back redacted, exactly as over HTTP, so a controller behaves the same in `berth up`
-    // and as its own process; values are read through `data`.
+    // and as its own process; values are read through `SecretReader::data`.
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
         self.store
             .get(kind, name)
@@ -55,18 +51,25 @@ impl ResourceStore for LocalStore {
         kind: Kind,
         name: &str,
         status: Value,
-    ) -> Result<(), ClientError> {
+        resource_version: Option<&str>,
+    ) -> Result<DynObject, ClientError> {
         self.store
-            .update_status(kind, name, status)
+            .update_status(kind, name, status, resource_version)
             .await
-            .map(|_| ())
+            .map(redact)
             .map_err(to_client)
     }
 
-    async fn instance(&self) -> Result<String, ClientError> {
-        Ok(self.store.instance().to_string())
+    async fn installation(&self) -> Result<Installation, ClientError> {
+        Ok(Installation {
+            instance: self.store.instance().to_string(),
+            default_network: self.default_network.clone(),
+        })
     }
+}
 
+#[async_trait]
+impl SecretReader for LocalStore {
     async fn data(
         &self,
         kind: Kind,
@@ -76,11 +79,73 @@ impl ResourceStore for LocalStore {
             return Ok(None);
         };
         let spec: DataSpec = serde_json::from_value(obj.spec)
-            .map_err(|e| ClientError::Protocol(format!("{kind} `{name}` has no data: {e}")))?;
+            .map_err(|_| ClientError::Protocol(format!("{kind} `{name}` has no readable data")))?;
         Ok(Some(spec.files()))
     }
+}
 
-    async fn default_network(&self) -> Result<String, ClientError> {
-        Ok(self.default_network.clone())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WriteMode;
+    use berth_api_types::typed::decode_object;
+    use serde_json::json;
+
+    fn local() -> (LocalStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
+        let store = Store::open(dir.path(), &key).unwrap();
+        (
+            LocalStore {
+                store,
+                default_network: "berth-internal".into(),
+            },
+            dir,
+        )
+    }
+
+    #[tokio::test]
+    async fn status_writes_are_conditional_as_over_http() {
+        let (l, _d) = local();
+        let obj = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Secret",
+            "metadata": {"name": "db"}, "spec": {"stringData": {"pw": "hunter2-value"}}}))
+        .unwrap();
+        let r = l
+            .store
+            .write(vec![obj], WriteMode::Create, None, false)
+            .await
+            .unwrap();
+        let rv = r[0].1.metadata.resource_version.clone().unwrap();
+        let o = l
+            .update_status(Kind::Secret, "db", json!({"n": 1}), Some(&rv))
+            .await
+            .unwrap();
+        assert_eq!(o.status, json!({"n": 1}));
+        assert!(
+            !o.spec.to_string().contains("hunter2-value"),
+            "the written object comes back redacted: {}",
+            o.spec
+        );
+        let err = l
+            .update_status(Kind::Secret, "db", json!({"n": 2}), Some(&rv))
+            .await
+            .unwrap_err();
+        assert!(err.is_conflict(), "{err}");
+        assert_eq!(err.status(), Some(409));
+        l.update_status(Kind::Secret, "db", json!({"n": 3}), None)
+            .await
+            .unwrap();
+        let err = l
+            .update_status(Kind::Secret, "gone", json!({}), None)
+            .await
+            .unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        // Values only through the SecretReader.
+        let files = l.data(Kind::Secret, "db").await.unwrap().unwrap();
+        assert_eq!(files["pw"], b"hunter2-value");
+        assert!(l.data(Kind::Secret, "gone").await.unwrap().is_none());
+        let inst = l.installation().await.unwrap();
+        assert_eq!(inst.instance, l.store.instance());
+        assert_eq!(inst.default_network, "berth-internal");
     }
 }

@@ -1,6 +1,7 @@
 //! `berth`: the command line. Server commands (`up`, `api`, `controller`) run berth; client commands
 //! (`apply`, `get`, `describe`, `delete`, `events`) talk to a running API server.
 
+mod api_client;
 mod cli;
 mod crypto;
 mod daemon;

@@ -6,6 +6,7 @@
 //! other (a conditional merge patch through the API), marked as a `rollback` deploy so the history
 //! says where the revision came from.
 
+use crate::api_client::ApiClient;
 use crate::cli::{api_error, client};
 use crate::output;
 use crate::Conn;
@@ -13,7 +14,6 @@ use berth_api_types::meta::condition;
 use berth_api_types::names::annotations;
 use berth_api_types::service::{conditions, Revision, RolloutResult, ServiceStatus};
 use berth_api_types::{ConditionStatus, DynObject, Kind};
-use berth_controllers::client::ApiClient;
 use std::time::{Duration, Instant};
 
 type CliResult = Result<(), String>;

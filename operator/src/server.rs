@@ -19,8 +19,8 @@ use berth_api_types::data::{redacted_view, DataSpec};
 use berth_api_types::names::{paths, API_VERSION};
 use berth_api_types::typed::decode_object;
 use berth_api_types::validate::FieldError;
+use berth_api_types::wire::{DataBody, Discovery, ErrorBody, ErrorDetail, List};
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::client::{DataBody, Discovery, ErrorBody, ErrorDetail, List};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
@@ -133,16 +133,8 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        let (status, reason) = match &e {
-            StoreError::NotFound { .. } => (StatusCode::NOT_FOUND, "NotFound"),
-            StoreError::AlreadyExists { .. } => (StatusCode::CONFLICT, "AlreadyExists"),
-            StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
-            StoreError::InUse { .. } => (StatusCode::CONFLICT, "InUse"),
-            StoreError::Protected { .. } => (StatusCode::CONFLICT, "Protected"),
-            StoreError::Storage(_) | StoreError::WrongKey { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "StorageError")
-            }
-        };
+        let (code, reason) = e.status_and_reason();
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, reason, e.to_string())
     }
 }
@@ -551,8 +543,26 @@ async fn put_status(
             vec![FieldError::new("status", "must be an object")],
         ));
     }
+    // A controller sends the resourceVersion it read, so that its status never overwrites one
+    // written after that read (e.g. a revision history appended by a racing writer).
+    let expected_rv = match value.pointer("/metadata/resourceVersion") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(rv)) => Some(rv.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                None,
+                vec![FieldError::new(
+                    "metadata.resourceVersion",
+                    "must be a string",
+                )],
+            ))
+        }
+    };
     Ok(Json(redact(
-        state.store.update_status(kind, &name, status).await?,
+        state
+            .store
+            .update_status(kind, &name, status, expected_rv.as_deref())
+            .await?,
     )))
 }
 
@@ -797,6 +807,56 @@ mod tests {
             .map(|e| e["type"].as_str().unwrap())
             .collect();
         assert_eq!(types, ["Applied", "Applied", "StatusChanged", "Deleted"]);
+    }
+
+    #[tokio::test]
+    async fn status_writes_with_a_stale_resource_version_conflict() {
+        let (app, _d) = app();
+        let (_, created) = call(
+            &app,
+            "POST",
+            "/apis/berth/v1/services",
+            Some(svc("web", json!(1))),
+            true,
+        )
+        .await;
+        let rv = created["metadata"]["resourceVersion"].clone();
+        let put = |status: Value, rv: Option<Value>| {
+            let mut body = json!({ "status": status });
+            if let Some(rv) = rv {
+                body["metadata"] = json!({ "resourceVersion": rv });
+            }
+            let app = app.clone();
+            async move {
+                call(
+                    &app,
+                    "PUT",
+                    "/apis/berth/v1/services/web/status",
+                    Some(body),
+                    true,
+                )
+                .await
+            }
+        };
+        // Matching: written.
+        let (code, body) = put(json!({"n": 1}), Some(rv.clone())).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"]["n"], 1);
+        assert_ne!(body["metadata"]["resourceVersion"], rv);
+        // Stale: 409 Conflict, nothing written.
+        let (code, body) = put(json!({"n": 2}), Some(rv.clone())).await;
+        assert_eq!(code, 409, "{body}");
+        assert_eq!(body["reason"], "Conflict");
+        let (_, got) = call(&app, "GET", "/apis/berth/v1/services/web", None, true).await;
+        assert_eq!(got["status"]["n"], 1);
+        // Absent: unconditional.
+        let (code, body) = put(json!({"n": 3}), None).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"]["n"], 3);
+        // Not a string: a field error.
+        let (code, body) = put(json!({"n": 4}), Some(json!(7))).await;
+        assert_eq!(code, 422, "{body}");
+        assert_eq!(body["details"][0]["path"], "metadata.resourceVersion");
     }
 
     #[tokio::test]

@@ -14,8 +14,8 @@
 use crate::crypto::{MasterKey, Sealer};
 use berth_api_types::registry::RegistrySpec;
 use berth_api_types::service::ServiceSpec;
+use berth_api_types::wire::{ApplyOutcome, ApplyResult};
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
-use berth_controllers::client::{ApplyOutcome, ApplyResult};
 use chrono::Utc;
 use serde_json::{json, Value};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -59,6 +59,21 @@ pub enum StoreError {
     WrongKey { dir: String, source_: String },
     #[error("storage failure: {0}")]
     Storage(String),
+}
+
+impl StoreError {
+    /// The HTTP status and reason the API answers this error with; the in-process `LocalStore`
+    /// reports the same, so a controller cannot tell the two apart.
+    pub fn status_and_reason(&self) -> (u16, &'static str) {
+        match self {
+            StoreError::NotFound { .. } => (404, "NotFound"),
+            StoreError::AlreadyExists { .. } => (409, "AlreadyExists"),
+            StoreError::Conflict { .. } => (409, "Conflict"),
+            StoreError::InUse { .. } => (409, "InUse"),
+            StoreError::Protected { .. } => (409, "Protected"),
+            StoreError::Storage(_) | StoreError::WrongKey { .. } => (500, "StorageError"),
+        }
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -430,19 +445,34 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Replaces an object's status (controllers only). Identical status is not written and emits no
-    /// event, so a controller that reconciles without change causes no traffic.
+    /// Replaces an object's status (controllers only). With `expected_rv`, only if the object is
+    /// still at that resourceVersion (`Conflict` otherwise, nothing written): a controller that read
+    /// an older object must not overwrite what another writer put there since. Identical status is
+    /// not written and emits no event, so a controller that reconciles without change causes no
+    /// traffic.
     pub async fn update_status(
         &self,
         kind: Kind,
         name: &str,
         status: Value,
+        expected_rv: Option<&str>,
     ) -> Result<DynObject, StoreError> {
         self.modify(kind, name, |obj| {
-            if obj.status == status {
-                return None;
+            if let Some(exp) = expected_rv {
+                let actual = obj.metadata.resource_version.as_deref().unwrap_or_default();
+                if exp != actual {
+                    return Err(StoreError::Conflict {
+                        kind,
+                        name: name.to_string(),
+                        expected: exp.to_string(),
+                        actual: actual.to_string(),
+                    });
+                }
             }
-            Some(Change::Status(status.clone()))
+            if obj.status == status {
+                return Ok(None);
+            }
+            Ok(Some(Change::Status(status.clone())))
         })
         .await
     }
@@ -461,7 +491,7 @@ impl Store {
         if self.objects.contains_key(key(kind, name))? {
             self.check_unused(kind, name, default_network)?;
         }
-        let result = self.modify_locked(kind, name, |_| Some(Change::Remove));
+        let result = self.modify_locked(kind, name, |_| Ok(Some(Change::Remove)));
         drop(guard);
         self.finish(result).await
     }
@@ -522,12 +552,12 @@ impl Store {
     }
 
     /// Read-modify-write of one existing object in one transaction, with its event. `change` returns
-    /// `None` for "nothing to do" (no write, no event).
+    /// `None` for "nothing to do" (no write, no event), or an error to refuse the change.
     async fn modify(
         &self,
         kind: Kind,
         name: &str,
-        change: impl Fn(&DynObject) -> Option<Change>,
+        change: impl Fn(&DynObject) -> Result<Option<Change>, StoreError>,
     ) -> Result<DynObject, StoreError> {
         let guard = self.write_lock.lock().await;
         let result = self.modify_locked(kind, name, change);
@@ -552,7 +582,7 @@ impl Store {
         &self,
         kind: Kind,
         name: &str,
-        change: impl Fn(&DynObject) -> Option<Change>,
+        change: impl Fn(&DynObject) -> Result<Option<Change>, StoreError>,
     ) -> Result<(DynObject, Option<Event>), StoreError> {
         let now = Utc::now();
         let id = self.next_id();
@@ -566,7 +596,7 @@ impl Store {
                 });
             };
             let old = self.decode_obj(&b).or_else(abort)?;
-            let Some(change) = change(&old) else {
+            let Some(change) = change(&old).or_else(abort)? else {
                 return Ok((old, None));
             };
             let rv = current_rv(meta)? + 1;
@@ -906,10 +936,10 @@ mod tests {
         assert!(r[0].1.metadata.labels.is_empty(), "apply replaces labels");
 
         // Identical status is not a write; a new one is, without touching generation.
-        s.update_status(Kind::Service, "web", json!({"a": 1}))
+        s.update_status(Kind::Service, "web", json!({"a": 1}), None)
             .await
             .unwrap();
-        s.update_status(Kind::Service, "web", json!({"a": 1}))
+        s.update_status(Kind::Service, "web", json!({"a": 1}), None)
             .await
             .unwrap();
         let o = s.get(Kind::Service, "web").unwrap().unwrap();
@@ -997,6 +1027,49 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::NotFound { .. }));
+    }
+
+    #[tokio::test]
+    async fn status_writes_can_be_conditional() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let r = s
+            .write(vec![svc("a", 1)], WriteMode::Create, None, false)
+            .await
+            .unwrap();
+        let rv = r[0].1.metadata.resource_version.clone().unwrap();
+        // Still at the version read: written.
+        let o = s
+            .update_status(Kind::Service, "a", json!({"n": 1}), Some(&rv))
+            .await
+            .unwrap();
+        assert_eq!(o.status, json!({"n": 1}));
+        let rv2 = o.metadata.resource_version.clone().unwrap();
+        assert_ne!(rv2, rv);
+        // Read before that write: refused, nothing written, no event.
+        let events = outbox_types(&s).len();
+        let err = s
+            .update_status(Kind::Service, "a", json!({"n": 2}), Some(&rv))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        assert_eq!(err.status_and_reason(), (409, "Conflict"));
+        let now = s.get(Kind::Service, "a").unwrap().unwrap();
+        assert_eq!(now.status, json!({"n": 1}));
+        assert_eq!(now.metadata.resource_version.as_deref(), Some(rv2.as_str()));
+        assert_eq!(outbox_types(&s).len(), events);
+        // Without a version: unconditional.
+        let o = s
+            .update_status(Kind::Service, "a", json!({"n": 3}), None)
+            .await
+            .unwrap();
+        assert_eq!(o.status, json!({"n": 3}));
+        // A missing object is NotFound, conditional or not.
+        let err = s
+            .update_status(Kind::Service, "zz", json!({}), Some("1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
     }
 
     #[tokio::test]
@@ -1094,7 +1167,7 @@ mod tests {
             assert_eq!(got.spec["stringData"]["pw"], text);
             assert_eq!(s.list(Kind::Secret).unwrap()[0].spec, got.spec);
             // Status writes re-seal; events and the outbox get entries of their own.
-            s.update_status(Kind::Secret, "db", json!({"observed": 1}))
+            s.update_status(Kind::Secret, "db", json!({"observed": 1}), None)
                 .await
                 .unwrap();
             let stored = decode(&s.objects.get("secret/db").unwrap().unwrap()).unwrap();

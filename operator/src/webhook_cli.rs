@@ -2,13 +2,15 @@
 //! URL (and a signed webhook's signing secret) is printed once, by create and rotate; nothing
 //! else ever shows it again.
 
+use crate::api_client::ApiClient;
 use crate::cli::Output;
 use crate::output;
 use crate::webhook::{HookKind, WebhookSecrets, WebhookView};
 use crate::Conn;
 use berth_api_types::meta::format_time;
 use berth_api_types::names::paths;
-use berth_controllers::client::{ApiClient, ClientError, List};
+use berth_api_types::wire::List;
+use berth_controllers::api::ClientError;
 use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;

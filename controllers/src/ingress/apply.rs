@@ -4,8 +4,8 @@
 //! proxy's garbage collection.
 
 use super::admin;
-use super::ca;
 use super::build::{self, roles, Files, Plan, ProxyParts};
+use super::ca;
 use super::status::{delivery, ProxyState};
 use super::{refused, task_boot, Ca, IngressController};
 use crate::runtime::Error;
@@ -53,8 +53,7 @@ impl IngressController {
         certificates.sort_by(|a, b| a.name.cmp(&b.name));
 
         let rendered = build::render(plan, &self.settings, &files);
-        let bytes =
-            serde_json::to_vec(&rendered).map_err(|e| refused(e.to_string()))?;
+        let bytes = serde_json::to_vec(&rendered).map_err(|e| refused(e.to_string()))?;
         let config_name = build::config_name(&self.settings, &rendered);
         *self.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(config_name.clone());
         let config = self
@@ -325,7 +324,9 @@ impl IngressController {
         role: &str,
         key: &str,
     ) -> Result<SwarmFile, Error> {
-        let mut l = self.owner.labels_with(&self.settings.name, &[(labels::ROLE, role)]);
+        let mut l = self
+            .owner
+            .labels_with(&self.settings.name, &[(labels::ROLE, role)]);
         if !key.is_empty() {
             l.insert(labels::KEY.to_string(), key.to_string());
         }
@@ -342,7 +343,10 @@ impl IngressController {
         let keys: HashMap<String, SwarmFile> = self
             .docker
             .list_secrets(Some(ListSecretsOptions {
-                filters: Some(self.owner.filters(Some(&self.settings.name), &[(labels::ROLE, roles::CA_KEY)])),
+                filters: Some(
+                    self.owner
+                        .filters(Some(&self.settings.name), &[(labels::ROLE, roles::CA_KEY)]),
+                ),
             }))
             .await?
             .into_iter()
@@ -364,7 +368,10 @@ impl IngressController {
         let mut certs: Vec<_> = self
             .docker
             .list_configs(Some(ListConfigsOptions {
-                filters: Some(self.owner.filters(Some(&self.settings.name), &[(labels::ROLE, roles::CA)])),
+                filters: Some(
+                    self.owner
+                        .filters(Some(&self.settings.name), &[(labels::ROLE, roles::CA)]),
+                ),
             }))
             .await?
             .into_iter()

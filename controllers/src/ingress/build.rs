@@ -435,11 +435,7 @@ pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
 
 /// The Swarm config name of a rendered config: content-addressed, so a change is a new name.
 pub fn config_name(settings: &Settings, rendered: &Value) -> String {
-    format!(
-        "{}-{}",
-        settings.name,
-        canonical_hash(rendered)
-    )
+    format!("{}-{}", settings.name, canonical_hash(rendered))
 }
 
 /// Roles of the objects the controller makes.
@@ -726,10 +722,10 @@ pub fn certificate_pem(secret: &str, files: &BTreeMap<String, Vec<u8>>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_api_types::Kind;
-    use serde_json::Value;
     use berth_api_types::ingress::Ingress;
+    use berth_api_types::Kind;
     use chrono::TimeZone;
+    use serde_json::Value;
 
     fn settings() -> Settings {
         Settings {
@@ -1032,7 +1028,12 @@ mod tests {
             id: "b1".into(),
             name: "berth-ingress-0123".into(),
         };
-        let built = build_service(&settings(), &Owner::new("inst", Kind::Ingress), &parts(), &boot);
+        let built = build_service(
+            &settings(),
+            &Owner::new("inst", Kind::Ingress),
+            &parts(),
+            &boot,
+        );
         let s = &built.spec;
         assert_eq!(s.name.as_deref(), Some("berth-ingress"));
         assert!(s.mode.as_ref().unwrap().global.is_some());
@@ -1074,25 +1075,56 @@ mod tests {
             name: "berth-ingress-4567".into(),
         };
         assert_eq!(
-            build_service(&settings(), &Owner::new("inst", Kind::Ingress), &parts(), &other).structural_hash,
+            build_service(
+                &settings(),
+                &Owner::new("inst", Kind::Ingress),
+                &parts(),
+                &other
+            )
+            .structural_hash,
             built.structural_hash
         );
-        assert!(!needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &parts()));
+        assert!(!needs_restart(
+            s,
+            &settings(),
+            &Owner::new("inst", Kind::Ingress),
+            &parts()
+        ));
         // A new network, certificate, image or placement is.
         let mut p = parts();
         p.networks.push("n2".into());
-        assert!(needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &p));
+        assert!(needs_restart(
+            s,
+            &settings(),
+            &Owner::new("inst", Kind::Ingress),
+            &p
+        ));
         let mut p = parts();
         p.certificates.clear();
-        assert!(needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &p));
+        assert!(needs_restart(
+            s,
+            &settings(),
+            &Owner::new("inst", Kind::Ingress),
+            &p
+        ));
         let mut p = parts();
         p.constraint = constraint(true);
-        assert!(needs_restart(s, &settings(), &Owner::new("inst", Kind::Ingress), &p));
+        assert!(needs_restart(
+            s,
+            &settings(),
+            &Owner::new("inst", Kind::Ingress),
+            &p
+        ));
         let img = Settings {
             image: "caddy:2.7".into(),
             ..settings()
         };
-        assert!(needs_restart(s, &img, &Owner::new("inst", Kind::Ingress), &parts()));
+        assert!(needs_restart(
+            s,
+            &img,
+            &Owner::new("inst", Kind::Ingress),
+            &parts()
+        ));
         // Drift: the image changed by hand.
         let mut drifted = s.clone();
         drifted
@@ -1103,7 +1135,12 @@ mod tests {
             .as_mut()
             .unwrap()
             .image = Some("evil:1".into());
-        assert!(needs_restart(&drifted, &settings(), &Owner::new("inst", Kind::Ingress), &parts()));
+        assert!(needs_restart(
+            &drifted,
+            &settings(),
+            &Owner::new("inst", Kind::Ingress),
+            &parts()
+        ));
     }
 
     #[test]

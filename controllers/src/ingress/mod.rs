@@ -34,9 +34,7 @@ pub mod dereference;
 pub mod status;
 
 use crate::api::{ResourceStore, SecretReader};
-use crate::runtime::{
-    Action, Aggregator, Cached, Context, Converged, Error, Hooks, Resource,
-};
+use crate::runtime::{Action, Aggregator, Cached, Context, Converged, Error, Hooks, Resource};
 use crate::swarm::{Owner, SwarmFile, SwarmFiles};
 use admin::Admin;
 use async_trait::async_trait;

@@ -113,22 +113,8 @@ fn not_accepted(
     s.delivery = None;
     s.ca_certificate = None;
     let c = &mut s.conditions;
-    set_condition(
-        c,
-        conditions::ACCEPTED,
-        False,
-        reason,
-        message,
-        now,
-    );
-    set_condition(
-        c,
-        conditions::READY,
-        False,
-        reason,
-        message,
-        now,
-    );
+    set_condition(c, conditions::ACCEPTED, False, reason, message, now);
+    set_condition(c, conditions::READY, False, reason, message, now);
     s
 }
 

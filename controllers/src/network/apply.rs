@@ -93,7 +93,11 @@ pub async fn apply(
 }
 
 /// Removes berth's networks for an object that is gone; refuses (backing off) while one is in use.
-pub async fn remove_owned(docker: &Docker, name: &str, owned: &[SwarmNetwork]) -> Result<(), Error> {
+pub async fn remove_owned(
+    docker: &Docker,
+    name: &str,
+    owned: &[SwarmNetwork],
+) -> Result<(), Error> {
     for net in owned {
         let users = users(docker, net).await?;
         if !users.is_empty() {
@@ -178,7 +182,9 @@ async fn create(docker: &Docker, name: &str, built: &Built) -> Result<Outcome, E
             .into_iter()
             .find(|n| n.id.as_deref() == Some(id.as_str()))
             .ok_or_else(|| {
-                Error::Transient(format!("network `{name}` vanished right after it was created"))
+                Error::Transient(format!(
+                    "network `{name}` vanished right after it was created"
+                ))
             })?;
         if build::allocated(&now) || tokio::time::Instant::now() >= deadline {
             return Ok(Outcome::InPlace(now));

@@ -5,9 +5,9 @@
 //! Swarm networks are immutable: there is no update call, so "does not match" always means "remove and
 //! re-create", which is only possible while nothing uses the network.
 
+use crate::swarm::Owner;
 use berth_api_types::names::labels;
 use berth_api_types::volume::Network;
-use crate::swarm::Owner;
 use bollard::models::{Network as SwarmNetwork, NetworkCreateRequest, Service as SwarmService};
 use std::collections::HashMap;
 
@@ -184,9 +184,9 @@ pub fn spec_hash(request: &NetworkCreateRequest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::Value;
     use bollard::models::{NetworkAttachmentConfig, ServiceSpec, TaskSpec};
     use serde_json::json;
+    use serde_json::Value;
 
     fn owner(instance: &str) -> Owner {
         Owner::new(instance, berth_api_types::Kind::Network)
@@ -297,7 +297,11 @@ mod tests {
         assert_eq!(h.len(), 16);
         // Neither the object's uid nor its generation make a different network.
         assert_eq!(
-            build(&network_named("backend", "OTHERUID", spec.clone()), &owner("i")).hash,
+            build(
+                &network_named("backend", "OTHERUID", spec.clone()),
+                &owner("i")
+            )
+            .hash,
             h
         );
         // Everything the engine is told does.
@@ -326,7 +330,10 @@ mod tests {
             h
         );
         assert_ne!(build(&network(spec.clone()), &owner("other")).hash, h);
-        assert_ne!(build(&network_named("frontend", "X", spec), &owner("i")).hash, h);
+        assert_ne!(
+            build(&network_named("frontend", "X", spec), &owner("i")).hash,
+            h
+        );
     }
 
     #[test]

@@ -210,7 +210,14 @@ pub fn observed(
                  changed outside berth: remove it and berth re-creates it",
                 differences.join("; ")
             );
-            refused(current, generation, reasons::MISMATCH, &msg, Some(network), now)
+            refused(
+                current,
+                generation,
+                reasons::MISMATCH,
+                &msg,
+                Some(network),
+                now,
+            )
         }
         Outcome::InUse { network, users } => in_use(current, generation, network, users, now),
         Outcome::Refused(msg) => refused(current, generation, reasons::REFUSED, msg, None, now),
@@ -222,8 +229,22 @@ impl ObjectStatus for NetworkStatus {
     fn refused(&self, generation: u64, reason: &str, message: &str, now: DateTime<Utc>) -> Self {
         let mut s = self.clone();
         s.observed_generation = Some(generation);
-        set_condition(&mut s.conditions, conditions::READY, False, reason, message, now);
-        set_condition(&mut s.conditions, conditions::DEGRADED, True, reason, message, now);
+        set_condition(
+            &mut s.conditions,
+            conditions::READY,
+            False,
+            reason,
+            message,
+            now,
+        );
+        set_condition(
+            &mut s.conditions,
+            conditions::DEGRADED,
+            True,
+            reason,
+            message,
+            now,
+        );
         s
     }
 }

@@ -179,9 +179,7 @@ impl<R: Resource> Cache<R> {
         let Ok(v) = version.parse::<u64>() else {
             return false;
         };
-        self.read()
-            .get(name)
-            .is_some_and(|e| rv(e.meta()) >= v)
+        self.read().get(name).is_some_and(|e| rv(e.meta()) >= v)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry<R>>> {

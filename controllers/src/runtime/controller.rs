@@ -65,7 +65,8 @@ impl<R: Reconciler> Work<R> for PerObject<R> {
         match ctx.cache.get(name) {
             None => self.0.cleanup(name, ctx).await,
             Some(Entry::Invalid(bad)) => {
-                let status = refused_status(&bad.status, bad.meta.generation, "InvalidSpec", &bad.why);
+                let status =
+                    refused_status(&bad.status, bad.meta.generation, "InvalidSpec", &bad.why);
                 write_status::<R>(ctx, &bad.meta, &bad.status, &status).await?;
                 Ok(Action::await_change())
             }
@@ -334,7 +335,11 @@ async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
     let kind = R::KIND;
     while let Some(key) = parts.queue.get().await {
         let span = tracing::info_span!("reconcile", kind = %kind, name = %key, worker = id);
-        let result = parts.work.run(&key, &parts.ctx).instrument(span.clone()).await;
+        let result = parts
+            .work
+            .run(&key, &parts.ctx)
+            .instrument(span.clone())
+            .await;
         let _enter = span.enter();
         match result {
             Ok(Action::Backoff) => {
@@ -402,7 +407,11 @@ async fn resync_loop<R: Hooks>(parts: Arc<Parts<R>>, every: Duration) {
     }
 }
 
-async fn bus_intake<R: Hooks>(parts: Arc<Parts<R>>, bus: Arc<dyn EventBus>, durable: Option<String>) {
+async fn bus_intake<R: Hooks>(
+    parts: Arc<Parts<R>>,
+    bus: Arc<dyn EventBus>,
+    durable: Option<String>,
+) {
     let kind = R::KIND;
     let mut retry = BackoffPolicy::reconnect().retry();
     let mut kinds = vec![kind];
@@ -560,7 +569,10 @@ mod tests {
             _: &Context<Self>,
         ) -> Result<Reconciled<Seen>, Error> {
             let name = obj.name().to_string();
-            self.calls.lock().unwrap().push((name.clone(), Instant::now()));
+            self.calls
+                .lock()
+                .unwrap()
+                .push((name.clone(), Instant::now()));
             let done = |action| {
                 Ok(Reconciled {
                     status: Seen {
@@ -707,7 +719,11 @@ mod tests {
             matches!(&result, Err(Error::Api(e)) if e.is_conflict()),
             "{result:?}"
         );
-        assert_eq!(note(&store, "done"), "", "nothing written over the newer object");
+        assert_eq!(
+            note(&store, "done"),
+            "",
+            "nothing written over the newer object"
+        );
         // The cache was refreshed, so the retry starts from the current object and succeeds.
         PerObject(script).run("done", &ctx).await.unwrap();
         assert_eq!(note(&store, "done"), "seen generation 2");

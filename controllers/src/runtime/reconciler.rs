@@ -9,8 +9,8 @@
 use super::cache::{Cache, Cached};
 use crate::api::{ClientError, ResourceStore};
 use async_trait::async_trait;
-use berth_api_types::wire::Installation;
 use berth_api_types::validate::FieldError;
+use berth_api_types::wire::Installation;
 use berth_api_types::{Event, Kind};
 use bollard::models::EventMessage;
 use chrono::{DateTime, Utc};

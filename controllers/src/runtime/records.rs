@@ -26,7 +26,9 @@ impl Records {
             .cache_capacity(4 << 20)
             .open()
             .map_err(|e| RecordsError(format!("{}: {e}", dir.display())))?;
-        let tree = db.open_tree(tree).map_err(|e| RecordsError(e.to_string()))?;
+        let tree = db
+            .open_tree(tree)
+            .map_err(|e| RecordsError(e.to_string()))?;
         Ok(Records { db, tree })
     }
 

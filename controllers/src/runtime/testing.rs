@@ -64,8 +64,7 @@ impl FakeStore {
             Some(old) => {
                 obj.metadata.uid = old.metadata.uid.clone();
                 obj.metadata.creation_timestamp = old.metadata.creation_timestamp;
-                obj.metadata.generation =
-                    old.metadata.generation + u64::from(old.spec != obj.spec);
+                obj.metadata.generation = old.metadata.generation + u64::from(old.spec != obj.spec);
                 if obj.status.is_null() {
                     obj.status = old.status.clone();
                 }
@@ -73,7 +72,8 @@ impl FakeStore {
             None => {
                 obj.metadata.uid = Some(ulid::Ulid::new().to_string());
                 obj.metadata.generation = 1;
-                obj.metadata.creation_timestamp
+                obj.metadata
+                    .creation_timestamp
                     .get_or_insert_with(chrono::Utc::now);
             }
         }
@@ -140,7 +140,11 @@ impl ResourceStore for FakeStore {
         let mut inner = self.lock();
         let key = (kind, name.to_string());
         let Some(current) = inner.objects.get(&key).cloned() else {
-            return Err(api_error(404, "NotFound", format!("{kind} `{name}` not found")));
+            return Err(api_error(
+                404,
+                "NotFound",
+                format!("{kind} `{name}` not found"),
+            ));
         };
         if let Some(rv) = resource_version {
             if current.metadata.resource_version.as_deref() != Some(rv) {

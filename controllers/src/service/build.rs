@@ -5,8 +5,8 @@
 use super::dereference::Resolved;
 use crate::swarm::hash::spec_hash;
 use crate::swarm::{FileKind, Owner};
-use berth_api_types::service::FileRef;
 use berth_api_types::names::labels;
+use berth_api_types::service::FileRef;
 use berth_api_types::service::VolumeMount;
 use berth_api_types::service::{
     FailureAction, RestartCondition, Service, ServiceMode, UpdateOrder, UpdatePolicy,
@@ -342,13 +342,17 @@ pub fn same_mode(observed: &ServiceSpec, desired: &ServiceSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_api_types::Kind;
-    use serde_json::Value;
     use crate::swarm::hash::contains;
+    use berth_api_types::Kind;
     use serde_json::json;
+    use serde_json::Value;
 
     fn build_plain(svc: &Service, instance: &str) -> Built {
-        build(svc, &Owner::new(instance, Kind::Service), &Resolved::default())
+        build(
+            svc,
+            &Owner::new(instance, Kind::Service),
+            &Resolved::default(),
+        )
     }
 
     fn service(spec: Value) -> Service {
@@ -478,7 +482,8 @@ mod tests {
             )]),
             networks: vec!["netid1".into()],
         };
-        let v = serde_json::to_value(build(&svc, &Owner::new("i", Kind::Service), &deps).spec).unwrap();
+        let v =
+            serde_json::to_value(build(&svc, &Owner::new("i", Kind::Service), &deps).spec).unwrap();
         let c = &v["TaskTemplate"]["ContainerSpec"];
         assert_eq!(
             c["Secrets"][0],

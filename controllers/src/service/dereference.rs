@@ -42,7 +42,10 @@ pub struct Resolved {
 pub enum Deps {
     Ready(Resolved),
     /// Something does not exist yet; the reasons name it. `soon`: it is being created (poll).
-    Waiting { reasons: Vec<String>, soon: bool },
+    Waiting {
+        reasons: Vec<String>,
+        soon: bool,
+    },
 }
 
 /// What the step needs from the controller.

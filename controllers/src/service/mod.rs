@@ -156,7 +156,9 @@ impl Reconciler for ServiceController {
                     .map(|(_, d)| d);
                 match known {
                     Some(d) => Some(d),
-                    None => dereference::resolve_digest(&engine.docker, &svc.spec.image, auth).await,
+                    None => {
+                        dereference::resolve_digest(&engine.docker, &svc.spec.image, auth).await
+                    }
                 }
             }
             _ => None,

@@ -117,7 +117,8 @@ mod tests {
     #[test]
     fn containment_ignores_engine_defaults_but_sees_drift() {
         let desired = json!({"Name": "web", "Mode": {"Replicated": {"Replicas": 2}}, "Env": []});
-        let observed = json!({"Name": "web", "Mode": {"Replicated": {"Replicas": 2}}, "Isolation": "default"});
+        let observed =
+            json!({"Name": "web", "Mode": {"Replicated": {"Replicas": 2}}, "Isolation": "default"});
         assert!(contains(&observed, &desired));
         let scaled = json!({"Name": "web", "Mode": {"Replicated": {"Replicas": 5}}});
         assert!(!contains(&scaled, &desired));

@@ -1,0 +1,318 @@
+//! The HTTP client of the berth API: what the CLI uses, and what a controller running as its own
+//! process (`berth controller KIND`) uses as its `ResourceStore` and `SecretReader`.
+
+use async_trait::async_trait;
+use berth_api_types::names::paths;
+use berth_api_types::wire::{ApplyResult, DataBody, Discovery, ErrorBody, Installation, List};
+use berth_api_types::{DynObject, Event, Kind};
+use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// HTTP client of the berth API, used by the CLI and by controllers running as their own process.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl ApiClient {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a client with only a timeout set builds");
+        ApiClient {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn unreachable(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Unreachable {
+            url: self.base.clone(),
+            source,
+        }
+    }
+
+    /// Sends a request and decodes a JSON answer, turning error bodies into `ClientError::Api`.
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    reason: b.reason,
+                    message: b.message,
+                    details: b.details,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    reason: status.canonical_reason().unwrap_or("Error").to_string(),
+                    message: format!(
+                        "{status}: {}",
+                        String::from_utf8_lossy(&bytes)
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    ),
+                    details: vec![],
+                },
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Any request on an API path with an optional JSON body (for endpoints without a typed
+    /// method, such as webhook administration).
+    pub async fn request_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<T, ClientError> {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        self.send(req).await
+    }
+
+    pub async fn discovery(&self) -> Result<Discovery, ClientError> {
+        self.send(self.http.get(self.url(paths::API_ROOT))).await
+    }
+
+    pub async fn get_object(&self, kind: Kind, name: &str) -> Result<DynObject, ClientError> {
+        self.send(self.http.get(self.url(&paths::object(kind, name))))
+            .await
+    }
+
+    pub async fn list_objects(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
+        let list: List<DynObject> = self
+            .send(self.http.get(self.url(&paths::collection(kind))))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// Atomically applies a set of objects (all or nothing).
+    pub async fn apply(
+        &self,
+        objects: &[DynObject],
+        dry_run: bool,
+    ) -> Result<Vec<ApplyResult>, ClientError> {
+        let list: List<ApplyResult> = self
+            .send(
+                self.http
+                    .post(self.url(paths::APPLY))
+                    .query(&[("dryRun", dry_run)])
+                    .json(&List {
+                        items: objects.to_vec(),
+                    }),
+            )
+            .await?;
+        Ok(list.items)
+    }
+
+    /// JSON merge patch of an object's spec and metadata; a `metadata.resourceVersion` in the patch
+    /// makes it conditional.
+    pub async fn patch_object(
+        &self,
+        kind: Kind,
+        name: &str,
+        patch: &Value,
+    ) -> Result<DynObject, ClientError> {
+        self.send(
+            self.http
+                .patch(self.url(&paths::object(kind, name)))
+                .header("content-type", "application/merge-patch+json")
+                .body(patch.to_string()),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<DynObject, ClientError> {
+        self.send(self.http.delete(self.url(&paths::object(kind, name))))
+            .await
+    }
+
+    /// Replaces an object's status; with `resource_version`, only if the object is still at it
+    /// (409 Conflict otherwise).
+    pub async fn put_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: &Value,
+        resource_version: Option<&str>,
+    ) -> Result<DynObject, ClientError> {
+        let mut body = serde_json::json!({ "status": status });
+        if let Some(rv) = resource_version {
+            body["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
+        self.send(
+            self.http
+                .put(self.url(&paths::status(kind, name)))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Recent events, oldest first, optionally only those of one object.
+    pub async fn events(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Event>, ClientError> {
+        let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+        if let Some(k) = kind {
+            q.push(("kind", k.lower().to_string()));
+        }
+        if let Some(n) = name {
+            q.push(("name", n.to_string()));
+        }
+        let list: List<Event> = self
+            .send(self.http.get(self.url(paths::EVENTS)).query(&q))
+            .await?;
+        Ok(list.items)
+    }
+
+    /// Streams events as they happen (newline-delimited JSON from `?watch=true`).
+    pub async fn watch_events(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<Event, ClientError>>, ClientError> {
+        use futures::StreamExt;
+        let resp = self
+            .http
+            .get(self.url(paths::EVENTS))
+            .query(&[("watch", "true")])
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Api {
+                status: resp.status().as_u16(),
+                reason: "Error".into(),
+                message: format!("watch refused: {}", resp.status()),
+                details: vec![],
+            });
+        }
+        let base = self.base.clone();
+        let lines = futures::stream::unfold(
+            (resp.bytes_stream(), Vec::<u8>::new()),
+            move |(mut body, mut buf)| {
+                let base = base.clone();
+                async move {
+                    loop {
+                        if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                            let line: Vec<u8> = buf.drain(..=pos).collect();
+                            if line.iter().all(u8::is_ascii_whitespace) {
+                                continue;
+                            }
+                            let item = serde_json::from_slice::<Event>(&line)
+                                .map_err(|e| ClientError::Protocol(e.to_string()));
+                            return Some((item, (body, buf)));
+                        }
+                        match body.next().await {
+                            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                            Some(Err(e)) => {
+                                return Some((
+                                    Err(ClientError::Unreachable {
+                                        url: base,
+                                        source: e,
+                                    }),
+                                    (body, buf),
+                                ))
+                            }
+                            None => return None,
+                        }
+                    }
+                }
+            },
+        );
+        Ok(lines)
+    }
+}
+
+#[async_trait]
+impl ResourceStore for ApiClient {
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
+        match self.get_object(kind, name).await {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
+        self.list_objects(kind).await
+    }
+
+    async fn update_status(
+        &self,
+        kind: Kind,
+        name: &str,
+        status: Value,
+        resource_version: Option<&str>,
+    ) -> Result<DynObject, ClientError> {
+        self.put_status(kind, name, &status, resource_version).await
+    }
+
+    async fn installation(&self) -> Result<Installation, ClientError> {
+        let d = self.discovery().await?;
+        Ok(Installation {
+            instance: d.instance,
+            default_network: d.default_network,
+        })
+    }
+}
+
+#[async_trait]
+impl SecretReader for ApiClient {
+    async fn data(
+        &self,
+        kind: Kind,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
+        use base64::Engine;
+        let body: DataBody = match self
+            .send(self.http.get(self.url(&paths::data(kind, name))))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        body.data
+            .into_iter()
+            .map(|(k, v)| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.as_bytes())
+                    .map(|b| (k, b))
+                    .map_err(|_| ClientError::Protocol("data is not base64".into()))
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+}
