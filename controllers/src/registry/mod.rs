@@ -129,3 +129,150 @@ impl Hooks for RegistryController {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ResourceStore;
+    use crate::runtime::reconcile_once;
+    use crate::runtime::testing::FakeStore;
+    use berth_api_types::meta::condition;
+    use berth_api_types::registry::conditions::AUTHENTICATED;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A registry on loopback that takes `alice:right` (Basic auth) and nothing else.
+    async fn registry() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                    if !request.starts_with("get ") {
+                        return; // a TLS handshake: berth tries HTTPS first
+                    }
+                    // base64("alice:right")
+                    let response = if request.contains("authorization: basic ywxpy2u6cmlnahq=") {
+                        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_string()
+                    } else {
+                        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+                        format!(
+                            "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"test\"\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let _ = conn.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        addr.to_string()
+    }
+
+    fn put_registry(store: &FakeStore, name: &str, server: &str, secret: &str) {
+        store.put(json!({
+            "apiVersion": "berth/v1", "kind": "Registry",
+            "metadata": {"name": name},
+            "spec": {"server": server, "username": "alice",
+                     "passwordSecretRef": {"name": secret, "key": "password"}}
+        }));
+    }
+
+    fn put_secret(store: &FakeStore, name: &str, password: &[u8]) {
+        store.put(json!({
+            "apiVersion": "berth/v1", "kind": "Secret",
+            "metadata": {"name": name}, "spec": {}
+        }));
+        store.put_data(Kind::Secret, name, &[("password", password)]);
+    }
+
+    fn authenticated(store: &FakeStore, name: &str) -> (String, String, String) {
+        let s: RegistryStatus = serde_json::from_value(store.status(Kind::Registry, name)).unwrap();
+        let c = condition(&s.conditions, AUTHENTICATED).expect("an Authenticated condition");
+        (
+            format!("{:?}", c.status),
+            c.reason.clone(),
+            c.message.clone(),
+        )
+    }
+
+    async fn reconcile(store: &Arc<FakeStore>, name: &str) -> Result<Action, Error> {
+        let ctl = Arc::new(RegistryController::new(store.clone()));
+        let api: Arc<dyn ResourceStore> = store.clone();
+        reconcile_once(&ctl, api, name).await
+    }
+
+    #[tokio::test]
+    async fn login_outcomes_become_conditions_without_the_password() {
+        let server = registry().await;
+        let store = Arc::new(FakeStore::default());
+        put_secret(&store, "pw", b"wrong\n");
+        put_registry(&store, "team", &server, "pw");
+
+        // Rejected: the registry's own words, checked again only after a change or RECHECK.
+        let action = reconcile(&store, "team").await.unwrap();
+        assert_eq!(action, Action::requeue(status::RECHECK));
+        let (st, reason, message) = authenticated(&store, "team");
+        assert_eq!((st.as_str(), reason.as_str()), ("False", reasons::REJECTED));
+        assert!(message.contains("authentication required"), "{message}");
+        assert!(!message.contains("wrong"));
+
+        // Fixed password: accepted.
+        put_secret(&store, "pw", b"right\n");
+        reconcile(&store, "team").await.unwrap();
+        assert_eq!(
+            authenticated(&store, "team").1,
+            reasons::LOGIN_SUCCEEDED,
+            "a new Secret version is checked at once"
+        );
+        // Nothing changed: no second login, no status write.
+        let writes = store.status_writes().len();
+        reconcile(&store, "team").await.unwrap();
+        assert_eq!(store.status_writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn duplicate_missing_secret_and_unreachable() {
+        let server = registry().await;
+        let store = Arc::new(FakeStore::default());
+        put_secret(&store, "pw", b"right");
+        put_registry(&store, "first", &server, "pw");
+        put_registry(&store, "second", &server, "pw");
+        put_registry(&store, "nosecret", "127.0.0.1:9", "absent");
+        put_secret(&store, "pw2", b"right");
+        // Port 9 (discard) is closed on loopback: nothing answers.
+        put_registry(&store, "gone", "127.0.0.2:9", "pw2");
+
+        assert_eq!(
+            reconcile(&store, "second").await.unwrap(),
+            Action::await_change()
+        );
+        let (_, reason, message) = authenticated(&store, "second");
+        assert_eq!(reason, reasons::DUPLICATE);
+        assert!(
+            message.contains("Registry `first` already provides"),
+            "{message}"
+        );
+
+        assert_eq!(
+            reconcile(&store, "nosecret").await.unwrap(),
+            Action::await_change()
+        );
+        let (_, reason, message) = authenticated(&store, "nosecret");
+        assert_eq!(reason, reasons::SECRET_MISSING);
+        assert_eq!(message, "Secret `absent` does not exist");
+
+        // Unreachable: reported, and retried with backoff rather than waiting for a change.
+        assert_eq!(reconcile(&store, "gone").await.unwrap(), Action::Backoff);
+        let (st, reason, _) = authenticated(&store, "gone");
+        assert_eq!(
+            (st.as_str(), reason.as_str()),
+            ("False", reasons::UNREACHABLE)
+        );
+    }
+}
