@@ -642,21 +642,23 @@ fn service_spec(
     }
 }
 
-/// The boot config a running proxy service was given (the Swarm config mounted at
-/// [`BOOT_CONFIG_PATH`]).
-pub fn boot_of(spec: &ServiceSpec) -> Option<SwarmFile> {
-    spec.task_template
-        .as_ref()?
-        .container_spec
-        .as_ref()?
-        .configs
+/// The boot config a container spec mounts (the Swarm config at [`BOOT_CONFIG_PATH`]).
+pub fn boot_config(
+    c: &bollard::models::TaskSpecContainerSpec,
+) -> Option<&bollard::models::TaskSpecContainerSpecConfigs> {
+    c.configs
         .as_ref()?
         .iter()
         .find(|c| c.file.as_ref().and_then(|f| f.name.as_deref()) == Some(BOOT_CONFIG_PATH))
-        .map(|c| SwarmFile {
-            id: c.config_id.clone().unwrap_or_default(),
-            name: c.config_name.clone().unwrap_or_default(),
-        })
+}
+
+/// The boot config a running proxy service was given (the Swarm config mounted at
+/// [`BOOT_CONFIG_PATH`]).
+pub fn boot_of(spec: &ServiceSpec) -> Option<SwarmFile> {
+    boot_config(spec.task_template.as_ref()?.container_spec.as_ref()?).map(|c| SwarmFile {
+        id: c.config_id.clone().unwrap_or_default(),
+        name: c.config_name.clone().unwrap_or_default(),
+    })
 }
 
 /// Whether the running service needs an update (a restart) for `parts`: anything but the boot config

@@ -159,14 +159,7 @@ impl IngressController {
 
 /// The boot config a task was started with.
 fn task_boot(t: &Task) -> Option<&str> {
-    t.spec
-        .as_ref()?
-        .container_spec
-        .as_ref()?
-        .configs
-        .as_ref()?
-        .iter()
-        .find(|c| c.file.as_ref().and_then(|f| f.name.as_deref()) == Some(build::BOOT_CONFIG_PATH))?
+    build::boot_config(t.spec.as_ref()?.container_spec.as_ref()?)?
         .config_name
         .as_deref()
 }

@@ -169,8 +169,20 @@ pub fn refused(
     now: DateTime<Utc>,
 ) -> NetworkStatus {
     let mut s = current.clone();
-    s.observed_generation = Some(generation);
     engine_fields(&mut s, network);
+    not_ready(&mut s, generation, reason, message, now);
+    s
+}
+
+/// Ready=False and Degraded=True for `reason`, observed at `generation`.
+fn not_ready(
+    s: &mut NetworkStatus,
+    generation: u64,
+    reason: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) {
+    s.observed_generation = Some(generation);
     set_condition(
         &mut s.conditions,
         conditions::READY,
@@ -187,7 +199,6 @@ pub fn refused(
         message,
         now,
     );
-    s
 }
 
 /// The status for what apply found or did.
@@ -228,23 +239,7 @@ impl ObjectStatus for NetworkStatus {
     /// Refused with the engine fields as they were: the network itself is untouched.
     fn refused(&self, generation: u64, reason: &str, message: &str, now: DateTime<Utc>) -> Self {
         let mut s = self.clone();
-        s.observed_generation = Some(generation);
-        set_condition(
-            &mut s.conditions,
-            conditions::READY,
-            False,
-            reason,
-            message,
-            now,
-        );
-        set_condition(
-            &mut s.conditions,
-            conditions::DEGRADED,
-            True,
-            reason,
-            message,
-            now,
-        );
+        not_ready(&mut s, generation, reason, message, now);
         s
     }
 }

@@ -35,8 +35,10 @@ const MIN_UPDATE_INTERVAL: Duration = Duration::from_secs(1);
 pub enum Outcome {
     /// The engine already runs this spec.
     Unchanged(SwarmService),
-    /// berth created or updated the Swarm service; this is it afterwards.
+    /// berth updated the Swarm service; this is it afterwards.
     Wrote(SwarmService),
+    /// berth created the Swarm service; this is what it sent (the engine has no tasks for it yet).
+    Created(SwarmService),
     /// An update is due but the service was written moments ago: try again after this long.
     Deferred(Duration),
 }
@@ -163,19 +165,28 @@ impl Engine {
             .filter(|r| Some(&r.uid) == uid)
     }
 
-    /// Creates or updates the Swarm service so it matches `built`. `Err(Refused)`: the engine will
-    /// not take this spec, or the name is someone else's.
+    /// Creates or updates the Swarm service so it matches `built`. `seen`: what `find` returned,
+    /// or `None` when berth never wrote this object: then the service is created straight away, and
+    /// only a name the engine says is taken is looked up (a create costs one engine call).
+    /// `Err(Refused)`: the engine will not take this spec, or the name is someone else's.
     pub async fn apply(
         &self,
         name: &str,
         uid: &str,
         built: &Built,
-        seen: Found,
+        seen: Option<Found>,
         pull: Option<&PullAuth>,
     ) -> Result<Outcome, Error> {
         let credentials = pull.map(|p| p.credentials.clone());
         let auth = pull.map(|p| p.fingerprint.clone());
         let record = self.record(name, Some(&uid.to_string()));
+        let seen = match seen {
+            Some(seen) => seen,
+            None => match self.create(name, uid, built, pull).await? {
+                Some(created) => return Ok(created),
+                None => self.find(name).await?,
+            },
+        };
         let mut owned = seen.owned;
         owned.sort_by_key(|s| s.created_at);
         for dup in owned.drain(1.min(owned.len())..) {
@@ -201,22 +212,12 @@ impl Engine {
                     self.owner.refusal("service", name, labels_of(&foreign)),
                 ));
             }
-            return match self
-                .docker
-                .create_service(built.spec.clone(), credentials)
-                .await
-            {
-                Ok(created) => {
-                    info!(id = ?created.id, hash = %built.hash, registry = ?pull.map(|p| &p.registry), "created Swarm service");
-                    let id = created.id.unwrap_or_default();
-                    self.after_write(name, uid, built, &id, auth)
-                        .await
-                        .map(Outcome::Wrote)
-                }
-                Err(e) if status_code(&e) == Some(400) => {
-                    Err(Error::refused("Refused", refusal("service", &e)))
-                }
-                Err(e) => Err(e.into()),
+            return match self.create(name, uid, built, pull).await? {
+                Some(created) => Ok(created),
+                // Taken between the lookup and the create: the next reconcile sees by whom.
+                None => Err(Error::Transient(format!(
+                    "the Swarm service name `{name}` was taken meanwhile"
+                ))),
             };
         };
 
@@ -238,6 +239,17 @@ impl Engine {
             && (ours_untouched || contains(&observed_spec, &built.spec))
             && auth_sent;
         if in_sync {
+            if !ours_untouched {
+                // The engine still runs berth's last write (the version moved only by the engine's
+                // own bookkeeping, or berth created it without reading it back): remember the
+                // version, so the next reconcile needs no comparison.
+                if let Some(r) = record.filter(|r| r.hash == built.hash && r.auth == auth) {
+                    let r = Applied { version, ..r };
+                    if let Err(e) = self.records.put(name, &r) {
+                        warn!(error = %e, "cannot record applied state");
+                    }
+                }
+            }
             return Ok(Outcome::Unchanged(ex));
         }
         if auth_sent
@@ -280,6 +292,39 @@ impl Engine {
         }
     }
 
+    /// Creates the service. `Ok(None)`: the engine says the name is taken.
+    async fn create(
+        &self,
+        name: &str,
+        uid: &str,
+        built: &Built,
+        pull: Option<&PullAuth>,
+    ) -> Result<Option<Outcome>, Error> {
+        let credentials = pull.map(|p| p.credentials.clone());
+        match self
+            .docker
+            .create_service(built.spec.clone(), credentials)
+            .await
+        {
+            Ok(created) => {
+                info!(id = ?created.id, hash = %built.hash, registry = ?pull.map(|p| &p.registry), "created Swarm service");
+                // Not read back: its version is recorded as unknown (0), so the next reconcile
+                // compares once and records it.
+                self.wrote(name, uid, built, 0, pull.map(|p| p.fingerprint.clone()));
+                Ok(Some(Outcome::Created(SwarmService {
+                    id: created.id,
+                    spec: Some(built.spec.clone()),
+                    ..Default::default()
+                })))
+            }
+            Err(e) if status_code(&e) == Some(409) => Ok(None),
+            Err(e) if status_code(&e) == Some(400) => {
+                Err(Error::refused("Refused", refusal("service", &e)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn after_write(
         &self,
         name: &str,
@@ -298,10 +343,18 @@ impl Engine {
                 "the Swarm service vanished right after it was written".into(),
             ));
         };
+        let version = now.version.as_ref().and_then(|v| v.index).unwrap_or(0);
+        self.wrote(name, uid, built, version, auth);
+        Ok(now)
+    }
+
+    /// Remembers a write: its record (for "nothing changed" without a comparison) and its time
+    /// (for pacing).
+    fn wrote(&self, name: &str, uid: &str, built: &Built, version: u64, auth: Option<String>) {
         let record = Applied {
             uid: uid.to_string(),
             hash: built.hash.clone(),
-            version: now.version.as_ref().and_then(|v| v.index).unwrap_or(0),
+            version,
             auth,
             pinned: built.pinned.clone(),
         };
@@ -309,7 +362,6 @@ impl Engine {
             warn!(error = %e, "cannot record applied state");
         }
         self.pace.wrote(name);
-        Ok(now)
     }
 
     pub async fn tasks(&self, svc: &SwarmService) -> Result<Vec<Task>, DockerError> {

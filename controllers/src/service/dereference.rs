@@ -116,8 +116,14 @@ pub async fn dependencies(src: &Sources<'_>, spec: &ServiceSpec) -> Result<Deps,
     };
     let network_owner = src.owner.for_kind(Kind::Network);
     for name in &networks {
-        if src.store.get(Kind::Network, name).await?.is_none() {
+        let Some(network) = src.store.get(Kind::Network, name).await? else {
             waiting.push(format!("Network `{name}` does not exist"));
+            continue;
+        };
+        // The Network controller reports the ID of the Swarm network it made for the object (and
+        // only of its own): no engine lookup per reconcile. Until it has, ask the engine.
+        if let Some(id) = network.status.get("networkId").and_then(|v| v.as_str()) {
+            resolved.networks.push(id.to_string());
             continue;
         }
         let net = found(

@@ -168,19 +168,25 @@ impl Reconciler for ServiceController {
         let built = build::build_pinned(svc, &engine.owner, &resolved, digest.as_deref());
 
         // Apply.
-        let seen = engine.find(name).await?;
-        let had_files = apply::mounts_files(seen.owned.first());
-        let uid = svc.metadata.uid.clone().unwrap_or_default();
-        let (swarm, wrote) = match engine.apply(name, &uid, &built, seen, pull_auth).await? {
-            Outcome::Unchanged(s) => (s, false),
-            Outcome::Wrote(s) => (s, true),
-            Outcome::Deferred(wait) => {
-                return Ok(Reconciled {
-                    status: obj.status.clone(),
-                    action: Action::requeue(wait),
-                })
-            }
+        // A Service berth never wrote is created without looking first (see `Engine::apply`).
+        let seen = match record {
+            Some(_) => Some(engine.find(name).await?),
+            None => None,
         };
+        let had_files = apply::mounts_files(seen.as_ref().and_then(|s| s.owned.first()));
+        let uid = svc.metadata.uid.clone().unwrap_or_default();
+        let (swarm, wrote, created) =
+            match engine.apply(name, &uid, &built, seen, pull_auth).await? {
+                Outcome::Unchanged(s) => (s, false, false),
+                Outcome::Wrote(s) => (s, true, false),
+                Outcome::Created(s) => (s, true, true),
+                Outcome::Deferred(wait) => {
+                    return Ok(Reconciled {
+                        status: obj.status.clone(),
+                        action: Action::requeue(wait),
+                    })
+                }
+            };
         // Everything resolved is now referenced by the service: the engine itself keeps it.
         engine.files.settled(
             resolved
@@ -197,7 +203,12 @@ impl Reconciler for ServiceController {
         }
 
         // Status.
-        let tasks = engine.tasks(&swarm).await?;
+        // A service created a moment ago has no tasks yet; its events bring the next look.
+        let tasks = if created {
+            Vec::new()
+        } else {
+            engine.tasks(&swarm).await?
+        };
         let now = chrono::Utc::now();
         let mut st = status::after_apply(
             &obj.status,
