@@ -58,6 +58,13 @@ impl ServiceController {
         }
     }
 
+    /// Secrets and configs no service uses are collected after `grace` instead of
+    /// `swarm::files::GC_GRACE` (tests that watch collection happen).
+    pub fn with_file_grace(mut self, grace: Duration) -> Self {
+        self.engine.files = SwarmFiles::with_grace(self.engine.docker.clone(), grace);
+        self
+    }
+
     /// The registry servers whose credentials an event may have changed: a Registry's own server,
     /// or the servers of the Registries whose password is in the Secret. `Some(empty)`: unknown (the
     /// Registry is gone), so every Service is concerned. `None`: no registry is concerned.

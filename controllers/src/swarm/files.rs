@@ -213,13 +213,20 @@ pub async fn mounted_by_services(docker: &Docker) -> Result<HashSet<String>, Doc
 pub struct SwarmFiles {
     docker: Docker,
     fresh: Mutex<HashMap<String, Instant>>,
+    grace: Duration,
 }
 
 impl SwarmFiles {
     pub fn new(docker: Docker) -> Self {
+        SwarmFiles::with_grace(docker, GC_GRACE)
+    }
+
+    /// Another grace than [`GC_GRACE`] (tests that watch collection happen).
+    pub fn with_grace(docker: Docker, grace: Duration) -> Self {
         SwarmFiles {
             docker,
             fresh: Mutex::default(),
+            grace,
         }
     }
 
@@ -248,7 +255,7 @@ impl SwarmFiles {
     }
 
     /// Removes every file of `kind` that `filters` select and that is neither in `keep` (by name or
-    /// ID) nor created within [`GC_GRACE`]. Returns how many went.
+    /// ID) nor created within the grace. Returns how many went.
     pub async fn collect(
         &self,
         kind: FileKind,
@@ -257,7 +264,7 @@ impl SwarmFiles {
     ) -> Result<usize, DockerError> {
         let protected: HashSet<String> = {
             let mut fresh = self.fresh.lock().unwrap_or_else(|p| p.into_inner());
-            fresh.retain(|_, at| at.elapsed() < GC_GRACE);
+            fresh.retain(|_, at| at.elapsed() < self.grace);
             fresh.keys().cloned().collect()
         };
         let candidates: Vec<(String, String)> = match kind {
