@@ -8,7 +8,7 @@ use crate::hooks::{self, HookState};
 use crate::local::LocalStore;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
-use crate::{deploy, publisher, Conn, IngressArgs, ServerArgs};
+use crate::{deploy, Conn, IngressArgs, ServerArgs};
 use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::engine;
@@ -123,8 +123,7 @@ async fn start_api(
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     let store = open_store(&server.data_dir.join("store"), &key)?;
-    if store
-        .ensure_network(&server.default_network)
+    if crate::store::ensure_network(&store, &server.default_network)
         .await
         .map_err(|e| format!("error: {e} (see --default-network)"))?
     {
@@ -177,7 +176,7 @@ async fn start_api(
 }
 
 async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {
-    publisher::run(store, bus).await;
+    crate::store::outbox::publish(store, bus).await;
     Ok(())
 }
 

@@ -9,7 +9,6 @@ mod deploy;
 mod hooks;
 mod local;
 mod output;
-mod publisher;
 mod registry;
 mod rollout;
 mod server;

@@ -86,7 +86,12 @@ impl BackoffPolicy {
     /// 100 ms doubling up to 10 s. A lost connection is usually back within a second, and a loop
     /// that waits minutes would leave a controller deaf for that long.
     pub fn reconnect() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(10), 2.0, 0.3)
+        Self::new(
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            2.0,
+            0.3,
+        )
     }
 
     fn build(&self) -> ExponentialBackoff {
