@@ -265,8 +265,7 @@ impl Store {
                     incoming,
                     mode,
                     expected_rv.as_deref(),
-                    now,
-                    &uids[i],
+                    Stamp { uid: &uids[i], now },
                     &mut rv,
                 )?;
                 out.push((result_of(&obj, outcome), obj));
@@ -292,8 +291,7 @@ impl Store {
                     incoming,
                     mode,
                     expected_rv.as_deref(),
-                    now,
-                    &uids[i],
+                    Stamp { uid: &uids[i], now },
                     &mut rv,
                 )
                 .or_else(abort)?;
@@ -503,6 +501,12 @@ impl Store {
     }
 }
 
+/// What a newly created object is stamped with.
+struct Stamp<'a> {
+    uid: &'a str,
+    now: chrono::DateTime<Utc>,
+}
+
 /// What writing `incoming` over `old` results in: the new object and whether anything changed.
 /// `generation` moves only when the spec changes; `resourceVersion` on every change.
 fn plan(
@@ -511,8 +515,7 @@ fn plan(
     incoming: &DynObject,
     mode: WriteMode,
     expected_rv: Option<&str>,
-    now: chrono::DateTime<Utc>,
-    uid: &str,
+    stamp: Stamp<'_>,
     rv: &mut u64,
 ) -> Result<(DynObject, ApplyOutcome), StoreError> {
     let (kind, name) = (incoming.kind, incoming.metadata.name.clone());
@@ -537,10 +540,10 @@ fn plan(
             *rv += 1;
             let mut obj = incoming.clone();
             obj.metadata = ObjectMeta {
-                uid: Some(uid.to_string()),
+                uid: Some(stamp.uid.to_string()),
                 generation: 1,
                 resource_version: Some(rv.to_string()),
-                creation_timestamp: Some(now),
+                creation_timestamp: Some(stamp.now),
                 ..incoming.metadata.clone()
             };
             obj.status = Value::Null;
