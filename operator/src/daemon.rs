@@ -130,9 +130,10 @@ async fn start_api(
         info!(network = %server.default_network, "created the default network");
     }
     let (token, token_path) = admin_token(&server.data_dir)?;
-    let bus = bus::connect(server.nats.as_deref())
+    let connected = bus::connect(server.nats.as_deref())
         .await
         .map_err(|e| format!("error: {e}"))?;
+    let bus = connected.events;
     let listener = tokio::net::TcpListener::bind(&server.listen)
         .await
         .map_err(|e| format!("error: cannot listen on {}: {e}", server.listen))?;
@@ -150,7 +151,7 @@ async fn start_api(
         .nats
         .is_some()
         .then(|| format!("berth-{}-deploy-applier", store.instance()));
-    let applier = deploy::start(store.clone(), bus.clone(), applier).await;
+    let applier = deploy::start(store.clone(), connected.deploys.clone(), applier).await;
     tasks.spawn(async move {
         applier.await;
         Ok(())
@@ -160,7 +161,7 @@ async fn start_api(
         token: Arc::new(token),
         default_network: Arc::new(server.default_network.clone()),
     };
-    let hook_state = HookState::new(store.clone(), bus.clone(), server.hook_rate)
+    let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
     let app = router(state.clone()).merge(hooks::router(state, hook_state));
     tasks.spawn(async move {
@@ -435,7 +436,8 @@ pub async fn controller(
     let secrets: Arc<dyn SecretReader> = http;
     let bus = bus::connect(Some(&nats))
         .await
-        .map_err(|e| format!("error: {e}"))?;
+        .map_err(|e| format!("error: {e}"))?
+        .events;
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
     let mut tasks = tokio::task::JoinSet::new();

@@ -27,7 +27,7 @@ use berth_api_types::image::ImageRef;
 use berth_api_types::names::paths;
 use berth_api_types::wire::List;
 use berth_api_types::Kind;
-use berth_controllers::bus::EventBus;
+use berth_controllers::bus::DeployQueue;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde::Deserialize;
@@ -46,7 +46,7 @@ const LIMITER_KEYS: usize = 10_000;
 pub struct HookState {
     pub store: Store,
     pub hooks: Webhooks,
-    pub bus: Arc<dyn EventBus>,
+    pub bus: Arc<dyn DeployQueue>,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     replay: Arc<ReplayGuard>,
     /// Monotonic even within one millisecond: the applier treats a smaller id as an older deploy.
@@ -55,7 +55,11 @@ pub struct HookState {
 
 impl HookState {
     /// `per_second` sustained calls per source address, with bursts of five seconds' worth.
-    pub fn new(store: Store, bus: Arc<dyn EventBus>, per_second: u32) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Store,
+        bus: Arc<dyn DeployQueue>,
+        per_second: u32,
+    ) -> Result<Self, StoreError> {
         let rate = NonZeroU32::new(per_second.max(1)).expect("at least 1");
         let burst = NonZeroU32::new(per_second.max(1).saturating_mul(5)).expect("at least 5");
         Ok(HookState {
@@ -578,7 +582,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
         let store = Store::open(dir.path(), &key).unwrap();
-        let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new());
+        let bus: Arc<dyn DeployQueue> = Arc::new(EmbeddedBus::new());
         let deploys = bus.subscribe_deploys(None).await.unwrap();
         let api = AppState {
             store: store.clone(),
