@@ -59,7 +59,7 @@ pub struct ServerArgs {
     #[arg(long, env = "BERTH_NATS")]
     pub nats: Option<String>,
     /// The Network every Service joins when it lists none; created at start if missing.
-    #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::volume::DEFAULT_NETWORK)]
+    #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::network::DEFAULT_NETWORK)]
     pub default_network: String,
     /// Deploy webhook calls allowed per second from one source address (bursts of 5 s worth).
     #[arg(long, env = "BERTH_HOOK_RATE", default_value_t = 20)]

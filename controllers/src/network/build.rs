@@ -6,7 +6,7 @@
 //! re-create", which is only possible while nothing uses the network.
 
 use berth_api_types::names::labels;
-use berth_api_types::volume::Network;
+use berth_api_types::network::Network;
 use berth_api_types::Kind;
 use bollard::models::{Network as SwarmNetwork, NetworkCreateRequest, Service as SwarmService};
 use serde_json::Value;
