@@ -5,10 +5,10 @@
 use crate::api_client::ApiClient;
 use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
-use crate::local::LocalStore;
+use crate::in_process_api::InProcessApi;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
-use crate::{deploy, Conn, IngressArgs, ServerArgs};
+use crate::{deploy_applier, Conn, IngressArgs, ServerArgs};
 use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::engine;
@@ -151,7 +151,7 @@ async fn start_api(
         .nats
         .is_some()
         .then(|| format!("berth-{}-deploy-applier", store.instance()));
-    let applier = deploy::start(store.clone(), connected.deploys.clone(), applier).await;
+    let applier = deploy_applier::start(store.clone(), connected.deploys.clone(), applier).await;
     tasks.spawn(async move {
         applier.await;
         Ok(())
@@ -360,7 +360,7 @@ pub async fn up(
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
     let parts = start_api(&server, &mut tasks).await?;
-    let local = Arc::new(LocalStore {
+    let local = Arc::new(InProcessApi {
         store: parts.store.clone(),
         default_network: server.default_network.clone(),
     });

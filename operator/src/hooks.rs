@@ -3,13 +3,13 @@
 //! administration endpoints under `/apis/berth/v1/webhooks` that `berth webhook` uses.
 //!
 //! A hook call publishes a deploy event on `berth.deploy.<service>` and answers 202 with the event
-//! id once the bus has accepted it (NATS: the JetStream ack); the deploy applier (`deploy.rs`)
+//! id once the bus has accepted it (NATS: the JetStream ack); the deploy applier (`deploy_applier.rs`)
 //! then changes the Service. The token in the path is the only credential, so every way a call
 //! can fail before the token is known to be good looks the same: an unknown token gets exactly
 //! the API's generic 404, and no event. Calls are rate-limited per source address, bodies are
 //! capped at 64 KiB, and the token is never logged.
 
-use crate::registry;
+use crate::push_hooks;
 use crate::server::{not_found, ApiError, AppState};
 use crate::store::{Store, StoreError};
 use crate::webhook::{
@@ -359,7 +359,7 @@ async fn registry_hook(
         Ok(admitted) => admitted,
         Err(resp) => return *resp,
     };
-    let pushes = match registry::pushes(&body) {
+    let pushes = match push_hooks::pushes(&body) {
         Ok(p) => p,
         Err(why) => return err(StatusCode::BAD_REQUEST, "BadRequest", why),
     };
@@ -388,7 +388,7 @@ async fn registry_hook(
 fn registry_events(
     store: &Store,
     hook: &Webhook,
-    pushes: &[registry::Push],
+    pushes: &[push_hooks::Push],
 ) -> Result<Vec<DeployEvent>, StoreError> {
     let services: Vec<(String, ImageRef)> = store
         .list(Kind::Service)?
@@ -401,14 +401,14 @@ fn registry_events(
     let mut out = Vec::new();
     for push in pushes {
         for (name, current) in &services {
-            if !registry::runs(current, push, hook.registry_host.as_deref()) {
+            if !push_hooks::runs(current, push, hook.registry_host.as_deref()) {
                 continue;
             }
             let Ok(image) = retarget(current, Some(&push.tag), push.digest.as_deref()) else {
                 continue;
             };
             out.push(DeployEvent {
-                id: registry::event_id(push, name),
+                id: push_hooks::event_id(push, name),
                 service: name.clone(),
                 image: image.to_string(),
                 tag: Some(push.tag.clone()),

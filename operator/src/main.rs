@@ -5,12 +5,12 @@ mod api_client;
 mod cli;
 mod crypto;
 mod daemon;
-mod deploy;
+mod deploy_applier;
 mod hooks;
-mod local;
+mod in_process_api;
 mod output;
-mod registry;
-mod rollout;
+mod push_hooks;
+mod rollout_cli;
 mod server;
 mod store;
 mod webhook;
@@ -302,16 +302,16 @@ fn main() -> ExitCode {
                     name,
                     timeout,
                     conn,
-                } => rollout::status(&conn, &kind, &name, timeout).await,
+                } => rollout_cli::status(&conn, &kind, &name, timeout).await,
                 RolloutAction::History { kind, name, conn } => {
-                    rollout::history(&conn, &kind, &name).await
+                    rollout_cli::history(&conn, &kind, &name).await
                 }
                 RolloutAction::Undo {
                     kind,
                     name,
                     to_revision,
                     conn,
-                } => rollout::undo(&conn, &kind, &name, to_revision).await,
+                } => rollout_cli::undo(&conn, &kind, &name, to_revision).await,
             },
             Command::Delete {
                 kind,

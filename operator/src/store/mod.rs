@@ -62,7 +62,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The HTTP status and reason the API answers this error with; the in-process `LocalStore`
+    /// The HTTP status and reason the API answers this error with; `InProcessApi`
     /// reports the same, so a controller cannot tell the two apart.
     pub fn status_and_reason(&self) -> (u16, &'static str) {
         match self {
