@@ -17,7 +17,7 @@ use super::{
 /// Events a subscriber may fall behind by before it lags. An apply of 10,000 objects publishes
 /// 10,000 events at once, faster than a controller's intake takes them (at 4096 it lagged by
 /// 3480 and had to resync); this holds three such bursts. Events carry no spec (about 300 bytes
-/// each with their strings), so a full channel is about 10 MB, and memory stays bounded.
+/// each with their strings), so even a full channel is about 10 MB; an empty one about 1 MB.
 const CAPACITY: usize = 32 * 1024;
 /// Deploys are few (one per webhook call); a burst of them is coalesced by the applier anyway.
 const DEPLOY_CAPACITY: usize = 4096;
@@ -28,7 +28,9 @@ const DEDUP_IDS: usize = 4096;
 /// In-process bus; clones share the same channel.
 #[derive(Debug, Clone)]
 pub struct EmbeddedBus {
-    tx: broadcast::Sender<Event>,
+    /// `Arc`ed so that the channel's preallocated slots are a pointer each, not a whole event:
+    /// the channel is large (see `CAPACITY`) and should cost little while it is empty.
+    tx: broadcast::Sender<Arc<Event>>,
     /// Ids already published, so a re-published event is dropped as JetStream would.
     published: Arc<Mutex<RecentIds>>,
     deploys: broadcast::Sender<DeployEvent>,
@@ -67,7 +69,7 @@ impl EventBus for EmbeddedBus {
             return Ok(());
         }
         // Sending fails only when nobody is subscribed, and then nobody can miss the event.
-        let _ = self.tx.send(event.clone());
+        let _ = self.tx.send(Arc::new(event.clone()));
         Ok(())
     }
 
@@ -84,7 +86,7 @@ impl EventBus for EmbeddedBus {
                 loop {
                     match rx.recv().await {
                         Ok(event) if wants(&kinds, &event) => {
-                            return Some((BusMessage::Event(event), rx))
+                            return Some((BusMessage::Event(Event::clone(&event)), rx))
                         }
                         Ok(_) => continue,
                         // The receiver has already skipped to the oldest retained event, so the
