@@ -2,7 +2,6 @@
 //! manifest loading, the API's other documents (`wire`: errors, discovery, lists), and the names
 //! (API paths, NATS subjects, Swarm labels) that other crates and outside tools rely on.
 
-pub mod data;
 pub mod deploy;
 pub mod event;
 pub mod image;
@@ -11,7 +10,9 @@ pub mod kind;
 pub mod manifest;
 pub mod meta;
 pub mod names;
+pub mod network;
 pub mod registry;
+pub mod secret_config;
 pub mod service;
 pub mod typed;
 pub mod units;

@@ -2,16 +2,17 @@
 //! kind, deserialize its typed form with field paths, run its validation, and hand back the canonical
 //! untyped object the store keeps. One function per entry point, one rule set for both.
 
-use crate::data::{validate_data, DataSpec};
 use crate::ingress::{validate_ingress, IngressSpec};
 use crate::kind::Kind;
 use crate::manifest::{ManifestError, SourceDoc};
 use crate::meta::DynObject;
 use crate::meta::Object;
+use crate::network::{validate_network, NetworkSpec};
 use crate::registry::{validate_registry, RegistrySpec};
+use crate::secret_config::{validate_data, DataSpec};
 use crate::service::{validate_service, ServiceSpec};
 use crate::validate::FieldError;
-use crate::volume::{validate_network, validate_volume, NetworkSpec, VolumeSpec};
+use crate::volume::{validate_volume, VolumeSpec};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 

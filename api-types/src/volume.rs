@@ -1,9 +1,7 @@
-//! Volume and Network: the storage and connectivity a Service attaches to.
-//!
-//! A Volume is a named volume with its driver and options. Swarm has no cluster-wide volume object:
-//! the engine creates a named volume on each node where a task first mounts it, from the driver
-//! options on the mount, so berth passes a Volume's spec on every mount that names it.
-//! A Network is a Swarm overlay network, encrypted unless the spec explicitly opts out.
+//! Volume: the storage a Service mounts, a named volume with its driver and options. Swarm has no
+//! cluster-wide volume object: the engine creates a named volume on each node where a task first
+//! mounts it, from the driver options on the mount, so berth passes a Volume's spec on every mount
+//! that names it.
 
 use crate::meta::Object;
 use crate::validate::{check_envelope, check_label_key, Errors, FieldError};
@@ -11,10 +9,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub type Volume = Object<VolumeSpec, serde_json::Value>;
-pub type Network = Object<NetworkSpec, serde_json::Value>;
-
-/// The network every Service joins unless it lists networks of its own.
-pub const DEFAULT_NETWORK: &str = "berth-internal";
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -34,28 +28,6 @@ impl VolumeSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NetworkSpec {
-    /// IPsec encryption of the overlay's traffic between nodes. On unless set to `false`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encrypted: Option<bool>,
-    /// Whether standalone containers (not only services) may join.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub attachable: bool,
-    /// No route to the outside world.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub internal: bool,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-}
-
-impl NetworkSpec {
-    pub fn encrypted(&self) -> bool {
-        self.encrypted.unwrap_or(true)
-    }
-}
-
 pub fn validate_volume(v: &Volume) -> Result<(), Vec<FieldError>> {
     let mut errors = Errors::default();
     check_envelope(&mut errors, &v.api_version, &v.metadata);
@@ -64,15 +36,6 @@ pub fn validate_volume(v: &Volume) -> Result<(), Vec<FieldError>> {
     }
     if v.spec.driver.as_deref().is_some_and(str::is_empty) {
         errors.add("spec.driver", "must not be empty (omit it for `local`)");
-    }
-    errors.into_result()
-}
-
-pub fn validate_network(n: &Network) -> Result<(), Vec<FieldError>> {
-    let mut errors = Errors::default();
-    check_envelope(&mut errors, &n.api_version, &n.metadata);
-    for key in n.spec.labels.keys() {
-        check_label_key(&mut errors, "spec.labels", key);
     }
     errors.into_result()
 }

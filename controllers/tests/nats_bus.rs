@@ -11,11 +11,26 @@ use berth_api_types::deploy::{DeployEvent, DeploySource};
 use berth_api_types::names::subjects;
 use berth_api_types::{Event, EventType, Kind};
 use berth_controllers::bus::{
-    BusMessage, DeployMessage, DeploySubscription, EventBus, NatsBus, Subscription,
+    BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus, NatsBus, Subscription,
 };
 use futures::StreamExt;
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// Durable consumers in these tests redeliver an unacked message after this long (the default
+/// is 30 s), so that waiting a little longer than this shows a missing ack as a redelivery.
+const ACK_WAIT: Duration = Duration::from_secs(1);
+/// How long "nothing more arrives" is watched for: past the ack wait, with room for the server's
+/// redelivery on a loaded machine.
+const IDLE: Duration = Duration::from_millis(1800);
+
+/// A bus on the test's server whose durable consumers use the short `ACK_WAIT`.
+async fn connect(url: &str) -> NatsBus {
+    NatsBus::connect(url)
+        .await
+        .expect("connect to the test's nats-server")
+        .with_ack_wait(ACK_WAIT)
+}
 
 /// A `nats-server` child process, killed when the guard is dropped (also when a test panics).
 struct NatsServer {
@@ -158,17 +173,17 @@ async fn next_event(sub: &mut Subscription) -> Event {
     }
 }
 
-/// Asserts nothing arrives for a while; long enough for a pull consumer's redelivery or a
-/// stray message to show up on a local server.
+/// Asserts nothing arrives for a while: past the ack wait, so an event that was not acked comes
+/// back (redelivered) and fails the test, as does a stray message.
 async fn assert_idle(sub: &mut Subscription) {
-    let got = tokio::time::timeout(Duration::from_millis(400), sub.next()).await;
+    let got = tokio::time::timeout(IDLE, sub.next()).await;
     assert!(got.is_err(), "unexpected message: {got:?}");
 }
 
 #[tokio::test]
 async fn round_trip_filters_by_kind() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     assert_eq!(bus.describe(), server.url);
 
     let mut live_services = bus.subscribe(&[Kind::Service], None).await.unwrap();
@@ -207,7 +222,7 @@ async fn round_trip_filters_by_kind() {
 #[tokio::test]
 async fn duplicate_publish_is_delivered_once() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     let mut live = bus.subscribe(&[Kind::Service], None).await.unwrap();
     let mut durable = bus
         .subscribe(&[Kind::Service], Some("dedup"))
@@ -231,7 +246,7 @@ async fn duplicate_publish_is_delivered_once() {
 #[tokio::test]
 async fn durable_consumer_catches_up_without_redelivery() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
 
     let first: Vec<Event> = (0..3)
         .map(|i| event(Kind::Service, &format!("before-{i}")))
@@ -261,7 +276,7 @@ async fn durable_consumer_catches_up_without_redelivery() {
     }
 
     // A fresh connection, as after a restart of the process.
-    let restarted = NatsBus::connect(&server.url).await.unwrap();
+    let restarted = connect(&server.url).await;
     let mut sub = restarted
         .subscribe(&[Kind::Service], Some("service-controller"))
         .await
@@ -279,7 +294,7 @@ async fn durable_consumer_catches_up_without_redelivery() {
 #[tokio::test]
 async fn outside_core_subscriber_sees_the_event_json() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     let outside = async_nats::connect(&server.url).await.unwrap();
     let subject = subjects::event(Kind::Service, "web");
     let mut sub = outside.subscribe(subject.clone()).await.unwrap();
@@ -333,7 +348,7 @@ async fn wrong_url_fails_fast_naming_the_url() {
 #[tokio::test]
 async fn undecodable_message_is_skipped() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     let mut durable = bus.subscribe(&[], Some("poison")).await.unwrap();
     let mut live = bus.subscribe(&[], None).await.unwrap();
 
@@ -364,7 +379,7 @@ async fn next_event_after_lag(sub: &mut Subscription) -> Event {
 #[tokio::test]
 async fn deleted_consumer_is_recreated_and_reports_lagged() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     let mut sub = bus
         .subscribe(&[Kind::Service], Some("reset-me"))
         .await
@@ -393,7 +408,7 @@ async fn deleted_consumer_is_recreated_and_reports_lagged() {
 #[tokio::test]
 async fn server_restart_makes_live_subscribers_resync() {
     let mut server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     let mut live = bus.subscribe(&[Kind::Service], None).await.unwrap();
     let mut durable = bus
         .subscribe(&[Kind::Service], Some("survivor"))
@@ -443,15 +458,16 @@ async fn next_deploy(sub: &mut DeploySubscription) -> DeployEvent {
     }
 }
 
+/// As `assert_idle`, for deploys.
 async fn assert_no_deploy(sub: &mut DeploySubscription) {
-    let got = tokio::time::timeout(Duration::from_millis(400), sub.next()).await;
+    let got = tokio::time::timeout(IDLE, sub.next()).await;
     assert!(got.is_err(), "unexpected deploy message: {got:?}");
 }
 
 #[tokio::test]
 async fn deploys_have_their_own_stream_and_are_delivered_once() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(&server.url).await.unwrap();
+    let bus = connect(&server.url).await;
     // Published before any durable consumer exists: a new consumer must not replay it.
     let old = deploy("web", "0");
     bus.publish_deploy(&old).await.unwrap();

@@ -5,10 +5,10 @@
 use crate::api_client::ApiClient;
 use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
-use crate::local::LocalStore;
+use crate::in_process_api::InProcessApi;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
-use crate::{deploy, publisher, Conn, IngressArgs, ServerArgs};
+use crate::{deploy_applier, Conn, IngressArgs, ServerArgs};
 use berth_api_types::Kind;
 use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::bus::{self, EventBus};
@@ -123,17 +123,17 @@ async fn start_api(
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     let store = open_store(&server.data_dir.join("store"), &key)?;
-    if store
-        .ensure_network(&server.default_network)
+    if crate::store::ensure_network(&store, &server.default_network)
         .await
         .map_err(|e| format!("error: {e} (see --default-network)"))?
     {
         info!(network = %server.default_network, "created the default network");
     }
     let (token, token_path) = admin_token(&server.data_dir)?;
-    let bus = bus::connect(server.nats.as_deref())
+    let connected = bus::connect(server.nats.as_deref())
         .await
         .map_err(|e| format!("error: {e}"))?;
+    let bus = connected.events;
     let listener = tokio::net::TcpListener::bind(&server.listen)
         .await
         .map_err(|e| format!("error: cannot listen on {}: {e}", server.listen))?;
@@ -151,7 +151,7 @@ async fn start_api(
         .nats
         .is_some()
         .then(|| format!("berth-{}-deploy-applier", store.instance()));
-    let applier = deploy::start(store.clone(), bus.clone(), applier).await;
+    let applier = deploy_applier::start(store.clone(), connected.deploys.clone(), applier).await;
     tasks.spawn(async move {
         applier.await;
         Ok(())
@@ -161,7 +161,7 @@ async fn start_api(
         token: Arc::new(token),
         default_network: Arc::new(server.default_network.clone()),
     };
-    let hook_state = HookState::new(store.clone(), bus.clone(), server.hook_rate)
+    let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
     let app = router(state.clone()).merge(hooks::router(state, hook_state));
     tasks.spawn(async move {
@@ -177,7 +177,7 @@ async fn start_api(
 }
 
 async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {
-    publisher::run(store, bus).await;
+    crate::store::outbox::publish(store, bus).await;
     Ok(())
 }
 
@@ -333,7 +333,7 @@ pub async fn up(
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
     let parts = start_api(&server, &mut tasks).await?;
-    let local = Arc::new(LocalStore {
+    let local = Arc::new(InProcessApi {
         store: parts.store.clone(),
         default_network: server.default_network.clone(),
     });
@@ -377,7 +377,8 @@ pub async fn controller(
     let http = Arc::new(ApiClient::new(&conn.url, &token));
     let bus = bus::connect(Some(&nats))
         .await
-        .map_err(|e| format!("error: {e}"))?;
+        .map_err(|e| format!("error: {e}"))?
+        .events;
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
     let kind = CONTROLLERS

@@ -3,13 +3,13 @@
 //! administration endpoints under `/apis/berth/v1/webhooks` that `berth webhook` uses.
 //!
 //! A hook call publishes a deploy event on `berth.deploy.<service>` and answers 202 with the event
-//! id once the bus has accepted it (NATS: the JetStream ack); the deploy applier (`deploy.rs`)
+//! id once the bus has accepted it (NATS: the JetStream ack); the deploy applier (`deploy_applier.rs`)
 //! then changes the Service. The token in the path is the only credential, so every way a call
 //! can fail before the token is known to be good looks the same: an unknown token gets exactly
 //! the API's generic 404, and no event. Calls are rate-limited per source address, bodies are
 //! capped at 64 KiB, and the token is never logged.
 
-use crate::registry;
+use crate::push_hooks;
 use crate::server::{not_found, ApiError, AppState};
 use crate::store::{Store, StoreError};
 use crate::webhook::{
@@ -27,7 +27,7 @@ use berth_api_types::image::ImageRef;
 use berth_api_types::names::paths;
 use berth_api_types::wire::List;
 use berth_api_types::Kind;
-use berth_controllers::bus::EventBus;
+use berth_controllers::bus::DeployQueue;
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use serde::Deserialize;
@@ -46,7 +46,7 @@ const LIMITER_KEYS: usize = 10_000;
 pub struct HookState {
     pub store: Store,
     pub hooks: Webhooks,
-    pub bus: Arc<dyn EventBus>,
+    pub bus: Arc<dyn DeployQueue>,
     limiter: Arc<DefaultKeyedRateLimiter<IpAddr>>,
     replay: Arc<ReplayGuard>,
     /// Monotonic even within one millisecond: the applier treats a smaller id as an older deploy.
@@ -55,7 +55,11 @@ pub struct HookState {
 
 impl HookState {
     /// `per_second` sustained calls per source address, with bursts of five seconds' worth.
-    pub fn new(store: Store, bus: Arc<dyn EventBus>, per_second: u32) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Store,
+        bus: Arc<dyn DeployQueue>,
+        per_second: u32,
+    ) -> Result<Self, StoreError> {
         let rate = NonZeroU32::new(per_second.max(1)).expect("at least 1");
         let burst = NonZeroU32::new(per_second.max(1).saturating_mul(5)).expect("at least 5");
         Ok(HookState {
@@ -355,7 +359,7 @@ async fn registry_hook(
         Ok(admitted) => admitted,
         Err(resp) => return *resp,
     };
-    let pushes = match registry::pushes(&body) {
+    let pushes = match push_hooks::pushes(&body) {
         Ok(p) => p,
         Err(why) => return err(StatusCode::BAD_REQUEST, "BadRequest", why),
     };
@@ -384,7 +388,7 @@ async fn registry_hook(
 fn registry_events(
     store: &Store,
     hook: &Webhook,
-    pushes: &[registry::Push],
+    pushes: &[push_hooks::Push],
 ) -> Result<Vec<DeployEvent>, StoreError> {
     let services: Vec<(String, ImageRef)> = store
         .list(Kind::Service)?
@@ -397,14 +401,14 @@ fn registry_events(
     let mut out = Vec::new();
     for push in pushes {
         for (name, current) in &services {
-            if !registry::runs(current, push, hook.registry_host.as_deref()) {
+            if !push_hooks::runs(current, push, hook.registry_host.as_deref()) {
                 continue;
             }
             let Ok(image) = retarget(current, Some(&push.tag), push.digest.as_deref()) else {
                 continue;
             };
             out.push(DeployEvent {
-                id: registry::event_id(push, name),
+                id: push_hooks::event_id(push, name),
                 service: name.clone(),
                 image: image.to_string(),
                 tag: Some(push.tag.clone()),
@@ -578,7 +582,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
         let store = Store::open(dir.path(), &key).unwrap();
-        let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new());
+        let bus: Arc<dyn DeployQueue> = Arc::new(EmbeddedBus::new());
         let deploys = bus.subscribe_deploys(None).await.unwrap();
         let api = AppState {
             store: store.clone(),

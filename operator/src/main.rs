@@ -5,13 +5,12 @@ mod api_client;
 mod cli;
 mod crypto;
 mod daemon;
-mod deploy;
+mod deploy_applier;
 mod hooks;
-mod local;
+mod in_process_api;
 mod output;
-mod publisher;
-mod registry;
-mod rollout;
+mod push_hooks;
+mod rollout_cli;
 mod server;
 mod store;
 mod webhook;
@@ -60,7 +59,7 @@ pub struct ServerArgs {
     #[arg(long, env = "BERTH_NATS")]
     pub nats: Option<String>,
     /// The Network every Service joins when it lists none; created at start if missing.
-    #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::volume::DEFAULT_NETWORK)]
+    #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::network::DEFAULT_NETWORK)]
     pub default_network: String,
     /// Deploy webhook calls allowed per second from one source address (bursts of 5 s worth).
     #[arg(long, env = "BERTH_HOOK_RATE", default_value_t = 20)]
@@ -303,16 +302,16 @@ fn main() -> ExitCode {
                     name,
                     timeout,
                     conn,
-                } => rollout::status(&conn, &kind, &name, timeout).await,
+                } => rollout_cli::status(&conn, &kind, &name, timeout).await,
                 RolloutAction::History { kind, name, conn } => {
-                    rollout::history(&conn, &kind, &name).await
+                    rollout_cli::history(&conn, &kind, &name).await
                 }
                 RolloutAction::Undo {
                     kind,
                     name,
                     to_revision,
                     conn,
-                } => rollout::undo(&conn, &kind, &name, to_revision).await,
+                } => rollout_cli::undo(&conn, &kind, &name, to_revision).await,
             },
             Command::Delete {
                 kind,

@@ -330,7 +330,7 @@ mod tests {
         assert!(text.contains("redacted:"), "{text}");
         assert!(text.contains("pw:"), "{text}");
         assert!(
-            text.contains(&berth_api_types::data::content_hash(b"tapir-333")),
+            text.contains(&berth_api_types::secret_config::content_hash(b"tapir-333")),
             "{text}"
         );
         let t = objects_table(Kind::Secret, &[obj]);

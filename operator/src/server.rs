@@ -3,7 +3,7 @@
 //! messages the CLI prints.
 //!
 //! A Secret's values never appear in a response about the Secret: its `spec` is shown as
-//! `data::redacted_view` (keys, sizes, sha256). Only `GET .../{secrets|configs}/{name}/data` returns
+//! `secret_config::redacted_view` (keys, sizes, sha256). Only `GET .../{secrets|configs}/{name}/data` returns
 //! values, for controllers.
 
 use crate::store::{Store, StoreError, WriteMode};
@@ -15,8 +15,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use berth_api_types::data::{redacted_view, DataSpec};
 use berth_api_types::names::{paths, API_VERSION};
+use berth_api_types::secret_config::{redacted_view, DataSpec};
 use berth_api_types::typed::decode_object;
 use berth_api_types::validate::FieldError;
 use berth_api_types::wire::{DataBody, Discovery, ErrorBody, ErrorDetail, List};
@@ -945,7 +945,7 @@ mod tests {
         assert_eq!(created["spec"]["redacted"]["pw"]["size"], v1.len());
         assert_eq!(
             created["spec"]["redacted"]["pw"]["sha256"],
-            berth_api_types::data::content_hash(v1.as_bytes())
+            berth_api_types::secret_config::content_hash(v1.as_bytes())
         );
         assert!(created["spec"]["redacted"]["cert"].is_object());
         let (code, dry) = call_clean(

@@ -7,8 +7,8 @@
 //! `prefix(..)` and declares its `Cleanup` guard before the stack, so berth stops before the
 //! leftovers are removed (locals drop in reverse order). Nothing here assumes an empty engine.
 
-use berth_api_types::data::content_hash;
 use berth_api_types::names::{labels, paths};
+use berth_api_types::secret_config::content_hash;
 use berth_api_types::Kind;
 use berth_e2e::{
     condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker,

@@ -10,18 +10,27 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use super::{
-    wants, BusError, BusMessage, DeployMessage, DeploySubscription, EventBus, RecentIds,
-    Subscription,
+    wants, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus,
+    RecentIds, Subscription,
 };
 
-/// Events a subscriber may fall behind by before it lags. Large enough that a controller busy
-/// with one slow reconcile does not lag on an ordinary apply burst, small enough to bound memory.
-const CAPACITY: usize = 4096;
+/// Events a subscriber may fall behind by before it lags. An apply of 10,000 objects publishes
+/// 10,000 events at once, faster than a controller's intake takes them (at 4096 it lagged by
+/// 3480 and had to resync); this holds three such bursts. Events carry no spec (about 300 bytes
+/// each with their strings), so even a full channel is about 10 MB; an empty one about 1 MB.
+const CAPACITY: usize = 32 * 1024;
+/// Deploys are few (one per webhook call); a burst of them is coalesced by the applier anyway.
+const DEPLOY_CAPACITY: usize = 4096;
+/// Recent ids remembered to drop a re-published event: a retried publish follows the original
+/// closely, so this need not cover the whole channel.
+const DEDUP_IDS: usize = 4096;
 
 /// In-process bus; clones share the same channel.
 #[derive(Debug, Clone)]
 pub struct EmbeddedBus {
-    tx: broadcast::Sender<Event>,
+    /// `Arc`ed so that the channel's preallocated slots are a pointer each, not a whole event:
+    /// the channel is large (see `CAPACITY`) and should cost little while it is empty.
+    tx: broadcast::Sender<Arc<Event>>,
     /// Ids already published, so a re-published event is dropped as JetStream would.
     published: Arc<Mutex<RecentIds>>,
     deploys: broadcast::Sender<DeployEvent>,
@@ -31,12 +40,12 @@ pub struct EmbeddedBus {
 impl EmbeddedBus {
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(CAPACITY);
-        let (deploys, _) = broadcast::channel(CAPACITY);
+        let (deploys, _) = broadcast::channel(DEPLOY_CAPACITY);
         Self {
             tx,
-            published: Arc::new(Mutex::new(RecentIds::new(CAPACITY))),
+            published: Arc::new(Mutex::new(RecentIds::new(DEDUP_IDS))),
             deploys,
-            deploys_published: Arc::new(Mutex::new(RecentIds::new(CAPACITY))),
+            deploys_published: Arc::new(Mutex::new(RecentIds::new(DEDUP_IDS))),
         }
     }
 }
@@ -60,7 +69,7 @@ impl EventBus for EmbeddedBus {
             return Ok(());
         }
         // Sending fails only when nobody is subscribed, and then nobody can miss the event.
-        let _ = self.tx.send(event.clone());
+        let _ = self.tx.send(Arc::new(event.clone()));
         Ok(())
     }
 
@@ -77,7 +86,7 @@ impl EventBus for EmbeddedBus {
                 loop {
                     match rx.recv().await {
                         Ok(event) if wants(&kinds, &event) => {
-                            return Some((BusMessage::Event(event), rx))
+                            return Some((BusMessage::Event(Event::clone(&event)), rx))
                         }
                         Ok(_) => continue,
                         // The receiver has already skipped to the oldest retained event, so the
@@ -95,6 +104,13 @@ impl EventBus for EmbeddedBus {
         Ok(stream.boxed())
     }
 
+    fn describe(&self) -> String {
+        "embedded".to_string()
+    }
+}
+
+#[async_trait::async_trait]
+impl DeployQueue for EmbeddedBus {
     async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError> {
         let mut published = self
             .deploys_published
@@ -122,10 +138,6 @@ impl EventBus for EmbeddedBus {
             }
         });
         Ok(stream.boxed())
-    }
-
-    fn describe(&self) -> String {
-        "embedded".to_string()
     }
 }
 
@@ -224,6 +236,26 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(name_of(next(&mut slow).await), "after");
+    }
+
+    #[tokio::test]
+    async fn bus_holds_a_ten_thousand_object_apply_without_lagging() {
+        let bus = EmbeddedBus::new();
+        // Subscribed, but reading nothing until the whole burst is published: the worst case of
+        // a controller busy while `berth apply` commits 10,000 objects.
+        let mut sub = bus.subscribe(&[], None).await.unwrap();
+        for i in 0..10_000 {
+            bus.publish(&event(Kind::Config, &format!("c{i}"), &i.to_string()))
+                .await
+                .unwrap();
+        }
+        for i in 0..10_000 {
+            match next(&mut sub).await {
+                BusMessage::Event(e) => assert_eq!(e.name, format!("c{i}")),
+                BusMessage::Lagged => panic!("lagged after {i} of 10,000 events"),
+            }
+        }
+        assert_idle(&mut sub).await;
     }
 
     #[tokio::test]

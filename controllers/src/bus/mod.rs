@@ -24,7 +24,7 @@ use berth_api_types::deploy::DeployEvent;
 use berth_api_types::{Event, Kind};
 
 pub use embedded::EmbeddedBus;
-pub use nats::NatsBus;
+pub use nats::{NatsBus, DEFAULT_ACK_WAIT};
 
 /// Where events are published and how controllers receive them.
 #[async_trait::async_trait]
@@ -46,6 +46,17 @@ pub trait EventBus: Send + Sync + 'static {
         durable: Option<&str>,
     ) -> Result<Subscription, BusError>;
 
+    /// Human-readable description for logs (`embedded`, `nats://127.0.0.1:4222`); never contains
+    /// credentials.
+    fn describe(&self) -> String;
+}
+
+/// Deploy events (`berth.deploy.<service>`): the webhook bridge publishes them and the deploy
+/// applier consumes them. Only those two take this trait; everything else sees only resource
+/// events. A supertrait of `EventBus` because both ride the same connection and share its
+/// description.
+#[async_trait::async_trait]
+pub trait DeployQueue: EventBus {
     /// Publishes one deploy event on `berth.deploy.<service>`; like `publish`, returns once it is
     /// accepted durably, and the same id published twice is delivered once.
     async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError>;
@@ -56,10 +67,6 @@ pub trait EventBus: Send + Sync + 'static {
         &self,
         durable: Option<&str>,
     ) -> Result<DeploySubscription, BusError>;
-
-    /// Human-readable description for logs (`embedded`, `nats://127.0.0.1:4222`); never contains
-    /// credentials.
-    fn describe(&self) -> String;
 }
 
 /// What a subscriber reads. The NATS subscriptions never end on their own; drop it to unsubscribe.
@@ -108,11 +115,29 @@ pub enum BusError {
     Subscribe { target: String, reason: String },
 }
 
+/// One bus, seen through each of its traits: resource events for everyone, deploys for the few
+/// that publish or apply them.
+#[derive(Clone)]
+pub struct Bus {
+    pub events: Arc<dyn EventBus>,
+    pub deploys: Arc<dyn DeployQueue>,
+}
+
+impl Bus {
+    fn of<B: DeployQueue>(bus: B) -> Self {
+        let bus = Arc::new(bus);
+        Bus {
+            events: bus.clone(),
+            deploys: bus,
+        }
+    }
+}
+
 /// The bus for this process: NATS when a URL is configured, otherwise the embedded one.
-pub async fn connect(nats_url: Option<&str>) -> Result<Arc<dyn EventBus>, BusError> {
+pub async fn connect(nats_url: Option<&str>) -> Result<Bus, BusError> {
     match nats_url {
-        None => Ok(Arc::new(EmbeddedBus::new())),
-        Some(url) => Ok(Arc::new(NatsBus::connect(url).await?)),
+        None => Ok(Bus::of(EmbeddedBus::new())),
+        Some(url) => Ok(Bus::of(NatsBus::connect(url).await?)),
     }
 }
 
@@ -205,7 +230,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_without_url_is_embedded() {
-        let bus = connect(None).await.unwrap();
+        let bus = connect(None).await.unwrap().events;
         assert_eq!(bus.describe(), "embedded");
         let mut sub = bus.subscribe(&[], None).await.unwrap();
         bus.publish(&event(Kind::Service, "web", "1"))

@@ -24,9 +24,11 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::watch;
 
+use crate::runtime::backoff::{BackoffPolicy, Retry};
+
 use super::{
-    wants, BusError, BusMessage, DeployMessage, DeploySubscription, EventBus, RecentIds,
-    Subscription,
+    wants, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus,
+    RecentIds, Subscription,
 };
 
 /// How long events stay in the stream: long enough for a controller to be down over a weekend and
@@ -37,11 +39,11 @@ const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 const DEPLOY_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// JetStream deduplicates equal `Nats-Msg-Id`s within this window, which covers any publish retry.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(2 * 60);
-/// Bounds of the delay between attempts to re-open a broken durable subscription.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How long a subscribe waits for the server to confirm it.
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server waits for a durable consumer's ack before it redelivers (NATS' own default).
+/// Tests shorten it, so that a missing ack shows up as a redelivery within the test.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How many recent event ids a live subscription remembers to drop re-published events.
 const LIVE_DEDUP_IDS: usize = 4096;
 
@@ -111,6 +113,8 @@ pub struct NatsBus {
     /// Bumped after every event that may have cost core-NATS subscribers messages (a reconnect, or
     /// the client dropping messages for a slow subscriber), so their subscriptions yield `Lagged`.
     gaps: watch::Receiver<u64>,
+    /// Ack wait of the durable consumers this bus creates (see `DEFAULT_ACK_WAIT`).
+    ack_wait: Duration,
 }
 
 impl NatsBus {
@@ -153,7 +157,15 @@ impl NatsBus {
             js,
             url: shown,
             gaps,
+            ack_wait: DEFAULT_ACK_WAIT,
         })
+    }
+
+    /// The ack wait of durable consumers created from now on. An existing consumer keeps its own:
+    /// the server decides, and changing it under a running consumer would be surprising.
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
     }
 
     async fn subscribe_durable<T: Payload>(
@@ -171,7 +183,13 @@ impl NatsBus {
             });
         }
         filters.sort();
-        let consumer = open_consumer(&self.js, &spec, &name, &filters, spec.first_deliver)
+        let opening = Opening {
+            spec,
+            name: name.clone(),
+            filters,
+            ack_wait: self.ack_wait,
+        };
+        let consumer = open_consumer(&self.js, &opening, spec.first_deliver)
             .await
             .map_err(|reason| BusError::Subscribe {
                 target: format!("durable consumer {name} on {}", self.url),
@@ -186,12 +204,10 @@ impl NatsBus {
             })?;
         let state = Durable {
             js: self.js.clone(),
-            spec,
-            name,
-            filters,
+            opening,
             keep,
             messages: Some(messages),
-            retry_delay: RETRY_MIN,
+            retry: BackoffPolicy::reconnect().retry(),
             resync_owed: false,
         };
         Ok(futures::stream::unfold(state, |mut state| async move {
@@ -305,6 +321,13 @@ impl EventBus for NatsBus {
             .boxed())
     }
 
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl DeployQueue for NatsBus {
     async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError> {
         let payload = serde_json::to_vec(event).map_err(|err| BusError::Encode {
             id: event.id.clone(),
@@ -329,10 +352,6 @@ impl EventBus for NatsBus {
                 Delivery::Lagged => DeployMessage::Lagged,
             })
             .boxed())
-    }
-
-    fn describe(&self) -> String {
-        self.url.clone()
     }
 }
 
@@ -484,24 +503,34 @@ fn server_filters(config: &consumer::Config) -> Vec<String> {
     filters
 }
 
+/// What a durable consumer is opened (and re-opened) with.
+struct Opening {
+    spec: StreamSpec,
+    /// The consumer's (sanitized) durable name.
+    name: String,
+    /// Sorted subject filters.
+    filters: Vec<String>,
+    ack_wait: Duration,
+}
+
 /// Gets the durable consumer, creating it with `deliver` if missing. An existing consumer whose
-/// filter no longer matches the requested (sorted) `wanted_filters` is updated where the server
-/// allows it; otherwise the client-side filter still keeps other kinds out, and a warning says
-/// which may be missed.
+/// filter no longer matches the requested filters is updated where the server allows it;
+/// otherwise the client-side filter still keeps other kinds out, and a warning says which may be
+/// missed.
 async fn open_consumer(
     js: &jetstream::Context,
-    spec: &StreamSpec,
-    name: &str,
-    wanted_filters: &[String],
+    opening: &Opening,
     deliver: consumer::DeliverPolicy,
 ) -> Result<consumer::PullConsumer, String> {
+    let (spec, name) = (&opening.spec, opening.name.as_str());
     let stream = ensure_stream(js, spec).await?;
-    let wanted_filters = wanted_filters.to_vec();
+    let wanted_filters = opening.filters.clone();
     let mut config = consumer::pull::Config {
         durable_name: Some(name.to_string()),
         description: Some("berth event subscriber".to_string()),
         deliver_policy: deliver,
         ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: opening.ack_wait,
         ..Default::default()
     };
     set_filters(&mut config, &wanted_filters);
@@ -553,12 +582,11 @@ async fn open_consumer(
 /// A durable subscription that survives consumer and connection trouble by re-opening itself.
 struct Durable<T> {
     js: jetstream::Context,
-    spec: StreamSpec,
-    name: String,
-    filters: Vec<String>,
+    opening: Opening,
     keep: Keep<T>,
     messages: Option<consumer::pull::Stream>,
-    retry_delay: Duration,
+    /// Delays between attempts to re-open a broken subscription.
+    retry: Retry,
     /// Set when the message stream broke. `Lagged` is only yielded once the consumer is open
     /// again: a resync done earlier could miss events published before the consumer was back.
     resync_owed: bool,
@@ -568,16 +596,13 @@ impl<T: Payload> Durable<T> {
     async fn next(&mut self) -> Delivery<T> {
         loop {
             let Some(messages) = self.messages.as_mut() else {
-                tokio::time::sleep(self.retry_delay).await;
-                self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+                self.retry.wait().await;
                 // A consumer that vanished is re-created delivering only new events: the
                 // `Lagged` that follows makes the subscriber resync, so replaying a week of
                 // history would be waste.
                 let reopened = match open_consumer(
                     &self.js,
-                    &self.spec,
-                    &self.name,
-                    &self.filters,
+                    &self.opening,
                     consumer::DeliverPolicy::New,
                 )
                 .await
@@ -587,35 +612,35 @@ impl<T: Payload> Durable<T> {
                 };
                 match reopened {
                     Ok(messages) => {
-                        tracing::info!(consumer = %self.name, "durable subscription re-opened");
+                        tracing::info!(consumer = %self.opening.name, "durable subscription re-opened");
                         self.messages = Some(messages);
                         if std::mem::take(&mut self.resync_owed) {
                             return Delivery::Lagged;
                         }
                     }
                     Err(err) => tracing::warn!(
-                        consumer = %self.name,
+                        consumer = %self.opening.name,
                         error = %err,
-                        retry_in = ?self.retry_delay,
-                        "cannot re-open durable event subscription"
+                        attempts = self.retry.failures(),
+                        "cannot re-open durable event subscription; retrying"
                     ),
                 }
                 continue;
             };
             match messages.next().await {
                 Some(Ok(msg)) => {
-                    self.retry_delay = RETRY_MIN;
+                    self.retry.reset();
                     if let Some(item) = self.take(msg).await {
                         return Delivery::Item(item);
                     }
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(consumer = %self.name, error = %err, "durable subscription broke");
+                    tracing::warn!(consumer = %self.opening.name, error = %err, "durable subscription broke");
                     self.messages = None;
                     self.resync_owed = true;
                 }
                 None => {
-                    tracing::warn!(consumer = %self.name, "durable event subscription ended");
+                    tracing::warn!(consumer = %self.opening.name, "durable event subscription ended");
                     self.messages = None;
                     self.resync_owed = true;
                 }
@@ -629,7 +654,7 @@ impl<T: Payload> Durable<T> {
         let item = parse::<T>(&msg.subject, &msg.payload);
         if let Err(err) = msg.ack().await {
             // Only costs a redelivery after the ack wait; consumers are idempotent by event id.
-            tracing::warn!(consumer = %self.name, error = %err, "cannot ack event");
+            tracing::warn!(consumer = %self.opening.name, error = %err, "cannot ack event");
         }
         item.filter(|e| (self.keep)(e))
     }

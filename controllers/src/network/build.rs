@@ -7,7 +7,7 @@
 
 use crate::swarm::Owner;
 use berth_api_types::names::labels;
-use berth_api_types::volume::Network;
+use berth_api_types::network::Network;
 use bollard::models::{Network as SwarmNetwork, NetworkCreateRequest, Service as SwarmService};
 use std::collections::HashMap;
 

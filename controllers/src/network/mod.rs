@@ -17,8 +17,8 @@ use crate::runtime::{Action, Cached, Context, Error, Hooks, Reconciled, Reconcil
 use crate::swarm::Owner;
 use apply::Outcome;
 use async_trait::async_trait;
+use berth_api_types::network::{validate_network, Network};
 use berth_api_types::validate::FieldError;
-use berth_api_types::volume::{validate_network, Network};
 use berth_api_types::Kind;
 use bollard::models::{EventMessage, EventMessageTypeEnum};
 use bollard::query_parameters::ListNetworksOptions;

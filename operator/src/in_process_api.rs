@@ -5,7 +5,7 @@
 use crate::server::redact;
 use crate::store::{Store, StoreError};
 use async_trait::async_trait;
-use berth_api_types::data::DataSpec;
+use berth_api_types::secret_config::DataSpec;
 use berth_api_types::wire::Installation;
 use berth_api_types::{DynObject, Kind};
 use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
@@ -13,7 +13,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 
 #[derive(Clone)]
-pub struct LocalStore {
+pub struct InProcessApi {
     pub store: Store,
     pub default_network: String,
 }
@@ -29,7 +29,7 @@ fn to_client(e: StoreError) -> ClientError {
 }
 
 #[async_trait]
-impl ResourceStore for LocalStore {
+impl ResourceStore for InProcessApi {
     // Secrets come back redacted, exactly as over HTTP, so a controller behaves the same in `berth up`
     // and as its own process; values are read through `SecretReader::data`.
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
@@ -69,7 +69,7 @@ impl ResourceStore for LocalStore {
 }
 
 #[async_trait]
-impl SecretReader for LocalStore {
+impl SecretReader for InProcessApi {
     async fn data(
         &self,
         kind: Kind,
@@ -91,12 +91,12 @@ mod tests {
     use berth_api_types::typed::decode_object;
     use serde_json::json;
 
-    fn local() -> (LocalStore, tempfile::TempDir) {
+    fn local() -> (InProcessApi, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
         let store = Store::open(dir.path(), &key).unwrap();
         (
-            LocalStore {
+            InProcessApi {
                 store,
                 default_network: "berth-internal".into(),
             },

@@ -18,7 +18,8 @@ use berth_api_types::image::ImageRef;
 use berth_api_types::names::annotations;
 use berth_api_types::typed::decode_object;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::bus::{DeployMessage, DeploySubscription, EventBus};
+use berth_controllers::bus::{DeployMessage, DeployQueue, DeploySubscription};
+use berth_controllers::runtime::backoff::BackoffPolicy;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -160,15 +161,15 @@ fn coalesce(events: Vec<DeployEvent>) -> Vec<DeployEvent> {
 }
 
 /// Subscribes to deploy events, retrying until the bus takes the subscription.
-async fn subscribe(bus: &Arc<dyn EventBus>, durable: Option<&str>) -> DeploySubscription {
-    let mut retry = Duration::from_millis(100);
+async fn subscribe(bus: &Arc<dyn DeployQueue>, durable: Option<&str>) -> DeploySubscription {
+    let mut retry = BackoffPolicy::reconnect().retry();
     loop {
         match bus.subscribe_deploys(durable).await {
             Ok(s) => return s,
             Err(e) => {
-                warn!(error = %e, retry_in = ?retry, "cannot subscribe to deploy events");
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_secs(10));
+                let delay = retry.next_delay();
+                warn!(error = %e, retry_in = ?delay, "cannot subscribe to deploy events");
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -179,7 +180,7 @@ async fn subscribe(bus: &Arc<dyn EventBus>, durable: Option<&str>) -> DeploySubs
 /// NATS consumer starts with the events published after it exists.
 pub async fn start(
     store: Store,
-    bus: Arc<dyn EventBus>,
+    bus: Arc<dyn DeployQueue>,
     durable: Option<String>,
 ) -> impl std::future::Future<Output = ()> {
     let first = subscribe(&bus, durable.as_deref()).await;
@@ -189,7 +190,7 @@ pub async fn start(
 /// Consumes deploy events forever; re-subscribes if a subscription ends.
 async fn run(
     store: Store,
-    bus: Arc<dyn EventBus>,
+    bus: Arc<dyn DeployQueue>,
     durable: Option<String>,
     first: DeploySubscription,
 ) {
@@ -226,7 +227,7 @@ async fn run(
 }
 
 async fn apply_logged(store: &Store, ev: &DeployEvent, batch: usize) {
-    let mut wait = Duration::from_millis(100);
+    let mut retry = BackoffPolicy::reconnect().retry();
     loop {
         match apply(store, ev).await {
             Ok(Outcome::Applied { generation, forced }) => info!(
@@ -246,9 +247,9 @@ async fn apply_logged(store: &Store, ev: &DeployEvent, batch: usize) {
             // Storage trouble or a service rewritten faster than we can read it: try again,
             // rather than lose a deploy the caller was told was accepted.
             Err(e) => {
-                warn!(id = %ev.id, service = %ev.service, error = %e, retry_in = ?wait, "cannot apply deploy");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(10));
+                let delay = retry.next_delay();
+                warn!(id = %ev.id, service = %ev.service, error = %e, retry_in = ?delay, "cannot apply deploy");
+                tokio::time::sleep(delay).await;
                 continue;
             }
         }
@@ -431,7 +432,7 @@ mod tests {
     async fn applier_consumes_the_bus() {
         let (store, _d) = store();
         create(&store, "web", "team/app:1").await;
-        let bus: Arc<dyn EventBus> = Arc::new(berth_controllers::bus::EmbeddedBus::new());
+        let bus: Arc<dyn DeployQueue> = Arc::new(berth_controllers::bus::EmbeddedBus::new());
         // Subscribed once `start` returns: the very first event is not lost.
         let task = tokio::spawn(start(store.clone(), bus.clone(), None).await);
         bus.publish_deploy(&ev("web", "team/app:7")).await.unwrap();
@@ -443,18 +444,35 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        // A burst of redeploys published at once is coalesced into fewer writes.
+        // A burst of redeploys published at once is coalesced into fewer writes. Waiting for
+        // the last one to land (not a fixed time) means an applier that does not coalesce gets
+        // the time to make all 50 writes, and is caught.
         let before = get(&store, "web").metadata.generation;
-        for _ in 0..50 {
-            bus.publish_deploy(&ev("web", "team/app:7")).await.unwrap();
+        let burst: Vec<DeployEvent> = (0..50).map(|_| ev("web", "team/app:7")).collect();
+        for e in &burst {
+            bus.publish_deploy(e).await.unwrap();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let last = &burst[49].id;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while get(&store, "web").metadata.annotations[annotations::DEPLOY_ID] != *last {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the newest deploy of the burst was never applied"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // Let any write still queued behind it happen before counting.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let after = get(&store, "web");
-        assert!(after.spec["forceUpdate"].as_u64().unwrap() >= 1);
+        let writes = after.metadata.generation - before;
         assert!(
-            after.metadata.generation - before < 50,
-            "50 queued redeploys were not coalesced: {} writes",
-            after.metadata.generation - before
+            writes <= 2,
+            "50 queued redeploys were not coalesced: {writes} writes"
+        );
+        assert_eq!(
+            after.spec["forceUpdate"].as_u64().unwrap(),
+            writes,
+            "each write of the burst is one forced restart"
         );
         task.abort();
     }

@@ -1,31 +1,31 @@
 //! The API server's source of truth, persisted in sled. Every write is one transaction over the
 //! object, the event history and the outbox, and is flushed to disk before it is acknowledged, so a
-//! `kill -9` right after a reply loses nothing. Events leave through the outbox (see `publisher.rs`):
-//! a crash between commit and publish delays an event, it never loses it.
+//! `kill -9` right after a reply loses nothing. Events leave through the outbox (`outbox.rs`): a
+//! crash between commit and publish delays an event, it never loses it.
 //!
-//! Secrets are sealed before they reach sled: a stored Secret's `spec` is
-//! `{"sealed": "<base64(nonce || ciphertext)>"}` (XChaCha20-Poly1305, see `crypto.rs`), bound to
-//! `secret/<name>`. `get` and `list` open it again, so callers inside the process see plaintext; the
-//! API redacts it. Events carry no spec, so neither the history nor the outbox holds a value.
+//! This layer knows no kind's rules: what may be deleted, what an apply keeps, which Network must
+//! exist are `admission.rs`, asked through `admission::admit`. Secrets are sealed before they reach
+//! sled (`seal.rs`); events carry no spec, so neither the history nor the outbox holds a value.
 //!
 //! One async write lock serialises every write. That makes "is this Secret still used by a Service?"
 //! and the delete that follows one step: no Service can start using it in between.
 
+mod admission;
+pub mod outbox;
+mod seal;
+
+pub use admission::ensure_network;
+
 use crate::crypto::{MasterKey, Sealer};
-use berth_api_types::registry::RegistrySpec;
-use berth_api_types::service::ServiceSpec;
 use berth_api_types::wire::{ApplyOutcome, ApplyResult};
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use chrono::Utc;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, Notify};
-
-/// Events kept for `berth events` and `describe`; older ones are trimmed.
-const EVENT_HISTORY: usize = 5000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,7 +62,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The HTTP status and reason the API answers this error with; the in-process `LocalStore`
+    /// The HTTP status and reason the API answers this error with; `InProcessApi`
     /// reports the same, so a controller cannot tell the two apart.
     pub fn status_and_reason(&self) -> (u16, &'static str) {
         match self {
@@ -109,6 +109,9 @@ pub enum WriteMode {
     Upsert,
 }
 
+/// sled's page cache (see `Store::open`).
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -118,7 +121,7 @@ pub struct Store {
     meta: sled::Tree,
     ids: Arc<Mutex<ulid::Generator>>,
     /// Wakes the outbox publisher after a commit.
-    pub(crate) outbox_ready: Arc<Notify>,
+    outbox_ready: Arc<Notify>,
     /// Live feed for `events --watch` (after commit, in commit order per writer).
     watchers: broadcast::Sender<Event>,
     instance: String,
@@ -128,7 +131,7 @@ pub struct Store {
     write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-fn key(kind: Kind, name: &str) -> String {
+pub(crate) fn key(kind: Kind, name: &str) -> String {
     format!("{}/{}", kind.lower(), name)
 }
 
@@ -140,26 +143,6 @@ fn decode(bytes: &[u8]) -> Result<DynObject, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Storage(format!("corrupt object: {e}")))
 }
 
-/// Associated data of a sealed Secret spec: the object's key, so a blob only opens where it was written.
-fn sealed_aad(name: &str) -> String {
-    key(Kind::Secret, name)
-}
-
-/// The sealed blob of a stored spec, if it is in sealed form (`{"sealed": "..."}`, nothing else).
-fn sealed_blob(spec: &Value) -> Option<&str> {
-    let m = spec.as_object()?;
-    if m.len() != 1 {
-        return None;
-    }
-    m.get("sealed")?.as_str()
-}
-
-/// Key-check entry in `meta`: a known plaintext sealed under the master key at first open, so a
-/// wrong key is refused at start rather than discovered on the first read of a Secret.
-const KEY_CHECK: &str = "key-check";
-const KEY_CHECK_AAD: &[u8] = b"berth/key-check";
-const KEY_CHECK_PLAINTEXT: &[u8] = b"berth master key check v1";
-
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("JSON values always encode")
 }
@@ -168,8 +151,12 @@ impl Store {
     /// Opens (or creates) the store. A store that was used with another master key is refused with
     /// `WrongKey`; Secrets stored unsealed (by a version before encryption) are sealed here.
     pub fn open(dir: &Path, key: &MasterKey) -> Result<Self, StoreError> {
+        // sled's page cache defaults to 1 GiB and fills with every object read or written, so RSS
+        // grew with the number of objects (253 MB after 10,000 Configs). The working set is far
+        // smaller: reads are by key or one kind's prefix, and every write is flushed at once.
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
@@ -184,27 +171,7 @@ impl Store {
             }
         };
         let sealer = key.sealer();
-        match meta.get(KEY_CHECK)? {
-            Some(v) => {
-                let ok = std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| sealer.open(KEY_CHECK_AAD, s).ok())
-                    .is_some_and(|p| p == KEY_CHECK_PLAINTEXT);
-                if !ok {
-                    return Err(StoreError::WrongKey {
-                        dir: dir.display().to_string(),
-                        source_: key.source().to_string(),
-                    });
-                }
-            }
-            None => {
-                meta.insert(
-                    KEY_CHECK,
-                    sealer.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT).as_bytes(),
-                )?;
-                db.flush()?;
-            }
-        }
+        seal::check_key(&db, &meta, &sealer, dir, key)?;
         let (watchers, _) = broadcast::channel(1024);
         let store = Store {
             objects: db.open_tree("objects")?,
@@ -221,71 +188,6 @@ impl Store {
         };
         store.seal_unsealed()?;
         Ok(store)
-    }
-
-    /// Seals any Secret stored in clear (written before encryption at rest existed).
-    fn seal_unsealed(&self) -> Result<(), StoreError> {
-        let mut sealed_any = false;
-        for item in self
-            .objects
-            .scan_prefix(format!("{}/", Kind::Secret.lower()))
-        {
-            let (k, v) = item?;
-            let obj = decode(&v)?;
-            if sealed_blob(&obj.spec).is_none() {
-                self.objects.insert(k, self.encode_obj(&obj))?;
-                sealed_any = true;
-            }
-        }
-        if sealed_any {
-            self.db.flush()?;
-        }
-        Ok(())
-    }
-
-    /// An object as stored: a Secret's spec sealed, everything else as is.
-    fn encode_obj(&self, obj: &DynObject) -> Vec<u8> {
-        if obj.kind != Kind::Secret {
-            return encode(obj);
-        }
-        let plaintext = encode(&obj.spec);
-        let sealed = self
-            .sealer
-            .seal(sealed_aad(&obj.metadata.name).as_bytes(), &plaintext);
-        encode(&DynObject {
-            api_version: obj.api_version.clone(),
-            kind: obj.kind,
-            metadata: obj.metadata.clone(),
-            spec: json!({ "sealed": sealed }),
-            status: obj.status.clone(),
-        })
-    }
-
-    /// A stored object as callers see it: a Secret's spec opened. Errors name the object, never a value.
-    fn decode_obj(&self, bytes: &[u8]) -> Result<DynObject, StoreError> {
-        let mut obj = decode(bytes)?;
-        if obj.kind != Kind::Secret {
-            return Ok(obj);
-        }
-        let name = obj.metadata.name.clone();
-        let Some(blob) = sealed_blob(&obj.spec) else {
-            return Err(StoreError::Storage(format!(
-                "Secret `{name}` is stored without encryption; restart the API server to seal it"
-            )));
-        };
-        let plaintext = self
-            .sealer
-            .open(sealed_aad(&name).as_bytes(), blob)
-            .map_err(|_| {
-                StoreError::Storage(format!(
-                    "Secret `{name}` cannot be decrypted: it was sealed with another master key, \
-                     for another object, or was altered"
-                ))
-            })?;
-        obj.spec = serde_json::from_slice(&plaintext).map_err(|_| {
-            StoreError::Storage(format!("Secret `{name}` decrypts to an unreadable spec"))
-        })?;
-        Ok(obj)
     }
 
     /// This installation's id, created at first start; stamped on every Swarm object berth creates.
@@ -358,12 +260,12 @@ impl Store {
             for (i, incoming) in objects.iter().enumerate() {
                 let old = self.get(incoming.kind, &incoming.metadata.name)?;
                 let (obj, outcome) = plan(
+                    self,
                     old,
                     incoming,
                     mode,
                     expected_rv.as_deref(),
-                    now,
-                    &uids[i],
+                    Stamp { uid: &uids[i], now },
                     &mut rv,
                 )?;
                 out.push((result_of(&obj, outcome), obj));
@@ -384,12 +286,12 @@ impl Store {
                     None => None,
                 };
                 let (obj, outcome) = plan(
+                    self,
                     old,
                     incoming,
                     mode,
                     expected_rv.as_deref(),
-                    now,
-                    &uids[i],
+                    Stamp { uid: &uids[i], now },
                     &mut rv,
                 )
                 .or_else(abort)?;
@@ -407,33 +309,6 @@ impl Store {
         drop(guard);
         self.committed(emitted).await?;
         Ok(out)
-    }
-
-    /// Creates the default Network (`spec: {}`) unless it exists, through the normal write path (so
-    /// an `Applied` event goes out). Returns whether it was created.
-    pub async fn ensure_network(&self, name: &str) -> Result<bool, StoreError> {
-        if self.get(Kind::Network, name)?.is_some() {
-            return Ok(false);
-        }
-        let obj = berth_api_types::typed::decode_object(&json!({
-            "apiVersion": berth_api_types::names::API_VERSION,
-            "kind": "Network",
-            "metadata": {"name": name},
-            "spec": {},
-        }))
-        .map_err(|errs| {
-            let why: Vec<String> = errs.iter().map(ToString::to_string).collect();
-            StoreError::Storage(format!(
-                "the default network `{name}` is not a valid Network: {}",
-                why.join("; ")
-            ))
-        })?;
-        match self.write(vec![obj], WriteMode::Create, None, false).await {
-            Ok(_) => Ok(true),
-            // Created meanwhile by someone else: just as good.
-            Err(StoreError::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     fn current_rv_now(&self) -> Result<u64, StoreError> {
@@ -477,10 +352,9 @@ impl Store {
         .await
     }
 
-    /// Deletes an object, unless a Service still uses it (a Secret, Config, Volume or Network it
-    /// refers to; a Service that lists no networks uses `default_network`) or it is the default
-    /// network itself. The check and the delete happen under the write lock, so no write can add a
-    /// reference in between.
+    /// Deletes an object, unless admission refuses (something still uses it, or berth needs it;
+    /// `default_network` is the Network services join when they list none). The check and the
+    /// delete happen under the write lock, so no write can add a reference in between.
     pub async fn delete(
         &self,
         kind: Kind,
@@ -489,66 +363,18 @@ impl Store {
     ) -> Result<DynObject, StoreError> {
         let guard = self.write_lock.lock().await;
         if self.objects.contains_key(key(kind, name))? {
-            self.check_unused(kind, name, default_network)?;
+            admission::admit(
+                self,
+                admission::Op::Delete {
+                    kind,
+                    name,
+                    default_network,
+                },
+            )?;
         }
         let result = self.modify_locked(kind, name, |_| Ok(Some(Change::Remove)));
         drop(guard);
         self.finish(result).await
-    }
-
-    /// Refuses to delete what a Service uses or what berth needs (call with the write lock held).
-    fn check_unused(
-        &self,
-        kind: Kind,
-        name: &str,
-        default_network: &str,
-    ) -> Result<(), StoreError> {
-        if !matches!(
-            kind,
-            Kind::Secret | Kind::Config | Kind::Volume | Kind::Network
-        ) {
-            return Ok(());
-        }
-        if kind == Kind::Network && name == default_network {
-            return Err(StoreError::Protected {
-                kind,
-                name: name.to_string(),
-                why: "is the default network (services that list no networks join it); \
-                      the default network cannot be deleted"
-                    .to_string(),
-            });
-        }
-        let mut users = Vec::new();
-        for svc in self.list(Kind::Service)? {
-            let spec: ServiceSpec = serde_json::from_value(svc.spec).map_err(|e| {
-                StoreError::Storage(format!(
-                    "cannot check whether service/{} uses {kind} `{name}`: its stored spec does \
-                     not parse: {e}",
-                    svc.metadata.name
-                ))
-            })?;
-            if spec.uses(kind, name, default_network) {
-                users.push(format!("service/{}", svc.metadata.name));
-            }
-        }
-        if kind == Kind::Secret {
-            // A Registry's password: deleting it would break every pull from that registry.
-            for reg in self.list(Kind::Registry)? {
-                let spec: Result<RegistrySpec, _> = serde_json::from_value(reg.spec);
-                if spec.is_ok_and(|r| r.password_secret_ref.name == name) {
-                    users.push(format!("registry/{}", reg.metadata.name));
-                }
-            }
-        }
-        if users.is_empty() {
-            Ok(())
-        } else {
-            Err(StoreError::InUse {
-                kind,
-                name: name.to_string(),
-                users,
-            })
-        }
     }
 
     /// Read-modify-write of one existing object in one transaction, with its event. `change` returns
@@ -673,47 +499,23 @@ impl Store {
     pub fn watch(&self) -> broadcast::Receiver<Event> {
         self.watchers.subscribe()
     }
+}
 
-    /// The oldest unpublished events, in commit order.
-    pub(crate) fn outbox_batch(&self, max: usize) -> Result<Vec<(sled::IVec, Event)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.outbox.iter().take(max) {
-            let (k, v) = item?;
-            match serde_json::from_slice::<Event>(&v) {
-                Ok(e) => out.push((k, e)),
-                Err(_) => {
-                    // Unreadable entries would block the outbox forever.
-                    self.outbox.remove(&k)?;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    pub(crate) fn outbox_done(&self, key: &sled::IVec) -> Result<(), StoreError> {
-        self.outbox.remove(key)?;
-        Ok(())
-    }
-
-    /// Keeps the event history bounded.
-    pub(crate) fn trim_events(&self) -> Result<(), StoreError> {
-        let excess = self.events.len().saturating_sub(EVENT_HISTORY);
-        for k in self.events.iter().keys().take(excess) {
-            self.events.remove(k?)?;
-        }
-        Ok(())
-    }
+/// What a newly created object is stamped with.
+struct Stamp<'a> {
+    uid: &'a str,
+    now: chrono::DateTime<Utc>,
 }
 
 /// What writing `incoming` over `old` results in: the new object and whether anything changed.
 /// `generation` moves only when the spec changes; `resourceVersion` on every change.
 fn plan(
+    store: &Store,
     old: Option<DynObject>,
     incoming: &DynObject,
     mode: WriteMode,
     expected_rv: Option<&str>,
-    now: chrono::DateTime<Utc>,
-    uid: &str,
+    stamp: Stamp<'_>,
     rv: &mut u64,
 ) -> Result<(DynObject, ApplyOutcome), StoreError> {
     let (kind, name) = (incoming.kind, incoming.metadata.name.clone());
@@ -738,10 +540,10 @@ fn plan(
             *rv += 1;
             let mut obj = incoming.clone();
             obj.metadata = ObjectMeta {
-                uid: Some(uid.to_string()),
+                uid: Some(stamp.uid.to_string()),
                 generation: 1,
                 resource_version: Some(rv.to_string()),
-                creation_timestamp: Some(now),
+                creation_timestamp: Some(stamp.now),
                 ..incoming.metadata.clone()
             };
             obj.status = Value::Null;
@@ -750,7 +552,13 @@ fn plan(
         Some(old) => {
             let mut incoming = incoming.clone();
             if matches!(mode, WriteMode::Upsert) {
-                keep_deploy_state(&old, &mut incoming);
+                admission::admit(
+                    store,
+                    admission::Op::Upsert {
+                        old: &old,
+                        incoming: &mut incoming,
+                    },
+                )?;
             }
             let incoming = &incoming;
             let spec_changed = old.spec != incoming.spec;
@@ -772,29 +580,6 @@ fn plan(
             }
         }
     })
-}
-
-/// What deploys wrote and a manifest does not know about survives `apply` of that manifest: the
-/// `deploy.berth.io/*` annotations and a Service's `forceUpdate` counter, unless the manifest sets
-/// them. Otherwise re-applying an unchanged manifest after a same-tag redeploy would lower the
-/// counter and restart every task. (The image is the manifest's to set: applying it reverts a deploy,
-/// as with kubectl.)
-fn keep_deploy_state(old: &DynObject, incoming: &mut DynObject) {
-    for (k, v) in &old.metadata.annotations {
-        if k.starts_with(berth_api_types::names::annotations::DEPLOY_PREFIX) {
-            incoming
-                .metadata
-                .annotations
-                .entry(k.clone())
-                .or_insert_with(|| v.clone());
-        }
-    }
-    if old.kind == Kind::Service {
-        if let (Some(n), Some(spec)) = (old.spec.get("forceUpdate"), incoming.spec.as_object_mut())
-        {
-            spec.entry("forceUpdate").or_insert_with(|| n.clone());
-        }
-    }
 }
 
 fn result_of(obj: &DynObject, outcome: ApplyOutcome) -> ApplyResult {
@@ -869,16 +654,18 @@ fn ready_message(obj: &DynObject) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
+    //! Objects and stores for the store's tests.
     use super::*;
+    use crate::crypto::MasterKey;
     use berth_api_types::typed::decode_object;
     use serde_json::json;
 
-    fn test_key() -> MasterKey {
+    pub fn test_key() -> MasterKey {
         MasterKey::from_bytes([42u8; 32], "test key")
     }
 
-    fn svc(name: &str, replicas: u64) -> DynObject {
+    pub fn svc(name: &str, replicas: u64) -> DynObject {
         decode_object(&json!({
             "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name},
             "spec": {"image": "a:1", "replicas": replicas}
@@ -886,13 +673,30 @@ mod tests {
         .unwrap()
     }
 
-    fn outbox_types(s: &Store) -> Vec<(EventType, String, u64)> {
+    pub fn outbox_types(s: &Store) -> Vec<(EventType, String, u64)> {
         s.outbox_batch(100)
             .unwrap()
             .into_iter()
             .map(|(_, e)| (e.type_, e.name, e.generation))
             .collect()
     }
+
+    pub fn obj(v: Value) -> DynObject {
+        decode_object(&v).unwrap()
+    }
+
+    pub fn secret(name: &str, data: Value) -> DynObject {
+        obj(
+            json!({"apiVersion": "berth/v1", "kind": "Secret", "metadata": {"name": name}, "spec": data}),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use serde_json::json;
 
     #[tokio::test]
     async fn generation_moves_only_with_spec() {
@@ -1105,376 +909,5 @@ mod tests {
             rv2 > rv.parse::<u64>().unwrap(),
             "resourceVersion keeps increasing across restarts"
         );
-    }
-
-    fn obj(v: Value) -> DynObject {
-        decode_object(&v).unwrap()
-    }
-
-    fn secret(name: &str, data: Value) -> DynObject {
-        obj(
-            json!({"apiVersion": "berth/v1", "kind": "Secret", "metadata": {"name": name}, "spec": data}),
-        )
-    }
-
-    /// Every byte of every file under `dir`.
-    fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-                }
-            }
-        }
-        out
-    }
-
-    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-        haystack.windows(needle.len()).any(|w| w == needle)
-    }
-
-    #[tokio::test]
-    async fn secrets_are_sealed_at_rest() {
-        use base64::Engine;
-        let b64 = |v: &[u8]| base64::engine::general_purpose::STANDARD.encode(v);
-        let text = "zebra-marmalade-4711-TEXT";
-        let bin = "okapi-quince-9932-BINARY";
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
-            s.write(
-                vec![
-                    secret(
-                        "db",
-                        json!({"stringData": {"pw": text}, "data": {"blob": b64(bin.as_bytes())}}),
-                    ),
-                    obj(json!({"apiVersion": "berth/v1", "kind": "Config", "metadata": {"name": "plain"},
-                               "spec": {"stringData": {"conf": "visible-config-value"}}})),
-                ],
-                WriteMode::Upsert,
-                None,
-                false,
-            )
-            .await
-            .unwrap();
-            // In-process readers see plaintext.
-            let got = s.get(Kind::Secret, "db").unwrap().unwrap();
-            assert_eq!(got.spec["stringData"]["pw"], text);
-            assert_eq!(s.list(Kind::Secret).unwrap()[0].spec, got.spec);
-            // Status writes re-seal; events and the outbox get entries of their own.
-            s.update_status(Kind::Secret, "db", json!({"observed": 1}), None)
-                .await
-                .unwrap();
-            let stored = decode(&s.objects.get("secret/db").unwrap().unwrap()).unwrap();
-            assert!(sealed_blob(&stored.spec).is_some(), "{}", stored.spec);
-            s.db.flush().unwrap();
-        }
-        let files = all_files(dir.path());
-        assert!(!files.is_empty());
-        let mut saw_config = false;
-        for (path, bytes) in &files {
-            for needle in [
-                text.to_string(),
-                b64(text.as_bytes()),
-                bin.to_string(),
-                b64(bin.as_bytes()),
-            ] {
-                assert!(
-                    !contains(bytes, needle.as_bytes()),
-                    "{path} holds a secret value in clear"
-                );
-            }
-            saw_config |= contains(bytes, b"visible-config-value");
-        }
-        assert!(
-            saw_config,
-            "Configs are stored in clear (and the scan does see values)"
-        );
-
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        let got = s.get(Kind::Secret, "db").unwrap().unwrap();
-        assert_eq!(got.spec["stringData"]["pw"], text);
-        drop(s);
-
-        let other = MasterKey::from_bytes([7u8; 32], "BERTH_MASTER_KEY");
-        let err = Store::open(dir.path(), &other).err().unwrap();
-        let msg = err.to_string();
-        assert!(matches!(err, StoreError::WrongKey { .. }), "{msg}");
-        assert!(
-            msg.contains("BERTH_MASTER_KEY") && msg.contains("not the key they were sealed with"),
-            "{msg}"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_sealed_blob_only_opens_where_it_was_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        s.write(
-            vec![
-                secret("a", json!({"stringData": {"k": "value-of-a"}})),
-                secret("b", json!({"stringData": {"k": "value-of-b"}})),
-            ],
-            WriteMode::Create,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
-        // Move a's sealed spec into b: authenticated as `secret/a`, it must not open as `secret/b`.
-        let a = decode(&s.objects.get("secret/a").unwrap().unwrap()).unwrap();
-        let mut b = decode(&s.objects.get("secret/b").unwrap().unwrap()).unwrap();
-        b.spec = a.spec;
-        s.objects.insert("secret/b", encode(&b)).unwrap();
-        let err = s.get(Kind::Secret, "b").unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, StoreError::Storage(_)));
-        assert!(msg.contains("Secret `b` cannot be decrypted"), "{msg}");
-        assert!(!msg.contains("value-of"), "{msg}");
-        assert!(s.get(Kind::Secret, "a").is_ok());
-    }
-
-    #[tokio::test]
-    async fn unsealed_secrets_are_sealed_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
-            // As an older version would have stored it.
-            let old = secret("old", json!({"stringData": {"k": "legacy-clear-value"}}));
-            s.objects.insert("secret/old", encode(&old)).unwrap();
-            s.db.flush().unwrap();
-        }
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        let stored = decode(&s.objects.get("secret/old").unwrap().unwrap()).unwrap();
-        assert!(sealed_blob(&stored.spec).is_some());
-        assert_eq!(
-            s.get(Kind::Secret, "old").unwrap().unwrap().spec["stringData"]["k"],
-            "legacy-clear-value"
-        );
-    }
-
-    #[tokio::test]
-    async fn secret_generation_compares_plaintext() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        let write = |v: &str| {
-            let s = s.clone();
-            let o = secret("db", json!({"stringData": {"pw": v}}));
-            async move { s.write(vec![o], WriteMode::Upsert, None, false).await }
-        };
-        let r = write("one").await.unwrap();
-        assert_eq!(r[0].0.outcome, ApplyOutcome::Created);
-        let r = write("one").await.unwrap();
-        assert_eq!(
-            r[0].0.outcome,
-            ApplyOutcome::Unchanged,
-            "fresh nonces do not make a change"
-        );
-        assert_eq!(r[0].1.metadata.generation, 1);
-        let r = write("two").await.unwrap();
-        assert_eq!(r[0].0.outcome, ApplyOutcome::Configured);
-        assert_eq!(r[0].1.metadata.generation, 2);
-    }
-
-    fn user(name: &str, spec: Value) -> DynObject {
-        obj(
-            json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}),
-        )
-    }
-
-    #[tokio::test]
-    async fn apply_keeps_what_deploys_wrote() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        let manifest = || {
-            obj(
-                json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
-                       "spec": {"image": "app:1"}}),
-            )
-        };
-        s.write(vec![manifest()], WriteMode::Upsert, None, false)
-            .await
-            .unwrap();
-        // A same-tag redeploy, as the deploy applier writes it.
-        let mut deployed = s.get(Kind::Service, "web").unwrap().unwrap();
-        deployed.spec["forceUpdate"] = json!(1);
-        deployed
-            .metadata
-            .annotations
-            .insert("deploy.berth.io/id".into(), "01J".into());
-        s.write(vec![deployed], WriteMode::Replace, None, false)
-            .await
-            .unwrap();
-        // Re-applying the unchanged manifest changes nothing: no lower counter, no lost annotation.
-        let r = s
-            .write(vec![manifest()], WriteMode::Upsert, None, false)
-            .await
-            .unwrap();
-        assert_eq!(r[0].0.outcome, ApplyOutcome::Unchanged);
-        let now = s.get(Kind::Service, "web").unwrap().unwrap();
-        assert_eq!(now.spec["forceUpdate"], 1);
-        assert_eq!(now.metadata.annotations["deploy.berth.io/id"], "01J");
-        // A PUT is a full replacement: there the client's object is the whole truth.
-        s.write(vec![manifest()], WriteMode::Replace, None, false)
-            .await
-            .unwrap();
-        assert!(s
-            .get(Kind::Service, "web")
-            .unwrap()
-            .unwrap()
-            .spec
-            .get("forceUpdate")
-            .is_none());
-    }
-
-    #[tokio::test]
-    async fn a_registrys_password_secret_cannot_be_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        let registry = obj(json!({"apiVersion": "berth/v1", "kind": "Registry",
-            "metadata": {"name": "team"},
-            "spec": {"server": "registry.example.com", "username": "ci",
-                     "passwordSecretRef": {"name": "reg-pass", "key": "password"}}}));
-        s.write(
-            vec![
-                secret("reg-pass", json!({"stringData": {"password": "x"}})),
-                registry,
-            ],
-            WriteMode::Create,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
-        let err = s
-            .delete(Kind::Secret, "reg-pass", "berth-internal")
-            .await
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "Secret `reg-pass` is used by registry/team; remove those references first"
-        );
-        s.delete(Kind::Registry, "team", "berth-internal")
-            .await
-            .unwrap();
-        s.delete(Kind::Secret, "reg-pass", "berth-internal")
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn objects_in_use_cannot_be_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        let net = |n: &str| {
-            obj(
-                json!({"apiVersion": "berth/v1", "kind": "Network", "metadata": {"name": n}, "spec": {}}),
-            )
-        };
-        s.write(
-            vec![
-                secret("db", json!({"stringData": {"pw": "x"}})),
-                secret("idle", json!({"stringData": {"pw": "x"}})),
-                net("backend"),
-                net("berth-internal"),
-                net("custom-default"),
-                user(
-                    "api",
-                    json!({"image": "a", "secrets": [{"name": "db"}], "networks": ["backend"]}),
-                ),
-                user("worker", json!({"image": "a", "secrets": [{"name": "db"}]})),
-            ],
-            WriteMode::Create,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
-        let err = s
-            .delete(Kind::Secret, "db", "custom-default")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::InUse { .. }));
-        assert_eq!(
-            err.to_string(),
-            "Secret `db` is used by service/api, service/worker; remove those references first"
-        );
-        // `worker` lists no networks, so it uses the configured default, not the built-in name.
-        let err = s
-            .delete(Kind::Network, "backend", "custom-default")
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("used by service/api;"), "{err}");
-        s.delete(Kind::Network, "berth-internal", "custom-default")
-            .await
-            .unwrap();
-        let err = s
-            .delete(Kind::Network, "custom-default", "custom-default")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Protected { .. }), "{err}");
-        assert!(err
-            .to_string()
-            .contains("the default network cannot be deleted"));
-        s.delete(Kind::Secret, "idle", "custom-default")
-            .await
-            .unwrap();
-        // Missing objects are NotFound, not InUse, even when something refers to them.
-        s.write(
-            vec![user(
-                "x",
-                json!({"image": "a", "secrets": [{"name": "ghost"}]}),
-            )],
-            WriteMode::Create,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
-        let err = s
-            .delete(Kind::Secret, "ghost", "custom-default")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
-        // Once the references are gone, the delete goes through.
-        s.delete(Kind::Service, "worker", "custom-default")
-            .await
-            .unwrap();
-        s.write(
-            vec![user("api", json!({"image": "a"}))],
-            WriteMode::Replace,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
-        s.delete(Kind::Secret, "db", "custom-default")
-            .await
-            .unwrap();
-        s.delete(Kind::Network, "backend", "custom-default")
-            .await
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn default_network_is_created_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
-        assert!(s.ensure_network("berth-internal").await.unwrap());
-        assert!(!s.ensure_network("berth-internal").await.unwrap());
-        let n = s.get(Kind::Network, "berth-internal").unwrap().unwrap();
-        assert_eq!(n.spec, json!({}));
-        assert_eq!(n.metadata.generation, 1);
-        assert_eq!(
-            outbox_types(&s),
-            vec![(EventType::Applied, "berth-internal".into(), 1)]
-        );
-        let err = s.ensure_network("Bad_Name").await.unwrap_err();
-        assert!(err.to_string().contains("not a valid Network"), "{err}");
     }
 }

@@ -1,0 +1,354 @@
+//! Admission: the kind-specific rules the store applies to writes, kept out of the persistence
+//! layer, which asks through `admit` alone. A delete is refused while something still uses the
+//! object (a Service's Secrets, Configs, Volumes and Networks; a Registry's password Secret) or when
+//! berth needs it (the default Network); an apply keeps what deploys wrote; the default Network is
+//! created at start.
+
+use super::{Store, StoreError, WriteMode};
+use berth_api_types::registry::RegistrySpec;
+use berth_api_types::service::ServiceSpec;
+use berth_api_types::{DynObject, Kind};
+use serde_json::json;
+
+/// What the store asks admission about.
+pub(super) enum Op<'a> {
+    /// An apply over an existing object; admission may change what is written.
+    Upsert {
+        old: &'a DynObject,
+        incoming: &'a mut DynObject,
+    },
+    /// Deleting an existing object (called under the write lock, so no write can add a reference
+    /// between the check and the delete).
+    Delete {
+        kind: Kind,
+        name: &'a str,
+        /// The Network services join when they list none.
+        default_network: &'a str,
+    },
+}
+
+/// The one seam between persistence and kind rules: `Err` refuses the operation.
+pub(super) fn admit(store: &Store, op: Op<'_>) -> Result<(), StoreError> {
+    match op {
+        Op::Upsert { old, incoming } => {
+            keep_deploy_state(old, incoming);
+            Ok(())
+        }
+        Op::Delete {
+            kind,
+            name,
+            default_network,
+        } => check_unused(store, kind, name, default_network),
+    }
+}
+
+/// What deploys wrote and a manifest does not know about survives `apply` of that manifest: the
+/// `deploy.berth.io/*` annotations and a Service's `forceUpdate` counter, unless the manifest sets
+/// them. Otherwise re-applying an unchanged manifest after a same-tag redeploy would lower the
+/// counter and restart every task. (The image is the manifest's to set: applying it reverts a deploy,
+/// as with kubectl.)
+fn keep_deploy_state(old: &DynObject, incoming: &mut DynObject) {
+    for (k, v) in &old.metadata.annotations {
+        if k.starts_with(berth_api_types::names::annotations::DEPLOY_PREFIX) {
+            incoming
+                .metadata
+                .annotations
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
+    }
+    if old.kind == Kind::Service {
+        if let (Some(n), Some(spec)) = (old.spec.get("forceUpdate"), incoming.spec.as_object_mut())
+        {
+            spec.entry("forceUpdate").or_insert_with(|| n.clone());
+        }
+    }
+}
+
+/// Refuses to delete what a Service or Registry uses, or what berth needs.
+fn check_unused(
+    store: &Store,
+    kind: Kind,
+    name: &str,
+    default_network: &str,
+) -> Result<(), StoreError> {
+    if !matches!(
+        kind,
+        Kind::Secret | Kind::Config | Kind::Volume | Kind::Network
+    ) {
+        return Ok(());
+    }
+    if kind == Kind::Network && name == default_network {
+        return Err(StoreError::Protected {
+            kind,
+            name: name.to_string(),
+            why: "is the default network (services that list no networks join it); \
+                  the default network cannot be deleted"
+                .to_string(),
+        });
+    }
+    let mut users = Vec::new();
+    for svc in store.list(Kind::Service)? {
+        let spec: ServiceSpec = serde_json::from_value(svc.spec).map_err(|e| {
+            StoreError::Storage(format!(
+                "cannot check whether service/{} uses {kind} `{name}`: its stored spec does \
+                 not parse: {e}",
+                svc.metadata.name
+            ))
+        })?;
+        if spec.uses(kind, name, default_network) {
+            users.push(format!("service/{}", svc.metadata.name));
+        }
+    }
+    if kind == Kind::Secret {
+        // A Registry's password: deleting it would break every pull from that registry.
+        for reg in store.list(Kind::Registry)? {
+            let spec: Result<RegistrySpec, _> = serde_json::from_value(reg.spec);
+            if spec.is_ok_and(|r| r.password_secret_ref.name == name) {
+                users.push(format!("registry/{}", reg.metadata.name));
+            }
+        }
+    }
+    if users.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::InUse {
+            kind,
+            name: name.to_string(),
+            users,
+        })
+    }
+}
+
+/// Creates the default Network (`spec: {}`) unless it exists, through the normal write path (so
+/// an `Applied` event goes out). Returns whether it was created.
+pub async fn ensure_network(store: &Store, name: &str) -> Result<bool, StoreError> {
+    if store.get(Kind::Network, name)?.is_some() {
+        return Ok(false);
+    }
+    let obj = berth_api_types::typed::decode_object(&json!({
+        "apiVersion": berth_api_types::names::API_VERSION,
+        "kind": "Network",
+        "metadata": {"name": name},
+        "spec": {},
+    }))
+    .map_err(|errs| {
+        let why: Vec<String> = errs.iter().map(ToString::to_string).collect();
+        StoreError::Storage(format!(
+            "the default network `{name}` is not a valid Network: {}",
+            why.join("; ")
+        ))
+    })?;
+    match store.write(vec![obj], WriteMode::Create, None, false).await {
+        Ok(_) => Ok(true),
+        // Created meanwhile by someone else: just as good.
+        Err(StoreError::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use berth_api_types::wire::ApplyOutcome;
+    use berth_api_types::EventType;
+    use serde_json::{json, Value};
+
+    fn user(name: &str, spec: Value) -> DynObject {
+        obj(
+            json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}),
+        )
+    }
+
+    #[tokio::test]
+    async fn apply_keeps_what_deploys_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let manifest = || {
+            obj(
+                json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
+                       "spec": {"image": "app:1"}}),
+            )
+        };
+        s.write(vec![manifest()], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        // A same-tag redeploy, as the deploy applier writes it.
+        let mut deployed = s.get(Kind::Service, "web").unwrap().unwrap();
+        deployed.spec["forceUpdate"] = json!(1);
+        deployed
+            .metadata
+            .annotations
+            .insert("deploy.berth.io/id".into(), "01J".into());
+        s.write(vec![deployed], WriteMode::Replace, None, false)
+            .await
+            .unwrap();
+        // Re-applying the unchanged manifest changes nothing: no lower counter, no lost annotation.
+        let r = s
+            .write(vec![manifest()], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+        assert_eq!(r[0].0.outcome, ApplyOutcome::Unchanged);
+        let now = s.get(Kind::Service, "web").unwrap().unwrap();
+        assert_eq!(now.spec["forceUpdate"], 1);
+        assert_eq!(now.metadata.annotations["deploy.berth.io/id"], "01J");
+        // A PUT is a full replacement: there the client's object is the whole truth.
+        s.write(vec![manifest()], WriteMode::Replace, None, false)
+            .await
+            .unwrap();
+        assert!(s
+            .get(Kind::Service, "web")
+            .unwrap()
+            .unwrap()
+            .spec
+            .get("forceUpdate")
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_registrys_password_secret_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let registry = obj(json!({"apiVersion": "berth/v1", "kind": "Registry",
+            "metadata": {"name": "team"},
+            "spec": {"server": "registry.example.com", "username": "ci",
+                     "passwordSecretRef": {"name": "reg-pass", "key": "password"}}}));
+        s.write(
+            vec![
+                secret("reg-pass", json!({"stringData": {"password": "x"}})),
+                registry,
+            ],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .delete(Kind::Secret, "reg-pass", "berth-internal")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Secret `reg-pass` is used by registry/team; remove those references first"
+        );
+        s.delete(Kind::Registry, "team", "berth-internal")
+            .await
+            .unwrap();
+        s.delete(Kind::Secret, "reg-pass", "berth-internal")
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn objects_in_use_cannot_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let net = |n: &str| {
+            obj(
+                json!({"apiVersion": "berth/v1", "kind": "Network", "metadata": {"name": n}, "spec": {}}),
+            )
+        };
+        s.write(
+            vec![
+                secret("db", json!({"stringData": {"pw": "x"}})),
+                secret("idle", json!({"stringData": {"pw": "x"}})),
+                net("backend"),
+                net("berth-internal"),
+                net("custom-default"),
+                user(
+                    "api",
+                    json!({"image": "a", "secrets": [{"name": "db"}], "networks": ["backend"]}),
+                ),
+                user("worker", json!({"image": "a", "secrets": [{"name": "db"}]})),
+            ],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .delete(Kind::Secret, "db", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::InUse { .. }));
+        assert_eq!(
+            err.to_string(),
+            "Secret `db` is used by service/api, service/worker; remove those references first"
+        );
+        // `worker` lists no networks, so it uses the configured default, not the built-in name.
+        let err = s
+            .delete(Kind::Network, "backend", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("used by service/api;"), "{err}");
+        s.delete(Kind::Network, "berth-internal", "custom-default")
+            .await
+            .unwrap();
+        let err = s
+            .delete(Kind::Network, "custom-default", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Protected { .. }), "{err}");
+        assert!(err
+            .to_string()
+            .contains("the default network cannot be deleted"));
+        s.delete(Kind::Secret, "idle", "custom-default")
+            .await
+            .unwrap();
+        // Missing objects are NotFound, not InUse, even when something refers to them.
+        s.write(
+            vec![user(
+                "x",
+                json!({"image": "a", "secrets": [{"name": "ghost"}]}),
+            )],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let err = s
+            .delete(Kind::Secret, "ghost", "custom-default")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+        // Once the references are gone, the delete goes through.
+        s.delete(Kind::Service, "worker", "custom-default")
+            .await
+            .unwrap();
+        s.write(
+            vec![user("api", json!({"image": "a"}))],
+            WriteMode::Replace,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        s.delete(Kind::Secret, "db", "custom-default")
+            .await
+            .unwrap();
+        s.delete(Kind::Network, "backend", "custom-default")
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn default_network_is_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        assert!(ensure_network(&s, "berth-internal").await.unwrap());
+        assert!(!ensure_network(&s, "berth-internal").await.unwrap());
+        let n = s.get(Kind::Network, "berth-internal").unwrap().unwrap();
+        assert_eq!(n.spec, json!({}));
+        assert_eq!(n.metadata.generation, 1);
+        assert_eq!(
+            outbox_types(&s),
+            vec![(EventType::Applied, "berth-internal".into(), 1)]
+        );
+        let err = ensure_network(&s, "Bad_Name").await.unwrap_err();
+        assert!(err.to_string().contains("not a valid Network"), "{err}");
+    }
+}
