@@ -50,6 +50,8 @@ impl Default for ControllerConfig {
 #[async_trait]
 trait Work<R: Hooks>: Send + Sync + 'static {
     fn key_of(&self, name: &str) -> String;
+    /// Whether an engine event about `name` is worth a reconcile.
+    fn follows(&self, name: &str, cache: &Cache<R>) -> bool;
     async fn run(&self, key: &str, ctx: &Context<R>) -> Result<Action, Error>;
 }
 
@@ -59,6 +61,14 @@ struct PerObject<R>(Arc<R>);
 impl<R: Reconciler> Work<R> for PerObject<R> {
     fn key_of(&self, name: &str) -> String {
         name.to_string()
+    }
+
+    /// Only names of objects this controller has. Every installation on an engine sees every
+    /// service event; reconciling names it has no object for cost each of them an engine call per
+    /// event, and made every install on a shared engine slower the more there were. An engine
+    /// object whose berth object is gone is still found: by the delete event, and by the resync.
+    fn follows(&self, name: &str, cache: &Cache<R>) -> bool {
+        cache.get(name).is_some()
     }
 
     async fn run(&self, name: &str, ctx: &Context<R>) -> Result<Action, Error> {
@@ -92,6 +102,11 @@ struct Whole<A>(Arc<A>);
 impl<A: Aggregator> Work<A> for Whole<A> {
     fn key_of(&self, _name: &str) -> String {
         self.0.key()
+    }
+
+    /// The one thing is converged even with no object left (to remove it).
+    fn follows(&self, _name: &str, _cache: &Cache<A>) -> bool {
+        true
     }
 
     async fn run(&self, _key: &str, ctx: &Context<A>) -> Result<Action, Error> {
@@ -481,7 +496,9 @@ async fn engine_intake<R: Hooks>(parts: Arc<Parts<R>>, docker: Docker) {
                 Ok(ev) => {
                     retry.reset();
                     if let Some(name) = parts.hooks.map_engine_event(&ev) {
-                        parts.queue.add(parts.work.key_of(&name));
+                        if parts.work.follows(&name, &parts.ctx.cache) {
+                            parts.queue.add(parts.work.key_of(&name));
+                        }
                     }
                 }
                 Err(e) => {
@@ -727,5 +744,55 @@ mod tests {
         // The cache was refreshed, so the retry starts from the current object and succeeds.
         PerObject(script).run("done", &ctx).await.unwrap();
         assert_eq!(note(&store, "done"), "seen generation 2");
+    }
+
+    /// A bus whose subscribers get exactly what the test sends.
+    struct ScriptedBus(tokio::sync::broadcast::Sender<BusMessage>);
+
+    #[async_trait]
+    impl EventBus for ScriptedBus {
+        async fn publish(&self, _: &Event) -> Result<(), crate::bus::BusError> {
+            Ok(())
+        }
+        async fn subscribe(
+            &self,
+            _: &[Kind],
+            _: Option<&str>,
+        ) -> Result<crate::bus::Subscription, crate::bus::BusError> {
+            let rx = self.0.subscribe();
+            Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.ok().map(|m| (m, rx))
+            })))
+        }
+        fn describe(&self) -> String {
+            "scripted".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lagged_bus_makes_the_controller_resync() {
+        let script = Arc::new(Script::default());
+        let (tx, _) = tokio::sync::broadcast::channel(16);
+        let bus = Arc::new(ScriptedBus(tx.clone()));
+        let store = Arc::new(FakeStore::default());
+        store.put(object("first", serde_json::json!({})));
+        let config = ControllerConfig {
+            resync: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let ctl = Controller::new(script.clone(), store.clone(), bus, config);
+        let run = tokio::spawn(ctl.run(std::future::pending()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(script.times("first").len(), 1);
+
+        // An object whose event was missed: nothing happens until the bus says events were lost.
+        store.put(object("missed", serde_json::json!({})));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(script.times("missed").is_empty());
+        tx.send(BusMessage::Lagged).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(script.times("missed").len(), 1, "resynced after Lagged");
+        assert_eq!(note(&store, "missed"), "seen generation 1");
+        run.abort();
     }
 }
