@@ -460,28 +460,43 @@ impl Berth {
         self.kill9();
         self.spawn();
     }
-}
 
-impl Drop for Berth {
-    fn drop(&mut self) {
+    /// The process id of the running server (for /proc measurements), if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, as an operator stops it; SIGKILL if it has not exited after 5 s.
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
-            let mut exited = false;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
-                    exited = true;
-                    break;
+                    return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            if !exited {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            let _ = c.kill();
+            let _ = c.wait();
         }
+    }
+
+    /// Stops the server gracefully and starts it again on the same data directory and port with
+    /// `extra` flags instead of the ones it was started with.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.stop();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+}
+
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        self.stop();
         // Whatever this installation created, found by its instance label (never anyone else's).
         if !self.instance.is_empty() {
             let label = format!("label=io.berth.instance={}", self.instance);
