@@ -11,7 +11,9 @@ use berth_api_types::Kind;
 use berth_e2e::deploy::{create_webhook, post, wait_running, Tap, CONVERGE};
 use berth_e2e::registry::{TestRegistry, TEST_IMAGE};
 use berth_e2e::{docker, prefix, Berth, Bus, Cleanup, Docker, Stack};
-use bollard::query_parameters::{EventsOptions, RemoveImageOptions, TagImageOptions};
+use bollard::query_parameters::{
+    EventsOptions, InspectServiceOptions, RemoveImageOptions, TagImageOptions,
+};
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -217,8 +219,9 @@ impl Drop for LocalTags {
     }
 }
 
-/// 50 webhook calls for one service within a second: at most two Swarm updates, and the engine ends
-/// at the newest image.
+/// 50 webhook calls for one service, one every 15 ms: at most two Swarm updates when they take under a
+/// second (one more per extra second the machine stretches them to), and the engine ends at the newest
+/// image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_50_calls_is_at_most_2_rollouts() {
     let p = prefix("burst");
@@ -279,7 +282,11 @@ async fn a_burst_of_50_calls_is_at_most_2_rollouts() {
     }
     let answers = calls.join_all().await;
     let burst = started.elapsed();
-    assert!(burst < Duration::from_secs(1), "the burst took {burst:?}");
+    // The promise is pacing, at most one engine update a second: a burst over T seconds may make
+    // up to floor(T) + 2 updates (one at once, one per second after, one for the newest). On an
+    // idle machine the calls take ~0.75 s, so that is 2; a loaded machine that stretches the burst
+    // gets a bound that still fails without pacing (~40 updates), rather than a timing failure.
+    let allowed = 2 + burst.as_secs() as usize;
     // Event ids are ULIDs, monotonic: the largest is the newest deploy.
     let newest = answers
         .iter()
@@ -292,8 +299,8 @@ async fn a_burst_of_50_calls_is_at_most_2_rollouts() {
     watcher.abort();
     let updates = updates.lock().unwrap().clone();
     assert!(
-        !updates.is_empty() && updates.len() <= 2,
-        "50 calls in {burst:?} made {} image updates: {updates:?}",
+        !updates.is_empty() && updates.len() <= allowed,
+        "50 calls in {burst:?} made {} image updates (at most {allowed} allowed): {updates:?}",
         updates.len()
     );
     assert_eq!(updates.last(), Some(&newest), "{updates:?}");
