@@ -725,3 +725,68 @@ macro_rules! on_both_buses {
         }
     };
 }
+
+/// Proves that a full resync of `b`'s Service controller ran after this call, and returns once it
+/// has: creates, behind berth's back, a Swarm service `<prefix>-orphan-<n>` carrying this
+/// installation's ownership labels but for an object that does not exist (`<prefix>-ghost`). Its
+/// Swarm name differs from the object's, so engine events about it lead nowhere: only a full
+/// resync (which lists the installation's engine services by label) finds it and removes it. A
+/// resync queues every object before the engine's orphans, so the objects were reconciled too.
+pub async fn await_resync(b: &Berth, d: &Docker, prefix: &str, timeout: Duration) {
+    use berth_api_types::names::labels;
+    use bollard::models::{ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec};
+    use std::collections::HashMap;
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let orphan = format!(
+        "{prefix}-orphan-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let spec = ServiceSpec {
+        name: Some(orphan.clone()),
+        labels: Some(HashMap::from([
+            (
+                labels::MANAGED_BY.to_string(),
+                labels::MANAGED_BY_VALUE.to_string(),
+            ),
+            (labels::INSTANCE.to_string(), b.instance.clone()),
+            (labels::KIND.to_string(), "service".to_string()),
+            (labels::NAME.to_string(), format!("{prefix}-ghost")),
+        ])),
+        task_template: Some(TaskSpec {
+            container_spec: Some(bollard::models::TaskSpecContainerSpec {
+                image: Some("berth-test/busybox:1".to_string()),
+                command: Some(vec!["sleep".into(), "100000".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    d.create_service(spec, None)
+        .await
+        .expect("e2e: creating the orphan Swarm service");
+    let what = format!("a resync to remove the planted orphan {orphan}");
+    eventually(b, timeout, &what, || {
+        let orphan = orphan.clone();
+        async move {
+            match d
+                .inspect_service(
+                    &orphan,
+                    None::<bollard::query_parameters::InspectServiceOptions>,
+                )
+                .await
+            {
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                Ok(_) => Err("the orphan is still there".to_string()),
+                Err(e) => panic!("e2e: inspecting {orphan}: {e}"),
+            }
+        }
+    })
+    .await
+}

@@ -114,6 +114,20 @@ impl TestRegistry {
         user: &str,
         password: &str,
     ) -> String {
+        self.push_digest(docker, local, repo_tag, user, password)
+            .await
+            .0
+    }
+
+    /// `push`, also returning the digest the registry now serves for the tag (`sha256:...`).
+    pub async fn push_digest(
+        &self,
+        docker: &Docker,
+        local: &str,
+        repo_tag: &str,
+        user: &str,
+        password: &str,
+    ) -> (String, String) {
         let (repo, tag) = repo_tag.split_once(':').expect("repo:tag");
         let remote = format!("{}/{repo}", self.host());
         docker
@@ -169,9 +183,13 @@ impl TestRegistry {
         let [pushed] = digests.as_slice() else {
             panic!("e2e: expected one repository digest of {remote} after the push: {digests:?}");
         };
+        let digest = pushed
+            .split_once('@')
+            .map(|(_, d)| d.to_string())
+            .unwrap_or_default();
         untag(docker, pushed).await;
         untag(docker, &reference).await;
-        reference
+        (reference, digest)
     }
 }
 

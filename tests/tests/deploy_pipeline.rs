@@ -10,7 +10,7 @@ use berth_api_types::names::annotations;
 use berth_api_types::Kind;
 use berth_e2e::deploy::{create_webhook, post, wait_running, Tap, CONVERGE};
 use berth_e2e::registry::{TestRegistry, TEST_IMAGE};
-use berth_e2e::{docker, prefix, Berth, Bus, Cleanup, Docker, Stack};
+use berth_e2e::{await_resync, docker, prefix, Berth, Bus, Cleanup, Docker, Stack};
 use bollard::query_parameters::{
     EventsOptions, InspectServiceOptions, RemoveImageOptions, TagImageOptions,
 };
@@ -159,6 +159,97 @@ async fn registry_push_notification_deploys_without_a_webhook_call() {
         "registry"
     );
     assert_eq!(last_revision(&o)["trigger"], "registry");
+}
+
+/// The image the Swarm service's spec names (what new tasks run).
+async fn spec_image(d: &Docker, service: &str) -> (String, u64) {
+    let s = d
+        .inspect_service(service, None::<InspectServiceOptions>)
+        .await
+        .unwrap_or_else(|e| panic!("e2e: inspecting Swarm service {service}: {e}"));
+    let image = s
+        .spec
+        .and_then(|s| s.task_template)
+        .and_then(|t| t.container_spec)
+        .and_then(|c| c.image)
+        .unwrap_or_default();
+    (image, s.version.and_then(|v| v.index).unwrap_or_default())
+}
+
+/// A digest is pinned per generation: when the tag moves in the registry (and nothing tells berth),
+/// resyncs and writes of the same generation keep the digest that generation was pinned to, so every
+/// task of it runs the same bytes; the next generation pins the tag's new digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_digest_is_kept_for_its_generation() {
+    let p = prefix("pin");
+    let d = docker().await;
+    let pw = format!("pw-{p}");
+    // No push notifications: only resyncs and berth's own writes could follow the tag.
+    let registry = TestRegistry::start(&[("ci", &pw)]);
+    let host = registry.host();
+    let (v1, first) = registry
+        .push_digest(&d, TEST_IMAGE, "team/app:1", "ci", &pw)
+        .await;
+    let _cleanup = Cleanup::new(&p);
+    let stack = Stack::start_with(Bus::Embedded, &["--resync", "2"]);
+    let b = &stack.berth;
+    let svc = format!("{p}-app");
+    b.apply(&private_app_yaml(&p, &host, &v1));
+    let tasks = wait_running(b, &d, &svc, &format!("{v1}@{first}"), 1).await;
+    assert_eq!(spec_image(&d, &svc).await.0, format!("{v1}@{first}"));
+
+    // The tag moves: other content pushed over it.
+    let (_, moved) = registry
+        .push_digest(&d, SECOND_IMAGE, "team/app:1", "ci", &pw)
+        .await;
+    assert_ne!(
+        moved, first,
+        "the tag must really have moved for this test to mean anything"
+    );
+
+    // Two full resyncs reconcile the Service again with no spec change...
+    await_resync(b, &d, &p, CONVERGE).await;
+    await_resync(b, &d, &p, CONVERGE).await;
+    // ...and a write of the same generation: a new version of the Registry's Secret (the same
+    // password; its trailing newline is not part of it) sends the credentials again with an update.
+    let (_, version) = spec_image(&d, &svc).await;
+    b.apply(&format!(
+        "apiVersion: berth/v1\nkind: Secret\nmetadata:\n  name: {p}-pass\nspec:\n  stringData:\n    password: \"{pw}\\n\"\n"
+    ));
+    berth_e2e::wait_for(
+        CONVERGE,
+        "the engine to receive the credentials again",
+        || {
+            let d = d.clone();
+            let svc = svc.clone();
+            async move { (spec_image(&d, &svc).await.1 > version).then_some(()) }
+        },
+    )
+    .await;
+    await_resync(b, &d, &p, CONVERGE).await;
+
+    let (image, _) = spec_image(&d, &svc).await;
+    assert_eq!(
+        image,
+        format!("{v1}@{first}"),
+        "generation 1 must keep the digest it was pinned to"
+    );
+    let now = berth_e2e::deploy::running_tasks(&d, &svc).await;
+    assert_eq!(
+        now.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        tasks,
+        "the task of generation 1 runs on: {now:?}"
+    );
+    let o = b.object(Kind::Service, &svc).await.expect("service");
+    assert_eq!(o["metadata"]["generation"], 1, "{o}");
+
+    // A new generation (any spec change) pins what the tag names now.
+    b.apply(&private_app_yaml(&p, &host, &v1).replace(
+        "replicas: 1",
+        "replicas: 1\n  env:\n    - {name: ROUND, value: \"2\"}",
+    ));
+    wait_running(b, &d, &svc, &format!("{v1}@{moved}"), 1).await;
+    assert_eq!(spec_image(&d, &svc).await.0, format!("{v1}@{moved}"));
 }
 
 /// Local tags `berth-test/<p>:<tag>` of the test image, removed again on drop.
