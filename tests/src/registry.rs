@@ -44,7 +44,7 @@ fn serve(dir: &std::path::Path, port: u16) -> Child {
         .append(true)
         .open(dir.join("registry.log"))
         .expect("log");
-    let child = Command::new("docker-registry")
+    let child = crate::owned(&mut Command::new("docker-registry"))
         .arg("serve")
         .arg(dir.join("config.yml"))
         .stdout(Stdio::null())
@@ -63,8 +63,10 @@ impl TestRegistry {
 
     /// Also POSTs push notifications to `notify_url` (the registry's `notifications.endpoints`).
     pub fn start_with(users: &[(&str, &str)], notify_url: Option<&str>) -> TestRegistry {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = crate::tempdir("registry");
         let port = free_port();
+        // What scripts/test needs to remove this registry's images if the run is killed.
+        std::fs::write(dir.path().join("host"), format!("127.0.0.1:{port}\n")).expect("write host");
         std::fs::write(dir.path().join("htpasswd"), htpasswd(users)).expect("write htpasswd");
         let notifications = notify_url
             .map(|url| {

@@ -288,7 +288,8 @@ impl Drop for LocalTags {
             .map(|t| format!("{}:{t}", self.repo))
             .collect();
         let d = self.docker.clone();
-        // Drop cannot await; a short-lived runtime thread does the removals.
+        // Drop cannot await; a short-lived runtime thread does the removals, and the test waits
+        // for it (a detached thread dies with the test process, leaving the tags).
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async {

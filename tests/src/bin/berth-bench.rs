@@ -324,7 +324,7 @@ async fn run_berth(
 ) -> Result<Timing> {
     let n = shape.n;
     let p = prefix("bench");
-    let dir = tempfile::tempdir()?;
+    let dir = berth_e2e::tempdir("bench");
     if shape.one_file {
         let all: String = (0..n)
             .map(|i| manifest(&format!("{p}-{i}"), image, shape.replicas))
@@ -416,7 +416,7 @@ async fn run_stack(
     let n = shape.n;
     let replicas = shape.replicas;
     let p = prefix("bench");
-    let dir = tempfile::tempdir()?;
+    let dir = berth_e2e::tempdir("bench");
     let file = dir.path().join("stack.yml");
     let mut compose = String::from("version: \"3.8\"\nservices:\n");
     for i in 0..n {
@@ -832,7 +832,7 @@ async fn scale(n: usize, services: usize, resync_secs: u64, periods: usize) -> R
         let (idle_rss, _) = proc_stat::rss_mib(pid)?;
 
         let yaml = config_yaml(&p, n);
-        let dir = tempfile::tempdir()?;
+        let dir = berth_e2e::tempdir("bench");
         let file = dir.path().join("configs.yaml");
         std::fs::write(&file, &yaml)?;
         let cpu0 = proc_stat::cpu_secs(pid)?;
