@@ -43,7 +43,24 @@ pub fn free_port() -> u16 {
         .expect("e2e: cannot find a free port")
 }
 
-/// A per-test name prefix, unique per run, so tests sharing one Swarm never collide.
+/// A temporary directory named `/tmp/berth-e2e-<what>-XXXXXX`, removed on drop; the name lets
+/// scripts/test sweep the ones a killed run left behind.
+pub fn tempdir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("berth-e2e-{what}-"))
+        .tempdir()
+        .expect("e2e: cannot create a temporary directory")
+}
+
+/// Marks a process the harness starts (berth, nats-server, docker-registry) with the test process's
+/// id, `BERTH_E2E_OWNER=<pid>`: scripts/test stops the ones whose owner is gone (a killed run).
+pub fn owned(cmd: &mut Command) -> &mut Command {
+    cmd.env("BERTH_E2E_OWNER", std::process::id().to_string())
+}
+
+/// A per-test name prefix, unique per run, so tests sharing one Swarm never collide. Every Swarm
+/// object a test creates, itself or through berth, is named after it (`e2e-<test>-<5 chars>`):
+/// scripts/test recognises what a killed run left by this pattern.
 pub fn prefix(test: &str) -> String {
     let rand = ulid::Ulid::new().to_string().to_lowercase();
     format!("e2e-{test}-{}", &rand[rand.len() - 5..])
@@ -98,8 +115,8 @@ pub struct Nats {
 impl Nats {
     pub fn start() -> Nats {
         let port = free_port();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("nats-server")
+        let dir = tempdir("nats");
+        let child = owned(&mut Command::new("nats-server"))
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -181,7 +198,7 @@ impl Berth {
     }
 
     fn launch(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        let tmp = tempdir("berth");
         let data_dir = tmp.path().join("data");
         let mut b = Berth {
             child: None,
@@ -207,7 +224,8 @@ impl Berth {
             .open(&self.log)
             .expect("log file");
         let mut cmd = Command::new(berth_bin());
-        cmd.arg(self.subcommand)
+        owned(&mut cmd)
+            .arg(self.subcommand)
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen")
@@ -274,7 +292,7 @@ impl Berth {
         let state = self._tmp.path().join(format!("controller-{kind}"));
         let log = self._tmp.path().join(format!("controller-{kind}.log"));
         let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(berth_bin())
+        let child = owned(&mut Command::new(berth_bin()))
             .args([
                 "controller",
                 kind,
@@ -460,45 +478,87 @@ impl Berth {
         self.kill9();
         self.spawn();
     }
-}
 
-impl Drop for Berth {
-    fn drop(&mut self) {
+    /// The process id of the running server (for /proc measurements), if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM, as an operator stops it; SIGKILL if it has not exited after 5 s.
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe {
                 libc::kill(c.id() as i32, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
-            let mut exited = false;
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
-                    exited = true;
-                    break;
+                    return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            if !exited {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            let _ = c.kill();
+            let _ = c.wait();
         }
+    }
+
+    /// Stops the server gracefully and starts it again on the same data directory and port with
+    /// `extra` flags instead of the ones it was started with.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.stop();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        self.stop();
         // Whatever this installation created, found by its instance label (never anyone else's).
         if !self.instance.is_empty() {
             let label = format!("label=io.berth.instance={}", self.instance);
             remove_services(&ids(&["service", "ls", "-q", "--filter", &label]));
-            for family in ["network", "secret", "config", "volume"] {
-                let found = ids(&[family, "ls", "-q", "--filter", &label]);
-                if !found.is_empty() {
-                    let mut args = vec![family, "rm"];
-                    args.extend(found.iter().map(String::as_str));
-                    let _ = Command::new("docker")
-                        .args(&args)
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
+            for family in ["secret", "config", "network", "volume"] {
+                remove_until_gone(family, &["--filter", &label]);
             }
         }
+    }
+}
+
+/// Removes every `docker <family>` object that `docker <family> ls -q <filter>` lists, and tries
+/// again until none is left or 30 s have passed: a network or volume cannot be removed while the
+/// containers of a just-removed service still hold it, and a secret or config while a service
+/// still names it. Whatever is left after that is reported on stderr, never silently dropped.
+fn remove_until_gone(family: &str, filter: &[&str]) {
+    let list = || {
+        let mut args = vec![family, "ls", "-q"];
+        args.extend_from_slice(filter);
+        ids(&args)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = list();
+        if found.is_empty() {
+            return;
+        }
+        let mut args = vec![family, "rm"];
+        args.extend(found.iter().map(String::as_str));
+        let _ = Command::new("docker")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if list().is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "e2e cleanup: could not remove {family}s {:?} ({filter:?}); scripts/test sweeps them on its next run",
+                list()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -516,8 +576,9 @@ fn ids(args: &[&str]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Removes every Swarm service whose name starts with the prefix when dropped — also when the test
-/// panicked — so a failed test leaves nothing behind in the shared Swarm.
+/// Removes every Swarm service, secret, config, network and volume whose name starts with the prefix
+/// when dropped — also when the test panicked — so a failed test leaves nothing behind in the shared
+/// Swarm. Declare it before the `Berth`/`Stack`, so it runs after berth has stopped.
 pub struct Cleanup {
     pub prefix: String,
 }
@@ -532,14 +593,49 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let services = ids(&[
-            "service",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("name={}", self.prefix),
-        ]);
-        remove_services(&services);
+        // The engine's name filter matches substrings for some families: keep only names that
+        // start with the prefix.
+        let named = |family: &str| -> Vec<String> {
+            let out = Command::new("docker")
+                .args([family, "ls", "--format", "{{.ID}} {{.Name}}"])
+                .args(["--filter", &format!("name={}", self.prefix)])
+                .output();
+            let text = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            text.lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(_, name)| name.starts_with(&self.prefix))
+                .map(|(id, _)| id.to_string())
+                .collect()
+        };
+        remove_services(&named("service"));
+        for family in ["secret", "config", "network"] {
+            let found = named(family);
+            if !found.is_empty() {
+                let filter: Vec<String> = found.iter().map(|id| format!("id={id}")).collect();
+                let mut args = Vec::new();
+                for f in &filter {
+                    args.push("--filter");
+                    args.push(f.as_str());
+                }
+                remove_until_gone(family, &args);
+            }
+        }
+        // `docker volume ls` has no {{.ID}}: its name is the key.
+        let volumes: Vec<String> = ids(&["volume", "ls", "-q"])
+            .into_iter()
+            .filter(|v| v.starts_with(&self.prefix))
+            .collect();
+        if !volumes.is_empty() {
+            let filter: Vec<String> = volumes.iter().map(|v| format!("name={v}")).collect();
+            let mut args = Vec::new();
+            for f in &filter {
+                args.push("--filter");
+                args.push(f.as_str());
+            }
+            remove_until_gone("volume", &args);
+        }
     }
 }
 
@@ -585,7 +681,7 @@ fn remove_services(ids: &[String]) {
 
 /// Writes a manifest into a fresh temporary directory and returns (dir guard, file path).
 pub fn manifest(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = tempdir("manifest");
     let path = dir.path().join(name);
     std::fs::write(&path, text).expect("write manifest");
     (dir, path)
@@ -709,4 +805,69 @@ macro_rules! on_both_buses {
             }
         }
     };
+}
+
+/// Proves that a full resync of `b`'s Service controller ran after this call, and returns once it
+/// has: creates, behind berth's back, a Swarm service `<prefix>-orphan-<n>` carrying this
+/// installation's ownership labels but for an object that does not exist (`<prefix>-ghost`). Its
+/// Swarm name differs from the object's, so engine events about it lead nowhere: only a full
+/// resync (which lists the installation's engine services by label) finds it and removes it. A
+/// resync queues every object before the engine's orphans, so the objects were reconciled too.
+pub async fn await_resync(b: &Berth, d: &Docker, prefix: &str, timeout: Duration) {
+    use berth_api_types::names::labels;
+    use bollard::models::{ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec};
+    use std::collections::HashMap;
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let orphan = format!(
+        "{prefix}-orphan-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let spec = ServiceSpec {
+        name: Some(orphan.clone()),
+        labels: Some(HashMap::from([
+            (
+                labels::MANAGED_BY.to_string(),
+                labels::MANAGED_BY_VALUE.to_string(),
+            ),
+            (labels::INSTANCE.to_string(), b.instance.clone()),
+            (labels::KIND.to_string(), "service".to_string()),
+            (labels::NAME.to_string(), format!("{prefix}-ghost")),
+        ])),
+        task_template: Some(TaskSpec {
+            container_spec: Some(bollard::models::TaskSpecContainerSpec {
+                image: Some("berth-test/busybox:1".to_string()),
+                command: Some(vec!["sleep".into(), "100000".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    d.create_service(spec, None)
+        .await
+        .expect("e2e: creating the orphan Swarm service");
+    let what = format!("a resync to remove the planted orphan {orphan}");
+    eventually(b, timeout, &what, || {
+        let orphan = orphan.clone();
+        async move {
+            match d
+                .inspect_service(
+                    &orphan,
+                    None::<bollard::query_parameters::InspectServiceOptions>,
+                )
+                .await
+            {
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                Ok(_) => Err("the orphan is still there".to_string()),
+                Err(e) => panic!("e2e: inspecting {orphan}: {e}"),
+            }
+        }
+    })
+    .await
 }

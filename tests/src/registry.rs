@@ -24,6 +24,37 @@ pub struct TestRegistry {
     dir: tempfile::TempDir,
 }
 
+fn htpasswd(users: &[(&str, &str)]) -> String {
+    let mut htpasswd = String::new();
+    for (user, pass) in users {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, pass])
+            .output()
+            .expect("e2e: cannot run htpasswd (apache2-utils; scripts/test installs it)");
+        assert!(out.status.success(), "e2e: htpasswd failed");
+        htpasswd.push_str(String::from_utf8_lossy(&out.stdout).trim());
+        htpasswd.push('\n');
+    }
+    htpasswd
+}
+
+fn serve(dir: &std::path::Path, port: u16) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("registry.log"))
+        .expect("log");
+    let child = crate::owned(&mut Command::new("docker-registry"))
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("e2e: cannot start docker-registry (scripts/test installs it)");
+    wait_port(port, Duration::from_secs(10), "docker-registry");
+    child
+}
+
 impl TestRegistry {
     /// A registry that requires one of `users` (name, password) for every request.
     pub fn start(users: &[(&str, &str)]) -> TestRegistry {
@@ -32,19 +63,11 @@ impl TestRegistry {
 
     /// Also POSTs push notifications to `notify_url` (the registry's `notifications.endpoints`).
     pub fn start_with(users: &[(&str, &str)], notify_url: Option<&str>) -> TestRegistry {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = crate::tempdir("registry");
         let port = free_port();
-        let mut htpasswd = String::new();
-        for (user, pass) in users {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, pass])
-                .output()
-                .expect("e2e: cannot run htpasswd (apache2-utils; scripts/test installs it)");
-            assert!(out.status.success(), "e2e: htpasswd failed");
-            htpasswd.push_str(String::from_utf8_lossy(&out.stdout).trim());
-            htpasswd.push('\n');
-        }
-        std::fs::write(dir.path().join("htpasswd"), htpasswd).expect("write htpasswd");
+        // What scripts/test needs to remove this registry's images if the run is killed.
+        std::fs::write(dir.path().join("host"), format!("127.0.0.1:{port}\n")).expect("write host");
+        std::fs::write(dir.path().join("htpasswd"), htpasswd(users)).expect("write htpasswd");
         let notifications = notify_url
             .map(|url| {
                 format!(
@@ -57,18 +80,18 @@ impl TestRegistry {
             root = dir.path().join("data").display(),
             htpasswd = dir.path().join("htpasswd").display(),
         );
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).expect("write registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("e2e: cannot start docker-registry (scripts/test installs it)");
-        wait_port(port, Duration::from_secs(10), "docker-registry");
+        std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
+        let child = serve(dir.path(), port);
         TestRegistry { child, port, dir }
+    }
+
+    /// Replaces the registry's users (a rotated password): the registry restarts on the same port
+    /// and storage, and from then on only `users` are accepted.
+    pub fn set_users(&mut self, users: &[(&str, &str)]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::write(self.dir.path().join("htpasswd"), htpasswd(users)).expect("write htpasswd");
+        self.child = serve(self.dir.path(), self.port);
     }
 
     /// `127.0.0.1:<port>`, as image references and Registry objects name it.
@@ -81,7 +104,10 @@ impl TestRegistry {
     }
 
     /// Pushes the local image `local` as `<host>/<repo_tag>` with the given user, then removes the
-    /// local tag again so that running it needs a pull. Returns the full image reference.
+    /// local tag and the repository digest the push recorded (`<host>/<repo>@sha256:...`), so that
+    /// running it needs a pull: the engine skips the pull of a digest-pinned image it holds under
+    /// that reference, and berth pins images from registries it has credentials for. Returns the
+    /// full image reference.
     pub async fn push(
         &self,
         docker: &Docker,
@@ -90,6 +116,20 @@ impl TestRegistry {
         user: &str,
         password: &str,
     ) -> String {
+        self.push_digest(docker, local, repo_tag, user, password)
+            .await
+            .0
+    }
+
+    /// `push`, also returning the digest the registry now serves for the tag (`sha256:...`).
+    pub async fn push_digest(
+        &self,
+        docker: &Docker,
+        local: &str,
+        repo_tag: &str,
+        user: &str,
+        password: &str,
+    ) -> (String, String) {
         let (repo, tag) = repo_tag.split_once(':').expect("repo:tag");
         let remote = format!("{}/{repo}", self.host());
         docker
@@ -133,8 +173,25 @@ impl TestRegistry {
             }
         }
         let reference = format!("{remote}:{tag}");
+        let digests: Vec<String> = docker
+            .inspect_image(&reference)
+            .await
+            .unwrap_or_else(|e| panic!("e2e: inspecting {reference} after the push: {e}"))
+            .repo_digests
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.starts_with(&format!("{remote}@")))
+            .collect();
+        let [pushed] = digests.as_slice() else {
+            panic!("e2e: expected one repository digest of {remote} after the push: {digests:?}");
+        };
+        let digest = pushed
+            .split_once('@')
+            .map(|(_, d)| d.to_string())
+            .unwrap_or_default();
+        untag(docker, pushed).await;
         untag(docker, &reference).await;
-        reference
+        (reference, digest)
     }
 }
 

@@ -586,8 +586,30 @@ async fn named_volume_survives_update() {
     ));
     let obj = wait_ready(b, &svc).await;
     assert_eq!(obj["metadata"]["generation"], 2);
-    let second = wait_file(b, &d, &svc, "/data/f", "keep\n").await;
-    assert_ne!(second, first, "the update replaced the container");
+    // Ready for generation 2 may still be reported while the old task runs (the rolling update
+    // replaces it next): wait for the new task, and only then look at what it holds.
+    let second = eventually(
+        b,
+        CONVERGE,
+        "the generation-2 task to replace the first",
+        || {
+            let (d, svc, first) = (&d, &svc, &first);
+            async move {
+                let running = running_containers(d, svc).await;
+                match running.as_slice() {
+                    [c] if c != first => Ok(c.clone()),
+                    _ => Err(format!("running containers {running:?} (first: {first})")),
+                }
+            }
+        },
+    )
+    .await;
+    let (c, data) = read_file(&d, &svc, "/data/f").await.expect("read /data/f");
+    assert_eq!(
+        (c.as_str(), data.as_str()),
+        (second.as_str(), "keep\n"),
+        "the new task sees the data the first one wrote"
+    );
     let (_, env) = exec(&d, &second, &["sh", "-c", "echo $ROUND"])
         .await
         .expect("env");

@@ -10,8 +10,10 @@ use berth_api_types::names::annotations;
 use berth_api_types::Kind;
 use berth_e2e::deploy::{create_webhook, post, wait_running, Tap, CONVERGE};
 use berth_e2e::registry::{TestRegistry, TEST_IMAGE};
-use berth_e2e::{docker, prefix, Berth, Bus, Cleanup, Docker, Stack};
-use bollard::query_parameters::{EventsOptions, RemoveImageOptions, TagImageOptions};
+use berth_e2e::{await_resync, docker, prefix, Berth, Bus, Cleanup, Docker, Stack};
+use bollard::query_parameters::{
+    EventsOptions, InspectServiceOptions, RemoveImageOptions, TagImageOptions,
+};
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -159,6 +161,97 @@ async fn registry_push_notification_deploys_without_a_webhook_call() {
     assert_eq!(last_revision(&o)["trigger"], "registry");
 }
 
+/// The image the Swarm service's spec names (what new tasks run).
+async fn spec_image(d: &Docker, service: &str) -> (String, u64) {
+    let s = d
+        .inspect_service(service, None::<InspectServiceOptions>)
+        .await
+        .unwrap_or_else(|e| panic!("e2e: inspecting Swarm service {service}: {e}"));
+    let image = s
+        .spec
+        .and_then(|s| s.task_template)
+        .and_then(|t| t.container_spec)
+        .and_then(|c| c.image)
+        .unwrap_or_default();
+    (image, s.version.and_then(|v| v.index).unwrap_or_default())
+}
+
+/// A digest is pinned per generation: when the tag moves in the registry (and nothing tells berth),
+/// resyncs and writes of the same generation keep the digest that generation was pinned to, so every
+/// task of it runs the same bytes; the next generation pins the tag's new digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_digest_is_kept_for_its_generation() {
+    let p = prefix("pin");
+    let d = docker().await;
+    let pw = format!("pw-{p}");
+    // No push notifications: only resyncs and berth's own writes could follow the tag.
+    let registry = TestRegistry::start(&[("ci", &pw)]);
+    let host = registry.host();
+    let (v1, first) = registry
+        .push_digest(&d, TEST_IMAGE, "team/app:1", "ci", &pw)
+        .await;
+    let _cleanup = Cleanup::new(&p);
+    let stack = Stack::start_with(Bus::Embedded, &["--resync", "2"]);
+    let b = &stack.berth;
+    let svc = format!("{p}-app");
+    b.apply(&private_app_yaml(&p, &host, &v1));
+    let tasks = wait_running(b, &d, &svc, &format!("{v1}@{first}"), 1).await;
+    assert_eq!(spec_image(&d, &svc).await.0, format!("{v1}@{first}"));
+
+    // The tag moves: other content pushed over it.
+    let (_, moved) = registry
+        .push_digest(&d, SECOND_IMAGE, "team/app:1", "ci", &pw)
+        .await;
+    assert_ne!(
+        moved, first,
+        "the tag must really have moved for this test to mean anything"
+    );
+
+    // Two full resyncs reconcile the Service again with no spec change...
+    await_resync(b, &d, &p, CONVERGE).await;
+    await_resync(b, &d, &p, CONVERGE).await;
+    // ...and a write of the same generation: a new version of the Registry's Secret (the same
+    // password; its trailing newline is not part of it) sends the credentials again with an update.
+    let (_, version) = spec_image(&d, &svc).await;
+    b.apply(&format!(
+        "apiVersion: berth/v1\nkind: Secret\nmetadata:\n  name: {p}-pass\nspec:\n  stringData:\n    password: \"{pw}\\n\"\n"
+    ));
+    berth_e2e::wait_for(
+        CONVERGE,
+        "the engine to receive the credentials again",
+        || {
+            let d = d.clone();
+            let svc = svc.clone();
+            async move { (spec_image(&d, &svc).await.1 > version).then_some(()) }
+        },
+    )
+    .await;
+    await_resync(b, &d, &p, CONVERGE).await;
+
+    let (image, _) = spec_image(&d, &svc).await;
+    assert_eq!(
+        image,
+        format!("{v1}@{first}"),
+        "generation 1 must keep the digest it was pinned to"
+    );
+    let now = berth_e2e::deploy::running_tasks(&d, &svc).await;
+    assert_eq!(
+        now.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+        tasks,
+        "the task of generation 1 runs on: {now:?}"
+    );
+    let o = b.object(Kind::Service, &svc).await.expect("service");
+    assert_eq!(o["metadata"]["generation"], 1, "{o}");
+
+    // A new generation (any spec change) pins what the tag names now.
+    b.apply(&private_app_yaml(&p, &host, &v1).replace(
+        "replicas: 1",
+        "replicas: 1\n  env:\n    - {name: ROUND, value: \"2\"}",
+    ));
+    wait_running(b, &d, &svc, &format!("{v1}@{moved}"), 1).await;
+    assert_eq!(spec_image(&d, &svc).await.0, format!("{v1}@{moved}"));
+}
+
 /// Local tags `berth-test/<p>:<tag>` of the test image, removed again on drop.
 struct LocalTags {
     repo: String,
@@ -195,7 +288,8 @@ impl Drop for LocalTags {
             .map(|t| format!("{}:{t}", self.repo))
             .collect();
         let d = self.docker.clone();
-        // Drop cannot await; a short-lived runtime thread does the removals.
+        // Drop cannot await; a short-lived runtime thread does the removals, and the test waits
+        // for it (a detached thread dies with the test process, leaving the tags).
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
             rt.block_on(async {
@@ -217,8 +311,9 @@ impl Drop for LocalTags {
     }
 }
 
-/// 50 webhook calls for one service within a second: at most two Swarm updates, and the engine ends
-/// at the newest image.
+/// 50 webhook calls for one service, one every 15 ms: at most two Swarm updates when they take under a
+/// second (one more per extra second the machine stretches them to), and the engine ends at the newest
+/// image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_50_calls_is_at_most_2_rollouts() {
     let p = prefix("burst");
@@ -279,7 +374,11 @@ async fn a_burst_of_50_calls_is_at_most_2_rollouts() {
     }
     let answers = calls.join_all().await;
     let burst = started.elapsed();
-    assert!(burst < Duration::from_secs(1), "the burst took {burst:?}");
+    // The promise is pacing, at most one engine update a second: a burst over T seconds may make
+    // up to floor(T) + 2 updates (one at once, one per second after, one for the newest). On an
+    // idle machine the calls take ~0.75 s, so that is 2; a loaded machine that stretches the burst
+    // gets a bound that still fails without pacing (~40 updates), rather than a timing failure.
+    let allowed = 2 + burst.as_secs() as usize;
     // Event ids are ULIDs, monotonic: the largest is the newest deploy.
     let newest = answers
         .iter()
@@ -292,8 +391,8 @@ async fn a_burst_of_50_calls_is_at_most_2_rollouts() {
     watcher.abort();
     let updates = updates.lock().unwrap().clone();
     assert!(
-        !updates.is_empty() && updates.len() <= 2,
-        "50 calls in {burst:?} made {} image updates: {updates:?}",
+        !updates.is_empty() && updates.len() <= allowed,
+        "50 calls in {burst:?} made {} image updates (at most {allowed} allowed): {updates:?}",
         updates.len()
     );
     assert_eq!(updates.last(), Some(&newest), "{updates:?}");

@@ -303,7 +303,7 @@ async fn routes_tls_and_conflicts(bus: Bus) {
     ports_are_free();
     let stack = start(bus, &p);
     let b = &stack.berth;
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = berth_e2e::tempdir("ingress");
 
     let (web, tenant) = (format!("{p}-web"), format!("{p}-tenant"));
     let (secret, cert) = tls_secret_yaml(&format!("{p}-tls"), "app.example.test", &p, tmp.path());
@@ -535,7 +535,7 @@ async fn no_dropped_requests_during_rollout_and_route_changes() {
     ports_are_free();
     let stack = start(Bus::Embedded, &p);
     let b = &stack.berth;
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = berth_e2e::tempdir("ingress");
 
     let web = format!("{p}-web");
     let rolling = "  replicas: 2\n  update: {parallelism: 1, order: start-first}\n";

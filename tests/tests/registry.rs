@@ -18,6 +18,9 @@ use std::time::Duration;
 /// Failed pulls are retried by Swarm after its restart delay; generous for a loaded 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(60);
 
+/// A second image with other content (so another digest), built by scripts/test.
+const SECOND_IMAGE: &str = "berth-test/app:2";
+
 fn secret_yaml(name: &str, password: &str) -> String {
     format!(
         "apiVersion: berth/v1\nkind: Secret\nmetadata:\n  name: {name}\nspec:\n  stringData:\n    password: \"{password}\"\n"
@@ -157,13 +160,14 @@ async fn wrong_password_then_fixed(bus: Bus) {
 
 on_both_buses!(wrong_password_then_fixed);
 
-/// A private image runs with valid credentials; later writes of the service keep sending them, and
-/// a new password (a new Secret version) reaches the engine without restarting the running task.
+/// A private image runs with valid credentials; later writes of the service keep sending them, a new
+/// Secret version reaches the engine without restarting the running task, and after the registry's
+/// password is rotated a new image is pulled with the new password.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_go_with_every_write() {
     let p = prefix("regwrite");
     let d = docker().await;
-    let registry = TestRegistry::start(&[("ci", "pw-1")]);
+    let mut registry = TestRegistry::start(&[("ci", "pw-1")]);
     let image = registry
         .push(&d, TEST_IMAGE, "team/app:1", "ci", "pw-1")
         .await;
@@ -209,25 +213,43 @@ async fn credentials_go_with_every_write() {
         "new credentials alone must not restart tasks"
     );
 
-    // A spec change rolls out a new task, which pulls with the credentials.
-    b.apply(&service_yaml(&svc, &image).replace(
-        "replicas: 1",
-        "replicas: 1\n  env:\n    - {name: A, value: \"2\"}",
-    ));
-    berth_e2e::eventually(b, CONVERGE, "a new running task after the update", || {
+    // The password is rotated: the registry now accepts only pw-2, and the Secret says pw-2. The
+    // engine gets the new credentials with an update of the unchanged spec.
+    registry.set_users(&[("ci", "pw-2")]);
+    let version_before = version_of(&d, &svc).await;
+    b.apply(&secret_yaml(&pass, "pw-2"));
+    berth_e2e::wait_for(
+        CONVERGE,
+        "the engine to receive the rotated credentials",
+        || {
+            let d = d.clone();
+            let svc = svc.clone();
+            async move { (version_of(&d, &svc).await > version_before).then_some(()) }
+        },
+    )
+    .await;
+
+    // A new image under a new tag, which the engine has never held: its task must pull it, and
+    // the registry lets only pw-2 pull. (Old or no credentials: 401, the task never runs.)
+    let image2 = registry
+        .push(&d, SECOND_IMAGE, "team/app:2", "ci", "pw-2")
+        .await;
+    b.apply(&service_yaml(&svc, &image2));
+    berth_e2e::eventually(b, CONVERGE, "a task running the new image", || {
         let d = d.clone();
         let svc = svc.clone();
-        let before = tasks_before.clone();
+        let image2 = image2.clone();
         async move {
-            let now = live_tasks(&d, &svc).await;
-            if now.len() == 1 && now[0].1 == "running" && now != before {
-                Ok(())
-            } else {
-                Err(format!("tasks {now:?}"))
+            let tasks = berth_e2e::deploy::running_tasks(&d, &svc).await;
+            match tasks.as_slice() {
+                [(_, image)] if image.starts_with(&image2) => Ok(()),
+                _ => Err(format!("running tasks {tasks:?}")),
             }
         }
     })
     .await;
+    let o = wait_running(b, &svc).await;
+    assert_eq!(o["status"]["runningReplicas"], 1, "{o}");
 }
 
 /// Two registries on different hosts with different users: each Service gets its own registry's

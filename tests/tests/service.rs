@@ -9,8 +9,8 @@
 use berth_api_types::names::{labels, paths, subjects};
 use berth_api_types::{Event, EventType, Kind};
 use berth_e2e::{
-    condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker,
-    Stack,
+    await_resync, condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus,
+    Cleanup, Docker, Stack,
 };
 use bollard::models::{Service as SwarmService, ServiceSpec, ServiceSpecMode, TaskSpec};
 use bollard::query_parameters::{ListServicesOptions, UpdateServiceOptions};
@@ -593,41 +593,6 @@ on_both_buses!(apply_update_delete);
 // ---------------------------------------------------------------------------------------------
 // 3: re-applying an unchanged manifest changes nothing, also across forced resyncs.
 
-/// Creates, behind berth's back, a Swarm service carrying this instance's ownership labels but for
-/// an object (`ghost`) that does not exist. Its Swarm name differs from `ghost`, so engine events
-/// about it lead nowhere: only a full resync (which lists the engine's berth-owned services by
-/// their `io.berth.name` label) finds it and removes it. Its disappearance proves a resync ran.
-async fn plant_orphan(d: &Docker, swarm_name: &str, ghost: &str, instance: &str) {
-    let spec = ServiceSpec {
-        name: Some(swarm_name.to_string()),
-        labels: Some(HashMap::from([
-            (
-                labels::MANAGED_BY.to_string(),
-                labels::MANAGED_BY_VALUE.to_string(),
-            ),
-            (labels::INSTANCE.to_string(), instance.to_string()),
-            (labels::KIND.to_string(), "service".to_string()),
-            (labels::NAME.to_string(), ghost.to_string()),
-        ])),
-        task_template: Some(TaskSpec {
-            container_spec: Some(bollard::models::TaskSpecContainerSpec {
-                image: Some(IMAGE.to_string()),
-                command: Some(vec!["sleep".into(), "100000".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        mode: Some(ServiceSpecMode {
-            replicated: Some(bollard::models::ServiceSpecModeReplicated { replicas: Some(0) }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    d.create_service(spec, None)
-        .await
-        .expect("e2e: creating the orphan Swarm service");
-}
-
 async fn reapply_unchanged(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "same-emb",
@@ -662,15 +627,8 @@ async fn reapply_unchanged(bus: Bus) {
         .as_str()
         .expect("instance")
         .to_string();
-    let orphan = format!("{p}-orphan");
-    plant_orphan(d, &orphan, &format!("{p}-ghost"), &instance).await;
-    eventually(b, CONVERGE, "a resync to remove the orphan", || async {
-        match swarm_service(d, &orphan).await {
-            None => Ok(()),
-            Some(_) => Err("orphan still there".to_string()),
-        }
-    })
-    .await;
+    assert_eq!(instance, b.instance);
+    await_resync(b, d, &p, CONVERGE).await;
     // And one more resync period, plus slack.
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
@@ -701,8 +659,152 @@ async fn reapply_unchanged(bus: Bus) {
 on_both_buses!(reapply_unchanged);
 
 // ---------------------------------------------------------------------------------------------
-// 5, 6: drift by hand is repaired: a removed service comes back within 5 s, a scaled one is
-// scaled back.
+// A name taken in the engine: a Swarm service berth does not own (no labels, or another
+// installation's) is never adopted, updated or removed; the Service is `Refused` and says why.
+
+/// A plain Swarm service (0 replicas) created behind berth's back, with the given labels.
+async fn foreign_service(d: &Docker, name: &str, labels: HashMap<String, String>) -> SwarmService {
+    let spec = ServiceSpec {
+        name: Some(name.to_string()),
+        labels: Some(labels),
+        task_template: Some(TaskSpec {
+            container_spec: Some(bollard::models::TaskSpecContainerSpec {
+                image: Some(IMAGE.to_string()),
+                command: Some(vec!["sleep".into(), "4242".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode {
+            replicated: Some(bollard::models::ServiceSpecModeReplicated { replicas: Some(0) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    d.create_service(spec, None)
+        .await
+        .expect("e2e: creating a foreign Swarm service");
+    swarm_service(d, name).await.expect("the foreign service")
+}
+
+async fn name_taken_is_refused(bus: Bus) {
+    let p = prefix(match bus {
+        Bus::Embedded => "taken-emb",
+        Bus::Nats => "taken-nats",
+    });
+    let _cleanup = Cleanup::new(&p);
+    // Resyncs every 2 s, so the refusal is also checked against repeated reconciles.
+    let stack = Stack::start_with(bus, &["--resync", "2"]);
+    let b = &stack.berth;
+    let d = &docker().await;
+    let plain = format!("{p}-plain");
+    let other = format!("{p}-other");
+    let other_instance = "01other0installation0000000";
+    let before_plain = foreign_service(
+        d,
+        &plain,
+        HashMap::from([("owner".to_string(), "someone-else".to_string())]),
+    )
+    .await;
+    let before_other = foreign_service(
+        d,
+        &other,
+        HashMap::from([
+            (
+                labels::MANAGED_BY.to_string(),
+                labels::MANAGED_BY_VALUE.to_string(),
+            ),
+            (labels::INSTANCE.to_string(), other_instance.to_string()),
+            (labels::KIND.to_string(), "service".to_string()),
+            (labels::NAME.to_string(), other.clone()),
+        ]),
+    )
+    .await;
+
+    b.apply(&format!(
+        "{}---\n{}",
+        service_yaml(&plain, 1),
+        service_yaml(&other, 1)
+    ));
+    for (name, want) in [
+        (
+            &plain,
+            format!("a Swarm service named `{plain}` exists that berth does not manage"),
+        ),
+        (
+            &other,
+            format!("belongs to another berth installation ({other_instance})"),
+        ),
+    ] {
+        let o = b
+            .wait_condition(Kind::Service, name, "Ready", CONVERGE, |c| {
+                c["status"] == "False" && c["reason"] == "Refused"
+            })
+            .await;
+        let msg = condition(&o, "Ready").unwrap()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(msg.contains(&want), "{name}: {msg}");
+    }
+
+    // Several resyncs later (each reconciles both again), the engine's services are as they were.
+    await_resync(b, d, &p, CONVERGE).await;
+    await_resync(b, d, &p, CONVERGE).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let untouched = |before: &SwarmService, name: &str| {
+        let before = before.clone();
+        let name = name.to_string();
+        async move {
+            let now = swarm_service(d, &name)
+                .await
+                .unwrap_or_else(|| panic!("{name} was removed"));
+            assert_eq!(now.id, before.id, "{name} was re-created");
+            assert_eq!(version_of(&now), version_of(&before), "{name} was written");
+            assert_eq!(
+                serde_json::to_value(spec_of(&now)).unwrap(),
+                serde_json::to_value(spec_of(&before)).unwrap(),
+                "{name}'s spec changed"
+            );
+        }
+    };
+    untouched(&before_plain, &plain).await;
+    untouched(&before_other, &other).await;
+    for name in [&plain, &other] {
+        let o = b.object(Kind::Service, name).await.expect("the Service");
+        let ready = condition(&o, "Ready").expect("Ready");
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("False"), Some("Refused")),
+            "{o}"
+        );
+    }
+
+    // Deleting the Service does not delete what berth never owned.
+    b.cli_ok(&["delete", "service", &plain]);
+    b.cli_ok(&["delete", "service", &other]);
+    eventually(b, CONVERGE, "the Services to be gone", || async {
+        let left = [
+            b.object(Kind::Service, &plain).await.is_some(),
+            b.object(Kind::Service, &other).await.is_some(),
+        ];
+        if left == [false, false] {
+            Ok(())
+        } else {
+            Err(format!("still there: {left:?}"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    untouched(&before_plain, &plain).await;
+    untouched(&before_other, &other).await;
+}
+
+on_both_buses!(name_taken_is_refused);
+
+// ---------------------------------------------------------------------------------------------
+// 5, 6: drift by hand is repaired at once, from the engine's own events: a removed service comes
+// back and a scaled one is scaled back, long before any resync would have found them.
 
 async fn self_heal(bus: Bus) {
     let p = prefix(match bus {
@@ -710,7 +812,9 @@ async fn self_heal(bus: Bus) {
         Bus::Nats => "heal-nats",
     });
     let _cleanup = Cleanup::new(&p);
-    let stack = Stack::start(bus);
+    // No resync during the test: a repair can only come from the engine's events. (Speed is the
+    // benchmark's business; this test asserts which path repairs, with generous deadlines.)
+    let stack = Stack::start_with(bus, &["--resync", "3600"]);
     let b = &stack.berth;
     let d = &docker().await;
     let name = format!("{p}-web");
@@ -721,7 +825,7 @@ async fn self_heal(bus: Bus) {
     let uid = uid_of(&obj);
     let original = swarm_service(d, &name).await.expect("Swarm service");
 
-    // 5. removed by hand -> re-created, in under 5 s.
+    // 5. removed by hand -> re-created from the engine's remove event.
     d.delete_service(original.id.as_deref().unwrap())
         .await
         .expect("e2e: removing the Swarm service by hand");
@@ -739,11 +843,9 @@ async fn self_heal(bus: Bus) {
         },
     )
     .await;
-    let took = removed_at.elapsed();
-    eprintln!("{name}: re-created {took:?} after it was removed by hand");
-    assert!(
-        took < Duration::from_secs(5),
-        "re-created after {took:?}; must be under 5 s"
+    eprintln!(
+        "{name}: re-created {:?} after it was removed by hand",
+        removed_at.elapsed()
     );
     let l = labels_of(&back);
     assert_eq!(

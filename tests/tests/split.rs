@@ -13,12 +13,22 @@ fn service_yaml(name: &str, replicas: u32) -> String {
     )
 }
 
+/// The replicas of the Swarm service, or `None` when the engine answers 404 (no such service). Any
+/// other engine error fails the test: it is not evidence that the service is absent.
 async fn swarm_replicas(d: &bollard::Docker, name: &str) -> Option<i64> {
-    let s = d
-        .inspect_service(name, None::<InspectServiceOptions>)
-        .await
-        .ok()?;
-    s.spec?.mode?.replicated?.replicas
+    let s = match d.inspect_service(name, None::<InspectServiceOptions>).await {
+        Ok(s) => s,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return None,
+        Err(e) => panic!("e2e: inspecting Swarm service {name}: {e}"),
+    };
+    let replicas = s
+        .spec
+        .and_then(|spec| spec.mode)
+        .and_then(|mode| mode.replicated)
+        .and_then(|r| r.replicas);
+    Some(replicas.unwrap_or_else(|| panic!("e2e: Swarm service {name} is not replicated")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

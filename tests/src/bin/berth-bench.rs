@@ -15,6 +15,8 @@
 //! update event carrying that tag (`image.new`, time in ns): request received -> update committed.
 
 use anyhow::{bail, Context, Result};
+use berth_api_types::names::paths;
+use berth_api_types::Kind;
 use berth_e2e::{docker, prefix, Berth, Docker};
 use bollard::query_parameters::{ListContainersOptions, ListServicesOptions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -48,6 +50,16 @@ enum Cmd {
         stack_network: StackNet,
         #[arg(long, default_value_t = 600)]
         timeout_secs: u64,
+        /// Replicas of every service. With 0, "running" is the same moment as "created".
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// berth applies one multi-document file instead of one file per service.
+        #[arg(long)]
+        one_file: bool,
+        /// Keep each berth round's log here (`round-N.log`); berth then logs at debug unless
+        /// BERTH_E2E_LOG says otherwise.
+        #[arg(long)]
+        log_dir: Option<std::path::PathBuf>,
     },
     /// Webhook call -> engine service update latency, p50/p99, at a steady request rate.
     WebhookLatency {
@@ -59,6 +71,23 @@ enum Cmd {
         rate: u64,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// Memory and CPU at scale: N Config objects applied to a fresh installation; apply and list
+    /// times, RSS idle and after, and the CPU seconds one resync of the converged installation costs.
+    Scale {
+        /// Config objects, applied as one multi-document file.
+        #[arg(long, default_value_t = 10_000)]
+        objects: usize,
+        /// Also apply this many Services (0 replicas), so that a resync has engine objects to
+        /// reconcile and not only objects to list.
+        #[arg(long, default_value_t = 0)]
+        services: usize,
+        /// Resync period (seconds) of the installation during the resync measurement.
+        #[arg(long, default_value_t = 10)]
+        resync_secs: u64,
+        /// Periods measured, with and without resync (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        periods: usize,
     },
 }
 
@@ -74,6 +103,77 @@ enum StackNet {
 struct Timing {
     created: Duration,
     running: Duration,
+    creates: Creates,
+}
+
+/// What the engine's own `service create` events say about one run (seconds from the start).
+#[derive(Debug, Clone, Copy, Default)]
+struct Creates {
+    first: f64,
+    last: f64,
+    /// The longest pause between two consecutive creates, and the index of the create after it.
+    gap: f64,
+    gap_before: usize,
+}
+
+/// The services an apply-converge round creates.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    n: usize,
+    replicas: u32,
+    one_file: bool,
+}
+
+/// Records the engine's `service create` events for names starting with `p` (nanosecond times).
+fn watch_creates(
+    d: &Docker,
+    p: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+) {
+    use futures::StreamExt;
+    let mut events = d.events(Some(bollard::query_parameters::EventsOptions {
+        filters: Some(HashMap::from([
+            ("type".to_string(), vec!["service".to_string()]),
+            ("event".to_string(), vec!["create".to_string()]),
+        ])),
+        ..Default::default()
+    }));
+    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = times.clone();
+    let p = p.to_string();
+    let task = tokio::spawn(async move {
+        while let Some(Ok(ev)) = events.next().await {
+            let attrs = ev.actor.and_then(|a| a.attributes).unwrap_or_default();
+            if attrs.get("name").is_some_and(|n| n.starts_with(&p)) {
+                if let Some(t) = ev.time_nano {
+                    sink.lock().unwrap().push(t);
+                }
+            }
+        }
+    });
+    (task, times)
+}
+
+fn creates_since(start_ns: i64, times: &[i64]) -> Creates {
+    let mut t: Vec<f64> = times
+        .iter()
+        .map(|ns| (ns - start_ns) as f64 / 1e9)
+        .collect();
+    t.sort_by(f64::total_cmp);
+    let mut c = Creates {
+        first: t.first().copied().unwrap_or(f64::NAN),
+        last: t.last().copied().unwrap_or(f64::NAN),
+        ..Default::default()
+    };
+    for (i, w) in t.windows(2).enumerate() {
+        if w[1] - w[0] > c.gap {
+            c.gap = w[1] - w[0];
+            c.gap_before = i + 1;
+        }
+    }
+    c
 }
 
 #[tokio::main]
@@ -83,6 +183,12 @@ async fn main() -> Result<()> {
         std::env::set_var("BERTH_E2E_LOG", "info");
     }
     match Cli::parse().cmd {
+        Cmd::Scale {
+            objects,
+            services,
+            resync_secs,
+            periods,
+        } => scale(objects, services, resync_secs, periods).await,
         Cmd::WebhookLatency {
             services,
             rate,
@@ -94,8 +200,19 @@ async fn main() -> Result<()> {
             image,
             stack_network,
             timeout_secs,
+            replicas,
+            one_file,
+            log_dir,
         } => {
             let timeout = Duration::from_secs(timeout_secs);
+            let shape = Shape {
+                n: services,
+                replicas,
+                one_file,
+            };
+            if let Some(dir) = &log_dir {
+                std::fs::create_dir_all(dir)?;
+            }
             let d = docker().await;
             let mut berth_runs = Vec::new();
             let mut stack_runs = Vec::new();
@@ -106,16 +223,23 @@ async fn main() -> Result<()> {
                     ["stack", "berth"]
                 };
                 for tool in order {
+                    let log = log_dir
+                        .as_ref()
+                        .map(|dir| dir.join(format!("round-{}.log", round + 1)));
                     let t = if tool == "berth" {
-                        run_berth(&d, services, &image, timeout).await?
+                        run_berth(&d, shape, &image, timeout, log.as_deref()).await?
                     } else {
-                        run_stack(&d, services, &image, stack_network, timeout).await?
+                        run_stack(&d, shape, &image, stack_network, timeout).await?
                     };
                     eprintln!(
-                        "round {}: {tool:<5} created {:>7.2}s  running {:>7.2}s",
+                        "round {}: {tool:<5} created {:>7.2}s  running {:>7.2}s  | engine creates: first {:.2}s, last {:.2}s, longest gap {:.2}s before #{}",
                         round + 1,
                         t.created.as_secs_f64(),
-                        t.running.as_secs_f64()
+                        t.running.as_secs_f64(),
+                        t.creates.first,
+                        t.creates.last,
+                        t.creates.gap,
+                        t.creates.gap_before,
                     );
                     if tool == "berth" {
                         berth_runs.push(t);
@@ -124,7 +248,7 @@ async fn main() -> Result<()> {
                     }
                 }
             }
-            report(services, stack_network, &berth_runs, &stack_runs);
+            report(shape, stack_network, &berth_runs, &stack_runs);
             Ok(())
         }
     }
@@ -135,14 +259,34 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn report(n: usize, net: StackNet, berth: &[Timing], stack: &[Timing]) {
+fn report(shape: Shape, net: StackNet, berth: &[Timing], stack: &[Timing]) {
+    let n = shape.n;
     let b_created = median(berth.iter().map(|t| t.created).collect());
     let b_running = median(berth.iter().map(|t| t.running).collect());
     let s_created = median(stack.iter().map(|t| t.created).collect());
     let s_running = median(stack.iter().map(|t| t.running).collect());
     println!(
-        "apply-converge, {n} services, {} round(s), median; stack network: {net:?}",
+        "apply-converge, {n} services, {} replica(s) each, berth from {}, {} round(s), median; stack network: {net:?}",
+        shape.replicas,
+        if shape.one_file { "one file" } else { "one file per service" },
         berth.len()
+    );
+    let rounds = |v: &[Timing]| {
+        v.iter()
+            .map(|t| {
+                format!(
+                    "{:.2}/{:.2}",
+                    t.created.as_secs_f64(),
+                    t.running.as_secs_f64()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "rounds (created/running, s): berth {}; stack {}",
+        rounds(berth),
+        rounds(stack)
     );
     println!("{:<28} {:>12} {:>14}", "", "all created", "all running");
     println!(
@@ -165,21 +309,38 @@ fn report(n: usize, net: StackNet, berth: &[Timing], stack: &[Timing]) {
     );
 }
 
-fn manifest(name: &str, image: &str) -> String {
+fn manifest(name: &str, image: &str, replicas: u32) -> String {
     format!(
-        "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  replicas: 1\n  command: [\"sleep\", \"1000000\"]\n  init: true\n  stopGracePeriod: 1s\n---\n"
+        "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  replicas: {replicas}\n  command: [\"sleep\", \"1000000\"]\n  init: true\n  stopGracePeriod: 1s\n---\n"
     )
 }
 
-async fn run_berth(d: &Docker, n: usize, image: &str, timeout: Duration) -> Result<Timing> {
+async fn run_berth(
+    d: &Docker,
+    shape: Shape,
+    image: &str,
+    timeout: Duration,
+    keep_log: Option<&std::path::Path>,
+) -> Result<Timing> {
+    let n = shape.n;
     let p = prefix("bench");
-    let dir = tempfile::tempdir()?;
-    // One file per service, as a team would keep them.
-    for i in 0..n {
-        std::fs::write(
-            dir.path().join(format!("svc-{i:04}.yaml")),
-            manifest(&format!("{p}-{i}"), image),
-        )?;
+    let dir = berth_e2e::tempdir("bench");
+    if shape.one_file {
+        let all: String = (0..n)
+            .map(|i| manifest(&format!("{p}-{i}"), image, shape.replicas))
+            .collect();
+        std::fs::write(dir.path().join("services.yaml"), all)?;
+    } else {
+        // One file per service, as a team would keep them.
+        for i in 0..n {
+            std::fs::write(
+                dir.path().join(format!("svc-{i:04}.yaml")),
+                manifest(&format!("{p}-{i}"), image, shape.replicas),
+            )?;
+        }
+    }
+    if keep_log.is_some() && std::env::var("BERTH_E2E_LOG").as_deref() == Ok("info") {
+        std::env::set_var("BERTH_E2E_LOG", "info,berth=debug,berth_controllers=debug");
     }
     let berth = Berth::start(None);
     // berth creates its default network once, at an installation's first start; wait for that so the
@@ -201,12 +362,27 @@ async fn run_berth(d: &Docker, n: usize, image: &str, timeout: Duration) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (watcher, times) = watch_creates(d, &p);
+    let start_ns = now_ns();
     let start = Instant::now();
     let out = berth.cli(&["apply", "-f", dir.path().to_str().context("utf-8 path")?]);
     if !out.success {
         bail!("berth apply failed: {}", out.stderr);
     }
-    let t = converge(d, &p, n, start, timeout).await;
+    let mut t = converge(d, &p, shape, start, timeout).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.abort();
+    if let Ok(t) = t.as_mut() {
+        t.creates = creates_since(start_ns, &times.lock().unwrap());
+    }
+    if let Some(path) = keep_log {
+        // The apply's start on berth's clock (its log's UTC timestamps), to read the log against.
+        let header = format!(
+            "# berth-bench: apply started at {} (unix ns {start_ns}); result {t:?}\n",
+            chrono_like(start_ns)
+        );
+        std::fs::write(path, header + &berth.log_text())?;
+    }
     // Delete through berth first so the controller does not recreate what cleanup removes, and let
     // it finish removing before it stops; cleanup then removes whatever is left either way.
     let deleted = berth.cli(&["delete", "-f", dir.path().to_str().unwrap_or_default()]);
@@ -232,18 +408,20 @@ async fn count_services(d: &Docker, p: &str) -> Result<usize> {
 
 async fn run_stack(
     d: &Docker,
-    n: usize,
+    shape: Shape,
     image: &str,
     net: StackNet,
     timeout: Duration,
 ) -> Result<Timing> {
+    let n = shape.n;
+    let replicas = shape.replicas;
     let p = prefix("bench");
-    let dir = tempfile::tempdir()?;
+    let dir = berth_e2e::tempdir("bench");
     let file = dir.path().join("stack.yml");
     let mut compose = String::from("version: \"3.8\"\nservices:\n");
     for i in 0..n {
         compose.push_str(&format!(
-            "  s{i}:\n    image: {image}\n    command: [\"sleep\", \"1000000\"]\n    init: true\n    stop_grace_period: 1s\n    deploy:\n      replicas: 1\n"
+            "  s{i}:\n    image: {image}\n    command: [\"sleep\", \"1000000\"]\n    init: true\n    stop_grace_period: 1s\n    deploy:\n      replicas: {replicas}\n"
         ));
         if net == StackNet::Host {
             compose.push_str("    networks: [hostnet]\n");
@@ -256,6 +434,8 @@ async fn run_stack(
         compose.push_str("networks:\n  default:\n    driver_opts:\n      encrypted: \"\"\n");
     }
     std::fs::write(&file, compose)?;
+    let (watcher, times) = watch_creates(d, &p);
+    let start_ns = now_ns();
     let start = Instant::now();
     let status = Command::new("docker")
         .args(["stack", "deploy", "--resolve-image", "never", "-c"])
@@ -267,7 +447,12 @@ async fn run_stack(
     if !status.success() {
         bail!("docker stack deploy failed");
     }
-    let t = converge(d, &p, n, start, timeout).await;
+    let mut t = converge(d, &p, shape, start, timeout).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watcher.abort();
+    if let Ok(t) = t.as_mut() {
+        t.creates = creates_since(start_ns, &times.lock().unwrap());
+    }
     let _ = Command::new("docker")
         .args(["stack", "rm", &p])
         .stdout(std::process::Stdio::null())
@@ -286,10 +471,12 @@ async fn run_stack(
 async fn converge(
     d: &Docker,
     p: &str,
-    n: usize,
+    shape: Shape,
     start: Instant,
     timeout: Duration,
 ) -> Result<Timing> {
+    let n = shape.n;
+    let want_running = n as u64 * shape.replicas as u64;
     let filters = HashMap::from([("name".to_string(), vec![p.to_string()])]);
     let mut created = None;
     loop {
@@ -310,10 +497,11 @@ async fn converge(
                 .iter()
                 .filter_map(|s| s.service_status.as_ref()?.running_tasks)
                 .sum();
-            if running >= n as u64 {
+            if running >= want_running {
                 return Ok(Timing {
                     created: c,
                     running: start.elapsed(),
+                    creates: Creates::default(),
                 });
             }
         }
@@ -371,6 +559,19 @@ async fn cleanup(d: &Docker, p: &str, remove: bool) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A Unix time in ns as `HH:MM:SS.mmm` UTC (the form berth's log lines carry).
+fn chrono_like(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let ms = ns.rem_euclid(1_000_000_000) / 1_000_000;
+    let day = secs.rem_euclid(86_400);
+    format!(
+        "{:02}:{:02}:{:02}.{ms:03}Z",
+        day / 3600,
+        (day % 3600) / 60,
+        day % 60
+    )
 }
 
 /// Nanoseconds since the Unix epoch (the clock the engine stamps events with).
@@ -506,6 +707,286 @@ async fn webhook_latency(n: usize, rate: u64, seconds: u64) -> Result<()> {
     }
     .await;
     // berth stops first, so its controller cannot recreate what cleanup removes.
+    drop(berth);
+    cleanup(&d, &p, true).await?;
+    result
+}
+
+/// What /proc says about one process.
+mod proc_stat {
+    use anyhow::{Context, Result};
+
+    /// (VmRSS, VmHWM) in MiB.
+    pub fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Result<f64> {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+            let kb: f64 = line
+                .split_whitespace()
+                .nth(1)
+                .context("VmRSS value")?
+                .parse()?;
+            Ok(kb / 1024.0)
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// utime + stime of the whole process (all threads), in seconds.
+    pub fn cpu_secs(pid: u32) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The command name is in parentheses and may contain spaces: fields count from after it.
+        let rest = &stat[stat.rfind(')').context("/proc/PID/stat format")? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state is field 3; utime and stime are fields 14 and 15.
+        let utime: f64 = f.get(11).context("utime")?.parse()?;
+        let stime: f64 = f.get(12).context("stime")?.parse()?;
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok((utime + stime) / tick)
+    }
+}
+
+/// Waits until the process has used under 2% of a core for 2 s in a row (what it does after an
+/// apply: events, controllers, status writes), or `timeout`. Returns how long it took.
+async fn wait_quiet(pid: u32, timeout: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let mut last = proc_stat::cpu_secs(pid)?;
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = proc_stat::cpu_secs(pid)?;
+        if now - last > 0.01 {
+            quiet_since = Instant::now();
+        }
+        last = now;
+        if quiet_since.elapsed() >= Duration::from_secs(2) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!("berth did not go quiet within {timeout:?}");
+        }
+    }
+}
+
+/// Cumulative CPU seconds sampled every 50 ms for `total`: (seconds since start, CPU seconds).
+async fn sample_cpu(pid: u32, total: Duration) -> Result<Vec<(f64, f64)>> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while start.elapsed() < total {
+        tick.tick().await;
+        out.push((start.elapsed().as_secs_f64(), proc_stat::cpu_secs(pid)?));
+    }
+    Ok(out)
+}
+
+/// CPU used in [from, to) (seconds since the sampling started), from the nearest samples.
+fn cpu_between(samples: &[(f64, f64)], from: f64, to: f64) -> f64 {
+    let at = |t: f64| {
+        samples
+            .iter()
+            .min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))
+            .map(|s| s.1)
+            .unwrap_or_default()
+    };
+    at(to) - at(from)
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn config_yaml(p: &str, n: usize) -> String {
+    let mut yaml = String::with_capacity(n * 360);
+    for i in 0..n {
+        // ~340 bytes a document, as in the 10,000 Configs in 3.4 MB.
+        yaml.push_str(&format!(
+            "apiVersion: berth/v1\nkind: Config\nmetadata:\n  name: {p}-{i:05}\n  labels:\n    app: scale-bench\nspec:\n  stringData:\n    app.ini: |\n      [server]\n      name = {p}-{i:05}\n      port = {port}\n      log_level = info\n      upstream = http://backend-{i:05}.internal:8080/api/v1\n      timeout = 30s\n---\n",
+            port = 8000 + i % 1000,
+        ));
+    }
+    yaml
+}
+
+async fn scale(n: usize, services: usize, resync_secs: u64, periods: usize) -> Result<()> {
+    let d = docker().await;
+    let p = prefix("scale");
+    let period = resync_secs.max(2) as f64;
+    // Phase 1: no resync at all while it is measured (one runs at start, the next in a day).
+    let mut berth = Berth::start_with(None, &["--resync", "86400"]);
+    let result = async {
+        let pid = berth.pid().context("berth pid")?;
+        println!(
+            "scale: {n} Config objects{}, berth {} (embedded bus, log level info), pid {pid}",
+            if services > 0 {
+                format!(" + {services} Services (0 replicas)")
+            } else {
+                String::new()
+            },
+            berth_e2e::berth_bin().display()
+        );
+        wait_quiet(pid, Duration::from_secs(60)).await?;
+        let (idle_rss, _) = proc_stat::rss_mib(pid)?;
+
+        let yaml = config_yaml(&p, n);
+        let dir = berth_e2e::tempdir("bench");
+        let file = dir.path().join("configs.yaml");
+        std::fs::write(&file, &yaml)?;
+        let cpu0 = proc_stat::cpu_secs(pid)?;
+        let start = Instant::now();
+        let out = berth.cli(&["apply", "-f", file.to_str().context("utf-8 path")?]);
+        let apply = start.elapsed();
+        if !out.success {
+            bail!("berth apply failed: {}", out.stderr);
+        }
+        let (rss_applied, _) = proc_stat::rss_mib(pid)?;
+        let settle = wait_quiet(pid, Duration::from_secs(300)).await?;
+        let cpu_apply = proc_stat::cpu_secs(pid)? - cpu0;
+        let (rss_settled, hwm) = proc_stat::rss_mib(pid)?;
+
+        // GET the list, three times; the median.
+        let url = format!("{}{}", berth.url(), paths::collection(Kind::Config));
+        let mut lists = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let body = berth_e2e::http()
+                .get(&url)
+                .bearer_auth(&berth.token)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            lists.push(t.elapsed());
+            bytes = body.len();
+            let v: serde_json::Value = serde_json::from_slice(&body)?;
+            let items = v["items"].as_array().map(Vec::len).unwrap_or_default();
+            if items < n {
+                bail!("the list has {items} items, {n} were applied");
+            }
+        }
+        let list = median(lists.clone());
+        let (rss_listed, _) = proc_stat::rss_mib(pid)?;
+
+        if services > 0 {
+            let mut svc = String::new();
+            for i in 0..services {
+                svc.push_str(&format!(
+                    "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {p}-svc-{i}\nspec:\n  image: berth-test/busybox:1\n  replicas: 0\n  command: [\"sleep\", \"1000000\"]\n---\n"
+                ));
+            }
+            berth.apply(&svc);
+            let t = Instant::now();
+            while count_services(&d, &format!("{p}-svc-")).await? < services {
+                if t.elapsed() > Duration::from_secs(300) {
+                    bail!("the {services} services were not created in 300 s");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            wait_quiet(pid, Duration::from_secs(300)).await?;
+        }
+        let lagged = berth.log_text().matches("lagged").count();
+
+        println!();
+        println!("YAML applied: {} documents, {:.1} MB", n, yaml.len() as f64 / 1e6);
+        println!("{:<52} {:>10}", "RSS idle, fresh installation", format!("{idle_rss:.1} MiB"));
+        println!("{:<52} {:>10.2}s", "apply (berth apply -f, wall)", apply.as_secs_f64());
+        println!("{:<52} {:>10}", "RSS right after apply", format!("{rss_applied:.1} MiB"));
+        println!(
+            "{:<52} {:>10}",
+            format!("RSS after apply, settled ({:.1}s later)", settle.as_secs_f64()),
+            format!("{rss_settled:.1} MiB")
+        );
+        println!("{:<52} {:>10}", "peak RSS so far (VmHWM)", format!("{hwm:.1} MiB"));
+        println!("{:<52} {:>10.2}s", "server CPU for the apply, until settled", cpu_apply);
+        println!(
+            "{:<52} {:>10.3}s   (rounds: {}; {:.1} MB)",
+            "list (GET all Configs, median of 3)",
+            list.as_secs_f64(),
+            lists
+                .iter()
+                .map(|l| format!("{:.3}", l.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            bytes as f64 / 1e6
+        );
+        println!("{:<52} {:>10}", "RSS after the lists", format!("{rss_listed:.1} MiB"));
+        println!("{:<52} {:>10}", "`lagged` lines in berth's log", lagged);
+
+        // Background CPU of the installation after the apply, with no resync (one ran at start,
+        // the next is a day away): `periods` windows of one resync period each.
+        let idle_samples = sample_cpu(pid, Duration::from_secs_f64(period * periods as f64)).await?;
+        let idle: Vec<f64> = (0..periods)
+            .map(|k| cpu_between(&idle_samples, k as f64 * period, (k + 1) as f64 * period))
+            .collect();
+
+        // Resync CPU: berth restarts on the same data with --resync P. After its start-up resync
+        // it is sampled every 50 ms for periods+1 periods. The busiest second of the first period
+        // gives the resyncs' phase. Each period is then cut in two halves: the one centred on its
+        // resync and the one between two resyncs. One resync's CPU = CPU(half with the resync) -
+        // CPU(half without), in the same process and state, averaged over the periods.
+        let every = resync_secs.max(2).to_string();
+        berth.restart_with(&["--resync", &every]);
+        let pid = berth.pid().context("berth pid")?;
+        let startup = wait_quiet(pid, Duration::from_secs(300)).await?;
+        let (rss_restarted, _) = proc_stat::rss_mib(pid)?;
+        let samples =
+            sample_cpu(pid, Duration::from_secs_f64(period * (periods as f64 + 1.0))).await?;
+        let phase = (0..(period as usize * 10))
+            .map(|i| i as f64 / 10.0)
+            .max_by(|a, b| {
+                cpu_between(&samples, *a, a + 1.0).total_cmp(&cpu_between(&samples, *b, b + 1.0))
+            })
+            .unwrap_or_default()
+            + 0.5;
+        let quarter = period / 4.0;
+        // The first resync whose half-window starts inside the samples.
+        let first = if phase - quarter < 0.0 { phase + period } else { phase };
+        let mut with = Vec::new();
+        let mut without = Vec::new();
+        for k in 0..periods {
+            let r = first + k as f64 * period;
+            if r + 3.0 * quarter > period * (periods as f64 + 1.0) {
+                break;
+            }
+            with.push(cpu_between(&samples, r - quarter, r + quarter));
+            without.push(cpu_between(&samples, r + quarter, r + 3.0 * quarter));
+        }
+        let diffs: Vec<f64> = with.iter().zip(&without).map(|(w, o)| w - o).collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|c| format!("{c:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "{:<52} {:>10}",
+            "CPU s per 10 s after the apply, no resync",
+            fmt(&idle.iter().map(|c| c * 10.0 / period).collect::<Vec<_>>())
+        );
+        println!();
+        println!(
+            "{:<52} {:>10}",
+            format!("RSS after a restart on the same data (quiet after {:.1}s)", startup.as_secs_f64()),
+            format!("{rss_restarted:.1} MiB")
+        );
+        println!("resync every {every} s; per period, CPU s of the {:.1} s half-window around the resync / the half without:", period / 2.0);
+        println!("  with:    {}", fmt(&with));
+        println!("  without: {}", fmt(&without));
+        println!(
+            "{:<52} {:>10.3}s   (median {:.3}s; CPU clock ticks are 0.01 s)",
+            "CPU of one resync (mean of with - without)",
+            mean,
+            median_f(diffs.clone())
+        );
+        Ok(())
+    }
+    .await;
     drop(berth);
     cleanup(&d, &p, true).await?;
     result
