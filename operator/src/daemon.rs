@@ -351,25 +351,14 @@ pub async fn up(
     for kind in CONTROLLERS {
         wiring.start(kind, &mut tasks).await?;
     }
-    let result = supervise(tasks).await;
-    flush_on_exit(&parts.store).await;
-    result
-}
-
-/// Status writes are not flushed one by one (see `Store::update_status`): flush what is left.
-async fn flush_on_exit(store: &Store) {
-    if let Err(e) = store.flush().await {
-        tracing::warn!(error = %e, "cannot flush the store on exit");
-    }
+    supervise(tasks).await
 }
 
 pub async fn api(server: ServerArgs) -> Result<(), String> {
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
-    let parts = start_api(&server, &mut tasks).await?;
-    let result = supervise(tasks).await;
-    flush_on_exit(&parts.store).await;
-    result
+    start_api(&server, &mut tasks).await?;
+    supervise(tasks).await
 }
 
 pub async fn controller(

@@ -332,7 +332,7 @@ impl Store {
         status: Value,
         expected_rv: Option<&str>,
     ) -> Result<DynObject, StoreError> {
-        self.modify_status(kind, name, |obj| {
+        self.modify(kind, name, |obj| {
             if let Some(exp) = expected_rv {
                 let actual = obj.metadata.resource_version.as_deref().unwrap_or_default();
                 if exp != actual {
@@ -350,28 +350,6 @@ impl Store {
             Ok(Some(Change::Status(status.clone())))
         })
         .await
-    }
-
-    /// Read-modify-write of one object's status in one transaction, with its event; `change`
-    /// returns `None` for "nothing to do" (no write, no event), or an error to refuse the change.
-    /// Committed like any write, but not waited on to reach disk
-    /// (sled flushes within `flush_every_ms`, and the next spec write's flush takes it along).
-    /// Status is an observation the controller makes again after a crash; fsyncing each one cost
-    /// a 100-service apply ~300 fsyncs, each up to 0.4 s on a busy disk.
-    async fn modify_status(
-        &self,
-        kind: Kind,
-        name: &str,
-        change: impl Fn(&DynObject) -> Result<Option<Change>, StoreError>,
-    ) -> Result<DynObject, StoreError> {
-        let guard = self.write_lock.lock().await;
-        let result = self.modify_locked(kind, name, change);
-        drop(guard);
-        let (obj, emitted) = result?;
-        if let Some(ev) = emitted {
-            self.announce(vec![ev]);
-        }
-        Ok(obj)
     }
 
     /// Deletes an object, unless admission refuses (something still uses it, or berth needs it;
@@ -395,6 +373,20 @@ impl Store {
             )?;
         }
         let result = self.modify_locked(kind, name, |_| Ok(Some(Change::Remove)));
+        drop(guard);
+        self.finish(result).await
+    }
+
+    /// Read-modify-write of one existing object in one transaction, with its event. `change` returns
+    /// `None` for "nothing to do" (no write, no event), or an error to refuse the change.
+    async fn modify(
+        &self,
+        kind: Kind,
+        name: &str,
+        change: impl Fn(&DynObject) -> Result<Option<Change>, StoreError>,
+    ) -> Result<DynObject, StoreError> {
+        let guard = self.write_lock.lock().await;
+        let result = self.modify_locked(kind, name, change);
         drop(guard);
         self.finish(result).await
     }
@@ -472,16 +464,11 @@ impl Store {
         tokio::task::spawn_blocking(move || db.flush())
             .await
             .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
-        self.announce(events);
-        Ok(())
-    }
-
-    /// Wakes the outbox publisher and tells watchers about committed events.
-    fn announce(&self, events: Vec<Event>) {
         self.outbox_ready.notify_one();
         for e in events {
             let _ = self.watchers.send(e);
         }
+        Ok(())
     }
 
     /// Recent events, oldest first, filtered by kind and name.
