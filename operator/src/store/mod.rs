@@ -129,6 +129,21 @@ pub struct Store {
     sealer: Sealer,
     /// Held by every write (see the module comment).
     write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Group commit: writers that commit while a flush runs share the next one.
+    durability: Arc<Durability>,
+}
+
+/// Counts commits and what the last fsync covered, so that concurrent writers share one fsync
+/// (group commit) instead of queueing one each: a 100-service apply made ~660 fsyncs, up to
+/// 0.4 s each on a busy disk. Every write is still on disk before it is acknowledged.
+#[derive(Default)]
+struct Durability {
+    /// Commits so far; a writer takes its number after its transaction committed.
+    commits: std::sync::atomic::AtomicU64,
+    /// The highest commit number a finished fsync covers.
+    flushed: std::sync::atomic::AtomicU64,
+    /// One fsync at a time; who waits here usually finds their commit covered when it is its turn.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 pub(crate) fn key(kind: Kind, name: &str) -> String {
@@ -185,6 +200,7 @@ impl Store {
             instance,
             sealer,
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
+            durability: Arc::default(),
         };
         store.seal_unsealed()?;
         Ok(store)
@@ -460,10 +476,21 @@ impl Store {
     /// callers occupy every thread of it with waiters while the I/O they wait for needs one of those
     /// threads (sled 0.34, spacejam/sled#1308). Seen here as every reconcile hanging under load.
     async fn committed(&self, events: Vec<Event>) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
+        use std::sync::atomic::Ordering;
+        let d = &self.durability;
+        let mine = d.commits.fetch_add(1, Ordering::AcqRel) + 1;
+        if d.flushed.load(Ordering::Acquire) < mine {
+            let _turn = d.flushing.lock().await;
+            if d.flushed.load(Ordering::Acquire) < mine {
+                // Every commit numbered up to here is in sled's log already: this fsync covers it.
+                let upto = d.commits.load(Ordering::Acquire);
+                let db = self.db.clone();
+                tokio::task::spawn_blocking(move || db.flush())
+                    .await
+                    .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
+                d.flushed.fetch_max(upto, Ordering::AcqRel);
+            }
+        }
         self.outbox_ready.notify_one();
         for e in events {
             let _ = self.watchers.send(e);
