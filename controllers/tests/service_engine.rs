@@ -503,6 +503,24 @@ async fn creates_the_service_with_berths_labels_then_re_reconcile_is_a_no_op() {
     );
     assert_eq!(f.writes(), writes, "no status write");
     assert_eq!(f.status(&name).revisions.len(), 1);
+
+    // A new generation of the spec is sent to the engine, and the status observes it.
+    let mut spec = sleeper();
+    spec["labels"] = json!({"team": "blue"});
+    spec["containerLabels"] = json!({"tier": "front"});
+    spec["env"] = json!([{"name": "GREETING", "value": "bonjour"}]);
+    f.apply(&name, spec);
+    f.reconcile_until(&name, "generation 2 observed and Ready", |s| {
+        s.observed_generation == Some(2) && cond(s, "Ready").0 == "True"
+    })
+    .await;
+    let svc = f.must_service(&name).await;
+    assert!(version(&svc) > before, "berth updated the service");
+    assert_eq!(labels(&svc)["io.berth.generation"], "2");
+    assert_eq!(
+        container(&svc).env.as_deref(),
+        Some(&["GREETING=bonjour".to_string()][..])
+    );
 }
 
 #[tokio::test]
