@@ -8,7 +8,8 @@
 # dirs. Sourced by scripts/test, which calls berth_sweep_e2e before the tests start.
 #
 # Only what the e2e harness (tests/src/lib.rs) marks as its own is touched:
-#   - Swarm objects named after a test prefix, `e2e-<test>-<5 ULID chars>` (berth names every Swarm
+#   - Swarm objects named after a test prefix, `e2e-<test>-<5 ULID chars>` or the engine tests'
+#     `{net,svc,ing}test-<10 ULID chars>` (berth names every Swarm
 #     object after its object, and tests name every object after their prefix; a test
 #     installation's default network is `e2e-net-<5>`), with `-`, `_` or `.` after it or nothing;
 #   - images `berth-test/e2e-*` (local tags made by tests) and images of the test registries
@@ -29,9 +30,10 @@ if [[ -n ${_BERTH_SWEEP_LOADED:-} ]]; then
 fi
 _BERTH_SWEEP_LOADED=1
 
-# The name a test prefix gives (see `prefix` in tests/src/lib.rs): e2e-<test>-<5 lower-case
-# Crockford base32 chars>, then the end or a separator.
-BERTH_E2E_NAME_RE='^e2e-[a-z0-9-]+-[0-9a-hjkmnp-tv-z]{5}($|[-_.])'
+# The names test prefixes give: e2e-<test>-<5 lower-case Crockford base32 chars> (`prefix` in
+# tests/src/lib.rs) and, for the controllers' engine tests (controllers/tests/*_engine.rs),
+# nettest-, svctest- or ingtest-<10 such chars>; then the end or a separator.
+BERTH_E2E_NAME_RE='^(e2e-[a-z0-9-]+-[0-9a-hjkmnp-tv-z]{5}|(net|svc|ing)test-[0-9a-hjkmnp-tv-z]{10})($|[-_.])'
 
 # The value of variable $2 in the environment of process $1, or nothing.
 _berth_env_of() {
