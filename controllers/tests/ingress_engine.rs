@@ -9,6 +9,8 @@
 //! Backend Services are objects in the fake store only: the controller reads their spec (networks,
 //! image), and nothing here sends requests through the proxy to them (the e2e tests do that).
 
+mod common;
+
 use berth_api_types::meta::condition;
 use berth_api_types::Kind;
 use berth_controllers::api::{ResourceStore, SecretReader};
@@ -28,11 +30,11 @@ use bollard::query_parameters::{
     ListTasksOptions,
 };
 use bollard::Docker;
+use common::{swarm_engine, test_names, Cleanup};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,54 +45,6 @@ const BUSYBOX: &str = "berth-test/busybox:1";
 const CONVERGE: Duration = Duration::from_secs(120);
 /// `swarm::files::GC_GRACE`: files created this recently are never collected.
 const GC_GRACE: Duration = Duration::from_secs(60);
-
-/// Removes every service, secret, config, network and volume whose name starts with the prefix,
-/// when the test ends (services first: they hold the rest).
-struct Cleanup(String);
-
-impl Cleanup {
-    fn list(&self, what: &str) -> Vec<String> {
-        let out = Command::new("docker")
-            .args([what, "ls", "--format", "{{.Name}}"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default();
-        out.lines()
-            .filter(|n| n.starts_with(&self.0))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn remove(&self, what: &str, names: &[String]) {
-        for n in names {
-            let _ = Command::new("docker").args([what, "rm", n]).output();
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.remove("service", &self.list("service"));
-        // A removed service's tasks hold networks and the state volume for a few seconds.
-        let deadline = Instant::now() + Duration::from_secs(45);
-        loop {
-            let mut left = Vec::new();
-            for what in ["secret", "config", "network", "volume"] {
-                let names = self.list(what);
-                self.remove(what, &names);
-                left.extend(self.list(what).into_iter().map(|n| format!("{what} {n}")));
-            }
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("cleanup: left behind: {left:?}");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
 
 /// Two free host ports (HTTPS, HTTP) above the e2e tests' 443 and 80 and apart from each other:
 /// 18443+n and 18080+n, n from a random start and distinct within this process.
@@ -127,21 +81,8 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let docker = berth_controllers::swarm::engine::connect(None)
-            .await
-            .expect(
-                "cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
-            );
-        let info = docker.info().await.expect("docker info");
-        let swarm = info
-            .swarm
-            .and_then(|s| s.local_node_state)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        assert_eq!(swarm, "active", "the engine is not in Swarm mode");
-        let id = ulid::Ulid::new().to_string().to_lowercase();
-        let prefix = format!("ingtest-{}", &id[id.len() - 10..]);
-        let instance = format!("test-{id}");
+        let docker = swarm_engine().await;
+        let (prefix, instance) = test_names("ing");
         let cleanup = Cleanup(prefix.clone());
         let (https_port, http_port) = free_ports();
         let settings = Settings {

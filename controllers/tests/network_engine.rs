@@ -4,6 +4,8 @@
 //! test ends, also when it fails. No engine (or no Swarm) fails the tests: a silently skipped engine
 //! test would hide a broken controller.
 
+mod common;
+
 use berth_api_types::Kind;
 use berth_controllers::api::ResourceStore;
 use berth_controllers::network::status::NetworkStatus;
@@ -16,6 +18,7 @@ use bollard::models::{
 };
 use bollard::query_parameters::{EventsOptions, ListNetworksOptions};
 use bollard::Docker;
+use common::{swarm_engine, test_names, Cleanup};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -53,45 +56,6 @@ impl Store {
     }
 }
 
-/// Removes every service and network whose name starts with the prefix, when the test ends.
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let list = |what: &str| -> Vec<String> {
-            let out = Command::new("docker")
-                .args([what, "ls", "--format", "{{.Name}}"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-                .unwrap_or_default();
-            out.lines()
-                .filter(|n| n.starts_with(&self.0))
-                .map(str::to_string)
-                .collect()
-        };
-        for svc in list("service") {
-            let _ = Command::new("docker")
-                .args(["service", "rm", &svc])
-                .output();
-        }
-        // A removed service's tasks may hold a network for a few seconds.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = list("network");
-            if left.is_empty() || Instant::now() > deadline {
-                if !left.is_empty() {
-                    eprintln!("cleanup: networks left behind: {left:?}");
-                }
-                break;
-            }
-            for n in left {
-                let _ = Command::new("docker").args(["network", "rm", &n]).output();
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
-
 struct Fixture {
     docker: Docker,
     store: Arc<Store>,
@@ -103,21 +67,8 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let docker = berth_controllers::swarm::engine::connect(None)
-            .await
-            .expect(
-                "cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
-            );
-        let info = docker.info().await.expect("docker info");
-        let swarm = info
-            .swarm
-            .and_then(|s| s.local_node_state)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        assert_eq!(swarm, "active", "the engine is not in Swarm mode");
-        let id = ulid::Ulid::new().to_string().to_lowercase();
-        let prefix = format!("nettest-{}", &id[id.len() - 10..]);
-        let instance = format!("test-{id}");
+        let docker = swarm_engine().await;
+        let (prefix, instance) = test_names("net");
         let store = Store::new(&instance);
         let ctl = Arc::new(NetworkController::new(docker.clone(), &instance));
         Fixture {

@@ -10,6 +10,8 @@
 //! carries the Swarm network's ID), never the installation's default network: that one may belong
 //! to another berth on this engine.
 
+mod common;
+
 use berth_api_types::meta::condition;
 use berth_api_types::service::ServiceStatus;
 use berth_api_types::Kind;
@@ -28,6 +30,7 @@ use bollard::query_parameters::{
     ListServicesOptions, UpdateServiceOptions,
 };
 use bollard::Docker;
+use common::{swarm_engine, test_names, Cleanup};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::process::Command;
@@ -37,54 +40,6 @@ use std::time::{Duration, Instant};
 const BUSYBOX: &str = "berth-test/busybox:1";
 /// Generous bound for anything the engine does asynchronously on a loaded 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(90);
-
-/// Removes every service, secret, config, network and volume whose name starts with the prefix,
-/// when the test ends (services first: they hold the rest).
-struct Cleanup(String);
-
-impl Cleanup {
-    fn list(&self, what: &str) -> Vec<String> {
-        let out = Command::new("docker")
-            .args([what, "ls", "--format", "{{.Name}}"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default();
-        out.lines()
-            .filter(|n| n.starts_with(&self.0))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn remove(&self, what: &str, names: &[String]) {
-        for n in names {
-            let _ = Command::new("docker").args([what, "rm", n]).output();
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.remove("service", &self.list("service"));
-        // A removed service's tasks hold networks (and volumes) for a few seconds.
-        let deadline = Instant::now() + Duration::from_secs(45);
-        loop {
-            let mut left = Vec::new();
-            for what in ["secret", "config", "network", "volume"] {
-                let names = self.list(what);
-                self.remove(what, &names);
-                left.extend(self.list(what).into_iter().map(|n| format!("{what} {n}")));
-            }
-            if left.is_empty() {
-                break;
-            }
-            if Instant::now() > deadline {
-                eprintln!("cleanup: left behind: {left:?}");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
 
 struct Fixture {
     docker: Docker,
@@ -100,21 +55,8 @@ struct Fixture {
 
 impl Fixture {
     async fn new() -> Self {
-        let docker = berth_controllers::swarm::engine::connect(None)
-            .await
-            .expect(
-                "cannot connect to the Docker engine (is dockerd running? scripts/test starts it)",
-            );
-        let info = docker.info().await.expect("docker info");
-        let swarm = info
-            .swarm
-            .and_then(|s| s.local_node_state)
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        assert_eq!(swarm, "active", "the engine is not in Swarm mode");
-        let id = ulid::Ulid::new().to_string().to_lowercase();
-        let prefix = format!("svctest-{}", &id[id.len() - 10..]);
-        let instance = format!("test-{id}");
+        let docker = swarm_engine().await;
+        let (prefix, instance) = test_names("svc");
         let cleanup = Cleanup(prefix.clone());
         let store = Arc::new(FakeStore::new(&instance));
         let secrets: Arc<dyn SecretReader> = store.clone();
