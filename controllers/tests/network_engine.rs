@@ -22,7 +22,6 @@ use common::{swarm_engine, test_names, Cleanup};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
