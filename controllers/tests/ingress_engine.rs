@@ -22,15 +22,14 @@ use berth_controllers::network::NetworkController;
 use berth_controllers::runtime::testing::FakeStore;
 use berth_controllers::runtime::{converge_once, reconcile_once, Action, Context, Error, Hooks};
 use bollard::models::{
-    EndpointPortConfigPublishModeEnum, Service as SwarmService, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec, TaskState,
+    EndpointPortConfigPublishModeEnum, Service as SwarmService, ServiceSpec, TaskState,
 };
 use bollard::query_parameters::{
     InspectServiceOptions, ListConfigsOptions, ListSecretsOptions, ListServicesOptions,
     ListTasksOptions,
 };
 use bollard::Docker;
-use common::{swarm_engine, test_names, Cleanup};
+use common::{service_by_hand, swarm_engine, test_names, Cleanup};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
@@ -736,29 +735,7 @@ async fn the_last_ingress_gone_removes_the_proxy_and_collection_its_files() {
 #[tokio::test]
 async fn a_proxy_name_taken_by_a_foreign_service_is_refused_on_every_ingress() {
     let f = Fixture::new().await;
-    let foreign = f
-        .docker
-        .create_service(
-            ServiceSpec {
-                name: Some(f.lb().to_string()),
-                mode: Some(ServiceSpecMode {
-                    replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
-                    ..Default::default()
-                }),
-                task_template: Some(TaskSpec {
-                    container_spec: Some(TaskSpecContainerSpec {
-                        image: Some(BUSYBOX.into()),
-                        args: Some(vec!["sleep".into(), "600".into()]),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            None,
-        )
-        .await
-        .expect("create a service by hand");
+    let foreign = service_by_hand(&f.docker, f.lb(), HashMap::new()).await;
     let before = f.must_proxy().await;
     let (a, b) = (format!("{}-a", f.prefix), format!("{}-b", f.prefix));
     f.ingress(

@@ -23,14 +23,14 @@ use berth_controllers::service::ServiceController;
 use berth_controllers::swarm::files::swarm_name;
 use bollard::models::{
     Secret as SwarmSecret, SecretSpec, Service as SwarmService, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
+    ServiceSpecModeReplicated, TaskSpecContainerSpec,
 };
 use bollard::query_parameters::{
     InspectServiceOptions, ListConfigsOptions, ListContainersOptions, ListSecretsOptions,
     ListServicesOptions, UpdateServiceOptions,
 };
 use bollard::Docker;
-use common::{swarm_engine, test_names, Cleanup};
+use common::{service_by_hand, swarm_engine, test_names, Cleanup};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::process::Command;
@@ -544,29 +544,7 @@ async fn a_name_taken_by_a_service_berth_does_not_own_is_refused_and_left_alone(
         ),
         (&other, other_labels.clone()),
     ] {
-        f.docker
-            .create_service(
-                ServiceSpec {
-                    name: Some(name.clone()),
-                    labels: Some(l),
-                    mode: Some(ServiceSpecMode {
-                        replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
-                        ..Default::default()
-                    }),
-                    task_template: Some(TaskSpec {
-                        container_spec: Some(TaskSpecContainerSpec {
-                            image: Some(BUSYBOX.into()),
-                            args: Some(vec!["sleep".into(), "600".into()]),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-                None,
-            )
-            .await
-            .expect("create a service by hand");
+        service_by_hand(&f.docker, name, l).await;
     }
 
     for (name, words) in [

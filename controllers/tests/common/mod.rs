@@ -2,7 +2,15 @@
 //! when it is missing), a name prefix and installation id per test, and a guard that removes what
 //! a test made even when it fails.
 
+// Each engine test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
+
+use bollard::models::{
+    ServiceCreateResponse, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec,
+    TaskSpecContainerSpec,
+};
 use bollard::Docker;
+use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -77,4 +85,36 @@ impl Drop for Cleanup {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// A Swarm service made by hand (not by the controller under test), with `labels`, no replicas:
+/// what a name berth must refuse looks like.
+pub async fn service_by_hand(
+    docker: &Docker,
+    name: &str,
+    labels: HashMap<String, String>,
+) -> ServiceCreateResponse {
+    docker
+        .create_service(
+            ServiceSpec {
+                name: Some(name.to_string()),
+                labels: Some(labels),
+                mode: Some(ServiceSpecMode {
+                    replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }),
+                    ..Default::default()
+                }),
+                task_template: Some(TaskSpec {
+                    container_spec: Some(TaskSpecContainerSpec {
+                        image: Some("berth-test/busybox:1".into()),
+                        args: Some(vec!["sleep".into(), "600".into()]),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .expect("create a service by hand")
 }
