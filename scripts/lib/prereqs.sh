@@ -9,7 +9,8 @@
 #     a C toolchain for crates like ring, plus curl, openssl, python3 and iproute2 used by these
 #     scripts and the ingress tests;
 #   - a running dockerd (started by hand: these machines have no systemd);
-#   - a healthy single-node Swarm advertising 127.0.0.1;
+#   - the lab bridge (berthlab0, 10.99.0.1/24) and a healthy single-node Swarm advertising
+#     10.99.0.1 on it, so the 3-node lab (scripts/lab) can join nodes to it;
 #   - local test images built FROM scratch (nothing can be pulled): berth-test/busybox:1,
 #     berth-test/app:2 (a second image to deploy), berth-test/broken:1 (fails at once),
 #     berth-demo/web:1 and berth-test/caddy:1 (the ingress proxy, Debian's caddy binary);
@@ -28,7 +29,12 @@ fi
 _BERTH_PREREQS_LOADED=1
 
 BERTH_DOCKERD_LOG=${BERTH_DOCKERD_LOG:-/var/log/berth-dockerd.log}
-BERTH_SWARM_ADDR=${BERTH_SWARM_ADDR:-127.0.0.1}
+# The swarm advertises an address on berth's own lab bridge, not 127.0.0.1: the extra nodes of the
+# 3-node lab (scripts/lab) live in network namespaces and must reach the manager (Raft on 2377,
+# gossip on 7946, VXLAN on 4789). The bridge carries only addresses the lab itself made.
+BERTH_LAB_BRIDGE=${BERTH_LAB_BRIDGE:-berthlab0}
+BERTH_LAB_SUBNET_PREFIX=${BERTH_LAB_SUBNET_PREFIX:-10.99.0}
+BERTH_SWARM_ADDR=${BERTH_SWARM_ADDR:-$BERTH_LAB_SUBNET_PREFIX.1}
 
 _berth_die() {
     echo "==> ERROR: $*" >&2
@@ -93,6 +99,20 @@ berth_install_packages() {
 # ---------------------------------------------------------------------------------------------
 # Docker engine
 # ---------------------------------------------------------------------------------------------
+
+# The lab bridge and the manager's address on it. It must exist before dockerd starts: a swarm
+# whose advertised address is missing never becomes healthy. Idempotent.
+berth_lab_bridge() {
+    if ! ip link show "$BERTH_LAB_BRIDGE" >/dev/null 2>&1; then
+        _berth_require_root "creating the lab bridge $BERTH_LAB_BRIDGE"
+        echo "==> network: bridge $BERTH_LAB_BRIDGE with $BERTH_SWARM_ADDR/24"
+        ip link add "$BERTH_LAB_BRIDGE" type bridge
+    fi
+    if ! ip -o addr show dev "$BERTH_LAB_BRIDGE" | grep -qF " $BERTH_SWARM_ADDR/"; then
+        ip addr add "$BERTH_SWARM_ADDR/24" dev "$BERTH_LAB_BRIDGE"
+    fi
+    ip link set "$BERTH_LAB_BRIDGE" up
+}
 
 # Is the dockerd named in the default pidfile alive? (Then it is starting up: do not start
 # another one next to it.)
@@ -167,6 +187,11 @@ _berth_swarm_problem() {
     # becomes healthy again.
     if ! ip -o addr show | awk '{ split($4, a, "/"); print a[1] }' | grep -Fx -- "$addr" >/dev/null; then
         echo "it advertises $addr, which is not an address of this machine"
+        return 2
+    fi
+    # A swarm from before the lab bridge (advertising 127.0.0.1) cannot take the lab's nodes.
+    if [[ $addr != "$BERTH_SWARM_ADDR" ]]; then
+        echo "it advertises $addr, not $BERTH_SWARM_ADDR"
         return 2
     fi
     if [[ $control != true ]]; then
@@ -376,6 +401,7 @@ berth_ensure_rust() {
 
 berth_prereqs() {
     berth_install_packages
+    berth_lab_bridge
     berth_start_docker
     berth_init_swarm
     berth_build_images
