@@ -9,8 +9,8 @@ mod common;
 use berth_api_types::Kind;
 use berth_controllers::node::status::NodeStatus;
 use berth_controllers::node::NodeController;
-use berth_controllers::runtime::testing::FakeStore;
 use berth_controllers::runtime::converge_once;
+use berth_controllers::runtime::testing::FakeStore;
 use bollard::Docker;
 use common::{swarm_engine, test_names};
 use serde_json::{json, Value};
@@ -28,7 +28,13 @@ struct LabelCleanup {
 impl Drop for LabelCleanup {
     fn drop(&mut self) {
         let out = Command::new("docker")
-            .args(["node", "inspect", &self.node_id, "--format", "{{json .Spec.Labels}}"])
+            .args([
+                "node",
+                "inspect",
+                &self.node_id,
+                "--format",
+                "{{json .Spec.Labels}}",
+            ])
             .output();
         let Ok(out) = out else { return };
         let labels: HashMap<String, String> =
@@ -142,7 +148,10 @@ async fn spec_labels_are_applied_kept_and_removed() {
     let name = f.local_name();
     let zone = format!("{}.zone", f.prefix);
     let disk = format!("{}.disk", f.prefix);
-    f.set_spec(&name, json!({"labels": {zone.clone(): "a", disk.clone(): "ssd"}}));
+    f.set_spec(
+        &name,
+        json!({"labels": {zone.clone(): "a", disk.clone(): "ssd"}}),
+    );
     f.converge().await;
     let labels = f.engine_labels().await;
     assert_eq!(labels.get(&zone).map(String::as_str), Some("a"));
@@ -161,7 +170,11 @@ async fn spec_labels_are_applied_kept_and_removed() {
     f.converge().await;
     let labels = f.engine_labels().await;
     assert_eq!(labels.get(&zone).map(String::as_str), Some("a"), "put back");
-    assert_eq!(labels.get(&by_hand).map(String::as_str), Some("x"), "left alone");
+    assert_eq!(
+        labels.get(&by_hand).map(String::as_str),
+        Some("x"),
+        "left alone"
+    );
 
     // A key dropped from the spec is removed from the node.
     f.set_spec(&name, json!({"labels": {zone.clone(): "a"}}));

@@ -159,6 +159,12 @@ impl Aggregator for NodeController {
 
 #[async_trait]
 impl Hooks for NodeController {
+    /// The swarm's nodes are what this controller registers objects from, so every resync
+    /// converges, also when there is no Node object yet (a fresh installation).
+    async fn engine_names(&self) -> Result<Vec<String>, Error> {
+        Ok(vec![self.key()])
+    }
+
     fn engine_event_types(&self) -> Vec<&'static str> {
         vec!["node"]
     }
