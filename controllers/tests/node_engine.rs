@@ -182,7 +182,7 @@ async fn spec_labels_are_applied_kept_and_removed() {
     let labels = f.engine_labels().await;
     assert!(!labels.contains_key(&disk), "{labels:?}");
     assert_eq!(labels.get(&zone).map(String::as_str), Some("a"));
-    assert_eq!(f.status(&name).managed_labels, [zone.clone()]);
+    assert_eq!(f.status(&name).managed_labels, [zone]);
 }
 
 #[tokio::test]
