@@ -34,6 +34,10 @@ _BERTH_LAB_LOADED=1
 source "$(dirname "${BASH_SOURCE[0]}")/prereqs.sh"
 
 BERTH_LAB_NODES=(2 3)
+# One lab per machine, so one user at a time: the lab test binary holds this lock (flock) for its
+# whole run and tells scripts/lab so (BERTH_LAB_LOCK_HELD=1); scripts/lab takes it for every
+# change, and the sweep leaves a locked lab alone.
+BERTH_LAB_LOCK=${BERTH_LAB_LOCK:-/var/run/berth-lab.lock}
 BERTH_LAB_STATE=${BERTH_LAB_STATE:-/var/lib/berth-lab}
 BERTH_LAB_RUN=${BERTH_LAB_RUN:-/var/run/berth-lab}
 # The images the tests run, loaded into every extra node (nothing can be pulled here).
@@ -194,7 +198,7 @@ berth_lab_start_engine() {
                     --data-root $data --exec-root $exec_root \
                     --pidfile $(_lab_pidfile "$n") -H unix://$(_lab_sock "$n") \
                     --bridge none --iptables=false --cgroup-parent /berth-lab-n$n"
-        ) >>"$(_lab_log "$n")" 2>&1 </dev/null &
+        ) >>"$(_lab_log "$n")" 2>&1 </dev/null 9>&- &
     fi
     local i
     for ((i = 0; i < 600; i++)); do
@@ -426,6 +430,22 @@ berth_lab_down() {
     _berth_lab_forwarding_remove
     rmdir "$BERTH_LAB_STATE" "$BERTH_LAB_RUN" 2>/dev/null || true
     echo "==> lab: down in $((SECONDS - start))s"
+}
+
+# Takes the lab lock on fd 9 for the rest of this shell (no-op when the caller holds it). Fails at
+# once when someone else holds it: a lab test run owns the lab until it ends.
+berth_lab_lock() {
+    [[ ${BERTH_LAB_LOCK_HELD:-0} == 1 ]] && return 0
+    exec 9>>"$BERTH_LAB_LOCK"
+    if ! flock -n 9; then
+        _berth_die "the lab is in use by a lab test run (it holds $BERTH_LAB_LOCK); wait until it ends"
+    fi
+}
+
+# Is the lab lock free (nobody running lab tests)? Leaves it free.
+berth_lab_lock_free() {
+    [[ -e $BERTH_LAB_LOCK ]] || return 0
+    flock -n "$BERTH_LAB_LOCK" true
 }
 
 # Is any part of a lab there (engines, namespaces, data)? For the sweep.

@@ -195,8 +195,12 @@ berth_sweep_e2e() {
     # The lab first: services a killed lab test left may be bound to its nodes; once the nodes
     # are gone the services below are removed like any other.
     if berth_lab_exists; then
-        echo "==> sweep: a 3-node lab is up (left by a killed run or by hand); taking it down"
-        berth_lab_down
+        if berth_lab_lock_free; then
+            echo "==> sweep: a 3-node lab is up (left by a killed run or by hand); taking it down"
+            berth_lab_down
+        else
+            echo "==> sweep: a lab test run holds the 3-node lab ($BERTH_LAB_LOCK); leaving it"
+        fi
     fi
     if docker info >/dev/null 2>&1; then
         _berth_sweep_services
