@@ -139,10 +139,11 @@ _berth_lab_netns() {
 }
 
 # The resolv.conf node $1's dockerd sees (bind-mounted over /etc/resolv.conf in the node's mount
-# namespace). Each engine tries to pull a task's image before it falls back to the local one, and
-# with the host's resolver (unreachable from the namespace) every try waits for a DNS timeout:
-# tasks started ~20 s late. A nameserver on the node's own loopback, where nothing listens, is
-# refused at once, so the pull fails in milliseconds.
+# namespace). Each engine tries to pull a task's image before it falls back to its local copy. With
+# the host's resolver, that try waits for a DNS timeout as soon as the node has a route out (as a
+# real node has, or one a test adds): tasks started 20.8 s late, measured. (Without a route the
+# lookup fails at once, but only by luck of the host's resolver address.) A nameserver on the
+# node's own loopback, where nothing listens, is refused at once: 0.9 s either way.
 _berth_lab_resolv_conf() {
     local file="$BERTH_LAB_STATE/n$1/resolv.conf"
     mkdir -p "$(dirname "$file")"
@@ -341,6 +342,20 @@ _berth_lab_demote() {
     _berth_die "node $id is still a manager 30 s after its demotion"
 }
 
+# Fails when stopping node $1 would cost the swarm its Raft quorum: a lab node a test promoted
+# counts as a manager, and with two managers either one going away stops the host's swarm.
+berth_lab_check_stop() {
+    local n=$1 id total reachable
+    id=$(_lab_nodes_named "$(_lab_hostname "$n")" | head -n 1)
+    [[ -n $id ]] || return 0
+    [[ -n $(docker node inspect "$id" --format '{{if .ManagerStatus}}manager{{end}}' 2>/dev/null) ]] || return 0
+    total=$(docker node ls --filter role=manager -q | wc -l)
+    reachable=$(docker node ls --filter role=manager --format '{{.ManagerStatus}}' | grep -cE '^(Leader|Reachable)$' || true)
+    if ((reachable - 1 < total / 2 + 1)); then
+        _berth_die "stopping node $n ($(_lab_hostname "$n"), a manager) would leave $((reachable - 1)) of $total managers: no Raft majority, and the host's swarm would stop; demote it first"
+    fi
+}
+
 # Waits until the manager reports node $1 Ready.
 _berth_lab_wait_ready() {
     local n=$1 id i
@@ -364,23 +379,23 @@ berth_lab_up() {
     berth_build_images
     _berth_lab_forwarding
     mkdir -p "$BERTH_LAB_STATE" "$BERTH_LAB_RUN"
-    # The engines start in parallel (the slow part), the rest goes node by node.
+    # The nodes come up in parallel: each mostly waits (for its engine, the image load, the
+    # manager), and a lab test pays for this in every CI run.
     local -a waits=()
     for n in "${BERTH_LAB_NODES[@]}"; do
-        berth_lab_start_engine "$n" &
+        (
+            berth_lab_start_engine "$n"
+            _berth_lab_images "$n"
+            _berth_lab_join "$n"
+            _berth_lab_wait_ready "$n"
+        ) &
         waits+=($!)
     done
-    local w
+    local w failed=0
     for w in "${waits[@]}"; do
-        wait "$w" || _berth_die "a lab engine did not start"
+        wait "$w" || failed=1
     done
-    for n in "${BERTH_LAB_NODES[@]}"; do
-        _berth_lab_images "$n"
-        _berth_lab_join "$n"
-    done
-    for n in "${BERTH_LAB_NODES[@]}"; do
-        _berth_lab_wait_ready "$n"
-    done
+    [[ $failed == 0 ]] || _berth_die "a lab node did not come up (see above)"
     echo "==> lab: up in $((SECONDS - start))s"
     berth_lab_status
 }
@@ -395,7 +410,7 @@ berth_lab_down() {
         # _berth_lab_demote): its sudden end would otherwise cost the swarm its quorum.
         if [[ $manager == 1 ]] && _lab_engine_up "$n"; then
             for id in $(_lab_nodes_named "$host"); do
-                _berth_lab_demote "$id" || true
+                _berth_lab_demote "$id"
             done
         fi
         # Then the node is killed whole rather than asked to leave: a leave, or a graceful stop,
