@@ -86,6 +86,7 @@ impl Kind {
                 | Kind::Config
                 | Kind::Volume
                 | Kind::Network
+                | Kind::Node
                 | Kind::Registry
                 | Kind::Ingress
         )
@@ -99,7 +100,10 @@ impl Kind {
                 || l == k.plural()
                 || matches!(
                     (k, l.as_str()),
-                    (Kind::Service, "svc") | (Kind::Ingress, "ing") | (Kind::Network, "net")
+                    (Kind::Service, "svc")
+                        | (Kind::Ingress, "ing")
+                        | (Kind::Network, "net")
+                        | (Kind::Node, "no")
                 )
         })
     }

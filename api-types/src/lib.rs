@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod meta;
 pub mod names;
 pub mod network;
+pub mod node;
 pub mod registry;
 pub mod secret_config;
 pub mod service;

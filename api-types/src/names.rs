@@ -19,6 +19,9 @@ pub mod paths {
     pub const APPLY: &str = "/apis/berth/v1/apply";
     /// Recent events, optionally streamed with `?watch=true`.
     pub const EVENTS: &str = "/apis/berth/v1/events";
+    /// GET `?role=worker|manager`: the `docker swarm join` command for a new node. It carries the
+    /// swarm's join token, so only admin-token holders may ask and the answer is never logged.
+    pub const JOIN_COMMAND: &str = "/apis/berth/v1/swarm/join-command";
 
     /// `/apis/berth/v1/<plural>`
     pub fn collection(kind: Kind) -> String {

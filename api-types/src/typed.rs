@@ -8,6 +8,7 @@ use crate::manifest::{ManifestError, SourceDoc};
 use crate::meta::DynObject;
 use crate::meta::Object;
 use crate::network::{validate_network, NetworkSpec};
+use crate::node::{validate_node, NodeSpec};
 use crate::registry::{validate_registry, RegistrySpec};
 use crate::secret_config::{validate_data, DataSpec};
 use crate::service::{validate_service, ServiceSpec};
@@ -82,6 +83,7 @@ pub fn decode_object(value: &Value) -> Result<DynObject, Vec<FieldError>> {
         Kind::Secret | Kind::Config => decode_as::<DataSpec>(value, validate_data),
         Kind::Volume => decode_as::<VolumeSpec>(value, validate_volume),
         Kind::Network => decode_as::<NetworkSpec>(value, validate_network),
+        Kind::Node => decode_as::<NodeSpec>(value, validate_node),
         Kind::Registry => decode_as::<RegistrySpec>(value, validate_registry),
         Kind::Ingress => decode_as::<IngressSpec>(value, validate_ingress),
         other => Err(vec![FieldError::new(
@@ -153,7 +155,7 @@ mod tests {
             "{}",
             e[0]
         );
-        let e = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Node", "metadata": {"name": "x"}, "spec": {}})).unwrap_err();
+        let e = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Backup", "metadata": {"name": "x"}, "spec": {}})).unwrap_err();
         assert!(e[0].message.contains("not served"));
         let e = decode_object(&json!({
             "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "x"},

@@ -57,6 +57,17 @@ pub struct Discovery {
     pub kinds: Vec<Kind>,
 }
 
+/// The answer of `paths::JOIN_COMMAND`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinCommand {
+    pub role: String,
+    /// `docker swarm join --token TOKEN ADDR:PORT`, to run on the new machine.
+    pub command: String,
+    /// The managers' addresses a new node can join through.
+    pub managers: Vec<String>,
+}
+
 /// What a controller needs to know about the installation it works for (a subset of `Discovery`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installation {

@@ -74,6 +74,13 @@ pub trait ResourceStore: Send + Sync + 'static {
     ) -> Result<DynObject, ClientError>;
     /// The installation id Swarm objects are labelled with, and the default network.
     async fn installation(&self) -> Result<Installation, ClientError>;
+    /// Creates an object with an empty spec unless one of that name exists: how the Node controller
+    /// registers a node it finds in the swarm (as a kubelet registers its Node). Teams then set the
+    /// spec; the controller never writes one.
+    async fn register(&self, kind: Kind, name: &str) -> Result<(), ClientError>;
+    /// Deletes an object the controller registered once what it stood for is gone from the engine
+    /// (a node removed from the swarm). An object already gone is not an error.
+    async fn deregister(&self, kind: Kind, name: &str) -> Result<(), ClientError>;
 }
 
 /// Decrypted Secret/Config values. Given only to controllers that must hand them to the engine: it

@@ -6,6 +6,7 @@ pub mod api;
 pub mod bus;
 pub mod ingress;
 pub mod network;
+pub mod node;
 pub mod registry;
 pub mod runtime;
 pub mod service;

@@ -286,6 +286,41 @@ impl ResourceStore for ApiClient {
             default_network: d.default_network,
         })
     }
+
+    async fn register(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        let body = registration(kind, name);
+        match self
+            .send::<DynObject>(
+                self.http
+                    .post(self.url(&paths::collection(kind)))
+                    .json(&body),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Registered meanwhile (by a user's apply, or another controller instance).
+            Err(e) if e.status() == Some(409) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn deregister(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        match self.delete(kind, name).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The object a controller registers: the name, an empty spec.
+pub fn registration(kind: Kind, name: &str) -> Value {
+    serde_json::json!({
+        "apiVersion": berth_api_types::API_VERSION,
+        "kind": kind.as_str(),
+        "metadata": {"name": name},
+        "spec": {}
+    })
 }
 
 #[async_trait]

@@ -267,3 +267,22 @@ pub async fn info(conn: &Conn, out: Output) -> CliResult {
     }
     Ok(())
 }
+
+/// Prints the `docker swarm join` line for a new node (stdout: only the command, so it can be
+/// piped to the machine that joins).
+pub async fn join_command(conn: &Conn, role: &str) -> CliResult {
+    let client = client(conn)?;
+    let answer: berth_api_types::wire::JoinCommand = client
+        .request_json(
+            reqwest::Method::GET,
+            &format!(
+                "{}?role={role}",
+                berth_api_types::names::paths::JOIN_COMMAND
+            ),
+            None,
+        )
+        .await
+        .map_err(api_error)?;
+    println!("{}", answer.command);
+    Ok(())
+}

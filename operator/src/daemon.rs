@@ -14,6 +14,7 @@ use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
+use berth_controllers::node::NodeController;
 use berth_controllers::registry::RegistryController;
 use berth_controllers::runtime::{Controller, ControllerConfig, Hooks, Records};
 use berth_controllers::service::ServiceController;
@@ -117,6 +118,7 @@ struct ApiParts {
 /// Opens the store, connects the bus, starts the outbox publisher and the HTTP server.
 async fn start_api(
     server: &ServerArgs,
+    docker_host: Option<&str>,
     tasks: &mut tokio::task::JoinSet<Result<(), String>>,
 ) -> Result<ApiParts, String> {
     std::fs::create_dir_all(&server.data_dir)
@@ -160,6 +162,7 @@ async fn start_api(
         store: store.clone(),
         token: Arc::new(token),
         default_network: Arc::new(server.default_network.clone()),
+        docker_host: docker_host.map(|h| Arc::new(h.to_string())),
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
@@ -183,7 +186,13 @@ async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), Stri
 
 /// The controllers berth runs: the one list `berth up` starts and `berth controller KIND` picks
 /// from. Networks first, so the default network exists before services look for it.
-const CONTROLLERS: [Kind; 4] = [Kind::Network, Kind::Service, Kind::Registry, Kind::Ingress];
+const CONTROLLERS: [Kind; 5] = [
+    Kind::Network,
+    Kind::Service,
+    Kind::Registry,
+    Kind::Ingress,
+    Kind::Node,
+];
 
 /// What every controller is built from.
 struct Wiring<'a> {
@@ -275,6 +284,15 @@ impl Wiring<'_> {
                         .with_engine_events(docker),
                 );
             }
+            Kind::Node => {
+                let docker = self.docker().await?;
+                let aggregator = Arc::new(NodeController::new(docker.clone()));
+                spawn(
+                    tasks,
+                    Controller::aggregate(aggregator, store, bus, config)
+                        .with_engine_events(docker),
+                );
+            }
             other => return Err(no_controller(other.lower())),
         }
         Ok(())
@@ -332,7 +350,7 @@ pub async fn up(
 ) -> Result<(), String> {
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
-    let parts = start_api(&server, &mut tasks).await?;
+    let parts = start_api(&server, docker_host.as_deref(), &mut tasks).await?;
     let local = Arc::new(InProcessApi {
         store: parts.store.clone(),
         default_network: server.default_network.clone(),
@@ -354,10 +372,10 @@ pub async fn up(
     supervise(tasks).await
 }
 
-pub async fn api(server: ServerArgs) -> Result<(), String> {
+pub async fn api(server: ServerArgs, docker_host: Option<String>) -> Result<(), String> {
     init_tracing();
     let mut tasks = tokio::task::JoinSet::new();
-    start_api(&server, &mut tasks).await?;
+    start_api(&server, docker_host.as_deref(), &mut tasks).await?;
     supervise(tasks).await
 }
 

@@ -588,6 +588,7 @@ mod tests {
             store: store.clone(),
             token: Arc::new(ADMIN.into()),
             default_network: Arc::new("berth-internal".into()),
+            docker_host: None,
         };
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
         let app = crate::server::router(api.clone()).merge(router(api, hooks));

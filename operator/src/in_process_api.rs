@@ -2,10 +2,12 @@
 //! `berth up`: the same interface a separate controller process reaches over HTTP (`ApiClient`),
 //! without the HTTP, and with the same answers (redacted Secrets, the same error statuses).
 
+use crate::api_client::registration;
 use crate::server::redact;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, WriteMode};
 use async_trait::async_trait;
 use berth_api_types::secret_config::DataSpec;
+use berth_api_types::typed::decode_object;
 use berth_api_types::wire::Installation;
 use berth_api_types::{DynObject, Kind};
 use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
@@ -66,6 +68,33 @@ impl ResourceStore for InProcessApi {
             default_network: self.default_network.clone(),
         })
     }
+
+    async fn register(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        let obj = decode_object(&registration(kind, name)).map_err(|errors| {
+            ClientError::Protocol(format!("cannot register {kind} `{name}`: {errors:?}"))
+        })?;
+        match self
+            .store
+            .write(vec![obj], WriteMode::Create, None, false)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match to_client(e) {
+                e if e.status() == Some(409) => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    async fn deregister(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        match self.store.delete(kind, name, &self.default_network).await {
+            Ok(_) => Ok(()),
+            Err(e) => match to_client(e) {
+                e if e.is_not_found() => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
 }
 
 #[async_trait]
@@ -87,8 +116,6 @@ impl SecretReader for InProcessApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::WriteMode;
-    use berth_api_types::typed::decode_object;
     use serde_json::json;
 
     fn local() -> (InProcessApi, tempfile::TempDir) {

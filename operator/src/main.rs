@@ -114,10 +114,14 @@ enum Command {
     Api {
         #[command(flatten)]
         server: ServerArgs,
+        /// Docker engine of a manager, for what the API reads from the swarm itself (the join
+        /// command); default DOCKER_HOST or the local socket.
+        #[arg(long, env = "DOCKER_HOST")]
+        docker_host: Option<String>,
     },
     /// Run one controller alone, against a running API server and NATS.
     Controller {
-        /// Which controller: `service`, `network`, `registry` or `ingress`.
+        /// Which controller: `service`, `network`, `registry`, `ingress` or `node`.
         kind: String,
         #[command(flatten)]
         conn: Conn,
@@ -192,6 +196,11 @@ enum Command {
         #[command(subcommand)]
         action: RolloutAction,
     },
+    /// Swarm nodes: how to add one.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
     /// Show recent events, or follow them.
     Events {
         #[arg(long)]
@@ -203,6 +212,19 @@ enum Command {
         limit: usize,
         #[arg(short = 'o', long, default_value = "table")]
         output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeAction {
+    /// Print the `docker swarm join` command that adds a machine to the swarm. It holds the
+    /// swarm's join token: whoever has it can add a node, so treat it as a secret.
+    JoinCommand {
+        /// The role the new node joins with.
+        #[arg(long, default_value = "worker", value_parser = ["worker", "manager"])]
+        role: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -272,7 +294,10 @@ fn main() -> ExitCode {
                 resync,
                 ingress,
             } => daemon::up(server, docker_host, resync, ingress).await,
-            Command::Api { server } => daemon::api(server).await,
+            Command::Api {
+                server,
+                docker_host,
+            } => daemon::api(server, docker_host).await,
             Command::Controller {
                 kind,
                 conn,
@@ -330,6 +355,9 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Info { output, conn } => cli::info(&conn, output).await,
+            Command::Node {
+                action: NodeAction::JoinCommand { role, conn },
+            } => cli::join_command(&conn, &role).await,
             Command::Webhook { command, conn } => webhook_cli::run(&conn, command).await,
             Command::Events {
                 watch,

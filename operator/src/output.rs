@@ -200,6 +200,22 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                 .collect();
             table(&["NAME", "HOSTS", "STATUS", "AGE"], &rows)
         }
+        Kind::Node => {
+            let rows: Vec<Vec<String>> = objects.iter().map(node_row).collect();
+            table(
+                &[
+                    "NAME",
+                    "ROLE",
+                    "STATE",
+                    "AVAILABILITY",
+                    "LEADER",
+                    "TASKS",
+                    "ENGINE",
+                    "AGE",
+                ],
+                &rows,
+            )
+        }
         _ => {
             let rows: Vec<Vec<String>> = objects
                 .iter()
@@ -211,6 +227,42 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
 }
 
 /// The keys of a Config's spec or of a Secret's redacted view (never values).
+/// One `berth get nodes` row. A spec berth refused shows in STATE (`ready,UnsafeChange`), a drain
+/// in progress in AVAILABILITY (`drain (2 left)`), as `docker node ls` users would look for them.
+fn node_row(o: &DynObject) -> Vec<String> {
+    let st = &o.status;
+    let text = |key: &str| st[key].as_str().unwrap_or("").to_string();
+    let mut state = st["state"].as_str().unwrap_or("unknown").to_string();
+    if let Some(c) = condition(&status_conditions(o), "Ready") {
+        if c.reason == "UnsafeChange" || c.reason == "NodeNotFound" {
+            state = format!("{state},{}", c.reason);
+        }
+    }
+    let mut availability = text("availability");
+    if let Some(left) = st["drain"]["remaining"].as_u64().filter(|n| *n > 0) {
+        availability = format!("{availability} ({left} left)");
+    }
+    let leader = if st["leader"].as_bool() == Some(true) {
+        "Leader".to_string()
+    } else {
+        match st["managerReachability"].as_str() {
+            Some("reachable") => "Reachable".to_string(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        }
+    };
+    vec![
+        o.metadata.name.clone(),
+        text("role"),
+        state,
+        availability,
+        leader,
+        st["tasks"].as_u64().unwrap_or(0).to_string(),
+        text("engineVersion"),
+        age(o),
+    ]
+}
+
 fn data_keys(spec: &Value) -> Vec<String> {
     let mut keys: Vec<String> = ["data", "stringData", "redacted"]
         .iter()
@@ -336,6 +388,35 @@ mod tests {
         let t = objects_table(Kind::Secret, &[obj]);
         assert!(t.starts_with("NAME   KEYS"), "{t}");
         assert!(t.contains("db     pw,user"), "{t}");
+    }
+
+    #[test]
+    fn node_table_shows_role_state_and_drain_progress() {
+        let mut obj = decode_object(&json!({
+            "apiVersion": "berth/v1", "kind": "Node", "metadata": {"name": "node-2"},
+            "spec": {"availability": "drain"}
+        }))
+        .unwrap();
+        obj.status = json!({
+            "state": "ready", "role": "manager", "availability": "drain", "leader": true,
+            "managerReachability": "reachable", "tasks": 2, "engineVersion": "20.10.24",
+            "drain": {"startedAt": "2026-11-29T00:00:00Z", "tasksAtStart": 3, "remaining": 2},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "NodeReady",
+                            "lastTransitionTime": "2026-11-29T00:00:00Z"}]
+        });
+        let t = objects_table(Kind::Node, &[obj]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[0]
+                .starts_with("NAME     ROLE      STATE   AVAILABILITY     LEADER   TASKS   ENGINE"),
+            "{t}"
+        );
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            &row[..8],
+            ["node-2", "manager", "ready", "drain", "(2", "left)", "Leader", "2"],
+            "{t}"
+        );
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct AppState {
     pub token: Arc<String>,
     /// The Network services join when they list none of their own.
     pub default_network: Arc<String>,
+    /// The engine of a manager (`None`: DOCKER_HOST or the local socket), for what the API reads
+    /// from the swarm itself.
+    pub docker_host: Option<Arc<String>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -44,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::API_ROOT, get(discovery))
         .route(paths::APPLY, post(apply))
         .route(paths::EVENTS, get(events))
+        .route(paths::JOIN_COMMAND, get(join_command))
         .route(
             &format!("{}/{{plural}}", paths::API_ROOT),
             get(list).post(create),
@@ -405,6 +409,66 @@ async fn get_one_status(
     Ok(Json(obj.status))
 }
 
+#[derive(serde::Deserialize)]
+struct JoinQuery {
+    role: Option<String>,
+}
+
+/// The `docker swarm join` command for a new node. Behind the admin token like every route here:
+/// the join token it returns lets a machine into the cluster (and, for `manager`, into Raft). It is
+/// read from the engine on each call, never stored or logged.
+async fn join_command(
+    State(state): State<AppState>,
+    Query(q): Query<JoinQuery>,
+) -> ApiResult<Json<berth_api_types::wire::JoinCommand>> {
+    let role = q.role.unwrap_or_else(|| "worker".to_string());
+    if role != "worker" && role != "manager" {
+        return Err(ApiError::field(
+            "role",
+            format!("`{role}` is not a role; use `worker` or `manager`"),
+        ));
+    }
+    let unavailable =
+        |e: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "EngineUnavailable", e);
+    let docker =
+        berth_controllers::swarm::engine::connect(state.docker_host.as_deref().map(|h| h.as_str()))
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+    let swarm = docker.inspect_swarm().await.map_err(|e| {
+        unavailable(format!(
+            "cannot read the swarm (is this engine a swarm manager?): {}",
+            berth_controllers::swarm::engine::message(&e)
+        ))
+    })?;
+    let tokens = swarm.join_tokens.unwrap_or_default();
+    let token = if role == "manager" {
+        tokens.manager
+    } else {
+        tokens.worker
+    }
+    .ok_or_else(|| unavailable("the engine has no join token".into()))?;
+    let info = docker
+        .info()
+        .await
+        .map_err(|e| unavailable(berth_controllers::swarm::engine::message(&e)))?;
+    let managers: Vec<String> = info
+        .swarm
+        .and_then(|s| s.remote_managers)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.addr)
+        .collect();
+    let first = managers
+        .first()
+        .cloned()
+        .ok_or_else(|| unavailable("the engine knows no manager address".into()))?;
+    Ok(Json(berth_api_types::wire::JoinCommand {
+        command: format!("docker swarm join --token {token} {first}"),
+        role,
+        managers,
+    }))
+}
+
 async fn create(
     State(state): State<AppState>,
     Path(plural): Path<String>,
@@ -647,6 +711,7 @@ mod tests {
             store,
             token: Arc::new("secret-token".into()),
             default_network: Arc::new("berth-internal".into()),
+            docker_host: None,
         });
         (app, dir)
     }

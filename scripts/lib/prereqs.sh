@@ -108,7 +108,10 @@ berth_lab_bridge() {
         echo "==> network: bridge $BERTH_LAB_BRIDGE with $BERTH_SWARM_ADDR/24"
         ip link add "$BERTH_LAB_BRIDGE" type bridge
     fi
-    if ! ip -o addr show dev "$BERTH_LAB_BRIDGE" | grep -qF " $BERTH_SWARM_ADDR/"; then
+    # Read first, then match: `ip | grep -q` fails under pipefail when grep stops reading early.
+    local addrs
+    addrs=$(ip -o addr show dev "$BERTH_LAB_BRIDGE")
+    if [[ $addrs != *" $BERTH_SWARM_ADDR/"* ]]; then
         ip addr add "$BERTH_SWARM_ADDR/24" dev "$BERTH_LAB_BRIDGE"
     fi
     ip link set "$BERTH_LAB_BRIDGE" up

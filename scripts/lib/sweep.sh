@@ -12,6 +12,7 @@
 #     `{net,svc,ing}test-<10 ULID chars>` (berth names every Swarm
 #     object after its object, and tests name every object after their prefix; a test
 #     installation's default network is `e2e-net-<5>`), with `-`, `_` or `.` after it or nothing;
+#   - labels `nodetest-<10 ULID chars>...` on the local node (the Node engine tests);
 #   - images `berth-test/e2e-*` (local tags made by tests) and images of the test registries
 #     recorded in /tmp/berth-e2e-registry-*/host;
 #   - processes whose environment has BERTH_E2E_OWNER=<pid> (the harness sets it on what it starts)
@@ -108,6 +109,21 @@ _berth_active_runs() {
 # "ID NAME" lines of one family whose NAME is a test name.
 _berth_test_objects() {
     docker "$1" ls --format '{{.ID}} {{.Name}}' 2>/dev/null | awk -v re="$BERTH_E2E_NAME_RE" '$2 ~ re'
+}
+
+# Node labels the Node engine tests (controllers/tests/node_engine.rs) put on the local node: keys
+# starting with `nodetest-<10 ULID chars>`.
+_berth_sweep_node_labels() {
+    local key self
+    # `docker node inspect` takes `self`, `docker node update` only the ID.
+    self=$(docker info --format '{{.Swarm.NodeID}}' 2>/dev/null) || return 0
+    [[ -n $self ]] || return 0
+    while read -r key; do
+        [[ -n $key ]] || continue
+        echo "==> sweep: node label $key"
+        docker node update --label-rm "$key" "$self" >/dev/null 2>&1 || true
+    done < <(docker node inspect "$self" --format '{{range $k, $v := .Spec.Labels}}{{$k}}{{"\n"}}{{end}}' 2>/dev/null |
+        grep -E '^nodetest-[0-9a-hjkmnp-tv-z]{10}' || true)
 }
 
 # Swarm services: scaled to zero first and removed once their tasks are gone (engine 20.10 crashes
@@ -209,6 +225,7 @@ berth_sweep_e2e() {
             _berth_sweep_family "$family"
         done
         _berth_sweep_images
+        _berth_sweep_node_labels
     fi
     local dirs
     dirs=$(find /tmp -maxdepth 1 -name 'berth-e2e-*' -type d 2>/dev/null | wc -l)

@@ -97,6 +97,16 @@ impl FakeStore {
         self.lock().objects.remove(&(kind, name.to_string()));
     }
 
+    /// Every object of a kind, by name.
+    pub fn objects(&self, kind: Kind) -> Vec<DynObject> {
+        self.lock()
+            .objects
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
     pub fn object(&self, kind: Kind, name: &str) -> Option<DynObject> {
         self.lock().objects.get(&(kind, name.to_string())).cloned()
     }
@@ -121,13 +131,7 @@ impl ResourceStore for FakeStore {
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
-        Ok(self
-            .lock()
-            .objects
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|(_, o)| o.clone())
-            .collect())
+        Ok(self.objects(kind))
     }
 
     async fn update_status(
@@ -165,6 +169,21 @@ impl ResourceStore for FakeStore {
         inner.objects.insert(key.clone(), obj.clone());
         inner.status_writes.push(key);
         Ok(obj)
+    }
+
+    async fn register(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        if self.object(kind, name).is_none() {
+            self.put(serde_json::json!({
+                "apiVersion": berth_api_types::API_VERSION, "kind": kind.as_str(),
+                "metadata": {"name": name}, "spec": {}
+            }));
+        }
+        Ok(())
+    }
+
+    async fn deregister(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        self.remove(kind, name);
+        Ok(())
     }
 
     async fn installation(&self) -> Result<Installation, ClientError> {
