@@ -20,6 +20,16 @@
 //! Talking to the engines: services, nodes and tasks are the manager's business
 //! (`lab.docker(0)`); containers, images and `exec` belong to the engine of the node that runs
 //! them (`lab.docker(i)`): the manager's engine cannot see a task container on node 2.
+//!
+//! Sharing: there is one lab per machine. [`Lab::up`] takes the lab's lock
+//! (`/var/run/berth-lab.lock`) for the rest of the process, so a second lab run (another
+//! worktree, another person) waits instead of taking the nodes away mid-scenario. And the host's
+//! swarm is shared with every other e2e test: `scripts/lab stop` refuses to stop a node a scenario
+//! promoted when that would leave no Raft majority; demote it first.
+//!
+//! Stopping nodes: [`Lab::stop_node`] is a power cut (the node's whole cgroup gets SIGKILL);
+//! [`Lab::start_on_drop`] makes sure the node comes back even if the scenario fails. The manager
+//! reports a killed node down after 12-15 s (Swarm's 5 s heartbeat period, times its grace).
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::models::{NodeState, Task, TaskState};
