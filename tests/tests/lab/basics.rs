@@ -175,9 +175,14 @@ fn overlay_traffic_crosses_nodes(lab: &Lab) -> Result<()> {
             .as_mut()
             .and_then(|t| t.container_spec.as_mut())
         {
-            // berth-demo/web:1's own command: busybox httpd on 8080 serving "hello from berth".
+            // berth-demo/web:1's httpd ("hello from berth" on 8080), under a shell that exits
+            // on SIGTERM: httpd as PID 1 ignores it, and the cleanup would wait 10 s.
             c.image = Some("berth-demo/web:1".into());
-            c.command = None;
+            c.command = Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait".into(),
+            ]);
         }
         d.create_service(on_net(web_spec), None)
             .await
@@ -216,7 +221,8 @@ fn overlay_traffic_crosses_nodes(lab: &Lab) -> Result<()> {
             ensure!(task.0 == *i, "{name} runs on node index {}", task.0);
             let (node, container) = lab.task_container(&task)?;
             // busybox's wget segfaults here (static NSS); nc to an IP does not.
-            let get = format!("printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 {ip} 8080");
+            let get = format!("printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 {ip} 8080");
+            let asked = Instant::now();
             let seen = eventually(
                 Duration::from_secs(30),
                 "an HTTP answer across nodes",
@@ -240,6 +246,13 @@ fn overlay_traffic_crosses_nodes(lab: &Lab) -> Result<()> {
                     lab.node(2).hostname
                 )
             })?;
+            // Swarm spreads a new task's overlay address by gossip: the first tries may fail.
+            eprint!(
+                "[{} -> {}: {:.1}s] ",
+                lab.node(*i).hostname,
+                lab.node(2).hostname,
+                asked.elapsed().as_secs_f64()
+            );
             ensure!(seen.contains("200 OK"), "unexpected answer: {seen}");
         }
         Ok(())
