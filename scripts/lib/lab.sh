@@ -413,10 +413,21 @@ berth_lab_down() {
                 _berth_lab_demote "$id"
             done
         fi
-        # Then the node is killed whole rather than asked to leave: a leave, or a graceful stop,
-        # waits up to 10 s for every task container that ignores SIGTERM (busybox `sleep` as
-        # PID 1 does), and the node's data root is deleted below anyway. The manager forgets it
-        # with `node rm --force`, which also drops its tasks.
+        # Then it leaves the swarm, so that the others' gossip (memberlist, on 7946) records a
+        # leave: a node that just vanishes stays a failed member for hours, and the next lab's
+        # node at the same address is then pinged under the old name ("Got ping for unexpected
+        # node"); after a few such cycles, tasks on node 2 and node 3 could not reach each other.
+        # Its containers are removed first with SIGKILL: a leave waits for every task to stop,
+        # up to 10 s for each that ignores SIGTERM (busybox `sleep` as PID 1 does).
+        if _lab_engine_up "$n"; then
+            local containers
+            containers=$(_lab_docker "$n" ps -aq)
+            if [[ -n $containers ]]; then
+                # shellcheck disable=SC2086 # one ID per word
+                _lab_docker "$n" rm -f $containers >/dev/null 2>&1 || true
+            fi
+            _lab_docker "$n" swarm leave --force >/dev/null 2>&1 || true
+        fi
         berth_lab_kill_node "$n"
         if [[ $manager == 1 ]]; then
             for id in $(_lab_nodes_named "$host"); do
