@@ -34,6 +34,10 @@ _BERTH_LAB_LOADED=1
 source "$(dirname "${BASH_SOURCE[0]}")/prereqs.sh"
 
 BERTH_LAB_NODES=(2 3)
+# One lab per machine, so one user at a time: the lab test binary holds this lock (flock) for its
+# whole run and tells scripts/lab so (BERTH_LAB_LOCK_HELD=1); scripts/lab takes it for every
+# change, and the sweep leaves a locked lab alone.
+BERTH_LAB_LOCK=${BERTH_LAB_LOCK:-/var/run/berth-lab.lock}
 BERTH_LAB_STATE=${BERTH_LAB_STATE:-/var/lib/berth-lab}
 BERTH_LAB_RUN=${BERTH_LAB_RUN:-/var/run/berth-lab}
 # The images the tests run, loaded into every extra node (nothing can be pulled here).
@@ -135,10 +139,11 @@ _berth_lab_netns() {
 }
 
 # The resolv.conf node $1's dockerd sees (bind-mounted over /etc/resolv.conf in the node's mount
-# namespace). Each engine tries to pull a task's image before it falls back to the local one, and
-# with the host's resolver (unreachable from the namespace) every try waits for a DNS timeout:
-# tasks started ~20 s late. A nameserver on the node's own loopback, where nothing listens, is
-# refused at once, so the pull fails in milliseconds.
+# namespace). Each engine tries to pull a task's image before it falls back to its local copy. With
+# the host's resolver, that try waits for a DNS timeout as soon as the node has a route out (as a
+# real node has, or one a test adds): tasks started 20.8 s late, measured. (Without a route the
+# lookup fails at once, but only by luck of the host's resolver address.) A nameserver on the
+# node's own loopback, where nothing listens, is refused at once: 0.9 s either way.
 _berth_lab_resolv_conf() {
     local file="$BERTH_LAB_STATE/n$1/resolv.conf"
     mkdir -p "$(dirname "$file")"
@@ -194,7 +199,7 @@ berth_lab_start_engine() {
                     --data-root $data --exec-root $exec_root \
                     --pidfile $(_lab_pidfile "$n") -H unix://$(_lab_sock "$n") \
                     --bridge none --iptables=false --cgroup-parent /berth-lab-n$n"
-        ) >>"$(_lab_log "$n")" 2>&1 </dev/null &
+        ) >>"$(_lab_log "$n")" 2>&1 </dev/null 9>&- &
     fi
     local i
     for ((i = 0; i < 600; i++)); do
@@ -337,6 +342,20 @@ _berth_lab_demote() {
     _berth_die "node $id is still a manager 30 s after its demotion"
 }
 
+# Fails when stopping node $1 would cost the swarm its Raft quorum: a lab node a test promoted
+# counts as a manager, and with two managers either one going away stops the host's swarm.
+berth_lab_check_stop() {
+    local n=$1 id total reachable
+    id=$(_lab_nodes_named "$(_lab_hostname "$n")" | head -n 1)
+    [[ -n $id ]] || return 0
+    [[ -n $(docker node inspect "$id" --format '{{if .ManagerStatus}}manager{{end}}' 2>/dev/null) ]] || return 0
+    total=$(docker node ls --filter role=manager -q | wc -l)
+    reachable=$(docker node ls --filter role=manager --format '{{.ManagerStatus}}' | grep -cE '^(Leader|Reachable)$' || true)
+    if ((reachable - 1 < total / 2 + 1)); then
+        _berth_die "stopping node $n ($(_lab_hostname "$n"), a manager) would leave $((reachable - 1)) of $total managers: no Raft majority, and the host's swarm would stop; demote it first"
+    fi
+}
+
 # Waits until the manager reports node $1 Ready.
 _berth_lab_wait_ready() {
     local n=$1 id i
@@ -360,23 +379,23 @@ berth_lab_up() {
     berth_build_images
     _berth_lab_forwarding
     mkdir -p "$BERTH_LAB_STATE" "$BERTH_LAB_RUN"
-    # The engines start in parallel (the slow part), the rest goes node by node.
+    # The nodes come up in parallel: each mostly waits (for its engine, the image load, the
+    # manager), and a lab test pays for this in every CI run.
     local -a waits=()
     for n in "${BERTH_LAB_NODES[@]}"; do
-        berth_lab_start_engine "$n" &
+        (
+            berth_lab_start_engine "$n"
+            _berth_lab_images "$n"
+            _berth_lab_join "$n"
+            _berth_lab_wait_ready "$n"
+        ) &
         waits+=($!)
     done
-    local w
+    local w failed=0
     for w in "${waits[@]}"; do
-        wait "$w" || _berth_die "a lab engine did not start"
+        wait "$w" || failed=1
     done
-    for n in "${BERTH_LAB_NODES[@]}"; do
-        _berth_lab_images "$n"
-        _berth_lab_join "$n"
-    done
-    for n in "${BERTH_LAB_NODES[@]}"; do
-        _berth_lab_wait_ready "$n"
-    done
+    [[ $failed == 0 ]] || _berth_die "a lab node did not come up (see above)"
     echo "==> lab: up in $((SECONDS - start))s"
     berth_lab_status
 }
@@ -391,13 +410,24 @@ berth_lab_down() {
         # _berth_lab_demote): its sudden end would otherwise cost the swarm its quorum.
         if [[ $manager == 1 ]] && _lab_engine_up "$n"; then
             for id in $(_lab_nodes_named "$host"); do
-                _berth_lab_demote "$id" || true
+                _berth_lab_demote "$id"
             done
         fi
-        # Then the node is killed whole rather than asked to leave: a leave, or a graceful stop,
-        # waits up to 10 s for every task container that ignores SIGTERM (busybox `sleep` as
-        # PID 1 does), and the node's data root is deleted below anyway. The manager forgets it
-        # with `node rm --force`, which also drops its tasks.
+        # Then it leaves the swarm, so that the others' gossip (memberlist, on 7946) records a
+        # leave: a node that just vanishes stays a failed member for hours, and the next lab's
+        # node at the same address is then pinged under the old name ("Got ping for unexpected
+        # node"); after a few such cycles, tasks on node 2 and node 3 could not reach each other.
+        # Its containers are removed first with SIGKILL: a leave waits for every task to stop,
+        # up to 10 s for each that ignores SIGTERM (busybox `sleep` as PID 1 does).
+        if _lab_engine_up "$n"; then
+            local containers
+            containers=$(_lab_docker "$n" ps -aq)
+            if [[ -n $containers ]]; then
+                # shellcheck disable=SC2086 # one ID per word
+                _lab_docker "$n" rm -f $containers >/dev/null 2>&1 || true
+            fi
+            _lab_docker "$n" swarm leave --force >/dev/null 2>&1 || true
+        fi
         berth_lab_kill_node "$n"
         if [[ $manager == 1 ]]; then
             for id in $(_lab_nodes_named "$host"); do
@@ -426,6 +456,22 @@ berth_lab_down() {
     _berth_lab_forwarding_remove
     rmdir "$BERTH_LAB_STATE" "$BERTH_LAB_RUN" 2>/dev/null || true
     echo "==> lab: down in $((SECONDS - start))s"
+}
+
+# Takes the lab lock on fd 9 for the rest of this shell (no-op when the caller holds it). Fails at
+# once when someone else holds it: a lab test run owns the lab until it ends.
+berth_lab_lock() {
+    [[ ${BERTH_LAB_LOCK_HELD:-0} == 1 ]] && return 0
+    exec 9>>"$BERTH_LAB_LOCK"
+    if ! flock -n 9; then
+        _berth_die "the lab is in use by a lab test run (it holds $BERTH_LAB_LOCK); wait until it ends"
+    fi
+}
+
+# Is the lab lock free (nobody running lab tests)? Leaves it free.
+berth_lab_lock_free() {
+    [[ -e $BERTH_LAB_LOCK ]] || return 0
+    flock -n "$BERTH_LAB_LOCK" true
 }
 
 # Is any part of a lab there (engines, namespaces, data)? For the sweep.

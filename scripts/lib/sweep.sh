@@ -21,8 +21,9 @@
 #   - the 3-node lab (scripts/lab, scripts/lib/lab.sh): its two extra engines outlive a killed lab
 #     test by design (they run detached), and a run must start from no lab.
 # Nothing else on the engine is looked at twice. And while another e2e run is active (a process
-# with BERTH_E2E=1 or a live BERTH_E2E_OWNER in its environment, or berth-bench) only stray
-# processes are stopped: that run's objects are not leftovers.
+# with BERTH_E2E=1 or a live BERTH_E2E_OWNER in its environment, berth-bench, or a test binary of
+# this workspace that cargo runs) only stray processes are stopped: that run's objects are not
+# leftovers.
 #
 # Usage: source scripts/lib/sweep.sh && berth_sweep_e2e
 
@@ -102,13 +103,21 @@ _berth_active_runs() {
         fi
         if [[ $(cat "$dir/comm" 2>/dev/null) == berth-bench ]]; then
             echo "$pid"
+            continue
+        fi
+        # A test binary of this workspace that cargo runs without BERTH_E2E (say the controllers'
+        # engine tests, `cargo test -p berth-controllers --test ingress_engine`): cargo gives it
+        # CARGO_PKG_NAME, and test binaries live in a target's deps/ directory.
+        if [[ $(_berth_env_of "$pid" CARGO_PKG_NAME) == berth* && $(readlink "$dir/exe" 2>/dev/null) == */deps/* ]]; then
+            echo "$pid"
         fi
     done
 }
 
-# "ID NAME" lines of one family whose NAME is a test name.
+# "ID NAME" lines of one family whose NAME is a test name. grep, not awk: Debian's awk is mawk,
+# whose regexes have no `{5}` repetition, so no test name ever matched and nothing was swept.
 _berth_test_objects() {
-    docker "$1" ls --format '{{.ID}} {{.Name}}' 2>/dev/null | awk -v re="$BERTH_E2E_NAME_RE" '$2 ~ re'
+    docker "$1" ls --format '{{.ID}} {{.Name}}' 2>/dev/null | grep -E "^[^ ]+ ${BERTH_E2E_NAME_RE#^}" || true
 }
 
 # Node labels the Node engine tests (controllers/tests/node_engine.rs) put on the local node: keys
@@ -211,8 +220,12 @@ berth_sweep_e2e() {
     # The lab first: services a killed lab test left may be bound to its nodes; once the nodes
     # are gone the services below are removed like any other.
     if berth_lab_exists; then
-        echo "==> sweep: a 3-node lab is up (left by a killed run or by hand); taking it down"
-        berth_lab_down
+        if berth_lab_lock_free; then
+            echo "==> sweep: a 3-node lab is up (left by a killed run or by hand); taking it down"
+            berth_lab_down
+        else
+            echo "==> sweep: a lab test run holds the 3-node lab ($BERTH_LAB_LOCK); leaving it"
+        fi
     fi
     if docker info >/dev/null 2>&1; then
         _berth_sweep_services

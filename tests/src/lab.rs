@@ -20,6 +20,16 @@
 //! Talking to the engines: services, nodes and tasks are the manager's business
 //! (`lab.docker(0)`); containers, images and `exec` belong to the engine of the node that runs
 //! them (`lab.docker(i)`): the manager's engine cannot see a task container on node 2.
+//!
+//! Sharing: there is one lab per machine. [`Lab::up`] takes the lab's lock
+//! (`/var/run/berth-lab.lock`) for the rest of the process, so a second lab run (another
+//! worktree, another person) waits instead of taking the nodes away mid-scenario. And the host's
+//! swarm is shared with every other e2e test: `scripts/lab stop` refuses to stop a node a scenario
+//! promoted when that would leave no Raft majority; demote it first.
+//!
+//! Stopping nodes: [`Lab::stop_node`] is a power cut (the node's whole cgroup gets SIGKILL);
+//! [`Lab::start_on_drop`] makes sure the node comes back even if the scenario fails. The manager
+//! reports a killed node down after 12-15 s (Swarm's 5 s heartbeat period, times its grace).
 
 use anyhow::{anyhow, bail, Context, Result};
 use bollard::models::{NodeState, Task, TaskState};
@@ -110,6 +120,44 @@ pub fn require_e2e() -> Result<()> {
     Ok(())
 }
 
+/// Where scripts/lib/lab.sh keeps the lab's lock (`BERTH_LAB_LOCK`).
+const LOCK: &str = "/var/run/berth-lab.lock";
+
+/// Takes the lab's lock for the rest of this process (the kernel drops it when the process ends,
+/// killed or not). There is one lab per machine, and people building scenarios run lab tests from
+/// their own worktrees at the same time: without it one run's `down` would pull the nodes from
+/// under another's scenarios. A second run waits here for the first to finish.
+fn lock_lab() -> Result<()> {
+    static HELD: OnceLock<std::fs::File> = OnceLock::new();
+    if HELD.get().is_some() {
+        return Ok(());
+    }
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(LOCK)
+        .with_context(|| format!("lab: cannot open the lab lock {LOCK}"))?;
+    // SAFETY: flock on a file descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        eprintln!("lab: another lab test run holds {LOCK}; waiting for it to finish");
+        let start = Instant::now();
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "lab: cannot lock {LOCK}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        eprintln!(
+            "lab: got the lab after waiting {:.0}s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let _ = HELD.set(file);
+    Ok(())
+}
+
 /// Runs `scripts/lab ARGS`. With `show`, its output goes to our stderr as it comes (`up`/`down`
 /// progress, outside any scenario); otherwise it is captured and only shown when it fails.
 fn script(args: &[&str], show: bool) -> Result<()> {
@@ -117,7 +165,10 @@ fn script(args: &[&str], show: bool) -> Result<()> {
     let mut cmd = Command::new(&path);
     // Not `owned()`: the lab's engines outlive this process by design, and scripts/lab starts
     // them with a clean environment so the sweep never takes them for a test's strays.
-    cmd.args(args).stdin(Stdio::null());
+    // This process holds the lab's lock (`lock_lab`); the script must not try to take it again.
+    cmd.args(args)
+        .env("BERTH_LAB_LOCK_HELD", "1")
+        .stdin(Stdio::null());
     let what = format!("{} {}", path.display(), args.join(" "));
     if show {
         let status = cmd
@@ -162,6 +213,7 @@ impl Lab {
     /// repaired) and reads its three nodes. Fails when BERTH_E2E=1 is not set.
     pub fn up() -> Result<Lab> {
         require_e2e()?;
+        lock_lab()?;
         let start = Instant::now();
         script(&["up"], true)?;
         eprintln!(
@@ -287,6 +339,7 @@ impl Lab {
 
     /// `scripts/lab down` without a lab in hand: after an `up` that failed half-way.
     pub fn down_anyway() -> Result<()> {
+        lock_lab()?;
         let start = Instant::now();
         script(&["down"], true)?;
         eprintln!(
@@ -384,6 +437,48 @@ impl Lab {
             }
         })
         .await
+    }
+}
+
+impl Lab {
+    /// The container of a running task, as (node index, container ID): where to `exec`.
+    pub fn task_container(&self, task: &(usize, Task)) -> Result<(usize, String)> {
+        let id = task
+            .1
+            .status
+            .as_ref()
+            .and_then(|s| s.container_status.as_ref())
+            .and_then(|c| c.container_id.clone())
+            .ok_or_else(|| anyhow!("lab: task {:?} has no container yet", task.1.id))?;
+        Ok((task.0, id))
+    }
+
+    /// Runs `cmd` in a container on node `i` (its own engine: the manager cannot exec into a
+    /// container on another node) and returns (exit code, stdout and stderr together).
+    pub async fn exec(&self, i: usize, container: &str, cmd: &[&str]) -> Result<(i64, String)> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        use futures::StreamExt;
+        let d = self.docker(i);
+        let exec = d
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    cmd: Some(cmd.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("lab: exec {cmd:?} in {container} on node index {i}"))?;
+        let mut text = String::new();
+        if let StartExecResults::Attached { mut output, .. } = d.start_exec(&exec.id, None).await? {
+            while let Some(chunk) = output.next().await {
+                text.push_str(&chunk?.to_string());
+            }
+        }
+        let code = d.inspect_exec(&exec.id).await?.exit_code.unwrap_or(-1);
+        Ok((code, text))
     }
 }
 

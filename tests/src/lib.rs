@@ -594,12 +594,13 @@ impl Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        // The engine's name filter matches substrings for some families: keep only names that
-        // start with the prefix.
+        // Everything of the family, matched here by prefix: the engine's name filter matches
+        // substrings for some families, and for a swarm network not in use on this node it
+        // matches only the whole name (engine 20.10), so the overlay networks of tasks on other
+        // nodes (the 3-node lab's) were never found.
         let named = |family: &str| -> Vec<String> {
             let out = Command::new("docker")
                 .args([family, "ls", "--format", "{{.ID}} {{.Name}}"])
-                .args(["--filter", &format!("name={}", self.prefix)])
                 .output();
             let text = out
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())

@@ -12,11 +12,15 @@
 //! guards); `scripts/lab down` runs after the last one even when some panicked. If this process
 //! is killed, nothing here runs: scripts/test's sweep (scripts/lib/sweep.sh) takes a leftover lab
 //! down before the next run.
+//!
+//! `BERTH_LAB_KEEP=1` leaves the lab up at the end, to look at a failure (engine logs are in
+//! /var/lib/berth-lab/nN.log until `scripts/lab down`).
 
 use berth_e2e::lab::{require_e2e, Lab, Scenario};
 use libtest_mimic::{Arguments, Failed, Trial};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 /// The scenarios, one module per area.
 mod lab {
@@ -51,7 +55,12 @@ fn main() {
                     Some(Err(e)) => return Err(Failed::from(e)),
                     None => return Err("the lab was never brought up".into()),
                 };
-                match catch_unwind(AssertUnwindSafe(|| (scenario.run)(lab))) {
+                let start = Instant::now();
+                let result = catch_unwind(AssertUnwindSafe(|| (scenario.run)(lab)));
+                // libtest-mimic prints no per-test time; the suite has a 25-minute budget on 2
+                // cores, so every scenario says what it costs.
+                eprint!("({:.1}s) ", start.elapsed().as_secs_f64());
+                match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(format!("{e:#}").into()),
                     Err(panic) => Err(panic_message(&*panic).into()),
@@ -79,7 +88,12 @@ fn main() {
 
     let conclusion = libtest_mimic::run(&args, trials);
 
-    if up {
+    if up && std::env::var("BERTH_LAB_KEEP").as_deref() == Ok("1") {
+        eprintln!(
+            "lab: BERTH_LAB_KEEP=1: leaving the lab up for a look (node logs in /var/lib/berth-lab/nN.log); \
+             `scripts/lab down` removes it, and so does scripts/test's sweep"
+        );
+    } else if up {
         // Always, even when `up` failed half-way (a partial lab is still a lab).
         let down = match lab.get() {
             Some(Ok(lab)) => lab.down(),
