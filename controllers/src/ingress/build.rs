@@ -10,6 +10,7 @@
 //! The proxy boots from a Swarm config and is then kept current through Caddy's admin API; see
 //! `mod.rs` for how the two relate.
 
+use super::admin;
 use crate::swarm::hash::{canonical_hash, contains, spec_hash};
 use crate::swarm::{Owner, SwarmFile};
 use berth_api_types::ingress::{normalise_path, IngressSpec, TlsSource};
@@ -55,6 +56,9 @@ pub struct Settings {
     /// Host ports published in host mode on every proxy node.
     pub https_port: u16,
     pub http_port: u16,
+    /// Host port (host mode, on every proxy node) of the proxy's remote admin endpoint: only berth's
+    /// admin client certificate is let in (see `admin.rs`).
+    pub admin_port: u16,
 }
 
 impl Settings {
@@ -75,10 +79,15 @@ impl Settings {
         if self.image.trim().is_empty() {
             return Err("--ingress-image: must not be empty".into());
         }
-        if self.https_port == 0 || self.http_port == 0 || self.https_port == self.http_port {
+        let ports = [self.https_port, self.http_port, self.admin_port];
+        if ports.contains(&0)
+            || ports[0] == ports[1]
+            || ports[0] == ports[2]
+            || ports[1] == ports[2]
+        {
             return Err(format!(
-                "--ingress-https-port {} and --ingress-http-port {} must be two different ports from 1 to 65535",
-                self.https_port, self.http_port
+                "--ingress-https-port {}, --ingress-http-port {} and --ingress-admin-port {} must be three different ports from 1 to 65535",
+                self.https_port, self.http_port, self.admin_port
             ));
         }
         Ok(())
@@ -286,11 +295,14 @@ pub fn plan(
     plan
 }
 
-/// Paths of the files the rendered config refers to, in the proxy's containers.
+/// Paths of the files the rendered config refers to, in the proxy's containers, and the one
+/// client the proxy's admin endpoint lets in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Files {
     /// Berth Secret name -> PEM file (key and certificate chain in one file).
     pub certificates: BTreeMap<String, String>,
+    /// berth's admin client certificate, base64 DER (public; `ca::AdminIdentity`).
+    pub admin_client: String,
 }
 
 /// The container path of a materialised certificate.
@@ -331,7 +343,8 @@ fn proxy_handler(service: &str, port: u32) -> Value {
 
 /// The Caddy JSON config for a plan: an HTTPS server on :443 with one route per host (unknown hosts
 /// and paths get 404), an HTTP server on :80 that only redirects, TLS from the mounted certificate
-/// files and from berth's CA, and the admin API on the socket in the state volume.
+/// files and from berth's CA, and the admin API: on the socket in the state volume (for an operator
+/// on the node) and remotely, for berth's client certificate only (see `admin.rs`).
 pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
     let mut routes = Vec::new();
     let mut load_files = Vec::new();
@@ -399,7 +412,23 @@ pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
     json!({
         "admin": {
             "listen": format!("unix/{STATE_MOUNT}/{ADMIN_SOCKET}"),
-            "config": {"persist": true}
+            "config": {"persist": true},
+            // The remote endpoint's certificate, issued by Caddy from berth's CA (which berth
+            // trusts) for one name on every node.
+            "identity": {
+                "identifiers": [admin::server_name(&settings.name)],
+                "issuers": [{"module": "internal", "ca": CA_ID}]
+            },
+            "remote": {
+                "listen": format!(":{}", admin::ADMIN_TARGET_PORT),
+                // Caddy 2.6 checks every permission entry: one entry, so GET and POST go to both
+                // paths (`POST /config/` can do no more than `/load`). Nothing else: no /stop, no
+                // /pki.
+                "access_control": [{
+                    "public_keys": [files.admin_client],
+                    "permissions": [{"paths": ["/config/", "/load"], "methods": ["GET", "POST"]}]
+                }]
+            }
         },
         "apps": {
             "http": {
@@ -635,6 +664,8 @@ fn service_spec(
             ports: Some(vec![
                 port(443, settings.https_port),
                 port(80, settings.http_port),
+                // Who may use it: berth's admin client only (mutual TLS; see `admin.rs`).
+                port(i64::from(admin::ADMIN_TARGET_PORT), settings.admin_port),
             ]),
             ..Default::default()
         }),
@@ -735,6 +766,7 @@ mod tests {
             image: "caddy:2".into(),
             https_port: 443,
             http_port: 80,
+            admin_port: 2021,
         }
     }
 
@@ -931,6 +963,7 @@ mod tests {
         let secrets = BTreeMap::from([("tls".to_string(), Ok(()))]);
         let files = Files {
             certificates: BTreeMap::from([("tls".into(), "/run/secrets/x-tls-1".into())]),
+            admin_client: "QUJD".into(),
         };
         let p = plan(&c, &web(), &secrets);
         let r = render(&p, &settings(), &files);
@@ -947,6 +980,18 @@ mod tests {
         assert!(config_name(&settings(), &r).starts_with("berth-ingress-"));
 
         assert_eq!(r["admin"]["listen"], "unix//berth/admin.sock");
+        // The remote admin endpoint: certificate from berth's CA for one name, and only berth's
+        // client certificate let in, for reading and loading configs.
+        assert_eq!(
+            r["admin"]["identity"],
+            json!({"identifiers": ["berth-ingress.admin.berth"],
+                   "issuers": [{"module": "internal", "ca": "berth"}]})
+        );
+        assert_eq!(
+            r["admin"]["remote"],
+            json!({"listen": ":2021", "access_control": [{"public_keys": ["QUJD"],
+                "permissions": [{"paths": ["/config/", "/load"], "methods": ["GET", "POST"]}]}]})
+        );
         let https = &r["apps"]["http"]["servers"]["https"];
         assert_eq!(https["listen"], json!([":443"]));
         let routes = https["routes"].as_array().unwrap();
@@ -1040,12 +1085,16 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some("berth-ingress"));
         assert!(s.mode.as_ref().unwrap().global.is_some());
         let ports = s.endpoint_spec.as_ref().unwrap().ports.as_ref().unwrap();
-        assert_eq!(ports.len(), 2);
+        assert_eq!(ports.len(), 3);
         assert!(ports
             .iter()
             .all(|p| p.publish_mode == Some(EndpointPortConfigPublishModeEnum::HOST)));
         assert_eq!(ports[0].published_port, Some(443));
         assert_eq!(ports[1].published_port, Some(80));
+        assert_eq!(
+            (ports[2].target_port, ports[2].published_port),
+            (Some(2021), Some(2021))
+        );
         let t = s.task_template.as_ref().unwrap();
         assert_eq!(
             t.placement.as_ref().unwrap().constraints,
@@ -1158,6 +1207,14 @@ mod tests {
             ..settings()
         };
         assert!(same.validate().is_err());
+        let admin_clash = Settings {
+            admin_port: 80,
+            ..settings()
+        };
+        assert!(admin_clash
+            .validate()
+            .unwrap_err()
+            .contains("--ingress-admin-port"));
         assert_eq!(settings().volume(), "berth-ingress-state");
 
         let files = BTreeMap::from([

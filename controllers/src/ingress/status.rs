@@ -39,7 +39,7 @@ pub mod reasons {
 
 /// How the serving config reached the proxy.
 pub mod delivery {
-    /// Loaded into the running proxy through its admin API: no connection dropped.
+    /// Loaded into every running proxy task through its admin API: no connection dropped.
     pub const LIVE: &str = "live";
     /// The proxy service was updated and its tasks restarted with the config.
     pub const RESTART: &str = "restart";
@@ -65,6 +65,9 @@ pub struct IngressStatus {
     /// `live` or `restart` (see [`delivery`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<String>,
+    /// How many proxy tasks (one per proxy node) serve [`Self::config`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<u64>,
     /// PEM root certificate of berth's internal CA, for Ingresses with `tls.mode: internal`: what
     /// clients trust.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,8 +77,12 @@ pub struct IngressStatus {
 /// What the proxy is doing, as the reconcile found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyState {
-    /// The current config runs on every proxy task.
-    Serving { config: String, delivery: String },
+    /// The current config runs on every proxy task (`proxies` of them).
+    Serving {
+        config: String,
+        delivery: String,
+        proxies: usize,
+    },
     /// Tasks are starting or being updated.
     Starting(String),
     /// berth cannot run the proxy (a service it does not own has the name, the engine refused it).
@@ -111,6 +118,7 @@ fn not_accepted(
     s.urls.clear();
     s.config = None;
     s.delivery = None;
+    s.proxies = None;
     s.ca_certificate = None;
     let c = &mut s.conditions;
     set_condition(c, conditions::ACCEPTED, False, reason, message, now);
@@ -199,20 +207,29 @@ pub fn observed(
         }
     };
 
-    let (ready, reason, message, config, how) = match proxy {
+    let (ready, reason, message, config, how, proxies) = match proxy {
         _ if lost_everything => (
             false,
             reasons::NO_ROUTES,
             "no route of this Ingress is served".to_string(),
             None,
             None,
+            None,
         ),
-        ProxyState::Serving { config, delivery } => (
+        ProxyState::Serving {
+            config,
+            delivery,
+            proxies,
+        } => (
             true,
             reasons::SERVING,
-            format!("served by `{proxy_name}` (config `{config}`, delivered by {delivery})"),
+            format!(
+                "served by `{proxy_name}` on {proxies} node{} (config `{config}`, delivered by {delivery})",
+                if *proxies == 1 { "" } else { "s" }
+            ),
             Some(config.clone()),
             Some(delivery.clone()),
+            Some(*proxies as u64),
         ),
         ProxyState::Starting(m) => (
             false,
@@ -220,12 +237,14 @@ pub fn observed(
             m.clone(),
             s.config.clone(),
             s.delivery.clone(),
+            s.proxies,
         ),
-        ProxyState::Refused(m) => (false, reasons::PROXY_REFUSED, m.clone(), None, None),
+        ProxyState::Refused(m) => (false, reasons::PROXY_REFUSED, m.clone(), None, None, None),
     };
     set_condition(c, conditions::READY, ready.into(), reason, &message, now);
     s.config = config;
     s.delivery = how;
+    s.proxies = proxies;
     s
 }
 
@@ -244,6 +263,7 @@ mod tests {
         ProxyState::Serving {
             config: "lb-0123".into(),
             delivery: delivery::LIVE.into(),
+            proxies: 2,
         }
     }
 
@@ -268,8 +288,9 @@ mod tests {
         assert_eq!(cond(&s, "Ready").0, ConditionStatus::True);
         assert_eq!(
             cond(&s, "Ready").2,
-            "served by `lb` (config `lb-0123`, delivered by live)"
+            "served by `lb` on 2 nodes (config `lb-0123`, delivered by live)"
         );
+        assert_eq!(s.proxies, Some(2));
         assert_eq!(cond(&s, "Conflict").0, ConditionStatus::False);
         assert_eq!(cond(&s, "BackendMissing").0, ConditionStatus::False);
         assert_eq!(s.ca_certificate.as_deref(), Some("PEM"));
