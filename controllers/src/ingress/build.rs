@@ -46,6 +46,14 @@ pub const CA_ID: &str = "berth";
 /// Backend requests are retried (on another task) for this long before the client gets a 502:
 /// it covers a task being replaced in a rolling update.
 pub const TRY_DURATION: &str = "10s";
+/// A backend task that failed a request (could not be dialled, or the connection broke) is out of
+/// rotation this long. Not longer than [`TRY_DURATION`]: a request whose only backend is out waits
+/// for it to come back instead of failing.
+pub const FAIL_DURATION: &str = "10s";
+/// How long a connection to a backend task may take. Tasks are on the same overlay network, a
+/// hop or two away (milliseconds); a task that does not answer this fast is tried elsewhere and
+/// taken out of rotation, instead of costing the request a second per attempt.
+pub const DIAL_TIMEOUT: &str = "250ms";
 
 /// How the proxy is run: from `berth up` / `berth controller ingress` flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +123,9 @@ pub struct Backend {
     /// Ports its image declares (`EXPOSE`); `None` when the image cannot be inspected here or
     /// declares none (then any port is taken on trust).
     pub exposed: Option<BTreeSet<u32>>,
+    /// Addresses of its tasks on the networks the proxy joins, as Swarm knows them now (see
+    /// `proxy_handler` for what they are used for).
+    pub tasks: BTreeSet<String>,
 }
 
 /// Where a route sends requests.
@@ -123,6 +134,8 @@ pub enum Target {
     Backend {
         service: String,
         port: u32,
+        /// Task addresses known when the config was rendered.
+        tasks: BTreeSet<String>,
     },
     /// Nothing to send to (reported on the Ingress); the path answers 503 rather than falling through
     /// to a shorter prefix that may belong to someone else.
@@ -273,6 +286,7 @@ pub fn plan(
                         Target::Backend {
                             service: p.service.clone(),
                             port: p.port,
+                            tasks: b.tasks.clone(),
                         }
                     }
                 };
@@ -323,10 +337,23 @@ fn path_match(prefix: &str) -> Option<Value> {
     }
 }
 
-fn proxy_handler(service: &str, port: u32) -> Value {
-    // Per-task upstreams (Swarm's `tasks.<service>` DNS), not the service VIP: Caddy then balances
-    // and retries per request across tasks, skips a task that just failed, and needs no IPVS.
-    json!({
+/// The reverse proxy of one route.
+///
+/// Upstreams are the backend's tasks from Swarm's `tasks.<service>` DNS, looked up again every
+/// second (`dynamic_upstreams`), not the service VIP: Caddy then balances and retries per request
+/// across tasks, skips a task that just failed, and needs no IPVS. DNS is the truth about which
+/// tasks exist, so a rolling update needs nothing from berth.
+///
+/// Health: Caddy 2.6.2 runs no active health checks on dynamic upstreams, and it forgets a dynamic
+/// upstream's passive failures as soon as the attempt that counted them ends (its shared host
+/// record goes when no request holds it), so without help every request dials a dead task again.
+/// The task addresses berth knows are therefore also listed as static `upstreams`: Caddy keeps a
+/// static upstream's host record while the config runs, and the dynamic upstream of the same
+/// address shares it, so a task whose dial failed is skipped by every request for
+/// [`FAIL_DURATION`]. The list is only that memory (and the fallback should the DNS lookup fail):
+/// a task started since the render is still used, just without the memory until the next render.
+fn proxy_handler(service: &str, port: u32, tasks: &BTreeSet<String>) -> Value {
+    let mut handler = json!({
         "handler": "reverse_proxy",
         "dynamic_upstreams": {
             "source": "a", "name": format!("tasks.{service}"), "port": port.to_string(),
@@ -334,11 +361,28 @@ fn proxy_handler(service: &str, port: u32) -> Value {
         },
         "load_balancing": {
             "selection_policy": {"policy": "round_robin"},
-            "try_duration": TRY_DURATION, "try_interval": "100ms"
+            "try_duration": TRY_DURATION, "try_interval": "50ms"
         },
-        "health_checks": {"passive": {"fail_duration": "5s", "max_fails": 1}},
-        "transport": {"protocol": "http", "dial_timeout": "1s"}
-    })
+        "health_checks": {"passive": {"fail_duration": FAIL_DURATION, "max_fails": 1}},
+        "transport": {"protocol": "http", "dial_timeout": DIAL_TIMEOUT}
+    });
+    if !tasks.is_empty() {
+        // Caddy names a dynamic A upstream `ip:port`: the same text keys the shared record.
+        handler["upstreams"] = tasks
+            .iter()
+            .map(|ip| json!({"dial": dial(ip, port)}))
+            .collect();
+    }
+    handler
+}
+
+/// `ip:port`, with brackets for IPv6, as Go's `net.JoinHostPort` writes it.
+fn dial(ip: &str, port: u32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// The Caddy JSON config for a plan: an HTTPS server on :443 with one route per host (unknown hosts
@@ -363,7 +407,11 @@ pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
             .iter()
             .map(|r| {
                 let handler = match &r.target {
-                    Target::Backend { service, port } => proxy_handler(service, *port),
+                    Target::Backend {
+                        service,
+                        port,
+                        tasks,
+                    } => proxy_handler(service, *port, tasks),
                     Target::Unavailable => json!({
                         "handler": "static_response", "status_code": 503,
                         "body": "service unavailable\n"
@@ -788,6 +836,7 @@ mod tests {
                 Backend {
                     networks: vec!["berth-internal".into()],
                     exposed: Some(BTreeSet::from([8080])),
+                    tasks: BTreeSet::new(),
                 },
             ),
             (
@@ -795,6 +844,7 @@ mod tests {
                 Backend {
                     networks: vec!["backend".into()],
                     exposed: None,
+                    tasks: BTreeSet::from(["10.0.1.7".to_string(), "10.0.1.5".to_string()]),
                 },
             ),
         ])
@@ -1010,6 +1060,22 @@ mod tests {
             "tasks.api"
         );
         assert_eq!(sub[0]["handle"][0]["dynamic_upstreams"]["port"], "9000");
+        // The known tasks are the health memory; DNS stays the truth about which tasks exist.
+        let api = &sub[0]["handle"][0];
+        assert_eq!(
+            api["upstreams"],
+            json!([{"dial": "10.0.1.5:9000"}, {"dial": "10.0.1.7:9000"}])
+        );
+        assert_eq!(
+            api["health_checks"],
+            json!({"passive": {"fail_duration": "10s", "max_fails": 1}})
+        );
+        assert_eq!(api["transport"]["dial_timeout"], DIAL_TIMEOUT);
+        assert!(
+            sub[1]["handle"][0].get("upstreams").is_none(),
+            "no task known: DNS only"
+        );
+        assert_eq!(dial("fd00::5", 80), "[fd00::5]:80");
         assert!(sub[1].get("match").is_none(), "`/` matches everything");
         assert_eq!(sub[2], json!({"handle": [not_found()]}));
         // HSTS off for other.test.

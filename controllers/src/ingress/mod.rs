@@ -47,7 +47,7 @@ use async_trait::async_trait;
 use berth_api_types::ingress::{validate_ingress, Ingress};
 use berth_api_types::names::labels;
 use berth_api_types::validate::FieldError;
-use berth_api_types::{Event, EventType, Kind};
+use berth_api_types::{Event, Kind};
 use bollard::errors::Error as DockerError;
 use bollard::models::{EventMessage, EventMessageTypeEnum, Service as SwarmService, Task};
 use bollard::query_parameters::ListServicesOptions;
@@ -272,8 +272,8 @@ impl Hooks for IngressController {
     async fn map_related(&self, event: &Event, ctx: &Context<Self>) -> Vec<String> {
         let ingresses = ctx.cache.objects();
         let relevant = match event.kind {
-            // A Service's status moves on every task start; only its existence and spec matter here.
-            Kind::Service if event.type_ == EventType::StatusChanged => false,
+            // Status changes too: a task started or stopped changes the task addresses the proxy
+            // keeps health records for (`build::proxy_handler`).
             Kind::Service => ingresses.iter().any(|i| {
                 i.object
                     .spec
