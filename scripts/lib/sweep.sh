@@ -16,7 +16,9 @@
 #     recorded in /tmp/berth-e2e-registry-*/host;
 #   - processes whose environment has BERTH_E2E_OWNER=<pid> (the harness sets it on what it starts)
 #     when that test process is gone;
-#   - directories /tmp/berth-e2e-*.
+#   - directories /tmp/berth-e2e-*;
+#   - the 3-node lab (scripts/lab, scripts/lib/lab.sh): its two extra engines outlive a killed lab
+#     test by design (they run detached), and a run must start from no lab.
 # Nothing else on the engine is looked at twice. And while another e2e run is active (a process
 # with BERTH_E2E=1 or a live BERTH_E2E_OWNER in its environment, or berth-bench) only stray
 # processes are stopped: that run's objects are not leftovers.
@@ -29,6 +31,9 @@ if [[ -n ${_BERTH_SWEEP_LOADED:-} ]]; then
     return 0
 fi
 _BERTH_SWEEP_LOADED=1
+
+# shellcheck source=scripts/lib/lab.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lab.sh"
 
 # The names test prefixes give: e2e-<test>-<5 lower-case Crockford base32 chars> (`prefix` in
 # tests/src/lib.rs) and, for the controllers' engine tests (controllers/tests/*_engine.rs),
@@ -186,6 +191,16 @@ berth_sweep_e2e() {
     if [[ -n ${active// /} ]]; then
         echo "==> sweep: another e2e run is active (pids ${active% }); leaving Swarm objects, images and temp dirs alone"
         return 0
+    fi
+    # The lab first: services a killed lab test left may be bound to its nodes; once the nodes
+    # are gone the services below are removed like any other.
+    if berth_lab_exists; then
+        if berth_lab_lock_free; then
+            echo "==> sweep: a 3-node lab is up (left by a killed run or by hand); taking it down"
+            berth_lab_down
+        else
+            echo "==> sweep: a lab test run holds the 3-node lab ($BERTH_LAB_LOCK); leaving it"
+        fi
     fi
     if docker info >/dev/null 2>&1; then
         _berth_sweep_services

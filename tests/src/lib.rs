@@ -4,6 +4,7 @@
 //! engine, binary or nats-server is a loud failure, never a skip.
 
 pub mod deploy;
+pub mod lab;
 pub mod registry;
 
 use berth_api_types::names::paths;
