@@ -21,11 +21,15 @@ use std::sync::{Arc, OnceLock};
 /// The scenarios, one module per area.
 mod lab {
     pub mod basics;
+    pub mod ingress;
 }
 
 /// Every area's scenarios, in the order they run (basics first: they prove the lab itself).
 fn areas() -> Vec<(&'static str, Vec<Scenario>)> {
-    vec![("basics", lab::basics::scenarios())]
+    vec![
+        ("basics", lab::basics::scenarios()),
+        ("ingress", lab::ingress::scenarios()),
+    ]
 }
 
 fn main() {
