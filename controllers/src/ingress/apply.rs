@@ -6,7 +6,7 @@
 use super::admin;
 use super::build::{self, roles, Files, Plan, ProxyParts};
 use super::ca;
-use super::status::{delivery, ProxyState};
+use super::status::{self, ProxyState, Unreached, Verdict};
 use super::{refused, task_boot, Ca, IngressController};
 use crate::runtime::Error;
 use crate::swarm::engine::status_code;
@@ -170,7 +170,7 @@ impl IngressController {
             .all(|t| task_boot(t) == Some(config.name.as_str()));
         let target = canonical_hash(rendered);
         let mut loaded = 0;
-        let mut unreachable: Vec<(String, String, bool)> = Vec::new();
+        let mut unreachable: Vec<Unreached> = Vec::new();
         for t in &running {
             let node = t.node_id.clone().unwrap_or_default();
             let admin = match self.node_addr(&node).await? {
@@ -182,7 +182,11 @@ impl IngressController {
                 )
                 .map_err(|e| refused(e.to_string()))?,
                 None => {
-                    unreachable.push((node, "the node reports no address".into(), young(t)));
+                    unreachable.push(Unreached {
+                        node,
+                        why: "the node reports no address".into(),
+                        just_started: young(t),
+                    });
                     continue;
                 }
             };
@@ -190,7 +194,11 @@ impl IngressController {
                 Ok(live) => live,
                 Err(e) => {
                     debug!(node = %node, error = %e, "proxy admin endpoint unreachable");
-                    unreachable.push((node, e.to_string(), young(t)));
+                    unreachable.push(Unreached {
+                        node,
+                        why: e.to_string(),
+                        just_started: young(t),
+                    });
                     continue;
                 }
             };
@@ -211,40 +219,27 @@ impl IngressController {
                         config.name
                     )));
                 }
-                Err(e) => unreachable.push((node, e.to_string(), young(t))),
+                Err(e) => unreachable.push(Unreached {
+                    node,
+                    why: e.to_string(),
+                    just_started: young(t),
+                }),
             }
         }
-        let serving = total - unreachable.len();
-        let served = |how: &str| ProxyState::Serving {
-            config: config.name.clone(),
-            delivery: how.to_string(),
-            proxies: total,
-        };
-        if unreachable.is_empty() {
-            // Booted with it and never needed a load: the restart got it there.
-            return Ok(served(
-                if loaded == 0 && booted_with_it && boot.name == config.name {
-                    delivery::RESTART
-                } else {
-                    delivery::LIVE
-                },
-            ));
+        match status::verdict(
+            &config.name,
+            total,
+            loaded,
+            &unreachable,
+            booted_with_it,
+            boot.name == config.name,
+        ) {
+            Verdict::State(state) => Ok(state),
+            Verdict::Restart { node, why } => {
+                warn!(config = %config.name, %node, error = %why, "a proxy cannot be reached for a live load: restarting the proxy with the new config");
+                self.write_service(Some(svc), parts, config).await
+            }
         }
-        if booted_with_it {
-            // A task that booted from this config runs it (or a newer load of berth's).
-            return Ok(served(delivery::RESTART));
-        }
-        let (node, why, _) = &unreachable[0];
-        if unreachable.iter().all(|(_, _, young)| *young) {
-            // A task that just started opens its admin endpoint once Caddy has issued its
-            // certificate: wait a little before restarting anything.
-            return Ok(ProxyState::Starting(format!(
-                "{serving} of {total} proxies serve config `{}`; waiting for the admin endpoint on node {node}: {why}",
-                config.name
-            )));
-        }
-        warn!(config = %config.name, %node, error = %why, "a proxy cannot be reached for a live load: restarting the proxy with the new config");
-        self.write_service(Some(svc), parts, config).await
     }
 
     /// The address berth reaches a node's published ports at: the address the node reports to the

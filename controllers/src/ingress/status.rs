@@ -89,6 +89,72 @@ pub enum ProxyState {
     Refused(String),
 }
 
+/// A proxy task whose admin endpoint berth could not reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreached {
+    pub node: String,
+    pub why: String,
+    /// The task started moments ago: Caddy may not have opened the endpoint yet.
+    pub just_started: bool,
+}
+
+/// What a delivery attempt comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Report this state (serving, or waiting for a starting task).
+    State(ProxyState),
+    /// Some task cannot take the config live: take the restart path.
+    Restart { node: String, why: String },
+}
+
+/// Decides from one delivery attempt of `config` to `total` running proxy tasks: `loaded` of them
+/// took it live just now, `unreached` could not be asked, the rest already ran it.
+/// `booted_with_it`: every task booted from this config; `boot_is_config`: it is also the service's
+/// boot config.
+pub fn verdict(
+    config: &str,
+    total: usize,
+    loaded: usize,
+    unreached: &[Unreached],
+    booted_with_it: bool,
+    boot_is_config: bool,
+) -> Verdict {
+    let served = |how: &str| {
+        Verdict::State(ProxyState::Serving {
+            config: config.to_string(),
+            delivery: how.to_string(),
+            proxies: total,
+        })
+    };
+    let Some(first) = unreached.first() else {
+        // Booted with it and never needed a load: the restart got it there.
+        return served(if loaded == 0 && booted_with_it && boot_is_config {
+            delivery::RESTART
+        } else {
+            delivery::LIVE
+        });
+    };
+    if booted_with_it {
+        // A task that booted from this config runs it (or a newer load of berth's).
+        return served(delivery::RESTART);
+    }
+    if unreached.iter().all(|u| u.just_started) {
+        // A task that just started opens its admin endpoint once Caddy has issued its certificate:
+        // wait a little before restarting anything.
+        return Verdict::State(ProxyState::Starting(format!(
+            "{} of {total} proxies serve config `{config}`; waiting for the admin endpoint on node {}: {}",
+            total - unreached.len(),
+            first.node,
+            first.why
+        )));
+    }
+    let old = unreached.iter().find(|u| !u.just_started).unwrap_or(first);
+    Verdict::Restart {
+        node: old.node.clone(),
+        why: old.why.clone(),
+    }
+}
+
 /// Status for a spec that does not validate.
 pub fn invalid(
     current: &IngressStatus,
@@ -340,6 +406,52 @@ mod tests {
         );
         assert_eq!(cond(&s3, "Ready").1, "ProxyStarting");
         assert_eq!(cond(&s3, "Accepted").0, ConditionStatus::True);
+    }
+
+    #[test]
+    fn delivery_verdicts() {
+        let serving = |how: &str| {
+            Verdict::State(ProxyState::Serving {
+                config: "c".into(),
+                delivery: how.into(),
+                proxies: 2,
+            })
+        };
+        // Every task already ran it since it booted from it: the restart delivered it.
+        assert_eq!(verdict("c", 2, 0, &[], true, true), serving("restart"));
+        // Loaded into one task now, or running a config loaded earlier: live.
+        assert_eq!(verdict("c", 2, 1, &[], true, true), serving("live"));
+        assert_eq!(verdict("c", 2, 0, &[], false, false), serving("live"));
+        let young = Unreached {
+            node: "n2".into(),
+            why: "connection refused".into(),
+            just_started: true,
+        };
+        let old = Unreached {
+            just_started: false,
+            node: "n3".into(),
+            ..young.clone()
+        };
+        // Unreachable, but it booted from this config: it serves it.
+        assert_eq!(
+            verdict("c", 2, 0, std::slice::from_ref(&old), true, true),
+            serving("restart")
+        );
+        // A task that just started gets time to open its endpoint.
+        assert_eq!(
+            verdict("c", 2, 1, std::slice::from_ref(&young), false, false),
+            Verdict::State(ProxyState::Starting(
+                "1 of 2 proxies serve config `c`; waiting for the admin endpoint on node n2: connection refused".into()
+            ))
+        );
+        // One that had that time: the restart path, naming it.
+        assert_eq!(
+            verdict("c", 3, 0, &[young, old], false, false),
+            Verdict::Restart {
+                node: "n3".into(),
+                why: "connection refused".into()
+            }
+        );
     }
 
     #[test]
