@@ -25,8 +25,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use tracing::{debug, info, warn};
 
-/// How long after its start a proxy task whose admin endpoint does not answer yet is waited for
-/// (Caddy opens it once it has issued the endpoint's certificate), before the restart path.
+/// How long a proxy task whose admin endpoint does not answer is waited for before the restart
+/// path: after the task's start (Caddy opens the endpoint once it has issued its certificate), and
+/// after the first failed attempt (Caddy swaps the endpoint's certificate during every load, and a
+/// handshake in that moment fails).
 const ADMIN_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 /// Whether a task started within [`ADMIN_GRACE`].
@@ -171,6 +173,20 @@ impl IngressController {
         let target = canonical_hash(rendered);
         let mut loaded = 0;
         let mut unreachable: Vec<Unreached> = Vec::new();
+        let task_ids: HashSet<String> = running.iter().filter_map(|t| t.id.clone()).collect();
+        let mut silent = self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        silent.retain(|id, _| task_ids.contains(id));
+        let mut waited = |t: &Task| {
+            let since = *silent
+                .entry(t.id.clone().unwrap_or_default())
+                .or_insert_with(std::time::Instant::now);
+            young(t) || since.elapsed() < ADMIN_GRACE.to_std().unwrap_or_default()
+        };
+        let mut answered = Vec::new();
         for t in &running {
             let node = t.node_id.clone().unwrap_or_default();
             let admin = match self.node_addr(&node).await? {
@@ -185,7 +201,7 @@ impl IngressController {
                     unreachable.push(Unreached {
                         node,
                         why: "the node reports no address".into(),
-                        just_started: young(t),
+                        just_started: waited(t),
                     });
                     continue;
                 }
@@ -197,11 +213,12 @@ impl IngressController {
                     unreachable.push(Unreached {
                         node,
                         why: e.to_string(),
-                        just_started: young(t),
+                        just_started: waited(t),
                     });
                     continue;
                 }
             };
+            answered.extend(t.id.clone());
             if canonical_hash(&live) == target {
                 continue;
             }
@@ -222,10 +239,18 @@ impl IngressController {
                 Err(e) => unreachable.push(Unreached {
                     node,
                     why: e.to_string(),
-                    just_started: young(t),
+                    just_started: waited(t),
                 }),
             }
         }
+        for id in &answered {
+            silent.remove(id);
+        }
+        *self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = silent;
+
         match status::verdict(
             &config.name,
             total,

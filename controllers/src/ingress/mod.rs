@@ -92,6 +92,9 @@ pub struct IngressController {
     latest: std::sync::Mutex<Option<String>>,
     /// berth's client identity for the proxies' admin endpoints.
     identity: ca::AdminIdentity,
+    /// Since when each proxy task (by ID) has not answered on its admin endpoint: a moment's
+    /// silence (Caddy swaps the endpoint's certificate during every load) is no reason to restart.
+    unreachable_since: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl IngressController {
@@ -116,6 +119,7 @@ impl IngressController {
             lock: Default::default(),
             latest: Default::default(),
             identity,
+            unreachable_since: Default::default(),
         }
     }
 

@@ -94,7 +94,8 @@ pub enum ProxyState {
 pub struct Unreached {
     pub node: String,
     pub why: String,
-    /// The task started moments ago: Caddy may not have opened the endpoint yet.
+    /// The task started, or first failed to answer, moments ago: Caddy may not have opened the
+    /// endpoint yet, or be swapping its certificate. Worth waiting for, not restarting.
     pub just_started: bool,
 }
 
@@ -139,8 +140,8 @@ pub fn verdict(
         return served(delivery::RESTART);
     }
     if unreached.iter().all(|u| u.just_started) {
-        // A task that just started opens its admin endpoint once Caddy has issued its certificate:
-        // wait a little before restarting anything.
+        // A task that just started opens its admin endpoint once Caddy has issued its certificate,
+        // and a load swaps that certificate: wait a little before restarting anything.
         return Verdict::State(ProxyState::Starting(format!(
             "{} of {total} proxies serve config `{config}`; waiting for the admin endpoint on node {}: {}",
             total - unreached.len(),
