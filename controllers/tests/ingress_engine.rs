@@ -1,9 +1,10 @@
 //! The Ingress controller against the real Swarm engine and a real Caddy proxy
 //! (`berth-test/caddy:1`), one converge at a time: each test drives `converge_once` over the
 //! runtime's one fake store, exactly as a worker runs it, and checks the engine with bollard and the
-//! proxy through its admin socket. Every test has its own installation id, name prefix (its proxy is
-//! `<prefix>-lb`) and free high host ports, so it never meets the e2e ingress tests (ports 443 and
-//! 80) or another test here; a guard removes every service, secret, config, network and volume with
+//! proxy through its remote admin endpoint on this node (as berth reaches it, with berth's client
+//! identity). Every test has its own installation id, name prefix (its proxy is `<prefix>-lb`) and
+//! free high host ports, so it never meets the e2e ingress tests (ports 443, 80 and 2021) or another
+//! test here; a guard removes every service, secret, config, network and volume with
 //! the prefix when the test ends, also when it fails. No engine (or no Swarm) fails the tests.
 //!
 //! Backend Services are objects in the fake store only: the controller reads their spec (networks,
@@ -16,6 +17,7 @@ use berth_api_types::Kind;
 use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::ingress::admin::Admin;
 use berth_controllers::ingress::build::Settings;
+use berth_controllers::ingress::ca::AdminIdentity;
 use berth_controllers::ingress::status::IngressStatus;
 use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
@@ -45,9 +47,9 @@ const CONVERGE: Duration = Duration::from_secs(120);
 /// `swarm::files::GC_GRACE`: files created this recently are never collected.
 const GC_GRACE: Duration = Duration::from_secs(60);
 
-/// Two free host ports (HTTPS, HTTP) above the e2e tests' 443 and 80 and apart from each other:
-/// 18443+n and 18080+n, n from a random start and distinct within this process.
-fn free_ports() -> (u16, u16) {
+/// Three free host ports (HTTPS, HTTP, admin) above the e2e tests' 443, 80 and 2021 and apart from
+/// each other: 18443+n, 18080+n and 18800+n, n from a random start and distinct within this process.
+fn free_ports() -> (u16, u16, u16) {
     // One random start per process, then one step per call: two tests of this process never
     // get the same ports, even before the first proxy has bound its own.
     static START: OnceLock<u16> = OnceLock::new();
@@ -55,13 +57,13 @@ fn free_ports() -> (u16, u16) {
     let start = *START.get_or_init(|| (ulid::Ulid::new().random() % 300) as u16);
     for _ in 0..300 {
         let n = (start + NEXT.fetch_add(1, Ordering::SeqCst)) % 300;
-        let (https, http) = (18443 + n, 18080 + n);
+        let (https, http, admin) = (18443 + n, 18080 + n, 18800 + n);
         let free = |p: u16| std::net::TcpListener::bind(("0.0.0.0", p)).is_ok();
-        if free(https) && free(http) {
-            return (https, http);
+        if free(https) && free(http) && free(admin) {
+            return (https, http, admin);
         }
     }
-    panic!("no two free ports in 18443..18743 / 18080..18380");
+    panic!("no three free ports in 18443..18743 / 18080..18380 / 18800..19100");
 }
 
 struct Fixture {
@@ -69,6 +71,7 @@ struct Fixture {
     store: Arc<FakeStore>,
     ctl: Arc<IngressController>,
     settings: Settings,
+    identity: AdminIdentity,
     instance: String,
     prefix: String,
     /// The Network object (and Swarm network) the backend Service joins.
@@ -83,13 +86,15 @@ impl Fixture {
         let docker = swarm_engine().await;
         let (prefix, instance) = test_names("ing");
         let cleanup = Cleanup(prefix.clone());
-        let (https_port, http_port) = free_ports();
+        let (https_port, http_port, admin_port) = free_ports();
         let settings = Settings {
             name: format!("{prefix}-lb"),
             image: CADDY.into(),
             https_port,
             http_port,
+            admin_port,
         };
+        let identity = AdminIdentity::generate(&instance).expect("an admin identity");
         settings.validate().expect("valid ingress settings");
         let store = Arc::new(FakeStore::new(&instance));
         let api: Arc<dyn ResourceStore> = store.clone();
@@ -100,6 +105,7 @@ impl Fixture {
             secrets,
             &instance,
             settings.clone(),
+            identity.clone(),
         ));
 
         // The backend's network, made by the Network controller: the proxy joins it.
@@ -127,6 +133,7 @@ impl Fixture {
             store,
             ctl,
             settings,
+            identity,
             instance,
             net_id,
             web,
@@ -296,14 +303,35 @@ impl Fixture {
             .map(|v| PathBuf::from(v.mountpoint))
     }
 
-    /// The proxy's admin API, through the socket in its state volume on this node.
+    /// The proxy's remote admin API on this node: the node's swarm address and the admin port,
+    /// verified against berth's CA, called with berth's identity.
     async fn admin(&self) -> Admin {
-        let dir = self.state_dir().await.expect("the proxy's state volume");
-        Admin::new(&dir.join("admin.sock"))
+        let info = self.docker.info().await.expect("engine info");
+        let ip: std::net::IpAddr = info
+            .swarm
+            .and_then(|s| s.node_addr)
+            .and_then(|a| a.parse().ok())
+            .expect("the node's swarm address");
+        let ca = self.config_names("ca").await;
+        let ca = ca.iter().next().expect("berth's CA");
+        let pem = self
+            .configs()
+            .await
+            .into_iter()
+            .find(|(n, _, _)| n == ca)
+            .map(|(_, _, data)| String::from_utf8(data).unwrap())
+            .unwrap();
+        Admin::new(
+            &self.identity,
+            &pem,
+            self.lb(),
+            std::net::SocketAddr::new(ip, self.settings.admin_port),
+        )
+        .expect("an admin client")
     }
 
-    /// The config the proxy runs, once its admin socket answers: a task Swarm reports running
-    /// (and berth Ready, booted with its config) may still be opening the socket.
+    /// The config the proxy runs, once its admin endpoint answers: a task Swarm reports running
+    /// (and berth Ready, booted with its config) may still be opening it.
     async fn live_config(&self, admin: &Admin) -> Value {
         let deadline = Instant::now() + CONVERGE;
         loop {
@@ -484,7 +512,8 @@ async fn serves_every_ingress_then_delivers_route_changes_and_drift_live() {
         ports,
         vec![
             (80, i64::from(f.settings.http_port), true),
-            (443, i64::from(f.settings.https_port), true)
+            (443, i64::from(f.settings.https_port), true),
+            (2021, i64::from(f.settings.admin_port), true)
         ]
     );
     let c = sp
@@ -556,6 +585,7 @@ async fn serves_every_ingress_then_delivers_route_changes_and_drift_live() {
         let (_, reason, message) = cond(&st, "Ready");
         assert_eq!(reason, "Serving");
         assert!(message.contains(&first_config), "{message}");
+        assert_eq!(st.proxies, Some(1), "one proxy node serves it");
     }
     let admin = f.admin().await;
     assert!(
@@ -617,9 +647,10 @@ async fn serves_every_ingress_then_delivers_route_changes_and_drift_live() {
         assert!(ready(&st), "{st:?}");
         assert_eq!(st.config.as_deref(), Some(second_config.as_str()), "{name}");
         assert_eq!(st.delivery.as_deref(), Some("live"), "{name}");
+        assert_eq!(st.proxies, Some(1), "{name}");
     }
 
-    // Drift: someone loads another config through the admin socket. The next converge loads
+    // Drift: a config loaded by hand through the admin endpoint. The next converge loads
     // berth's again, still without touching the service.
     let mut hand = f.live_config(&admin).await;
     let routes = hand["apps"]["http"]["servers"]["https"]["routes"]
@@ -644,6 +675,30 @@ async fn serves_every_ingress_then_delivers_route_changes_and_drift_live() {
     assert_eq!(f.task_ids().await, tasks);
     assert_eq!(f.writes(), writes, "the statuses already said so");
     assert!(ready(&f.status(&b)));
+
+    // Only berth's identity gets in: another client certificate is turned away in the handshake.
+    let intruder = Admin::new(
+        &AdminIdentity::generate("intruder").unwrap(),
+        &admin_ca_pem(&f).await,
+        f.lb(),
+        admin.addr(),
+    )
+    .unwrap();
+    assert!(
+        intruder.config().await.is_err(),
+        "a client the proxy's config does not name is refused"
+    );
+}
+
+async fn admin_ca_pem(f: &Fixture) -> String {
+    let ca = f.config_names("ca").await;
+    let ca = ca.iter().next().expect("berth's CA").clone();
+    f.configs()
+        .await
+        .into_iter()
+        .find(|(n, _, _)| *n == ca)
+        .map(|(_, _, data)| String::from_utf8(data).unwrap())
+        .unwrap()
 }
 
 #[tokio::test]

@@ -271,12 +271,20 @@ impl Wiring<'_> {
                 let settings = self.ingress.settings();
                 settings.validate().map_err(|e| format!("error: {e}"))?;
                 let docker = self.docker().await?;
+                // Kept with the controller's records: the proxies keep letting berth in after a
+                // restart.
+                let identity = berth_controllers::ingress::ca::AdminIdentity::load_or_create(
+                    &self.records_dir.join("ingress").join("admin-client.pem"),
+                    &instance,
+                )
+                .map_err(|e| format!("error: {e}"))?;
                 let aggregator = Arc::new(IngressController::new(
                     docker.clone(),
                     store.clone(),
                     self.secrets.clone(),
                     &instance,
                     settings,
+                    identity,
                 ));
                 spawn(
                     tasks,

@@ -82,6 +82,11 @@ pub struct IngressArgs {
     /// Host port for plain HTTP, which only redirects to HTTPS.
     #[arg(long, env = "BERTH_INGRESS_HTTP_PORT", default_value_t = 80)]
     pub ingress_http_port: u16,
+    /// Host port (host mode, on every proxy node) of the proxy's admin endpoint, through which
+    /// berth loads route changes live. Only berth's admin client certificate gets in (mutual TLS);
+    /// berth must reach this port on every proxy node.
+    #[arg(long, env = "BERTH_INGRESS_ADMIN_PORT", default_value_t = 2021)]
+    pub ingress_admin_port: u16,
 }
 
 impl IngressArgs {
@@ -91,6 +96,7 @@ impl IngressArgs {
             image: self.ingress_image.clone(),
             https_port: self.ingress_https_port,
             http_port: self.ingress_http_port,
+            admin_port: self.ingress_admin_port,
         }
     }
 }

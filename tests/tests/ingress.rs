@@ -21,7 +21,7 @@ const BUSYBOX: &str = "berth-test/busybox:1";
 /// Generous bound for convergence on a loaded 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(60);
 
-/// The node's ports 443 and 80: one proxy at a time.
+/// The node's ports 443, 80 and 2021 (the proxy's admin endpoint): one proxy at a time.
 static PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ impl Drop for VolumeCleanup {
 /// Fails loudly when something already holds the HTTPS port (a proxy left by a killed run, or any
 /// other server): the test would otherwise time out waiting for a proxy that cannot start.
 fn ports_are_free() {
-    for port in [443, 80] {
+    for port in [443, 80, 2021] {
         assert!(
             std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
             "e2e: something listens on port {port} already; the ingress tests need it \
@@ -66,7 +66,7 @@ fn ports_are_free() {
     }
 }
 
-/// A berth with its proxy named `<p>-lb`, running the test image on ports 443 and 80.
+/// A berth with its proxy named `<p>-lb`, running the test image on ports 443, 80 and 2021.
 fn start(bus: Bus, p: &str) -> Stack {
     let lb = format!("{p}-lb");
     Stack::start_with(bus, &["--ingress-name", &lb, "--ingress-image", CADDY])

@@ -25,6 +25,7 @@ use std::time::Instant;
 /// The scenarios, one module per area.
 mod lab {
     pub mod basics;
+    pub mod ingress;
     pub mod node;
 }
 
@@ -33,6 +34,7 @@ fn areas() -> Vec<(&'static str, Vec<Scenario>)> {
     vec![
         ("basics", lab::basics::scenarios()),
         ("node", lab::node::scenarios()),
+        ("ingress", lab::ingress::scenarios()),
     ]
 }
 

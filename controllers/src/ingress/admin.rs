@@ -1,49 +1,107 @@
-//! A minimal client of Caddy's admin API over its unix socket: read the running config, load a new
-//! one. The socket lives in the proxy's state volume, so only the proxy and root on its node (where
-//! berth runs) can reach it; nothing listens on a network address. HTTP/1.1 with `Connection: close`
-//! is all Caddy's admin endpoint needs, so this is written out instead of pulling in an HTTP client
-//! that speaks unix sockets.
+//! A client of one proxy task's *remote* admin endpoint: read the running config, load a new one.
+//!
+//! Every proxy task runs Caddy's remote admin (`admin.remote` in the rendered config) on container
+//! port [`ADMIN_TARGET_PORT`], published in host mode on its node (`--ingress-admin-port`). Who may
+//! use it: only the holder of berth's admin client key. Mutual TLS both ways:
+//! - berth verifies the proxy: its certificate (`admin.identity`, for the fixed name
+//!   [`server_name`]) is issued by Caddy from berth's CA, which only the proxy holds the key of;
+//!   berth trusts that CA and nothing else (no system roots).
+//! - the proxy verifies berth: `access_control` names berth's client certificate
+//!   ([`super::ca::AdminIdentity`]) as the only key allowed in, and only for `GET /config/` and
+//!   `POST /load` (Caddy 2.6 applies one permission entry's methods to all its paths).
+//!
+//! This is how a config reaches proxies on *every* node, berth's own included: one mechanism. (Caddy
+//! 2.6.2's pull alternative, `admin.config.load` with `load_delay`, was tried and rejected: its
+//! poller stops for good after one config it refuses, and its HTTP loader sends every poll ten
+//! times; see the README.)
 
+use super::ca::AdminIdentity;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
+/// The port Caddy's remote admin listens on inside the proxy's containers.
+pub const ADMIN_TARGET_PORT: u16 = 2021;
 /// Longest a config load may take (internal certificates are issued during the load).
 const LOAD_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A proxy that does not accept a connection this fast is taken as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The name every proxy's admin certificate is issued for. One name for all nodes, because every
+/// task runs the same config; berth connects to a node's address and checks this name.
+pub fn server_name(proxy: &str) -> String {
+    format!("{proxy}.admin.berth")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot reach the proxy's admin socket {path}: {source}")]
-    Unreachable {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the proxy's admin API did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error("cannot reach the proxy's admin endpoint at {addr}: {message}")]
+    Unreachable { addr: SocketAddr, message: String },
     #[error("the proxy's admin API answered {status}: {message}")]
     Refused { status: u16, message: String },
     #[error("unexpected answer from the proxy's admin API: {0}")]
     Protocol(String),
 }
 
+/// The admin endpoint of one proxy task.
 pub struct Admin {
-    socket: PathBuf,
+    client: reqwest::Client,
+    base: String,
+    addr: SocketAddr,
 }
 
 impl Admin {
-    pub fn new(socket: &Path) -> Self {
-        Admin {
-            socket: socket.to_path_buf(),
+    /// The endpoint at `addr` (a node's address and the published admin port), verified against
+    /// `ca_pem` for [`server_name`] of `proxy`, called with `identity`.
+    pub fn new(
+        identity: &AdminIdentity,
+        ca_pem: &str,
+        proxy: &str,
+        addr: SocketAddr,
+    ) -> Result<Admin, AdminError> {
+        let bad = |what: &str, e: reqwest::Error| AdminError::Protocol(format!("{what}: {e}"));
+        if !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
+            // reqwest takes anything here and would then trust nothing.
+            return Err(AdminError::Protocol(
+                "berth's CA certificate is not PEM".into(),
+            ));
         }
+        let name = server_name(proxy);
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(ca_pem.as_bytes())
+                    .map_err(|e| bad("berth's CA certificate", e))?,
+            )
+            .identity(
+                reqwest::Identity::from_pem(identity.pem_file().as_bytes())
+                    .map_err(|e| bad("berth's admin client identity", e))?,
+            )
+            // Connect to the node's address, but check the proxy's certificate for its name.
+            .resolve(&name, addr)
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| bad("TLS client", e))?;
+        Ok(Admin {
+            client,
+            base: format!("https://{name}:{}", addr.port()),
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The config the proxy runs now.
     pub async fn config(&self) -> Result<Value, AdminError> {
-        let body = self.request("GET", "/config/", None, READ_TIMEOUT).await?;
+        let body = self
+            .request(reqwest::Method::GET, "/config/", None, READ_TIMEOUT)
+            .await?;
         serde_json::from_slice(&body).map_err(|e| AdminError::Protocol(e.to_string()))
     }
 
@@ -51,47 +109,34 @@ impl Admin {
     /// ones hold and drains the old ones, so no connection is refused or cut; an invalid config is
     /// refused and the old one keeps running.
     pub async fn load(&self, config: &[u8]) -> Result<(), AdminError> {
-        self.request("POST", "/load", Some(config), LOAD_TIMEOUT)
+        self.request(reqwest::Method::POST, "/load", Some(config), LOAD_TIMEOUT)
             .await
             .map(|_| ())
     }
 
     async fn request(
         &self,
-        method: &str,
+        method: reqwest::Method,
         path: &str,
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Vec<u8>, AdminError> {
-        let exchange = async {
-            let mut stream = UnixStream::connect(&self.socket).await.map_err(|source| {
-                AdminError::Unreachable {
-                    path: self.socket.display().to_string(),
-                    source,
-                }
-            })?;
-            // An empty Host: Caddy's admin endpoint on a unix socket accepts only that origin.
-            let mut req = format!("{method} {path} HTTP/1.1\r\nHost: \r\nConnection: close\r\n");
-            if let Some(b) = body {
-                req.push_str(&format!(
-                    "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                    b.len()
-                ));
-            }
-            req.push_str("\r\n");
-            let io = |e: std::io::Error| AdminError::Protocol(e.to_string());
-            stream.write_all(req.as_bytes()).await.map_err(io)?;
-            if let Some(b) = body {
-                stream.write_all(b).await.map_err(io)?;
-            }
-            let mut answer = Vec::new();
-            stream.read_to_end(&mut answer).await.map_err(io)?;
-            Ok::<_, AdminError>(answer)
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .timeout(timeout);
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_vec());
+        }
+        let unreachable = |e: reqwest::Error| AdminError::Unreachable {
+            addr: self.addr,
+            message: error_chain(&e),
         };
-        let answer = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| AdminError::Timeout(timeout))??;
-        let (status, body) = parse_response(&answer)?;
+        let resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(unreachable)?.to_vec();
         if !(200..300).contains(&status) {
             let message: String = serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -106,109 +151,37 @@ impl Admin {
     }
 }
 
-/// Status and body of a complete HTTP/1.1 response (plain or chunked).
-pub fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), AdminError> {
-    let bad = |why: &str| AdminError::Protocol(why.to_string());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| bad("no status line"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_vec()));
+/// An error with its causes: reqwest's own text is only "error sending request".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
     }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| bad("truncated chunk"))?;
-        let size_text = String::from_utf8_lossy(&rest[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| bad("bad chunk size"))?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        if rest.len() < size {
-            return Err(bad("truncated chunk"));
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = rest.get(size + 2..).unwrap_or_default();
-    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn plain_and_chunked_bodies() {
-        let (s, b) = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((s, b.as_slice()), (200, b"{}".as_slice()));
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\nEtag: x\r\n\r\n";
-        let (s, b) = parse_response(raw).unwrap();
-        assert_eq!(s, 200);
-        assert_eq!(b, b"{\"a\":1}");
-        assert!(parse_response(b"garbage").is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
-        );
-    }
-
     #[tokio::test]
-    async fn talks_http_over_a_unix_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("admin.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let server = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            for answer in [
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nb\r\n{\"apps\":{}}\r\n0\r\n\r\n",
-                "HTTP/1.1 400 Bad Request\r\nContent-Length: 25\r\n\r\n{\"error\":\"bad config x\"}\n",
-            ] {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = vec![0u8; 4096];
-                let n = s.read(&mut buf).await.unwrap();
-                seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-                s.write_all(answer.as_bytes()).await.unwrap();
+    async fn an_unreachable_endpoint_is_reported_with_its_address() {
+        let id = AdminIdentity::generate("t").unwrap();
+        let ca = super::super::ca::generate("t").unwrap();
+        // Nothing listens on port 1 of the loopback address: refused at once.
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let admin = Admin::new(&id, &ca.cert_pem, "lb", addr).unwrap();
+        assert_eq!(admin.base, "https://lb.admin.berth:1");
+        match admin.config().await {
+            Err(AdminError::Unreachable { addr: a, message }) => {
+                assert_eq!(a, addr);
+                assert!(!message.is_empty());
             }
-            seen
-        });
-        let admin = Admin::new(&path);
-        assert_eq!(
-            admin.config().await.unwrap(),
-            serde_json::json!({"apps": {}})
-        );
-        let e = admin.load(b"{}").await.unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "the proxy's admin API answered 400: bad config x"
-        );
-        let seen = server.await.unwrap();
-        assert!(
-            seen[0].starts_with("GET /config/ HTTP/1.1\r\nHost: \r\n"),
-            "{}",
-            seen[0]
-        );
-        assert!(seen[1].starts_with("POST /load HTTP/1.1\r\n"));
-        assert!(seen[1].contains("Content-Length: 2\r\n"));
-        let gone = Admin::new(&dir.path().join("nothing.sock"));
-        assert!(matches!(
-            gone.config().await,
-            Err(AdminError::Unreachable { .. })
-        ));
+            other => panic!("{other:?}"),
+        }
+        assert!(Admin::new(&id, "not a pem", "lb", addr).is_err());
     }
 }

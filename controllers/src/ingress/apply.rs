@@ -1,12 +1,12 @@
 //! Ingress, step 3: materialise what the proxy needs (its config, certificates and berth's CA as
-//! content-addressed Swarm configs and secrets) and bring the proxy to the plan: a live load through
-//! Caddy's admin API when only routes change, the restart path otherwise (see `mod.rs`). Also the
-//! proxy's garbage collection.
+//! content-addressed Swarm configs and secrets) and bring the proxy to the plan: a live load into
+//! every proxy task, through each one's remote admin endpoint on its node, when only routes change;
+//! the restart path otherwise (see `mod.rs`). Also the proxy's garbage collection.
 
 use super::admin;
 use super::build::{self, roles, Files, Plan, ProxyParts};
 use super::ca;
-use super::status::{delivery, ProxyState};
+use super::status::{self, ProxyState, Unreached, Verdict};
 use super::{refused, task_boot, Ca, IngressController};
 use crate::runtime::Error;
 use crate::swarm::engine::status_code;
@@ -22,7 +22,22 @@ use bollard::query_parameters::{
 };
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use tracing::{debug, info, warn};
+
+/// How long a proxy task whose admin endpoint does not answer is waited for before the restart
+/// path: after the task's start (Caddy opens the endpoint once it has issued its certificate), and
+/// after the first failed attempt (Caddy swaps the endpoint's certificate during every load, and a
+/// handshake in that moment fails).
+const ADMIN_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// Whether a task started within [`ADMIN_GRACE`].
+fn young(t: &Task) -> bool {
+    t.status
+        .as_ref()
+        .and_then(|s| s.timestamp)
+        .is_some_and(|at| chrono::Utc::now() - at < ADMIN_GRACE)
+}
 
 impl IngressController {
     /// Materialises what the proxy needs and brings the proxy to the plan. Returns the proxy's
@@ -52,6 +67,7 @@ impl IngressController {
         }
         certificates.sort_by(|a, b| a.name.cmp(&b.name));
 
+        files.admin_client = self.identity.certificate_base64();
         let rendered = build::render(plan, &self.settings, &files);
         let bytes = serde_json::to_vec(&rendered).map_err(|e| refused(e.to_string()))?;
         let config_name = build::config_name(&self.settings, &rendered);
@@ -98,7 +114,7 @@ impl IngressController {
                     info!("the proxy's service spec changes: restarting it with the new config");
                     self.write_service(Some(&svc), &parts, &config).await?
                 } else {
-                    self.deliver(&svc, &parts, &config, &rendered, &bytes)
+                    self.deliver(&svc, &parts, &config, &rendered, &bytes, &ca.pem)
                         .await?
                 }
             }
@@ -108,8 +124,9 @@ impl IngressController {
         Ok((state, Some(ca.pem), poll))
     }
 
-    /// Gets `config` to a proxy whose service spec is current: nothing to do, a live load, or, when
-    /// that is impossible, the restart path.
+    /// Gets `config` to every task of a proxy whose service spec is current: nothing to do, a live
+    /// load into each task through its node's admin endpoint, or, when a task cannot be reached,
+    /// the restart path.
     pub(super) async fn deliver(
         &self,
         svc: &SwarmService,
@@ -117,6 +134,7 @@ impl IngressController {
         config: &SwarmFile,
         rendered: &Value,
         bytes: &[u8],
+        ca_pem: &str,
     ) -> Result<ProxyState, Error> {
         let spec = svc.spec.clone().unwrap_or_default();
         let boot = build::boot_of(&spec).unwrap_or_default();
@@ -136,7 +154,8 @@ impl IngressController {
             .iter()
             .filter(|t| t.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING))
             .collect();
-        if updating || tasks.is_empty() || running.len() < tasks.len() {
+        let total = tasks.len();
+        if updating || tasks.is_empty() || running.len() < total {
             let problem = tasks
                 .iter()
                 .filter_map(|t| t.status.as_ref())
@@ -144,59 +163,130 @@ impl IngressController {
                 .map(|e| format!(" (last error: {e})"))
                 .unwrap_or_default();
             return Ok(ProxyState::Starting(format!(
-                "{} of {} proxy tasks running{problem}",
+                "{} of {total} proxy tasks running{problem}",
                 running.len(),
-                tasks.len()
             )));
         }
-        let served = |how: &str| ProxyState::Serving {
-            config: config.name.clone(),
-            delivery: how.to_string(),
-        };
-        let local = self.local_node().await?;
-        let all_here = tasks.iter().all(|t| t.node_id.as_deref() == Some(local));
         let booted_with_it = tasks
             .iter()
             .all(|t| task_boot(t) == Some(config.name.as_str()));
-        if all_here {
-            if let Some(admin) = self.admin().await {
-                match admin.config().await {
-                    Ok(live) if canonical_hash(&live) == canonical_hash(rendered) => {
-                        return Ok(served(if booted_with_it && boot.name == config.name {
-                            delivery::RESTART
-                        } else {
-                            delivery::LIVE
-                        }));
-                    }
-                    Ok(_) => match admin.load(bytes).await {
-                        Ok(()) => {
-                            info!(config = %config.name, "loaded the new proxy config live");
-                            return Ok(served(delivery::LIVE));
-                        }
-                        // Caddy keeps running the config it has; booting a task from one it
-                        // rejects would only take the proxy down.
-                        Err(e @ admin::AdminError::Refused { .. }) => {
-                            warn!(error = %e, config = %config.name, "the proxy refused the new config");
-                            return Ok(ProxyState::Refused(format!(
-                                "the proxy refused config `{}` and keeps serving the previous one: {e}",
-                                config.name
-                            )));
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "live load failed; restarting the proxy instead")
-                        }
-                    },
-                    Err(e) => {
-                        warn!(error = %e, "proxy admin API unreachable; restarting the proxy instead")
-                    }
+        let target = canonical_hash(rendered);
+        let mut loaded = 0;
+        let mut unreachable: Vec<Unreached> = Vec::new();
+        let task_ids: HashSet<String> = running.iter().filter_map(|t| t.id.clone()).collect();
+        let mut silent = self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        silent.retain(|id, _| task_ids.contains(id));
+        let mut waited = |t: &Task| {
+            let since = *silent
+                .entry(t.id.clone().unwrap_or_default())
+                .or_insert_with(std::time::Instant::now);
+            young(t) || since.elapsed() < ADMIN_GRACE.to_std().unwrap_or_default()
+        };
+        let mut answered = Vec::new();
+        for t in &running {
+            let node = t.node_id.clone().unwrap_or_default();
+            let admin = match self.node_addr(&node).await? {
+                Some(ip) => admin::Admin::new(
+                    &self.identity,
+                    ca_pem,
+                    &self.settings.name,
+                    SocketAddr::new(ip, self.settings.admin_port),
+                )
+                .map_err(|e| refused(e.to_string()))?,
+                None => {
+                    unreachable.push(Unreached {
+                        node,
+                        why: "the node reports no address".into(),
+                        just_started: waited(t),
+                    });
+                    continue;
                 }
+            };
+            let live = match admin.config().await {
+                Ok(live) => live,
+                Err(e) => {
+                    debug!(node = %node, error = %e, "proxy admin endpoint unreachable");
+                    unreachable.push(Unreached {
+                        node,
+                        why: e.to_string(),
+                        just_started: waited(t),
+                    });
+                    continue;
+                }
+            };
+            answered.extend(t.id.clone());
+            if canonical_hash(&live) == target {
+                continue;
+            }
+            match admin.load(bytes).await {
+                Ok(()) => {
+                    info!(config = %config.name, node = %node, addr = %admin.addr(), "loaded the new proxy config live");
+                    loaded += 1;
+                }
+                // Caddy keeps running the config it has; booting a task from one it rejects would
+                // only take the proxy down.
+                Err(e @ admin::AdminError::Refused { .. }) => {
+                    warn!(error = %e, config = %config.name, node = %node, "the proxy refused the new config");
+                    return Ok(ProxyState::Refused(format!(
+                        "the proxy refused config `{}` and keeps serving the previous one: {e}",
+                        config.name
+                    )));
+                }
+                Err(e) => unreachable.push(Unreached {
+                    node,
+                    why: e.to_string(),
+                    just_started: waited(t),
+                }),
             }
         }
-        if booted_with_it {
-            return Ok(served(delivery::RESTART));
+        for id in &answered {
+            silent.remove(id);
         }
-        info!(config = %config.name, "proxy not reachable for a live load: restarting it with the new config");
-        self.write_service(Some(svc), parts, config).await
+        *self
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = silent;
+
+        match status::verdict(
+            &config.name,
+            total,
+            loaded,
+            &unreachable,
+            booted_with_it,
+            boot.name == config.name,
+        ) {
+            Verdict::State(state) => Ok(state),
+            Verdict::Restart { node, why } => {
+                warn!(config = %config.name, %node, error = %why, "a proxy cannot be reached for a live load: restarting the proxy with the new config");
+                self.write_service(Some(svc), parts, config).await
+            }
+        }
+    }
+
+    /// The address berth reaches a node's published ports at: the address the node reports to the
+    /// swarm (managers listening on 0.0.0.0 report that; their manager address then says).
+    async fn node_addr(&self, node: &str) -> Result<Option<IpAddr>, Error> {
+        let n = match self.docker.inspect_node(node).await {
+            Ok(n) => n,
+            Err(e) if status_code(&e) == Some(404) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let usable = |a: &str| a.parse::<IpAddr>().ok().filter(|ip| !ip.is_unspecified());
+        Ok(n.status
+            .and_then(|s| s.addr)
+            .and_then(|a| usable(&a))
+            .or_else(|| {
+                let m = n.manager_status?.addr?;
+                usable(
+                    m.rsplit_once(':')
+                        .map_or(m.as_str(), |(h, _)| h)
+                        .trim_matches(['[', ']']),
+                )
+            }))
     }
 
     /// Creates or updates (restarts) the proxy service with `config` as its boot config.

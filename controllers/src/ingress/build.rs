@@ -10,6 +10,7 @@
 //! The proxy boots from a Swarm config and is then kept current through Caddy's admin API; see
 //! `mod.rs` for how the two relate.
 
+use super::admin;
 use crate::swarm::hash::{canonical_hash, contains, spec_hash};
 use crate::swarm::{Owner, SwarmFile};
 use berth_api_types::ingress::{normalise_path, IngressSpec, TlsSource};
@@ -45,6 +46,14 @@ pub const CA_ID: &str = "berth";
 /// Backend requests are retried (on another task) for this long before the client gets a 502:
 /// it covers a task being replaced in a rolling update.
 pub const TRY_DURATION: &str = "10s";
+/// A backend task that failed a request (could not be dialled, or the connection broke) is out of
+/// rotation this long. Not longer than [`TRY_DURATION`]: a request whose only backend is out waits
+/// for it to come back instead of failing.
+pub const FAIL_DURATION: &str = "10s";
+/// How long a connection to a backend task may take. Tasks are on the same overlay network, a
+/// hop or two away (milliseconds); a task that does not answer this fast is tried elsewhere and
+/// taken out of rotation, instead of costing the request a second per attempt.
+pub const DIAL_TIMEOUT: &str = "250ms";
 
 /// How the proxy is run: from `berth up` / `berth controller ingress` flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +64,9 @@ pub struct Settings {
     /// Host ports published in host mode on every proxy node.
     pub https_port: u16,
     pub http_port: u16,
+    /// Host port (host mode, on every proxy node) of the proxy's remote admin endpoint: only berth's
+    /// admin client certificate is let in (see `admin.rs`).
+    pub admin_port: u16,
 }
 
 impl Settings {
@@ -75,10 +87,15 @@ impl Settings {
         if self.image.trim().is_empty() {
             return Err("--ingress-image: must not be empty".into());
         }
-        if self.https_port == 0 || self.http_port == 0 || self.https_port == self.http_port {
+        let ports = [self.https_port, self.http_port, self.admin_port];
+        if ports.contains(&0)
+            || ports[0] == ports[1]
+            || ports[0] == ports[2]
+            || ports[1] == ports[2]
+        {
             return Err(format!(
-                "--ingress-https-port {} and --ingress-http-port {} must be two different ports from 1 to 65535",
-                self.https_port, self.http_port
+                "--ingress-https-port {}, --ingress-http-port {} and --ingress-admin-port {} must be three different ports from 1 to 65535",
+                self.https_port, self.http_port, self.admin_port
             ));
         }
         Ok(())
@@ -106,6 +123,9 @@ pub struct Backend {
     /// Ports its image declares (`EXPOSE`); `None` when the image cannot be inspected here or
     /// declares none (then any port is taken on trust).
     pub exposed: Option<BTreeSet<u32>>,
+    /// Addresses of its tasks on the networks the proxy joins, as Swarm knows them now (see
+    /// `proxy_handler` for what they are used for).
+    pub tasks: BTreeSet<String>,
 }
 
 /// Where a route sends requests.
@@ -114,6 +134,8 @@ pub enum Target {
     Backend {
         service: String,
         port: u32,
+        /// Task addresses known when the config was rendered.
+        tasks: BTreeSet<String>,
     },
     /// Nothing to send to (reported on the Ingress); the path answers 503 rather than falling through
     /// to a shorter prefix that may belong to someone else.
@@ -264,6 +286,7 @@ pub fn plan(
                         Target::Backend {
                             service: p.service.clone(),
                             port: p.port,
+                            tasks: b.tasks.clone(),
                         }
                     }
                 };
@@ -286,11 +309,14 @@ pub fn plan(
     plan
 }
 
-/// Paths of the files the rendered config refers to, in the proxy's containers.
+/// Paths of the files the rendered config refers to, in the proxy's containers, and the one
+/// client the proxy's admin endpoint lets in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Files {
     /// Berth Secret name -> PEM file (key and certificate chain in one file).
     pub certificates: BTreeMap<String, String>,
+    /// berth's admin client certificate, base64 DER (public; `ca::AdminIdentity`).
+    pub admin_client: String,
 }
 
 /// The container path of a materialised certificate.
@@ -311,10 +337,23 @@ fn path_match(prefix: &str) -> Option<Value> {
     }
 }
 
-fn proxy_handler(service: &str, port: u32) -> Value {
-    // Per-task upstreams (Swarm's `tasks.<service>` DNS), not the service VIP: Caddy then balances
-    // and retries per request across tasks, skips a task that just failed, and needs no IPVS.
-    json!({
+/// The reverse proxy of one route.
+///
+/// Upstreams are the backend's tasks from Swarm's `tasks.<service>` DNS, looked up again every
+/// second (`dynamic_upstreams`), not the service VIP: Caddy then balances and retries per request
+/// across tasks, skips a task that just failed, and needs no IPVS. DNS is the truth about which
+/// tasks exist, so a rolling update needs nothing from berth.
+///
+/// Health: Caddy 2.6.2 runs no active health checks on dynamic upstreams, and it forgets a dynamic
+/// upstream's passive failures as soon as the attempt that counted them ends (its shared host
+/// record goes when no request holds it), so without help every request dials a dead task again.
+/// The task addresses berth knows are therefore also listed as static `upstreams`: Caddy keeps a
+/// static upstream's host record while the config runs, and the dynamic upstream of the same
+/// address shares it, so a task whose dial failed is skipped by every request for
+/// [`FAIL_DURATION`]. The list is only that memory (and the fallback should the DNS lookup fail):
+/// a task started since the render is still used, just without the memory until the next render.
+fn proxy_handler(service: &str, port: u32, tasks: &BTreeSet<String>) -> Value {
+    let mut handler = json!({
         "handler": "reverse_proxy",
         "dynamic_upstreams": {
             "source": "a", "name": format!("tasks.{service}"), "port": port.to_string(),
@@ -322,16 +361,34 @@ fn proxy_handler(service: &str, port: u32) -> Value {
         },
         "load_balancing": {
             "selection_policy": {"policy": "round_robin"},
-            "try_duration": TRY_DURATION, "try_interval": "100ms"
+            "try_duration": TRY_DURATION, "try_interval": "50ms"
         },
-        "health_checks": {"passive": {"fail_duration": "5s", "max_fails": 1}},
-        "transport": {"protocol": "http", "dial_timeout": "1s"}
-    })
+        "health_checks": {"passive": {"fail_duration": FAIL_DURATION, "max_fails": 1}},
+        "transport": {"protocol": "http", "dial_timeout": DIAL_TIMEOUT}
+    });
+    if !tasks.is_empty() {
+        // Caddy names a dynamic A upstream `ip:port`: the same text keys the shared record.
+        handler["upstreams"] = tasks
+            .iter()
+            .map(|ip| json!({"dial": dial(ip, port)}))
+            .collect();
+    }
+    handler
+}
+
+/// `ip:port`, with brackets for IPv6, as Go's `net.JoinHostPort` writes it.
+fn dial(ip: &str, port: u32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
 }
 
 /// The Caddy JSON config for a plan: an HTTPS server on :443 with one route per host (unknown hosts
 /// and paths get 404), an HTTP server on :80 that only redirects, TLS from the mounted certificate
-/// files and from berth's CA, and the admin API on the socket in the state volume.
+/// files and from berth's CA, and the admin API: on the socket in the state volume (for an operator
+/// on the node) and remotely, for berth's client certificate only (see `admin.rs`).
 pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
     let mut routes = Vec::new();
     let mut load_files = Vec::new();
@@ -350,7 +407,11 @@ pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
             .iter()
             .map(|r| {
                 let handler = match &r.target {
-                    Target::Backend { service, port } => proxy_handler(service, *port),
+                    Target::Backend {
+                        service,
+                        port,
+                        tasks,
+                    } => proxy_handler(service, *port, tasks),
                     Target::Unavailable => json!({
                         "handler": "static_response", "status_code": 503,
                         "body": "service unavailable\n"
@@ -399,7 +460,23 @@ pub fn render(plan: &Plan, settings: &Settings, files: &Files) -> Value {
     json!({
         "admin": {
             "listen": format!("unix/{STATE_MOUNT}/{ADMIN_SOCKET}"),
-            "config": {"persist": true}
+            "config": {"persist": true},
+            // The remote endpoint's certificate, issued by Caddy from berth's CA (which berth
+            // trusts) for one name on every node.
+            "identity": {
+                "identifiers": [admin::server_name(&settings.name)],
+                "issuers": [{"module": "internal", "ca": CA_ID}]
+            },
+            "remote": {
+                "listen": format!(":{}", admin::ADMIN_TARGET_PORT),
+                // Caddy 2.6 checks every permission entry: one entry, so GET and POST go to both
+                // paths (`POST /config/` can do no more than `/load`). Nothing else: no /stop, no
+                // /pki.
+                "access_control": [{
+                    "public_keys": [files.admin_client],
+                    "permissions": [{"paths": ["/config/", "/load"], "methods": ["GET", "POST"]}]
+                }]
+            }
         },
         "apps": {
             "http": {
@@ -635,6 +712,8 @@ fn service_spec(
             ports: Some(vec![
                 port(443, settings.https_port),
                 port(80, settings.http_port),
+                // Who may use it: berth's admin client only (mutual TLS; see `admin.rs`).
+                port(i64::from(admin::ADMIN_TARGET_PORT), settings.admin_port),
             ]),
             ..Default::default()
         }),
@@ -735,6 +814,7 @@ mod tests {
             image: "caddy:2".into(),
             https_port: 443,
             http_port: 80,
+            admin_port: 2021,
         }
     }
 
@@ -756,6 +836,7 @@ mod tests {
                 Backend {
                     networks: vec!["berth-internal".into()],
                     exposed: Some(BTreeSet::from([8080])),
+                    tasks: BTreeSet::new(),
                 },
             ),
             (
@@ -763,6 +844,7 @@ mod tests {
                 Backend {
                     networks: vec!["backend".into()],
                     exposed: None,
+                    tasks: BTreeSet::from(["10.0.1.7".to_string(), "10.0.1.5".to_string()]),
                 },
             ),
         ])
@@ -931,6 +1013,7 @@ mod tests {
         let secrets = BTreeMap::from([("tls".to_string(), Ok(()))]);
         let files = Files {
             certificates: BTreeMap::from([("tls".into(), "/run/secrets/x-tls-1".into())]),
+            admin_client: "QUJD".into(),
         };
         let p = plan(&c, &web(), &secrets);
         let r = render(&p, &settings(), &files);
@@ -947,6 +1030,18 @@ mod tests {
         assert!(config_name(&settings(), &r).starts_with("berth-ingress-"));
 
         assert_eq!(r["admin"]["listen"], "unix//berth/admin.sock");
+        // The remote admin endpoint: certificate from berth's CA for one name, and only berth's
+        // client certificate let in, for reading and loading configs.
+        assert_eq!(
+            r["admin"]["identity"],
+            json!({"identifiers": ["berth-ingress.admin.berth"],
+                   "issuers": [{"module": "internal", "ca": "berth"}]})
+        );
+        assert_eq!(
+            r["admin"]["remote"],
+            json!({"listen": ":2021", "access_control": [{"public_keys": ["QUJD"],
+                "permissions": [{"paths": ["/config/", "/load"], "methods": ["GET", "POST"]}]}]})
+        );
         let https = &r["apps"]["http"]["servers"]["https"];
         assert_eq!(https["listen"], json!([":443"]));
         let routes = https["routes"].as_array().unwrap();
@@ -965,6 +1060,22 @@ mod tests {
             "tasks.api"
         );
         assert_eq!(sub[0]["handle"][0]["dynamic_upstreams"]["port"], "9000");
+        // The known tasks are the health memory; DNS stays the truth about which tasks exist.
+        let api = &sub[0]["handle"][0];
+        assert_eq!(
+            api["upstreams"],
+            json!([{"dial": "10.0.1.5:9000"}, {"dial": "10.0.1.7:9000"}])
+        );
+        assert_eq!(
+            api["health_checks"],
+            json!({"passive": {"fail_duration": "10s", "max_fails": 1}})
+        );
+        assert_eq!(api["transport"]["dial_timeout"], DIAL_TIMEOUT);
+        assert!(
+            sub[1]["handle"][0].get("upstreams").is_none(),
+            "no task known: DNS only"
+        );
+        assert_eq!(dial("fd00::5", 80), "[fd00::5]:80");
         assert!(sub[1].get("match").is_none(), "`/` matches everything");
         assert_eq!(sub[2], json!({"handle": [not_found()]}));
         // HSTS off for other.test.
@@ -1040,12 +1151,16 @@ mod tests {
         assert_eq!(s.name.as_deref(), Some("berth-ingress"));
         assert!(s.mode.as_ref().unwrap().global.is_some());
         let ports = s.endpoint_spec.as_ref().unwrap().ports.as_ref().unwrap();
-        assert_eq!(ports.len(), 2);
+        assert_eq!(ports.len(), 3);
         assert!(ports
             .iter()
             .all(|p| p.publish_mode == Some(EndpointPortConfigPublishModeEnum::HOST)));
         assert_eq!(ports[0].published_port, Some(443));
         assert_eq!(ports[1].published_port, Some(80));
+        assert_eq!(
+            (ports[2].target_port, ports[2].published_port),
+            (Some(2021), Some(2021))
+        );
         let t = s.task_template.as_ref().unwrap();
         assert_eq!(
             t.placement.as_ref().unwrap().constraints,
@@ -1158,6 +1273,14 @@ mod tests {
             ..settings()
         };
         assert!(same.validate().is_err());
+        let admin_clash = Settings {
+            admin_port: 80,
+            ..settings()
+        };
+        assert!(admin_clash
+            .validate()
+            .unwrap_err()
+            .contains("--ingress-admin-port"));
         assert_eq!(settings().volume(), "berth-ingress-state");
 
         let files = BTreeMap::from([

@@ -11,20 +11,27 @@
 //! - Every rendered config is a Swarm config named by its content hash. The proxy service mounts one
 //!   of them as its *boot* config: what a task starts from.
 //! - A change that only touches routes (hosts, paths, backends on networks the proxy already joined,
-//!   internal certificates) is *loaded live* through Caddy's admin API, on a unix socket in the
-//!   proxy's state volume (no network address: only the proxy and root on its node reach it). Caddy
-//!   keeps its listeners and drains the old config, so nothing is refused or cut. The service spec
-//!   is not touched, because any service update restarts the tasks, and two tasks cannot share a
-//!   node's host port: every restart is a gap.
+//!   internal certificates) is *loaded live* into every proxy task, on every node, through Caddy's
+//!   remote admin API: each task publishes it on its node's admin port, and only berth's client
+//!   certificate gets in, over mutual TLS (`admin.rs`). berth finds each task's node address in
+//!   Swarm, reads the running config back, and loads the new one where it differs. Caddy keeps its
+//!   listeners and drains the old config, so nothing is refused or cut. The service spec is not
+//!   touched, because any service update restarts the tasks, and two tasks cannot share a node's
+//!   host port: every restart is a gap.
+//! - Push, not pull: Caddy 2.6.2 can also poll for its config (`admin.config.load` with the `http`
+//!   loader and `load_delay`). Tried with the real binary: it keeps polling while the config is
+//!   unchanged or the server is down, but stops for good after one pulled config it refuses, and its
+//!   HTTP loader sends every poll ten times (a retry loop without a break). Pushing also tells berth,
+//!   per task, what each proxy runs, which the Ingress status counts.
 //! - A restarted task must not fall back to an older config: Caddy autosaves each loaded config and
 //!   starts with `--resume`, and its autosave directory is named after the boot config, so a task
 //!   resumes the newest config loaded since its service got that boot config, never one from before.
 //! - The restart path (update the service with the current config as boot config) is the fallback,
 //!   and the only way for what lives in the service spec: image, ports, networks to join, mounted
-//!   certificate secrets, placement. It is also taken when the admin socket cannot be reached — a
-//!   proxy task on another node (berth reaches only its own node's socket), or berth talking to a
-//!   remote engine. A config Caddy refuses is never booted from: the old one keeps serving and every
-//!   Ingress says why it is not Ready.
+//!   certificate secrets, placement. It is also taken when a proxy task's admin endpoint cannot be
+//!   reached once the task has had time to open it (a firewall, a lost admin key). A config Caddy
+//!   refuses is never booted from: the old one keeps serving and every Ingress says why it is not
+//!   Ready.
 
 pub mod admin;
 pub mod apply;
@@ -36,12 +43,11 @@ pub mod status;
 use crate::api::{ResourceStore, SecretReader};
 use crate::runtime::{Action, Aggregator, Cached, Context, Converged, Error, Hooks, Resource};
 use crate::swarm::{Owner, SwarmFile, SwarmFiles};
-use admin::Admin;
 use async_trait::async_trait;
 use berth_api_types::ingress::{validate_ingress, Ingress};
 use berth_api_types::names::labels;
 use berth_api_types::validate::FieldError;
-use berth_api_types::{Event, EventType, Kind};
+use berth_api_types::{Event, Kind};
 use bollard::errors::Error as DockerError;
 use bollard::models::{EventMessage, EventMessageTypeEnum, Service as SwarmService, Task};
 use bollard::query_parameters::ListServicesOptions;
@@ -84,18 +90,24 @@ pub struct IngressController {
     lock: tokio::sync::Mutex<()>,
     /// The newest rendered config: kept by garbage collection even while only loaded live.
     latest: std::sync::Mutex<Option<String>>,
-    local_node: tokio::sync::OnceCell<String>,
+    /// berth's client identity for the proxies' admin endpoints.
+    identity: ca::AdminIdentity,
+    /// Since when each proxy task (by ID) has not answered on its admin endpoint: a moment's
+    /// silence (Caddy swaps the endpoint's certificate during every load) is no reason to restart.
+    unreachable_since: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl IngressController {
     /// `instance`: the installation id stamped on everything; `store`: where backend Services and
-    /// Networks are read; `secrets`: where TLS certificates are read.
+    /// Networks are read; `secrets`: where TLS certificates are read; `identity`: what berth calls
+    /// the proxies' admin endpoints with (kept across restarts: `ca::AdminIdentity::load_or_create`).
     pub fn new(
         docker: Docker,
         store: Arc<dyn ResourceStore>,
         secrets: Arc<dyn SecretReader>,
         instance: &str,
         settings: Settings,
+        identity: ca::AdminIdentity,
     ) -> Self {
         IngressController {
             files: SwarmFiles::new(docker.clone()),
@@ -106,7 +118,8 @@ impl IngressController {
             settings,
             lock: Default::default(),
             latest: Default::default(),
-            local_node: Default::default(),
+            identity,
+            unreachable_since: Default::default(),
         }
     }
 
@@ -129,16 +142,6 @@ impl IngressController {
             .find(|s| s.spec.as_ref().and_then(|sp| sp.name.as_deref()) == Some(name.as_str())))
     }
 
-    async fn local_node(&self) -> Result<&str, DockerError> {
-        self.local_node
-            .get_or_try_init(|| async {
-                let info = self.docker.info().await?;
-                Ok(info.swarm.and_then(|s| s.node_id).unwrap_or_default())
-            })
-            .await
-            .map(String::as_str)
-    }
-
     /// The proxy's state volume on this node, if it exists here and is ours.
     async fn state_dir(&self) -> Option<PathBuf> {
         let v = self
@@ -148,12 +151,6 @@ impl IngressController {
             .ok()?;
         self.owns(Some(&v.labels))
             .then(|| PathBuf::from(v.mountpoint))
-    }
-
-    async fn admin(&self) -> Option<Admin> {
-        Some(Admin::new(
-            &self.state_dir().await?.join(build::ADMIN_SOCKET),
-        ))
     }
 }
 
@@ -279,8 +276,8 @@ impl Hooks for IngressController {
     async fn map_related(&self, event: &Event, ctx: &Context<Self>) -> Vec<String> {
         let ingresses = ctx.cache.objects();
         let relevant = match event.kind {
-            // A Service's status moves on every task start; only its existence and spec matter here.
-            Kind::Service if event.type_ == EventType::StatusChanged => false,
+            // Status changes too: a task started or stopped changes the task addresses the proxy
+            // keeps health records for (`build::proxy_handler`).
             Kind::Service => ingresses.iter().any(|i| {
                 i.object
                     .spec

@@ -39,7 +39,7 @@ pub mod reasons {
 
 /// How the serving config reached the proxy.
 pub mod delivery {
-    /// Loaded into the running proxy through its admin API: no connection dropped.
+    /// Loaded into every running proxy task through its admin API: no connection dropped.
     pub const LIVE: &str = "live";
     /// The proxy service was updated and its tasks restarted with the config.
     pub const RESTART: &str = "restart";
@@ -65,6 +65,9 @@ pub struct IngressStatus {
     /// `live` or `restart` (see [`delivery`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<String>,
+    /// How many proxy tasks (one per proxy node) serve [`Self::config`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxies: Option<u64>,
     /// PEM root certificate of berth's internal CA, for Ingresses with `tls.mode: internal`: what
     /// clients trust.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,12 +77,83 @@ pub struct IngressStatus {
 /// What the proxy is doing, as the reconcile found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyState {
-    /// The current config runs on every proxy task.
-    Serving { config: String, delivery: String },
+    /// The current config runs on every proxy task (`proxies` of them).
+    Serving {
+        config: String,
+        delivery: String,
+        proxies: usize,
+    },
     /// Tasks are starting or being updated.
     Starting(String),
     /// berth cannot run the proxy (a service it does not own has the name, the engine refused it).
     Refused(String),
+}
+
+/// A proxy task whose admin endpoint berth could not reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreached {
+    pub node: String,
+    pub why: String,
+    /// The task started, or first failed to answer, moments ago: Caddy may not have opened the
+    /// endpoint yet, or be swapping its certificate. Worth waiting for, not restarting.
+    pub just_started: bool,
+}
+
+/// What a delivery attempt comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Report this state (serving, or waiting for a starting task).
+    State(ProxyState),
+    /// Some task cannot take the config live: take the restart path.
+    Restart { node: String, why: String },
+}
+
+/// Decides from one delivery attempt of `config` to `total` running proxy tasks: `loaded` of them
+/// took it live just now, `unreached` could not be asked, the rest already ran it.
+/// `booted_with_it`: every task booted from this config; `boot_is_config`: it is also the service's
+/// boot config.
+pub fn verdict(
+    config: &str,
+    total: usize,
+    loaded: usize,
+    unreached: &[Unreached],
+    booted_with_it: bool,
+    boot_is_config: bool,
+) -> Verdict {
+    let served = |how: &str| {
+        Verdict::State(ProxyState::Serving {
+            config: config.to_string(),
+            delivery: how.to_string(),
+            proxies: total,
+        })
+    };
+    let Some(first) = unreached.first() else {
+        // Booted with it and never needed a load: the restart got it there.
+        return served(if loaded == 0 && booted_with_it && boot_is_config {
+            delivery::RESTART
+        } else {
+            delivery::LIVE
+        });
+    };
+    if booted_with_it {
+        // A task that booted from this config runs it (or a newer load of berth's).
+        return served(delivery::RESTART);
+    }
+    if unreached.iter().all(|u| u.just_started) {
+        // A task that just started opens its admin endpoint once Caddy has issued its certificate,
+        // and a load swaps that certificate: wait a little before restarting anything.
+        return Verdict::State(ProxyState::Starting(format!(
+            "{} of {total} proxies serve config `{config}`; waiting for the admin endpoint on node {}: {}",
+            total - unreached.len(),
+            first.node,
+            first.why
+        )));
+    }
+    let old = unreached.iter().find(|u| !u.just_started).unwrap_or(first);
+    Verdict::Restart {
+        node: old.node.clone(),
+        why: old.why.clone(),
+    }
 }
 
 /// Status for a spec that does not validate.
@@ -111,6 +185,7 @@ fn not_accepted(
     s.urls.clear();
     s.config = None;
     s.delivery = None;
+    s.proxies = None;
     s.ca_certificate = None;
     let c = &mut s.conditions;
     set_condition(c, conditions::ACCEPTED, False, reason, message, now);
@@ -199,20 +274,29 @@ pub fn observed(
         }
     };
 
-    let (ready, reason, message, config, how) = match proxy {
+    let (ready, reason, message, config, how, proxies) = match proxy {
         _ if lost_everything => (
             false,
             reasons::NO_ROUTES,
             "no route of this Ingress is served".to_string(),
             None,
             None,
+            None,
         ),
-        ProxyState::Serving { config, delivery } => (
+        ProxyState::Serving {
+            config,
+            delivery,
+            proxies,
+        } => (
             true,
             reasons::SERVING,
-            format!("served by `{proxy_name}` (config `{config}`, delivered by {delivery})"),
+            format!(
+                "served by `{proxy_name}` on {proxies} node{} (config `{config}`, delivered by {delivery})",
+                if *proxies == 1 { "" } else { "s" }
+            ),
             Some(config.clone()),
             Some(delivery.clone()),
+            Some(*proxies as u64),
         ),
         ProxyState::Starting(m) => (
             false,
@@ -220,12 +304,14 @@ pub fn observed(
             m.clone(),
             s.config.clone(),
             s.delivery.clone(),
+            s.proxies,
         ),
-        ProxyState::Refused(m) => (false, reasons::PROXY_REFUSED, m.clone(), None, None),
+        ProxyState::Refused(m) => (false, reasons::PROXY_REFUSED, m.clone(), None, None, None),
     };
     set_condition(c, conditions::READY, ready.into(), reason, &message, now);
     s.config = config;
     s.delivery = how;
+    s.proxies = proxies;
     s
 }
 
@@ -244,6 +330,7 @@ mod tests {
         ProxyState::Serving {
             config: "lb-0123".into(),
             delivery: delivery::LIVE.into(),
+            proxies: 2,
         }
     }
 
@@ -268,8 +355,9 @@ mod tests {
         assert_eq!(cond(&s, "Ready").0, ConditionStatus::True);
         assert_eq!(
             cond(&s, "Ready").2,
-            "served by `lb` (config `lb-0123`, delivered by live)"
+            "served by `lb` on 2 nodes (config `lb-0123`, delivered by live)"
         );
+        assert_eq!(s.proxies, Some(2));
         assert_eq!(cond(&s, "Conflict").0, ConditionStatus::False);
         assert_eq!(cond(&s, "BackendMissing").0, ConditionStatus::False);
         assert_eq!(s.ca_certificate.as_deref(), Some("PEM"));
@@ -319,6 +407,52 @@ mod tests {
         );
         assert_eq!(cond(&s3, "Ready").1, "ProxyStarting");
         assert_eq!(cond(&s3, "Accepted").0, ConditionStatus::True);
+    }
+
+    #[test]
+    fn delivery_verdicts() {
+        let serving = |how: &str| {
+            Verdict::State(ProxyState::Serving {
+                config: "c".into(),
+                delivery: how.into(),
+                proxies: 2,
+            })
+        };
+        // Every task already ran it since it booted from it: the restart delivered it.
+        assert_eq!(verdict("c", 2, 0, &[], true, true), serving("restart"));
+        // Loaded into one task now, or running a config loaded earlier: live.
+        assert_eq!(verdict("c", 2, 1, &[], true, true), serving("live"));
+        assert_eq!(verdict("c", 2, 0, &[], false, false), serving("live"));
+        let young = Unreached {
+            node: "n2".into(),
+            why: "connection refused".into(),
+            just_started: true,
+        };
+        let old = Unreached {
+            just_started: false,
+            node: "n3".into(),
+            ..young.clone()
+        };
+        // Unreachable, but it booted from this config: it serves it.
+        assert_eq!(
+            verdict("c", 2, 0, std::slice::from_ref(&old), true, true),
+            serving("restart")
+        );
+        // A task that just started gets time to open its endpoint.
+        assert_eq!(
+            verdict("c", 2, 1, std::slice::from_ref(&young), false, false),
+            Verdict::State(ProxyState::Starting(
+                "1 of 2 proxies serve config `c`; waiting for the admin endpoint on node n2: connection refused".into()
+            ))
+        );
+        // One that had that time: the restart path, naming it.
+        assert_eq!(
+            verdict("c", 3, 0, &[young, old], false, false),
+            Verdict::Restart {
+                node: "n3".into(),
+                why: "connection refused".into()
+            }
+        );
     }
 
     #[test]
