@@ -21,7 +21,7 @@ pub mod status;
 
 use crate::runtime::{Action, Aggregator, Cached, Context, Converged, Error, Hooks, Resource};
 use async_trait::async_trait;
-use berth_api_types::node::{validate_node, Node};
+use berth_api_types::node::{validate_node, Node, NodeRole};
 use berth_api_types::validate::FieldError;
 use berth_api_types::Kind;
 use bollard::models::{EventMessage, EventMessageTypeEnum};
@@ -145,7 +145,9 @@ impl Aggregator for NodeController {
                 &outcome,
                 now,
             );
-            busy |= status::draining(&s);
+            // A demoted node leaves Raft a while after its role changed: look again soon.
+            busy |= status::draining(&s)
+                || (member.role == NodeRole::Worker && observed.node.manager_status.is_some());
             statuses.insert(name.to_string(), s);
         }
         let action = if busy || !naming.register.is_empty() {

@@ -71,7 +71,8 @@ pub struct NodeStatus {
     pub role: Option<NodeRole>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub availability: Option<Availability>,
-    /// Managers only: `reachable`, `unreachable` or `unknown` (the Raft member).
+    /// The node's Raft member: `reachable`, `unreachable` or `unknown`; none for a node that is not
+    /// (or no longer) a member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager_reachability: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -171,15 +172,12 @@ pub fn observed(
     s.message = engine_message.clone();
     s.role = Some(member.role);
     s.availability = Some(member.availability);
-    s.manager_reachability = match member.role {
-        NodeRole::Manager => Some(
-            manager
-                .and_then(|m| m.reachability)
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "unknown".into()),
-        ),
-        NodeRole::Worker => None,
-    };
+    // Shown while the engine still has a Raft member for the node, also after a demotion: the
+    // member leaves Raft some time after the role changes, and until then it counts for quorum.
+    s.manager_reachability = manager
+        .and_then(|m| m.reachability)
+        .map(|r| r.to_string())
+        .or_else(|| (member.role == NodeRole::Manager).then(|| "unknown".to_string()));
     s.leader = manager.and_then(|m| m.leader).unwrap_or(false);
     s.address = node.status.as_ref().and_then(|st| st.addr.clone());
     s.engine_version = description.engine.and_then(|e| e.engine_version);

@@ -383,7 +383,14 @@ fn promote_demote_and_the_last_manager(lab: &Lab) -> Result<()> {
                     .await
                     .ok_or("no object")?;
                 let current = o["status"]["observedGeneration"] == o["metadata"]["generation"];
-                if current && o["status"]["role"] == "worker" && ready_reason(&o) == "NodeReady" {
+                // Also out of Raft: only then is the swarm back to one manager (and writable at
+                // once, whatever the engine did meanwhile), which the next scenario counts on.
+                let left_raft = o["status"]["managerReachability"].is_null();
+                if current
+                    && o["status"]["role"] == "worker"
+                    && left_raft
+                    && ready_reason(&o) == "NodeReady"
+                {
                     Ok(())
                 } else {
                     Err(format!("status {}", o["status"]))
