@@ -19,7 +19,7 @@ const BUSYBOX: &str = "berth-test/busybox:1";
 /// Generous on a loaded 2-core machine; tasks of local images on the extra nodes start late.
 const CONVERGE: Duration = Duration::from_secs(90);
 /// See `promote_demote_and_the_last_manager`.
-const DEMOTION: Duration = Duration::from_secs(180);
+const DEMOTION: Duration = Duration::from_secs(300);
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
