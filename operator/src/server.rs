@@ -769,6 +769,24 @@ mod tests {
         assert_eq!(code, 200);
     }
 
+    /// The join command carries the swarm's join token: no answer without the admin token, and a
+    /// bad role is refused before the engine is asked.
+    #[tokio::test]
+    async fn the_join_command_needs_the_token_and_a_known_role() {
+        let (app, _d) = app();
+        let path = format!("{}?role=worker", paths::JOIN_COMMAND);
+        let (code, body) = call_raw(&app, "GET", &path, None, false).await;
+        assert_eq!(code, 401);
+        assert!(!body.contains("SWMTKN"), "{body}");
+        let path = format!("{}?role=boss", paths::JOIN_COMMAND);
+        let (code, body) = call(&app, "GET", &path, None, true).await;
+        assert_eq!(code, 422, "{body}");
+        assert!(body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("`boss` is not a role"));
+    }
+
     #[tokio::test]
     async fn invalid_objects_get_field_errors_and_change_nothing() {
         let (app, _d) = app();
