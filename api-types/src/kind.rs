@@ -89,6 +89,7 @@ impl Kind {
                 | Kind::Node
                 | Kind::Registry
                 | Kind::Ingress
+                | Kind::Backup
         )
     }
 

@@ -23,6 +23,25 @@ pub mod paths {
     /// swarm's join token, so only admin-token holders may ask and the answer is never logged.
     pub const JOIN_COMMAND: &str = "/apis/berth/v1/swarm/join-command";
 
+    /// Backups. Every route below needs the admin token (the only role until access control
+    /// lands): they read every volume's data, hand out the repository key, or rewrite objects.
+    ///
+    /// `/apis/berth/v1/backups/<plan>/run`: POST takes a snapshot now; the answer streams progress
+    /// as JSON lines and ends with the snapshot's record.
+    pub fn backup_run(plan: &str) -> String {
+        format!("{API_ROOT}/backups/{plan}/run")
+    }
+    /// GET (`?plan=`): the evidence, every snapshot's record with its verification.
+    pub const SNAPSHOTS: &str = "/apis/berth/v1/snapshots";
+    /// POST `{"snapshot": ID}` or `{"all": true}`: re-read every blob, record the result.
+    pub const SNAPSHOTS_VERIFY: &str = "/apis/berth/v1/snapshots/verify";
+    /// POST `{"snapshot", "volume", "node"?, "as"?}`: write a volume's files back from a snapshot.
+    pub const RESTORE_VOLUME: &str = "/apis/berth/v1/restore/volume";
+    /// POST `{"snapshot", "dryRun"}`: re-apply a snapshot's objects (never deletes).
+    pub const RESTORE_ENVIRONMENT: &str = "/apis/berth/v1/restore/environment";
+    /// GET: the repository key, for running restic by hand (never logged).
+    pub const BACKUP_KEY: &str = "/apis/berth/v1/backup/key";
+
     /// `/apis/berth/v1/<plural>`
     pub fn collection(kind: Kind) -> String {
         format!("{API_ROOT}/{}", kind.plural())
@@ -125,6 +144,9 @@ pub mod labels {
     /// On what the Ingress controller creates for its proxy: which part it is (`proxy`, `config`,
     /// `certificate`, `ca`, `ca-key`, `state`).
     pub const ROLE: &str = "io.berth.role";
+    /// On a restic snapshot (as a tag `io.berth.run=<id>`) and on the agent tasks that copy a
+    /// volume: which backup run it belongs to.
+    pub const BACKUP_RUN: &str = "io.berth.run";
     /// Node label (`docker node update --label-add io.berth.ingress=true`) choosing the nodes that
     /// run the ingress proxy; without any such node it runs on the managers.
     pub const INGRESS_NODE: &str = "io.berth.ingress";

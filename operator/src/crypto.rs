@@ -140,6 +140,12 @@ impl MasterKey {
         }
     }
 
+    /// The key as base64, for the environment snapshot only (inside the encrypted backup
+    /// repository; see `environment.rs`). Never logged.
+    pub fn to_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.bytes)
+    }
+
     pub fn sealer(&self) -> Sealer {
         Sealer {
             cipher: Arc::new(XChaCha20Poly1305::new(Key::from_slice(&self.bytes))),

@@ -6,6 +6,7 @@ mod cli;
 mod crypto;
 mod daemon;
 mod deploy_applier;
+mod environment;
 mod hooks;
 mod in_process_api;
 mod output;

@@ -248,6 +248,28 @@ impl Webhooks {
         Ok(Some((hook, token, secret)))
     }
 
+    /// Puts back a webhook from an environment snapshot: the same id and token hash (so CI's URL
+    /// works again), its signing secret opened with the snapshot's key and sealed with this
+    /// store's.
+    pub async fn restore(
+        &self,
+        mut hook: Webhook,
+        snapshot_sealer: &Sealer,
+    ) -> Result<(), StoreError> {
+        if let Some(sealed) = &hook.signing_sealed {
+            let secret = snapshot_sealer
+                .open(&signing_aad(&hook.id), sealed)
+                .map_err(|_| {
+                    StoreError::Storage(format!(
+                        "webhook {}: its signing secret does not open with the snapshot's key",
+                        hook.id
+                    ))
+                })?;
+            hook.signing_sealed = Some(self.sealer().seal(&signing_aad(&hook.id), &secret));
+        }
+        self.put(&hook, None).await
+    }
+
     pub async fn delete(&self, id: &str) -> Result<Option<Webhook>, StoreError> {
         let Some(old) = self.get(id)? else {
             return Ok(None);

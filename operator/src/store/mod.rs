@@ -206,6 +206,40 @@ impl Store {
         Ok(store)
     }
 
+    /// Makes a store that holds no objects yet take the installation id `id` (an environment
+    /// restore into a fresh data directory: the restored installation then owns, and adopts, the
+    /// Swarm objects the snapshot's installation made). Returns whether it did; a store that
+    /// holds objects keeps its own id. Must run before [`Store::open`] on the same directory.
+    pub fn adopt_installation(dir: &Path, id: &str) -> Result<bool, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()
+            .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
+        let objects = db.open_tree("objects")?;
+        if !objects.is_empty() {
+            return Ok(false);
+        }
+        let meta = db.open_tree("meta")?;
+        meta.insert("instance", id.as_bytes())?;
+        db.flush()?;
+        Ok(true)
+    }
+
+    /// Every stored object as it is at rest (Secrets sealed), without status: the environment
+    /// snapshot's content.
+    pub fn export_objects(&self) -> Result<Vec<DynObject>, StoreError> {
+        self.objects
+            .iter()
+            .values()
+            .map(|v| {
+                let mut obj = decode(&v?)?;
+                obj.status = serde_json::Value::Null;
+                Ok(obj)
+            })
+            .collect()
+    }
+
     /// This installation's id, created at first start; stamped on every Swarm object berth creates.
     pub fn instance(&self) -> &str {
         &self.instance
