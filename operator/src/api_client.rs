@@ -201,21 +201,38 @@ impl ApiClient {
     pub async fn watch_events(
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Event, ClientError>>, ClientError> {
+        let req = self.http.get(self.url(paths::EVENTS)).query(&[("watch", "true")]);
+        self.json_lines::<Event>(req).await
+    }
+
+    /// A request whose answer is newline-delimited JSON (watches, long operations that report
+    /// progress), as a stream of decoded lines. An error answer is decoded as usual.
+    pub async fn json_lines<T: serde::de::DeserializeOwned + 'static>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<impl futures::Stream<Item = Result<T, ClientError>>, ClientError> {
         use futures::StreamExt;
-        let resp = self
-            .http
-            .get(self.url(paths::EVENTS))
-            .query(&[("watch", "true")])
+        let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
         if !resp.status().is_success() {
-            return Err(ClientError::Api {
-                status: resp.status().as_u16(),
-                reason: "Error".into(),
-                message: format!("watch refused: {}", resp.status()),
-                details: vec![],
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    reason: b.reason,
+                    message: b.message,
+                    details: b.details,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    reason: "Error".into(),
+                    message: format!("refused: {status}"),
+                    details: vec![],
+                },
             });
         }
         let base = self.base.clone();
@@ -230,7 +247,7 @@ impl ApiClient {
                             if line.iter().all(u8::is_ascii_whitespace) {
                                 continue;
                             }
-                            let item = serde_json::from_slice::<Event>(&line)
+                            let item = serde_json::from_slice::<T>(&line)
                                 .map_err(|e| ClientError::Protocol(e.to_string()));
                             return Some((item, (body, buf)));
                         }
@@ -252,6 +269,11 @@ impl ApiClient {
             },
         );
         Ok(lines)
+    }
+
+    /// A request builder for `path` (for [`ApiClient::json_lines`]).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path))
     }
 }
 

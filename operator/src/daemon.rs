@@ -11,6 +11,10 @@ use crate::store::{Store, StoreError};
 use crate::{deploy_applier, Conn, IngressArgs, ServerArgs};
 use berth_api_types::Kind;
 use berth_controllers::api::{ResourceStore, SecretReader};
+use berth_controllers::backup::operations::{Backups, Settings};
+use berth_controllers::backup::schedule::SystemClock;
+use berth_controllers::backup::volumes::Transfers;
+use berth_controllers::backup::BackupController;
 use berth_controllers::bus::{self, EventBus};
 use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
@@ -125,6 +129,16 @@ async fn start_api(
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     let store = open_store(&server.data_dir.join("store"), &key)?;
+    if !server.backup.no_default_backup_plan
+        && crate::store::ensure_backup_plan(&store)
+            .await
+            .map_err(|e| format!("error: {e}"))?
+    {
+        info!(
+            plan = berth_api_types::backup::DEFAULT_PLAN,
+            "created the default backup plan"
+        );
+    }
     if crate::store::ensure_network(&store, &server.default_network)
         .await
         .map_err(|e| format!("error: {e} (see --default-network)"))?
@@ -147,6 +161,7 @@ async fn start_api(
     );
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
+    let backups = start_backups(server, &store, &key, docker_host, bus.clone(), tasks).await?;
     // Deploy events become spec changes here, in the only writer of spec. Durable on NATS (named
     // per installation, like the controllers' consumers) so deploys queued while down still land.
     let applier = server
@@ -163,6 +178,7 @@ async fn start_api(
         token: Arc::new(token),
         default_network: Arc::new(server.default_network.clone()),
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
+        backups,
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
@@ -177,6 +193,74 @@ async fn start_api(
         .map_err(|e| format!("error: API server failed: {e}"))
     });
     Ok(ApiParts { store, bus })
+}
+
+/// The installation's backups and the Backup controller that schedules them. They run here, in
+/// the API server's process, because a snapshot reads the store's sealed values and master key.
+/// Without an engine there are no volumes to read: backups are off (and say so) rather than the
+/// API refusing to start.
+async fn start_backups(
+    server: &ServerArgs,
+    store: &Store,
+    key: &MasterKey,
+    docker_host: Option<&str>,
+    bus: Arc<dyn EventBus>,
+    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+) -> Result<Option<Arc<Backups>>, String> {
+    let docker = match engine::connect(docker_host).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "no Swarm engine: backups are off in this process");
+            return Ok(None);
+        }
+    };
+    let instance = store.instance().to_string();
+    let local = Arc::new(InProcessApi {
+        store: store.clone(),
+        default_network: server.default_network.clone(),
+    });
+    let settings = Settings {
+        installation: instance.clone(),
+        backup_dir: server.backup.backup_dir.clone(),
+        work_dir: server.data_dir.join("backup"),
+        key_file: server.data_dir.join("backup.key"),
+        restic: server.backup.restic.clone(),
+    };
+    let transfers = Transfers::new(
+        docker.clone(),
+        &instance,
+        server.backup.backup_agent_image.clone(),
+    )
+    .await
+    .map_err(|e| format!("error: backups: {e}"))?;
+    let records = Records::open(&server.data_dir.join("controllers").join("backup"), "backups")
+        .map_err(|e| format!("error: {e}"))?;
+    let environment = Arc::new(crate::environment::StoreEnvironment {
+        store: store.clone(),
+        key: key.clone(),
+    });
+    let backups = Arc::new(Backups::new(
+        docker,
+        settings,
+        environment,
+        local.clone(),
+        local.clone(),
+        transfers,
+        records,
+    ));
+    let controller = Arc::new(BackupController::new(
+        backups.clone(),
+        Arc::new(SystemClock),
+    ));
+    let config = ControllerConfig {
+        durable: server
+            .nats
+            .is_some()
+            .then(|| format!("berth-{instance}-controller-{}", Kind::Backup.lower())),
+        ..Default::default()
+    };
+    spawn(tasks, Controller::new(controller, local, bus, config));
+    Ok(Some(backups))
 }
 
 async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {

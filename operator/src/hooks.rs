@@ -589,6 +589,7 @@ mod tests {
             token: Arc::new(ADMIN.into()),
             default_network: Arc::new("berth-internal".into()),
             docker_host: None,
+            backups: None,
         };
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
         let app = crate::server::router(api.clone()).merge(router(api, hooks));

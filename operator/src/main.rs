@@ -2,6 +2,8 @@
 //! (`apply`, `get`, `describe`, `delete`, `events`) talk to a running API server.
 
 mod api_client;
+mod backup_api;
+mod backup_cli;
 mod cli;
 mod crypto;
 mod daemon;
@@ -65,6 +67,28 @@ pub struct ServerArgs {
     /// Deploy webhook calls allowed per second from one source address (bursts of 5 s worth).
     #[arg(long, env = "BERTH_HOOK_RATE", default_value_t = 20)]
     pub hook_rate: u32,
+    #[command(flatten)]
+    pub backup: BackupArgs,
+}
+
+/// Backups (they run in the API server's process: only it can read the store's sealed values).
+#[derive(Args, Clone)]
+pub struct BackupArgs {
+    /// Parent of the default local repositories (`<dir>/<installation id>`). Keep it outside the
+    /// data directory, ideally on another disk: one failure must not take both.
+    #[arg(long, env = "BERTH_BACKUP_DIR", default_value = "/var/lib/berth-backups")]
+    pub backup_dir: PathBuf,
+    /// The restic binary that writes and reads repositories.
+    #[arg(long, env = "BERTH_RESTIC", default_value = "restic")]
+    pub restic: PathBuf,
+    /// Image of the short-lived agent task that reads or writes a volume on a node other than
+    /// this one (it runs the berth binary: `berth agent`).
+    #[arg(long, env = "BERTH_BACKUP_AGENT_IMAGE", default_value = concat!("berth:", env!("CARGO_PKG_VERSION")))]
+    pub backup_agent_image: String,
+    /// Do not create the default `environment` plan at first start (for installations whose
+    /// plans are managed elsewhere, and for tests that share one engine).
+    #[arg(long, env = "BERTH_NO_DEFAULT_BACKUP_PLAN", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_default_backup_plan: bool,
 }
 
 /// The Ingress controller's load balancer.
@@ -195,6 +219,20 @@ enum Command {
     Webhook {
         #[command(subcommand)]
         command: webhook_cli::WebhookCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Snapshots of the environment: take one, list the evidence, verify, print the key.
+    Backup {
+        #[command(subcommand)]
+        command: backup_cli::BackupCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a volume or the environment back from a snapshot.
+    Restore {
+        #[command(subcommand)]
+        command: backup_cli::RestoreCommand,
         #[command(flatten)]
         conn: Conn,
     },
@@ -366,6 +404,8 @@ fn main() -> ExitCode {
                 action: NodeAction::JoinCommand { role, conn },
             } => cli::join_command(&conn, &role).await,
             Command::Webhook { command, conn } => webhook_cli::run(&conn, command).await,
+            Command::Backup { command, conn } => backup_cli::backup(&conn, command).await,
+            Command::Restore { command, conn } => backup_cli::restore(&conn, command).await,
             Command::Events {
                 watch,
                 kind,

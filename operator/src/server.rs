@@ -40,6 +40,8 @@ pub struct AppState {
     /// The engine of a manager (`None`: DOCKER_HOST or the local socket), for what the API reads
     /// from the swarm itself.
     pub docker_host: Option<Arc<String>>,
+    /// Backups of this installation (`None` when the engine was not reachable at start).
+    pub backups: Option<Arc<berth_controllers::backup::operations::Backups>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -64,6 +66,7 @@ pub fn router(state: AppState) -> Router {
             &format!("{}/{{plural}}/{{name}}/data", paths::API_ROOT),
             get(get_data),
         )
+        .merge(crate::backup_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(DefaultBodyLimit::max(MAX_BODY));
@@ -712,6 +715,7 @@ mod tests {
             token: Arc::new("secret-token".into()),
             default_network: Arc::new("berth-internal".into()),
             docker_host: None,
+            backups: None,
         });
         (app, dir)
     }

@@ -165,6 +165,9 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
+/// The image of berth's backup agent, built from the berth binary under test by scripts/test.
+pub const AGENT_IMAGE: &str = "berth-test/agent:1";
+
 /// A `berth up` process with its own data directory and port.
 pub struct Berth {
     child: Option<Child>,
@@ -181,6 +184,8 @@ pub struct Berth {
     pub default_network: String,
     /// The installation id, read from the API once it is up; its labels find what it created.
     pub instance: String,
+    /// Extra environment of the process (see `start_env`).
+    env: Vec<(String, String)>,
 }
 
 impl Berth {
@@ -198,10 +203,35 @@ impl Berth {
         Self::launch("api", Some(nats), &[])
     }
 
+    /// Starts `berth up` with extra arguments and environment (e.g. `BERTH_NO_DEFAULT_BACKUP_PLAN=0`
+    /// for the one test of the default backup plan).
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Berth {
+        let mut b = Self::prepare("up", None, extra);
+        b.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        b.spawn();
+        b
+    }
+
+    /// Starts `berth up` on an existing data directory (a restored one), with the default
+    /// network the installation had.
+    pub fn start_on(data_dir: &std::path::Path, default_network: &str, extra: &[&str]) -> Berth {
+        let mut b = Self::prepare("up", None, extra);
+        b.data_dir = data_dir.to_path_buf();
+        b.default_network = default_network.to_string();
+        b.spawn();
+        b
+    }
+
     fn launch(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
+        let mut b = Self::prepare(subcommand, nats, extra);
+        b.spawn();
+        b
+    }
+
+    fn prepare(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
         let tmp = tempdir("berth");
         let data_dir = tmp.path().join("data");
-        let mut b = Berth {
+        Berth {
             child: None,
             log: tmp.path().join("berth.log"),
             data_dir,
@@ -213,9 +243,14 @@ impl Berth {
             subcommand,
             default_network: prefix("net"),
             instance: String::new(),
-        };
-        b.spawn();
-        b
+            env: Vec::new(),
+        }
+    }
+
+    /// Where this berth's default backup repositories go (`--backup-dir`): its own temporary
+    /// directory, never the machine's.
+    pub fn backup_dir(&self) -> PathBuf {
+        self._tmp.path().join("backups")
     }
 
     fn spawn(&mut self) {
@@ -241,6 +276,12 @@ impl Berth {
                 std::env::var("BERTH_E2E_LOG")
                     .unwrap_or_else(|_| "info,berth=debug,berth_controllers=debug".into()),
             )
+            // Tests share one engine: no plan runs on its own schedule unless a test asks for it
+            // (a scheduled run in the middle of another test would start agent tasks there).
+            .env("BERTH_NO_DEFAULT_BACKUP_PLAN", "1")
+            .env("BERTH_BACKUP_DIR", self._tmp.path().join("backups"))
+            .env("BERTH_BACKUP_AGENT_IMAGE", AGENT_IMAGE)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         if let Some(n) = &self.nats {

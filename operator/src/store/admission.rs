@@ -147,6 +147,31 @@ pub async fn ensure_network(store: &Store, name: &str) -> Result<bool, StoreErro
     }
 }
 
+/// Creates the default backup plan (`environment`, every default) at a store's first start, so
+/// backups are on unless a team turns them off. Only once: a plan deleted on purpose stays
+/// deleted (the store's meta remembers). Returns whether it was created.
+pub async fn ensure_backup_plan(store: &Store) -> Result<bool, StoreError> {
+    const DONE: &str = "default-backup-plan";
+    if store.meta_flag(DONE)? {
+        return Ok(false);
+    }
+    let name = berth_api_types::backup::DEFAULT_PLAN;
+    let obj = berth_api_types::typed::decode_object(&json!({
+        "apiVersion": berth_api_types::names::API_VERSION,
+        "kind": "Backup",
+        "metadata": {"name": name},
+        "spec": {},
+    }))
+    .map_err(|_| StoreError::Storage("the default backup plan does not validate".into()))?;
+    let created = match store.write(vec![obj], WriteMode::Create, None, false).await {
+        Ok(_) => true,
+        Err(StoreError::AlreadyExists { .. }) => false,
+        Err(e) => return Err(e),
+    };
+    store.set_meta_flag(DONE).await?;
+    Ok(created)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;

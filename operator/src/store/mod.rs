@@ -14,7 +14,7 @@ mod admission;
 pub mod outbox;
 mod seal;
 
-pub use admission::ensure_network;
+pub use admission::{ensure_backup_plan, ensure_network};
 
 use crate::crypto::{MasterKey, Sealer};
 use berth_api_types::wire::{ApplyOutcome, ApplyResult};
@@ -224,6 +224,16 @@ impl Store {
         meta.insert("instance", id.as_bytes())?;
         db.flush()?;
         Ok(true)
+    }
+
+    /// A flag in the store's meta (things done once per installation).
+    pub(crate) fn meta_flag(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.meta.get(format!("flag/{name}"))?.is_some())
+    }
+
+    pub(crate) async fn set_meta_flag(&self, name: &str) -> Result<(), StoreError> {
+        self.meta.insert(format!("flag/{name}"), b"1".as_slice())?;
+        self.flush().await
     }
 
     /// Every stored object as it is at rest (Secrets sealed), without status: the environment
