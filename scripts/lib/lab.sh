@@ -79,9 +79,17 @@ _lab_dockerd_pid() {
     echo "$pid"
 }
 
-# Does node $1's engine answer?
+# _lab_docker for calls that must not hang on a node whose engine is stuck (taking the lab down).
+_lab_docker_bounded() {
+    local n=$1
+    shift
+    timeout 30 docker -H "unix://$(_lab_sock "$n")" "$@"
+}
+
+# Does node $1's engine answer (within 10 s: a stuck engine counts as down)?
 _lab_engine_up() {
-    [[ -S $(_lab_sock "$1") ]] && _lab_docker "$1" version --format '{{.Server.Version}}' >/dev/null 2>&1
+    [[ -S $(_lab_sock "$1") ]] &&
+        timeout 10 docker -H "unix://$(_lab_sock "$1")" version --format '{{.Server.Version}}' >/dev/null 2>&1
 }
 
 # Every process in node $1's cgroup tree (dockerd, containerd, shims, task containers).
@@ -315,31 +323,81 @@ _berth_lab_join() {
     for old in $(_lab_nodes_named "$host"); do
         [[ $old == "$node_id" ]] && continue
         echo "==> lab: node $n: removing $old, an earlier node named $host"
-        _berth_lab_demote "$old"
+        # Its engine is gone: a demotion that does not complete means a Raft member that will
+        # never answer again. Recovering the swarm here, under the other node's feet, is not
+        # safe: fail, and the caller's `down` recovers it.
+        _berth_lab_demote "$old" ||
+            _berth_die "lab node $n: $old, an earlier node named $host, is still a Raft member; scripts/lab down recovers the host's swarm"
         docker node rm --force "$old" >/dev/null 2>&1 || true
     done
 
     # A killed test may have left the node promoted or drained: the lab starts as 1 manager and
     # 2 active workers.
-    _berth_lab_demote "$node_id"
+    _berth_lab_demote "$node_id" ||
+        _berth_die "lab node $n ($node_id) is still a manager; scripts/lab down recovers the host's swarm"
     if [[ $(docker node inspect "$node_id" --format '{{.Spec.Availability}}') != active ]]; then
         docker node update --availability active "$node_id" >/dev/null
     fi
 }
 
-# Demotes node $1 if it is a manager and waits until it no longer is. A lab node must never be
-# removed or stopped as a manager: with two managers, losing one loses the Raft quorum and the
-# host's swarm with it.
+# How long a lab node's demotion may take before the lab gives up on it (seconds). A demotion is
+# a Raft membership change; it usually takes under a second, but engine 20.10 has been seen to
+# stall in it for minutes (README, "The 3-node lab"). The host's swarm is then recovered instead.
+BERTH_LAB_DEMOTE_WAIT=${BERTH_LAB_DEMOTE_WAIT:-45}
+
+_lab_is_manager() {
+    [[ -n $(timeout 30 docker node inspect "$1" --format '{{if .ManagerStatus}}manager{{end}}' 2>/dev/null) ]]
+}
+
+# Demotes node $1 if it is a manager and waits (up to $2 seconds, BERTH_LAB_DEMOTE_WAIT by
+# default) until it no longer is: out of Raft. A lab node must never be removed or stopped as a
+# manager: with two managers, losing one loses the Raft quorum and the host's swarm with it.
+# Returns 1, saying so, when the demotion does not complete in time: the caller must then recover
+# the host's swarm (_berth_lab_ensure_sole_manager) once the node is gone.
 _berth_lab_demote() {
-    local id=$1 i
-    [[ -n $(docker node inspect "$id" --format '{{if .ManagerStatus}}manager{{end}}' 2>/dev/null) ]] || return 0
+    local id=$1 wait=${2:-$BERTH_LAB_DEMOTE_WAIT} start=$SECONDS out
+    _lab_is_manager "$id" || return 0
     echo "==> lab: demoting $id to worker"
-    docker node demote "$id" >/dev/null
-    for ((i = 0; i < 300; i++)); do
-        [[ -z $(docker node inspect "$id" --format '{{if .ManagerStatus}}manager{{end}}' 2>/dev/null) ]] && return 0
-        sleep 0.1
+    if ! out=$(timeout 30 docker node demote "$id" 2>&1); then
+        echo "==> lab: docker node demote $id: $out"
+    fi
+    while ((SECONDS - start < wait)); do
+        if ! _lab_is_manager "$id"; then
+            echo "==> lab: $id demoted in $((SECONDS - start))s"
+            return 0
+        fi
+        sleep 0.2
     done
-    _berth_die "node $id is still a manager 30 s after its demotion"
+    echo "==> lab: $id is still a manager (a Raft member) ${wait}s after its demotion: Swarm did not complete it" >&2
+    return 1
+}
+
+# Ends with the host's engine as the one healthy manager and Raft leader of its swarm, no lab node
+# a manager, and writes committing; recovers the swarm with Docker's disaster recovery
+# (berth_swarm_recover: force-new-cluster, which keeps its state) when it is not, then removes the
+# lab's stale node entries. $1: why a recovery may be needed (a demotion that did not complete),
+# or empty. For after the lab's nodes are gone; dies when the swarm cannot be made healthy.
+_berth_lab_ensure_sole_manager() {
+    local why=$1
+    # An election after a demotion takes a few seconds; a demotion that did not complete will not
+    # complete now that the node is gone.
+    if [[ -z $why ]] && _berth_wait_swarm_sole_leader 15; then
+        return 0
+    fi
+    [[ -n $why ]] || why=$_BERTH_SWARM_PROBLEM
+    berth_swarm_recover "after taking the lab down: $why"
+    local n id
+    for n in "${BERTH_LAB_NODES[@]}"; do
+        for id in $(_lab_nodes_named "$(_lab_hostname "$n")"); do
+            echo "==> lab: node $n: removing $id, a node of the lab that the recovered swarm still lists" >&2
+            timeout 30 docker node demote "$id" >/dev/null 2>&1 || true
+            timeout 30 docker node rm --force "$id" >/dev/null 2>&1 || true
+        done
+    done
+    if ! _berth_wait_swarm_sole_leader 30; then
+        _berth_die "the host's swarm is still not healthy after its recovery: $_BERTH_SWARM_PROBLEM"
+    fi
+    echo "==> lab: the host's swarm is healthy again: this engine is its only manager and leader, and writes commit" >&2
 }
 
 # Fails when stopping node $1 would cost the swarm its Raft quorum: a lab node a test promoted
@@ -402,15 +460,18 @@ berth_lab_up() {
 
 berth_lab_down() {
     _berth_require_root "scripts/lab down"
-    local start=$SECONDS n id host manager=0
+    local start=$SECONDS n id host manager=0 stuck=""
     docker info >/dev/null 2>&1 && manager=1
     for n in "${BERTH_LAB_NODES[@]}"; do
         host=$(_lab_hostname "$n")
         # A lab node that a test promoted must be demoted while it still runs (see
-        # _berth_lab_demote): its sudden end would otherwise cost the swarm its quorum.
-        if [[ $manager == 1 ]] && _lab_engine_up "$n"; then
+        # _berth_lab_demote): its sudden end would otherwise cost the swarm its quorum. A
+        # demotion Swarm does not complete in time is given up (once: the others would wait on
+        # the same stuck Raft), and the swarm recovered after the nodes are gone.
+        if [[ $manager == 1 && -z $stuck ]] && _lab_engine_up "$n"; then
             for id in $(_lab_nodes_named "$host"); do
-                _berth_lab_demote "$id"
+                _berth_lab_demote "$id" ||
+                    stuck="the demotion of lab node $n ($id) did not complete within ${BERTH_LAB_DEMOTE_WAIT}s"
             done
         fi
         # Then it leaves the swarm, so that the others' gossip (memberlist, on 7946) records a
@@ -421,18 +482,18 @@ berth_lab_down() {
         # up to 10 s for each that ignores SIGTERM (busybox `sleep` as PID 1 does).
         if _lab_engine_up "$n"; then
             local containers
-            containers=$(_lab_docker "$n" ps -aq)
+            containers=$(_lab_docker_bounded "$n" ps -aq || true)
             if [[ -n $containers ]]; then
                 # shellcheck disable=SC2086 # one ID per word
-                _lab_docker "$n" rm -f $containers >/dev/null 2>&1 || true
+                _lab_docker_bounded "$n" rm -f $containers >/dev/null 2>&1 || true
             fi
-            _lab_docker "$n" swarm leave --force >/dev/null 2>&1 || true
+            _lab_docker_bounded "$n" swarm leave --force >/dev/null 2>&1 || true
         fi
         berth_lab_kill_node "$n"
         if [[ $manager == 1 ]]; then
             for id in $(_lab_nodes_named "$host"); do
                 echo "==> lab: node $n: docker node rm --force $id"
-                docker node rm --force "$id" >/dev/null 2>&1 || true
+                timeout 30 docker node rm --force "$id" >/dev/null 2>&1 || true
             done
         fi
         local ns veth cg
@@ -455,6 +516,11 @@ berth_lab_down() {
     done
     _berth_lab_forwarding_remove
     rmdir "$BERTH_LAB_STATE" "$BERTH_LAB_RUN" 2>/dev/null || true
+    # Whatever happened above, the host's swarm is left as every other test expects it: one
+    # healthy manager, the leader, taking writes.
+    if [[ $manager == 1 ]]; then
+        _berth_lab_ensure_sole_manager "$stuck"
+    fi
     echo "==> lab: down in $((SECONDS - start))s"
 }
 

@@ -201,8 +201,10 @@ _berth_swarm_problem() {
         echo "this node is not a manager"
         return 2
     fi
-    if ! docker node ls -q >/dev/null 2>&1; then
-        echo "docker node ls fails"
+    local out
+    if ! out=$(timeout 30 docker node ls -q 2>&1); then
+        # "The swarm does not have a leader": the Raft quorum is lost (berth_swarm_recover).
+        echo "docker node ls fails: $(tail -n 1 <<<"$out")"
         return 1
     fi
     local node_state
@@ -231,6 +233,73 @@ _berth_wait_swarm_healthy() {
     done
 }
 
+# Prints what keeps this engine from being the one healthy manager and Raft leader of its swarm,
+# or nothing. Beyond _berth_swarm_problem: this node is the leader, no other node is a Raft member
+# (a manager), and a write commits (a config created and removed again; a leader whose store is
+# stuck in a Raft commit still answers reads). For a swarm that must have no other manager, as
+# after the 3-node lab went down.
+_berth_swarm_sole_leader_problem() {
+    local problem rc=0
+    problem=$(_berth_swarm_problem) || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        echo "$problem"
+        return 1
+    fi
+    local nodes self="" others
+    nodes=$(timeout 30 docker node ls --format '{{.Self}} {{.ID}} {{.Hostname}} {{.ManagerStatus}}' 2>&1) ||
+        { echo "docker node ls fails: $(tail -n 1 <<<"$nodes")"; return 1; }
+    self=$(awk '$1 == "true" { print $4 }' <<<"$nodes")
+    if [[ $self != Leader ]]; then
+        echo "this node is not the Raft leader (manager status '${self:-none}')"
+        return 1
+    fi
+    others=$(awk '$1 != "true" && $4 != "" { printf "%s%s (%s, %s)", sep, $2, $3, $4; sep = ", " }' <<<"$nodes")
+    if [[ -n $others ]]; then
+        echo "other nodes are still managers (Raft members): $others"
+        return 1
+    fi
+    local probe="berth-swarm-probe-$$-$RANDOM" out
+    if ! out=$(timeout 30 docker config create "$probe" - <<<"probe" 2>&1); then
+        timeout 30 docker config rm "$probe" >/dev/null 2>&1 || true
+        echo "a write does not commit (docker config create: $(tail -n 1 <<<"$out"))"
+        return 1
+    fi
+    timeout 30 docker config rm "$probe" >/dev/null 2>&1 || true
+    return 0
+}
+
+# Waits up to $1 seconds for _berth_swarm_sole_leader_problem to clear (an election after a
+# demotion takes a few seconds). Sets _BERTH_SWARM_PROBLEM to the last problem seen.
+_berth_wait_swarm_sole_leader() {
+    local timeout=$1 start=$SECONDS
+    while true; do
+        _BERTH_SWARM_PROBLEM=$(_berth_swarm_sole_leader_problem) && return 0
+        ((SECONDS - start < timeout)) || return 1
+        sleep 1
+    done
+}
+
+# Docker's disaster recovery for a swarm that lost its Raft quorum (or whose leader cannot commit):
+# `docker swarm init --force-new-cluster` on this manager. It keeps this manager's copy of the
+# swarm's state (services, tasks, secrets, configs, networks, the node list) and makes it the only
+# manager; every other manager is dropped from Raft (their node entries stay, as down nodes, for
+# the caller to remove). Chosen over `leave --force` + `init`, which would throw all of that away,
+# including what other test runs on this engine are using. $1: why, printed. Dies if the swarm is
+# not healthy afterwards.
+berth_swarm_recover() {
+    local reason=$1 start=$SECONDS out
+    echo "==> swarm: RECOVERING the host's swarm: $reason" >&2
+    echo "==> swarm: docker swarm init --force-new-cluster --advertise-addr $BERTH_SWARM_ADDR" \
+        "(keeps this manager's services, secrets, configs and networks; drops every other manager)" >&2
+    if ! out=$(timeout 120 docker swarm init --force-new-cluster --advertise-addr "$BERTH_SWARM_ADDR" 2>&1); then
+        _berth_die "docker swarm init --force-new-cluster failed: $out"
+    fi
+    if ! _berth_wait_swarm_healthy 60; then
+        _berth_die "the swarm is still unhealthy after --force-new-cluster: $_BERTH_SWARM_PROBLEM"
+    fi
+    echo "==> swarm: recovered in $((SECONDS - start))s: $(docker info --format '{{.Swarm.Managers}} manager(s), {{.Swarm.Nodes}} node(s)')" >&2
+}
+
 _berth_swarm_init() {
     echo "==> swarm: docker swarm init --advertise-addr $BERTH_SWARM_ADDR"
     docker swarm init --advertise-addr "$BERTH_SWARM_ADDR" >/dev/null
@@ -240,8 +309,9 @@ _berth_swarm_init() {
 }
 
 # Makes sure this engine is the healthy manager of a swarm: inactive -> init; active and
-# healthy -> keep; broken (error/pending/locked, stale advertise address, not a manager,
-# `docker node ls` failing) -> leave --force and init again.
+# healthy -> keep; a manager without a leader -> berth_swarm_recover (keeps the state); broken
+# otherwise (error/pending/locked, stale advertise address, not a manager) -> leave --force and
+# init again.
 berth_init_swarm() {
     # Right after dockerd starts, LocalNodeState can be empty for a moment.
     local state i
@@ -258,6 +328,16 @@ berth_init_swarm() {
     # An engine that just restarted may need a few seconds before its swarm is ready again.
     if _berth_wait_swarm_healthy 20; then
         echo "==> swarm: active and healthy ($(docker info --format '{{.Swarm.NodeAddr}}')); keeping it"
+        return 0
+    fi
+
+    # A manager that is in the right place but has no leader (a killed run left a second manager,
+    # now gone, in Raft) keeps its state with Docker's recovery: the services, secrets and
+    # networks other test runs on this engine use survive, and the sweep removes a killed run's
+    # own. Everything else (wrong address, not a manager, error, locked) starts again.
+    if [[ $(docker info --format '{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}} {{.Swarm.NodeAddr}}') == "active true $BERTH_SWARM_ADDR" ]] &&
+        ! timeout 30 docker node ls -q >/dev/null 2>&1; then
+        berth_swarm_recover "$_BERTH_SWARM_PROBLEM"
         return 0
     fi
 
