@@ -312,7 +312,7 @@ impl Restic {
             self.run_ok("cat", &["config"], ignore).await?;
             return Ok(false);
         }
-        Err(done.into_result("init").err().expect("failed status"))
+        Err(failure("init", done.status, &done.stderr))
     }
 
     /// Backs up `req.paths` into a new snapshot, reporting restic's progress as it goes.
