@@ -7,7 +7,8 @@
 #   - packages: docker.io, nats-server, busybox-static, docker-registry and apache2-utils
 #     (htpasswd) for the private-registry tests, caddy (copied into the ingress test image),
 #     a C toolchain for crates like ring, plus curl, openssl, python3 and iproute2 used by these
-#     scripts and the ingress tests;
+#     scripts and the ingress tests; restic (the backup driver's tests run Debian's 0.14) with
+#     openssh-server and openssh-client (its SFTP test starts its own sshd on loopback);
 #   - a running dockerd (started by hand: these machines have no systemd);
 #   - the lab bridge (berthlab0, 10.99.0.1/24) and a healthy single-node Swarm advertising
 #     10.99.0.1 on it, so the 3-node lab (scripts/lab) can join nodes to it;
@@ -77,6 +78,11 @@ berth_install_packages() {
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    # Backups are restic repositories written by Debian's restic; the SFTP test runs its own sshd
+    # (its own config and keys, 127.0.0.1 only): the package's service is never started here.
+    command -v restic >/dev/null 2>&1 || missing+=(restic)
+    [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+    command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 
     if [[ ${#missing[@]} -eq 0 ]]; then
         echo "==> packages: all present"
