@@ -471,10 +471,14 @@ impl Backups {
         };
         let summary = restic
             .backup(&request, |p| {
+                let detail = match (p.bytes_done, p.bytes_total) {
+                    (Some(done), Some(total)) => format!("{} of {} MiB", done >> 20, total >> 20),
+                    _ => String::new(),
+                };
                 progress(Progress {
                     step: "snapshot".into(),
-                    percent: p.percent,
-                    detail: p.describe(),
+                    percent: p.percent.map(|p| p / 100.0),
+                    detail,
                 })
             })
             .await
@@ -579,7 +583,7 @@ impl Backups {
         let restic = self.restic(&plan.spec).await?;
         progress(Progress::step("verify", "re-reading every pack of the repository"));
         let report = restic
-            .check(true)
+            .check(true, |_| {})
             .await
             .map_err(|e| BackupError::Failed(format!("check: {e}")))?;
         let now = Utc::now();

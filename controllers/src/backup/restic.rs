@@ -598,6 +598,28 @@ impl Restic {
         })
     }
 
+    /// The content of one file in `snapshot` (small files: it is read into memory).
+    pub async fn dump_file(&self, snapshot: &str, path: &str) -> Result<Vec<u8>, ResticError> {
+        use tokio::io::AsyncReadExt;
+        check_id(snapshot)?;
+        let args: [OsString; 3] = ["--".into(), snapshot.into(), path.into()];
+        let mut child = self.spawn("dump", &args)?;
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let io_err = |source| ResticError::Io {
+            context: "reading restic dump's output".into(),
+            source,
+        };
+        let mut bytes = Vec::new();
+        let (read, stderr) = tokio::join!(stdout.read_to_end(&mut bytes), read_lines(stderr));
+        read.map_err(io_err)?;
+        let status = child.wait().await.map_err(io_err)?;
+        if !status.success() {
+            return Err(failure("dump", status, &stderr));
+        }
+        Ok(bytes)
+    }
+
     /// Restores the part of `snapshot` matching `include` (a restic include pattern; empty: all) under
     /// `target`, with owners (when run as root), modes, times and symlinks.
     pub async fn restore(
