@@ -207,7 +207,10 @@ impl Berth {
     /// for the one test of the default backup plan).
     pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Berth {
         let mut b = Self::prepare("up", None, extra);
-        b.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        b.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         b.spawn();
         b
     }

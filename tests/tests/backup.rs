@@ -104,7 +104,10 @@ async fn wait_running(b: &Berth, service: &str) {
             tasks
                 .iter()
                 .any(|t| {
-                    t.status.as_ref().and_then(|s| s.state.as_ref()).map(|s| s.to_string())
+                    t.status
+                        .as_ref()
+                        .and_then(|s| s.state.as_ref())
+                        .map(|s| s.to_string())
                         == Some("running".into())
                 })
                 .then_some(())
@@ -126,7 +129,12 @@ fn populate(dir: &Path) {
     write("db/main.dat", &vec![7u8; 300_000], 0o600, (999, 999));
     write("db/wal/0001", b"write-ahead", 0o640, (1234, 5678));
     write("bin/tool", b"#!/bin/sh\necho hi\n", 0o4755, (0, 0));
-    write("uploads/photo.jpg", &(0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(), 0o644, (33, 33));
+    write(
+        "uploads/photo.jpg",
+        &(0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>(),
+        0o644,
+        (33, 33),
+    );
     std::os::unix::fs::symlink("../db/main.dat", dir.join("uploads/link")).unwrap();
     std::fs::create_dir_all(dir.join("empty")).unwrap();
     std::fs::set_permissions(dir.join("empty"), std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -154,12 +162,21 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
                 "dir".to_string()
             } else {
                 let bytes = std::fs::read(&p).unwrap();
-                format!("file {} bytes, sum {}", bytes.len(), bytes.iter().map(|b| *b as u64).sum::<u64>())
+                format!(
+                    "file {} bytes, sum {}",
+                    bytes.len(),
+                    bytes.iter().map(|b| *b as u64).sum::<u64>()
+                )
             };
             let mtime = if ft.is_dir() { 0 } else { m.mtime() };
             out.insert(
                 rel,
-                format!("{what} mode {:o} owner {}:{} mtime {mtime}", m.mode() & 0o7777, m.uid(), m.gid()),
+                format!(
+                    "{what} mode {:o} owner {}:{} mtime {mtime}",
+                    m.mode() & 0o7777,
+                    m.uid(),
+                    m.gid()
+                ),
             );
             if ft.is_dir() {
                 walk(root, &p, out);
@@ -218,7 +235,11 @@ fn dir_size(dir: &Path) -> u64 {
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let m = e.metadata().unwrap();
-        n += if m.is_dir() { dir_size(&e.path()) } else { m.len() };
+        n += if m.is_dir() {
+            dir_size(&e.path())
+        } else {
+            m.len()
+        };
     }
     n
 }
@@ -239,18 +260,29 @@ async fn a_volume_round_trips_with_owners_modes_and_links_and_restic_agrees() {
 
     let id = run_backup(&b, "nightly");
     let ev = evidence(&b, "nightly");
-    let rec = ev.iter().find(|r| r["id"] == id.as_str()).expect("the snapshot is listed");
+    let rec = ev
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .expect("the snapshot is listed");
     assert_eq!(rec["ok"], true);
     assert_eq!(rec["objects"]["Service"], 1, "{rec}");
     let vols = rec["volumes"].as_array().unwrap();
     assert_eq!(vols.len(), 1, "{rec}");
     assert_eq!(vols[0]["name"], volume.as_str());
     assert_eq!(vols[0]["files"], 4, "{rec}");
-    let excluded: Vec<&str> = rec["excluded"].as_array().unwrap().iter().map(|e| e["target"].as_str().unwrap()).collect();
+    let excluded: Vec<&str> = rec["excluded"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["target"].as_str().unwrap())
+        .collect();
     assert_eq!(excluded, ["/scratch", "/cache"], "{rec}");
     // CSV evidence has the same snapshot.
     let csv = b.cli_ok(&["backup", "list", "--plan", "nightly", "-o", "csv"]);
-    assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with(&id)), "{csv}");
+    assert!(
+        csv.lines().nth(1).is_some_and(|l| l.starts_with(&id)),
+        "{csv}"
+    );
 
     // Wiped, restored in place: identical, owners, modes, mtimes and the link included.
     wipe(&dir);
@@ -259,23 +291,61 @@ async fn a_volume_round_trips_with_owners_modes_and_links_and_restic_agrees() {
 
     // As a new volume.
     let copy = format!("{p}-copy");
-    b.cli_ok(&["restore", "volume", "--snapshot", &id, "--volume", &volume, "--as", &copy]);
+    b.cli_ok(&[
+        "restore",
+        "volume",
+        "--snapshot",
+        &id,
+        "--volume",
+        &volume,
+        "--as",
+        &copy,
+    ]);
     assert_eq!(tree(&mountpoint(&copy).await), before);
 
     // The independent check: Debian's restic reads every pack and restores the same files.
     let check = restic(&b, &repo, &["check", "--read-data"]);
-    assert!(check.status.success(), "restic check: {}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "restic check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let target = tempfile::tempdir().unwrap();
     let restic_id = rec["resticSnapshot"].as_str().unwrap();
-    let out = restic(&b, &repo, &["restore", restic_id, "--target", target.path().to_str().unwrap(), "--include", vols[0]["path"].as_str().unwrap()]);
-    assert!(out.status.success(), "restic restore: {}", String::from_utf8_lossy(&out.stderr));
-    let restored = target.path().join(vols[0]["path"].as_str().unwrap().trim_start_matches('/'));
-    assert_eq!(tree(&restored), before, "restic's restore differs from the volume");
+    let out = restic(
+        &b,
+        &repo,
+        &[
+            "restore",
+            restic_id,
+            "--target",
+            target.path().to_str().unwrap(),
+            "--include",
+            vols[0]["path"].as_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "restic restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = target
+        .path()
+        .join(vols[0]["path"].as_str().unwrap().trim_start_matches('/'));
+    assert_eq!(
+        tree(&restored),
+        before,
+        "restic's restore differs from the volume"
+    );
 
     // A bad restore request changes nothing and says why.
     let bad = b.cli(&["restore", "volume", "--snapshot", &id, "--volume", "nope"]);
     assert!(!bad.success);
-    assert!(bad.stderr.contains("holds no volume `nope`"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("holds no volume `nope`"),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[tokio::test]
@@ -306,7 +376,10 @@ async fn an_unchanged_volume_adds_almost_nothing_and_damage_is_found() {
     let second = run_backup(&b, "hourly");
     let size2 = dir_size(&repo);
     let growth = size2 - size1;
-    eprintln!("backup: second, unchanged run added {growth} bytes to the repository ({} bytes of data)", data.len());
+    eprintln!(
+        "backup: second, unchanged run added {growth} bytes to the repository ({} bytes of data)",
+        data.len()
+    );
     assert!(
         (growth as f64) < 0.01 * data.len() as f64,
         "the repository grew by {growth} bytes for an unchanged {} byte volume",
@@ -317,14 +390,21 @@ async fn an_unchanged_volume_adds_almost_nothing_and_damage_is_found() {
     let ok = b.cli(&["backup", "verify", &second]);
     assert!(ok.success, "{}\n{}", ok.stdout, ok.stderr);
     let packs: Vec<PathBuf> = walk_files(&repo.join("data"));
-    let big = packs.iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let big = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
     let mut bytes = std::fs::read(big).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x01;
     std::fs::write(big, &bytes).unwrap();
     let bad = b.cli(&["backup", "verify", &first]);
     assert!(!bad.success, "a damaged pack verified: {}", bad.stdout);
-    assert!(bad.stdout.contains(&format!("snapshot {first}: DAMAGED")), "{}", bad.stdout);
+    assert!(
+        bad.stdout.contains(&format!("snapshot {first}: DAMAGED")),
+        "{}",
+        bad.stdout
+    );
     let pack_name = big.file_name().unwrap().to_str().unwrap();
     assert!(
         bad.stdout.contains(&pack_name[..8]),
@@ -371,7 +451,13 @@ async fn the_environment_comes_back_in_a_fresh_install() {
     std::fs::write(&key_file, key.trim()).unwrap();
     // The repository outlives the installation (it is outside the data directory).
     let repo_copy = keep.path().join("repo");
-    assert!(Command::new("cp").arg("-a").arg(&repo).arg(&repo_copy).status().unwrap().success());
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(&repo)
+        .arg(&repo_copy)
+        .status()
+        .unwrap()
+        .success());
     let network = a.default_network.clone();
     let instance = a.instance.clone();
     a.stop();
@@ -380,10 +466,19 @@ async fn the_environment_comes_back_in_a_fresh_install() {
     let d = docker().await;
     for s in ["service", "secret", "config", "network"] {
         let ids = Command::new("docker")
-            .args([s, "ls", "-q", "--filter", &format!("label=io.berth.instance={instance}")])
+            .args([
+                s,
+                "ls",
+                "-q",
+                "--filter",
+                &format!("label=io.berth.instance={instance}"),
+            ])
             .output()
             .unwrap();
-        let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout).split_whitespace().map(String::from).collect();
+        let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
         if !ids.is_empty() {
             let _ = Command::new("docker").arg(s).arg("rm").args(&ids).output();
         }
@@ -391,13 +486,30 @@ async fn the_environment_comes_back_in_a_fresh_install() {
     drop(d);
     let fresh = keep.path().join("data");
     let restore = |dry: bool| {
-        let mut args = vec!["restore", "environment", "--snapshot", &id, "--data-dir", fresh.to_str().unwrap(),
-            "--repository", repo_copy.to_str().unwrap(), "--key-file", key_file.to_str().unwrap()];
+        let mut args = vec![
+            "restore",
+            "environment",
+            "--snapshot",
+            &id,
+            "--data-dir",
+            fresh.to_str().unwrap(),
+            "--repository",
+            repo_copy.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ];
         if dry {
             args.push("--dry-run");
         }
-        let out = Command::new(berth_e2e::berth_bin()).args(&args).output().unwrap();
-        assert!(out.status.success(), "restore: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(berth_e2e::berth_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let dry = restore(true);
@@ -407,14 +519,30 @@ async fn the_environment_comes_back_in_a_fresh_install() {
     assert!(done.contains(&format!("create secret/{p}-token")), "{done}");
 
     let b = Berth::start_on(&fresh, &network, &[]);
-    assert_eq!(b.instance, instance, "the restored berth is the same installation");
-    b.wait_condition(Kind::Service, &app, "Ready", CONVERGE, |c| c["status"] == "True").await;
-    wait_running(&b, &app).await;
-    eventually(&b, CONVERGE, "the task prints the restored secret", || async {
-        let logs = Command::new("docker").args(["service", "logs", "--raw", &app]).output().map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&logs.stdout).into_owned();
-        text.contains("secret=restored-secret-value").then_some(()).ok_or(text)
+    assert_eq!(
+        b.instance, instance,
+        "the restored berth is the same installation"
+    );
+    b.wait_condition(Kind::Service, &app, "Ready", CONVERGE, |c| {
+        c["status"] == "True"
     })
+    .await;
+    wait_running(&b, &app).await;
+    eventually(
+        &b,
+        CONVERGE,
+        "the task prints the restored secret",
+        || async {
+            let logs = Command::new("docker")
+                .args(["service", "logs", "--raw", &app])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&logs.stdout).into_owned();
+            text.contains("secret=restored-secret-value")
+                .then_some(())
+                .ok_or(text)
+        },
+    )
     .await;
     let task_before = running_task(&app).await;
     let mut b = b;
@@ -425,12 +553,18 @@ async fn the_environment_comes_back_in_a_fresh_install() {
     restore(false);
     let c = Berth::start_on(&fresh, &network, &[]);
     let svc = c
-        .wait_condition(Kind::Service, &app, "Ready", CONVERGE, |c| c["status"] == "True")
+        .wait_condition(Kind::Service, &app, "Ready", CONVERGE, |c| {
+            c["status"] == "True"
+        })
         .await;
     assert!(condition(&svc, "Ready").is_some());
     // A resync later the same task still runs.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(running_task(&app).await, task_before, "adopting restarted the service");
+    assert_eq!(
+        running_task(&app).await,
+        task_before,
+        "adopting restarted the service"
+    );
 }
 
 async fn running_task(service: &str) -> String {
@@ -479,7 +613,8 @@ async fn the_schedule_fires_and_bad_plans_are_refused() {
     let out = b.cli(&["apply", "-f", f.to_str().unwrap()]);
     assert!(!out.success);
     assert!(
-        out.stderr.contains("spec.schedule: minute field `61`: `61` is out of range 0-59"),
+        out.stderr
+            .contains("spec.schedule: minute field `61` is out of range 0-59"),
         "{}",
         out.stderr
     );
@@ -491,8 +626,14 @@ async fn the_schedule_fires_and_bad_plans_are_refused() {
 async fn backups_are_on_from_first_start() {
     let b = Berth::start_env(&[], &[("BERTH_NO_DEFAULT_BACKUP_PLAN", "0")]);
     let o = eventually(&b, CONVERGE, "the default plan's status", || async {
-        let o = b.object(Kind::Backup, "environment").await.ok_or("no default plan")?;
-        o["status"]["nextRun"].is_string().then_some(o.clone()).ok_or(format!("{o}"))
+        let o = b
+            .object(Kind::Backup, "environment")
+            .await
+            .ok_or("no default plan")?;
+        o["status"]["nextRun"]
+            .is_string()
+            .then_some(o.clone())
+            .ok_or(format!("{o}"))
     })
     .await;
     let schedule = o["status"]["schedule"].as_str().unwrap();
