@@ -201,7 +201,10 @@ impl ApiClient {
     pub async fn watch_events(
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Event, ClientError>>, ClientError> {
-        let req = self.http.get(self.url(paths::EVENTS)).query(&[("watch", "true")]);
+        let req = self
+            .http
+            .get(self.url(paths::EVENTS))
+            .query(&[("watch", "true")]);
         self.json_lines::<Event>(req).await
     }
 

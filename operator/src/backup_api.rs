@@ -30,10 +30,7 @@ type ApiResult<T> = Result<T, ApiError>;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route(
-            &paths::backup_run("{plan}"),
-            post(run),
-        )
+        .route(&paths::backup_run("{plan}"), post(run))
         .route(paths::SNAPSHOTS, get(list))
         .route(paths::SNAPSHOTS_VERIFY, post(verify))
         .route(paths::RESTORE_VOLUME, post(restore_volume))
@@ -60,7 +57,11 @@ fn plan(state: &AppState, name: &str) -> ApiResult<Backup> {
         )
     })?;
     typed_plan(obj).map_err(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Corrupt", format!("Backup `{name}`: {e}"))
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Corrupt",
+            format!("Backup `{name}`: {e}"),
+        )
     })
 }
 
@@ -126,10 +127,7 @@ struct ListQuery {
     plan: Option<String>,
 }
 
-async fn list(
-    State(state): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<Response> {
+async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     let b = backups(&state)?;
     let items = b.snapshots(q.plan.as_deref());
     Ok(Json(json!({ "items": items })).into_response())
@@ -147,7 +145,10 @@ struct VerifyBody {
     plan: Option<String>,
 }
 
-async fn verify(State(state): State<AppState>, Json(body): Json<VerifyBody>) -> ApiResult<Response> {
+async fn verify(
+    State(state): State<AppState>,
+    Json(body): Json<VerifyBody>,
+) -> ApiResult<Response> {
     let b = backups(&state)?;
     match (body.snapshot, body.all) {
         (Some(id), false) => {
@@ -234,7 +235,11 @@ async fn restore_environment(
         .await
         .map_err(|e| match e {
             environment::RestoreError::Store(s) => ApiError::from(s),
-            other => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "BadSnapshot", other.to_string()),
+            other => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "BadSnapshot",
+                other.to_string(),
+            ),
         })?;
     Ok(Json(plan).into_response())
 }
@@ -242,9 +247,13 @@ async fn restore_environment(
 /// The repository key. Never logged; the CLI prints it for a person to keep off the machine.
 async fn key(State(state): State<AppState>) -> ApiResult<Response> {
     let b = backups(&state)?;
-    let key = b
-        .key()
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "KeyUnavailable", e.to_string()))?;
+    let key = b.key().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "KeyUnavailable",
+            e.to_string(),
+        )
+    })?;
     Ok(Json(json!({
         "key": key,
         "repository": state

@@ -127,7 +127,10 @@ async fn long_operation(client: &ApiClient, path: &str, body: Value) -> Result<V
     while let Some(line) = lines.next().await {
         let line = line.map_err(api_error)?;
         if let Some(p) = line.progress {
-            let pct = p.percent.map(|p| format!(" {:.0}%", p * 100.0)).unwrap_or_default();
+            let pct = p
+                .percent
+                .map(|p| format!(" {:.0}%", p * 100.0))
+                .unwrap_or_default();
             if tty {
                 eprint!("\r\x1b[2K{}{pct}: {}", p.step, p.detail);
             } else if p.percent.is_none() {
@@ -210,7 +213,10 @@ pub async fn backup(conn: &Conn, command: BackupCommand) -> CliResult {
                 let v = rec.verification.as_ref();
                 let ok = v.is_some_and(|v| v.ok);
                 if ok {
-                    println!("snapshot {}: verified, every blob reads back intact", rec.id);
+                    println!(
+                        "snapshot {}: verified, every blob reads back intact",
+                        rec.id
+                    );
                 } else {
                     damaged += 1;
                     println!("snapshot {}: DAMAGED", rec.id);
@@ -334,7 +340,8 @@ async fn offline(
     // The restored berth goes on writing to the same repository with the same key.
     let own_key = data_dir.join("backup.key");
     if !dry_run && !own_key.exists() {
-        let k = std::fs::read(&key_file).map_err(|e| format!("error: {}: {e}", key_file.display()))?;
+        let k =
+            std::fs::read(&key_file).map_err(|e| format!("error: {}: {e}", key_file.display()))?;
         berth_controllers::backup::operations::write_private(&own_key, &k)
             .map_err(|e| format!("error: {}: {e}", own_key.display()))?;
     }
@@ -403,17 +410,38 @@ fn table(items: &[SnapshotRecord]) -> String {
                 r.objects.values().sum::<u64>().to_string(),
                 r.volumes
                     .iter()
-                    .map(|v| format!("{}@{} {} {}f", v.name, v.node, human_bytes(v.bytes), v.files))
+                    .map(|v| {
+                        format!(
+                            "{}@{} {} {}f",
+                            v.name,
+                            v.node,
+                            human_bytes(v.bytes),
+                            v.files
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
                 r.excluded.len().to_string(),
-                r.restic_snapshot.as_deref().map(short).unwrap_or("-").to_string(),
+                r.restic_snapshot
+                    .as_deref()
+                    .map(short)
+                    .unwrap_or("-")
+                    .to_string(),
                 verification(r),
             ]
         })
         .collect();
     crate::output::table(
-        &["SNAPSHOT", "TIME (UTC)", "PLAN", "OBJECTS", "VOLUMES", "EXCLUDED", "RESTIC", "VERIFIED"],
+        &[
+            "SNAPSHOT",
+            "TIME (UTC)",
+            "PLAN",
+            "OBJECTS",
+            "VOLUMES",
+            "EXCLUDED",
+            "RESTIC",
+            "VERIFIED",
+        ],
         &rows,
     )
 }

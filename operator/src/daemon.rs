@@ -233,8 +233,11 @@ async fn start_backups(
     )
     .await
     .map_err(|e| format!("error: backups: {e}"))?;
-    let records = Records::open(&server.data_dir.join("controllers").join("backup"), "backups")
-        .map_err(|e| format!("error: {e}"))?;
+    let records = Records::open(
+        &server.data_dir.join("controllers").join("backup"),
+        "backups",
+    )
+    .map_err(|e| format!("error: {e}"))?;
     let environment = Arc::new(crate::environment::StoreEnvironment {
         store: store.clone(),
         key: key.clone(),
@@ -392,6 +395,11 @@ impl Wiring<'_> {
 }
 
 fn no_controller(asked: &str) -> String {
+    if Kind::parse_loose(asked) == Some(Kind::Backup) {
+        return "error: the Backup controller runs in the API server's process (`berth up`, \
+                `berth api`): a snapshot reads the store's sealed values, which only that process holds"
+            .into();
+    }
     let available: Vec<&str> = CONTROLLERS.iter().map(|k| k.lower()).collect();
     format!(
         "error: no controller for `{asked}` (available: {})",

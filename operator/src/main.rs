@@ -76,7 +76,11 @@ pub struct ServerArgs {
 pub struct BackupArgs {
     /// Parent of the default local repositories (`<dir>/<installation id>`). Keep it outside the
     /// data directory, ideally on another disk: one failure must not take both.
-    #[arg(long, env = "BERTH_BACKUP_DIR", default_value = "/var/lib/berth-backups")]
+    #[arg(
+        long,
+        env = "BERTH_BACKUP_DIR",
+        default_value = "/var/lib/berth-backups"
+    )]
     pub backup_dir: PathBuf,
     /// The restic binary that writes and reads repositories.
     #[arg(long, env = "BERTH_RESTIC", default_value = "restic")]

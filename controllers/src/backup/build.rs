@@ -138,7 +138,10 @@ mod tests {
                 spec(json!([{"target": "/uploads", "volume": "uploads"},
                             {"target": "/scratch", "volume": "scratch"}])),
             ),
-            ("idle".to_string(), spec(json!([{"target": "/d", "volume": "idle-data"}]))),
+            (
+                "idle".to_string(),
+                spec(json!([{"target": "/d", "volume": "idle-data"}])),
+            ),
         ];
         let tasks = BTreeMap::from([
             ("db".to_string(), BTreeSet::from(["n1".to_string()])),
@@ -160,7 +163,11 @@ mod tests {
         // idle-data: no task ran anywhere, so no node has the volume.
         assert_eq!(
             got,
-            [("pgdata", "manager-1"), ("uploads", "manager-1"), ("uploads", "n2")]
+            [
+                ("pgdata", "manager-1"),
+                ("uploads", "manager-1"),
+                ("uploads", "n2")
+            ]
         );
         let ex: Vec<(&str, &str)> = excluded
             .iter()
@@ -168,7 +175,11 @@ mod tests {
             .collect();
         assert_eq!(
             ex,
-            [("/tmp", "tmpfs"), ("/cache", "anonymous"), ("/scratch", "volume")]
+            [
+                ("/tmp", "tmpfs"),
+                ("/cache", "anonymous"),
+                ("/scratch", "volume")
+            ]
         );
     }
 

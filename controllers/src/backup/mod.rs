@@ -88,7 +88,10 @@ impl Reconciler for BackupController {
         let plan = &obj.object;
         let name = obj.name();
         let (run_schedule, verify_schedule) = self.schedules(&plan.spec)?;
-        let created = plan.metadata.creation_timestamp.unwrap_or_else(|| self.clock.now());
+        let created = plan
+            .metadata
+            .creation_timestamp
+            .unwrap_or_else(|| self.clock.now());
         let record = self.backups.plan_record(name);
 
         let now = self.clock.now();

@@ -211,7 +211,9 @@ impl Backups {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| BackupError::Failed(format!("{}: {e}", dir.display())))?;
                 let identity = self.secret_key(&s.identity.name, &s.identity.key).await?;
-                let known = self.secret_key(&s.known_hosts.name, &s.known_hosts.key).await?;
+                let known = self
+                    .secret_key(&s.known_hosts.name, &s.known_hosts.key)
+                    .await?;
                 let (id_file, kh_file) = (dir.join("identity"), dir.join("known_hosts"));
                 write_private(&id_file, &identity)
                     .and_then(|_| write_private(&kh_file, &known))
@@ -241,9 +243,9 @@ impl Backups {
             .await
             .map_err(|e| BackupError::Failed(format!("reading Secret `{name}`: {e}")))?
             .ok_or_else(|| BackupError::Plan(format!("Secret `{name}` does not exist")))?;
-        data.get(key).cloned().ok_or_else(|| {
-            BackupError::Plan(format!("Secret `{name}` has no key `{key}`"))
-        })
+        data.get(key)
+            .cloned()
+            .ok_or_else(|| BackupError::Plan(format!("Secret `{name}` has no key `{key}`")))
     }
 
     /// Where a plan's repository is, for status.
@@ -259,7 +261,13 @@ impl Backups {
     async fn locate(
         &self,
         spec: &BackupSpec,
-    ) -> Result<(Vec<VolumeOnNode>, Vec<berth_api_types::backup::ExcludedMount>), BackupError> {
+    ) -> Result<
+        (
+            Vec<VolumeOnNode>,
+            Vec<berth_api_types::backup::ExcludedMount>,
+        ),
+        BackupError,
+    > {
         let objects = self
             .store
             .list(Kind::Service)
@@ -269,7 +277,9 @@ impl Backups {
             .into_iter()
             .filter_map(|o| {
                 let name = o.metadata.name.clone();
-                serde_json::from_value::<ServiceSpec>(o.spec).ok().map(|s| (name, s))
+                serde_json::from_value::<ServiceSpec>(o.spec)
+                    .ok()
+                    .map(|s| (name, s))
             })
             .collect();
         let engine = |e: bollard::errors::Error| BackupError::Failed(format!("Swarm engine: {e}"));
@@ -395,7 +405,8 @@ impl Backups {
         rec: &mut SnapshotRecord,
         progress: ProgressFn<'_>,
     ) -> Result<(), BackupError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| BackupError::Failed(format!("{what}: {e}"));
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| BackupError::Failed(format!("{what}: {e}"));
         let restic = self.restic(&plan.spec).await?;
         progress(Progress::step("repository", restic.location_display()));
         restic
@@ -424,8 +435,7 @@ impl Backups {
             }
         }
         let objects = serde_json::to_vec(&doc).expect("documents encode");
-        write_private(&env_dir.join("objects.json"), &objects)
-            .map_err(|e| fail("staging", &e))?;
+        write_private(&env_dir.join("objects.json"), &objects).map_err(|e| fail("staging", &e))?;
 
         let (volumes, excluded) = self.locate(&plan.spec).await?;
         rec.excluded = excluded;
@@ -491,7 +501,11 @@ impl Backups {
     }
 
     /// Forgets the plan's snapshots retention does not keep, and prunes their data.
-    async fn retain(&self, plan: &Backup, progress: ProgressFn<'_>) -> Result<Vec<String>, BackupError> {
+    async fn retain(
+        &self,
+        plan: &Backup,
+        progress: ProgressFn<'_>,
+    ) -> Result<Vec<String>, BackupError> {
         let restic = self.restic(&plan.spec).await?;
         let policy = policy_of(&plan.spec);
         let name = &plan.metadata.name;
@@ -554,7 +568,10 @@ impl Backups {
             .ok_or_else(|| BackupError::NotFound(format!("no snapshot `{snapshot}`")))?;
         let restic = self.restic(&plan.spec).await?;
         let restic_id = rec.restic_snapshot.clone().unwrap_or_default();
-        progress(Progress::step("verify", format!("re-reading snapshot {snapshot}")));
+        progress(Progress::step(
+            "verify",
+            format!("re-reading snapshot {snapshot}"),
+        ));
         let report = restic
             .verify_snapshot(&restic_id)
             .await
@@ -581,13 +598,20 @@ impl Backups {
     ) -> Result<Vec<SnapshotRecord>, BackupError> {
         let _guard = self.lock.lock().await;
         let restic = self.restic(&plan.spec).await?;
-        progress(Progress::step("verify", "re-reading every pack of the repository"));
+        progress(Progress::step(
+            "verify",
+            "re-reading every pack of the repository",
+        ));
         let report = restic
             .check(true, |_| {})
             .await
             .map_err(|e| BackupError::Failed(format!("check: {e}")))?;
         let now = Utc::now();
-        let damaged: BTreeSet<&str> = report.damaged_snapshots.iter().map(String::as_str).collect();
+        let damaged: BTreeSet<&str> = report
+            .damaged_snapshots
+            .iter()
+            .map(String::as_str)
+            .collect();
         let mut out = Vec::new();
         for mut rec in self.snapshots(Some(&plan.metadata.name)) {
             let restic_id = rec.restic_snapshot.clone().unwrap_or_default();
@@ -600,7 +624,11 @@ impl Backups {
                 time: now,
                 ok,
                 snapshot: rec.id.clone(),
-                problems: if ok { Vec::new() } else { report.problems.clone() },
+                problems: if ok {
+                    Vec::new()
+                } else {
+                    report.problems.clone()
+                },
             });
             self.save(&rec);
             out.push(rec);
@@ -639,37 +667,52 @@ impl Backups {
         let rec = self
             .snapshot(&req.snapshot)
             .ok_or_else(|| BackupError::NotFound(format!("no snapshot `{}`", req.snapshot)))?;
-        let candidates: Vec<&VolumeRecord> = rec.volumes.iter().filter(|v| v.name == req.volume).collect();
-        let source = match (candidates.as_slice(), &req.from_node) {
-            ([], _) => {
-                return Err(BackupError::NotFound(format!(
-                    "snapshot {} holds no volume `{}` (it holds: {})",
-                    rec.id,
-                    req.volume,
-                    rec.volumes.iter().map(|v| format!("{} on {}", v.name, v.node)).collect::<Vec<_>>().join(", ")
-                )))
-            }
-            (_, Some(n)) => candidates
-                .iter()
-                .find(|v| &v.node == n || &v.node_id == n)
-                .copied()
-                .ok_or_else(|| BackupError::NotFound(format!(
-                    "snapshot {} holds volume `{}` only from {}",
-                    rec.id,
-                    req.volume,
-                    candidates.iter().map(|v| v.node.as_str()).collect::<Vec<_>>().join(", ")
-                )))?,
-            ([one], None) => *one,
-            (many, None) => {
-                return Err(BackupError::Plan(format!(
+        let candidates: Vec<&VolumeRecord> = rec
+            .volumes
+            .iter()
+            .filter(|v| v.name == req.volume)
+            .collect();
+        let source =
+            match (candidates.as_slice(), &req.from_node) {
+                ([], _) => {
+                    return Err(BackupError::NotFound(format!(
+                        "snapshot {} holds no volume `{}` (it holds: {})",
+                        rec.id,
+                        req.volume,
+                        rec.volumes
+                            .iter()
+                            .map(|v| format!("{} on {}", v.name, v.node))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+                (_, Some(n)) => candidates
+                    .iter()
+                    .find(|v| &v.node == n || &v.node_id == n)
+                    .copied()
+                    .ok_or_else(|| {
+                        BackupError::NotFound(format!(
+                            "snapshot {} holds volume `{}` only from {}",
+                            rec.id,
+                            req.volume,
+                            candidates
+                                .iter()
+                                .map(|v| v.node.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    })?,
+                ([one], None) => *one,
+                (many, None) => {
+                    return Err(BackupError::Plan(format!(
                     "snapshot {} holds volume `{}` from {} nodes ({}); say which with --from-node",
                     rec.id,
                     req.volume,
                     many.len(),
                     many.iter().map(|v| v.node.as_str()).collect::<Vec<_>>().join(", ")
                 )))
-            }
-        };
+                }
+            };
         let target_node = match &req.node {
             Some(n) => self.node_id(n).await?,
             None => source.node_id.clone(),
@@ -681,7 +724,10 @@ impl Backups {
             format!("writing `{name}` on {target_node} from snapshot {}", rec.id),
         ));
         let tar = restic
-            .dump_tar(rec.restic_snapshot.as_deref().unwrap_or_default(), &source.path)
+            .dump_tar(
+                rec.restic_snapshot.as_deref().unwrap_or_default(),
+                &source.path,
+            )
             .await
             .map_err(|e| BackupError::Failed(format!("reading the snapshot: {e}")))?;
         let written = self
@@ -720,15 +766,18 @@ impl Backups {
 
 /// The environment document of run `run` (berth's snapshot id), found in the repository by its
 /// tag: needs nothing but the repository and its key (disaster recovery).
-pub async fn read_environment(restic: &Restic, run: &str) -> Result<EnvironmentDocument, BackupError> {
+pub async fn read_environment(
+    restic: &Restic,
+    run: &str,
+) -> Result<EnvironmentDocument, BackupError> {
     let tag = build::tags(run, "", "")[0].clone();
     let snaps = restic
         .snapshots(&[tag])
         .await
         .map_err(|e| BackupError::Failed(format!("listing snapshots: {e}")))?;
-    let snap = snaps
-        .first()
-        .ok_or_else(|| BackupError::NotFound(format!("the repository holds no snapshot `{run}`")))?;
+    let snap = snaps.first().ok_or_else(|| {
+        BackupError::NotFound(format!("the repository holds no snapshot `{run}`"))
+    })?;
     let dir = snap
         .paths
         .iter()

@@ -96,7 +96,14 @@ impl ObjectStatus for BackupStatus {
         let mut s = self.clone();
         s.observed_generation = Some(generation);
         s.next_run = None;
-        set_condition(&mut s.conditions, conditions::READY, False, reason, message, now);
+        set_condition(
+            &mut s.conditions,
+            conditions::READY,
+            False,
+            reason,
+            message,
+            now,
+        );
         s
     }
 }
@@ -119,7 +126,11 @@ mod tests {
             time: t(at),
             finished: Some(t(at)),
             ok,
-            error: if ok { String::new() } else { "volume `db` on n2: agent timed out".into() },
+            error: if ok {
+                String::new()
+            } else {
+                "volume `db` on n2: agent timed out".into()
+            },
             restic_snapshot: None,
             objects: Default::default(),
             volumes: vec![],
@@ -146,10 +157,20 @@ mod tests {
             next_run: Some(t("2026-11-29T11:17:00Z")),
             next_verification: None,
         };
-        let s1 = build(&BackupStatus::default(), &o(&good), t("2026-11-29T10:18:00Z"));
+        let s1 = build(
+            &BackupStatus::default(),
+            &o(&good),
+            t("2026-11-29T10:18:00Z"),
+        );
         let c = condition(&s1.conditions, conditions::LAST_RUN_FAILED).unwrap();
-        assert_eq!((c.status, c.reason.as_str()), (False, reasons::RUN_SUCCEEDED));
-        assert!(condition(&s1.conditions, conditions::READY).unwrap().message.contains("2026-11-29T11:17:00Z"));
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (False, reasons::RUN_SUCCEEDED)
+        );
+        assert!(condition(&s1.conditions, conditions::READY)
+            .unwrap()
+            .message
+            .contains("2026-11-29T11:17:00Z"));
 
         let bad = PlanRecord {
             last_run: Some(run(false, "2026-11-29T11:17:00Z")),
