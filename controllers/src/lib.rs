@@ -3,6 +3,7 @@
 //! kind. Controllers never import each other.
 
 pub mod api;
+pub mod backup;
 pub mod bus;
 pub mod ingress;
 pub mod network;

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 /// The scenarios, one module per area.
 mod lab {
+    pub mod backup;
     pub mod basics;
     pub mod ingress;
     pub mod node;
@@ -35,6 +36,7 @@ fn areas() -> Vec<(&'static str, Vec<Scenario>)> {
         ("basics", lab::basics::scenarios()),
         ("node", lab::node::scenarios()),
         ("ingress", lab::ingress::scenarios()),
+        ("backup", lab::backup::scenarios()),
     ]
 }
 
