@@ -12,7 +12,7 @@ use berth_api_types::names::labels;
 use berth_controllers::backup::stream;
 use berth_controllers::backup::volumes::{self, Transfers, VolumeOnNode, TEST_AGENT_IMAGE};
 use bollard::models::VolumeCreateRequest;
-use bollard::query_parameters::{ListSecretsOptions, ListServicesOptions};
+use bollard::query_parameters::{ListContainersOptions, ListSecretsOptions, ListServicesOptions};
 use bollard::Docker;
 use common::{swarm_engine, test_names, Cleanup};
 use std::collections::HashMap;
@@ -119,8 +119,30 @@ async fn create_volume(docker: &Docker, name: &str) -> PathBuf {
     mountpoint(docker, name).await
 }
 
-/// The agent services and grant secrets of installation `inst` still in the engine.
+/// The agent services, grant secrets and (within 30 s of the service's removal) agent containers
+/// of installation `inst` still in the engine.
 async fn leftovers(docker: &Docker, inst: &str) -> Vec<String> {
+    let mut containers = Vec::new();
+    for _ in 0..60 {
+        containers = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(HashMap::from([(
+                    "label".to_string(),
+                    vec![format!("{}={inst}", labels::INSTANCE)],
+                )])),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| format!("container {:?} {:?}", c.names, c.status))
+            .collect();
+        if containers.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let filters = Some(HashMap::from([(
         "label".to_string(),
         vec![format!("{}={inst}", labels::INSTANCE)],
@@ -143,6 +165,7 @@ async fn leftovers(docker: &Docker, inst: &str) -> Vec<String> {
             .into_iter()
             .map(|s| format!("secret {:?}", s.spec.and_then(|s| s.name))),
     );
+    out.extend(containers);
     out
 }
 
@@ -154,7 +177,6 @@ fn tar_of(dir: PathBuf) -> impl tokio::io::AsyncRead + Unpin + Send + 'static {
     tokio::task::spawn_blocking(move || {
         let mut wr = wr;
         stream::pack(&dir, &mut wr).unwrap();
-        use std::io::Write;
         wr.shutdown().ok();
         drop(wr);
     });
@@ -329,7 +351,12 @@ async fn the_local_path_reads_in_place_and_writes_directly() {
     };
     assert_eq!(t.exists(&gone).await.unwrap(), Some(false));
     let staging = tempfile::tempdir().unwrap();
+    let started = Instant::now();
     let read = t.read(&v, staging.path()).await.unwrap();
+    eprintln!(
+        "local read (in place, counted) took {:?}",
+        started.elapsed()
+    );
     assert!(read.in_place);
     assert_eq!(read.path, mp);
     let want = snapshot(&mp);

@@ -8,7 +8,7 @@
 //!   missing).
 //! - **On another node** berth cannot reach that node's engine (only the manager's API: services,
 //!   tasks, nodes; `docker exec` reaches local containers only). So berth starts a short-lived
-//!   **agent task** there: a Swarm job of one task, pinned with `node.id == X`, running the berth
+//!   **agent task** there: a Swarm service of one replica that is never restarted, pinned with `node.id == X`, running the berth
 //!   binary itself (`berth agent volume-send|volume-receive`) from the agent image, with the one
 //!   volume mounted (read-only to read it). The agent connects back over a one-time TLS channel
 //!   (see [`channel`](super::channel)); its grant (address, pinned certificate, token) is a Swarm
@@ -43,9 +43,9 @@ use berth_api_types::names::labels;
 use berth_api_types::Kind;
 use bollard::models::{
     Limit, Mount, MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig,
-    NetworkAttachmentConfig, SecretSpec, ServiceSpec, ServiceSpecMode,
-    ServiceSpecModeReplicatedJob, TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile,
-    TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    NetworkAttachmentConfig, SecretSpec, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets,
+    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum, TaskState, VolumeCreateRequest,
 };
 use bollard::query_parameters::{ListServicesOptions, ListTasksOptions, LogsOptions};
@@ -588,11 +588,12 @@ impl Transfers {
         ServiceSpec {
             name: Some(name.to_string()),
             labels: Some(labels.clone()),
+            // One replica that is never restarted, not a `replicated-job`: engine 20.10 leaves a
+            // job's exited containers behind when the service is removed (seen here: they stay,
+            // holding the volume, and berth cannot reach another node's engine to remove them),
+            // while a replicated service's go with it.
             mode: Some(ServiceSpecMode {
-                replicated_job: Some(ServiceSpecModeReplicatedJob {
-                    max_concurrent: Some(1),
-                    total_completions: Some(1),
-                }),
+                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
                 ..Default::default()
             }),
             task_template: Some(TaskSpec {

@@ -18,7 +18,9 @@ use berth_controllers::backup::volumes::{Transfers, VolumeOnNode, TEST_AGENT_IMA
 use berth_e2e::lab::{block_on, Lab, Scenario};
 use berth_e2e::prefix;
 use bollard::models::VolumeCreateRequest;
-use bollard::query_parameters::{ListSecretsOptions, ListServicesOptions, RemoveVolumeOptions};
+use bollard::query_parameters::{
+    ListContainersOptions, ListSecretsOptions, ListServicesOptions, RemoveVolumeOptions,
+};
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -256,6 +258,31 @@ fn a_volume_on_node_2_is_read_and_restored_on_node_3(lab: &Lab) -> Result<()> {
             services.len(),
             secrets.len()
         );
+        // Nor any agent container on the nodes (they would hold the volumes).
+        for i in [1, 2] {
+            let mut left = Vec::new();
+            for _ in 0..60 {
+                left = lab
+                    .docker(i)
+                    .list_containers(Some(ListContainersOptions {
+                        all: true,
+                        filters: Some(HashMap::from([(
+                            "label".to_string(),
+                            vec![format!("io.berth.instance={inst}")],
+                        )])),
+                        ..Default::default()
+                    }))
+                    .await?;
+                if left.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            ensure!(
+                left.is_empty(),
+                "agent containers left on node index {i}: {left:?}"
+            );
+        }
         Ok(())
     })
 }
