@@ -43,10 +43,10 @@ use berth_api_types::names::labels;
 use berth_api_types::Kind;
 use bollard::models::{
     Limit, Mount, MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig,
-    NetworkAttachmentConfig, SecretSpec, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    TaskSpec, TaskSpecContainerSpec, TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets,
-    TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
-    TaskSpecRestartPolicyConditionEnum, TaskState, VolumeCreateRequest,
+    NetworkAttachmentConfig, NodeSpecAvailabilityEnum, NodeState, SecretSpec, ServiceSpec,
+    ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
+    TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources,
+    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState, VolumeCreateRequest,
 };
 use bollard::query_parameters::{ListServicesOptions, ListTasksOptions, LogsOptions};
 use bollard::Docker;
@@ -429,11 +429,13 @@ impl Transfers {
                     .await
                     .map_err(io_err("ending the tar stream"))?;
                 let mut line = String::new();
-                tokio::io::BufReader::new(rd)
-                    .take(4096)
-                    .read_line(&mut line)
+                let mut rd = tokio::io::BufReader::new(rd).take(4096);
+                rd.read_line(&mut line)
                     .await
                     .map_err(io_err("reading the agent's answer"))?;
+                // Up to the agent's close: dropping the connection earlier could reset it under
+                // the agent's own close.
+                let _ = rd.read_to_end(&mut Vec::new()).await;
                 agent::parse_reply(&line).map_err(|message| Error::Agent {
                     volume: vol,
                     node,
@@ -482,6 +484,20 @@ impl Transfers {
         } else {
             format!("{} ({})", v.node_name, v.node_id)
         };
+        // A task for a node that is down or drained would wait, pending, until the timeout.
+        let n = found(self.docker.inspect_node(&v.node_id).await)
+            .map_err(engine("inspecting the volume's node"))?
+            .ok_or_else(|| Error::Refused(format!("node {node} is not in the swarm")))?;
+        let state = n.status.and_then(|s| s.state);
+        let availability = n.spec.and_then(|s| s.availability);
+        if state != Some(NodeState::READY) || availability != Some(NodeSpecAvailabilityEnum::ACTIVE)
+        {
+            return Err(Error::Refused(format!(
+                "node {node} cannot run a transfer agent now (state {}, availability {})",
+                state.map(|s| s.to_string()).unwrap_or_default(),
+                availability.map(|s| s.to_string()).unwrap_or_default()
+            )));
+        }
         let name = format!(
             "berth-transfer-{}",
             ulid::Ulid::new().to_string().to_lowercase()
