@@ -407,5 +407,13 @@ async fn an_agent_that_cannot_start_fails_fast_and_leaves_nothing() {
         msg.contains("transfer agent") && msg.contains("task"),
         "{msg}"
     );
+
+    // A node the swarm does not have: refused before anything is created.
+    let nowhere = VolumeOnNode {
+        node_id: "nosuchnode0000000000000000".into(),
+        ..v
+    };
+    let err = t.read(&nowhere, staging.path()).await.unwrap_err();
+    assert!(err.to_string().contains("not in the swarm"), "{err}");
     assert_eq!(leftovers(&docker, &inst).await, Vec::<String>::new());
 }

@@ -187,7 +187,7 @@ fn a_volume_on_node_2_is_read_and_restored_on_node_3(lab: &Lab) -> Result<()> {
             node_name: lab.node(1).hostname.clone(),
         };
         ensure!(
-            t.exists(&v).await? == None,
+            t.exists(&v).await?.is_none(),
             "a remote volume's existence is unknown"
         );
         let started = Instant::now();
