@@ -134,8 +134,6 @@ pub enum Error {
         node: String,
         secs: u64,
     },
-    #[error("volume `{0}` does not exist on berth's node")]
-    NoSuchVolume(String),
     #[error("{0}")]
     Refused(String),
 }
