@@ -264,6 +264,32 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// What berth runs inside its short-lived agent tasks on other nodes (not for people).
+    #[command(hide = true)]
+    Agent {
+        #[command(subcommand)]
+        action: AgentAction,
+    },
+}
+
+/// The transfer agent's jobs (see controllers/src/backup/agent.rs). Everything it needs to reach
+/// berth is in the grant file (a Swarm secret), never on the command line.
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Send the directory (a volume mounted read-only) to berth as a tar stream.
+    VolumeSend {
+        #[arg(long)]
+        grant: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Replace the directory's content (a volume) with the tar stream berth sends.
+    VolumeReceive {
+        #[arg(long)]
+        grant: PathBuf,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,6 +354,21 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The agent is one blocking job: no async runtime.
+    if let Command::Agent { action } = &cli.command {
+        use berth_controllers::backup::{agent, channel::Op};
+        let (op, grant, dir) = match action {
+            AgentAction::VolumeSend { grant, dir } => (Op::Send, grant, dir),
+            AgentAction::VolumeReceive { grant, dir } => (Op::Receive, grant, dir),
+        };
+        return match agent::run(op, grant, dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("berth agent: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -417,6 +458,7 @@ fn main() -> ExitCode {
                 output,
                 conn,
             } => cli::events(&conn, watch, kind.as_deref(), limit, output).await,
+            Command::Agent { .. } => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

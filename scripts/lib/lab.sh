@@ -41,7 +41,11 @@ BERTH_LAB_LOCK=${BERTH_LAB_LOCK:-/var/run/berth-lab.lock}
 BERTH_LAB_STATE=${BERTH_LAB_STATE:-/var/lib/berth-lab}
 BERTH_LAB_RUN=${BERTH_LAB_RUN:-/var/run/berth-lab}
 # The images the tests run, loaded into every extra node (nothing can be pulled here).
-BERTH_LAB_IMAGES=(berth-test/busybox:1 berth-test/app:2 berth-test/broken:1 berth-demo/web:1 berth-test/caddy:1)
+BERTH_LAB_IMAGES=(berth-test/busybox:1 berth-test/app:2 berth-test/broken:1 berth-demo/web:1 berth-test/caddy:1
+    berth-test/agent:1)
+# Of those, the images built from the berth binary by scripts/test (berth_build_agent_image), not
+# by prereqs: a lab brought up by hand before any test run has none yet, and goes without.
+BERTH_LAB_BUILT_IMAGES=(berth-test/agent:1)
 # Set to 0 to keep the engines' own DNS (for measuring what the lab resolv.conf saves).
 BERTH_LAB_FAST_DNS=${BERTH_LAB_FAST_DNS:-1}
 
@@ -266,8 +270,13 @@ _berth_lab_images() {
     local n=$1 img want have
     local -a missing=()
     for img in "${BERTH_LAB_IMAGES[@]}"; do
-        want=$(docker image inspect --format '{{.Id}}' "$img" 2>/dev/null) ||
+        if ! want=$(docker image inspect --format '{{.Id}}' "$img" 2>/dev/null); then
+            if [[ " ${BERTH_LAB_BUILT_IMAGES[*]} " == *" $img "* ]]; then
+                echo "==> lab: node $n: no $img on the host yet (scripts/test builds it); not loaded"
+                continue
+            fi
             _berth_die "image $img missing on the host (prereqs.sh builds it)"
+        fi
         have=$(_lab_docker "$n" image inspect --format '{{.Id}}' "$img" 2>/dev/null || true)
         [[ $want == "$have" ]] || missing+=("$img")
     done

@@ -469,6 +469,44 @@ EOF
     fi
 )
 
+# berth-test/agent:1: the berth binary $1 (just built) with the shared libraries it links, FROM
+# scratch: the image of the transfer agents that read and restore volumes on other nodes
+# (controllers/src/backup). Production uses berth's published image (--backup-agent-image).
+# Built after every `cargo build` (scripts/test): the binary changes. Stripped of its debug info
+# (~200 MB -> ~40 MB: it is loaded into every lab node); an unchanged binary gives the same image
+# (the build cache keeps the layer), so the lab does not load it again.
+berth_build_agent_image() (
+    local bin=$1 tag=berth-test/agent:1
+    [[ -x $bin ]] || _berth_die "berth binary $bin missing"
+    if ! docker buildx version >/dev/null 2>&1; then
+        export DOCKER_BUILDKIT=0
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    local root="$tmp/rootfs" lib
+    mkdir -p "$root/usr/local/bin" "$root/volume" "$root/tmp"
+    strip --strip-debug -o "$root/usr/local/bin/berth" "$bin"
+    # Every library the binary links (libc, libm, libgcc_s and the loader), at its own path.
+    for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    # Fixed times: the same binary gives the same layer, whatever day it is built.
+    find "$root" -exec touch -h -d @0 {} +
+    cat >"$tmp/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY rootfs/ /
+ENV PATH=/usr/local/bin
+ENTRYPOINT ["/usr/local/bin/berth"]
+DOCKERFILE
+    if ! docker build -q -t "$tag" "$tmp" >/dev/null 2>"$tmp/build.log"; then
+        cat "$tmp/build.log" >&2
+        _berth_die "docker build of $tag failed"
+    fi
+    echo "==> image $tag: $(docker image inspect --format '{{.Id}}' "$tag" | cut -c1-19) from $bin"
+)
+
 # ---------------------------------------------------------------------------------------------
 # Rust
 # ---------------------------------------------------------------------------------------------

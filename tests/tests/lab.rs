@@ -24,6 +24,7 @@ use std::time::Instant;
 
 /// The scenarios, one module per area.
 mod lab {
+    pub mod backup;
     pub mod basics;
     pub mod ingress;
     pub mod node;
@@ -36,6 +37,7 @@ fn areas() -> Vec<(&'static str, Vec<Scenario>)> {
     vec![
         ("basics", lab::basics::scenarios()),
         ("ingress", lab::ingress::scenarios()),
+        ("backup", lab::backup::scenarios()),
         ("node", lab::node::scenarios()),
     ]
 }

@@ -7,14 +7,7 @@ use berth_api_types::service::ServiceSpec;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// One named volume on one node: the unit a backup copies (a replicated service with a named
-/// volume has one such volume on every node its tasks ran on, each with its own data).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct VolumeOnNode {
-    pub volume: String,
-    pub node_id: String,
-    pub node_name: String,
-}
+pub use super::volumes::VolumeOnNode;
 
 /// What a plan copies: every selected named volume mounted by a Service, on each node that runs
 /// (or ran) one of its tasks; and every mount it does not copy, with why.

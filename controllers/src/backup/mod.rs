@@ -8,17 +8,21 @@
 //! Secret keys, read when the repository is opened) -> `build.rs` (pure: which volumes, where,
 //! tags) -> `operations.rs` (the run, verification, restore; shared with the API) -> `status.rs`
 //! (pure). Scheduling is `schedule.rs`, what to keep `retention.rs`, the repository `restic.rs`,
-//! volumes on other nodes `volumes.rs`.
+//! volumes on other nodes `volumes.rs` (over `channel.rs` to
+//! `agent.rs`, as `stream.rs`).
 //!
 //! It runs in the API server's process (`berth up`, `berth api`): a snapshot must read the store's
 //! sealed values and master key, which only that process holds.
 
+pub mod agent;
 pub mod build;
+pub mod channel;
 pub mod operations;
 pub mod restic;
 pub mod retention;
 pub mod schedule;
 pub mod status;
+pub mod stream;
 pub mod volumes;
 
 use crate::runtime::{Action, Cached, Context, Error, Hooks, Reconciled, Reconciler, Resource};

@@ -7,10 +7,11 @@
 //! restic snapshot tagged with the run id, record the evidence, then apply retention. A failed run
 //! is recorded as failed and changes nothing in the repository.
 
-use super::build::{self, VolumeOnNode, Where};
+use super::build::{self, Where};
 use super::restic::{BackupRequest, Location, Restic, SftpLocation};
 use super::retention::{self, Candidate, Policy};
 use super::volumes::Transfers;
+use super::volumes::VolumeOnNode;
 use crate::api::{ResourceStore, SecretReader};
 use crate::runtime::Records;
 use async_trait::async_trait;
