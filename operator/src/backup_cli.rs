@@ -317,22 +317,32 @@ async fn offline(
     let doc = read_environment(&restic, snapshot)
         .await
         .map_err(|e| format!("error: {e}"))?;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| format!("error: cannot create {}: {e}", data_dir.display()))?;
     let store_dir = data_dir.join("store");
-    if !dry_run {
-        let adopted = Store::adopt_installation(&store_dir, &doc.installation)
-            .map_err(|e| format!("error: {e}"))?;
-        if !adopted {
-            eprintln!(
-                "note: {} already holds objects; it keeps its own installation id and does not \
-                 adopt the Swarm objects of installation {}",
-                data_dir.display(),
-                doc.installation
-            );
+    // A dry run writes nothing: against a data directory that has no store yet, it runs against
+    // a throwaway one (everything would be created).
+    let scratch = tempfile::tempdir().map_err(|e| format!("error: {e}"))?;
+    let (store_dir, key) = if dry_run && !store_dir.exists() {
+        (scratch.path().join("store"), MasterKey::random("dry run"))
+    } else {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("error: cannot create {}: {e}", data_dir.display()))?;
+        if !dry_run {
+            let adopted = Store::adopt_installation(&store_dir, &doc.installation)
+                .map_err(|e| format!("error: {e}"))?;
+            if !adopted {
+                eprintln!(
+                    "note: {} already holds objects; it keeps its own installation id and does \
+                     not adopt the Swarm objects of installation {}",
+                    data_dir.display(),
+                    doc.installation
+                );
+            }
         }
-    }
-    let key = MasterKey::resolve(data_dir).map_err(|e| format!("error: {e}"))?;
+        (
+            store_dir,
+            MasterKey::resolve(data_dir).map_err(|e| format!("error: {e}"))?,
+        )
+    };
     let store = Store::open(&store_dir, &key).map_err(|e| format!("error: {e}"))?;
     let plan = environment::restore(&store, &doc, dry_run)
         .await

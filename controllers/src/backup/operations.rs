@@ -724,18 +724,29 @@ impl Backups {
             "restore",
             format!("writing `{name}` on {target_node} from snapshot {}", rec.id),
         ));
-        let tar = restic
+        let dump = restic
             .dump_tar(
                 rec.restic_snapshot.as_deref().unwrap_or_default(),
                 &source.path,
             )
             .await
             .map_err(|e| BackupError::Failed(format!("reading the snapshot: {e}")))?;
-        let written = self
-            .transfers
-            .write(&target_node, &name, tar)
-            .await
-            .map_err(|e| BackupError::Failed(format!("writing volume `{name}`: {e}")))?;
+        // restic names entries by their path in the snapshot; the volume wants them relative.
+        let (reader, writer) = tokio::io::duplex(1 << 20);
+        let prefix = source.path.clone();
+        let rebased = tokio::task::spawn_blocking(move || {
+            let input = tokio_util::io::SyncIoBridge::new(dump);
+            let output = tokio_util::io::SyncIoBridge::new(writer);
+            super::stream::rebase(input, &prefix, output)
+        });
+        let written = self.transfers.write(&target_node, &name, reader).await;
+        match rebased.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(BackupError::Failed(format!("reading the snapshot: {e}"))),
+            Err(e) => return Err(BackupError::Failed(format!("reading the snapshot: {e}"))),
+        }
+        let written =
+            written.map_err(|e| BackupError::Failed(format!("writing volume `{name}`: {e}")))?;
         Ok(RestoredVolume {
             volume: name,
             node_id: target_node,

@@ -209,6 +209,56 @@ pub fn unpack<R: Read>(input: R, dst: &Path) -> io::Result<Counts> {
     Ok(counts)
 }
 
+/// Copies the part of tar stream `input` under directory `prefix` to `out`, with `prefix` taken off
+/// every path: `restic dump` of a volume's directory names its entries by their full path in the
+/// snapshot (`var/lib/docker/volumes/v/_data/...`), and a restore writes them relative to the
+/// volume (the directory itself becomes `./`). Entries outside `prefix` (its parents) are dropped.
+pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<Counts> {
+    let prefix = prefix.trim_matches('/');
+    let strip = |p: &Path| -> Option<PathBuf> {
+        let p = p.strip_prefix("./").unwrap_or(p);
+        if p == Path::new(prefix) {
+            return Some(PathBuf::from("."));
+        }
+        p.strip_prefix(prefix).ok().map(Path::to_path_buf)
+    };
+    let mut archive = tar::Archive::new(input);
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    let mut counts = Counts::default();
+    for entry in archive.entries()? {
+        let mut e = entry?;
+        let Some(rel) = strip(&e.path()?) else {
+            continue;
+        };
+        let mut header = e.header().clone();
+        let kind = header.entry_type();
+        match kind {
+            EntryType::Symlink => {
+                let target = e.link_name()?.unwrap_or_default().into_owned();
+                builder.append_link(&mut header, &rel, target)?;
+            }
+            EntryType::Link => {
+                let target = e.link_name()?.unwrap_or_default().into_owned();
+                let target = strip(&target).unwrap_or(target);
+                builder.append_link(&mut header, &rel, target)?;
+            }
+            _ => {
+                if matches!(kind, EntryType::Regular | EntryType::Continuous) {
+                    counts.files += 1;
+                    counts.bytes += header.size()?;
+                }
+                builder.append_data(&mut header, &rel, &mut e)?;
+            }
+        }
+    }
+    builder.into_inner()?.flush()?;
+    // To the end of the input: restic's dump then exits by itself (and releases its repository
+    // lock) instead of being killed when its stream is dropped, and a failed dump is an error here.
+    io::copy(&mut archive.into_inner(), &mut io::sink())?;
+    Ok(counts)
+}
+
 /// `dst` joined with the normal components of an archive path (the tar crate's own rule).
 fn clean(dst: &Path, path: &Path) -> PathBuf {
     let mut p = dst.to_path_buf();
