@@ -60,26 +60,7 @@ impl ApiClient {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
         if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api {
-                    status: status.as_u16(),
-                    reason: b.reason,
-                    message: b.message,
-                    details: b.details,
-                },
-                Err(_) => ClientError::Api {
-                    status: status.as_u16(),
-                    reason: status.canonical_reason().unwrap_or("Error").to_string(),
-                    message: format!(
-                        "{status}: {}",
-                        String::from_utf8_lossy(&bytes)
-                            .chars()
-                            .take(200)
-                            .collect::<String>()
-                    ),
-                    details: vec![],
-                },
-            });
+            return Err(refusal(status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -223,20 +204,7 @@ impl ApiClient {
         if !resp.status().is_success() {
             let status = resp.status();
             let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api {
-                    status: status.as_u16(),
-                    reason: b.reason,
-                    message: b.message,
-                    details: b.details,
-                },
-                Err(_) => ClientError::Api {
-                    status: status.as_u16(),
-                    reason: "Error".into(),
-                    message: format!("refused: {status}"),
-                    details: vec![],
-                },
-            });
+            return Err(refusal(status, &bytes));
         }
         let base = self.base.clone();
         let lines = futures::stream::unfold(
@@ -277,6 +245,31 @@ impl ApiClient {
     /// A request builder for `path` (for [`ApiClient::json_lines`]).
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, self.url(path))
+    }
+}
+
+/// An error answer as a `ClientError::Api`: the API's JSON error body, or (from something else on
+/// the way, a proxy) the status and the start of the body.
+fn refusal(status: reqwest::StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(b) => ClientError::Api {
+            status: status.as_u16(),
+            reason: b.reason,
+            message: b.message,
+            details: b.details,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            reason: status.canonical_reason().unwrap_or("Error").to_string(),
+            message: format!(
+                "{status}: {}",
+                String::from_utf8_lossy(bytes)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ),
+            details: vec![],
+        },
     }
 }
 

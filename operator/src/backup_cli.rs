@@ -286,12 +286,26 @@ pub async fn restore(conn: &Conn, command: RestoreCommand) -> CliResult {
             snapshot, dry_run, ..
         } => {
             let client = crate::cli::client(conn)?;
-            let body = json!({"snapshot": snapshot, "dryRun": dry_run});
-            let plan: RestorePlan = client
-                .request_json(Method::POST, paths::RESTORE_ENVIRONMENT, Some(&body))
-                .await
-                .map_err(api_error)?;
+            // What it will change first (a dry run), then, unless that was all, the restore.
+            let ask = |dry: bool| {
+                let body = json!({"snapshot": snapshot, "dryRun": dry});
+                let client = &client;
+                async move {
+                    client
+                        .request_json::<RestorePlan>(
+                            Method::POST,
+                            paths::RESTORE_ENVIRONMENT,
+                            Some(&body),
+                        )
+                        .await
+                        .map_err(api_error)
+                }
+            };
+            let plan = ask(true).await?;
             show_plan(&plan);
+            if !dry_run {
+                show_plan(&ask(false).await?);
+            }
             Ok(())
         }
     }

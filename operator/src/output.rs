@@ -216,6 +216,22 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                 &rows,
             )
         }
+        Kind::Backup => {
+            let rows: Vec<Vec<String>> = objects.iter().map(backup_row).collect();
+            table(
+                &[
+                    "NAME",
+                    "SCHEDULE",
+                    "LAST RUN",
+                    "NEXT RUN",
+                    "SNAPSHOTS",
+                    "SIZE",
+                    "VERIFIED",
+                    "AGE",
+                ],
+                &rows,
+            )
+        }
         _ => {
             let rows: Vec<Vec<String>> = objects
                 .iter()
@@ -227,6 +243,52 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
 }
 
 /// The keys of a Config's spec or of a Secret's redacted view (never values).
+/// One `berth get backups` row: a failed last run and a refused plan show as such, not as a time.
+fn backup_row(o: &DynObject) -> Vec<String> {
+    let st = &o.status;
+    let when = |v: &Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok())
+            .map(|t| format!("{} ago", age_since(t)))
+    };
+    let last = match (&st["lastRun"]["ok"], when(&st["lastRun"]["started"])) {
+        (Value::Bool(true), Some(t)) => t,
+        (Value::Bool(false), Some(t)) => format!("FAILED {t}"),
+        _ => "-".into(),
+    };
+    let conds = status_conditions(o);
+    let next = match condition(&conds, "Ready") {
+        Some(c) if c.status != berth_api_types::ConditionStatus::True => c.reason.clone(),
+        _ => st["nextRun"]
+            .as_str()
+            .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok())
+            .map(|t| format_time(&t))
+            .unwrap_or_else(|| "-".into()),
+    };
+    let verified = match (
+        &st["lastVerification"]["ok"],
+        when(&st["lastVerification"]["time"]),
+    ) {
+        (Value::Bool(true), Some(t)) => format!("ok {t}"),
+        (Value::Bool(false), Some(t)) => format!("FAILED {t}"),
+        _ => "never".into(),
+    };
+    let size = st["repositoryBytes"]
+        .as_u64()
+        .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+        .unwrap_or_else(|| "-".into());
+    vec![
+        o.metadata.name.clone(),
+        st["schedule"].as_str().unwrap_or("-").to_string(),
+        last,
+        next,
+        st["snapshots"].as_u64().unwrap_or(0).to_string(),
+        size,
+        verified,
+        age(o),
+    ]
+}
+
 /// One `berth get nodes` row. A spec berth refused shows in STATE (`ready,UnsafeChange`), a drain
 /// in progress in AVAILABILITY (`drain (2 left)`), as `docker node ls` users would look for them.
 fn node_row(o: &DynObject) -> Vec<String> {

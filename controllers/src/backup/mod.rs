@@ -158,7 +158,17 @@ impl Reconciler for BackupController {
 }
 
 #[async_trait]
-impl Hooks for BackupController {}
+impl Hooks for BackupController {
+    /// What a transfer interrupted by a crash left in Swarm (an agent service, its grant secret).
+    async fn collect_garbage(&self, _ctx: &Context<Self>) -> Result<(), Error> {
+        match self.backups.collect_leftovers().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(agents = n, "removed transfer agents left by an earlier run"),
+            Err(e) => return Err(Error::Transient(e.to_string())),
+        }
+        Ok(())
+    }
+}
 
 /// How long until the next scheduled thing, at most [`REFRESH`], at least a second.
 fn wake_after(

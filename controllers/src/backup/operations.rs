@@ -142,6 +142,15 @@ impl Backups {
         }
     }
 
+    /// Agent services and grants a berth that died mid-transfer left (older than the transfer
+    /// timeout).
+    pub async fn collect_leftovers(&self) -> Result<usize, BackupError> {
+        self.transfers
+            .collect_leftovers()
+            .await
+            .map_err(|e| BackupError::Failed(e.to_string()))
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

@@ -231,8 +231,17 @@ pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<C
         let Some(rel) = strip(&e.path()?) else {
             continue;
         };
-        let mut header = e.header().clone();
-        let kind = header.entry_type();
+        // A fresh header: the old one may carry restic's ustar `prefix` field (paths over 100
+        // bytes), which setting a shorter path would leave in place, prefixing it again.
+        let old = e.header();
+        let kind = old.entry_type();
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(old.mode()?);
+        header.set_uid(old.uid()?);
+        header.set_gid(old.gid()?);
+        header.set_mtime(old.mtime()?);
+        header.set_size(if kind.is_file() { old.size()? } else { 0 });
         match kind {
             EntryType::Symlink => {
                 let target = e.link_name()?.unwrap_or_default().into_owned();
@@ -374,6 +383,58 @@ mod tests {
     fn is_root() -> bool {
         let d = tempfile::tempdir().unwrap();
         fs::metadata(d.path()).unwrap().uid() == 0
+    }
+
+    #[test]
+    fn rebase_takes_the_snapshot_path_off_even_from_ustar_prefixed_names() {
+        // As restic's dump writes them: full paths, long ones split into ustar prefix + name.
+        let root = "var/lib/docker/volumes/a-volume-with-a-rather-long-name-for-a-test/_data";
+        let deep = format!("{root}/{}/file.txt", "d".repeat(60));
+        let mut input = Vec::new();
+        {
+            let mut b = tar::Builder::new(&mut input);
+            for (path, data, dir) in [
+                ("var".to_string(), &b""[..], true),
+                (root.to_string(), &b""[..], true),
+                (deep.clone(), &b"hello"[..], false),
+            ] {
+                let mut h = tar::Header::new_ustar();
+                h.set_entry_type(if dir {
+                    EntryType::Directory
+                } else {
+                    EntryType::Regular
+                });
+                h.set_mode(if dir { 0o755 } else { 0o640 });
+                h.set_uid(1234);
+                h.set_gid(5678);
+                h.set_mtime(1_600_000_000);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, &path, data).unwrap();
+            }
+            b.finish().unwrap();
+        }
+        let mut out = Vec::new();
+        let c = rebase(&input[..], &format!("/{root}"), &mut out).unwrap();
+        assert_eq!((c.files, c.bytes), (1, 5));
+        let mut a = tar::Archive::new(&out[..]);
+        let got: Vec<(String, u64)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().uid().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (".".to_string(), 1234),
+                (format!("{}/file.txt", "d".repeat(60)), 1234)
+            ]
+        );
     }
 
     #[test]
