@@ -232,7 +232,9 @@ async fn start_backups(
         server.backup.backup_agent_image.clone(),
     )
     .await
-    .map_err(|e| format!("error: backups: {e}"))?;
+    .map_err(|e| format!("error: backups: {e}"))?
+    // Off by default: see `BackupArgs::backup_agent_host_network`.
+    .host_network(server.backup.backup_agent_host_network);
     let records = Records::open(
         &server.data_dir.join("controllers").join("backup"),
         "backups",

@@ -93,6 +93,13 @@ pub struct BackupArgs {
     /// plans are managed elsewhere, and for tests that share one engine).
     #[arg(long, env = "BERTH_NO_DEFAULT_BACKUP_PLAN", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_default_backup_plan: bool,
+    /// Run volume-transfer agents on the node's host network instead of the engine's default
+    /// bridge. Only for nodes whose engines have no bridge network (`dockerd --bridge none`, as
+    /// in the 3-node lab), where an agent task would otherwise have only loopback and could not
+    /// reach berth. It is a privilege: the agent then shares the node's network namespace (every
+    /// interface and port of the node), so it is off unless asked for.
+    #[arg(long, env = "BERTH_BACKUP_AGENT_HOST_NETWORK", value_parser = clap::builder::FalseyValueParser::new())]
+    pub backup_agent_host_network: bool,
 }
 
 /// The Ingress controller's load balancer.

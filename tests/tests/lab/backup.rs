@@ -11,12 +11,19 @@
 //!
 //! Volumes are filled and compared through the host's view of each node's data root (the lab's
 //! engines keep plain local volumes under /var/lib/berth-lab/nN/docker/volumes).
+//!
+//! The second scenario does the same through berth only, as a team would: `berth up` on the
+//! manager with `BERTH_BACKUP_AGENT_HOST_NETWORK=1` (the lab's engines have no bridge), a Service
+//! pinned to node 2 mounting a Volume, `berth backup run`, the evidence, and `berth restore volume
+//! --node berth-lab-3 --as ...`. Its files are written and compared through the nodes' engines
+//! (a shell in the task's container on node 2, a throwaway container on node 3), not the host's
+//! view of their disks.
 
 use anyhow::{ensure, Context, Result};
 use berth_controllers::backup::stream;
 use berth_controllers::backup::volumes::{Transfers, VolumeOnNode, TEST_AGENT_IMAGE};
 use berth_e2e::lab::{block_on, Lab, Scenario};
-use berth_e2e::prefix;
+use berth_e2e::{prefix, Berth, Cleanup};
 use bollard::models::VolumeCreateRequest;
 use bollard::query_parameters::{
     ListContainersOptions, ListSecretsOptions, ListServicesOptions, RemoveVolumeOptions,
@@ -26,13 +33,20 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 pub fn scenarios() -> Vec<Scenario> {
-    vec![Scenario {
-        name: "a_volume_on_node_2_is_read_and_restored_on_node_3",
-        run: a_volume_on_node_2_is_read_and_restored_on_node_3,
-    }]
+    vec![
+        Scenario {
+            name: "a_volume_on_node_2_is_read_and_restored_on_node_3",
+            run: a_volume_on_node_2_is_read_and_restored_on_node_3,
+        },
+        Scenario {
+            name: "berth_backs_up_a_volume_on_node_2_and_restores_it_on_node_3",
+            run: berth_backs_up_a_volume_on_node_2_and_restores_it_on_node_3,
+        },
+    ]
 }
 
 /// Megabytes of data in the volume (`BERTH_LAB_VOLUME_MB`, default 32): the throughput printed
@@ -285,4 +299,338 @@ fn a_volume_on_node_2_is_read_and_restored_on_node_3(lab: &Lab) -> Result<()> {
         }
         Ok(())
     })
+}
+
+const BUSYBOX: &str = "berth-test/busybox:1";
+
+/// Removes volumes from lab nodes' engines when dropped, with the docker CLI (a drop may happen
+/// inside [`block_on`]), retrying for up to 30 s: a volume stays in use until the containers of
+/// the service that was just removed are gone from its node.
+struct NodeVolumesGone<'a> {
+    lab: &'a Lab,
+    /// (node index, volume name)
+    volumes: Vec<(usize, String)>,
+}
+
+impl Drop for NodeVolumesGone<'_> {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (i, v) in &self.volumes {
+            let Some(host) = self.lab.node(*i).docker_host.clone() else {
+                continue;
+            };
+            loop {
+                let exists = Command::new("docker")
+                    .args(["-H", &host, "volume", "inspect", v])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if !exists {
+                    break;
+                }
+                let _ = Command::new("docker")
+                    .args(["-H", &host, "volume", "rm", "-f", v])
+                    .output();
+                if Instant::now() > deadline {
+                    eprintln!("lab: volume {v} is still on node index {i}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// A shell script writing files of several owners and modes into `$1`: a private file, a setuid
+/// program, a group-readable directory of another owner, a symlink with its own owner, an empty
+/// directory, 1 MiB of random data, and old mtimes.
+const WRITE_FILES: &str = r#"set -e
+cd "$1"
+mkdir -p db/wal bin empty uploads
+printf 'patient 17: fine' > secret.txt
+chown 1234:5678 secret.txt
+chmod 600 secret.txt
+head -c 1048576 /dev/urandom > db/main.dat
+chown 999:999 db/main.dat
+chmod 640 db/main.dat
+printf 'write-ahead' > db/wal/0001
+chown 1234:5678 db/wal/0001 db/wal
+chmod 640 db/wal/0001
+chmod 2750 db/wal
+printf '#!/bin/sh\necho hi\n' > bin/tool
+chmod 4755 bin/tool
+chown 1000:1000 bin
+ln -s ../db/main.dat uploads/link
+chown -h 33:33 uploads/link
+chown 65534:65534 empty
+chmod 700 empty
+touch -t 200109090146.40 secret.txt db/main.dat db/wal/0001 bin/tool
+chmod 750 .
+"#;
+
+/// A shell script listing every entry under `$1`, sorted: kind, mode (octal and symbolic),
+/// owner, and for files size, mtime and MD5, for symlinks the target. Directory mtimes are left
+/// out (they move as entries are written).
+const LIST_FILES: &str = r#"cd "$1" || exit 1
+find . | sort | while read -r f; do
+  if [ -L "$f" ]; then echo "$f link -> $(readlink "$f") $(stat -c '%u:%g' "$f")"
+  elif [ -d "$f" ]; then echo "$f dir $(stat -c '%a %A %u:%g' "$f")"
+  else echo "$f file $(stat -c '%a %A %u:%g %s %Y' "$f") $(md5sum < "$f" | cut -d' ' -f1)"
+  fi
+done
+"#;
+
+/// Runs `docker -H <node i's engine> ARGS` and returns its stdout, or fails with its stderr.
+fn docker_on(lab: &Lab, i: usize, args: &[&str]) -> Result<String> {
+    let host = lab
+        .node(i)
+        .docker_host
+        .clone()
+        .context("a lab node other than the manager")?;
+    let out = Command::new("docker")
+        .args(["-H", &host])
+        .args(args)
+        .output()
+        .context("running docker")?;
+    ensure!(
+        out.status.success(),
+        "docker -H {host} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn berth_backs_up_a_volume_on_node_2_and_restores_it_on_node_3(lab: &Lab) -> Result<()> {
+    let p = prefix("labbk");
+    let volume = format!("{p}-data");
+    let copy = format!("{p}-copy");
+    let service = format!("{p}-app");
+    // Dropped in reverse order: berth stops (and removes what its installation made), then the
+    // prefix's Swarm objects on the manager go, then the volumes on nodes 2 and 3.
+    let _volumes = NodeVolumesGone {
+        lab,
+        volumes: vec![(1, volume.clone()), (2, copy.clone())],
+    };
+    let _cleanup = Cleanup::new(&p);
+    let b = Berth::start_env(&[], &[("BERTH_BACKUP_AGENT_HOST_NETWORK", "1")]);
+    let repo = b.backup_dir().join("repo");
+    let started = Instant::now();
+
+    // An unencrypted network: encrypted overlays carry nothing between the lab's namespaces
+    // (LAB-NOTES), and berth's default network would be encrypted.
+    b.apply(&format!(
+        r#"apiVersion: berth/v1
+kind: Volume
+metadata:
+  name: {volume}
+spec: {{}}
+---
+apiVersion: berth/v1
+kind: Network
+metadata:
+  name: {p}-plain
+spec:
+  encrypted: false
+---
+apiVersion: berth/v1
+kind: Service
+metadata:
+  name: {service}
+spec:
+  image: {BUSYBOX}
+  command: ["sleep", "100000"]
+  init: true
+  stopGracePeriod: 1s
+  replicas: 1
+  networks: [{p}-plain]
+  placement:
+    constraints: ["node.hostname == {node2}"]
+  volumes:
+    - target: /data
+      volume: {volume}
+---
+apiVersion: berth/v1
+kind: Backup
+metadata:
+  name: {p}-plan
+spec:
+  schedule: "0 0 1 1 *"
+  repository:
+    path: {repo}
+"#,
+        node2 = lab.node(1).hostname,
+        repo = repo.display(),
+    ));
+
+    block_on(async {
+        let tasks = lab
+            .wait_running_tasks(&service, 1, Duration::from_secs(90))
+            .await?;
+        ensure!(
+            tasks[0].0 == 1,
+            "the task runs on node index {}, not node 2",
+            tasks[0].0
+        );
+        let (_, container) = lab.task_container(&tasks[0])?;
+        let (code, out) = lab
+            .exec(1, &container, &["sh", "-c", WRITE_FILES, "sh", "/data"])
+            .await?;
+        ensure!(code == 0, "writing the files on node 2: {out}");
+        let (code, want) = lab
+            .exec(1, &container, &["sh", "-c", LIST_FILES, "sh", "/data"])
+            .await?;
+        ensure!(code == 0, "listing the files on node 2: {want}");
+        ensure!(
+            want.contains("./bin/tool file 4755 -rwsr-xr-x 0:0")
+                && want.contains("./secret.txt file 600 -rw------- 1234:5678 16 1000000000")
+                && want.contains("./uploads/link link -> ../db/main.dat 33:33"),
+            "the files were not written as meant:\n{want}"
+        );
+        eprintln!(
+            "{service} on node 2 ready, files written after {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+
+        // The backup: the volume is read on node 2 by an agent task on its host network.
+        let t = Instant::now();
+        let out = b.cli_ok(&["backup", "run", &format!("{p}-plan")]);
+        eprintln!("berth backup run: {:.1}s", t.elapsed().as_secs_f64());
+        let id = out
+            .split_whitespace()
+            .nth(1)
+            .with_context(|| format!("no snapshot id in `{out}`"))?
+            .to_string();
+        let list = b.cli_ok(&[
+            "backup",
+            "list",
+            "--plan",
+            &format!("{p}-plan"),
+            "-o",
+            "json",
+        ]);
+        let list: serde_json::Value = serde_json::from_str(&list)?;
+        let rec = list["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|r| r["id"] == id.as_str()))
+            .with_context(|| format!("snapshot {id} is not in the evidence: {list}"))?;
+        ensure!(rec["ok"] == true, "the run failed: {rec}");
+        let vols: Vec<&serde_json::Value> = rec["volumes"]
+            .as_array()
+            .map(|v| v.iter().filter(|v| v["name"] == volume.as_str()).collect())
+            .unwrap_or_default();
+        ensure!(
+            vols.len() == 1
+                && vols[0]["node"] == lab.node(1).hostname.to_ascii_lowercase().as_str()
+                && vols[0]["nodeId"] == lab.node(1).node_id.as_str(),
+            "the evidence has {volume} once, on {}: {rec}",
+            lab.node(1).hostname
+        );
+        // 4 files, 1 symlink, 5 directories (the volume's root not counted).
+        ensure!(vols[0]["files"] == 10, "file count: {rec}");
+
+        // Restored on node 3 under a new name, by an agent task there.
+        let t = Instant::now();
+        b.cli_ok(&[
+            "restore",
+            "volume",
+            "--snapshot",
+            &id,
+            "--volume",
+            &volume,
+            "--node",
+            &lab.node(2).hostname,
+            "--as",
+            &copy,
+        ]);
+        eprintln!(
+            "berth restore volume on node 3: {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        // Looked at through node 3's own engine, from a container mounting the new volume.
+        let got = docker_on(
+            lab,
+            2,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "-v",
+                &format!("{copy}:/d"),
+                BUSYBOX,
+                "sh",
+                "-c",
+                LIST_FILES,
+                "sh",
+                "/d",
+            ],
+        )?;
+        ensure!(
+            got == want,
+            "the copy on node 3 differs:\n{got}\nvs the volume on node 2:\n{want}"
+        );
+        let labels = docker_on(
+            lab,
+            2,
+            &["volume", "inspect", "--format", "{{json .Labels}}", &copy],
+        )?;
+        let labels: HashMap<String, String> = serde_json::from_str(labels.trim())?;
+        ensure!(
+            labels.get("io.berth.name") == Some(&copy)
+                && labels.get("io.berth.instance") == Some(&b.instance),
+            "the new volume carries berth's labels: {labels:?}"
+        );
+
+        // No agent service or secret left in the swarm, no agent container on nodes 2 and 3.
+        let docker = lab.docker(0);
+        let services = docker
+            .list_services(None::<ListServicesOptions>)
+            .await?
+            .into_iter()
+            .filter_map(|s| s.spec?.name)
+            .filter(|n| n.starts_with("berth-transfer-"))
+            .count();
+        let secrets = docker
+            .list_secrets(Some(ListSecretsOptions {
+                filters: Some(HashMap::from([(
+                    "label".to_string(),
+                    vec![format!("io.berth.instance={}", b.instance)],
+                )])),
+            }))
+            .await?
+            .into_iter()
+            .filter_map(|s| s.spec?.name)
+            .filter(|n| n.starts_with("berth-transfer-"))
+            .count();
+        ensure!(
+            services == 0 && secrets == 0,
+            "left behind: {services} transfer services, {secrets} transfer secrets"
+        );
+        for i in [1, 2] {
+            let mut left = String::new();
+            for _ in 0..60 {
+                left = docker_on(
+                    lab,
+                    i,
+                    &["ps", "-a", "-q", "--filter", "name=berth-transfer-"],
+                )?;
+                if left.trim().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            ensure!(
+                left.trim().is_empty(),
+                "agent containers left on node index {i}: {left}"
+            );
+        }
+        eprintln!("scenario body: {:.1}s", started.elapsed().as_secs_f64());
+        Ok(())
+    })
+    .map_err(|e| e.context(format!("--- berth up log ---\n{}", tail(&b.log_text(), 60))))
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
