@@ -5,6 +5,7 @@
 use berth_controllers::backup::restic::{
     BackupRequest, Location, Operation, Phase, Progress, Restic, ResticError, SftpLocation,
 };
+use berth_e2e::sshd::{require, Sshd};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -14,14 +15,6 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 const RESTIC: &str = "/usr/bin/restic";
-const SSHD: &str = "/usr/sbin/sshd";
-
-fn require(binary: &str) {
-    assert!(
-        Path::new(binary).exists(),
-        "{binary} is missing: run scripts/test (it installs restic, openssh-server and openssh-client)"
-    );
-}
 
 /// A repository in a temp dir, with its own 0600 password file and cache.
 struct Fixture {
@@ -531,90 +524,6 @@ async fn an_unchanged_directory_backed_up_twice_grows_the_repository_by_under_on
     assert_ne!(first.snapshot_id, second.snapshot_id);
 }
 
-/// A loopback sshd of our own: own config, host key and authorized key, killed on drop.
-struct Sshd {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Sshd {
-    fn start(dir: &Path) -> Sshd {
-        require(SSHD);
-        require("/usr/bin/ssh");
-        let dir = dir.to_path_buf();
-        fs::create_dir_all(&dir).unwrap();
-        // sshd refuses to start without its privilege separation directory (normally made by its
-        // init script, which nothing runs here).
-        fs::create_dir_all("/run/sshd").unwrap();
-        for key in ["host_key", "client_key"] {
-            sh(&format!(
-                "ssh-keygen -q -t ed25519 -N '' -f '{}'",
-                dir.join(key).display()
-            ));
-        }
-        fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let host_pub = fs::read_to_string(dir.join("host_key.pub")).unwrap();
-        let mut words = host_pub.split_whitespace();
-        fs::write(
-            dir.join("known_hosts"),
-            format!(
-                "[127.0.0.1]:{port} {} {}\n",
-                words.next().unwrap(),
-                words.next().unwrap()
-            ),
-        )
-        .unwrap();
-        let config = dir.join("sshd_config");
-        fs::write(
-            &config,
-            format!(
-                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
-                 AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n\
-                 PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\n\
-                 StrictModes no\nSubsystem sftp internal-sftp\n",
-                d = dir.display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new(SSHD)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let mut sshd = Sshd { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = sshd.child.try_wait().unwrap() {
-                panic!(
-                    "sshd exited ({status}): {}",
-                    fs::read_to_string(sshd.dir.join("sshd.log")).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        sshd
-    }
-}
-
 #[tokio::test]
 async fn an_sftp_repository_through_a_loopback_openssh_server() {
     let f = Fixture::new();
@@ -625,8 +534,8 @@ async fn an_sftp_repository_through_a_loopback_openssh_server() {
         host: "127.0.0.1".into(),
         port: sshd.port,
         path: remote.display().to_string(),
-        identity_file: sshd.dir.join("client_key"),
-        known_hosts_file: sshd.dir.join("known_hosts"),
+        identity_file: sshd.client_key(),
+        known_hosts_file: sshd.known_hosts(),
     };
     let r = Restic::new(
         RESTIC,

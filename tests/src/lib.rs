@@ -6,6 +6,7 @@
 pub mod deploy;
 pub mod lab;
 pub mod registry;
+pub mod sshd;
 
 use berth_api_types::names::paths;
 use berth_api_types::Kind;

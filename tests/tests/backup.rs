@@ -666,3 +666,197 @@ async fn backups_are_on_from_first_start() {
     let repo = o["status"]["repository"].as_str().unwrap();
     assert!(repo.ends_with(&b.instance), "{repo}");
 }
+
+/// A YAML block scalar (`|`) holding `text`, indented by `indent` spaces.
+fn block(text: &str, indent: usize) -> String {
+    let pad = " ".repeat(indent);
+    let mut out = String::from("|\n");
+    for line in text.lines() {
+        out.push_str(&pad);
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// A plan whose repository is on an SFTP server, with its identity in Secret `identity`.
+fn sftp_plan_yaml(name: &str, port: u16, path: &Path, identity: &str, known: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Backup\nmetadata:\n  name: {name}\nspec:\n  schedule: \"0 0 1 1 *\"\n  \
+         repository:\n    sftp:\n      host: 127.0.0.1\n      port: {port}\n      user: root\n      \
+         path: {}\n      identity: {{name: {identity}, key: id_ed25519}}\n      \
+         knownHosts: {{name: {known}, key: known_hosts}}\n",
+        path.display()
+    )
+}
+
+/// A plan with an SFTP repository (a loopback sshd of the test's own), its key and pinned host key
+/// in a Secret: the run goes over SFTP, the status and evidence say so, Debian's restic reads the
+/// snapshot both over SFTP and from the directory the server wrote. A plan whose identity Secret
+/// is missing is `PlanIncomplete` at once, its run fails naming the Secret, and it recovers when
+/// the Secret appears. The private key is nowhere in berth's log, the statuses or the evidence.
+#[tokio::test]
+async fn an_sftp_repository_with_its_key_in_a_secret() {
+    let p = prefix("bksftp");
+    let _cleanup = Cleanup::new(&p);
+    let t = berth_e2e::tempdir("sftp");
+    let sshd = berth_e2e::sshd::Sshd::start(&t.path().join("sshd"));
+    let remote = t.path().join("remote-repo");
+    let b = Berth::start(None);
+    let key = std::fs::read_to_string(sshd.client_key()).unwrap();
+    let known = std::fs::read_to_string(sshd.known_hosts()).unwrap();
+    let secret = format!("{p}-ssh");
+    let secret_yaml = |name: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Secret\nmetadata:\n  name: {name}\nspec:\n  stringData:\n    \
+             id_ed25519: {}    known_hosts: {}",
+            block(&key, 6),
+            block(&known, 6)
+        )
+    };
+    b.apply(&secret_yaml(&secret));
+    b.apply(&sftp_plan_yaml(
+        "offsite", sshd.port, &remote, &secret, &secret,
+    ));
+
+    let id = run_backup(&b, "offsite");
+    assert!(
+        remote.join("config").exists(),
+        "the repository is where sshd wrote it"
+    );
+    // A run asked for is on the status at the plan's next refresh (at most a minute).
+    let refresh = Duration::from_secs(90);
+    let o = eventually(&b, refresh, "the run on the plan's status", || async {
+        let o = b.object(Kind::Backup, "offsite").await.ok_or("no plan")?;
+        (o["status"]["lastRun"]["id"] == id.as_str() && o["status"]["snapshots"] == 1)
+            .then_some(o.clone())
+            .ok_or(format!("status {}", o["status"]))
+    })
+    .await;
+    let want = format!("sftp:root@127.0.0.1:{}{}", sshd.port, remote.display());
+    assert_eq!(o["status"]["repository"], want.as_str(), "{o}");
+    assert_eq!(o["status"]["lastRun"]["ok"], true, "{o}");
+    assert_eq!(condition(&o, "Ready").unwrap()["status"], "True", "{o}");
+    assert_eq!(condition(&o, "LastRunFailed").unwrap()["status"], "False");
+    let ev = evidence(&b, "offsite");
+    let rec = ev
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .expect("the snapshot is listed");
+    assert_eq!(rec["ok"], true, "{rec}");
+    let restic_id = rec["resticSnapshot"].as_str().unwrap().to_string();
+
+    let verify = b.cli_ok(&["backup", "verify", &id]);
+    let ev = evidence(&b, "offsite");
+    let rec = ev.iter().find(|r| r["id"] == id.as_str()).unwrap();
+    assert_eq!(rec["verification"]["ok"], true, "{verify}\n{rec}");
+
+    // Debian's restic with berth's key, over SFTP with the same ssh options as berth...
+    let key_dir = tempfile::tempdir().unwrap();
+    let key_file = key_dir.path().join("key");
+    std::fs::write(&key_file, b.cli_ok(&["backup", "key"]).trim()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let ssh = format!(
+        "sftp.command=ssh -p {} -i {} -o IdentitiesOnly=yes -o BatchMode=yes \
+         -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} root@127.0.0.1 -s sftp",
+        sshd.port,
+        sshd.client_key().display(),
+        sshd.known_hosts().display()
+    );
+    let out = Command::new("restic")
+        .arg("-r")
+        .arg(format!("sftp:root@127.0.0.1:{}", remote.display()))
+        .args(["-o", &ssh, "snapshots", "--json"])
+        .env("RESTIC_PASSWORD_FILE", &key_file)
+        .env("RESTIC_CACHE_DIR", key_dir.path().join("cache"))
+        .output()
+        .expect("restic is installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "restic over sftp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snaps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [restic_id.as_str()]);
+    // ...and from the directory the server wrote, reading every pack.
+    let check = restic(&b, &remote, &["check", "--read-data"]);
+    assert!(
+        check.status.success(),
+        "restic check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // The identity's Secret does not exist: the plan says so at once, not when a run is due.
+    let missing = format!("{p}-missing");
+    b.apply(&sftp_plan_yaml(
+        "broken", sshd.port, &remote, &missing, &secret,
+    ));
+    let o = eventually(&b, CONVERGE, "broken: PlanIncomplete", || async {
+        let o = b.object(Kind::Backup, "broken").await.ok_or("no plan")?;
+        let ready = condition(&o, "Ready").ok_or(format!("no Ready: {o}"))?;
+        (ready["reason"] == "PlanIncomplete")
+            .then_some(o.clone())
+            .ok_or(format!("Ready {ready}"))
+    })
+    .await;
+    let ready = condition(&o, "Ready").unwrap();
+    assert_eq!(ready["status"], "False", "{o}");
+    assert_eq!(
+        ready["message"],
+        format!("Secret `{missing}` does not exist").as_str(),
+        "{o}"
+    );
+    let run = b.cli(&["backup", "run", "broken"]);
+    assert!(!run.success, "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains(&format!("Secret `{missing}` does not exist")),
+        "{}",
+        run.stderr
+    );
+    // The Secret appears: the plan is watched back to Ready, and runs.
+    b.apply(&secret_yaml(&missing));
+    eventually(
+        &b,
+        Duration::from_secs(30),
+        "broken: Ready again",
+        || async {
+            let o = b.object(Kind::Backup, "broken").await.ok_or("no plan")?;
+            let ready = condition(&o, "Ready").ok_or(format!("no Ready: {o}"))?;
+            (ready["status"] == "True")
+                .then_some(())
+                .ok_or(format!("Ready {ready}"))
+        },
+    )
+    .await;
+    run_backup(&b, "broken");
+
+    // The private key is nowhere berth writes for people to read.
+    let secret_lines: Vec<&str> = key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 20)
+        .collect();
+    assert!(!secret_lines.is_empty());
+    let mut shown = vec![
+        ("berth's log", b.log_text()),
+        ("the evidence", b.cli_ok(&["backup", "list", "-o", "json"])),
+    ];
+    for plan in ["offsite", "broken"] {
+        let o = b.object(Kind::Backup, plan).await.unwrap();
+        shown.push(("a plan", o.to_string()));
+    }
+    for kind in ["secrets", "backups"] {
+        shown.push(("berth get", b.cli_ok(&["get", kind, "-o", "yaml"])));
+    }
+    for (what, text) in &shown {
+        for l in &secret_lines {
+            assert!(!text.contains(l), "the private key is in {what}");
+        }
+    }
+}

@@ -5,11 +5,11 @@
 //! last and next run, the snapshot count, the repository's size and the last verification.
 //!
 //! Steps: `dereference.rs` is folded into the reconcile (a plan names nothing but, for SFTP, two
-//! Secret keys, read when the repository is opened) -> `build.rs` (pure: which volumes, where,
-//! tags) -> `operations.rs` (the run, verification, restore; shared with the API) -> `status.rs`
-//! (pure). Scheduling is `schedule.rs`, what to keep `retention.rs`, the repository `restic.rs`,
-//! volumes on other nodes `volumes.rs` (over `channel.rs` to
-//! `agent.rs`, as `stream.rs`).
+//! Secret keys: checked on every reconcile, watched, and read when the repository is opened) ->
+//! `build.rs` (pure: which volumes, where, tags) -> `operations.rs` (the run, verification,
+//! restore; shared with the API) -> `status.rs` (pure). Scheduling is `schedule.rs`, what to keep
+//! `retention.rs`, the repository `restic.rs`, volumes on other nodes `volumes.rs` (over
+//! `channel.rs` to `agent.rs`, as `stream.rs`).
 //!
 //! It runs in the API server's process (`berth up`, `berth api`): a snapshot must read the store's
 //! sealed values and master key, which only that process holds.
@@ -29,7 +29,7 @@ use crate::runtime::{Action, Cached, Context, Error, Hooks, Reconciled, Reconcil
 use async_trait::async_trait;
 use berth_api_types::backup::{validate_backup, Backup, BackupSpec, BackupStatus};
 use berth_api_types::validate::FieldError;
-use berth_api_types::Kind;
+use berth_api_types::{Event, Kind};
 use chrono::{DateTime, Utc};
 use operations::{BackupError, Backups};
 use schedule::{Clock, Schedule};
@@ -96,6 +96,11 @@ impl Reconciler for BackupController {
             .metadata
             .creation_timestamp
             .unwrap_or_else(|| self.clock.now());
+        // A missing Secret key is the plan's fault, shown now rather than when a run is due; a
+        // store that cannot be read is left to the run, which records it.
+        if let Err(BackupError::Plan(why)) = self.backups.check_plan(&plan.spec).await {
+            return Err(Error::refused(status::reasons::PLAN_INCOMPLETE, why));
+        }
         let record = self.backups.plan_record(name);
 
         let now = self.clock.now();
@@ -167,6 +172,34 @@ impl Hooks for BackupController {
             Err(e) => return Err(Error::Transient(e.to_string())),
         }
         Ok(())
+    }
+
+    /// An SFTP repository's identity and known_hosts are Secret keys: a plan waiting for one
+    /// (`PlanIncomplete`) is looked at again when it appears.
+    fn watches(&self) -> Vec<Kind> {
+        vec![Kind::Secret]
+    }
+
+    /// The plans whose SFTP repository names the Secret an event is about.
+    async fn map_related(&self, event: &Event, ctx: &Context<Self>) -> Vec<String> {
+        if event.kind != Kind::Secret {
+            return Vec::new();
+        }
+        ctx.cache
+            .objects()
+            .iter()
+            .filter(|o| {
+                o.object
+                    .spec
+                    .repository
+                    .as_ref()
+                    .and_then(|r| r.sftp.as_ref())
+                    .is_some_and(|s| {
+                        s.identity.name == event.name || s.known_hosts.name == event.name
+                    })
+            })
+            .map(|o| o.name().to_string())
+            .collect()
     }
 }
 

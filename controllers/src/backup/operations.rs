@@ -258,6 +258,18 @@ impl Backups {
             .ok_or_else(|| BackupError::Plan(format!("Secret `{name}` has no key `{key}`")))
     }
 
+    /// `Err(Plan)` when the plan names a Secret key that is not there (an SFTP repository's
+    /// identity or known_hosts): checked on every reconcile, so the plan shows `PlanIncomplete`
+    /// as soon as it is applied, not only when a run is due. Nothing is written.
+    pub async fn check_plan(&self, spec: &BackupSpec) -> Result<(), BackupError> {
+        if let Some(s) = spec.repository.as_ref().and_then(|r| r.sftp.as_ref()) {
+            self.secret_key(&s.identity.name, &s.identity.key).await?;
+            self.secret_key(&s.known_hosts.name, &s.known_hosts.key)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Where a plan's repository is, for status.
     pub fn describe_repository(&self, spec: &BackupSpec) -> String {
         build::describe(&build::repository(
