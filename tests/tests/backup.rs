@@ -154,6 +154,8 @@ fn populate(dir: &Path) {
             .unwrap();
     }
     std::fs::create_dir_all(dir.join("empty")).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(dir, Some(0), Some(1234)).unwrap();
     std::fs::set_permissions(dir.join("empty"), std::fs::Permissions::from_mode(0o700)).unwrap();
     let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
     let f = std::fs::File::options()
@@ -206,6 +208,17 @@ fn tree(dir: &Path) -> BTreeMap<String, String> {
         }
     }
     let mut out = BTreeMap::new();
+    // The volume's root has an owner and mode of its own.
+    let m = std::fs::metadata(dir).unwrap();
+    out.insert(
+        ".".into(),
+        format!(
+            "root mode {:o} owner {}:{}",
+            m.mode() & 0o7777,
+            m.uid(),
+            m.gid()
+        ),
+    );
     walk(dir, dir, &mut out);
     out
 }

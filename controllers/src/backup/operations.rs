@@ -752,13 +752,19 @@ impl Backups {
             )
             .await
             .map_err(|e| BackupError::Failed(format!("reading the snapshot: {e}")))?;
+        let snapshot = rec.restic_snapshot.as_deref().unwrap_or_default();
+        let root = restic
+            .stat_dir(snapshot, &source.path)
+            .await
+            .map_err(|e| BackupError::Failed(format!("reading the snapshot: {e}")))?
+            .map(|m| (m.uid, m.gid, m.mode, m.mtime));
         // restic names entries by their path in the snapshot; the volume wants them relative.
         let (reader, writer) = tokio::io::duplex(1 << 20);
         let prefix = source.path.clone();
         let rebased = tokio::task::spawn_blocking(move || {
             let input = tokio_util::io::SyncIoBridge::new(dump);
             let output = tokio_util::io::SyncIoBridge::new(writer);
-            super::stream::rebase(input, &prefix, output)
+            super::stream::rebase(input, &prefix, root, output)
         });
         let written = self.transfers.write(&target_node, &name, reader).await;
         match rebased.await {

@@ -108,6 +108,15 @@ pub enum Phase {
     Finished,
 }
 
+/// A directory's own metadata in a snapshot (see [`Restic::stat_dir`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirMeta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub mtime: u64,
+}
+
 /// A progress report. `Started` and `Finished` come for every long operation; `Running` reports come
 /// from restic's own status output (backup: bytes and files; check --read-data: packs read, counted in
 /// the `files_*` fields).
@@ -641,6 +650,49 @@ impl Restic {
         self.run_locked_ok("restore", &args, ignore).await?;
         on_progress(Progress::edge(Operation::Restore, Phase::Finished));
         Ok(())
+    }
+
+    /// Owner, permission bits and mtime of the directory `path` in `snapshot` (`ls --json`, not
+    /// recursive): `dump` writes a directory's contents but not the directory itself, and a
+    /// volume's root has its own owner and mode.
+    pub async fn stat_dir(
+        &self,
+        snapshot: &str,
+        path: &str,
+    ) -> Result<Option<DirMeta>, ResticError> {
+        check_id(snapshot)?;
+        let args: [OsString; 4] = ["--json".into(), "--".into(), snapshot.into(), path.into()];
+        let done = self.run_locked_ok("ls", &args, ignore).await?;
+        #[derive(Deserialize)]
+        struct Node {
+            #[serde(default)]
+            path: String,
+            #[serde(default)]
+            struct_type: String,
+            #[serde(default)]
+            uid: u32,
+            #[serde(default)]
+            gid: u32,
+            #[serde(default)]
+            mode: u32,
+            mtime: Option<DateTime<Utc>>,
+        }
+        let want = path.trim_end_matches('/');
+        Ok(done
+            .stdout
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Node>(l).ok())
+            .find(|n| n.struct_type == "node" && n.path.trim_end_matches('/') == want)
+            .map(|n| DirMeta {
+                uid: n.uid,
+                gid: n.gid,
+                // Go's FileMode: permission bits, then setuid, setgid and sticky as high bits.
+                mode: (n.mode & 0o777)
+                    | if n.mode & (1 << 23) != 0 { 0o4000 } else { 0 }
+                    | if n.mode & (1 << 22) != 0 { 0o2000 } else { 0 }
+                    | if n.mode & (1 << 20) != 0 { 0o1000 } else { 0 },
+                mtime: n.mtime.map(|t| t.timestamp().max(0) as u64).unwrap_or(0),
+            }))
     }
 
     /// The repository's size on storage: for a local repository the bytes of all its files; over

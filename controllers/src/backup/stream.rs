@@ -213,7 +213,15 @@ pub fn unpack<R: Read>(input: R, dst: &Path) -> io::Result<Counts> {
 /// every path: `restic dump` of a volume's directory names its entries by their full path in the
 /// snapshot (`var/lib/docker/volumes/v/_data/...`), and a restore writes them relative to the
 /// volume (the directory itself becomes `./`). Entries outside `prefix` (its parents) are dropped.
-pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<Counts> {
+///
+/// `root`: the directory's own (uid, gid, mode, mtime), sent first as `./`, since restic's dump
+/// holds only what is inside it.
+pub fn rebase<R: Read, W: Write>(
+    input: R,
+    prefix: &str,
+    root: Option<(u32, u32, u32, u64)>,
+    out: W,
+) -> io::Result<Counts> {
     let prefix = prefix.trim_matches('/');
     let strip = |p: &Path| -> Option<PathBuf> {
         let p = p.strip_prefix("./").unwrap_or(p);
@@ -226,6 +234,16 @@ pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<C
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     let mut counts = Counts::default();
+    if let Some((uid, gid, mode, mtime)) = root {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(EntryType::Directory);
+        h.set_uid(uid.into());
+        h.set_gid(gid.into());
+        h.set_mode(mode);
+        h.set_mtime(mtime);
+        h.set_size(0);
+        builder.append_data(&mut h, "./", io::empty())?;
+    }
     for entry in archive.entries()? {
         let mut e = entry?;
         let Some(rel) = strip(&e.path()?) else {
@@ -414,7 +432,13 @@ mod tests {
             b.finish().unwrap();
         }
         let mut out = Vec::new();
-        let c = rebase(&input[..], &format!("/{root}"), &mut out).unwrap();
+        let c = rebase(
+            &input[..],
+            &format!("/{root}"),
+            Some((7, 8, 0o750, 1)),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!((c.files, c.bytes), (1, 5));
         let mut a = tar::Archive::new(&out[..]);
         let got: Vec<(String, u64)> = a
@@ -431,6 +455,7 @@ mod tests {
         assert_eq!(
             got,
             [
+                ("./".to_string(), 7),
                 (".".to_string(), 1234),
                 (format!("{}/file.txt", "d".repeat(60)), 1234)
             ]
