@@ -791,6 +791,27 @@ mod tests {
             .contains("`boss` is not a role"));
     }
 
+    /// The backup routes read every volume, hand out the repository key or rewrite objects: none
+    /// answers without the admin token, and the key never leaks into a refusal.
+    #[tokio::test]
+    async fn backup_routes_need_the_admin_token() {
+        let (app, _d) = app();
+        for (method, path) in [
+            ("POST", paths::backup_run("environment")),
+            ("GET", paths::SNAPSHOTS.to_string()),
+            ("POST", paths::SNAPSHOTS_VERIFY.to_string()),
+            ("POST", paths::RESTORE_VOLUME.to_string()),
+            ("POST", paths::RESTORE_ENVIRONMENT.to_string()),
+            ("GET", paths::BACKUP_KEY.to_string()),
+        ] {
+            let (code, body) = call(&app, method, &path, Some(json!({})), false).await;
+            assert_eq!(code, 401, "{method} {path}: {body}");
+        }
+        // With the token but no engine here: unavailable, said plainly.
+        let (code, body) = call(&app, "GET", paths::BACKUP_KEY, None, true).await;
+        assert_eq!(code, 503, "{body}");
+    }
+
     #[tokio::test]
     async fn invalid_objects_get_field_errors_and_change_nothing() {
         let (app, _d) = app();
