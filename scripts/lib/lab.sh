@@ -423,6 +423,23 @@ berth_lab_check_stop() {
     fi
 }
 
+# A node promoted to manager must first receive the Raft log since the last snapshot, and until it
+# has caught up every write (which needs its acknowledgement) waits. Docker snapshots every 10,000
+# entries; a test machine's swarm writes thousands of large ones (every e2e run's services, tasks
+# and configs), and replaying them to a new manager in the lab took minutes: the promoted node
+# was "reachable", yet `docker node demote` timed out, the leader logged `data store lock held too
+# long`, and the demoted node rejoined Raft under a new ID when its worker certificate never came
+# (moby/swarmkit#1991). A snapshot every 200 entries keeps a new manager's catch-up to a small
+# snapshot plus a few hundred entries: demotions then complete in under a second.
+BERTH_LAB_SNAPSHOT_INTERVAL=${BERTH_LAB_SNAPSHOT_INTERVAL:-200}
+_berth_lab_snapshot_interval() {
+    local have
+    have=$(docker info --format '{{.Swarm.Cluster.Spec.Raft.SnapshotInterval}}' 2>/dev/null || true)
+    [[ $have == "$BERTH_LAB_SNAPSHOT_INTERVAL" ]] && return 0
+    echo "==> lab: docker swarm update --snapshot-interval $BERTH_LAB_SNAPSHOT_INTERVAL (was ${have:-unknown})"
+    docker swarm update --snapshot-interval "$BERTH_LAB_SNAPSHOT_INTERVAL" >/dev/null
+}
+
 # Waits until the manager reports node $1 Ready.
 _berth_lab_wait_ready() {
     local n=$1 id i
@@ -443,6 +460,7 @@ berth_lab_up() {
     berth_lab_bridge
     berth_start_docker
     berth_init_swarm
+    _berth_lab_snapshot_interval
     berth_build_images
     _berth_lab_forwarding
     mkdir -p "$BERTH_LAB_STATE" "$BERTH_LAB_RUN"

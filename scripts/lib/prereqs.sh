@@ -148,7 +148,9 @@ berth_start_docker() {
         echo "==> docker: starting dockerd (log: $BERTH_DOCKERD_LOG)"
         # setsid + nohup: dockerd must outlive this script and its terminal. --wait keeps $!
         # alive exactly as long as dockerd, even when setsid has to fork.
-        setsid --wait nohup dockerd >>"$BERTH_DOCKERD_LOG" 2>&1 </dev/null &
+        # 9>&-: a daemon must not inherit the lab lock (scripts/lab holds it on fd 9 and may start
+        # the engine): it would keep the lab locked for as long as the engine runs.
+        setsid --wait nohup dockerd >>"$BERTH_DOCKERD_LOG" 2>&1 </dev/null 9>&- &
         pid=$!
     fi
 
