@@ -3,6 +3,7 @@
 //! (API paths, NATS subjects, Swarm labels) that other crates and outside tools rely on.
 
 pub mod backup;
+pub mod controllers;
 pub mod cron;
 pub mod deploy;
 pub mod event;

@@ -41,6 +41,8 @@ pub mod paths {
     pub const RESTORE_ENVIRONMENT: &str = "/apis/berth/v1/restore/environment";
     /// GET: the repository key, for running restic by hand (never logged).
     pub const BACKUP_KEY: &str = "/apis/berth/v1/backup/key";
+    /// `GET`: the running controller instances (`berth controllers`).
+    pub const CONTROLLERS: &str = "/apis/berth/v1/controllers";
 
     /// `/apis/berth/v1/<plural>`
     pub fn collection(kind: Kind) -> String {
@@ -120,6 +122,26 @@ pub mod subjects {
     /// `berth.deploy.<service>`
     pub fn deploy(service: &str) -> String {
         format!("{DEPLOY_PREFIX}.{service}")
+    }
+
+    /// JetStream KV bucket of the controllers' leases and instance records (`KV_BERTH_CONTROLLERS`,
+    /// subjects `$KV.BERTH_CONTROLLERS.>`). Its max age is the lease time: an entry nobody renews
+    /// disappears, so dead instances and installations leave nothing behind.
+    pub const CONTROLLERS_BUCKET: &str = "BERTH_CONTROLLERS";
+
+    /// `lease.<installation>.<kind>.<partition>`: who reconciles one partition of a kind's objects.
+    pub fn lease_key(installation: &str, kind: Kind, partition: u32) -> String {
+        format!("lease.{installation}.{}.{partition}", kind.lower())
+    }
+
+    /// `member.<installation>.<kind>.<instance>`: one running controller instance.
+    pub fn member_key(installation: &str, kind: Kind, instance: &str) -> String {
+        format!("member.{installation}.{}.{instance}", kind.lower())
+    }
+
+    /// The prefix of every member key of one installation (`member.<installation>.`).
+    pub fn members_of(installation: &str) -> String {
+        format!("member.{installation}.")
     }
 }
 

@@ -5,11 +5,13 @@ use crate::api_client::ApiClient;
 use crate::output;
 use crate::Conn;
 use berth_api_types::manifest::load_paths;
+use berth_api_types::names::paths;
 use berth_api_types::typed::decode_doc;
 use berth_api_types::wire::ApplyOutcome;
 use berth_api_types::{DynObject, Kind};
 use berth_controllers::api::ClientError;
 use futures::StreamExt;
+use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -264,6 +266,50 @@ pub async fn info(conn: &Conn, out: Output) -> CliResult {
             "{}",
             output::to_yaml(&serde_json::to_value(&d).map_err(|e| e.to_string())?)
         ),
+    }
+    Ok(())
+}
+
+/// `berth controllers`: the running controller instances.
+pub async fn controllers(conn: &Conn, out: Output) -> CliResult {
+    let client = client(conn)?;
+    let list: Value = client
+        .request_json(reqwest::Method::GET, paths::CONTROLLERS, None)
+        .await
+        .map_err(api_error)?;
+    let items: Vec<berth_api_types::controllers::ControllerInstance> =
+        serde_json::from_value(list["items"].clone()).map_err(|e| e.to_string())?;
+    match out {
+        Output::Table => {
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.kind.lower().to_string(),
+                        i.instance.clone(),
+                        format!("{}/{}", i.host, i.pid),
+                        format!(
+                            "{:.0}% ({}/{} partitions, {} objects){}",
+                            i.share() * 100.0,
+                            i.partitions,
+                            i.partitions_total,
+                            i.objects,
+                            if i.leader { ", leader" } else { "" }
+                        ),
+                        format!("{} ago", output::age_since(i.last_seen)),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                output::table(&["KIND", "INSTANCE", "HOST", "SHARE", "LAST SEEN"], &rows)
+            );
+        }
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+        ),
+        Output::Yaml => print!("{}", output::to_yaml(&list)),
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use berth_controllers::ingress::IngressController;
 use berth_controllers::network::NetworkController;
 use berth_controllers::node::NodeController;
 use berth_controllers::registry::RegistryController;
+use berth_controllers::runtime::shares::Sharing;
 use berth_controllers::runtime::{Controller, ControllerConfig, Hooks, Records};
 use berth_controllers::service::ServiceController;
 use berth_controllers::swarm::engine;
@@ -117,13 +118,14 @@ fn open_store(dir: &Path, key: &MasterKey) -> Result<Store, String> {
 struct ApiParts {
     store: Store,
     bus: Arc<dyn EventBus>,
+    sharing: Sharing,
 }
 
 /// Opens the store, connects the bus, starts the outbox publisher and the HTTP server.
 async fn start_api(
     server: &ServerArgs,
     docker_host: Option<&str>,
-    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+    tasks: &mut Tasks,
 ) -> Result<ApiParts, String> {
     std::fs::create_dir_all(&server.data_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
@@ -161,7 +163,15 @@ async fn start_api(
     );
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
-    let backups = start_backups(server, &store, &key, docker_host, bus.clone(), tasks).await?;
+    let backups = start_backups(
+        server,
+        &store,
+        &key,
+        docker_host,
+        (bus.clone(), connected.sharing.clone()),
+        tasks,
+    )
+    .await?;
     // Deploy events become spec changes here, in the only writer of spec. Durable on NATS (named
     // per installation, like the controllers' consumers) so deploys queued while down still land.
     let applier = server
@@ -179,6 +189,7 @@ async fn start_api(
         default_network: Arc::new(server.default_network.clone()),
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
         backups,
+        controllers: connected.sharing.store().clone(),
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
@@ -192,7 +203,11 @@ async fn start_api(
         .await
         .map_err(|e| format!("error: API server failed: {e}"))
     });
-    Ok(ApiParts { store, bus })
+    Ok(ApiParts {
+        store,
+        bus,
+        sharing: connected.sharing,
+    })
 }
 
 /// The installation's backups and the Backup controller that schedules them. They run here, in
@@ -204,8 +219,8 @@ async fn start_backups(
     store: &Store,
     key: &MasterKey,
     docker_host: Option<&str>,
-    bus: Arc<dyn EventBus>,
-    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
+    (bus, sharing): (Arc<dyn EventBus>, Sharing),
+    tasks: &mut Tasks,
 ) -> Result<Option<Arc<Backups>>, String> {
     let docker = match engine::connect(docker_host).await {
         Ok(d) => d,
@@ -262,6 +277,8 @@ async fn start_backups(
             .nats
             .is_some()
             .then(|| format!("berth-{instance}-controller-{}", Kind::Backup.lower())),
+        sharing,
+        reconcile_log: reconcile_log(),
         ..Default::default()
     };
     spawn(tasks, Controller::new(controller, local, bus, config));
@@ -296,7 +313,17 @@ struct Wiring<'a> {
     resync: u64,
     /// With NATS, a durable consumer lets a controller catch up on what it missed while down.
     durable: bool,
+    /// How instances of one controller share its objects (leases on NATS).
+    sharing: Sharing,
     ingress: &'a IngressArgs,
+}
+
+/// `BERTH_RECONCILE_LOG=FILE`: every controller appends one JSON line per reconcile (for checking
+/// that instances never reconcile one object at the same time).
+fn reconcile_log() -> Option<PathBuf> {
+    std::env::var_os("BERTH_RECONCILE_LOG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 impl Wiring<'_> {
@@ -308,6 +335,8 @@ impl Wiring<'_> {
             durable: self
                 .durable
                 .then(|| format!("berth-{instance}-controller-{}", kind.lower())),
+            sharing: self.sharing.clone(),
+            reconcile_log: reconcile_log(),
             ..Default::default()
         }
     }
@@ -319,11 +348,7 @@ impl Wiring<'_> {
     }
 
     /// Builds the controller of `kind` and runs it as one of the process's supervised tasks.
-    async fn start(
-        &self,
-        kind: Kind,
-        tasks: &mut tokio::task::JoinSet<Result<(), String>>,
-    ) -> Result<(), String> {
+    async fn start(&self, kind: Kind, tasks: &mut Tasks) -> Result<(), String> {
         let instance = installation(&self.store).await?;
         let config = self.config(kind, &instance);
         let (store, bus) = (self.store.clone(), self.bus.clone());
@@ -418,22 +443,72 @@ async fn installation(store: &Arc<dyn ResourceStore>) -> Result<String, String> 
         .map_err(|e| format!("error: cannot read the installation id from the API: {e}"))
 }
 
-/// Runs a controller as one of the process's supervised tasks.
-fn spawn<R: Hooks>(
-    tasks: &mut tokio::task::JoinSet<Result<(), String>>,
-    controller: Controller<R>,
-) {
+/// How long a clean stop waits for the controllers to hand their work over.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The process's supervised tasks, and the clean stop of the controllers among them.
+struct Tasks {
+    set: tokio::task::JoinSet<Result<(), String>>,
+    /// Set on SIGTERM/SIGINT: every controller stops taking work.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Each controller task holds a clone until its clean stop is done (leases handed over, its
+    /// consumer removed), so the process can wait for all of them.
+    running: tokio::sync::mpsc::Sender<()>,
+    all_stopped: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl Tasks {
+    fn new() -> Tasks {
+        let (running, all_stopped) = tokio::sync::mpsc::channel(1);
+        Tasks {
+            set: tokio::task::JoinSet::new(),
+            stop: tokio::sync::watch::channel(false).0,
+            running,
+            all_stopped,
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        task: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+    ) {
+        self.set.spawn(task);
+    }
+}
+
+/// Runs a controller as one of the process's supervised tasks, until the process stops.
+fn spawn<R: Hooks>(tasks: &mut Tasks, controller: Controller<R>) {
+    let mut stop = tasks.stop.subscribe();
+    let running = tasks.running.clone();
     tasks.spawn(async move {
-        controller.run(std::future::pending()).await;
+        controller
+            .run(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        drop(running);
         Ok(())
     });
 }
 
-/// Waits for a signal or for a task to fail, whichever comes first.
-async fn supervise(mut tasks: tokio::task::JoinSet<Result<(), String>>) -> Result<(), String> {
+/// Waits for a signal or for a task to fail, whichever comes first. On a signal the controllers
+/// stop cleanly first: another instance takes their objects at once instead of after the lease
+/// time.
+async fn supervise(tasks: Tasks) -> Result<(), String> {
+    let Tasks {
+        set: mut tasks,
+        stop,
+        running,
+        mut all_stopped,
+    } = tasks;
     tokio::select! {
         _ = shutdown_signal() => {
             info!("shutting down");
+            let _ = stop.send(true);
+            drop(running);
+            if tokio::time::timeout(STOP_GRACE, all_stopped.recv()).await.is_err() {
+                tracing::warn!("controllers did not stop within {STOP_GRACE:?}; exiting anyway");
+            }
             Ok(())
         }
         Some(done) = tasks.join_next() => match done {
@@ -451,7 +526,7 @@ pub async fn up(
     ingress: IngressArgs,
 ) -> Result<(), String> {
     init_tracing();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Tasks::new();
     let parts = start_api(&server, docker_host.as_deref(), &mut tasks).await?;
     let local = Arc::new(InProcessApi {
         store: parts.store.clone(),
@@ -466,6 +541,7 @@ pub async fn up(
         records_dir: &records_dir,
         resync,
         durable: server.nats.is_some(),
+        sharing: parts.sharing.clone(),
         ingress: &ingress,
     };
     for kind in CONTROLLERS {
@@ -476,7 +552,7 @@ pub async fn up(
 
 pub async fn api(server: ServerArgs, docker_host: Option<String>) -> Result<(), String> {
     init_tracing();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Tasks::new();
     start_api(&server, docker_host.as_deref(), &mut tasks).await?;
     supervise(tasks).await
 }
@@ -495,10 +571,9 @@ pub async fn controller(
         .token
         .ok_or("error: no token: set BERTH_TOKEN or pass --token")?;
     let http = Arc::new(ApiClient::new(&conn.url, &token));
-    let bus = bus::connect(Some(&nats))
+    let connected = bus::connect(Some(&nats))
         .await
-        .map_err(|e| format!("error: {e}"))?
-        .events;
+        .map_err(|e| format!("error: {e}"))?;
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
     let kind = CONTROLLERS
@@ -508,14 +583,15 @@ pub async fn controller(
     let wiring = Wiring {
         store: http.clone(),
         secrets: http,
-        bus,
+        bus: connected.events,
         docker_host: docker_host.as_deref(),
         records_dir: &state_dir,
         resync,
         durable: true,
+        sharing: connected.sharing,
         ingress: &ingress,
     };
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Tasks::new();
     wiring.start(kind, &mut tasks).await?;
     supervise(tasks).await
 }

@@ -590,6 +590,7 @@ mod tests {
             default_network: Arc::new("berth-internal".into()),
             docker_host: None,
             backups: None,
+            controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
         };
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
         let app = crate::server::router(api.clone()).merge(router(api, hooks));

@@ -226,6 +226,14 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List the running controller instances: kind, instance id, host, the share of the kind's
+    /// objects each owns, and when it last reported.
+    Controllers {
+        #[arg(short = 'o', long, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Deploy webhooks: URLs a CI system or a registry calls to deploy a new image.
     Webhook {
         #[command(subcommand)]
@@ -452,6 +460,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Info { output, conn } => cli::info(&conn, output).await,
+            Command::Controllers { output, conn } => cli::controllers(&conn, output).await,
             Command::Node {
                 action: NodeAction::JoinCommand { role, conn },
             } => cli::join_command(&conn, &role).await,

@@ -42,6 +42,8 @@ pub struct AppState {
     pub docker_host: Option<Arc<String>>,
     /// Backups of this installation (`None` when the engine was not reachable at start).
     pub backups: Option<Arc<berth_controllers::backup::operations::Backups>>,
+    /// Where controller instances report themselves (`berth controllers`).
+    pub controllers: Arc<dyn berth_controllers::runtime::shares::LeaseStore>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -50,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::APPLY, post(apply))
         .route(paths::EVENTS, get(events))
         .route(paths::JOIN_COMMAND, get(join_command))
+        .route(paths::CONTROLLERS, get(controllers))
         .route(
             &format!("{}/{{plural}}", paths::API_ROOT),
             get(list).post(create),
@@ -264,6 +267,24 @@ async fn discovery(State(state): State<AppState>) -> Json<Discovery> {
         default_network: state.default_network.to_string(),
         kinds: Kind::ALL.into_iter().filter(|k| k.is_served()).collect(),
     })
+}
+
+/// The controller instances running for this installation, as they last reported themselves
+/// (each renews its record with its leases, so none is older than the lease time).
+async fn controllers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let items = berth_controllers::runtime::shares::instances(
+        state.controllers.as_ref(),
+        state.store.instance(),
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            format!("cannot read the controller instances: {e}"),
+        )
+    })?;
+    Ok(Json(serde_json::json!({ "items": items })))
 }
 
 #[derive(Deserialize)]
@@ -716,6 +737,7 @@ mod tests {
             default_network: Arc::new("berth-internal".into()),
             docker_host: None,
             backups: None,
+            controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
         });
         (app, dir)
     }

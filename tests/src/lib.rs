@@ -118,13 +118,7 @@ impl Nats {
     pub fn start() -> Nats {
         let port = free_port();
         let dir = tempdir("nats");
-        let child = owned(&mut Command::new("nats-server"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("e2e: cannot start nats-server (is it installed? scripts/test installs it)");
+        let child = Self::spawn(port, dir.path());
         let nats = Nats {
             child,
             port,
@@ -132,6 +126,28 @@ impl Nats {
         };
         wait_port(port, Duration::from_secs(10), "nats-server");
         nats
+    }
+
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
+        owned(&mut Command::new("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("e2e: cannot start nats-server (is it installed? scripts/test installs it)")
+    }
+
+    /// Stops the server (SIGTERM, so JetStream syncs its files as an operator's restart would),
+    /// waits `down`, and starts it again on the same port and store.
+    pub fn restart(&mut self, down: Duration) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(self.port, self._dir.path());
+        wait_port(self.port, Duration::from_secs(10), "nats-server");
     }
 
     pub fn url(&self) -> String {
@@ -331,14 +347,35 @@ impl Berth {
 
     /// Starts `berth controller KIND` as its own process against this API server and its NATS.
     pub fn start_controller(&self, kind: &str) -> ControllerProcess {
+        self.start_controller_instance(kind, "", &[])
+    }
+
+    /// Starts one more instance of `berth controller KIND` (its own state directory and log,
+    /// `controller-KIND-ID`), with extra environment.
+    pub fn start_controller_instance(
+        &self,
+        kind: &str,
+        id: &str,
+        env: &[(&str, &str)],
+    ) -> ControllerProcess {
         let nats = self
             .nats
             .clone()
             .expect("e2e: a separate controller needs the API server to run with NATS");
-        let state = self._tmp.path().join(format!("controller-{kind}"));
-        let log = self._tmp.path().join(format!("controller-{kind}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
+        let name = if id.is_empty() {
+            format!("controller-{kind}")
+        } else {
+            format!("controller-{kind}-{id}")
+        };
+        let state = self._tmp.path().join(&name);
+        let log = self._tmp.path().join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let child = owned(&mut Command::new(berth_bin()))
+            .envs(env.iter().copied())
             .args([
                 "controller",
                 kind,
@@ -823,6 +860,35 @@ impl ControllerProcess {
     /// Whether it is still running (it must not exit on its own).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and waits up to 15 s for a clean exit (then SIGKILL). Whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
     }
 }
 

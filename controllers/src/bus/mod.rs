@@ -16,6 +16,7 @@
 //! at the newest event rather than replaying old deploys.
 
 mod embedded;
+mod leases;
 mod nats;
 
 use std::sync::Arc;
@@ -23,7 +24,10 @@ use std::sync::Arc;
 use berth_api_types::deploy::DeployEvent;
 use berth_api_types::{Event, Kind};
 
+use crate::runtime::shares::Sharing;
+
 pub use embedded::EmbeddedBus;
+pub use leases::NatsLeases;
 pub use nats::{NatsBus, DEFAULT_ACK_WAIT};
 
 /// Where events are published and how controllers receive them.
@@ -45,6 +49,25 @@ pub trait EventBus: Send + Sync + 'static {
         kinds: &[Kind],
         durable: Option<&str>,
     ) -> Result<Subscription, BusError>;
+
+    /// Events of the given kinds for one process (a controller instance): every instance of a
+    /// controller sees every event of its kind and keeps those of the partitions it owns.
+    ///
+    /// NATS: a durable consumer named `name`, created delivering only events from now on (the
+    /// instance resyncs when it starts), kept across NATS restarts and reconnects, and removed by
+    /// the server once nobody has read from it for a while, so a killed process leaves nothing
+    /// behind. The embedded bus: a live subscription.
+    async fn subscribe_own(&self, kinds: &[Kind], name: &str) -> Result<Subscription, BusError> {
+        let _ = name;
+        self.subscribe(kinds, None).await
+    }
+
+    /// Removes the durable consumer `name` if it exists (a clean stop; a consumer left by an
+    /// earlier version). Nothing to do on the embedded bus.
+    async fn remove_consumer(&self, name: &str) -> Result<(), BusError> {
+        let _ = name;
+        Ok(())
+    }
 
     /// Human-readable description for logs (`embedded`, `nats://127.0.0.1:4222`); never contains
     /// credentials.
@@ -121,14 +144,18 @@ pub enum BusError {
 pub struct Bus {
     pub events: Arc<dyn EventBus>,
     pub deploys: Arc<dyn DeployQueue>,
+    /// How controller instances on this bus share their kinds' objects: leases in a JetStream KV
+    /// bucket on NATS; one process owning everything on the embedded bus.
+    pub sharing: Sharing,
 }
 
 impl Bus {
-    fn of<B: DeployQueue>(bus: B) -> Self {
+    fn of<B: DeployQueue>(bus: B, sharing: Sharing) -> Self {
         let bus = Arc::new(bus);
         Bus {
             events: bus.clone(),
             deploys: bus,
+            sharing,
         }
     }
 }
@@ -136,8 +163,12 @@ impl Bus {
 /// The bus for this process: NATS when a URL is configured, otherwise the embedded one.
 pub async fn connect(nats_url: Option<&str>) -> Result<Bus, BusError> {
     match nats_url {
-        None => Ok(Bus::of(EmbeddedBus::new())),
-        Some(url) => Ok(Bus::of(NatsBus::connect(url).await?)),
+        None => Ok(Bus::of(EmbeddedBus::new(), Sharing::default())),
+        Some(url) => {
+            let bus = NatsBus::connect(url).await?;
+            let leases = bus.leases().await?;
+            Ok(Bus::of(bus, Sharing::Leased(Arc::new(leases))))
+        }
     }
 }
 

@@ -46,6 +46,10 @@ const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// How many recent event ids a live subscription remembers to drop re-published events.
 const LIVE_DEDUP_IDS: usize = 4096;
+/// How long the server keeps a controller instance's own consumer that nobody reads from: long
+/// enough to ride out a NATS restart or a network blip, short enough that a killed process's
+/// consumer goes soon. Its successor starts a new consumer and resyncs anyway.
+pub const OWN_CONSUMER_IDLE: Duration = Duration::from_secs(5 * 60);
 
 /// A JetStream stream berth keeps, and how consumers of it start.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +63,10 @@ struct StreamSpec {
     /// so reading history is harmless; deploy events are commands, so a new consumer must not
     /// replay old ones.
     first_deliver: consumer::DeliverPolicy,
+    /// How long the server keeps a named durable consumer nobody reads from. Past the stream's
+    /// max age it could only deliver what the stream no longer has, so that is the limit: an
+    /// installation that is gone leaves no consumer behind for longer.
+    durable_idle: Duration,
 }
 
 const EVENTS: StreamSpec = StreamSpec {
@@ -67,6 +75,7 @@ const EVENTS: StreamSpec = StreamSpec {
     max_age: MAX_AGE,
     description: "berth resource events",
     first_deliver: consumer::DeliverPolicy::All,
+    durable_idle: MAX_AGE,
 };
 
 const DEPLOYS: StreamSpec = StreamSpec {
@@ -75,6 +84,7 @@ const DEPLOYS: StreamSpec = StreamSpec {
     max_age: DEPLOY_MAX_AGE,
     description: "berth deploy events",
     first_deliver: consumer::DeliverPolicy::New,
+    durable_idle: DEPLOY_MAX_AGE,
 };
 
 /// What a stream carries: decoded from JSON, deduplicated by id.
@@ -161,6 +171,20 @@ impl NatsBus {
         })
     }
 
+    /// The controllers' lease bucket on this server (see `bus::leases`).
+    pub async fn leases(&self) -> Result<super::NatsLeases, BusError> {
+        super::NatsLeases::open(&self.js)
+            .await
+            .map_err(|e| match e {
+                BusError::Stream { stream, reason, .. } => BusError::Stream {
+                    stream,
+                    url: self.url.clone(),
+                    reason,
+                },
+                other => other,
+            })
+    }
+
     /// The ack wait of durable consumers created from now on. An existing consumer keeps its own:
     /// the server decides, and changing it under a running consumer would be surprising.
     pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
@@ -174,6 +198,7 @@ impl NatsBus {
         mut filters: Vec<String>,
         keep: Keep<T>,
         durable: &str,
+        idle: Duration,
     ) -> Result<BoxStream<'static, Delivery<T>>, BusError> {
         let name = sanitize_durable(durable);
         if name.is_empty() {
@@ -188,6 +213,7 @@ impl NatsBus {
             name: name.clone(),
             filters,
             ack_wait: self.ack_wait,
+            idle,
         };
         let consumer = open_consumer(&self.js, &opening, spec.first_deliver)
             .await
@@ -310,15 +336,51 @@ impl EventBus for NatsBus {
         let filters = filters_for(&kinds);
         let keep: Keep<Event> = Arc::new(move |e: &Event| wants(&kinds, e));
         let items = match durable {
-            Some(name) => self.subscribe_durable(EVENTS, filters, keep, name).await?,
+            Some(name) => {
+                self.subscribe_durable(EVENTS, filters, keep, name, EVENTS.durable_idle)
+                    .await?
+            }
             None => self.subscribe_live(filters, keep).await?,
         };
-        Ok(items
-            .map(|d| match d {
-                Delivery::Item(e) => BusMessage::Event(e),
-                Delivery::Lagged => BusMessage::Lagged,
-            })
-            .boxed())
+        Ok(events_of(items))
+    }
+
+    async fn subscribe_own(&self, kinds: &[Kind], name: &str) -> Result<Subscription, BusError> {
+        let mut kinds = kinds.to_vec();
+        kinds.sort();
+        kinds.dedup();
+        let filters = filters_for(&kinds);
+        let keep: Keep<Event> = Arc::new(move |e: &Event| wants(&kinds, e));
+        // From now on: the instance resyncs as it starts, so history would only be replayed work.
+        let spec = StreamSpec {
+            first_deliver: consumer::DeliverPolicy::New,
+            ..EVENTS
+        };
+        let items = self
+            .subscribe_durable(spec, filters, keep, name, OWN_CONSUMER_IDLE)
+            .await?;
+        Ok(events_of(items))
+    }
+
+    async fn remove_consumer(&self, name: &str) -> Result<(), BusError> {
+        let name = sanitize_durable(name);
+        let failed = |reason: String| BusError::Subscribe {
+            target: format!("durable consumer {name} on {}", self.url),
+            reason,
+        };
+        let stream = self
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {
+                tracing::debug!(consumer = %name, "durable consumer removed");
+                Ok(())
+            }
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(failed(e.to_string())),
+        }
     }
 
     fn describe(&self) -> String {
@@ -343,7 +405,10 @@ impl DeployQueue for NatsBus {
         let filters = vec![DEPLOY_ALL.to_string()];
         let keep: Keep<DeployEvent> = Arc::new(|_: &DeployEvent| true);
         let items = match durable {
-            Some(name) => self.subscribe_durable(DEPLOYS, filters, keep, name).await?,
+            Some(name) => {
+                self.subscribe_durable(DEPLOYS, filters, keep, name, DEPLOYS.durable_idle)
+                    .await?
+            }
             None => self.subscribe_live(filters, keep).await?,
         };
         Ok(items
@@ -353,6 +418,15 @@ impl DeployQueue for NatsBus {
             })
             .boxed())
     }
+}
+
+fn events_of(items: BoxStream<'static, Delivery<Event>>) -> Subscription {
+    items
+        .map(|d| match d {
+            Delivery::Item(e) => BusMessage::Event(e),
+            Delivery::Lagged => BusMessage::Lagged,
+        })
+        .boxed()
 }
 
 /// Returns once the server has processed everything this client sent before. `flush` only
@@ -511,6 +585,8 @@ struct Opening {
     /// Sorted subject filters.
     filters: Vec<String>,
     ack_wait: Duration,
+    /// The server removes the consumer after this long without a reader.
+    idle: Duration,
 }
 
 /// Gets the durable consumer, creating it with `deliver` if missing. An existing consumer whose
@@ -531,6 +607,7 @@ async fn open_consumer(
         deliver_policy: deliver,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: opening.ack_wait,
+        inactive_threshold: opening.idle,
         ..Default::default()
     };
     set_filters(&mut config, &wanted_filters);

@@ -11,6 +11,7 @@ use super::backoff::BackoffPolicy;
 use super::cache::{refused_status, Cache, Cached, Entry};
 use super::queue::WorkQueue;
 use super::reconciler::{Action, Aggregator, Context, Error, Hooks, Reconciler, Resource};
+use super::shares::{Shares, Sharing};
 use crate::api::ResourceStore;
 use crate::bus::{BusMessage, EventBus};
 use async_trait::async_trait;
@@ -20,7 +21,9 @@ use bollard::Docker;
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{debug, info, warn, Instrument};
 
@@ -31,8 +34,14 @@ pub struct ControllerConfig {
     /// Every object is reconciled at least this often, so drift the engine does not report is fixed.
     pub resync: Duration,
     pub backoff: BackoffPolicy,
-    /// Durable bus consumer name, so events published while this controller was down are delivered.
+    /// Prefix of this instance's own durable bus consumer (`<durable>-<instance id>`), so events
+    /// are not lost while NATS restarts or the connection drops. `None`: a live subscription.
     pub durable: Option<String>,
+    /// How this instance shares the kind's objects with other instances of the controller.
+    pub sharing: Sharing,
+    /// Appends one JSON line per reconcile (kind, name, instance, start and end in microseconds
+    /// since the epoch), for checking that instances never overlap. `BERTH_RECONCILE_LOG`.
+    pub reconcile_log: Option<PathBuf>,
 }
 
 impl Default for ControllerConfig {
@@ -42,6 +51,8 @@ impl Default for ControllerConfig {
             resync: Duration::from_secs(60),
             backoff: BackoffPolicy::default(),
             durable: None,
+            sharing: Sharing::default(),
+            reconcile_log: None,
         }
     }
 }
@@ -301,6 +312,20 @@ impl<R: Hooks> Controller<R> {
                 }
             }
         };
+        let shares = Shares::new(kind, &installation.instance, self.config.sharing.clone());
+        let reconcile_log = self.config.reconcile_log.as_ref().and_then(|path| {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(file) => Some(Mutex::new(file)),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot open the reconcile log");
+                    None
+                }
+            }
+        });
         let parts = Arc::new(Parts {
             ctx: Context {
                 store: self.store.clone(),
@@ -310,13 +335,38 @@ impl<R: Hooks> Controller<R> {
             hooks: self.hooks.clone(),
             work: self.work.clone(),
             queue: self.queue.clone(),
+            shares: shares.clone(),
+            reconcile_log,
         });
+        {
+            let (cache, work) = (self.cache.clone(), self.work.clone());
+            shares.count_keys_of(move || cache.names().iter().map(|n| work.key_of(n)).collect());
+        }
+        info!(%kind, instance = %shares.instance(), "controller instance joined");
+
+        // This instance's own consumer; the one consumer per installation that earlier versions
+        // shared (and that split events between instances) is removed.
+        let own = self
+            .config
+            .durable
+            .as_ref()
+            .map(|prefix| (prefix.clone(), format!("{prefix}-{}", shares.instance())));
+        if let Some((shared, _)) = &own {
+            if let Err(e) = self.bus.remove_consumer(shared).await {
+                debug!(%kind, error = %e, "cannot remove the consumer of an earlier version");
+            }
+        }
 
         let mut tasks = tokio::task::JoinSet::new();
+        {
+            let shares = shares.clone();
+            tasks.spawn(async move { shares.run().await });
+        }
+        tasks.spawn(acquisitions(parts.clone()));
         tasks.spawn(bus_intake(
             parts.clone(),
             self.bus.clone(),
-            self.config.durable.clone(),
+            own.as_ref().map(|(_, name)| name.clone()),
         ));
         if let Some(docker) = self.docker.clone() {
             if !self.hooks.engine_event_types().is_empty() {
@@ -335,6 +385,13 @@ impl<R: Hooks> Controller<R> {
         tasks.abort_all();
         self.queue.shutdown();
         while workers.join_next().await.is_some() {}
+        // Nothing runs any more: hand the leases over now rather than after the lease time.
+        shares.stop().await;
+        if let Some((_, name)) = &own {
+            if let Err(e) = self.bus.remove_consumer(name).await {
+                debug!(%kind, error = %e, "cannot remove this instance's consumer; the server drops it when idle");
+            }
+        }
     }
 }
 
@@ -344,18 +401,69 @@ struct Parts<R: Hooks> {
     hooks: Arc<R>,
     work: Arc<dyn Work<R>>,
     queue: WorkQueue<String>,
+    shares: Shares,
+    reconcile_log: Option<Mutex<std::fs::File>>,
+}
+
+impl<R: Hooks> Parts<R> {
+    /// Queues `name`'s key if this instance owns it; another instance reconciles the others.
+    fn enqueue(&self, name: &str) {
+        let key = self.work.key_of(name);
+        if self.shares.owns(&key) {
+            self.queue.add(key);
+        }
+    }
+
+    fn log_reconcile(&self, key: &str, start: std::time::SystemTime) {
+        let Some(log) = &self.reconcile_log else {
+            return;
+        };
+        let micros = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0)
+        };
+        let line = serde_json::json!({
+            "kind": R::KIND,
+            "name": key,
+            "instance": self.shares.instance(),
+            "start": micros(start),
+            "end": micros(std::time::SystemTime::now()),
+        });
+        let mut file = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // One write per line: appends from several processes do not interleave.
+        let _ = file.write_all(format!("{line}\n").as_bytes());
+    }
 }
 
 async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
     let kind = R::KIND;
     while let Some(key) = parts.queue.get().await {
         let span = tracing::info_span!("reconcile", kind = %kind, name = %key, worker = id);
-        let result = parts
-            .work
-            .run(&key, &parts.ctx)
-            .instrument(span.clone())
-            .await;
+        // Another instance owns the key now (handed over since it was queued): it is theirs.
+        let Some(mut permit) = parts.shares.begin(&key) else {
+            parts.queue.forget(&key);
+            parts.queue.done(&key);
+            continue;
+        };
+        let start = std::time::SystemTime::now();
+        let result = tokio::select! {
+            r = parts.work.run(&key, &parts.ctx).instrument(span.clone()) => Some(r),
+            _ = permit.lost() => None,
+        };
+        parts.log_reconcile(&key, start);
+        drop(permit);
         let _enter = span.enter();
+        let Some(result) = result else {
+            warn!(
+                "lease lost during the reconcile: stopped it; the new owner reconciles the object"
+            );
+            parts.queue.forget(&key);
+            parts.queue.done(&key);
+            continue;
+        };
         match result {
             Ok(Action::Backoff) => {
                 let delay = parts.queue.add_rate_limited(key.clone());
@@ -386,7 +494,7 @@ async fn resync_all<R: Hooks>(parts: &Parts<R>) -> bool {
         Ok(objects) => {
             parts.ctx.cache.replace(objects);
             for name in parts.ctx.cache.names() {
-                parts.queue.add(parts.work.key_of(&name));
+                parts.enqueue(&name);
             }
         }
         Err(e) => {
@@ -395,18 +503,28 @@ async fn resync_all<R: Hooks>(parts: &Parts<R>) -> bool {
         }
     }
     match parts.hooks.engine_names().await {
-        Ok(names) => names
-            .iter()
-            .for_each(|n| parts.queue.add(parts.work.key_of(n))),
+        Ok(names) => names.iter().for_each(|n| parts.enqueue(n)),
         Err(e) => {
             warn!(%kind, error = %e, "resync: cannot list engine objects");
             ok = false;
         }
     }
-    if let Err(e) = parts.hooks.collect_garbage(&parts.ctx).await {
-        warn!(%kind, error = %e, "resync: garbage collection failed; will retry");
+    // Once per installation: the instance holding partition 0 collects.
+    if parts.shares.leads() {
+        if let Err(e) = parts.hooks.collect_garbage(&parts.ctx).await {
+            warn!(%kind, error = %e, "resync: garbage collection failed; will retry");
+        }
     }
     ok
+}
+
+/// Partitions this instance just acquired may have keys nobody reconciled while they were free.
+async fn acquisitions<R: Hooks>(parts: Arc<Parts<R>>) {
+    let mut acquired = parts.shares.acquisitions();
+    while acquired.changed().await.is_ok() {
+        debug!(kind = %R::KIND, "partitions acquired: resyncing");
+        resync_all(&parts).await;
+    }
 }
 
 async fn resync_loop<R: Hooks>(parts: Arc<Parts<R>>, every: Duration) {
@@ -432,14 +550,18 @@ async fn bus_intake<R: Hooks>(
     let mut kinds = vec![kind];
     kinds.extend(parts.hooks.watches());
     loop {
-        match bus.subscribe(&kinds, durable.as_deref()).await {
+        let subscribed = match durable.as_deref() {
+            Some(name) => bus.subscribe_own(&kinds, name).await,
+            None => bus.subscribe(&kinds, None).await,
+        };
+        match subscribed {
             Ok(mut events) => {
                 retry.reset();
                 while let Some(msg) = events.next().await {
                     match msg {
                         BusMessage::Event(e) if e.kind != kind => {
                             for name in parts.hooks.map_related(&e, &parts.ctx).await {
-                                parts.queue.add(parts.work.key_of(&name));
+                                parts.enqueue(&name);
                             }
                         }
                         BusMessage::Event(e) => {
@@ -454,7 +576,7 @@ async fn bus_intake<R: Hooks>(
                             }
                             // Status writes (ours, mostly) are not a reason to look again.
                             if e.type_ != EventType::StatusChanged {
-                                parts.queue.add(parts.work.key_of(&e.name));
+                                parts.enqueue(&e.name);
                             }
                         }
                         BusMessage::Lagged => {
@@ -497,7 +619,7 @@ async fn engine_intake<R: Hooks>(parts: Arc<Parts<R>>, docker: Docker) {
                     retry.reset();
                     if let Some(name) = parts.hooks.map_engine_event(&ev) {
                         if parts.work.follows(&name, &parts.ctx.cache) {
-                            parts.queue.add(parts.work.key_of(&name));
+                            parts.enqueue(&name);
                         }
                     }
                 }
