@@ -60,14 +60,56 @@ pub struct DeployEvent {
     pub source: DeploySource,
     pub time: DateTime<Utc>,
     /// The berth installation the event is for. Two installations may share one NATS server and
-    /// have services of the same name: an applier ignores events stamped for another installation.
+    /// have services of the same name: an applier ignores events stamped for another installation,
+    /// and refuses events stamped for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// Hex HMAC-SHA256 over [`DeployEvent::signed_bytes`], with a key only the installation's API
+    /// server holds (derived from its master key). The applier refuses events without a valid one,
+    /// so a process that can publish on the bus cannot forge a deploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
+
+/// Starts the signed bytes, so they can never be mistaken for another message signed with a key
+/// of the same derivation, and a later layout gets a new version.
+const SIGNED_PREFIX: &[u8] = b"berth deploy event v1\0";
 
 impl DeployEvent {
     pub fn subject(&self) -> String {
         subjects::deploy(&self.service)
+    }
+
+    /// The canonical encoding the signature covers: every field but the signature, each
+    /// length-prefixed (an optional one preceded by whether it is present), so no two different
+    /// events encode alike, whatever bytes their fields hold. JSON is not signed because its
+    /// encoding is not unique (key order, escapes, number and time formats).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+            out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+        fn optional(out: &mut Vec<u8>, value: Option<&str>) {
+            match value {
+                None => out.push(0),
+                Some(v) => {
+                    out.push(1);
+                    field(out, v.as_bytes());
+                }
+            }
+        }
+        let mut out = SIGNED_PREFIX.to_vec();
+        field(&mut out, self.id.as_bytes());
+        field(&mut out, self.service.as_bytes());
+        field(&mut out, self.image.as_bytes());
+        optional(&mut out, self.tag.as_deref());
+        optional(&mut out, self.digest.as_deref());
+        field(&mut out, self.source.as_str().as_bytes());
+        // Seconds and nanoseconds, not text: the same instant always encodes the same way.
+        out.extend_from_slice(&self.time.timestamp().to_be_bytes());
+        out.extend_from_slice(&self.time.timestamp_subsec_nanos().to_be_bytes());
+        optional(&mut out, self.instance.as_deref());
+        out
     }
 }
 
@@ -170,6 +212,7 @@ mod tests {
             source: DeploySource::Webhook,
             time: "2024-05-01T10:00:00Z".parse().unwrap(),
             instance: None,
+            signature: None,
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(
@@ -180,5 +223,80 @@ mod tests {
         );
         assert_eq!(e.subject(), "berth.deploy.web");
         assert_eq!(serde_json::from_value::<DeployEvent>(v).unwrap(), e);
+    }
+
+    #[test]
+    fn signed_bytes_cover_every_field_but_the_signature() {
+        let e = DeployEvent {
+            id: "01J0000000000000000000000A".into(),
+            service: "web".into(),
+            image: "team/app:2".into(),
+            tag: Some("2".into()),
+            digest: None,
+            source: DeploySource::Webhook,
+            time: "2024-05-01T10:00:00.123456789Z".parse().unwrap(),
+            instance: Some("inst".into()),
+            signature: None,
+        };
+        let base = e.signed_bytes();
+        let changed: Vec<DeployEvent> = vec![
+            DeployEvent {
+                id: "01J0000000000000000000000B".into(),
+                ..e.clone()
+            },
+            DeployEvent {
+                service: "api".into(),
+                ..e.clone()
+            },
+            DeployEvent {
+                image: "team/app:3".into(),
+                ..e.clone()
+            },
+            DeployEvent {
+                tag: None,
+                ..e.clone()
+            },
+            DeployEvent {
+                tag: Some("3".into()),
+                ..e.clone()
+            },
+            DeployEvent {
+                digest: Some(format!("sha256:{}", "a".repeat(64))),
+                ..e.clone()
+            },
+            DeployEvent {
+                source: DeploySource::Signed,
+                ..e.clone()
+            },
+            DeployEvent {
+                time: "2024-05-01T10:00:00.123456788Z".parse().unwrap(),
+                ..e.clone()
+            },
+            DeployEvent {
+                instance: None,
+                ..e.clone()
+            },
+            DeployEvent {
+                instance: Some("other".into()),
+                ..e.clone()
+            },
+            // Moving bytes between adjacent fields changes the encoding too.
+            DeployEvent {
+                service: "we".into(),
+                image: "bteam/app:2".into(),
+                ..e.clone()
+            },
+        ];
+        for c in &changed {
+            assert_ne!(c.signed_bytes(), base, "{c:?}");
+        }
+        let signed = DeployEvent {
+            signature: Some("ab".into()),
+            ..e.clone()
+        };
+        assert_eq!(signed.signed_bytes(), base, "the signature is not signed");
+        // A JSON round trip (what the bus does) keeps the encoding.
+        let back: DeployEvent = serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap();
+        assert_eq!(back.signed_bytes(), base);
     }
 }

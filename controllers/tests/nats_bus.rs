@@ -11,7 +11,8 @@ use berth_api_types::deploy::{DeployEvent, DeploySource};
 use berth_api_types::names::subjects;
 use berth_api_types::{Event, EventType, Kind};
 use berth_controllers::bus::{
-    BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus, NatsBus, Subscription,
+    Ack, BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus, NatsBus,
+    Subscription,
 };
 use futures::StreamExt;
 
@@ -444,18 +445,56 @@ fn deploy(service: &str, tag: &str) -> DeployEvent {
         source: DeploySource::Webhook,
         time: chrono::Utc::now(),
         instance: None,
+        signature: None,
     }
 }
 
+/// The next deploy, acked as the applier does once it is applied.
 async fn next_deploy(sub: &mut DeploySubscription) -> DeployEvent {
+    let (d, ack) = next_deploy_unacked(sub).await;
+    ack.ack().await.expect("ack the deploy");
+    d
+}
+
+async fn next_deploy_unacked(sub: &mut DeploySubscription) -> (DeployEvent, Ack) {
     match tokio::time::timeout(Duration::from_secs(3), sub.next())
         .await
         .expect("no deploy within 3s")
         .expect("deploy subscription ended")
     {
-        DeployMessage::Deploy(d) => d,
+        DeployMessage::Deploy(d, ack) => (d, ack),
         DeployMessage::Lagged => panic!("unexpected Lagged"),
     }
+}
+
+#[tokio::test]
+async fn deploys_stay_unacked_until_the_subscriber_acks() {
+    let server = NatsServer::start();
+    let bus = connect(&server.url).await;
+    let mut durable = bus.subscribe_deploys(Some("applier")).await.unwrap();
+    let d1 = deploy("web", "2");
+    bus.publish_deploy(&d1).await.unwrap();
+    // Received but not acked (the applier crashed before its write, or the write failed):
+    // delivered again after the ack wait.
+    let (got, ack) = next_deploy_unacked(&mut durable).await;
+    assert_eq!(got, d1);
+    drop(ack);
+    let (again, ack) = next_deploy_unacked(&mut durable).await;
+    assert_eq!(again, d1, "an unacked deploy must be redelivered");
+    // Acked once handled: never again, also not to a new subscriber of the same consumer.
+    ack.ack().await.unwrap();
+    assert_no_deploy(&mut durable).await;
+    drop(durable);
+    let mut durable = bus.subscribe_deploys(Some("applier")).await.unwrap();
+    assert_no_deploy(&mut durable).await;
+    // Live subscriptions have nothing to ack; their handle is a no-op.
+    let mut live = bus.subscribe_deploys(None).await.unwrap();
+    let d2 = deploy("web", "3");
+    bus.publish_deploy(&d2).await.unwrap();
+    let (got, ack) = next_deploy_unacked(&mut live).await;
+    assert_eq!(got, d2);
+    ack.ack().await.unwrap();
+    assert_eq!(next_deploy(&mut durable).await, d2);
 }
 
 /// As `assert_idle`, for deploys.

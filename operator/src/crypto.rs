@@ -146,6 +146,11 @@ impl MasterKey {
         base64::engine::general_purpose::STANDARD.encode(self.bytes)
     }
 
+    /// The key that signs deploy events on the bus, derived for that purpose alone.
+    pub fn deploy_key(&self) -> crate::deploy_auth::DeployKey {
+        crate::deploy_auth::DeployKey::derive(&self.bytes)
+    }
+
     pub fn sealer(&self) -> Sealer {
         Sealer {
             cipher: Arc::new(XChaCha20Poly1305::new(Key::from_slice(&self.bytes))),

@@ -11,14 +11,30 @@
 //!   redelivery never rolls a service back to an older deploy.
 //! - Events that arrive together for one service are coalesced, the newest winning.
 //! - A deploy for a service that does not exist is logged and dropped; nothing is created.
+//!
+//! The bus is not trusted: anything that can publish on `berth.deploy.<service>` could otherwise
+//! set any image on any service. So before anything else an event is [`Refused`](Outcome::Refused)
+//! (logged once at warn level with its id, service and the reason; nothing changes) when it
+//! names no installation, carries no valid signature (`deploy_auth`: only this process holds the
+//! key the webhook bridge signs with), has an id more than [`MAX_FUTURE_SKEW`] in the future (it
+//! would outrank, and so freeze, every later deploy of the service), or names another registry
+//! host or repository than the service runs (only the tag and digest change through the bus; a
+//! repository change goes through the API). Events stamped for another installation sharing the
+//! bus are ignored as before ([`Outcome::OtherInstance`]). Refused events are checked before they
+//! are coalesced, so a forged event can never displace a genuine one of the same batch.
+//!
+//! A message is acked only once its deploy is durably written (the store fsyncs before a write
+//! returns) or deliberately dropped; the events a write coalesced are acked after that write.
+//! A crash in between means a redelivery, which the id check above makes harmless.
 
+use crate::deploy_auth::SignatureError;
 use crate::store::{Store, StoreError, WriteMode};
 use berth_api_types::deploy::DeployEvent;
 use berth_api_types::image::ImageRef;
 use berth_api_types::names::annotations;
 use berth_api_types::typed::decode_object;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::bus::{DeployMessage, DeployQueue, DeploySubscription};
+use berth_controllers::bus::{Ack, DeployMessage, DeployQueue, DeploySubscription};
 use berth_controllers::runtime::backoff::BackoffPolicy;
 use futures::{FutureExt, StreamExt};
 use serde_json::Value;
@@ -31,6 +47,9 @@ use tracing::{info, warn};
 const BATCH: usize = 256;
 /// Attempts of one deploy when API writes keep changing the service in between.
 const CONFLICT_RETRIES: usize = 5;
+/// How far in the future an event id's time may be: clocks of the machines involved differ a
+/// little, but an id far ahead would outrank every later deploy of its service.
+pub const MAX_FUTURE_SKEW: Duration = Duration::from_secs(60);
 
 /// What applying one deploy event did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +68,88 @@ pub enum Outcome {
     OtherInstance,
     /// The event's image or the resulting spec is not valid; the reason.
     Invalid(String),
+    /// The event is not to be trusted; nothing was changed.
+    Refused(Refusal),
+}
+
+/// Why an event from the bus is not trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    MissingInstance,
+    MissingSignature,
+    /// Not this installation's signature over this very event.
+    BadSignature,
+    /// The id is not a ULID, so it says nothing about when the deploy was asked for.
+    BadId,
+    /// The id's time is this far ahead of the applier's clock.
+    FutureId {
+        ahead: Duration,
+    },
+    /// The image's registry host or repository is not the service's current one.
+    ForeignRepository {
+        current: String,
+        requested: String,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::MissingInstance => f.write_str("the event names no installation"),
+            Refusal::MissingSignature => f.write_str("the event is not signed"),
+            Refusal::BadSignature => {
+                f.write_str("the event's signature is not this installation's over this event")
+            }
+            Refusal::BadId => f.write_str("the event id is not a ULID"),
+            Refusal::FutureId { ahead } => write!(
+                f,
+                "the event id is {:.1}s in the future (at most {}s allowed)",
+                ahead.as_secs_f64(),
+                MAX_FUTURE_SKEW.as_secs()
+            ),
+            Refusal::ForeignRepository { current, requested } => write!(
+                f,
+                "the image repository `{requested}` is not the service's `{current}`: only the \
+                 tag or digest change through a deploy event; change the repository through the API"
+            ),
+        }
+    }
+}
+
+/// Whether an event may be applied at all, before the service is read: it must be this
+/// installation's, signed by it, with an id not from the future. `Err` is the outcome to report.
+fn admit(
+    store: &Store,
+    ev: &DeployEvent,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Outcome> {
+    // Another installation's events are expected on a shared bus and signed with its own key, so
+    // they are told apart before the signature is checked.
+    match ev.instance.as_deref() {
+        None => return Err(Outcome::Refused(Refusal::MissingInstance)),
+        Some(i) if i != store.instance() => return Err(Outcome::OtherInstance),
+        Some(_) => {}
+    }
+    match store.deploy_key().verify(ev) {
+        Ok(()) => {}
+        Err(SignatureError::Missing) => return Err(Outcome::Refused(Refusal::MissingSignature)),
+        Err(SignatureError::Wrong) => return Err(Outcome::Refused(Refusal::BadSignature)),
+    }
+    let id = ulid::Ulid::from_string(&ev.id).map_err(|_| Outcome::Refused(Refusal::BadId))?;
+    let now_ms = now.timestamp_millis().max(0) as u64;
+    let ahead = Duration::from_millis(id.timestamp_ms().saturating_sub(now_ms));
+    if ahead > MAX_FUTURE_SKEW {
+        return Err(Outcome::Refused(Refusal::FutureId { ahead }));
+    }
+    Ok(())
+}
+
+/// `registry/repository` of a reference, the part a deploy event may not change.
+fn repository(image: &ImageRef) -> String {
+    match &image.registry {
+        Some(r) => format!("{r}/{}", image.repository),
+        None => image.repository.clone(),
+    }
 }
 
 enum Plan {
@@ -70,6 +171,24 @@ fn plan(current: &DynObject, ev: &DeployEvent) -> Plan {
     let Some(map) = spec.as_object_mut() else {
         return Plan::Skip(Outcome::Invalid("the stored spec is not an object".into()));
     };
+    let running = match map
+        .get("image")
+        .and_then(Value::as_str)
+        .map(ImageRef::parse)
+    {
+        Some(Ok(r)) => r,
+        _ => {
+            return Plan::Skip(Outcome::Invalid(
+                "the service's stored image does not parse".into(),
+            ))
+        }
+    };
+    if (&running.registry, &running.repository) != (&new.registry, &new.repository) {
+        return Plan::Skip(Outcome::Refused(Refusal::ForeignRepository {
+            current: repository(&running),
+            requested: repository(&new),
+        }));
+    }
     let same = map.get("image").and_then(Value::as_str) == Some(new.as_str());
     let forced = same && new.digest.is_none();
     if same && !forced {
@@ -109,14 +228,11 @@ fn plan(current: &DynObject, ev: &DeployEvent) -> Plan {
     }
 }
 
-/// Applies one deploy event to the store (conditional write, retried on conflicts).
+/// Applies one deploy event to the store (conditional write, retried on conflicts), unless it is
+/// refused. Returns once the write is durable.
 pub async fn apply(store: &Store, ev: &DeployEvent) -> Result<Outcome, StoreError> {
-    if ev
-        .instance
-        .as_deref()
-        .is_some_and(|i| i != store.instance())
-    {
-        return Ok(Outcome::OtherInstance);
+    if let Err(outcome) = admit(store, ev, chrono::Utc::now()) {
+        return Ok(outcome);
     }
     let mut last_conflict = None;
     for _ in 0..CONFLICT_RETRIES {
@@ -144,19 +260,25 @@ pub async fn apply(store: &Store, ev: &DeployEvent) -> Result<Outcome, StoreErro
     Err(last_conflict.expect("the loop ran"))
 }
 
-/// Keeps the newest event per service (ULIDs order by time).
-fn coalesce(events: Vec<DeployEvent>) -> Vec<DeployEvent> {
-    let mut latest: HashMap<String, DeployEvent> = HashMap::new();
-    for ev in events {
-        match latest.get(&ev.service) {
-            Some(have) if have.id >= ev.id => {}
-            _ => {
-                latest.insert(ev.service.clone(), ev);
+/// Keeps the newest event per service (ULIDs order by time), with the acks of every event it
+/// stands for: they are acked once its write is durable.
+fn coalesce(events: Vec<(DeployEvent, Ack)>) -> Vec<(DeployEvent, Vec<Ack>)> {
+    let mut latest: HashMap<String, (DeployEvent, Vec<Ack>)> = HashMap::new();
+    for (ev, ack) in events {
+        match latest.get_mut(&ev.service) {
+            Some((have, acks)) => {
+                acks.push(ack);
+                if ev.id > have.id {
+                    *have = ev;
+                }
+            }
+            None => {
+                latest.insert(ev.service.clone(), (ev, vec![ack]));
             }
         }
     }
-    let mut out: Vec<DeployEvent> = latest.into_values().collect();
-    out.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut out: Vec<(DeployEvent, Vec<Ack>)> = latest.into_values().collect();
+    out.sort_by(|a, b| a.0.id.cmp(&b.0.id));
     out
 }
 
@@ -206,7 +328,7 @@ async fn run(
             let mut next = Some(first);
             while let Some(m) = next.take() {
                 match m {
-                    DeployMessage::Deploy(ev) => batch.push(ev),
+                    DeployMessage::Deploy(ev, ack) => batch.push((ev, ack)),
                     DeployMessage::Lagged => {
                         warn!("deploy events may have been missed; callers must ask again")
                     }
@@ -217,8 +339,24 @@ async fn run(
                 }
             }
             let received = batch.len();
-            for ev in coalesce(batch) {
+            // Untrusted events go before coalescing: a forged event with a newer id must not
+            // displace a genuine one. Dropping one is final, so it is acked at once.
+            let now = chrono::Utc::now();
+            let mut admitted = Vec::with_capacity(batch.len());
+            for (ev, ack) in batch {
+                match admit(&store, &ev, now) {
+                    Ok(()) => admitted.push((ev, ack)),
+                    Err(outcome) => {
+                        log_outcome(&ev, &outcome, received);
+                        ack_logged(ack, &ev).await;
+                    }
+                }
+            }
+            for (ev, acks) in coalesce(admitted) {
                 apply_logged(&store, &ev, received).await;
+                for ack in acks {
+                    ack_logged(ack, &ev).await;
+                }
             }
         }
         warn!("deploy event subscription ended; subscribing again");
@@ -226,34 +364,55 @@ async fn run(
     }
 }
 
+/// Applies one event until the store takes it (or it is dropped), logging the outcome once.
 async fn apply_logged(store: &Store, ev: &DeployEvent, batch: usize) {
     let mut retry = BackoffPolicy::reconnect().retry();
     loop {
         match apply(store, ev).await {
-            Ok(Outcome::Applied { generation, forced }) => info!(
-                id = %ev.id, service = %ev.service, image = %ev.image, source = %ev.source,
-                generation, forced, batch, "deploy applied"
-            ),
-            Ok(Outcome::NoService) => warn!(
-                id = %ev.id, service = %ev.service, source = %ev.source,
-                "deploy for a service that does not exist; dropped"
-            ),
-            Ok(Outcome::Invalid(why)) => warn!(
-                id = %ev.id, service = %ev.service, reason = %why, "invalid deploy; dropped"
-            ),
-            Ok(other) => {
-                info!(id = %ev.id, service = %ev.service, outcome = ?other, "deploy skipped")
-            }
+            Ok(outcome) => return log_outcome(ev, &outcome, batch),
             // Storage trouble or a service rewritten faster than we can read it: try again,
-            // rather than lose a deploy the caller was told was accepted.
+            // rather than lose a deploy the caller was told was accepted. Not acked meanwhile.
             Err(e) => {
                 let delay = retry.next_delay();
                 warn!(id = %ev.id, service = %ev.service, error = %e, retry_in = ?delay, "cannot apply deploy");
                 tokio::time::sleep(delay).await;
-                continue;
             }
         }
-        return;
+    }
+}
+
+/// One log line per event outcome. Refusals name the event and the reason, never the signature.
+fn log_outcome(ev: &DeployEvent, outcome: &Outcome, batch: usize) {
+    match outcome {
+        Outcome::Applied { generation, forced } => info!(
+            id = %ev.id, service = %ev.service, image = %ev.image, source = %ev.source,
+            generation, forced, batch, "deploy applied"
+        ),
+        Outcome::NoService => warn!(
+            id = %ev.id, service = %ev.service, source = %ev.source,
+            "deploy for a service that does not exist; dropped"
+        ),
+        Outcome::Invalid(why) => warn!(
+            id = %ev.id, service = %ev.service, reason = %why, "invalid deploy; dropped"
+        ),
+        Outcome::Refused(why) => warn!(
+            id = %ev.id, service = %ev.service, reason = %why, "deploy event refused; nothing changed"
+        ),
+        Outcome::OtherInstance => info!(
+            id = %ev.id, service = %ev.service, instance = ev.instance.as_deref().unwrap_or(""),
+            "deploy for another installation; ignored"
+        ),
+        other => {
+            info!(id = %ev.id, service = %ev.service, outcome = ?other, "deploy skipped")
+        }
+    }
+}
+
+/// Acks one event's message. A failed ack only means the event comes again, and is then
+/// recognized as applied by its id.
+async fn ack_logged(ack: Ack, ev: &DeployEvent) {
+    if let Err(e) = ack.ack().await {
+        warn!(id = %ev.id, service = %ev.service, error = %e, "cannot ack deploy event; it will be redelivered");
     }
 }
 
@@ -286,7 +445,8 @@ mod tests {
     /// Ids in creation order, as the webhook handler makes them.
     static IDS: std::sync::Mutex<ulid::Generator> = std::sync::Mutex::new(ulid::Generator::new());
 
-    fn ev(service: &str, image: &str) -> DeployEvent {
+    /// An event as anyone on the bus could make it: no installation, no signature.
+    fn raw(service: &str, image: &str) -> DeployEvent {
         DeployEvent {
             id: IDS.lock().unwrap().generate().unwrap().to_string(),
             service: service.into(),
@@ -296,7 +456,21 @@ mod tests {
             source: DeploySource::Webhook,
             time: chrono::Utc::now(),
             instance: None,
+            signature: None,
         }
+    }
+
+    /// An event as the webhook bridge of `store`'s installation makes it.
+    fn ev(store: &Store, service: &str, image: &str) -> DeployEvent {
+        let mut e = raw(service, image);
+        e.instance = Some(store.instance().to_string());
+        resign(store, &mut e);
+        e
+    }
+
+    /// Signs again after a test changed a field.
+    fn resign(store: &Store, e: &mut DeployEvent) {
+        store.deploy_key().sign(e);
     }
 
     fn get(store: &Store, name: &str) -> DynObject {
@@ -307,7 +481,7 @@ mod tests {
     async fn new_tag_changes_the_image_and_annotates_the_generation() {
         let (store, _d) = store();
         create(&store, "web", "team/app:1").await;
-        let e = ev("web", "team/app:2");
+        let e = ev(&store, "web", "team/app:2");
         assert_eq!(
             apply(&store, &e).await.unwrap(),
             Outcome::Applied {
@@ -330,7 +504,7 @@ mod tests {
     async fn same_tag_forces_an_update_once_per_event() {
         let (store, _d) = store();
         create(&store, "web", "team/app:1").await;
-        let e = ev("web", "team/app:1");
+        let e = ev(&store, "web", "team/app:1");
         assert_eq!(
             apply(&store, &e).await.unwrap(),
             Outcome::Applied {
@@ -344,8 +518,9 @@ mod tests {
         assert_eq!(get(&store, "web").spec["forceUpdate"], 1);
         assert_eq!(get(&store, "web").metadata.generation, 2);
         // A new redeploy bumps again.
-        let mut e2 = ev("web", "team/app:1");
+        let mut e2 = ev(&store, "web", "team/app:1");
         e2.source = DeploySource::Signed;
+        resign(&store, &mut e2);
         assert!(matches!(
             apply(&store, &e2).await.unwrap(),
             Outcome::Applied { generation: 3, .. }
@@ -366,8 +541,8 @@ mod tests {
     async fn late_redelivery_of_an_older_deploy_does_not_roll_back() {
         let (store, _d) = store();
         create(&store, "web", "team/app:1").await;
-        let older = ev("web", "team/app:2");
-        let newer = ev("web", "team/app:3");
+        let older = ev(&store, "web", "team/app:2");
+        let newer = ev(&store, "web", "team/app:3");
         apply(&store, &newer).await.unwrap();
         assert_eq!(
             apply(&store, &older).await.unwrap(),
@@ -381,8 +556,9 @@ mod tests {
         let (store, _d) = store();
         let pinned = format!("team/app:2@sha256:{}", "a".repeat(64));
         create(&store, "web", &pinned).await;
-        let mut e = ev("web", &pinned);
+        let mut e = ev(&store, "web", &pinned);
         e.source = DeploySource::Registry;
+        resign(&store, &mut e);
         assert_eq!(apply(&store, &e).await.unwrap(), Outcome::Unchanged);
         assert_eq!(get(&store, "web").metadata.generation, 1);
     }
@@ -391,7 +567,9 @@ mod tests {
     async fn missing_service_other_instance_and_bad_image_change_nothing() {
         let (store, _d) = store();
         assert_eq!(
-            apply(&store, &ev("ghost", "team/app:2")).await.unwrap(),
+            apply(&store, &ev(&store, "ghost", "team/app:2"))
+                .await
+                .unwrap(),
             Outcome::NoService
         );
         assert!(
@@ -399,15 +577,16 @@ mod tests {
             "nothing created"
         );
         create(&store, "web", "team/app:1").await;
-        let mut e = ev("web", "team/app:2");
+        let mut e = ev(&store, "web", "team/app:2");
         e.instance = Some("another-installation".into());
         assert_eq!(apply(&store, &e).await.unwrap(), Outcome::OtherInstance);
         e.instance = Some(store.instance().to_string());
+        resign(&store, &mut e);
         assert!(matches!(
             apply(&store, &e).await.unwrap(),
             Outcome::Applied { .. }
         ));
-        let bad = ev("web", "Team/App:2");
+        let bad = ev(&store, "web", "Team/App:2");
         assert!(
             matches!(apply(&store, &bad).await.unwrap(), Outcome::Invalid(why) if why.contains("path component"))
         );
@@ -418,14 +597,313 @@ mod tests {
     fn bursts_coalesce_to_the_newest_per_service() {
         let mut events = Vec::new();
         for i in 0..50 {
-            events.push(ev("web", &format!("team/app:{i}")));
+            events.push((raw("web", &format!("team/app:{i}")), Ack::none()));
         }
-        events.push(ev("api", "team/api:1"));
+        events.push((raw("api", "team/api:1"), Ack::none()));
         events.swap(0, 49);
         let out = coalesce(events);
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].image, "team/app:49");
-        assert_eq!(out[1].service, "api");
+        assert_eq!(out[0].0.image, "team/app:49");
+        assert_eq!(out[0].1.len(), 50, "the write acks every event it covers");
+        assert_eq!(out[1].0.service, "api");
+        assert_eq!(out[1].1.len(), 1);
+    }
+
+    /// Applies `e` and checks it was refused for `why` without touching the service.
+    async fn assert_refused(store: &Store, e: &DeployEvent, why: fn(&Refusal) -> bool) {
+        let before = get(store, &e.service);
+        match apply(store, e).await.unwrap() {
+            Outcome::Refused(r) => assert!(why(&r), "refused for another reason: {r}"),
+            other => panic!("not refused: {other:?} for {e:?}"),
+        }
+        let after = get(store, &e.service);
+        assert_eq!(after.spec, before.spec, "a refused event changed the spec");
+        assert_eq!(
+            after.metadata.resource_version,
+            before.metadata.resource_version
+        );
+    }
+
+    #[tokio::test]
+    async fn unsigned_forged_or_unbound_events_are_refused() {
+        let (store, _d) = store();
+        create(&store, "web", "team/app:1").await;
+        let mut unsigned = ev(&store, "web", "team/app:2");
+        unsigned.signature = None;
+        assert_refused(&store, &unsigned, |r| *r == Refusal::MissingSignature).await;
+
+        // Signed with another installation's key but stamped with ours.
+        let mut forged = ev(&store, "web", "team/app:2");
+        crate::crypto::MasterKey::from_bytes([4u8; 32], "other")
+            .deploy_key()
+            .sign(&mut forged);
+        assert_refused(&store, &forged, |r| *r == Refusal::BadSignature).await;
+
+        // A genuine event changed on the way: every field is covered by the signature.
+        let genuine = ev(&store, "web", "team/app:2");
+        let tamper: Vec<fn(&mut DeployEvent)> = vec![
+            |e| e.id = ulid::Ulid::new().to_string(),
+            |e| e.image = "team/app:666".into(),
+            |e| e.tag = Some("666".into()),
+            |e| e.digest = Some(format!("sha256:{}", "6".repeat(64))),
+            |e| e.source = DeploySource::Registry,
+            |e| e.time += chrono::Duration::seconds(1),
+        ];
+        for change in tamper {
+            let mut e = genuine.clone();
+            change(&mut e);
+            assert_refused(&store, &e, |r| *r == Refusal::BadSignature).await;
+        }
+        // A genuine event of this installation for another service is signed for that service.
+        create(&store, "api", "team/app:1").await;
+        let mut moved = genuine.clone();
+        moved.service = "api".into();
+        assert_refused(&store, &moved, |r| *r == Refusal::BadSignature).await;
+
+        let mut unbound = ev(&store, "web", "team/app:2");
+        unbound.instance = None;
+        resign(&store, &mut unbound);
+        assert_refused(&store, &unbound, |r| *r == Refusal::MissingInstance).await;
+
+        // Another installation's event stays its own outcome, and changes nothing either.
+        let mut other = ev(&store, "web", "team/app:2");
+        other.instance = Some("another-installation".into());
+        assert_eq!(apply(&store, &other).await.unwrap(), Outcome::OtherInstance);
+
+        assert!(matches!(
+            apply(&store, &genuine).await.unwrap(),
+            Outcome::Applied { generation: 2, .. }
+        ));
+    }
+
+    fn id_at(t: chrono::DateTime<chrono::Utc>) -> String {
+        ulid::Ulid::from_parts(t.timestamp_millis() as u64, rand::random::<u128>()).to_string()
+    }
+
+    #[tokio::test]
+    async fn ids_from_the_future_are_refused_near_now_accepted() {
+        let (store, _d) = store();
+        create(&store, "web", "team/app:1").await;
+        let now = chrono::Utc::now();
+        let mut far = ev(&store, "web", "team/app:2");
+        far.id = id_at(now + chrono::Duration::days(365));
+        resign(&store, &mut far);
+        assert_refused(
+            &store,
+            &far,
+            |r| matches!(r, Refusal::FutureId { ahead } if ahead.as_secs() > 300 * 86400),
+        )
+        .await;
+        let mut just_over = ev(&store, "web", "team/app:2");
+        just_over.id = id_at(now + chrono::Duration::seconds(75));
+        resign(&store, &mut just_over);
+        assert_refused(&store, &just_over, |r| {
+            matches!(r, Refusal::FutureId { .. })
+        })
+        .await;
+        let mut not_ulid = ev(&store, "web", "team/app:2");
+        not_ulid.id = "zzzz".into();
+        resign(&store, &mut not_ulid);
+        assert_refused(&store, &not_ulid, |r| *r == Refusal::BadId).await;
+        // A little clock skew between machines is fine.
+        let mut near = ev(&store, "web", "team/app:2");
+        near.id = id_at(now + chrono::Duration::seconds(20));
+        resign(&store, &mut near);
+        assert!(matches!(
+            apply(&store, &near).await.unwrap(),
+            Outcome::Applied { .. }
+        ));
+        assert_eq!(get(&store, "web").spec["image"], "team/app:2");
+    }
+
+    #[tokio::test]
+    async fn only_tag_and_digest_change_through_the_bus() {
+        let (store, _d) = store();
+        create(&store, "web", "127.0.0.1:5000/team/app:1").await;
+        for (image, what) in [
+            ("127.0.0.1:5000/team/other:1", "repository"),
+            ("127.0.0.1:5000/evil/app:1", "namespace"),
+            ("evil.example:5000/team/app:1", "registry host"),
+            ("127.0.0.1:5001/team/app:1", "registry port"),
+            ("team/app:1", "default registry"),
+        ] {
+            let e = ev(&store, "web", image);
+            assert_refused(&store, &e, |r| {
+                matches!(r, Refusal::ForeignRepository { .. })
+            })
+            .await;
+            let Outcome::Refused(r) = apply(&store, &e).await.unwrap() else {
+                unreachable!()
+            };
+            assert!(
+                r.to_string().contains("127.0.0.1:5000/team/app"),
+                "{what}: {r}"
+            );
+        }
+        let digest = format!("sha256:{}", "b".repeat(64));
+        for image in [
+            "127.0.0.1:5000/team/app:2".to_string(),
+            format!("127.0.0.1:5000/team/app@{digest}"),
+            format!("127.0.0.1:5000/team/app:3@{digest}"),
+        ] {
+            let e = ev(&store, "web", &image);
+            assert!(
+                matches!(apply(&store, &e).await.unwrap(), Outcome::Applied { .. }),
+                "{image}"
+            );
+            assert_eq!(get(&store, "web").spec["image"], image.as_str());
+        }
+    }
+
+    /// A deploy queue whose acks the test sees: events are fed in by hand, and each ack records
+    /// the event id.
+    struct Observed {
+        feed: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<DeployMessage>>>,
+    }
+
+    struct RecordAck {
+        id: String,
+        acked: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl berth_controllers::bus::Acker for RecordAck {
+        async fn ack(self: Box<Self>) -> Result<(), String> {
+            self.acked.lock().unwrap().push(self.id);
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl berth_controllers::bus::EventBus for Observed {
+        async fn publish(
+            &self,
+            _: &berth_api_types::Event,
+        ) -> Result<(), berth_controllers::bus::BusError> {
+            Ok(())
+        }
+        async fn subscribe(
+            &self,
+            _: &[Kind],
+            _: Option<&str>,
+        ) -> Result<berth_controllers::bus::Subscription, berth_controllers::bus::BusError>
+        {
+            Ok(futures::stream::pending().boxed())
+        }
+        fn describe(&self) -> String {
+            "observed".into()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl DeployQueue for Observed {
+        async fn publish_deploy(
+            &self,
+            _: &DeployEvent,
+        ) -> Result<(), berth_controllers::bus::BusError> {
+            unreachable!("the test feeds events itself")
+        }
+        async fn subscribe_deploys(
+            &self,
+            _: Option<&str>,
+        ) -> Result<DeploySubscription, berth_controllers::bus::BusError> {
+            let rx = self.feed.lock().unwrap().take().expect("subscribed once");
+            Ok(tokio_stream_from(rx))
+        }
+    }
+
+    fn tokio_stream_from(
+        rx: tokio::sync::mpsc::UnboundedReceiver<DeployMessage>,
+    ) -> DeploySubscription {
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+            .boxed()
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn events_are_acked_only_after_the_write_is_durable() {
+        let (store, _d) = store();
+        create(&store, "web", "team/app:1").await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let bus: Arc<dyn DeployQueue> = Arc::new(Observed {
+            feed: std::sync::Mutex::new(Some(rx)),
+        });
+        let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let send = |e: &DeployEvent| {
+            let ack = Ack::new(RecordAck {
+                id: e.id.clone(),
+                acked: acked.clone(),
+            });
+            tx.send(DeployMessage::Deploy(e.clone(), ack)).unwrap();
+        };
+        let task = tokio::spawn(start(store.clone(), bus, None).await);
+
+        // The disk fails: the deploy is retried and its message stays unacked (a crash now
+        // would mean a redelivery, not a lost deploy).
+        store
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let genuine = ev(&store, "web", "team/app:2");
+        send(&genuine);
+        // Time enough for a wrong ack to happen (the applier retries after ~100 ms).
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(
+            acked.lock().unwrap().is_empty(),
+            "acked before the write succeeded"
+        );
+        assert_eq!(get(&store, "web").spec["image"], "team/app:1");
+
+        store
+            .fail_writes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        wait_for("the deploy is acked once written", || {
+            acked.lock().unwrap().contains(&genuine.id)
+        })
+        .await;
+        assert_eq!(get(&store, "web").spec["image"], "team/app:2");
+
+        // A refused event is acked (never redelivered forever) and changes nothing.
+        let mut forged = raw("web", "evil/app:1");
+        forged.instance = Some(store.instance().to_string());
+        send(&forged);
+        wait_for("the refused event is acked", || {
+            acked.lock().unwrap().contains(&forged.id)
+        })
+        .await;
+        assert_eq!(get(&store, "web").spec["image"], "team/app:2");
+
+        // A batch coalesced into one write: every event of it is acked after that write.
+        store
+            .fail_writes
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let burst: Vec<DeployEvent> = (3..8)
+            .map(|i| ev(&store, "web", &format!("team/app:{i}")))
+            .collect();
+        for e in &burst {
+            send(e);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            burst.iter().all(|e| !acked.lock().unwrap().contains(&e.id)),
+            "an event of the batch was acked before its write"
+        );
+        store
+            .fail_writes
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        wait_for("every event of the burst is acked", || {
+            let acked = acked.lock().unwrap();
+            burst.iter().all(|e| acked.contains(&e.id))
+        })
+        .await;
+        assert_eq!(get(&store, "web").spec["image"], "team/app:7");
+        task.abort();
     }
 
     #[tokio::test]
@@ -435,7 +913,9 @@ mod tests {
         let bus: Arc<dyn DeployQueue> = Arc::new(berth_controllers::bus::EmbeddedBus::new());
         // Subscribed once `start` returns: the very first event is not lost.
         let task = tokio::spawn(start(store.clone(), bus.clone(), None).await);
-        bus.publish_deploy(&ev("web", "team/app:7")).await.unwrap();
+        bus.publish_deploy(&ev(&store, "web", "team/app:7"))
+            .await
+            .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while get(&store, "web").spec["image"] != "team/app:7" {
             assert!(
@@ -448,7 +928,7 @@ mod tests {
         // the last one to land (not a fixed time) means an applier that does not coalesce gets
         // the time to make all 50 writes, and is caught.
         let before = get(&store, "web").metadata.generation;
-        let burst: Vec<DeployEvent> = (0..50).map(|_| ev("web", "team/app:7")).collect();
+        let burst: Vec<DeployEvent> = (0..50).map(|_| ev(&store, "web", "team/app:7")).collect();
         for e in &burst {
             bus.publish_deploy(e).await.unwrap();
         }

@@ -231,7 +231,7 @@ async fn service_hook(
         Ok(i) => i,
         Err(why) => return err(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", why),
     };
-    let event = DeployEvent {
+    let mut event = DeployEvent {
         id: state.next_id(),
         service,
         tag: image.tag.clone(),
@@ -240,7 +240,10 @@ async fn service_hook(
         source,
         time: chrono::Utc::now(),
         instance: Some(state.store.instance().to_string()),
+        signature: None,
     };
+    // The applier refuses unsigned events: only this process can vouch for a deploy.
+    state.store.deploy_key().sign(&mut event);
     if let Err(resp) = publish(&state, &hook, &event).await {
         return *resp;
     }
@@ -407,7 +410,7 @@ fn registry_events(
             let Ok(image) = retarget(current, Some(&push.tag), push.digest.as_deref()) else {
                 continue;
             };
-            out.push(DeployEvent {
+            let mut event = DeployEvent {
                 id: push_hooks::event_id(push, name),
                 service: name.clone(),
                 image: image.to_string(),
@@ -416,7 +419,10 @@ fn registry_events(
                 source: DeploySource::Registry,
                 time: push.time.unwrap_or_else(chrono::Utc::now),
                 instance: Some(store.instance().to_string()),
-            });
+                signature: None,
+            };
+            store.deploy_key().sign(&mut event);
+            out.push(event);
         }
     }
     Ok(out)
@@ -660,7 +666,7 @@ mod tests {
 
     async fn next_deploy(s: &mut Setup) -> DeployEvent {
         match tokio::time::timeout(Duration::from_secs(1), s.deploys.next()).await {
-            Ok(Some(DeployMessage::Deploy(d))) => d,
+            Ok(Some(DeployMessage::Deploy(d, _))) => d,
             other => panic!("no deploy event: {other:?}"),
         }
     }
@@ -693,6 +699,11 @@ mod tests {
         assert_eq!(ev.source, DeploySource::Webhook);
         assert_eq!(ev.instance.as_deref(), Some(s.store.instance()));
         assert!(ulid::Ulid::from_string(&ev.id).is_ok());
+        assert_eq!(
+            s.store.deploy_key().verify(&ev),
+            Ok(()),
+            "the bridge signs what it publishes"
+        );
 
         // Query form, and digest form.
         let digest = format!("sha256:{}", "c".repeat(64));

@@ -8,6 +8,7 @@ mod cli;
 mod crypto;
 mod daemon;
 mod deploy_applier;
+mod deploy_auth;
 mod environment;
 mod hooks;
 mod in_process_api;

@@ -144,10 +144,13 @@ pub fn event_id(push: &Push, service: &str) -> String {
     if push.event_id.is_empty() {
         return ulid::Ulid::new().to_string();
     }
+    // Never later than now: the applier refuses ids from the future, and the registry's clock
+    // may run ahead of ours.
+    let now = Utc::now().timestamp_millis().max(0) as u64;
     let ms = push
         .time
-        .map(|t| t.timestamp_millis().max(0) as u64)
-        .unwrap_or_else(|| Utc::now().timestamp_millis().max(0) as u64);
+        .map_or(now, |t| t.timestamp_millis().max(0) as u64)
+        .min(now);
     let h = Sha256::digest(format!("{}/{service}", push.event_id).as_bytes());
     let mut r = [0u8; 16];
     r[6..].copy_from_slice(&h[..10]);
@@ -277,5 +280,14 @@ mod tests {
         );
         p.event_id.clear();
         assert_ne!(event_id(&p, "web"), event_id(&p, "web"));
+    }
+
+    #[test]
+    fn a_registry_clock_ahead_of_ours_makes_no_future_id() {
+        let mut p = push("r", "a", "t");
+        p.time = Some(Utc::now() + chrono::Duration::hours(2));
+        let id = ulid::Ulid::from_string(&event_id(&p, "web")).unwrap();
+        let now = Utc::now().timestamp_millis() as u64;
+        assert!(id.timestamp_ms() <= now, "the applier would refuse it");
     }
 }

@@ -412,3 +412,189 @@ fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::Path
     }
     out
 }
+
+/// HMAC-SHA256 with `openssl`, the key given as hex: the README's recipe for checking a deploy
+/// event's signature by hand. Returns lowercase hex.
+fn openssl_hmac(key_hex: &str, data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args([
+            "dgst",
+            "-sha256",
+            "-mac",
+            "HMAC",
+            "-macopt",
+            &format!("hexkey:{key_hex}"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("e2e: openssl (scripts/test installs it)");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl dgst failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.rsplit(' ').next().unwrap().trim().to_string()
+}
+
+/// Forged deploy events published straight on NATS, as any process with bus access could: no
+/// signature, a wrong one, another installation's, a foreign repository, an id far in the future.
+/// None changes the Service, berth's log names each refusal, and a webhook deploy still works
+/// afterwards (the future id did not freeze the service). The foreign repository and the future
+/// id are also tried *validly signed* (the test reads the installation's master key from its data
+/// dir and derives the deploy key with openssl, as the README describes), to show those checks do
+/// not lean on the signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_deploy_events_on_the_bus_change_nothing() {
+    use berth_api_types::deploy::DeployEvent;
+    let p = prefix("forge");
+    let _cleanup = Cleanup::new(&p);
+    let d = docker().await;
+    tag_image_2(&d).await;
+    let stack = Stack::start(Bus::Nats);
+    let b = &stack.berth;
+    let name = format!("{p}-web");
+    // No tasks: what is checked is the spec.
+    apply(b, &name, 0);
+    let mut tap = Tap::start(&stack.nats_url(), &name).await;
+
+    // A genuine deploy, to have a real event to imitate (and the installation id it carries).
+    let hook = create_webhook(b, &[&name]);
+    let url = hook["url"].as_str().unwrap().to_string();
+    let (code, v) = post(&url, &[], r#"{"tag":"2"}"#).await;
+    assert_eq!(code, 202, "{v}\n{}", b.log_text());
+    let genuine: DeployEvent = serde_json::from_value(tap.next().await).unwrap();
+    let sig = genuine
+        .signature
+        .clone()
+        .expect("the bridge signs its events");
+    assert_eq!(sig.len(), 64, "hex HMAC-SHA256: {sig}");
+    let (b2, n2) = (b, &name);
+    eventually(b, CONVERGE, "the genuine deploy", || async move {
+        let s = service(b2, n2).await;
+        (s["spec"]["image"] == format!("{REPO}:2"))
+            .then_some(())
+            .ok_or_else(|| s["spec"].to_string())
+    })
+    .await;
+    let before = service(b, &name).await;
+
+    // The installation's own deploy key, derived as the README says.
+    let master = std::fs::read(b.data_dir.join("master.key")).expect("e2e: master.key");
+    let deploy_key = openssl_hmac(&hex(&master), b"berth deploy events v1");
+    let sign = |e: &mut DeployEvent| {
+        e.signature = Some(openssl_hmac(&deploy_key, &e.signed_bytes()));
+    };
+    let mut check = genuine.clone();
+    sign(&mut check);
+    assert_eq!(
+        check.signature, genuine.signature,
+        "the README's derivation does not reproduce berth's signature"
+    );
+
+    let fresh = |image: &str| {
+        let mut e = genuine.clone();
+        e.id = ulid::Ulid::new().to_string();
+        e.image = image.to_string();
+        e.tag = image.rsplit(':').next().map(str::to_string);
+        e
+    };
+    let future_id = || {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let ten_years = Duration::from_secs(3650 * 86400);
+        ulid::Ulid::from_parts((now + ten_years).as_millis() as u64, 1).to_string()
+    };
+    let evil = "evil.example/attacker/miner:1";
+    let mut forged: Vec<(&str, DeployEvent)> = Vec::new();
+    let mut e = fresh(&format!("{REPO}:1"));
+    e.signature = None;
+    forged.push(("the event is not signed", e));
+    let mut e = fresh(evil);
+    e.signature = Some(sig.clone());
+    forged.push(("signature is not this installation", e));
+    let mut e = fresh(&format!("{REPO}:1"));
+    e.signature = Some("0".repeat(64));
+    forged.push(("signature is not this installation", e));
+    let mut e = fresh(&format!("{REPO}:1"));
+    e.instance = None;
+    sign(&mut e);
+    forged.push(("names no installation", e));
+    let mut e = fresh(evil);
+    sign(&mut e);
+    forged.push(("is not the service's", e));
+    let mut e = fresh(&format!("{REPO}:1"));
+    e.id = future_id();
+    e.signature = None;
+    forged.push(("the event is not signed", e));
+    let mut e = fresh(&format!("{REPO}:1"));
+    e.id = future_id();
+    sign(&mut e);
+    forged.push(("in the future", e));
+    let mut other = fresh(&format!("{REPO}:1"));
+    other.instance = Some("another-installation".into());
+    sign(&mut other);
+    forged.push(("another installation; ignored", other));
+
+    // Published with a bare client on core NATS: the stream captures the subject all the same.
+    let client = async_nats::connect(stack.nats_url()).await.unwrap();
+    for (_, e) in &forged {
+        client
+            .publish(e.subject(), serde_json::to_vec(e).unwrap().into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+
+    // Each one is logged by id with its reason.
+    for (reason, e) in &forged {
+        let what = format!("berth to log the refusal of {} ({reason})", e.id);
+        let id = e.id.clone();
+        eventually(b, CONVERGE, &what, || {
+            let id = id.clone();
+            async move {
+                let log = b.log_text();
+                log.lines()
+                    .find(|l| l.contains(&id) && l.contains(reason))
+                    .map(|_| ())
+                    .ok_or_else(|| "not logged yet".to_string())
+            }
+        })
+        .await;
+    }
+    let log = b.log_text();
+    assert!(
+        !log.contains(&deploy_key) && !log.contains(&sig),
+        "a key or signature reached the log"
+    );
+    let after = service(b, &name).await;
+    assert_eq!(
+        after["spec"], before["spec"],
+        "a forged event changed the spec"
+    );
+    assert_eq!(
+        after["metadata"]["resourceVersion"],
+        before["metadata"]["resourceVersion"]
+    );
+
+    // A genuine deploy still lands, so the future id froze nothing.
+    let (code, v) = post(&url, &[], r#"{"tag":"1"}"#).await;
+    assert_eq!(code, 202, "{v}\n{}", b.log_text());
+    eventually(
+        b,
+        CONVERGE,
+        "the webhook deploy after the forgeries",
+        || async move {
+            let s = service(b2, n2).await;
+            (s["spec"]["image"] == IMAGE_1)
+                .then_some(())
+                .ok_or_else(|| s["spec"].to_string())
+        },
+    )
+    .await;
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

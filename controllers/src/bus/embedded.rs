@@ -10,7 +10,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 
 use super::{
-    wants, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus,
+    wants, Ack, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus,
     RecentIds, Subscription,
 };
 
@@ -129,7 +129,7 @@ impl DeployQueue for EmbeddedBus {
         let rx = self.deploys.subscribe();
         let stream = futures::stream::unfold(rx, |mut rx| async move {
             match rx.recv().await {
-                Ok(event) => Some((DeployMessage::Deploy(event), rx)),
+                Ok(event) => Some((DeployMessage::Deploy(event, Ack::none()), rx)),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "embedded deploy subscriber lagged");
                     Some((DeployMessage::Lagged, rx))
@@ -283,6 +283,7 @@ mod tests {
             source: berth_api_types::deploy::DeploySource::Webhook,
             time: chrono::Utc::now(),
             instance: None,
+            signature: None,
         }
     }
 
@@ -298,7 +299,7 @@ mod tests {
             .unwrap();
         bus.publish_deploy(&deploy("api", "d2")).await.unwrap();
         let got = |m: Option<DeployMessage>| match m {
-            Some(DeployMessage::Deploy(d)) => (d.service, d.id),
+            Some(DeployMessage::Deploy(d, _)) => (d.service, d.id),
             other => panic!("unexpected {other:?}"),
         };
         let next_deploy = async |s: &mut DeploySubscription| {

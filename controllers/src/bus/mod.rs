@@ -85,7 +85,9 @@ pub trait DeployQueue: EventBus {
     async fn publish_deploy(&self, event: &DeployEvent) -> Result<(), BusError>;
 
     /// Deploy events of every service. `durable` as for `subscribe`, except that a durable
-    /// consumer created for the first time starts with new events: old deploys are not replayed.
+    /// consumer created for the first time starts with new events (old deploys are not replayed),
+    /// and that a message is acked only when the subscriber acks its [`Ack`]: not acked within
+    /// the consumer's ack wait, it is delivered again.
     async fn subscribe_deploys(
         &self,
         durable: Option<&str>,
@@ -106,12 +108,52 @@ pub enum BusMessage {
 /// What a deploy subscriber reads.
 pub type DeploySubscription = futures::stream::BoxStream<'static, DeployMessage>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum DeployMessage {
-    Deploy(DeployEvent),
+    /// A deploy event and the handle that acknowledges it. The subscriber acks once the deploy is
+    /// durably applied or deliberately dropped: an event whose handle is dropped unacked is
+    /// delivered again (NATS, after the consumer's ack wait), so a crash between receiving a
+    /// deploy and writing it does not lose it.
+    Deploy(DeployEvent, Ack),
     /// Deploy events may have been missed (lagging, reconnect gap, consumer re-created). There is
     /// no state to resync from: a missed deploy has to be asked for again, so this is logged.
     Lagged,
+}
+
+/// Acknowledges one delivered deploy event. On NATS it acks the JetStream message; on the embedded
+/// bus (which keeps nothing to redeliver) and for live subscriptions it does nothing.
+pub struct Ack(Option<Box<dyn Acker>>);
+
+/// What an [`Ack`] does; a trait so that tests can observe acknowledgements.
+#[async_trait::async_trait]
+pub trait Acker: Send + Sync + 'static {
+    async fn ack(self: Box<Self>) -> Result<(), String>;
+}
+
+impl Ack {
+    /// An acknowledgement with nothing to tell.
+    pub fn none() -> Self {
+        Ack(None)
+    }
+
+    pub fn new(acker: impl Acker) -> Self {
+        Ack(Some(Box::new(acker)))
+    }
+
+    /// Acknowledges the event. A failure only costs a redelivery, which the applier recognizes by
+    /// id; the error says why, for the log.
+    pub async fn ack(self) -> Result<(), String> {
+        match self.0 {
+            Some(acker) => acker.ack().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Ack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Ack" } else { "Ack(none)" })
+    }
 }
 
 /// Bus failures. The messages name URLs, subjects and event ids but never carry an event payload,

@@ -8,7 +8,9 @@
 //!
 //! Deploy events travel the same way on their own stream, `BERTH_DEPLOYS` over
 //! `berth.deploy.<service>`; the machinery below (durable consumers that re-open themselves, live
-//! subscriptions that report gaps) is written once, generic over what a stream carries.
+//! subscriptions that report gaps) is written once, generic over what a stream carries. One
+//! difference: a durable consumer acks a resource event as it hands it over, but leaves a deploy
+//! event's ack to the applier, which acks once the deploy is durably applied.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,8 +29,8 @@ use tokio::sync::watch;
 use crate::runtime::backoff::{BackoffPolicy, Retry};
 
 use super::{
-    wants, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription, EventBus,
-    RecentIds, Subscription,
+    wants, Ack, Acker, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription,
+    EventBus, RecentIds, Subscription,
 };
 
 /// How long events stay in the stream: long enough for a controller to be down over a weekend and
@@ -90,6 +92,10 @@ const DEPLOYS: StreamSpec = StreamSpec {
 /// What a stream carries: decoded from JSON, deduplicated by id.
 trait Payload: serde::de::DeserializeOwned + Send + Sync + 'static {
     fn id(&self) -> &str;
+    /// Whether a durable consumer leaves the ack to the subscriber (through the [`Ack`] it hands
+    /// over) instead of acking on receipt: deploy events are commands that must survive a crash
+    /// before they are applied; resource events are triggers that a resync replaces.
+    const ACK_WHEN_HANDLED: bool = false;
 }
 
 impl Payload for Event {
@@ -102,12 +108,26 @@ impl Payload for DeployEvent {
     fn id(&self) -> &str {
         &self.id
     }
+    const ACK_WHEN_HANDLED: bool = true;
 }
 
-/// One item of a generic subscription, before it becomes a `BusMessage` or `DeployMessage`.
+/// One item of a generic subscription, before it becomes a `BusMessage` or `DeployMessage`; the
+/// ack does nothing unless the payload is `ACK_WHEN_HANDLED` and came from a durable consumer.
 enum Delivery<T> {
-    Item(T),
+    Item(T, Ack),
     Lagged,
+}
+
+/// Acks one JetStream message when the subscriber says so.
+struct JetStreamAck {
+    msg: jetstream::Message,
+}
+
+#[async_trait::async_trait]
+impl Acker for JetStreamAck {
+    async fn ack(self: Box<Self>) -> Result<(), String> {
+        self.msg.ack().await.map_err(|err| err.to_string())
+    }
 }
 
 /// Which decoded items a subscriber wants (the client-side filter, see `wants`).
@@ -278,7 +298,7 @@ impl NatsBus {
         let events = futures::stream::select_all(subscribers).filter_map(move |msg| {
             let item =
                 parse::<T>(&msg.subject, &msg.payload).filter(|e| keep(e) && recent.insert(e.id()));
-            futures::future::ready(item.map(Delivery::Item))
+            futures::future::ready(item.map(|item| Delivery::Item(item, Ack::none())))
         });
         let lagged = futures::stream::unfold(gaps, |mut gaps| async move {
             gaps.changed().await.ok()?;
@@ -413,7 +433,7 @@ impl DeployQueue for NatsBus {
         };
         Ok(items
             .map(|d| match d {
-                Delivery::Item(e) => DeployMessage::Deploy(e),
+                Delivery::Item(e, ack) => DeployMessage::Deploy(e, ack),
                 Delivery::Lagged => DeployMessage::Lagged,
             })
             .boxed())
@@ -423,7 +443,7 @@ impl DeployQueue for NatsBus {
 fn events_of(items: BoxStream<'static, Delivery<Event>>) -> Subscription {
     items
         .map(|d| match d {
-            Delivery::Item(e) => BusMessage::Event(e),
+            Delivery::Item(e, _) => BusMessage::Event(e),
             Delivery::Lagged => BusMessage::Lagged,
         })
         .boxed()
@@ -707,8 +727,8 @@ impl<T: Payload> Durable<T> {
             match messages.next().await {
                 Some(Ok(msg)) => {
                     self.retry.reset();
-                    if let Some(item) = self.take(msg).await {
-                        return Delivery::Item(item);
+                    if let Some((item, ack)) = self.take(msg).await {
+                        return Delivery::Item(item, ack);
                     }
                 }
                 Some(Err(err)) => {
@@ -725,15 +745,19 @@ impl<T: Payload> Durable<T> {
         }
     }
 
-    /// Acks the message and returns the item if the subscriber wants it. Messages that do not
-    /// decode are acked too: redelivering them could never succeed.
-    async fn take(&self, msg: jetstream::Message) -> Option<T> {
-        let item = parse::<T>(&msg.subject, &msg.payload);
+    /// The item if the subscriber wants it, with its ack: a payload that is `ACK_WHEN_HANDLED`
+    /// is acked by the subscriber; anything else is acked here. Messages that do not decode or
+    /// that the subscriber does not want are acked too: redelivering them could never succeed.
+    async fn take(&self, msg: jetstream::Message) -> Option<(T, Ack)> {
+        let item = parse::<T>(&msg.subject, &msg.payload).filter(|e| (self.keep)(e));
+        if T::ACK_WHEN_HANDLED && item.is_some() {
+            return item.map(|item| (item, Ack::new(JetStreamAck { msg })));
+        }
         if let Err(err) = msg.ack().await {
             // Only costs a redelivery after the ack wait; consumers are idempotent by event id.
             tracing::warn!(consumer = %self.opening.name, error = %err, "cannot ack event");
         }
-        item.filter(|e| (self.keep)(e))
+        item.map(|item| (item, Ack::none()))
     }
 }
 

@@ -17,6 +17,7 @@ mod seal;
 pub use admission::{ensure_backup_plan, ensure_network};
 
 use crate::crypto::{MasterKey, Sealer};
+use crate::deploy_auth::DeployKey;
 use berth_api_types::wire::{ApplyOutcome, ApplyResult};
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use chrono::Utc;
@@ -127,10 +128,15 @@ pub struct Store {
     instance: String,
     /// Seals Secret specs on write and opens them on read.
     sealer: Sealer,
+    /// Signs and verifies deploy events (the webhook bridge and the applier both reach it here).
+    deploy_key: DeployKey,
     /// Held by every write (see the module comment).
     write_lock: Arc<tokio::sync::Mutex<()>>,
     /// Group commit: writers that commit while a flush runs share the next one.
     durability: Arc<Durability>,
+    /// Tests set it to make every write fail as a broken disk would.
+    #[cfg(test)]
+    pub(crate) fail_writes: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Counts commits and what the last fsync covered, so that concurrent writers share one fsync
@@ -199,8 +205,11 @@ impl Store {
             watchers,
             instance,
             sealer,
+            deploy_key: key.deploy_key(),
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
             durability: Arc::default(),
+            #[cfg(test)]
+            fail_writes: Arc::default(),
         };
         store.seal_unsealed()?;
         Ok(store)
@@ -264,6 +273,11 @@ impl Store {
     /// The master key's sealer, for other secrets kept in the store (webhook signing secrets).
     pub(crate) fn sealer(&self) -> &Sealer {
         &self.sealer
+    }
+
+    /// The key deploy events on the bus are signed with (see `deploy_auth`).
+    pub(crate) fn deploy_key(&self) -> &DeployKey {
+        &self.deploy_key
     }
 
     /// Makes everything written so far durable (same blocking-pool flush as `committed`).
@@ -331,6 +345,10 @@ impl Store {
                 out.push((result_of(&obj, outcome), obj));
             }
             return Ok(out);
+        }
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Storage("injected write failure".into()));
         }
         let guard = self.write_lock.lock().await;
         let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
