@@ -60,7 +60,8 @@ pub struct ServerArgs {
     #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:7474")]
     pub listen: String,
     /// NATS server URL; without it, events stay inside this process (embedded bus).
-    #[arg(long, env = "BERTH_NATS")]
+    // The URL may carry a password: `--help` must not print the variable's value.
+    #[arg(long, env = "BERTH_NATS", hide_env_values = true)]
     pub nats: Option<String>,
     #[command(flatten)]
     pub nats_auth: nats_args::NatsAuthArgs,
@@ -178,7 +179,7 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
         /// NATS server URL (required: it is how a separate controller hears about changes).
-        #[arg(long, env = "BERTH_NATS")]
+        #[arg(long, env = "BERTH_NATS", hide_env_values = true)]
         nats: String,
         #[command(flatten)]
         nats_auth: nats_args::NatsAuthArgs,

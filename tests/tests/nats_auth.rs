@@ -520,6 +520,11 @@ openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=12
 printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' > ext
 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
   -extfile ext -out server.pem 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=berth-api \
+  -keyout client.key -out client.csr 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n' > client-ext
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+  -extfile client-ext -out client.pem 2>/dev/null
 "#;
     let out = Command::new("bash")
         .args(["-c", script])
@@ -610,5 +615,39 @@ async fn tls_with_the_ca_connects_and_without_it_fails_clearly() {
     assert_no_permission_violation("berth up", &b.log_text());
     assert_no_permission_violation("berth up (nats-server log)", &nats.log_text());
     assert!(!b.log_text().contains(API_PASSWORD), "password in the log");
+    b.stop();
+
+    // A server that verifies clients: the client certificate gets berth in, its absence does not.
+    let verifying = AuthNats::start(&[
+        "--tlsverify",
+        "--tlscert",
+        cert.to_str().unwrap(),
+        "--tlskey",
+        key.to_str().unwrap(),
+        "--tlscacert",
+        ca.to_str().unwrap(),
+    ]);
+    let url = verifying.url("tls");
+    let (client_cert, client_key) = (
+        certs.path().join("client.pem"),
+        certs.path().join("client.key"),
+    );
+    let auth = [("BERTH_NATS_PASSWORD", API_PASSWORD)];
+    let mut args = vec!["--nats", &url, "--nats-user", API_USER, "--nats-ca"];
+    args.push(ca.to_str().unwrap());
+    let err = berth_fails(&[&["api"], args.as_slice()].concat(), &auth);
+    assert!(err.contains("cannot connect to NATS"), "{err}");
+    args.extend([
+        "--nats-tls-cert",
+        client_cert.to_str().unwrap(),
+        "--nats-tls-key",
+        client_key.to_str().unwrap(),
+    ]);
+    let mut b = Berth::start_env(&args, &auth);
+    assert!(
+        b.log_text().contains("connected to NATS event bus"),
+        "berth up did not connect with its client certificate:\n{}",
+        b.log_text()
+    );
     b.stop();
 }
