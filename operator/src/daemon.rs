@@ -148,7 +148,7 @@ async fn start_api(
         info!(network = %server.default_network, "created the default network");
     }
     let (token, token_path) = admin_token(&server.data_dir)?;
-    let connected = bus::connect(server.nats.as_deref())
+    let connected = bus::connect(server.nats_settings().as_ref())
         .await
         .map_err(|e| format!("error: {e}"))?;
     let bus = connected.events;
@@ -560,7 +560,7 @@ pub async fn api(server: ServerArgs, docker_host: Option<String>) -> Result<(), 
 pub async fn controller(
     kind: &str,
     conn: Conn,
-    nats: String,
+    nats: bus::NatsSettings,
     docker_host: Option<String>,
     state_dir: PathBuf,
     resync: u64,

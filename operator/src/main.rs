@@ -12,6 +12,7 @@ mod deploy_auth;
 mod environment;
 mod hooks;
 mod in_process_api;
+mod nats_args;
 mod output;
 mod push_hooks;
 mod rollout_cli;
@@ -60,8 +61,11 @@ pub struct ServerArgs {
     #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:7474")]
     pub listen: String,
     /// NATS server URL; without it, events stay inside this process (embedded bus).
-    #[arg(long, env = "BERTH_NATS")]
+    // The URL may carry a password: `--help` must not print the variable's value.
+    #[arg(long, env = "BERTH_NATS", hide_env_values = true)]
     pub nats: Option<String>,
+    #[command(flatten)]
+    pub nats_auth: nats_args::NatsAuthArgs,
     /// The Network every Service joins when it lists none; created at start if missing.
     #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::network::DEFAULT_NETWORK)]
     pub default_network: String,
@@ -70,6 +74,13 @@ pub struct ServerArgs {
     pub hook_rate: u32,
     #[command(flatten)]
     pub backup: BackupArgs,
+}
+
+impl ServerArgs {
+    /// How to reach NATS, when this server uses it.
+    pub fn nats_settings(&self) -> Option<berth_controllers::bus::NatsSettings> {
+        self.nats.as_deref().map(|url| self.nats_auth.settings(url))
+    }
 }
 
 /// Backups (they run in the API server's process: only it can read the store's sealed values).
@@ -169,8 +180,10 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
         /// NATS server URL (required: it is how a separate controller hears about changes).
-        #[arg(long, env = "BERTH_NATS")]
+        #[arg(long, env = "BERTH_NATS", hide_env_values = true)]
         nats: String,
+        #[command(flatten)]
+        nats_auth: nats_args::NatsAuthArgs,
         #[arg(long, env = "DOCKER_HOST")]
         docker_host: Option<String>,
         /// Where this controller keeps its own state.
@@ -408,11 +421,13 @@ fn main() -> ExitCode {
                 kind,
                 conn,
                 nats,
+                nats_auth,
                 docker_host,
                 state_dir,
                 resync,
                 ingress,
             } => {
+                let nats = nats_auth.settings(&nats);
                 daemon::controller(&kind, conn, nats, docker_host, state_dir, resync, ingress).await
             }
             Command::Apply {

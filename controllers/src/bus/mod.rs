@@ -18,6 +18,7 @@
 mod embedded;
 mod leases;
 mod nats;
+mod nats_options;
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use crate::runtime::shares::Sharing;
 pub use embedded::EmbeddedBus;
 pub use leases::NatsLeases;
 pub use nats::{NatsBus, DEFAULT_ACK_WAIT};
+pub use nats_options::NatsSettings;
 
 /// Where events are published and how controllers receive them.
 #[async_trait::async_trait]
@@ -178,6 +180,14 @@ pub enum BusError {
     },
     #[error("subscribing to {target} failed: {reason}")]
     Subscribe { target: String, reason: String },
+    /// A NATS option that cannot work (a missing or malformed file, conflicting credentials);
+    /// found before connecting. `path` is empty when no file is involved.
+    #[error("{option}{}: {reason}", if path.is_empty() { String::new() } else { format!(" {path}") })]
+    Settings {
+        option: &'static str,
+        path: String,
+        reason: String,
+    },
 }
 
 /// One bus, seen through each of its traits: resource events for everyone, deploys for the few
@@ -202,12 +212,12 @@ impl Bus {
     }
 }
 
-/// The bus for this process: NATS when a URL is configured, otherwise the embedded one.
-pub async fn connect(nats_url: Option<&str>) -> Result<Bus, BusError> {
-    match nats_url {
+/// The bus for this process: NATS when it is configured, otherwise the embedded one.
+pub async fn connect(nats: Option<&NatsSettings>) -> Result<Bus, BusError> {
+    match nats {
         None => Ok(Bus::of(EmbeddedBus::new(), Sharing::default())),
-        Some(url) => {
-            let bus = NatsBus::connect(url).await?;
+        Some(settings) => {
+            let bus = NatsBus::connect_with(settings).await?;
             let leases = bus.leases().await?;
             Ok(Bus::of(bus, Sharing::Leased(Arc::new(leases))))
         }
@@ -317,7 +327,7 @@ mod tests {
         // Port 1 on loopback is never a NATS server; the connect must fail fast, not retry forever.
         let err = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            connect(Some("nats://user:secret@127.0.0.1:1")),
+            connect(Some(&NatsSettings::new("nats://user:secret@127.0.0.1:1"))),
         )
         .await
         .expect("connect must not hang")

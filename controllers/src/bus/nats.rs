@@ -30,7 +30,7 @@ use crate::runtime::backoff::{BackoffPolicy, Retry};
 
 use super::{
     wants, Ack, Acker, BusError, BusMessage, DeployMessage, DeployQueue, DeploySubscription,
-    EventBus, RecentIds, Subscription,
+    EventBus, NatsSettings, RecentIds, Subscription,
 };
 
 /// How long events stay in the stream: long enough for a controller to be down over a weekend and
@@ -148,16 +148,24 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects and makes sure the event stream exists. Fails at once when the server cannot be
-    /// reached (a mistyped URL should stop startup with a clear error, not hang); once connected,
-    /// the client reconnects forever.
+    /// Connects without credentials or TLS options (beyond what the URL says) and makes sure the
+    /// streams exist; see [`NatsBus::connect_with`].
     pub async fn connect(url: &str) -> Result<Self, BusError> {
-        let shown = redact_url(url);
+        Self::connect_with(&NatsSettings::new(url)).await
+    }
+
+    /// Connects with berth's NATS settings (credentials, TLS) and makes sure the event stream
+    /// exists. Fails at once when the server cannot be reached or refuses the credentials (a
+    /// mistyped URL or password should stop startup with a clear error, not hang); once
+    /// connected, the client reconnects forever.
+    pub async fn connect_with(settings: &NatsSettings) -> Result<Self, BusError> {
+        let shown = settings.shown_url();
+        let (options, url) = settings.connect_options().await?;
         let (gap_tx, gaps) = watch::channel(0u64);
         let gap_tx = Arc::new(gap_tx);
         let disconnected = Arc::new(AtomicBool::new(false));
         let log_url = shown.clone();
-        let client = async_nats::ConnectOptions::new()
+        let client = options
             .name("berth")
             .event_callback(move |event| {
                 let gap_tx = gap_tx.clone();
@@ -165,11 +173,11 @@ impl NatsBus {
                 let url = log_url.clone();
                 async move { on_client_event(event, &gap_tx, &disconnected, &url) }
             })
-            .connect(url)
+            .connect(url.as_str())
             .await
             .map_err(|err| BusError::Connect {
                 url: shown.clone(),
-                reason: err.to_string(),
+                reason: connect_failure(&err, settings),
             })?;
         let js = jetstream::new(client.clone());
         for spec in [EVENTS, DEPLOYS] {
@@ -493,6 +501,18 @@ fn on_client_event(
             tracing::warn!(%url, sid, "NATS client dropped messages for a slow subscriber");
             gaps.send_modify(|n| *n += 1);
         }
+        // The server refused a publish or subscribe this user has no permission for. The
+        // operation itself fails later (a JetStream request times out), so say why here.
+        async_nats::Event::ServerError(async_nats::ServerError::Other(message))
+            if message.to_lowercase().contains("permissions violation") =>
+        {
+            tracing::error!(
+                %url,
+                server_error = %message,
+                "NATS refused an operation: this process's NATS user lacks a permission \
+                 (see the README's NATS permissions table)"
+            )
+        }
         event @ (async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_)) => {
             tracing::warn!(%url, %event, "NATS connection error")
         }
@@ -779,26 +799,27 @@ fn parse<T: Payload>(subject: &str, payload: &[u8]) -> Option<T> {
     }
 }
 
-/// Masks `user:password@` / `token@` in each comma-separated server URL.
-fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|part| {
-            let part = part.trim();
-            let host_start = part.find("://").map_or(0, |i| i + 3);
-            let authority_end = part[host_start..]
-                .find('/')
-                .map_or(part.len(), |i| host_start + i);
-            match part[host_start..authority_end].rfind('@') {
-                Some(at) => format!(
-                    "{}***@{}",
-                    &part[..host_start],
-                    &part[host_start + at + 1..]
-                ),
-                None => part.to_string(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+/// A connect failure in words an operator can act on. async-nats says "authorization
+/// violation" or "TLS error" and little more; which option to check depends on what was given.
+fn connect_failure(err: &async_nats::ConnectError, settings: &NatsSettings) -> String {
+    use async_nats::ConnectErrorKind as K;
+    // A certificate the client rejects comes back as an IO error, not a TLS one.
+    let tls = err.kind() == K::Tls || err.to_string().contains("certificate");
+    let hint = match err.kind() {
+        K::AuthorizationViolation | K::Authentication => {
+            "; the server refused berth's credentials (check the user, password, token, \
+             --nats-nkey or --nats-creds)"
+        }
+        _ if tls && settings.ca.is_none() => {
+            "; a server whose certificate comes from a private CA needs --nats-ca"
+        }
+        _ if tls => {
+            "; check --nats-ca (and --nats-tls-cert/--nats-tls-key if the server verifies \
+             clients)"
+        }
+        _ => "",
+    };
+    format!("{err}{hint}")
 }
 
 #[cfg(test)]
@@ -814,20 +835,6 @@ mod tests {
         assert_eq!(sanitize_durable("berth.service>ctl"), "berth_service_ctl");
         assert_eq!(sanitize_durable("..."), "");
         assert_eq!(sanitize_durable(""), "");
-    }
-
-    #[test]
-    fn bus_urls_are_redacted() {
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(
-            redact_url("nats://user:pw@host:4222/x@y"),
-            "nats://***@host:4222/x@y"
-        );
-        assert_eq!(redact_url("tok@host:4222"), "***@host:4222");
-        assert_eq!(
-            redact_url("nats://a:b@h1:4222, nats://h2:4222"),
-            "nats://***@h1:4222,nats://h2:4222"
-        );
     }
 
     #[test]
