@@ -189,7 +189,8 @@ enum Command {
         /// Where this controller keeps its own state.
         #[arg(long, default_value = "/var/lib/berth/controllers")]
         state_dir: PathBuf,
-        #[arg(long, default_value_t = 60)]
+        /// Seconds between full resyncs of every object this instance owns.
+        #[arg(long, env = "BERTH_RESYNC", default_value_t = 60)]
         resync: u64,
         #[command(flatten)]
         ingress: IngressArgs,

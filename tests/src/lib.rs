@@ -984,3 +984,41 @@ pub async fn await_resync(b: &Berth, d: &Docker, prefix: &str, timeout: Duration
     })
     .await
 }
+
+/// The running controller instances of `kind` (`GET /controllers`), as records.
+pub async fn controller_instances(api: &Berth, kind: &str) -> Vec<serde_json::Value> {
+    let (status, list) = api.api_get(paths::CONTROLLERS).await;
+    assert_eq!(status, 200, "{list}");
+    list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i["kind"] == kind)
+        .collect()
+}
+
+/// Waits until exactly the processes `pids` run `kind` and together hold every partition.
+pub async fn wait_instances(api: &Berth, kind: &str, pids: &[u32]) -> Vec<serde_json::Value> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{} {kind} instance(s) holding every partition", pids.len()),
+        || async {
+            let list = controller_instances(api, kind).await;
+            let mut seen: Vec<u32> = list
+                .iter()
+                .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
+                .collect();
+            seen.sort_unstable();
+            let mut want = pids.to_vec();
+            want.sort_unstable();
+            let held: u64 = list.iter().filter_map(|i| i["partitions"].as_u64()).sum();
+            let total = list
+                .first()
+                .and_then(|i| i["partitionsTotal"].as_u64())
+                .unwrap_or(0);
+            (seen == want && total > 0 && held == total).then_some(list)
+        },
+    )
+    .await
+}

@@ -6,7 +6,10 @@
 use berth_api_types::names::paths;
 use berth_api_types::names::subjects::EVENTS_STREAM;
 use berth_api_types::Kind;
-use berth_e2e::{manifest, prefix, tempdir, wait_for, Berth, Cleanup, ControllerProcess, Nats};
+use berth_e2e::{
+    controller_instances as instances, manifest, prefix, tempdir, wait_for,
+    wait_instances as wait_settled, Berth, Cleanup, ControllerProcess, Nats,
+};
 use futures::StreamExt;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -64,43 +67,6 @@ async fn wait_converged(api: &Berth, prefix: &str, count: usize, what: &str) -> 
     })
     .await;
     start.elapsed()
-}
-
-async fn instances(api: &Berth, kind: &str) -> Vec<Value> {
-    let (status, list) = api.api_get(paths::CONTROLLERS).await;
-    assert_eq!(status, 200, "{list}");
-    list["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|i| i["kind"] == kind)
-        .collect()
-}
-
-/// Waits until exactly `pids` run the kind and together hold every partition.
-async fn wait_settled(api: &Berth, kind: &str, pids: &[u32]) -> Vec<Value> {
-    wait_for(
-        Duration::from_secs(60),
-        &format!("{} {kind} instance(s) holding every partition", pids.len()),
-        || async {
-            let list = instances(api, kind).await;
-            let mut seen: Vec<u32> = list
-                .iter()
-                .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
-                .collect();
-            seen.sort_unstable();
-            let mut want = pids.to_vec();
-            want.sort_unstable();
-            let held: u64 = list.iter().filter_map(|i| i["partitions"].as_u64()).sum();
-            let total = list
-                .first()
-                .and_then(|i| i["partitionsTotal"].as_u64())
-                .unwrap_or(0);
-            (seen == want && total > 0 && held == total).then_some(list)
-        },
-    )
-    .await
 }
 
 #[derive(Debug, Clone)]

@@ -74,6 +74,23 @@ enum Cmd {
     },
     /// Memory and CPU at scale: N Config objects applied to a fresh installation; apply and list
     /// times, RSS idle and after, and the CPU seconds one resync of the converged installation costs.
+    /// Reconciles per second of the service controller with 1, 2, ... instances against a
+    /// converged cluster (every instance resyncing every second, so each always has work), and the
+    /// failover time after `kill -9` of one of three instances.
+    ControllerInstances {
+        /// Services (0 replicas) the instances share.
+        #[arg(long, default_value_t = 300)]
+        services: usize,
+        /// The most instances measured (1..=this).
+        #[arg(long, default_value_t = 3)]
+        max_instances: usize,
+        /// Seconds of each throughput measurement.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// `kill -9` rounds for the failover time.
+        #[arg(long, default_value_t = 3)]
+        kills: usize,
+    },
     Scale {
         /// Config objects, applied as one multi-document file.
         #[arg(long, default_value_t = 10_000)]
@@ -183,6 +200,12 @@ async fn main() -> Result<()> {
         std::env::set_var("BERTH_E2E_LOG", "info");
     }
     match Cli::parse().cmd {
+        Cmd::ControllerInstances {
+            services,
+            max_instances,
+            seconds,
+            kills,
+        } => controller_instances(services, max_instances, seconds, kills).await,
         Cmd::Scale {
             objects,
             services,
@@ -989,5 +1012,135 @@ async fn scale(n: usize, services: usize, resync_secs: u64, periods: usize) -> R
     .await;
     drop(berth);
     cleanup(&d, &p, true).await?;
+    result
+}
+
+/// Starts `n` service controller instances (resyncing every `resync` seconds, logging each
+/// reconcile to `log`) and waits until they hold every partition between them.
+async fn start_instances(
+    api: &Berth,
+    tag: &str,
+    n: usize,
+    resync: &str,
+    log: &std::path::Path,
+) -> Vec<berth_e2e::ControllerProcess> {
+    let env = [
+        ("BERTH_RECONCILE_LOG", log.to_str().unwrap_or_default()),
+        ("BERTH_RESYNC", resync),
+    ];
+    let ctls: Vec<_> = (0..n)
+        .map(|i| api.start_controller_instance("service", &format!("{tag}-{i}"), &env))
+        .collect();
+    let pids: Vec<u32> = ctls.iter().map(|c| c.pid()).collect();
+    berth_e2e::wait_instances(api, "Service", &pids).await;
+    ctls
+}
+
+/// Reconciles of Services whose start lies in `[from, to)` (microseconds since the epoch).
+fn reconciles_between(log: &std::path::Path, from: u64, to: u64) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "Service")
+        .filter_map(|v| v["start"].as_u64())
+        .filter(|t| (from..to).contains(t))
+        .count()
+}
+
+fn epoch_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn controller_instances(
+    services: usize,
+    max_instances: usize,
+    seconds: u64,
+    kills: usize,
+) -> Result<()> {
+    let d = docker().await;
+    let p = prefix("ctlbench");
+    let nats = berth_e2e::Nats::start();
+    let api = Berth::start_api(nats.url());
+    let dir = berth_e2e::tempdir("ctlbench");
+    let result = async {
+        let _net = api.start_controller("network");
+        let yaml: String = (0..services)
+            .map(|i| format!(
+                "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {p}-{i}\nspec:\n  image: berth-test/busybox:1\n  replicas: 0\n  command: [\"sleep\", \"1000000\"]\n"
+            ))
+            .collect::<Vec<_>>()
+            .join("---\n");
+        api.apply(&yaml);
+        {
+            let warm = start_instances(&api, "warm", 1, "60", &dir.path().join("warm.jsonl")).await;
+            let start = Instant::now();
+            while count_services(&d, &p).await? < services {
+                if start.elapsed() > Duration::from_secs(600) {
+                    bail!("the {services} services were not created in 600 s");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            drop(warm);
+        }
+        println!("| instances | reconciles/s (median of 1 s buckets over {seconds} s) | total in {seconds} s |");
+        println!("| ---: | ---: | ---: |");
+        for n in 1..=max_instances {
+            let log = dir.path().join(format!("n{n}.jsonl"));
+            let mut ctls = start_instances(&api, &format!("n{n}"), n, "1", &log).await;
+            // Past the initial resync of every acquired partition.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let from = epoch_micros();
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            let to = epoch_micros();
+            let mut buckets: Vec<usize> = (0..seconds)
+                .map(|s| reconciles_between(&log, from + s * 1_000_000, from + (s + 1) * 1_000_000))
+                .collect();
+            let total = reconciles_between(&log, from, to);
+            buckets.sort_unstable();
+            println!("| {n} | {} | {total} |", buckets[buckets.len() / 2]);
+            for c in ctls.iter_mut() {
+                c.terminate();
+            }
+        }
+        // Failover: three instances, kill -9 one, time until the two others hold every partition.
+        let log = dir.path().join("failover.jsonl");
+        let mut ctls = start_instances(&api, "f", 3, "60", &log).await;
+        let mut times = Vec::new();
+        for round in 0..kills {
+            let mut victim = ctls.remove(0);
+            let killed = Instant::now();
+            victim.kill9();
+            let pids: Vec<u32> = ctls.iter().map(|c| c.pid()).collect();
+            berth_e2e::wait_instances(&api, "Service", &pids).await;
+            times.push(killed.elapsed().as_secs_f64());
+            let env = [("BERTH_RECONCILE_LOG", log.to_str().unwrap_or_default())];
+            ctls.push(api.start_controller_instance("service", &format!("f-new{round}"), &env));
+            let pids: Vec<u32> = ctls.iter().map(|c| c.pid()).collect();
+            berth_e2e::wait_instances(&api, "Service", &pids).await;
+        }
+        println!(
+            "failover after kill -9 (survivors hold every partition), {} rounds: {}",
+            times.len(),
+            times.iter().map(|t| format!("{t:.1} s")).collect::<Vec<_>>().join(", ")
+        );
+        Ok(())
+    }
+    .await;
+    let _ = Command::new("docker")
+        .args(["service", "rm"])
+        .args(
+            String::from_utf8_lossy(
+                &Command::new("docker")
+                    .args(["service", "ls", "-q", "--filter", &format!("name={p}")])
+                    .output()?
+                    .stdout,
+            )
+            .split_whitespace(),
+        )
+        .output();
     result
 }
