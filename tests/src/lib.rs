@@ -1022,3 +1022,19 @@ pub async fn wait_instances(api: &Berth, kind: &str, pids: &[u32]) -> Vec<serde_
     )
     .await
 }
+
+/// Starts `n` instances of `berth controller service` (ids `<tag>-<i>`) with extra environment,
+/// and waits until together they hold every partition.
+pub async fn start_service_instances(
+    api: &Berth,
+    tag: &str,
+    n: usize,
+    env: &[(&str, &str)],
+) -> Vec<ControllerProcess> {
+    let ctls: Vec<ControllerProcess> = (0..n)
+        .map(|i| api.start_controller_instance("service", &format!("{tag}-{i}"), env))
+        .collect();
+    let pids: Vec<u32> = ctls.iter().map(ControllerProcess::pid).collect();
+    wait_instances(api, "Service", &pids).await;
+    ctls
+}

@@ -7,8 +7,8 @@ use berth_api_types::names::paths;
 use berth_api_types::names::subjects::EVENTS_STREAM;
 use berth_api_types::Kind;
 use berth_e2e::{
-    controller_instances as instances, manifest, prefix, tempdir, wait_for,
-    wait_instances as wait_settled, Berth, Cleanup, ControllerProcess, Nats,
+    controller_instances as instances, manifest, prefix, start_service_instances, tempdir,
+    wait_for, wait_instances as wait_settled, Berth, Cleanup, ControllerProcess, Nats,
 };
 use futures::StreamExt;
 use serde_json::Value;
@@ -140,11 +140,7 @@ async fn three_service_controllers_share_300_services_and_take_over_after_kill9(
     let log = logs.path().join("reconciles.jsonl");
     let env = [("BERTH_RECONCILE_LOG", log.to_str().unwrap())];
     let _net = api.start_controller("network");
-    let mut ctls: Vec<ControllerProcess> = (0..3)
-        .map(|i| api.start_controller_instance("service", &i.to_string(), &env))
-        .collect();
-    let pids: Vec<u32> = ctls.iter().map(|c| c.pid()).collect();
-    wait_settled(&api, "Service", &pids).await;
+    let mut ctls = start_service_instances(&api, "s", 3, &env).await;
 
     const COUNT: usize = 300;
     apply(&api, &services_yaml(&p, COUNT, 1));
@@ -275,11 +271,7 @@ async fn a_nats_restart_loses_nothing_and_gone_instances_leave_nothing() {
     let log = logs.path().join("reconciles.jsonl");
     let env = [("BERTH_RECONCILE_LOG", log.to_str().unwrap())];
     let _net = api.start_controller("network");
-    let mut ctls: Vec<ControllerProcess> = (0..2)
-        .map(|i| api.start_controller_instance("service", &i.to_string(), &env))
-        .collect();
-    let pids: Vec<u32> = ctls.iter().map(|c| c.pid()).collect();
-    wait_settled(&api, "Service", &pids).await;
+    let mut ctls = start_service_instances(&api, "s", 2, &env).await;
     let before = consumers(&nats.url(), &api.instance).await;
 
     // A burst of applies with NATS going away in the middle of it.

@@ -1028,12 +1028,7 @@ async fn start_instances(
         ("BERTH_RECONCILE_LOG", log.to_str().unwrap_or_default()),
         ("BERTH_RESYNC", resync),
     ];
-    let ctls: Vec<_> = (0..n)
-        .map(|i| api.start_controller_instance("service", &format!("{tag}-{i}"), &env))
-        .collect();
-    let pids: Vec<u32> = ctls.iter().map(|c| c.pid()).collect();
-    berth_e2e::wait_instances(api, "Service", &pids).await;
-    ctls
+    berth_e2e::start_service_instances(api, tag, n, &env).await
 }
 
 /// Reconciles of Services whose start lies in `[from, to)` (microseconds since the epoch).
