@@ -285,7 +285,7 @@ pub async fn controllers(conn: &Conn, out: Output) -> CliResult {
                 .iter()
                 .map(|i| {
                     vec![
-                        i.kind.lower().to_string(),
+                        i.kind.to_string(),
                         i.instance.clone(),
                         format!("{}/{}", i.host, i.pid),
                         format!(

@@ -335,4 +335,20 @@ async fn a_nats_restart_loses_nothing_and_gone_instances_leave_nothing() {
     eprintln!(
         "natsrst: {count} reconciles, {handovers} handovers, no overlap after three restarts"
     );
+
+    // `berth controllers`: one row per running instance, the ones that left gone.
+    let table = api.cli_ok(&["controllers"]);
+    eprintln!("{table}");
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("Service "))
+        .collect();
+    assert_eq!(rows.len(), ctls.len(), "{table}");
+    for c in &ctls {
+        assert!(
+            rows.iter().any(|r| r.contains(&format!("/{} ", c.pid()))),
+            "instance {} missing from\n{table}",
+            c.pid()
+        );
+    }
 }
