@@ -208,9 +208,8 @@ pub async fn mounted_by_services(docker: &Docker) -> Result<HashSet<String>, Doc
     Ok(used)
 }
 
-/// The files one controller creates, and their garbage collector. A file created in the last
-/// [`GC_GRACE`] (by the engine's clock, so by any instance of the controller, and by this process's
-/// memory) is never collected: it may be for an update still in flight.
+/// The files one controller creates, and their garbage collector. It remembers what it created in
+/// the last [`GC_GRACE`], so a file made for an update still in flight is never collected.
 pub struct SwarmFiles {
     docker: Docker,
     fresh: Mutex<HashMap<String, Instant>>,
@@ -268,12 +267,7 @@ impl SwarmFiles {
             fresh.retain(|_, at| at.elapsed() < self.grace);
             fresh.keys().cloned().collect()
         };
-        // The engine's creation time counts too, not only this process's memory: with several
-        // instances of the controller, the one collecting is not the one that just made a file
-        // for an update still in flight.
-        let young = chrono::Utc::now()
-            - chrono::Duration::from_std(self.grace).unwrap_or(chrono::Duration::zero());
-        let candidates: Vec<(String, String, Option<chrono::DateTime<chrono::Utc>>)> = match kind {
+        let candidates: Vec<(String, String)> = match kind {
             FileKind::Secret => self
                 .docker
                 .list_secrets(Some(ListSecretsOptions {
@@ -281,7 +275,7 @@ impl SwarmFiles {
                 }))
                 .await?
                 .into_iter()
-                .filter_map(|s| Some((s.id?, s.spec?.name?, s.created_at)))
+                .filter_map(|s| Some((s.id?, s.spec?.name?)))
                 .collect(),
             FileKind::Config => self
                 .docker
@@ -290,16 +284,12 @@ impl SwarmFiles {
                 }))
                 .await?
                 .into_iter()
-                .filter_map(|c| Some((c.id?, c.spec?.name?, c.created_at)))
+                .filter_map(|c| Some((c.id?, c.spec?.name?)))
                 .collect(),
         };
         let mut removed = 0;
-        for (id, name, created) in candidates {
-            if keep.contains(&id)
-                || keep.contains(&name)
-                || protected.contains(&name)
-                || created.is_some_and(|c| c > young)
-            {
+        for (id, name) in candidates {
+            if keep.contains(&id) || keep.contains(&name) || protected.contains(&name) {
                 continue;
             }
             let result = match kind {
