@@ -835,6 +835,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_controller_list_needs_the_admin_token() {
+        let (app, _d) = app();
+        let (code, body) = call(&app, "GET", paths::CONTROLLERS, None, false).await;
+        assert_eq!(code, 401, "{body}");
+        // With the token: the instances of this installation (none run in this test).
+        let (code, body) = call(&app, "GET", paths::CONTROLLERS, None, true).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["items"], json!([]));
+    }
+
+    #[tokio::test]
     async fn invalid_objects_get_field_errors_and_change_nothing() {
         let (app, _d) = app();
         let body = json!({"items": [svc("ok", json!(1)), svc("bad", json!("three"))]});
