@@ -2,6 +2,7 @@
 //! manifest loading, the API's other documents (`wire`: errors, discovery, lists), and the names
 //! (API paths, NATS subjects, Swarm labels) that other crates and outside tools rely on.
 
+pub mod access;
 pub mod backup;
 pub mod controllers;
 pub mod cron;

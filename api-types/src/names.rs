@@ -43,6 +43,20 @@ pub mod paths {
     pub const BACKUP_KEY: &str = "/apis/berth/v1/backup/key";
     /// `GET`: the running controller instances (`berth controllers`).
     pub const CONTROLLERS: &str = "/apis/berth/v1/controllers";
+    /// `GET`: the caller's own token (id, role, services).
+    pub const WHOAMI: &str = "/apis/berth/v1/whoami";
+    /// `GET` lists tokens, `POST` creates one (`berth token create`); admin only.
+    pub const TOKENS: &str = "/apis/berth/v1/tokens";
+    /// `POST`: a new admin token replaces the old one (`berth token rotate-admin`); admin only.
+    pub const ADMIN_TOKEN_ROTATE: &str = "/apis/berth/v1/tokens/admin/rotate";
+    /// `DELETE`: revokes a token (`berth token revoke ID`); admin only.
+    pub fn token(id: &str) -> String {
+        format!("{TOKENS}/{id}")
+    }
+    /// `GET` (`?since=RFC3339|duration`): the audit trail, oldest first (`berth audit`).
+    pub const AUDIT: &str = "/apis/berth/v1/audit";
+    /// `GET`: the audit chain recomputed (`berth audit verify`).
+    pub const AUDIT_VERIFY: &str = "/apis/berth/v1/audit/verify";
 
     /// `/apis/berth/v1/<plural>`
     pub fn collection(kind: Kind) -> String {
@@ -110,6 +124,15 @@ pub mod subjects {
     /// `berth.events.<kind>.>`: every event of one kind.
     pub fn kind_events(kind: Kind) -> String {
         format!("{EVENTS_PREFIX}.{}.>", kind.lower())
+    }
+
+    /// Prefix of audit records (`api_types::access::AuditRecord`), published after they are
+    /// stored: an outside copy of the chain that a writer of the store cannot edit.
+    pub const AUDIT_PREFIX: &str = "berth.audit";
+    /// `berth.audit.<kind>` (lowercase, e.g. `service`), or `berth.audit.token` for token
+    /// changes and `berth.audit.api` for requests about no object.
+    pub fn audit(topic: &str) -> String {
+        format!("{AUDIT_PREFIX}.{topic}")
     }
 
     /// Prefix of deploy events (`api_types::deploy::DeployEvent`).
