@@ -185,6 +185,9 @@ mod tests {
             assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
         }
         let e = Role::parse("root").unwrap_err();
-        assert!(e.contains("`root` is not a role") && e.contains("deployer"), "{e}");
+        assert!(
+            e.contains("`root` is not a role") && e.contains("deployer"),
+            "{e}"
+        );
     }
 }

@@ -8,6 +8,7 @@ use crate::hooks::{self, HookState};
 use crate::in_process_api::InProcessApi;
 use crate::server::{router, AppState};
 use crate::store::{Store, StoreError};
+use crate::tokens::Tokens;
 use crate::{deploy_applier, Conn, IngressArgs, ServerArgs};
 use berth_api_types::Kind;
 use berth_controllers::api::{ResourceStore, SecretReader};
@@ -25,7 +26,6 @@ use berth_controllers::runtime::{Controller, ControllerConfig, Hooks, Records};
 use berth_controllers::service::ServiceController;
 use berth_controllers::swarm::engine;
 use bollard::Docker;
-use rand::RngCore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,24 +64,32 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Reads the admin token, creating it (256 random bits, file mode 0600) at first start.
-fn admin_token(data_dir: &Path) -> Result<(String, PathBuf), String> {
+/// The admin token of first start: made (256 random bits, file mode 0600) when the store knows no
+/// admin token yet, or taken from the file an older berth wrote. From then on the store keeps only
+/// its hash; the file is the installer's copy (it may be moved into a vault, and
+/// `berth token rotate-admin` rewrites it while it is there).
+async fn admin_token(data_dir: &Path, tokens: &Tokens) -> Result<PathBuf, String> {
     let path = data_dir.join("admin.token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok((t, path));
-        }
+    if tokens.has_admin().map_err(|e| format!("error: {e}"))? {
+        return Ok(path);
     }
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(&path, &token)
-        .map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
-    Ok((token, path))
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let token = crate::tokens::new_admin_token();
+            write_private(&path, &token)
+                .map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
+            token
+        }
+    };
+    tokens
+        .ensure_admin(&token)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    Ok(path)
 }
 
-fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -147,7 +155,10 @@ async fn start_api(
     {
         info!(network = %server.default_network, "created the default network");
     }
-    let (token, token_path) = admin_token(&server.data_dir)?;
+    let tokens = Tokens::open(&store)
+        .map_err(|e| format!("error: {e}"))?
+        .with_admin_file(server.data_dir.join("admin.token"));
+    let token_path = admin_token(&server.data_dir, &tokens).await?;
     let connected = bus::connect(server.nats_settings().as_ref())
         .await
         .map_err(|e| format!("error: {e}"))?;
@@ -185,7 +196,8 @@ async fn start_api(
     });
     let state = AppState {
         store: store.clone(),
-        token: Arc::new(token),
+        tokens,
+        audit: Arc::new(crate::access::TracingAudit),
         default_network: Arc::new(server.default_network.clone()),
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
         backups,
@@ -557,6 +569,40 @@ pub async fn api(server: ServerArgs, docker_host: Option<String>) -> Result<(), 
     supervise(tasks).await
 }
 
+/// A controller runs with a `controller` token: it reads objects and secret values and writes
+/// status, and nothing more. The admin token (or any other role) is refused here, so that a
+/// controller process is never the easiest way to the keys of the whole installation.
+async fn controller_token_check(http: &ApiClient) -> Result<(), String> {
+    use berth_api_types::access::{Role, WhoAmI};
+    // The API may still be starting (controllers and the API server often start together).
+    let mut tries = 0;
+    let me: WhoAmI = loop {
+        match http
+            .request_json(
+                reqwest::Method::GET,
+                berth_api_types::names::paths::WHOAMI,
+                None,
+            )
+            .await
+        {
+            Ok(me) => break me,
+            Err(e) if e.is_transient() && tries < 30 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(format!("error: cannot check this controller's token: {e}")),
+        }
+    };
+    if me.role != Role::Controller {
+        return Err(format!(
+            "error: a controller runs with a `controller` token, not a `{}` token ({}); make one with \
+             `berth token create --role controller` and pass it as BERTH_TOKEN",
+            me.role, me.id
+        ));
+    }
+    Ok(())
+}
+
 pub async fn controller(
     kind: &str,
     conn: Conn,
@@ -574,6 +620,7 @@ pub async fn controller(
     let connected = bus::connect(Some(&nats))
         .await
         .map_err(|e| format!("error: {e}"))?;
+    controller_token_check(&http).await?;
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
     let kind = CONTROLLERS

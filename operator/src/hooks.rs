@@ -89,7 +89,10 @@ pub fn router(api: AppState, state: HookState) -> Router {
         .route(paths::WEBHOOKS, get(list).post(create))
         .route(&format!("{}/{{id}}", paths::WEBHOOKS), delete(remove))
         .route(&format!("{}/{{id}}/rotate", paths::WEBHOOKS), post(rotate))
-        .layer(middleware::from_fn_with_state(api, crate::server::auth));
+        .layer(middleware::from_fn_with_state(
+            api,
+            crate::access::authorize,
+        ));
     Router::new()
         .route(
             &format!("{}/registry/{{token}}", paths::HOOKS),
@@ -575,7 +578,7 @@ mod tests {
     use std::time::Duration;
     use tower::ServiceExt;
 
-    const ADMIN: &str = "admin-token";
+    const ADMIN: &str = crate::server::TEST_ADMIN;
 
     struct Setup {
         app: Router,
@@ -590,14 +593,7 @@ mod tests {
         let store = Store::open(dir.path(), &key).unwrap();
         let bus: Arc<dyn DeployQueue> = Arc::new(EmbeddedBus::new());
         let deploys = bus.subscribe_deploys(None).await.unwrap();
-        let api = AppState {
-            store: store.clone(),
-            token: Arc::new(ADMIN.into()),
-            default_network: Arc::new("berth-internal".into()),
-            docker_host: None,
-            backups: None,
-            controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
-        };
+        let api = AppState::for_tests(store.clone());
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
         let app = crate::server::router(api.clone()).merge(router(api, hooks));
         for (name, image) in [

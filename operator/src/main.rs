@@ -1,6 +1,7 @@
 //! `berth`: the command line. Server commands (`up`, `api`, `controller`) run berth; client commands
 //! (`apply`, `get`, `describe`, `delete`, `events`) talk to a running API server.
 
+mod access;
 mod api_client;
 mod backup_api;
 mod backup_cli;
@@ -18,6 +19,9 @@ mod push_hooks;
 mod rollout_cli;
 mod server;
 mod store;
+mod token_api;
+mod token_cli;
+mod tokens;
 mod webhook;
 mod webhook_cli;
 
@@ -244,6 +248,20 @@ enum Command {
     /// List the running controller instances: kind, instance id, host, the share of the kind's
     /// objects each owns, and when it last reported.
     Controllers {
+        #[arg(short = 'o', long, default_value = "table")]
+        output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// API tokens with roles (admin only): create, list, revoke, rotate the admin token.
+    Token {
+        #[command(subcommand)]
+        command: token_cli::TokenCommand,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show the token in use: its id, role and (for a deployer) Services.
+    Whoami {
         #[arg(short = 'o', long, default_value = "table")]
         output: cli::Output,
         #[command(flatten)]
@@ -482,6 +500,8 @@ fn main() -> ExitCode {
                 action: NodeAction::JoinCommand { role, conn },
             } => cli::join_command(&conn, &role).await,
             Command::Webhook { command, conn } => webhook_cli::run(&conn, command).await,
+            Command::Token { command, conn } => token_cli::run(&conn, command).await,
+            Command::Whoami { output, conn } => token_cli::whoami(&conn, output).await,
             Command::Backup { command, conn } => backup_cli::backup(&conn, command).await,
             Command::Restore { command, conn } => backup_cli::restore(&conn, command).await,
             Command::Events {

@@ -1,19 +1,22 @@
-//! The REST API (`/apis/berth/v1/...`): the only writer of `spec`. Requests carry a bearer token;
-//! bodies are size-limited; every error is a JSON document with the same precise, field-addressed
-//! messages the CLI prints.
+//! The REST API (`/apis/berth/v1/...`): the only writer of `spec`. Requests carry a bearer token
+//! whose role the access table (`access.rs`) checks; bodies are size-limited; every error is a JSON
+//! document with the same precise, field-addressed messages the CLI prints.
 //!
 //! A Secret's values never appear in a response about the Secret: its `spec` is shown as
 //! `secret_config::redacted_view` (keys, sizes, sha256). Only `GET .../{secrets|configs}/{name}/data` returns
 //! values, for controllers.
 
+use crate::access::{deployer_may_write, Audited, Change};
 use crate::store::{Store, StoreError, WriteMode};
+use crate::tokens::Principal;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::Extension;
 use axum::{Json, Router};
 use berth_api_types::names::{paths, API_VERSION};
 use berth_api_types::secret_config::{redacted_view, DataSpec};
@@ -25,7 +28,6 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
-use subtle::ConstantTimeEq;
 use tracing::info;
 
 /// Largest request body: a whole manifest directory in one apply fits comfortably.
@@ -34,7 +36,10 @@ pub const MAX_BODY: usize = 8 * 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub token: Arc<String>,
+    /// The API tokens (hashes, roles) that requests authenticate with.
+    pub tokens: crate::tokens::Tokens,
+    /// Where the access middleware records writes, secret reads and refusals.
+    pub audit: Arc<dyn crate::access::AuditSink>,
     /// The Network services join when they list none of their own.
     pub default_network: Arc<String>,
     /// The engine of a manager (`None`: DOCKER_HOST or the local socket), for what the API reads
@@ -70,8 +75,12 @@ pub fn router(state: AppState) -> Router {
             get(get_data),
         )
         .merge(crate::backup_api::routes())
+        .merge(crate::token_api::routes())
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::access::authorize,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     Router::new()
         .route(paths::HEALTHZ, get(|| async { "ok" }))
@@ -164,31 +173,6 @@ impl From<BytesRejection> for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-pub(crate) async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Constant time, so the token cannot be guessed byte by byte from response timing.
-    if bool::from(given.as_bytes().ct_eq(state.token.as_bytes())) && !given.is_empty() {
-        next.run(req).await
-    } else {
-        let mut resp = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "missing or wrong bearer token (set BERTH_TOKEN or --token)",
-        )
-        .into_response();
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            "Bearer".parse().expect("static header"),
-        );
-        resp
-    }
-}
 
 pub(crate) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such API path")
@@ -297,6 +281,7 @@ struct WriteQuery {
 /// All-or-nothing apply of a list of objects (`berth apply -f DIR`).
 async fn apply(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(q): Query<WriteQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
@@ -343,6 +328,7 @@ async fn apply(
         all.message = lines.join("\n");
         return Err(all);
     }
+    let before = generations_before(&state, &principal, &objects)?;
     let results = state
         .store
         .write(objects, WriteMode::Upsert, None, q.dry_run)
@@ -350,10 +336,55 @@ async fn apply(
     for (r, _) in &results {
         info!(kind = %r.kind, name = %r.name, outcome = ?r.outcome, dry_run = q.dry_run, "apply");
     }
-    Ok(Json(List {
+    let changes = results
+        .iter()
+        .zip(before)
+        .map(|((r, _), before)| change(r.kind, &r.name, before, Some(r.generation)))
+        .collect();
+    let mut resp = Json(List {
         items: results.into_iter().map(|(r, _)| r).collect(),
     })
-    .into_response())
+    .into_response();
+    audited(
+        &mut resp,
+        if q.dry_run { "apply-dry-run" } else { "apply" },
+        changes,
+    );
+    Ok(resp)
+}
+
+/// The generation each object has before a write (none: it does not exist yet), after checking
+/// that the caller may make the write at all (a deployer: only the image of its Services).
+fn generations_before(
+    state: &AppState,
+    principal: &Principal,
+    objects: &[DynObject],
+) -> ApiResult<Vec<Option<u64>>> {
+    objects
+        .iter()
+        .map(|o| {
+            let current = state.store.get(o.kind, &o.metadata.name)?;
+            deployer_may_write(principal, current.as_ref(), o)?;
+            Ok(current.map(|c| c.metadata.generation))
+        })
+        .collect()
+}
+
+fn change(kind: Kind, name: &str, before: Option<u64>, after: Option<u64>) -> Change {
+    Change {
+        kind: Some(kind.to_string()),
+        name: Some(name.to_string()),
+        generation_before: before,
+        generation_after: after,
+    }
+}
+
+/// Tells the access middleware what to write into the audit record of this response.
+fn audited(resp: &mut Response, action: &'static str, changes: Vec<Change>) {
+    resp.extensions_mut().insert(Audited {
+        action: Some(action),
+        changes,
+    });
 }
 
 fn object_label(item: &Value, index: usize) -> String {
@@ -495,26 +526,37 @@ async fn join_command(
 
 async fn create(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(plural): Path<String>,
     Query(q): Query<WriteQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let kind = kind_of(&plural)?;
     let obj = checked(&parse_body(body)?, kind, None)?;
+    deployer_may_write(&principal, None, &obj)?;
     let mut out = state
         .store
         .write(vec![obj], WriteMode::Create, None, q.dry_run)
         .await?;
     let (_, obj) = out.remove(0);
-    Ok((StatusCode::CREATED, Json(redact(obj))).into_response())
+    let c = change(
+        kind,
+        &obj.metadata.name,
+        None,
+        Some(obj.metadata.generation),
+    );
+    let mut resp = (StatusCode::CREATED, Json(redact(obj))).into_response();
+    audited(&mut resp, "create", vec![c]);
+    Ok(resp)
 }
 
 async fn replace(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     Query(q): Query<WriteQuery>,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<DynObject>> {
+) -> ApiResult<Response> {
     let kind = kind_of(&plural)?;
     let value = parse_body(body)?;
     let rv = value
@@ -522,11 +564,16 @@ async fn replace(
         .and_then(Value::as_str)
         .map(str::to_string);
     let obj = checked(&value, kind, Some(&name))?;
+    let before = generations_before(&state, &principal, std::slice::from_ref(&obj))?;
     let mut out = state
         .store
         .write(vec![obj], WriteMode::Replace, rv, q.dry_run)
         .await?;
-    Ok(Json(redact(out.remove(0).1)))
+    let obj = out.remove(0).1;
+    let c = change(kind, &name, before[0], Some(obj.metadata.generation));
+    let mut resp = Json(redact(obj)).into_response();
+    audited(&mut resp, "replace", vec![c]);
+    Ok(resp)
 }
 
 /// JSON merge patch (RFC 7386) over the stored object; the result is validated like a PUT. For a
@@ -534,11 +581,12 @@ async fn replace(
 /// replaces one value), and the response is redacted like every other.
 async fn patch(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     Query(q): Query<WriteQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<DynObject>> {
+) -> ApiResult<Response> {
     let kind = kind_of(&plural)?;
     if let Some(ct) = headers
         .get(header::CONTENT_TYPE)
@@ -570,13 +618,23 @@ async fn patch(
     // Status is not patched here, and server-set metadata is not the client's to change.
     doc["status"] = Value::Null;
     let obj = checked(&doc, kind, Some(&name))?;
+    deployer_may_write(&principal, Some(&current), &obj)?;
     // Without an explicit resourceVersion, the patch applies to the version it was computed from.
     let rv = rv.or(current.metadata.resource_version.clone());
     let mut out = state
         .store
         .write(vec![obj], WriteMode::Replace, rv, q.dry_run)
         .await?;
-    Ok(Json(redact(out.remove(0).1)))
+    let obj = out.remove(0).1;
+    let c = change(
+        kind,
+        &name,
+        Some(current.metadata.generation),
+        Some(obj.metadata.generation),
+    );
+    let mut resp = Json(redact(obj)).into_response();
+    audited(&mut resp, "patch", vec![c]);
+    Ok(resp)
 }
 
 /// RFC 7386: objects merge recursively, `null` removes, anything else replaces.
@@ -602,14 +660,17 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 async fn delete(
     State(state): State<AppState>,
     Path((plural, name)): Path<(String, String)>,
-) -> ApiResult<Json<DynObject>> {
+) -> ApiResult<Response> {
     let kind = kind_of(&plural)?;
     let obj = state
         .store
         .delete(kind, &name, &state.default_network)
         .await?;
     info!(%kind, %name, "deleted");
-    Ok(Json(redact(obj)))
+    let c = change(kind, &name, Some(obj.metadata.generation), None);
+    let mut resp = Json(redact(obj)).into_response();
+    audited(&mut resp, "delete", vec![c]);
+    Ok(resp)
 }
 
 async fn put_status(
@@ -718,6 +779,29 @@ fn tokio_stream_from(
     })
 }
 
+/// The admin token of [`AppState::for_tests`].
+#[cfg(test)]
+pub(crate) const TEST_ADMIN: &str =
+    "berth_admin_0000000000000000000000000000000000000000000000000000000000000000";
+
+#[cfg(test)]
+impl AppState {
+    /// A state over `store` with [`TEST_ADMIN`] as its admin token, no engine and no audit.
+    pub(crate) fn for_tests(store: Store) -> AppState {
+        let tokens = crate::tokens::Tokens::open(&store).unwrap();
+        tokens.set_admin_for_tests(TEST_ADMIN);
+        AppState {
+            store,
+            tokens,
+            audit: Arc::new(crate::access::MemoryAudit::default()),
+            default_network: Arc::new("berth-internal".into()),
+            docker_host: None,
+            backups: None,
+            controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,14 +815,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([9u8; 32], "test key");
         let store = Store::open(dir.path(), &key).unwrap();
-        let app = router(AppState {
-            store,
-            token: Arc::new("secret-token".into()),
-            default_network: Arc::new("berth-internal".into()),
-            docker_host: None,
-            backups: None,
-            controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
-        });
+        let app = router(AppState::for_tests(store));
         (app, dir)
     }
 
@@ -763,7 +840,7 @@ mod tests {
     ) -> (u16, String) {
         let mut req = Request::builder().method(method).uri(path);
         if token {
-            req = req.header("authorization", "Bearer secret-token");
+            req = req.header("authorization", &format!("Bearer {TEST_ADMIN}"));
         }
         let req = req
             .header("content-type", "application/json")
@@ -1007,7 +1084,7 @@ mod tests {
         let req = Request::builder()
             .method("POST")
             .uri("/apis/berth/v1/apply")
-            .header("authorization", "Bearer secret-token")
+            .header("authorization", &format!("Bearer {TEST_ADMIN}"))
             .body(Body::from(big))
             .unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
@@ -1015,7 +1092,7 @@ mod tests {
         let req = Request::builder()
             .method("POST")
             .uri("/apis/berth/v1/apply")
-            .header("authorization", "Bearer secret-token")
+            .header("authorization", &format!("Bearer {TEST_ADMIN}"))
             .body(Body::from("{\"items\": [}"))
             .unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();

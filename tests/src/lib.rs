@@ -193,6 +193,8 @@ pub struct Berth {
     pub port: u16,
     pub nats: Option<String>,
     pub token: String,
+    /// A `controller` token for the controllers started as their own processes (made at first use).
+    controller_token: std::sync::OnceLock<String>,
     log: PathBuf,
     extra: Vec<String>,
     /// `up` (everything in one process) or `api` (the API server alone).
@@ -259,6 +261,7 @@ impl Berth {
             port: free_port(),
             nats,
             token: String::new(),
+            controller_token: std::sync::OnceLock::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             subcommand,
             default_network: prefix("net"),
@@ -384,7 +387,7 @@ impl Berth {
                 "--url",
                 &self.url(),
                 "--token",
-                &self.token,
+                self.controller_token(),
             ])
             .arg("--state-dir")
             .arg(&state)
@@ -394,6 +397,26 @@ impl Berth {
             .spawn()
             .expect("e2e: cannot start berth controller");
         ControllerProcess { child, log }
+    }
+
+    /// The `controller` token split controllers run with (they refuse the admin token).
+    pub fn controller_token(&self) -> &str {
+        self.controller_token.get_or_init(|| {
+            let out = self.cli(&[
+                "token",
+                "create",
+                "--role",
+                "controller",
+                "--description",
+                "e2e controllers",
+            ]);
+            assert!(
+                out.success,
+                "e2e: cannot make a controller token: {}",
+                out.stderr
+            );
+            out.stdout.trim().to_string()
+        })
     }
 
     /// Everything `berth up` logged so far (for failure messages).

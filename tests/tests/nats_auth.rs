@@ -117,7 +117,7 @@ impl Controller {
             .arg(fixture("controller.nk"))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
-            .env("BERTH_TOKEN", &api.token)
+            .env("BERTH_TOKEN", api.controller_token())
             .env("BERTH_LOG", "info,berth_controllers=debug")
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
