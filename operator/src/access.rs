@@ -212,9 +212,7 @@ pub fn deployer_may_write(
             ),
         ))
     };
-    if after.kind != berth_api_types::Kind::Service
-        || !p.services.contains(&after.metadata.name)
-    {
+    if after.kind != berth_api_types::Kind::Service || !p.services.contains(&after.metadata.name) {
         return deny(format!(
             "{}/{} is not one of them",
             after.kind, after.metadata.name
@@ -370,7 +368,23 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
         }
     };
     if need == Some(Need::Public) {
-        return next.run(req).await;
+        // A hook refused (unknown URL token, bad signature, rate limit) is a refused request
+        // too: who knocked, from where, and what they were told.
+        let resp = next.run(req).await;
+        let code = resp.status();
+        let refused = matches!(code.as_u16(), 401 | 403 | 404 | 429);
+        if refused
+            && route
+                .as_deref()
+                .is_some_and(|r| r.starts_with(paths::HOOKS))
+        {
+            let outcome = code.canonical_reason().unwrap_or("refused");
+            let mut e = entry(None, "deploy-hook", code, outcome, Change::default());
+            // The path's token is the hook's credential: never in a record.
+            e.name = None;
+            state.audit.record(e).await;
+        }
+        return resp;
     }
     let given = req
         .headers()
@@ -977,6 +991,11 @@ mod tests {
         )
         .await;
         assert_eq!(code, 201);
+        let hook = format!("{}/guessed-hook-token", paths::HOOKS);
+        assert_eq!(
+            call(&w.app, "POST", &hook, None, Some(json!({}))).await.0,
+            404
+        );
         let got: Vec<(String, Option<String>, Option<String>, u16)> = w
             .audit
             .0
@@ -999,6 +1018,7 @@ mod tests {
                     created["id"].as_str().map(str::to_string),
                     201
                 ),
+                ("deploy-hook".into(), None, None, 404),
             ]
         );
         let log = w.audit.0.lock().unwrap();
@@ -1017,6 +1037,7 @@ mod tests {
             !text.contains(TEST_ADMIN) && !text.contains("\"v\""),
             "{text}"
         );
+        assert!(!text.contains("guessed-hook-token"), "{text}");
     }
 
     #[test]

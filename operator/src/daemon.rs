@@ -189,7 +189,14 @@ async fn start_api(
         .nats
         .is_some()
         .then(|| format!("berth-{}-deploy-applier", store.instance()));
-    let applier = deploy_applier::start(store.clone(), connected.deploys.clone(), applier).await;
+    let audit: Arc<dyn crate::access::AuditSink> = Arc::new(crate::access::TracingAudit);
+    let applier = deploy_applier::start(
+        store.clone(),
+        connected.deploys.clone(),
+        applier,
+        audit.clone(),
+    )
+    .await;
     tasks.spawn(async move {
         applier.await;
         Ok(())
@@ -197,7 +204,7 @@ async fn start_api(
     let state = AppState {
         store: store.clone(),
         tokens,
-        audit: Arc::new(crate::access::TracingAudit),
+        audit,
         default_network: Arc::new(server.default_network.clone()),
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
         backups,

@@ -27,8 +27,10 @@
 //! returns) or deliberately dropped; the events a write coalesced are acked after that write.
 //! A crash in between means a redelivery, which the id check above makes harmless.
 
+use crate::access::AuditSink;
 use crate::deploy_auth::SignatureError;
 use crate::store::{Store, StoreError, WriteMode};
+use berth_api_types::access::AuditEntry;
 use berth_api_types::deploy::DeployEvent;
 use berth_api_types::image::ImageRef;
 use berth_api_types::names::annotations;
@@ -304,9 +306,10 @@ pub async fn start(
     store: Store,
     bus: Arc<dyn DeployQueue>,
     durable: Option<String>,
+    audit: Arc<dyn AuditSink>,
 ) -> impl std::future::Future<Output = ()> {
     let first = subscribe(&bus, durable.as_deref()).await;
-    run(store, bus, durable, first)
+    run(store, bus, durable, first, audit)
 }
 
 /// Consumes deploy events forever; re-subscribes if a subscription ends.
@@ -315,6 +318,7 @@ async fn run(
     bus: Arc<dyn DeployQueue>,
     durable: Option<String>,
     first: DeploySubscription,
+    audit: Arc<dyn AuditSink>,
 ) {
     let mut next_sub = Some(first);
     loop {
@@ -353,7 +357,7 @@ async fn run(
                 }
             }
             for (ev, acks) in coalesce(admitted) {
-                apply_logged(&store, &ev, received).await;
+                apply_logged(&store, &ev, received, audit.as_ref()).await;
                 for ack in acks {
                     ack_logged(ack, &ev).await;
                 }
@@ -365,11 +369,31 @@ async fn run(
 }
 
 /// Applies one event until the store takes it (or it is dropped), logging the outcome once.
-async fn apply_logged(store: &Store, ev: &DeployEvent, batch: usize) {
+async fn apply_logged(store: &Store, ev: &DeployEvent, batch: usize, audit: &dyn AuditSink) {
     let mut retry = BackoffPolicy::reconnect().retry();
     loop {
         match apply(store, ev).await {
-            Ok(outcome) => return log_outcome(ev, &outcome, batch),
+            Ok(outcome) => {
+                if let Outcome::Applied { generation, .. } = &outcome {
+                    // A deploy is a write of spec like any other: on the audit trail, under
+                    // the channel it came through (a hook's refusals are recorded by the
+                    // access layer when they happen).
+                    audit
+                        .record(AuditEntry {
+                            token_id: format!("deploy:{}", ev.source.as_str()),
+                            action: "deploy".into(),
+                            kind: Some(Kind::Service.to_string()),
+                            name: Some(ev.service.clone()),
+                            generation_before: generation.checked_sub(1),
+                            generation_after: Some(*generation),
+                            code: 200,
+                            outcome: "ok".into(),
+                            ..AuditEntry::default()
+                        })
+                        .await;
+                }
+                return log_outcome(ev, &outcome, batch);
+            }
             // Storage trouble or a service rewritten faster than we can read it: try again,
             // rather than lose a deploy the caller was told was accepted. Not acked meanwhile.
             Err(e) => {
@@ -843,7 +867,8 @@ mod tests {
             });
             tx.send(DeployMessage::Deploy(e.clone(), ack)).unwrap();
         };
-        let task = tokio::spawn(start(store.clone(), bus, None).await);
+        let audit = Arc::new(crate::access::MemoryAudit::default());
+        let task = tokio::spawn(start(store.clone(), bus, None, audit.clone()).await);
 
         // The disk fails: the deploy is retried and its message stays unacked (a crash now
         // would mean a redelivery, not a lost deploy).
@@ -868,6 +893,20 @@ mod tests {
         })
         .await;
         assert_eq!(get(&store, "web").spec["image"], "team/app:2");
+        // On the audit trail once, when it was written, as the deploy channel it came through.
+        {
+            let log = audit.0.lock().unwrap();
+            assert_eq!(log.len(), 1, "{log:?}");
+            assert_eq!(
+                (
+                    log[0].action.as_str(),
+                    log[0].name.as_deref(),
+                    log[0].generation_after
+                ),
+                ("deploy", Some("web"), Some(2))
+            );
+            assert!(log[0].token_id.starts_with("deploy:"), "{:?}", log[0]);
+        }
 
         // A refused event is acked (never redelivered forever) and changes nothing.
         let mut forged = raw("web", "evil/app:1");
@@ -912,7 +951,8 @@ mod tests {
         create(&store, "web", "team/app:1").await;
         let bus: Arc<dyn DeployQueue> = Arc::new(berth_controllers::bus::EmbeddedBus::new());
         // Subscribed once `start` returns: the very first event is not lost.
-        let task = tokio::spawn(start(store.clone(), bus.clone(), None).await);
+        let audit = Arc::new(crate::access::MemoryAudit::default());
+        let task = tokio::spawn(start(store.clone(), bus.clone(), None, audit).await);
         bus.publish_deploy(&ev(&store, "web", "team/app:7"))
             .await
             .unwrap();

@@ -90,15 +90,21 @@ pub fn router(api: AppState, state: HookState) -> Router {
         .route(&format!("{}/{{id}}", paths::WEBHOOKS), delete(remove))
         .route(&format!("{}/{{id}}/rotate", paths::WEBHOOKS), post(rotate))
         .layer(middleware::from_fn_with_state(
-            api,
+            api.clone(),
             crate::access::authorize,
         ));
+    // The hooks are public in the access table (their URL token and signature are checked
+    // here); the same layer is what leaves an audit record when a call is refused.
     Router::new()
         .route(
             &format!("{}/registry/{{token}}", paths::HOOKS),
             post(registry_hook),
         )
         .route(&format!("{}/{{token}}", paths::HOOKS), post(service_hook))
+        .layer(middleware::from_fn_with_state(
+            api,
+            crate::access::authorize,
+        ))
         .merge(admin)
         .with_state(state)
 }

@@ -431,11 +431,16 @@ impl Berth {
 
     /// Same, with standard input.
     pub fn cli_in(&self, args: &[&str], stdin: Option<&str>) -> CliOutput {
+        self.cli_as(&self.token, args, stdin)
+    }
+
+    /// A client command run with another token (a role's), with optional standard input.
+    pub fn cli_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
         use std::io::Write;
         let mut child = Command::new(berth_bin())
             .args(args)
             .env("BERTH_URL", self.url())
-            .env("BERTH_TOKEN", &self.token)
+            .env("BERTH_TOKEN", token)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
