@@ -42,7 +42,7 @@ struct TokenRecord {
 pub enum AuthError {
     #[error("missing bearer token (set BERTH_TOKEN or --token)")]
     Missing,
-    #[error("unknown or wrong bearer token")]
+    #[error("unknown or wrong bearer token (check BERTH_TOKEN or --token)")]
     Unknown,
     #[error("token `{0}` was revoked")]
     Revoked(String),

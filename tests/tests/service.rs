@@ -1211,7 +1211,7 @@ async fn api_requires_token(bus: Bus) {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("missing or wrong bearer token"),
+        stderr.contains("unknown or wrong bearer token"),
         "stderr: {stderr}"
     );
 }
