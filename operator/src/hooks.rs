@@ -9,6 +9,7 @@
 //! the API's generic 404, and no event. Calls are rate-limited per source address, bodies are
 //! capped at 64 KiB, and the token is never logged.
 
+use crate::extract::{OpaquePath, Path, Query};
 use crate::push_hooks;
 use crate::server::{not_found, ApiError, AppState};
 use crate::store::{Store, StoreError};
@@ -17,7 +18,8 @@ use crate::webhook::{
     WebhookSecrets, WebhookView, Webhooks, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -168,7 +170,7 @@ struct DeployRequest {
 fn deploy_request(parts: &Parts, body: &[u8]) -> Result<DeployRequest, String> {
     let from_query = match parts.uri.query() {
         Some(q) if !q.is_empty() => Some(
-            Query::<DeployRequest>::try_from_uri(&parts.uri)
+            axum::extract::Query::<DeployRequest>::try_from_uri(&parts.uri)
                 .map_err(|e| format!("query string: {}", e.body_text()))?
                 .0,
         ),
@@ -197,7 +199,7 @@ fn now_secs() -> i64 {
 /// `POST /hooks/v1/<token>`
 async fn service_hook(
     State(state): State<HookState>,
-    Path(token): Path<String>,
+    OpaquePath(token): OpaquePath<String>,
     req: Request,
 ) -> Response {
     let (parts, hook, body) = match admit(&state, &token, HookKind::Service, req).await {
@@ -355,7 +357,7 @@ async fn publish(state: &HookState, hook: &Webhook, event: &DeployEvent) -> Resu
 /// push deploys each Service running that repository:tag, pinned to the pushed digest.
 async fn registry_hook(
     State(state): State<HookState>,
-    Path(token): Path<String>,
+    OpaquePath(token): OpaquePath<String>,
     req: Request,
 ) -> Response {
     let (_, hook, body) = match admit(&state, &token, HookKind::Registry, req).await {
@@ -467,7 +469,11 @@ fn secrets(hook: Webhook, token: String, signing_secret: Option<String>) -> Webh
     }
 }
 
-async fn create(State(state): State<HookState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create(
+    State(state): State<HookState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
     let req: CreateWebhook = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -10,6 +10,7 @@ mod daemon;
 mod deploy_applier;
 mod deploy_auth;
 mod environment;
+mod extract;
 mod hooks;
 mod in_process_api;
 mod nats_args;

@@ -6,10 +6,11 @@
 //! `secret_config::redacted_view` (keys, sizes, sha256). Only `GET .../{secrets|configs}/{name}/data` returns
 //! values, for controllers.
 
+use crate::extract::{Path, Query};
 use crate::store::{Store, StoreError, WriteMode};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -104,6 +105,13 @@ impl ApiError {
     /// 422 for one field of a request body.
     pub(crate) fn field(path: &str, message: impl Into<String>) -> Self {
         Self::invalid(None, vec![FieldError::new(path, message)])
+    }
+
+    /// The same error with another status and reason (a bad query parameter is a 400).
+    pub(crate) fn with_status(mut self, status: StatusCode, reason: &'static str) -> Self {
+        self.status = status;
+        self.reason = reason;
+        self
     }
 
     fn invalid(object: Option<String>, errors: Vec<FieldError>) -> Self {
