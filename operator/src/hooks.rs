@@ -364,14 +364,27 @@ async fn registry_hook(
         Ok(admitted) => admitted,
         Err(resp) => return *resp,
     };
-    let pushes = match push_hooks::pushes(&body) {
+    let Some(registry_host) = hook.registry_host.clone() else {
+        // Made before a registry host was required: which registry it speaks for is unknown,
+        // and the body's word for it is not taken.
+        return err(
+            StatusCode::CONFLICT,
+            "NoRegistryHost",
+            format!(
+                "webhook {} names no registry host; delete it and create it again with \
+                 `berth webhook create --registry --registry-host HOST`",
+                hook.id
+            ),
+        );
+    };
+    let pushes = match push_hooks::pushes(&body, chrono::Utc::now()) {
         Ok(p) => p,
         Err(why) => return err(StatusCode::BAD_REQUEST, "BadRequest", why),
     };
     let events = if pushes.is_empty() {
         Vec::new()
     } else {
-        match registry_events(&state.store, &hook, &pushes) {
+        match registry_events(&state.store, &registry_host, &pushes) {
             Ok(e) => e,
             Err(e) => return internal(e),
         }
@@ -389,10 +402,10 @@ async fn registry_hook(
     (StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response()
 }
 
-/// One deploy event per (push, service running it).
+/// One deploy event per (push, service running it from `registry_host`).
 fn registry_events(
     store: &Store,
-    hook: &Webhook,
+    registry_host: &str,
     pushes: &[push_hooks::Push],
 ) -> Result<Vec<DeployEvent>, StoreError> {
     let services: Vec<(String, ImageRef)> = store
@@ -406,7 +419,7 @@ fn registry_events(
     let mut out = Vec::new();
     for push in pushes {
         for (name, current) in &services {
-            if !push_hooks::runs(current, push, hook.registry_host.as_deref()) {
+            if !push_hooks::runs(current, push, registry_host) {
                 continue;
             }
             let Ok(image) = retarget(current, Some(&push.tag), push.digest.as_deref()) else {
@@ -511,6 +524,13 @@ async fn create(
             )),
             (true, None) => (HookKind::Registry, None),
         };
+    if kind == HookKind::Registry && req.registry_host.is_none() {
+        return Err(invalid(
+            "registryHost",
+            "a registry webhook needs the registry's host as services name it in their images \
+             (e.g. `registry.internal:5000`): only that registry's services are deployed",
+        ));
+    }
     if kind == HookKind::Registry && req.signed {
         return Err(invalid(
             "signed",
@@ -587,6 +607,7 @@ mod tests {
         app: Router,
         deploys: DeploySubscription,
         store: Store,
+        hooks: Webhooks,
         _dir: tempfile::TempDir,
     }
 
@@ -605,6 +626,7 @@ mod tests {
             controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
         };
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
+        let webhooks = hooks.hooks.clone();
         let app = crate::server::router(api.clone()).merge(router(api, hooks));
         for (name, image) in [
             ("web", "127.0.0.1:5731/team/app:1"),
@@ -623,6 +645,7 @@ mod tests {
             app,
             deploys,
             store,
+            hooks: webhooks,
             _dir: dir,
         }
     }
@@ -858,7 +881,11 @@ mod tests {
     #[tokio::test]
     async fn registry_notifications_deploy_the_services_running_the_pushed_tag() {
         let mut s = setup(100).await;
-        let created = create_hook(&s.app, json!({"registry": true})).await;
+        let created = create_hook(
+            &s.app,
+            json!({"registry": true, "registryHost": "127.0.0.1:5731"}),
+        )
+        .await;
         assert!(created.path.starts_with("/hooks/v1/registry/bh_"));
         let envelope = include_str!("../tests/data/registry-push.json");
         let (code, v, _) = hook(&s.app, &created.path, envelope).await;
@@ -888,7 +915,7 @@ mod tests {
         }
         let (code, _, _) = hook(&s.app, &created.path, "{}").await;
         assert_eq!(code, 400);
-        // A registry host alias: services that name the registry differently.
+        // A registry host as services name it, whatever host the registry reports.
         let aliased = create_hook(
             &s.app,
             json!({"registry": true, "registryHost": "registry.internal:5000"}),
@@ -907,7 +934,68 @@ mod tests {
             .unwrap();
         let (code, v, _) = hook(&s.app, &aliased.path, envelope).await;
         assert_eq!(code, 202);
-        assert_eq!(v["ids"].as_array().unwrap().len(), 2, "{v}");
+        let ev = next_deploy(&mut s).await;
+        assert_eq!(
+            v["ids"],
+            json!([ev.id]),
+            "only the configured registry's service"
+        );
+        assert_eq!(ev.service, "aliased");
+        no_deploy(&mut s).await;
+    }
+
+    /// The body's `request.host` cannot pick the registry: a registry webhook for one host does
+    /// not deploy the services of another, even when the body names that one.
+    #[tokio::test]
+    async fn a_registry_webhook_deploys_only_its_own_registrys_services() {
+        let mut s = setup(100).await;
+        let other = create_hook(
+            &s.app,
+            json!({"registry": true, "registryHost": "other:5000"}),
+        )
+        .await;
+        // The captured envelope says `request.host: 127.0.0.1:5731`, where web2 pulls from.
+        let envelope = include_str!("../tests/data/registry-push.json");
+        let (code, v, _) = hook(&s.app, &other.path, envelope).await;
+        assert_eq!((code, &v["ids"]), (202, &json!([])), "{v}");
+        no_deploy(&mut s).await;
+        // A far-future timestamp is refused: it would otherwise order after every later deploy.
+        let future = envelope.replace("2026-11-22T11:25:03.554335104Z", "2999-01-01T00:00:00Z");
+        let own = create_hook(
+            &s.app,
+            json!({"registry": true, "registryHost": "127.0.0.1:5731"}),
+        )
+        .await;
+        let (code, v, _) = hook(&s.app, &own.path, &future).await;
+        assert_eq!(code, 400, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("events[0].timestamp"),
+            "{v}"
+        );
+        no_deploy(&mut s).await;
+    }
+
+    /// A registry webhook stored without a host (made before one was required) deploys nothing
+    /// and says why.
+    #[tokio::test]
+    async fn a_stored_registry_webhook_without_a_host_deploys_nothing() {
+        let mut s = setup(100).await;
+        let (_, token, _) = s
+            .hooks
+            .create(HookKind::Registry, None, None, false)
+            .await
+            .unwrap();
+        let envelope = include_str!("../tests/data/registry-push.json");
+        let (code, v, _) = hook(&s.app, &paths::registry_hook(&token), envelope).await;
+        assert_eq!(
+            (code, v["reason"].as_str()),
+            (409, Some("NoRegistryHost")),
+            "{v}"
+        );
+        no_deploy(&mut s).await;
     }
 
     #[tokio::test]
@@ -999,7 +1087,7 @@ mod tests {
                 "names none",
             ),
             (
-                json!({"registry": true, "signed": true}),
+                json!({"registry": true, "signed": true, "registryHost": "r:5000"}),
                 422,
                 "do not sign",
             ),
@@ -1007,6 +1095,11 @@ mod tests {
                 json!({"registry": true, "registryHost": "not a host"}),
                 422,
                 "not a registry host",
+            ),
+            (
+                json!({"registry": true}),
+                422,
+                "registryHost: a registry webhook needs the registry's host",
             ),
             (
                 json!({"service": "web", "token": "mine"}),
