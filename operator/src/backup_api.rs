@@ -189,6 +189,11 @@ async fn restore_volume(
         if let Err(e) = errors.into_result() {
             return Err(ApiError::field("as", e[0].message.clone()));
         }
+        // Restoring over the ingress proxy's state (or an agent's) would plant its keys.
+        let proxy = &state.store.policy().ingress_proxy;
+        if let Some(why) = berth_api_types::names::swarm::reserved(n, proxy) {
+            return Err(ApiError::field("as", format!("`{n}` {why}")));
+        }
     }
     Ok(streamed(move |progress| async move {
         b.restore_volume(&plan, &body, &*progress)

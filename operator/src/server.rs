@@ -151,6 +151,9 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Refused { kind, name, errors } = e {
+            return ApiError::invalid(Some(format!("{kind}/{name}")), errors);
+        }
         let (code, reason) = e.status_and_reason();
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, reason, e.to_string())
