@@ -197,6 +197,42 @@ pub mod labels {
     pub const INGRESS_NODE: &str = "io.berth.ingress";
 }
 
+/// Names of the Swarm objects berth creates for itself. No berth object may take a name that
+/// would become one of them (the API server refuses it): a Volume named like the ingress proxy's
+/// state volume would mount the proxy's keys and admin socket into any Service.
+pub mod swarm {
+    /// Prefix of the backup transfer agents' services and grant secrets (`berth-transfer-<ulid>`).
+    pub const TRANSFER_AGENT_PREFIX: &str = "berth-transfer-";
+
+    /// Networks every Docker engine defines itself (that are valid object names; the engine's
+    /// `docker_gwbridge` is not one); a Network of that name cannot be berth's.
+    pub const ENGINE_NETWORKS: [&str; 4] = ["host", "bridge", "none", "ingress"];
+
+    /// Why `name` (of a Service, Volume, Network, Secret or Config, the kinds whose Swarm objects
+    /// are named after them) would collide with one of berth's own Swarm objects, given the
+    /// ingress proxy's name (`--ingress-name`: its service, and the prefix of its volume,
+    /// configs and secrets). `None` when it would not.
+    pub fn reserved(name: &str, proxy: &str) -> Option<String> {
+        if name == proxy
+            || name
+                .strip_prefix(proxy)
+                .is_some_and(|rest| rest.starts_with('-'))
+        {
+            return Some(format!(
+                "is reserved: `{proxy}` and names starting with `{proxy}-` are the ingress \
+                 proxy's service, volume, configs and secrets"
+            ));
+        }
+        if name.starts_with(TRANSFER_AGENT_PREFIX) {
+            return Some(format!(
+                "is reserved: names starting with `{TRANSFER_AGENT_PREFIX}` are berth's backup \
+                 transfer agents"
+            ));
+        }
+        None
+    }
+}
+
 /// Metadata annotation keys set on a Service when a deploy (webhook, registry notification, or
 /// `berth rollout undo`) writes its image, so the controller (and `berth rollout history`) can tell
 /// which generation came from which trigger.

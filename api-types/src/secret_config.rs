@@ -17,13 +17,102 @@ pub type Config = Object<DataSpec, serde_json::Value>;
 pub const MAX_DATA_BYTES: usize = 500 * 1024;
 
 /// `data` holds base64 values, `stringData` plain text (as in Kubernetes). A key may be in one only.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+///
+/// Deserialized quietly: no error about a malformed spec, `data` or `stringData` quotes what was
+/// given, because serde's own ("invalid type: string \"hunter2\", expected a map") would put a
+/// secret written in the wrong place into an API answer or a CLI message.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct DataSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub data: BTreeMap<String, Base64Value>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub string_data: BTreeMap<String, TextValue>,
+}
+
+/// What `DataSpec` reads once its input is known to be a mapping.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDataSpec {
+    #[serde(default, deserialize_with = "quiet_mapping")]
+    data: BTreeMap<String, Base64Value>,
+    #[serde(default, deserialize_with = "quiet_mapping")]
+    string_data: BTreeMap<String, TextValue>,
+}
+
+impl<'de> Deserialize<'de> for DataSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw: RawDataSpec = quiet_mapping(d)?;
+        Ok(DataSpec {
+            data: raw.data,
+            string_data: raw.string_data,
+        })
+    }
+}
+
+/// Deserializes `T` from a mapping; anything else is an error that does not show the value.
+fn quiet_mapping<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    d.deserialize_any(QuietMapping(std::marker::PhantomData))
+}
+
+struct QuietMapping<T>(std::marker::PhantomData<T>);
+
+const NOT_A_MAPPING: &str = "must be a mapping of key: value (the value given is not shown)";
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for QuietMapping<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a mapping")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::deserialize(de::value::MapAccessDeserializer::new(map))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<T, E> {
+        Err(E::custom(NOT_A_MAPPING))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(de::Error::custom(NOT_A_MAPPING))
+    }
 }
 
 impl DataSpec {
@@ -206,6 +295,22 @@ impl<'de> Visitor<'de> for QuietString {
         Err(E::custom(NOT_A_STRING))
     }
 
+    fn visit_i128<E: de::Error>(self, _: i128) -> Result<String, E> {
+        Err(E::custom(NOT_A_STRING))
+    }
+
+    fn visit_u128<E: de::Error>(self, _: u128) -> Result<String, E> {
+        Err(E::custom(NOT_A_STRING))
+    }
+
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<String, E> {
+        Err(E::custom(NOT_A_STRING))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<String, E> {
+        Err(E::custom(NOT_A_STRING))
+    }
+
     fn visit_unit<E: de::Error>(self) -> Result<String, E> {
         Err(E::custom(NOT_A_STRING))
     }
@@ -241,6 +346,63 @@ mod tests {
                 .unwrap();
         assert!(!format!("{d:?}").contains("hello"));
         assert_eq!(d.files()["a"], b"hello");
+    }
+
+    /// Every way to give a Secret's `spec`, `data` or `stringData` the wrong shape, through both
+    /// entry points (an API body and a YAML manifest): the error names the field and never
+    /// contains the value.
+    #[test]
+    fn malformed_secret_specs_name_the_field_and_never_echo_the_value() {
+        const V: &str = "hunter2-9731";
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (json!({"stringData": V}), "spec.stringData"),
+            (json!({"data": V}), "spec.data"),
+            (json!({"stringData": 97319731}), "spec.stringData"),
+            (json!({"data": -97319731}), "spec.data"),
+            (json!({"stringData": 9731.9731}), "spec.stringData"),
+            (json!({"stringData": true}), "spec.stringData"),
+            (json!({"stringData": [V]}), "spec.stringData"),
+            (json!({"data": [V, 97319731]}), "spec.data"),
+            (
+                json!({"stringData": {"pw": {"nested": V}}}),
+                "spec.stringData.pw",
+            ),
+            (json!({"stringData": {"pw": [V]}}), "spec.stringData.pw"),
+            (
+                json!({"stringData": {"pw": 97319731}}),
+                "spec.stringData.pw",
+            ),
+            (json!({"stringData": {"pw": null}}), "spec.stringData.pw"),
+            (json!({"data": {"pw": V}}), "spec.data.pw"),
+            (json!({"data": {"pw": {"k": V}}}), "spec.data.pw"),
+            (json!({"data": {"pw": 97319731}}), "spec.data.pw"),
+            (json!(V), "spec"),
+            (json!(97319731), "spec"),
+            (json!([V]), "spec"),
+        ];
+        for kind in ["Secret", "Config"] {
+            for (spec, path) in &cases {
+                let obj = json!({"apiVersion": "berth/v1", "kind": kind,
+                                 "metadata": {"name": "db"}, "spec": spec});
+                let errs = crate::typed::decode_object(&obj).unwrap_err();
+                let text = format!("{errs:?} {}", errs[0]);
+                assert_eq!(&errs[0].path, path, "{spec}: {text}");
+                for leak in [V, "97319731", "9731.9731", "hunter2"] {
+                    assert!(!text.contains(leak), "{spec} echoed: {text}");
+                }
+                // The CLI's loader: YAML text, errors placed at file:line:col.
+                let yaml = format!(
+                    "apiVersion: berth/v1\nkind: {kind}\nmetadata: {{name: db}}\nspec: {spec}\n"
+                );
+                let doc = &crate::manifest::parse_str("s.yaml", &yaml).unwrap()[0];
+                let errs = crate::typed::decode_doc(doc).unwrap_err();
+                let text = errs.iter().map(ToString::to_string).collect::<String>();
+                assert!(text.contains(&format!(": {path}: ")), "{yaml}: {text}");
+                for leak in [V, "97319731", "9731.9731", "hunter2"] {
+                    assert!(!text.contains(leak), "{yaml} echoed: {text}");
+                }
+            }
+        }
     }
 
     #[test]

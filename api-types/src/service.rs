@@ -13,6 +13,12 @@ pub type Service = Object<ServiceSpec, ServiceStatus>;
 
 /// Most replicas a Service may ask for; a typo like `replicas: 10000000` should not reach the engine.
 pub const MAX_REPLICAS: u64 = 10_000;
+/// Most restart attempts or healthcheck retries. The engine holds these as signed numbers: an
+/// unchecked `u64` beyond `i64::MAX` would reach it as a negative one.
+pub const MAX_ATTEMPTS: u64 = 1_000_000;
+/// Highest `forceUpdate`: each deploy of a tag already running adds one, so this is billions of
+/// redeploys; a deploy that would pass it is refused instead of wrapping to 0.
+pub const MAX_FORCE_UPDATE: u64 = u32::MAX as u64;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -397,6 +403,7 @@ impl ServiceSpec {
                 );
             }
         }
+        self.validate_counts(errors);
         if let Some(c) = &self.command {
             if c.is_empty() {
                 errors.add(
@@ -525,6 +532,37 @@ impl ServiceSpec {
 }
 
 impl ServiceSpec {
+    /// Every count in range, so none reaches the engine cast into a negative number.
+    fn validate_counts(&self, errors: &mut Errors) {
+        let mut check = |path: &str, value: Option<u64>, max: u64| {
+            if let Some(v) = value.filter(|&v| v > max) {
+                errors.add(path, format!("{v} is out of range (0 to {max})"));
+            }
+        };
+        for (name, policy) in [("update", &self.update), ("rollback", &self.rollback)] {
+            let parallelism = policy.as_ref().and_then(|u| u.parallelism);
+            check(
+                &format!("spec.{name}.parallelism"),
+                parallelism,
+                MAX_REPLICAS,
+            );
+        }
+        let per_node = self
+            .placement
+            .as_ref()
+            .and_then(|p| p.max_replicas_per_node);
+        check("spec.placement.maxReplicasPerNode", per_node, MAX_REPLICAS);
+        let attempts = self.restart.as_ref().and_then(|r| r.max_attempts);
+        check("spec.restart.maxAttempts", attempts, MAX_ATTEMPTS);
+        let retries = self.healthcheck.as_ref().and_then(|h| h.retries);
+        check("spec.healthcheck.retries", retries, MAX_ATTEMPTS);
+        check(
+            "spec.forceUpdate",
+            Some(self.force_update),
+            MAX_FORCE_UPDATE,
+        );
+    }
+
     /// Secret, config, volume and network references: well-formed, and no two files or mounts on one
     /// path. Whether the referenced objects exist is the controller's business (they may come later).
     fn validate_dependencies(&self, errors: &mut Errors) {
@@ -758,6 +796,53 @@ mod tests {
                 "{spec}: want {want:?}, got {got:?}"
             );
         }
+    }
+
+    /// Every count a spec sends to the engine, at `u64::MAX` and just past its limit: a field
+    /// error each, never a value the engine would read as negative.
+    #[test]
+    fn counts_out_of_range_are_field_errors() {
+        let max = u64::MAX;
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                json!({"update": {"parallelism": max}}),
+                "spec.update.parallelism",
+            ),
+            (
+                json!({"rollback": {"parallelism": 10_001}}),
+                "spec.rollback.parallelism",
+            ),
+            (
+                json!({"placement": {"maxReplicasPerNode": max}}),
+                "spec.placement.maxReplicasPerNode",
+            ),
+            (
+                json!({"restart": {"maxAttempts": max}}),
+                "spec.restart.maxAttempts",
+            ),
+            (
+                json!({"healthcheck": {"test": ["CMD", "true"], "retries": max}}),
+                "spec.healthcheck.retries",
+            ),
+            (json!({"forceUpdate": max}), "spec.forceUpdate"),
+            (
+                json!({"forceUpdate": MAX_FORCE_UPDATE + 1}),
+                "spec.forceUpdate",
+            ),
+        ];
+        for (mut spec, path) in cases {
+            spec["image"] = json!("a");
+            let got = problems(spec.clone());
+            assert!(
+                got.iter()
+                    .any(|g| g.starts_with(&format!("{path}: ")) && g.contains("is out of range")),
+                "{spec}: want {path}, got {got:?}"
+            );
+        }
+        assert!(problems(json!({"image": "a", "forceUpdate": MAX_FORCE_UPDATE})).is_empty());
+        // Durations the engine cannot hold are refused when parsed.
+        let e = svc(json!({"image": "a", "update": {"delay": "3000000h"}})).unwrap_err();
+        assert!(e.contains("too long"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,11 @@
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
+/// Longest duration accepted: what the engine's signed 64-bit nanoseconds hold (about 292 years).
+/// Anything longer used to be cut to this silently, or (summed) to overflow.
+pub const MAX_DURATION_NANOS: u64 = i64::MAX as u64;
+const MAX_DURATION_TEXT: &str = "2562047h47m16.854775807s, about 292 years";
+
 /// A Go-style duration, as Docker and Swarm users write them: `300ms`, `10s`, `1m30s`, `2h`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Duration {
@@ -25,7 +30,8 @@ impl Duration {
                 nanos: 0,
             });
         }
-        let mut total: u128 = 0;
+        let too_long = || format!("duration `{s}` is too long (at most {MAX_DURATION_TEXT})");
+        let mut total: u64 = 0;
         let mut rest = t;
         while !rest.is_empty() {
             let num_len = rest
@@ -34,24 +40,45 @@ impl Duration {
             if num_len == 0 {
                 return Err(bad());
             }
-            let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+            let number = &rest[..num_len];
             rest = &rest[num_len..];
             let unit_len = rest
                 .find(|c: char| c.is_ascii_digit() || c == '.')
                 .unwrap_or(rest.len());
-            let scale: f64 = match &rest[..unit_len] {
-                "ns" => 1.0,
-                "us" | "µs" => 1e3,
-                "ms" => 1e6,
-                "s" => 1e9,
-                "m" => 60e9,
-                "h" => 3600e9,
+            let scale: u64 = match &rest[..unit_len] {
+                "ns" => 1,
+                "us" | "µs" => 1_000,
+                "ms" => 1_000_000,
+                "s" => 1_000_000_000,
+                "m" => 60_000_000_000,
+                "h" => 3_600_000_000_000,
                 _ => return Err(bad()),
             };
             rest = &rest[unit_len..];
-            total += (value * scale).round() as u128;
+            // Whole numbers exactly (a float cannot hold `9223372036854775807ns`), fractions in
+            // floating point; every step checked, so `2^127ns` twice is "too long" rather than
+            // an overflow that wraps to 0.
+            let part = if number.contains('.') {
+                let value: f64 = number.parse().map_err(|_| bad())?;
+                let nanos = (value * scale as f64).round();
+                if !(nanos.is_finite() && nanos < MAX_DURATION_NANOS as f64) {
+                    return Err(too_long());
+                }
+                nanos as u64
+            } else {
+                // Only digits here, so a number that does not parse is one too long for u128.
+                let value: u128 = number.parse().map_err(|_| too_long())?;
+                value
+                    .checked_mul(u128::from(scale))
+                    .and_then(|n| u64::try_from(n).ok())
+                    .ok_or_else(too_long)?
+            };
+            total = total
+                .checked_add(part)
+                .filter(|&n| n <= MAX_DURATION_NANOS)
+                .ok_or_else(too_long)?;
         }
-        let nanos = u64::try_from(total).map_err(|_| format!("duration `{s}` is too long"))?;
+        let nanos = total;
         Ok(Duration {
             text: s.to_string(),
             nanos,
@@ -62,11 +89,24 @@ impl Duration {
         self.nanos
     }
 
+    /// The duration in the largest unit that states it exactly (`1500ms`, `2s`, `90ns`), so
+    /// that printing and parsing it again gives the same number of nanoseconds.
     pub fn from_nanos(nanos: u64) -> Self {
-        Duration {
-            text: format!("{}ms", nanos / 1_000_000),
-            nanos,
-        }
+        let nanos = nanos.min(MAX_DURATION_NANOS);
+        let text = [
+            (3_600_000_000_000, "h"),
+            (60_000_000_000, "m"),
+            (1_000_000_000, "s"),
+            (1_000_000, "ms"),
+            (1_000, "us"),
+        ]
+        .into_iter()
+        .find(|(unit, _)| nanos % unit == 0)
+        .map_or_else(
+            || format!("{nanos}ns"),
+            |(unit, name)| format!("{}{name}", nanos / unit),
+        );
+        Duration { text, nanos }
     }
 }
 
@@ -171,14 +211,16 @@ impl Cpus {
             Some(milli) => milli.parse::<f64>().map_err(|_| bad())? / 1000.0,
             None => t.parse().map_err(|_| bad())?,
         };
-        if !(cpus.is_finite() && cpus > 0.0 && cpus <= 4096.0) {
+        let nano = (cpus * 1e9).round();
+        // `1e-12` is more than 0 but rounds to 0 nano-CPUs, which the engine reads as "no limit".
+        if !(cpus.is_finite() && nano >= 1.0 && cpus <= 4096.0) {
             return Err(format!(
-                "invalid CPU count `{s}`: must be more than 0 and at most 4096"
+                "invalid CPU count `{s}`: must be at least 0.000000001 and at most 4096"
             ));
         }
         Ok(Cpus {
             text: s.to_string(),
-            nano: (cpus * 1e9).round() as i64,
+            nano: nano as i64,
         })
     }
 
@@ -238,6 +280,54 @@ mod tests {
     }
 
     #[test]
+    fn durations_never_overflow() {
+        // Each part alone fits in u128; their sum used to wrap to 0 (release) or panic (debug).
+        let huge = format!("{0}ns{0}ns", 1u128 << 127);
+        let e = Duration::parse(&huge).unwrap_err();
+        assert!(e.contains("is too long"), "{e}");
+        for bad in [
+            "2562048h",
+            "9223372036854775808ns",
+            "1e300h",
+            "153722867m1h",
+        ] {
+            let e = Duration::parse(bad).unwrap_err();
+            assert!(
+                e.contains("too long") || e.starts_with("invalid"),
+                "{bad}: {e}"
+            );
+        }
+        // The longest accepted one is what the engine's i64 nanoseconds hold, exactly.
+        let max = Duration::parse("9223372036854775807ns").unwrap();
+        assert_eq!(max.as_nanos(), MAX_DURATION_NANOS);
+        assert!(i64::try_from(max.as_nanos()).is_ok());
+    }
+
+    #[test]
+    fn from_nanos_prints_what_parses_back() {
+        for n in [
+            0,
+            1,
+            999,
+            1_000,
+            1_500_000,
+            2_000_000_000,
+            90_000_000_000,
+            7_200_000_000_000,
+            MAX_DURATION_NANOS,
+        ] {
+            let d = Duration::from_nanos(n);
+            assert_eq!(
+                Duration::parse(&d.to_string()).unwrap().as_nanos(),
+                n,
+                "{d}"
+            );
+        }
+        assert_eq!(Duration::from_nanos(1_500_000).to_string(), "1500us");
+        assert_eq!(Duration::from_nanos(90_000_000_000).to_string(), "90s");
+    }
+
+    #[test]
     fn sizes_are_binary() {
         assert_eq!(ByteSize::parse("512").unwrap().bytes(), 512);
         assert_eq!(ByteSize::parse("64k").unwrap().bytes(), 65536);
@@ -258,6 +348,9 @@ mod tests {
         assert_eq!(Cpus::parse("250m").unwrap().nano_cpus(), 250_000_000);
         assert_eq!(Cpus::parse("2").unwrap().nano_cpus(), 2_000_000_000);
         assert!(Cpus::parse("0").is_err());
+        // More than 0, but 0 nano-CPUs: the engine would read it as no limit at all.
+        assert!(Cpus::parse("1e-12").is_err());
+        assert_eq!(Cpus::parse("1e-9").unwrap().nano_cpus(), 1);
         assert!(Cpus::parse("lots").is_err());
         let n: Cpus = serde_json::from_str("1.5").unwrap();
         assert_eq!(n.nano_cpus(), 1_500_000_000);

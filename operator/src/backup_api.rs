@@ -8,8 +8,9 @@
 //! goes away (a backup half-written because a terminal closed helps nobody).
 
 use crate::environment;
+use crate::extract::{JsonBody, Path, Query};
 use crate::server::{ApiError, AppState};
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -147,7 +148,7 @@ struct VerifyBody {
 
 async fn verify(
     State(state): State<AppState>,
-    Json(body): Json<VerifyBody>,
+    JsonBody(body): JsonBody<VerifyBody>,
 ) -> ApiResult<Response> {
     let b = backups(&state)?;
     match (body.snapshot, body.all) {
@@ -178,7 +179,7 @@ async fn verify(
 
 async fn restore_volume(
     State(state): State<AppState>,
-    Json(body): Json<RestoreVolume>,
+    JsonBody(body): JsonBody<RestoreVolume>,
 ) -> ApiResult<Response> {
     let b = backups(&state)?;
     let plan = plan_of_snapshot(&state, &b, &body.snapshot)?;
@@ -187,6 +188,11 @@ async fn restore_volume(
         berth_api_types::validate::check_dns_label(&mut errors, "as", n);
         if let Err(e) = errors.into_result() {
             return Err(ApiError::field("as", e[0].message.clone()));
+        }
+        // Restoring over the ingress proxy's state (or an agent's) would plant its keys.
+        let proxy = &state.store.policy().ingress_proxy;
+        if let Some(why) = berth_api_types::names::swarm::reserved(n, proxy) {
+            return Err(ApiError::field("as", format!("`{n}` {why}")));
         }
     }
     Ok(streamed(move |progress| async move {
@@ -209,7 +215,7 @@ struct RestoreEnvironmentBody {
 /// into a fresh data directory (`berth restore environment --data-dir`) can adopt them.
 async fn restore_environment(
     State(state): State<AppState>,
-    Json(body): Json<RestoreEnvironmentBody>,
+    JsonBody(body): JsonBody<RestoreEnvironmentBody>,
 ) -> ApiResult<Response> {
     let b = backups(&state)?;
     let plan = plan_of_snapshot(&state, &b, &body.snapshot)?;

@@ -130,15 +130,24 @@ struct ApiParts {
 }
 
 /// Opens the store, connects the bus, starts the outbox publisher and the HTTP server.
+/// `ingress_proxy`: the ingress proxy's name, whose Swarm objects no berth object may be named as.
 async fn start_api(
     server: &ServerArgs,
     docker_host: Option<&str>,
+    ingress_proxy: &str,
     tasks: &mut Tasks,
 ) -> Result<ApiParts, String> {
     std::fs::create_dir_all(&server.data_dir)
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
-    let store = open_store(&server.data_dir.join("store"), &key)?;
+    let store =
+        open_store(&server.data_dir.join("store"), &key)?.with_policy(crate::store::Policy {
+            allow_bind_mounts: server.allow_bind_mounts,
+            ingress_proxy: ingress_proxy.to_string(),
+        });
+    if server.allow_bind_mounts {
+        tracing::warn!("--allow-bind-mounts: Volumes may mount host paths and devices");
+    }
     if !server.backup.no_default_backup_plan
         && crate::store::ensure_backup_plan(&store)
             .await
@@ -546,7 +555,13 @@ pub async fn up(
 ) -> Result<(), String> {
     init_tracing();
     let mut tasks = Tasks::new();
-    let parts = start_api(&server, docker_host.as_deref(), &mut tasks).await?;
+    let parts = start_api(
+        &server,
+        docker_host.as_deref(),
+        &ingress.ingress_name,
+        &mut tasks,
+    )
+    .await?;
     let local = Arc::new(InProcessApi {
         store: parts.store.clone(),
         default_network: server.default_network.clone(),
@@ -569,10 +584,14 @@ pub async fn up(
     supervise(tasks).await
 }
 
-pub async fn api(server: ServerArgs, docker_host: Option<String>) -> Result<(), String> {
+pub async fn api(
+    server: ServerArgs,
+    docker_host: Option<String>,
+    ingress_name: String,
+) -> Result<(), String> {
     init_tracing();
     let mut tasks = Tasks::new();
-    start_api(&server, docker_host.as_deref(), &mut tasks).await?;
+    start_api(&server, docker_host.as_deref(), &ingress_name, &mut tasks).await?;
     supervise(tasks).await
 }
 

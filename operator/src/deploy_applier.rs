@@ -198,7 +198,9 @@ fn plan(current: &DynObject, ev: &DeployEvent) -> Plan {
     }
     if forced {
         let n = map.get("forceUpdate").and_then(Value::as_u64).unwrap_or(0);
-        map.insert("forceUpdate".into(), (n + 1).into());
+        // Saturating: a counter at its limit then fails validation below, as a refused deploy
+        // with the field named, instead of panicking or wrapping to 0.
+        map.insert("forceUpdate".into(), n.saturating_add(1).into());
     } else {
         map.insert("image".into(), new.as_str().into());
     }
@@ -215,7 +217,12 @@ fn plan(current: &DynObject, ev: &DeployEvent) -> Plan {
     notes[annotations::DEPLOY_ID] = ev.id.clone().into();
     notes[annotations::DEPLOY_SOURCE] = ev.source.as_str().into();
     // The spec changes, so the store bumps the generation by exactly one.
-    notes[annotations::DEPLOY_GENERATION] = (current.metadata.generation + 1).to_string().into();
+    notes[annotations::DEPLOY_GENERATION] = current
+        .metadata
+        .generation
+        .saturating_add(1)
+        .to_string()
+        .into();
     match decode_object(&doc) {
         Ok(obj) => Plan::Write {
             obj: Box::new(obj),
@@ -522,6 +529,33 @@ mod tests {
         assert_eq!(notes[annotations::DEPLOY_SOURCE], "webhook");
         assert_eq!(notes[annotations::DEPLOY_GENERATION], "2");
         assert_eq!(obj.metadata.generation, 2);
+    }
+
+    /// A `forceUpdate` at its limit (or one stored beyond it by hand) refuses the redeploy with
+    /// the field named; it neither panics the applier nor wraps the counter to 0.
+    #[tokio::test]
+    async fn a_force_update_counter_at_its_limit_refuses_the_redeploy() {
+        let (store, _d) = store();
+        for (name, n) in [
+            ("at-max", json!(berth_api_types::service::MAX_FORCE_UPDATE)),
+            ("beyond", json!(u64::MAX)),
+        ] {
+            let mut obj = create(&store, name, "team/app:1").await;
+            // Written without validation, as an older version or a hand-edited store could have.
+            obj.spec["forceUpdate"] = n.clone();
+            store
+                .write(vec![obj], WriteMode::Replace, None, false)
+                .await
+                .unwrap();
+            let outcome = apply(&store, &ev(&store, name, "team/app:1"))
+                .await
+                .unwrap();
+            assert!(
+                matches!(&outcome, Outcome::Invalid(why) if why.contains("spec.forceUpdate") && why.contains("out of range")),
+                "{name}: {outcome:?}"
+            );
+            assert_eq!(get(&store, name).spec["forceUpdate"], n, "nothing written");
+        }
     }
 
     #[tokio::test]

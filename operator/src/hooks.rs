@@ -9,6 +9,7 @@
 //! the API's generic 404, and no event. Calls are rate-limited per source address, bodies are
 //! capped at 64 KiB, and the token is never logged.
 
+use crate::extract::{OpaquePath, Path, Query};
 use crate::push_hooks;
 use crate::server::{not_found, ApiError, AppState};
 use crate::store::{Store, StoreError};
@@ -17,7 +18,8 @@ use crate::webhook::{
     WebhookSecrets, WebhookView, Webhooks, SIGNATURE_HEADER, TIMESTAMP_HEADER,
 };
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -177,7 +179,7 @@ struct DeployRequest {
 fn deploy_request(parts: &Parts, body: &[u8]) -> Result<DeployRequest, String> {
     let from_query = match parts.uri.query() {
         Some(q) if !q.is_empty() => Some(
-            Query::<DeployRequest>::try_from_uri(&parts.uri)
+            axum::extract::Query::<DeployRequest>::try_from_uri(&parts.uri)
                 .map_err(|e| format!("query string: {}", e.body_text()))?
                 .0,
         ),
@@ -206,7 +208,7 @@ fn now_secs() -> i64 {
 /// `POST /hooks/v1/<token>`
 async fn service_hook(
     State(state): State<HookState>,
-    Path(token): Path<String>,
+    OpaquePath(token): OpaquePath<String>,
     req: Request,
 ) -> Response {
     let (parts, hook, body) = match admit(&state, &token, HookKind::Service, req).await {
@@ -364,21 +366,34 @@ async fn publish(state: &HookState, hook: &Webhook, event: &DeployEvent) -> Resu
 /// push deploys each Service running that repository:tag, pinned to the pushed digest.
 async fn registry_hook(
     State(state): State<HookState>,
-    Path(token): Path<String>,
+    OpaquePath(token): OpaquePath<String>,
     req: Request,
 ) -> Response {
     let (_, hook, body) = match admit(&state, &token, HookKind::Registry, req).await {
         Ok(admitted) => admitted,
         Err(resp) => return *resp,
     };
-    let pushes = match push_hooks::pushes(&body) {
+    let Some(registry_host) = hook.registry_host.clone() else {
+        // Made before a registry host was required: which registry it speaks for is unknown,
+        // and the body's word for it is not taken.
+        return err(
+            StatusCode::CONFLICT,
+            "NoRegistryHost",
+            format!(
+                "webhook {} names no registry host; delete it and create it again with \
+                 `berth webhook create --registry --registry-host HOST`",
+                hook.id
+            ),
+        );
+    };
+    let pushes = match push_hooks::pushes(&body, chrono::Utc::now()) {
         Ok(p) => p,
         Err(why) => return err(StatusCode::BAD_REQUEST, "BadRequest", why),
     };
     let events = if pushes.is_empty() {
         Vec::new()
     } else {
-        match registry_events(&state.store, &hook, &pushes) {
+        match registry_events(&state.store, &registry_host, &pushes) {
             Ok(e) => e,
             Err(e) => return internal(e),
         }
@@ -396,10 +411,10 @@ async fn registry_hook(
     (StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response()
 }
 
-/// One deploy event per (push, service running it).
+/// One deploy event per (push, service running it from `registry_host`).
 fn registry_events(
     store: &Store,
-    hook: &Webhook,
+    registry_host: &str,
     pushes: &[push_hooks::Push],
 ) -> Result<Vec<DeployEvent>, StoreError> {
     let services: Vec<(String, ImageRef)> = store
@@ -413,7 +428,7 @@ fn registry_events(
     let mut out = Vec::new();
     for push in pushes {
         for (name, current) in &services {
-            if !push_hooks::runs(current, push, hook.registry_host.as_deref()) {
+            if !push_hooks::runs(current, push, registry_host) {
                 continue;
             }
             let Ok(image) = retarget(current, Some(&push.tag), push.digest.as_deref()) else {
@@ -476,7 +491,11 @@ fn secrets(hook: Webhook, token: String, signing_secret: Option<String>) -> Webh
     }
 }
 
-async fn create(State(state): State<HookState>, body: Bytes) -> Result<Response, ApiError> {
+async fn create(
+    State(state): State<HookState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
     let req: CreateWebhook = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -514,6 +533,13 @@ async fn create(State(state): State<HookState>, body: Bytes) -> Result<Response,
             )),
             (true, None) => (HookKind::Registry, None),
         };
+    if kind == HookKind::Registry && req.registry_host.is_none() {
+        return Err(invalid(
+            "registryHost",
+            "a registry webhook needs the registry's host as services name it in their images \
+             (e.g. `registry.internal:5000`): only that registry's services are deployed",
+        ));
+    }
     if kind == HookKind::Registry && req.signed {
         return Err(invalid(
             "signed",
@@ -590,6 +616,7 @@ mod tests {
         app: Router,
         deploys: DeploySubscription,
         store: Store,
+        hooks: Webhooks,
         _dir: tempfile::TempDir,
     }
 
@@ -601,6 +628,7 @@ mod tests {
         let deploys = bus.subscribe_deploys(None).await.unwrap();
         let api = AppState::for_tests(store.clone());
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
+        let webhooks = hooks.hooks.clone();
         let app = crate::server::router(api.clone()).merge(router(api, hooks));
         for (name, image) in [
             ("web", "127.0.0.1:5731/team/app:1"),
@@ -619,6 +647,7 @@ mod tests {
             app,
             deploys,
             store,
+            hooks: webhooks,
             _dir: dir,
         }
     }
@@ -854,7 +883,11 @@ mod tests {
     #[tokio::test]
     async fn registry_notifications_deploy_the_services_running_the_pushed_tag() {
         let mut s = setup(100).await;
-        let created = create_hook(&s.app, json!({"registry": true})).await;
+        let created = create_hook(
+            &s.app,
+            json!({"registry": true, "registryHost": "127.0.0.1:5731"}),
+        )
+        .await;
         assert!(created.path.starts_with("/hooks/v1/registry/bh_"));
         let envelope = include_str!("../tests/data/registry-push.json");
         let (code, v, _) = hook(&s.app, &created.path, envelope).await;
@@ -884,7 +917,7 @@ mod tests {
         }
         let (code, _, _) = hook(&s.app, &created.path, "{}").await;
         assert_eq!(code, 400);
-        // A registry host alias: services that name the registry differently.
+        // A registry host as services name it, whatever host the registry reports.
         let aliased = create_hook(
             &s.app,
             json!({"registry": true, "registryHost": "registry.internal:5000"}),
@@ -903,7 +936,68 @@ mod tests {
             .unwrap();
         let (code, v, _) = hook(&s.app, &aliased.path, envelope).await;
         assert_eq!(code, 202);
-        assert_eq!(v["ids"].as_array().unwrap().len(), 2, "{v}");
+        let ev = next_deploy(&mut s).await;
+        assert_eq!(
+            v["ids"],
+            json!([ev.id]),
+            "only the configured registry's service"
+        );
+        assert_eq!(ev.service, "aliased");
+        no_deploy(&mut s).await;
+    }
+
+    /// The body's `request.host` cannot pick the registry: a registry webhook for one host does
+    /// not deploy the services of another, even when the body names that one.
+    #[tokio::test]
+    async fn a_registry_webhook_deploys_only_its_own_registrys_services() {
+        let mut s = setup(100).await;
+        let other = create_hook(
+            &s.app,
+            json!({"registry": true, "registryHost": "other:5000"}),
+        )
+        .await;
+        // The captured envelope says `request.host: 127.0.0.1:5731`, where web2 pulls from.
+        let envelope = include_str!("../tests/data/registry-push.json");
+        let (code, v, _) = hook(&s.app, &other.path, envelope).await;
+        assert_eq!((code, &v["ids"]), (202, &json!([])), "{v}");
+        no_deploy(&mut s).await;
+        // A far-future timestamp is refused: it would otherwise order after every later deploy.
+        let future = envelope.replace("2026-11-22T11:25:03.554335104Z", "2999-01-01T00:00:00Z");
+        let own = create_hook(
+            &s.app,
+            json!({"registry": true, "registryHost": "127.0.0.1:5731"}),
+        )
+        .await;
+        let (code, v, _) = hook(&s.app, &own.path, &future).await;
+        assert_eq!(code, 400, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("events[0].timestamp"),
+            "{v}"
+        );
+        no_deploy(&mut s).await;
+    }
+
+    /// A registry webhook stored without a host (made before one was required) deploys nothing
+    /// and says why.
+    #[tokio::test]
+    async fn a_stored_registry_webhook_without_a_host_deploys_nothing() {
+        let mut s = setup(100).await;
+        let (_, token, _) = s
+            .hooks
+            .create(HookKind::Registry, None, None, false)
+            .await
+            .unwrap();
+        let envelope = include_str!("../tests/data/registry-push.json");
+        let (code, v, _) = hook(&s.app, &paths::registry_hook(&token), envelope).await;
+        assert_eq!(
+            (code, v["reason"].as_str()),
+            (409, Some("NoRegistryHost")),
+            "{v}"
+        );
+        no_deploy(&mut s).await;
     }
 
     #[tokio::test]
@@ -995,7 +1089,7 @@ mod tests {
                 "names none",
             ),
             (
-                json!({"registry": true, "signed": true}),
+                json!({"registry": true, "signed": true, "registryHost": "r:5000"}),
                 422,
                 "do not sign",
             ),
@@ -1003,6 +1097,11 @@ mod tests {
                 json!({"registry": true, "registryHost": "not a host"}),
                 422,
                 "not a registry host",
+            ),
+            (
+                json!({"registry": true}),
+                422,
+                "registryHost: a registry webhook needs the registry's host",
             ),
             (
                 json!({"service": "web", "token": "mine"}),

@@ -11,6 +11,7 @@ mod daemon;
 mod deploy_applier;
 mod deploy_auth;
 mod environment;
+mod extract;
 mod hooks;
 mod in_process_api;
 mod nats_args;
@@ -78,6 +79,11 @@ pub struct ServerArgs {
     pub hook_rate: u32,
     #[command(flatten)]
     pub backup: BackupArgs,
+    /// Let Volumes bind-mount host paths or mount host devices (`local` driver options such as
+    /// `type=none,o=bind,device=/srv/data`, or `type=ext4,device=/dev/sdb1`). Off: any Service
+    /// could then read and write the node's files, its Docker socket included.
+    #[arg(long, env = "BERTH_ALLOW_BIND_MOUNTS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub allow_bind_mounts: bool,
 }
 
 impl ServerArgs {
@@ -172,6 +178,10 @@ enum Command {
     Api {
         #[command(flatten)]
         server: ServerArgs,
+        /// The ingress proxy's name, as the ingress controller is given it: no object may take a
+        /// name of the proxy's Swarm objects (the proxy's service, or one starting with `NAME-`).
+        #[arg(long, env = "BERTH_INGRESS_NAME", default_value = berth_api_types::ingress::DEFAULT_PROXY_NAME)]
+        ingress_name: String,
         /// Docker engine of a manager, for what the API reads from the swarm itself (the join
         /// command); default DOCKER_HOST or the local socket.
         #[arg(long, env = "DOCKER_HOST")]
@@ -435,7 +445,8 @@ fn main() -> ExitCode {
             Command::Api {
                 server,
                 docker_host,
-            } => daemon::api(server, docker_host).await,
+                ingress_name,
+            } => daemon::api(server, docker_host, ingress_name).await,
             Command::Controller {
                 kind,
                 conn,

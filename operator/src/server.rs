@@ -7,11 +7,12 @@
 //! values, for controllers.
 
 use crate::access::{deployer_may_write, Audited, Change};
+use crate::extract::{Path, Query};
 use crate::store::{Store, StoreError, WriteMode};
 use crate::tokens::Principal;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -115,6 +116,13 @@ impl ApiError {
         Self::invalid(None, vec![FieldError::new(path, message)])
     }
 
+    /// The same error with another status and reason (a bad query parameter is a 400).
+    pub(crate) fn with_status(mut self, status: StatusCode, reason: &'static str) -> Self {
+        self.status = status;
+        self.reason = reason;
+        self
+    }
+
     fn invalid(object: Option<String>, errors: Vec<FieldError>) -> Self {
         let prefix = object.clone().map(|o| format!("{o}: ")).unwrap_or_default();
         let message = errors
@@ -152,6 +160,9 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::Refused { kind, name, errors } = e {
+            return ApiError::invalid(Some(format!("{kind}/{name}")), errors);
+        }
         let (code, reason) = e.status_and_reason();
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError::new(status, reason, e.to_string())

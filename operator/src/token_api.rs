@@ -3,11 +3,12 @@
 //! admin-only; each change is an audit record (kind `Token`, the token's id as the name).
 
 use crate::access::{Audited, Change};
+use crate::extract::Path;
 use crate::server::{ApiError, AppState};
 use crate::tokens::{CreateError, Principal};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};

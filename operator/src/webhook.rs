@@ -375,7 +375,8 @@ pub fn verify_signature(
 ) -> Result<i64, SignatureError> {
     let ts_text = timestamp.ok_or(SignatureError::MissingTimestamp)?.trim();
     let ts: i64 = ts_text.parse().map_err(|_| SignatureError::BadTimestamp)?;
-    if (now - ts).abs() > REPLAY_WINDOW_SECS {
+    // `abs_diff`: a timestamp like i64::MIN must be "outside the window", not an overflow.
+    if now.abs_diff(ts) > REPLAY_WINDOW_SECS.unsigned_abs() {
         return Err(SignatureError::OutsideWindow);
     }
     let sig = signature.ok_or(SignatureError::MissingSignature)?.trim();
@@ -420,7 +421,7 @@ impl ReplayGuard {
         if seen.contains_key(&key) {
             return false;
         }
-        seen.insert(key, ts + REPLAY_WINDOW_SECS);
+        seen.insert(key, ts.saturating_add(REPLAY_WINDOW_SECS));
         true
     }
 }
@@ -597,6 +598,28 @@ mod tests {
         // Upper-case hex is the same signature.
         let upper = format!("sha256={}", sig[7..].to_ascii_uppercase());
         assert_eq!(check(&ts, &upper, body, now), Ok(now));
+    }
+
+    /// Timestamps at the ends of i64 are outside the window (they used to overflow `now - ts`),
+    /// whatever the server's clock says; and the replay guard takes any accepted one.
+    #[test]
+    fn extreme_timestamps_are_outside_the_window() {
+        let secret = b"s3cret";
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX, -1] {
+            let sig = sign(secret, ts, b"{}");
+            for now in [0, 1_700_000_000, i64::MAX, i64::MIN] {
+                let got = verify_signature(secret, Some(&ts.to_string()), Some(&sig), b"{}", now);
+                let want = if now.abs_diff(ts) <= 300 {
+                    Ok(ts)
+                } else {
+                    Err(SignatureError::OutsideWindow)
+                };
+                assert_eq!(got, want, "ts {ts}, now {now}");
+            }
+        }
+        let guard = ReplayGuard::default();
+        assert!(guard.first_use("wh", "sha256=aa", i64::MAX, i64::MAX));
+        assert!(!guard.first_use("wh", "sha256=aa", i64::MAX, i64::MAX));
     }
 
     #[test]

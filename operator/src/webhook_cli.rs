@@ -27,8 +27,9 @@ pub enum WebhookCommand {
         /// A registry notification webhook (no SERVICE).
         #[arg(long)]
         registry: bool,
-        /// The registry host as services name it in their images, when it differs from the host
-        /// the registry reports (e.g. `registry.internal:5000`).
+        /// Required with --registry: the registry's host as services name it in their images
+        /// (e.g. `registry.internal:5000`). Only services pulling from it are deployed; the host
+        /// a notification reports is not trusted to say which registry it comes from.
         #[arg(long, requires = "registry")]
         registry_host: Option<String>,
         /// Base URL callers reach the API server at (default: --url).
@@ -90,6 +91,9 @@ pub async fn run(conn: &Conn, command: WebhookCommand) -> CliResult {
                 } else {
                     "error: name the SERVICE the webhook deploys, or pass --registry".into()
                 });
+            }
+            if registry && registry_host.is_none() {
+                return Err("error: --registry needs --registry-host HOST, the registry's host as services name it in their images".into());
             }
             let body = json!({"service": service, "signed": signed, "registry": registry,
                               "registryHost": registry_host});

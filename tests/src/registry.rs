@@ -63,12 +63,23 @@ impl TestRegistry {
 
     /// Also POSTs push notifications to `notify_url` (the registry's `notifications.endpoints`).
     pub fn start_with(users: &[(&str, &str)], notify_url: Option<&str>) -> TestRegistry {
+        Self::start_notifying(users, |_| notify_url.map(str::to_string))
+    }
+
+    /// Like `start_with`, with the notification URL made from the registry's host
+    /// (`127.0.0.1:<port>`): a registry webhook is created for the host it serves.
+    pub fn start_notifying(
+        users: &[(&str, &str)],
+        notify_url: impl FnOnce(&str) -> Option<String>,
+    ) -> TestRegistry {
         let dir = crate::tempdir("registry");
         let port = free_port();
+        let notify_url = notify_url(&format!("127.0.0.1:{port}"));
         // What scripts/test needs to remove this registry's images if the run is killed.
         std::fs::write(dir.path().join("host"), format!("127.0.0.1:{port}\n")).expect("write host");
         std::fs::write(dir.path().join("htpasswd"), htpasswd(users)).expect("write htpasswd");
         let notifications = notify_url
+            .as_deref()
             .map(|url| {
                 format!(
                     "notifications:\n  endpoints:\n    - name: berth\n      url: {url}\n      timeout: 2s\n      threshold: 3\n      backoff: 1s\n"

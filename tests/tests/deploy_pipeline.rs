@@ -121,10 +121,12 @@ async fn registry_push_notification_deploys_without_a_webhook_call() {
     let _cleanup = Cleanup::new(&p);
     let stack = Stack::start(Bus::Nats);
     let b = &stack.berth;
-    let hook = create_webhook(b, &["--registry"]);
-    let url = hook["url"].as_str().expect("url");
     let pw = format!("pw-{p}");
-    let registry = TestRegistry::start_with(&[("ci", &pw)], Some(url));
+    // The webhook is for this registry's host only (what services name in their images).
+    let registry = TestRegistry::start_notifying(&[("ci", &pw)], |host| {
+        let hook = create_webhook(b, &["--registry", "--registry-host", host]);
+        hook["url"].as_str().map(str::to_string)
+    });
     let host = registry.host();
     let v1 = registry.push(&d, TEST_IMAGE, "team/app:1", "ci", &pw).await;
     let svc = format!("{p}-app");

@@ -172,7 +172,16 @@ pub fn unpack<R: Read>(input: R, dst: &Path) -> io::Result<Counts> {
         if is_root {
             if kind.is_dir() {
                 let h = e.header();
-                let (uid, gid) = (h.uid()? as u32, h.gid()? as u32);
+                // A foreign archive's 64-bit id must not wrap into another (2^32 is root).
+                let id = |n: u64| {
+                    u32::try_from(n).map_err(|_| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("owner id {n} is out of range"),
+                        )
+                    })
+                };
+                let (uid, gid) = (id(h.uid()?)?, id(h.gid()?)?);
                 std::os::unix::fs::chown(dst, Some(uid), Some(gid))?;
                 dirs.push((dst.to_path_buf(), h.mode()?, h.mtime()?));
             }
@@ -203,7 +212,7 @@ pub fn unpack<R: Read>(input: R, dst: &Path) -> io::Result<Counts> {
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
     for (path, mode, mtime) in dirs {
         fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))?;
-        let t = filetime::FileTime::from_unix_time(mtime as i64, 0);
+        let t = filetime::FileTime::from_unix_time(i64::try_from(mtime).unwrap_or(i64::MAX), 0);
         filetime::set_symlink_file_times(&path, t, t)?;
     }
     Ok(counts)

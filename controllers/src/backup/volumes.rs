@@ -436,7 +436,8 @@ impl Transfers {
             )));
         }
         let name = format!(
-            "berth-transfer-{}",
+            "{}{}",
+            berth_api_types::names::swarm::TRANSFER_AGENT_PREFIX,
             ulid::Ulid::new().to_string().to_lowercase()
         );
         let mut guard = Cleanup {

@@ -92,7 +92,7 @@ pub fn build_pinned(svc: &Service, owner: &Owner, deps: &Resolved, digest: Optio
             },
             interval: h.interval.as_ref().map(|d| nanos(d.as_nanos())),
             timeout: h.timeout.as_ref().map(|d| nanos(d.as_nanos())),
-            retries: h.retries.map(|r| r as i64),
+            retries: h.retries.map(count),
             start_period: h.start_period.as_ref().map(|d| nanos(d.as_nanos())),
             ..Default::default()
         }),
@@ -159,7 +159,7 @@ pub fn build_pinned(svc: &Service, owner: &Owner, deps: &Resolved, digest: Optio
                 })
                 .collect(),
         ),
-        max_replicas: p.max_replicas_per_node.map(|m| m as i64),
+        max_replicas: p.max_replicas_per_node.map(count),
         ..Default::default()
     });
 
@@ -170,14 +170,14 @@ pub fn build_pinned(svc: &Service, owner: &Owner, deps: &Resolved, digest: Optio
             RestartCondition::Any => TaskSpecRestartPolicyConditionEnum::ANY,
         }),
         delay: r.delay.as_ref().map(|d| nanos(d.as_nanos())),
-        max_attempts: r.max_attempts.map(|m| m as i64),
+        max_attempts: r.max_attempts.map(count),
         window: r.window.as_ref().map(|d| nanos(d.as_nanos())),
     });
 
     let mode = match s.mode() {
         ServiceMode::Replicated => ServiceSpecMode {
             replicated: Some(ServiceSpecModeReplicated {
-                replicas: Some(s.replicas.unwrap_or(1) as i64),
+                replicas: Some(count(s.replicas.unwrap_or(1))),
             }),
             ..Default::default()
         },
@@ -274,7 +274,7 @@ fn non_empty_map(m: HashMap<String, String>) -> Option<HashMap<String, String>> 
 
 fn update_config(u: &UpdatePolicy) -> ServiceSpecUpdateConfig {
     ServiceSpecUpdateConfig {
-        parallelism: u.parallelism.map(|p| p as i64),
+        parallelism: u.parallelism.map(count),
         delay: u.delay.as_ref().map(|d| nanos(d.as_nanos())),
         failure_action: u.failure_action.map(|a| match a {
             FailureAction::Pause => ServiceSpecUpdateConfigFailureActionEnum::PAUSE,
@@ -292,7 +292,7 @@ fn update_config(u: &UpdatePolicy) -> ServiceSpecUpdateConfig {
 
 fn rollback_config(u: &UpdatePolicy) -> ServiceSpecRollbackConfig {
     ServiceSpecRollbackConfig {
-        parallelism: u.parallelism.map(|p| p as i64),
+        parallelism: u.parallelism.map(count),
         delay: u.delay.as_ref().map(|d| nanos(d.as_nanos())),
         // Validation refuses `rollback` here: a rollback cannot roll back.
         failure_action: u.failure_action.and_then(|a| match a {
@@ -310,6 +310,12 @@ fn rollback_config(u: &UpdatePolicy) -> ServiceSpecRollbackConfig {
 }
 
 fn nanos(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A count as the engine's signed field. Validation bounds every count far below `i64::MAX`; this
+/// only makes sure that a value that got past it is never sent as a negative number.
+fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 

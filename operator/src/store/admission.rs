@@ -1,14 +1,91 @@
 //! Admission: the kind-specific rules the store applies to writes, kept out of the persistence
-//! layer, which asks through `admit` alone. A delete is refused while something still uses the
-//! object (a Service's Secrets, Configs, Volumes and Networks; a Registry's password Secret) or when
-//! berth needs it (the default Network); an apply keeps what deploys wrote; the default Network is
-//! created at start.
+//! layer, which asks through `admit` and `check_write` alone. A delete is refused while something
+//! still uses the object (a Service's Secrets, Configs, Volumes and Networks; a Registry's password
+//! Secret) or when berth needs it (the default Network); an apply keeps what deploys wrote; the
+//! default Network is created at start.
+//!
+//! Every written object also passes the server's [`Policy`], the rules that depend on how this
+//! server was started rather than on the object alone: no host bind mounts or devices in a Volume
+//! unless `--allow-bind-mounts`, and no name of berth's own Swarm objects (the ingress proxy's,
+//! the backup agents', the engine's networks) for any kind whose Swarm object is named after it.
 
 use super::{Store, StoreError, WriteMode};
+use berth_api_types::names::swarm;
 use berth_api_types::registry::RegistrySpec;
 use berth_api_types::service::ServiceSpec;
+use berth_api_types::validate::FieldError;
+use berth_api_types::volume::VolumeSpec;
 use berth_api_types::{DynObject, Kind};
 use serde_json::json;
+
+/// What this server allows beyond an object's own validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Volumes may bind-mount host paths or mount host devices (`--allow-bind-mounts`).
+    pub allow_bind_mounts: bool,
+    /// The ingress proxy's name (`--ingress-name`): its Swarm objects are named after it.
+    pub ingress_proxy: String,
+}
+
+impl Default for Policy {
+    /// The safe default: no host mounts, the default proxy name reserved.
+    fn default() -> Self {
+        Policy {
+            allow_bind_mounts: false,
+            ingress_proxy: berth_api_types::ingress::DEFAULT_PROXY_NAME.to_string(),
+        }
+    }
+}
+
+/// The policy's verdict on one object about to be written; `Err` holds every field it refuses.
+pub(super) fn check_write(policy: &Policy, obj: &DynObject) -> Result<(), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let named_in_swarm = matches!(
+        obj.kind,
+        Kind::Service | Kind::Volume | Kind::Network | Kind::Secret | Kind::Config
+    );
+    let name = &obj.metadata.name;
+    if named_in_swarm {
+        if let Some(why) = swarm::reserved(name, &policy.ingress_proxy) {
+            errors.push(FieldError::new("metadata.name", format!("`{name}` {why}")));
+        }
+    }
+    if obj.kind == Kind::Network && swarm::ENGINE_NETWORKS.contains(&name.as_str()) {
+        errors.push(FieldError::new(
+            "metadata.name",
+            format!("`{name}` is reserved: it is one of the engine's own networks"),
+        ));
+    }
+    match obj.kind {
+        Kind::Volume if !policy.allow_bind_mounts => {
+            // Validated before it got here, so the spec parses; if not, validation speaks.
+            if let Ok(spec) = serde_json::from_value::<VolumeSpec>(obj.spec.clone()) {
+                errors.extend(berth_api_types::volume::host_access(&spec));
+            }
+        }
+        Kind::Service => {
+            // A Service mounts Volumes by name: no reserved one either (it could only be a
+            // Volume berth refused, or one made by hand on a node).
+            if let Ok(spec) = serde_json::from_value::<ServiceSpec>(obj.spec.clone()) {
+                for (i, v) in spec.volumes.iter().enumerate() {
+                    let Some(volume) = &v.volume else { continue };
+                    if let Some(why) = swarm::reserved(volume, &policy.ingress_proxy) {
+                        errors.push(FieldError::new(
+                            format!("spec.volumes[{i}].volume"),
+                            format!("`{volume}` {why}"),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
 
 /// What the store asks admission about.
 pub(super) enum Op<'a> {
@@ -358,6 +435,221 @@ mod tests {
         s.delete(Kind::Network, "backend", "custom-default")
             .await
             .unwrap();
+    }
+
+    fn any(kind: &str, name: &str, spec: Value) -> DynObject {
+        obj(
+            json!({"apiVersion": "berth/v1", "kind": kind, "metadata": {"name": name}, "spec": spec}),
+        )
+    }
+
+    fn volume(name: &str, opts: Value) -> DynObject {
+        any("Volume", name, json!({"driverOpts": opts}))
+    }
+
+    fn refused_paths(err: StoreError) -> Vec<String> {
+        match err {
+            StoreError::Refused { errors, .. } => errors.into_iter().map(|e| e.path).collect(),
+            other => panic!("not refused by policy: {other}"),
+        }
+    }
+
+    /// A Volume asking the `local` driver for a host bind mount (the node's root, its Docker
+    /// socket) or a host device is refused, naming the option, and nothing is written (dry run
+    /// or not, alone or in an apply with valid objects); `--allow-bind-mounts` lets it through.
+    #[tokio::test]
+    async fn bind_mounts_are_refused_unless_the_server_allows_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let root = volume(
+            "rootfs",
+            json!({"type": "none", "o": "bind", "device": "/"}),
+        );
+        let sock = volume(
+            "sock",
+            json!({"type": "none", "o": "bind", "device": "/var/run/docker.sock"}),
+        );
+        let disk = volume("disk", json!({"type": "ext4", "device": "/dev/sda1"}));
+        let fine = volume("data", json!({}));
+        for (v, want) in [
+            (&root, vec!["spec.driverOpts.o", "spec.driverOpts.type"]),
+            (&sock, vec!["spec.driverOpts.o", "spec.driverOpts.type"]),
+            (&disk, vec!["spec.driverOpts.device"]),
+        ] {
+            for (mode, dry) in [(WriteMode::Create, true), (WriteMode::Upsert, false)] {
+                let err = s
+                    .write(vec![fine.clone(), v.clone()], mode, None, dry)
+                    .await
+                    .unwrap_err();
+                let text = err.to_string();
+                assert_eq!(err.status_and_reason(), (422, "Invalid"));
+                assert_eq!(refused_paths(err), want, "{text}");
+                assert!(text.contains("--allow-bind-mounts"), "{text}");
+            }
+        }
+        assert!(s.list(Kind::Volume).unwrap().is_empty(), "nothing written");
+        let open = Store::open(tempfile::tempdir().unwrap().path(), &test_key())
+            .unwrap()
+            .with_policy(Policy {
+                allow_bind_mounts: true,
+                ..Policy::default()
+            });
+        open.write(vec![root, sock, disk, fine], WriteMode::Create, None, false)
+            .await
+            .unwrap();
+        assert_eq!(open.list(Kind::Volume).unwrap().len(), 4);
+    }
+
+    /// No object whose Swarm object is named after it may take a name of berth's own Swarm
+    /// objects: the proxy's (configurable), the backup agents', the engine's networks.
+    #[tokio::test]
+    async fn berths_own_swarm_names_are_reserved_for_every_kind_they_collide_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let spec = |kind: &str| match kind {
+            "Service" => json!({"image": "a:1"}),
+            "Secret" | "Config" => json!({"stringData": {"k": "v"}}),
+            _ => json!({}),
+        };
+        for kind in ["Service", "Volume", "Network", "Secret", "Config"] {
+            for name in [
+                "berth-ingress",
+                "berth-ingress-state",
+                "berth-ingress-tls",
+                "berth-transfer-01j",
+            ] {
+                let err = s
+                    .write(
+                        vec![any(kind, name, spec(kind))],
+                        WriteMode::Upsert,
+                        None,
+                        false,
+                    )
+                    .await
+                    .unwrap_err();
+                let text = err.to_string();
+                assert_eq!(
+                    refused_paths(err),
+                    ["metadata.name"],
+                    "{kind}/{name}: {text}"
+                );
+                assert!(text.contains("is reserved"), "{text}");
+            }
+            // Only the name itself or `<proxy>-...`: a name that merely starts alike is fine.
+            s.write(
+                vec![any(kind, "berth-ingressive", spec(kind))],
+                WriteMode::Upsert,
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        for name in ["host", "bridge", "none", "ingress"] {
+            let err = s
+                .write(
+                    vec![any("Network", name, json!({}))],
+                    WriteMode::Create,
+                    None,
+                    false,
+                )
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("engine's own networks"), "{err}");
+        }
+        // Kinds with no Swarm object of their name may use it.
+        let ingress = json!({"rules": [{"host": "a.example.com",
+            "paths": [{"path": "/", "service": "web", "port": 80}]}], "tls": {"secretRef": "t"}});
+        s.write(
+            vec![any("Ingress", "berth-ingress", ingress)],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        // A Service cannot mount the proxy's state volume by name either.
+        let err = s
+            .write(
+                vec![any(
+                    "Service",
+                    "thief",
+                    json!({"image": "a:1",
+                    "volumes": [{"target": "/x", "volume": "berth-ingress-state"}]}),
+                )],
+                WriteMode::Create,
+                None,
+                false,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused_paths(err), ["spec.volumes[0].volume"]);
+        // Another proxy name moves the reservation with it.
+        let edge = Store::open(tempfile::tempdir().unwrap().path(), &test_key())
+            .unwrap()
+            .with_policy(Policy {
+                ingress_proxy: "edge".into(),
+                ..Policy::default()
+            });
+        let err = edge
+            .write(
+                vec![volume("edge-state", json!({}))],
+                WriteMode::Create,
+                None,
+                false,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused_paths(err), ["metadata.name"]);
+        edge.write(
+            vec![volume("berth-ingress-state", json!({}))],
+            WriteMode::Create,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Through the API: a 422 whose details name the object and the field.
+    #[tokio::test]
+    async fn the_api_answers_a_policy_refusal_with_field_details() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &test_key()).unwrap();
+        let app = crate::server::router(crate::server::AppState::for_tests(store.clone()));
+        let body = json!({"items": [{"apiVersion": "berth/v1", "kind": "Volume",
+            "metadata": {"name": "rootfs"},
+            "spec": {"driverOpts": {"type": "none", "o": "bind", "device": "/"}}}]});
+        let req = axum::http::Request::post("/apis/berth/v1/apply")
+            .header(
+                "authorization",
+                format!("Bearer {}", crate::server::TEST_ADMIN),
+            )
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        assert_eq!(resp.status().as_u16(), 422);
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let err: berth_api_types::wire::ErrorBody = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(err.reason, "Invalid");
+        let paths: Vec<(Option<&str>, &str)> = err
+            .details
+            .iter()
+            .map(|d| (d.object.as_deref(), d.path.as_str()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                (Some("Volume/rootfs"), "spec.driverOpts.o"),
+                (Some("Volume/rootfs"), "spec.driverOpts.type")
+            ]
+        );
+        assert!(store.list(Kind::Volume).unwrap().is_empty());
     }
 
     #[tokio::test]

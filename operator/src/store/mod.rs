@@ -14,7 +14,7 @@ mod admission;
 pub mod outbox;
 mod seal;
 
-pub use admission::{ensure_backup_plan, ensure_network};
+pub use admission::{ensure_backup_plan, ensure_network, Policy};
 
 use crate::crypto::{MasterKey, Sealer};
 use crate::deploy_auth::DeployKey;
@@ -48,6 +48,13 @@ pub enum StoreError {
         name: String,
         users: Vec<String>,
     },
+    /// An object this server's policy refuses (admission's `Policy`): a field error each.
+    #[error("{kind}/{name}: {}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Refused {
+        kind: Kind,
+        name: String,
+        errors: Vec<berth_api_types::validate::FieldError>,
+    },
     /// Deleting an object berth itself needs.
     #[error("{kind} `{name}` {why}")]
     Protected {
@@ -72,6 +79,7 @@ impl StoreError {
             StoreError::Conflict { .. } => (409, "Conflict"),
             StoreError::InUse { .. } => (409, "InUse"),
             StoreError::Protected { .. } => (409, "Protected"),
+            StoreError::Refused { .. } => (422, "Invalid"),
             StoreError::Storage(_) | StoreError::WrongKey { .. } => (500, "StorageError"),
         }
     }
@@ -130,6 +138,8 @@ pub struct Store {
     sealer: Sealer,
     /// Signs and verifies deploy events (the webhook bridge and the applier both reach it here).
     deploy_key: DeployKey,
+    /// What this server allows beyond each object's own validation (see `admission::Policy`).
+    policy: Arc<admission::Policy>,
     /// Held by every write (see the module comment).
     write_lock: Arc<tokio::sync::Mutex<()>>,
     /// Group commit: writers that commit while a flush runs share the next one.
@@ -206,6 +216,7 @@ impl Store {
             instance,
             sealer,
             deploy_key: key.deploy_key(),
+            policy: Arc::default(),
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
             durability: Arc::default(),
             #[cfg(test)]
@@ -213,6 +224,18 @@ impl Store {
         };
         store.seal_unsealed()?;
         Ok(store)
+    }
+
+    /// The same store, admitting writes under `policy` (the server's flags) instead of the
+    /// default, which allows no host mounts and reserves the default proxy name.
+    pub fn with_policy(mut self, policy: admission::Policy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// The policy writes are admitted under.
+    pub(crate) fn policy(&self) -> &admission::Policy {
+        &self.policy
     }
 
     /// Makes a store that holds no objects yet take the installation id `id` (an environment
@@ -321,6 +344,13 @@ impl Store {
         expected_rv: Option<String>,
         dry_run: bool,
     ) -> Result<Vec<(ApplyResult, DynObject)>, StoreError> {
+        for obj in &objects {
+            admission::check_write(&self.policy, obj).map_err(|errors| StoreError::Refused {
+                kind: obj.kind,
+                name: obj.metadata.name.clone(),
+                errors,
+            })?;
+        }
         let now = Utc::now();
         let ids: Vec<String> = objects.iter().map(|_| self.next_id()).collect();
         let uids: Vec<String> = objects
