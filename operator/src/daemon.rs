@@ -73,6 +73,11 @@ async fn admin_token(data_dir: &Path, tokens: &Tokens) -> Result<PathBuf, String
     if tokens.has_admin().map_err(|e| format!("error: {e}"))? {
         return Ok(path);
     }
+    // A token file group or others can read is refused, not used (see `data_dir`).
+    if path.exists() {
+        crate::data_dir::check_private_file(&path, "admin token")
+            .map_err(|e| format!("error: {e}"))?;
+    }
     let token = match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => {
@@ -135,10 +140,13 @@ async fn start_api(
     docker_host: Option<&str>,
     tasks: &mut Tasks,
 ) -> Result<ApiParts, String> {
-    std::fs::create_dir_all(&server.data_dir)
-        .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
+    // Before anything is read or created in it: 0700, files 0600, umask 077 (see `data_dir`).
+    crate::data_dir::prepare(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
-    let store = open_store(&server.data_dir.join("store"), &key)?;
+    // A master key rotation interrupted by a crash is completed or rolled back here.
+    let key =
+        crate::admin::settle_rotation(&server.data_dir, key).map_err(|e| format!("error: {e}"))?;
+    let store = open_store(&crate::admin::store_dir(&server.data_dir), &key)?;
     if !server.backup.no_default_backup_plan
         && crate::store::ensure_backup_plan(&store)
             .await
@@ -174,6 +182,17 @@ async fn start_api(
     );
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
+    // A failed flush leaves writes in memory that may not be on disk: the store refuses service,
+    // and the process exits so that its restart recovers exactly what is on disk.
+    let watched = store.clone();
+    tasks.spawn(async move {
+        watched.failed().await;
+        Err(
+            "error: the store could not flush a write to disk (see the log); restart berth: it \
+             recovers what is on disk, and clients re-apply what was not acknowledged"
+                .to_string(),
+        )
+    });
     let backups = start_backups(
         server,
         &store,
@@ -621,8 +640,7 @@ pub async fn controller(
         .await
         .map_err(|e| format!("error: {e}"))?;
     controller_token_check(&http).await?;
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
+    crate::data_dir::prepare(&state_dir).map_err(|e| format!("error: {e}"))?;
     let kind = CONTROLLERS
         .into_iter()
         .find(|k| Kind::parse_loose(kind) == Some(*k))

@@ -331,6 +331,52 @@ impl Webhooks {
             })
     }
 
+    /// Every signed webhook's record with its signing secret sealed again under `new` (for
+    /// `berth admin rotate-master-key`, which writes them in one transaction with the Secrets).
+    pub(crate) fn resealed(
+        &self,
+        new: &Sealer,
+    ) -> Result<crate::store::rekey::TreeReseal, StoreError> {
+        let mut records = Vec::new();
+        for item in self.by_id.iter() {
+            let (k, v) = item?;
+            let mut hook = decode(&v)?;
+            let Some(secret) = self.signing_secret(&hook)? else {
+                continue;
+            };
+            hook.signing_sealed = Some(new.seal(&signing_aad(&hook.id), &secret));
+            let bytes = serde_json::to_vec(&hook).expect("a webhook always encodes");
+            records.push((k, v, bytes));
+        }
+        Ok(crate::store::rekey::TreeReseal {
+            tree: self.by_id.clone(),
+            records,
+        })
+    }
+
+    /// What is wrong with the stored webhooks (`berth admin fsck`): records that do not decode,
+    /// signing secrets that do not open. Returns (records checked, problems).
+    pub(crate) fn check(&self) -> Result<(usize, Vec<String>), StoreError> {
+        let mut problems = Vec::new();
+        let mut n = 0;
+        for item in self.by_id.iter() {
+            let (k, v) = item?;
+            n += 1;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            match decode(&v) {
+                Err(_) => problems.push(format!("webhook {id}: the record does not decode")),
+                Ok(hook) => {
+                    if self.signing_secret(&hook).is_err() {
+                        problems.push(format!(
+                            "webhook {id}: its signing secret does not open with the master key"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok((n, problems))
+    }
+
     /// Records that a webhook was used. Best effort and not flushed: a lost `lastUsed` after a
     /// crash is harmless, and a flush per call would cost more than the call itself.
     pub fn touch(&self, hook: &Webhook) {
