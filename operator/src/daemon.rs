@@ -141,7 +141,8 @@ async fn start_api(
     tasks: &mut Tasks,
 ) -> Result<ApiParts, String> {
     // Before anything is read or created in it: 0700, files 0600, umask 077 (see `data_dir`).
-    crate::data_dir::prepare(&server.data_dir).map_err(|e| format!("error: {e}"))?;
+    crate::data_dir::prepare(&server.data_dir, &crate::data_dir::KEY_FILES)
+        .map_err(|e| format!("error: {e}"))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     // A master key rotation interrupted by a crash is completed or rolled back here.
     let key =
@@ -640,7 +641,7 @@ pub async fn controller(
         .await
         .map_err(|e| format!("error: {e}"))?;
     controller_token_check(&http).await?;
-    crate::data_dir::prepare(&state_dir).map_err(|e| format!("error: {e}"))?;
+    crate::data_dir::prepare(&state_dir, &[]).map_err(|e| format!("error: {e}"))?;
     let kind = CONTROLLERS
         .into_iter()
         .find(|k| Kind::parse_loose(kind) == Some(*k))
@@ -659,4 +660,41 @@ pub async fn controller(
     let mut tasks = Tasks::new();
     wiring.start(kind, &mut tasks).await?;
     supervise(tasks).await
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_admin_token_file_is_made_private_and_refused_when_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MasterKey::from_bytes([4u8; 32], "test key");
+        let store = Store::open(&dir.path().join("store"), &key).unwrap();
+        let path = dir.path().join("admin.token");
+        // An older berth's file, readable by others: refused (it may have been copied), kept.
+        std::fs::write(&path, "old-token-value").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tokens = Tokens::open(&store).unwrap();
+        let e = admin_token(dir.path(), &tokens).await.unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("mode 0644")
+                && e.contains(&format!("chmod 600 {}", path.display())),
+            "{e}"
+        );
+        assert!(!e.contains("old-token-value"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old-token-value");
+        // The start's own check says the same before anything else runs.
+        let e = crate::data_dir::prepare(dir.path(), &crate::data_dir::KEY_FILES).unwrap_err();
+        assert!(e.contains("admin token") && e.contains("chmod 600"), "{e}");
+        // A fresh token file is made 0600.
+        std::fs::remove_file(&path).unwrap();
+        admin_token(dir.path(), &tokens).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
 }

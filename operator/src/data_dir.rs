@@ -15,10 +15,27 @@ pub const DIR_MODE: u32 = 0o700;
 /// The mode of every file in it.
 pub const FILE_MODE: u32 = 0o600;
 
+/// The key and token files of a data directory (name, what it is): refused, never tightened,
+/// when group or others can read them.
+pub const KEY_FILES: [(&str, &str); 4] = [
+    (crate::crypto::MASTER_KEY_FILE, "master key"),
+    (crate::crypto::PENDING_KEY_FILE, "master key"),
+    ("admin.token", "admin token"),
+    ("backup.key", "backup repository key"),
+];
+
 /// Makes `dir` (created if missing) and everything in it private: the umask first, so nothing
 /// created from now on is readable by others, then the directory 0700 and existing files 0600.
-pub fn prepare(dir: &Path) -> Result<(), String> {
+/// Key and token files (`key_files`, names in `dir`) are checked first and refused if readable:
+/// tightening them would hide that they may have been copied.
+pub fn prepare(dir: &Path, key_files: &[(&str, &str)]) -> Result<(), String> {
     private_umask();
+    for (name, what) in key_files {
+        let p = dir.join(name);
+        if p.exists() {
+            check_private_file(&p, what)?;
+        }
+    }
     create_private_dir(dir)?;
     tighten(dir).map_err(|e| format!("cannot set the modes of {}: {e}", dir.display()))
 }
@@ -126,22 +143,22 @@ mod tests {
         // As an older version left it: default umask.
         std::fs::create_dir_all(dir.join("store/blobs")).unwrap();
         std::fs::write(dir.join("store/db"), b"x").unwrap();
-        std::fs::write(dir.join("admin.token"), b"t").unwrap();
+        std::fs::write(dir.join("notes"), b"t").unwrap();
         for (p, m) in [
             (dir.clone(), 0o755),
             (dir.join("store"), 0o755),
             (dir.join("store/blobs"), 0o775),
             (dir.join("store/db"), 0o644),
-            (dir.join("admin.token"), 0o666),
+            (dir.join("notes"), 0o666),
         ] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
         }
-        prepare(&dir).unwrap();
+        prepare(&dir, &KEY_FILES).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join("store")), 0o700);
         assert_eq!(mode(&dir.join("store/blobs")), 0o700);
         assert_eq!(mode(&dir.join("store/db")), 0o600);
-        assert_eq!(mode(&dir.join("admin.token")), 0o600);
+        assert_eq!(mode(&dir.join("notes")), 0o600);
         // The umask is set: what is created now is private without asking.
         std::fs::write(dir.join("store/snap.1"), b"y").unwrap();
         std::fs::create_dir(dir.join("later")).unwrap();
@@ -149,8 +166,16 @@ mod tests {
         assert_eq!(mode(&dir.join("later")), 0o700);
         // A fresh directory is made 0700 too.
         let fresh = root.path().join("fresh/deeper");
-        prepare(&fresh).unwrap();
+        prepare(&fresh, &KEY_FILES).unwrap();
         assert_eq!(mode(&fresh), 0o700);
+
+        // A readable token is refused, not tightened: it may have been copied already.
+        let token = dir.join("admin.token");
+        std::fs::write(&token, b"t").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = prepare(&dir, &KEY_FILES).unwrap_err();
+        assert!(e.contains("admin token") && e.contains("chmod 600"), "{e}");
+        assert_eq!(mode(&token), 0o644);
     }
 
     #[test]

@@ -554,7 +554,11 @@ async fn create(
         None,
         Some(obj.metadata.generation),
     );
-    let mut resp = (StatusCode::CREATED, Json(redact(state.store.content_key(), obj))).into_response();
+    let mut resp = (
+        StatusCode::CREATED,
+        Json(redact(state.store.content_key(), obj)),
+    )
+        .into_response();
     audited(&mut resp, "create", vec![c]);
     Ok(resp)
 }
