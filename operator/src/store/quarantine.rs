@@ -3,7 +3,8 @@
 //! record used to stop the server at start and fail every list of its kind. Now it is moved, bytes
 //! unchanged, into the `quarantine` tree (found at open, or by a list that meets it), logged by key
 //! and reason only (never content), counted in the discovery document, and listed by
-//! `berth admin fsck`; everything else is served as before.
+//! `berth admin fsck`; everything else is served as before. Webhook records that do not decode
+//! go the same way (`Webhooks::list`).
 //!
 //! A quarantined object is gone from the API: its controller treats it as deleted (a quarantined
 //! Service's Swarm service is removed at the next resync). Restore it from the quarantined bytes
@@ -90,9 +91,22 @@ impl Store {
         bytes: &[u8],
         reason: &str,
     ) -> Result<bool, StoreError> {
+        let objects = self.objects.clone();
+        self.quarantine_record("objects", &objects, k, bytes, reason)
+    }
+
+    /// The same for a record of another tree of this store (`aux_tree`), e.g. a webhook.
+    pub(crate) fn quarantine_record(
+        &self,
+        tree_name: &str,
+        tree: &sled::Tree,
+        k: &[u8],
+        bytes: &[u8],
+        reason: &str,
+    ) -> Result<bool, StoreError> {
         let name = String::from_utf8_lossy(k).into_owned();
         let record = Quarantined {
-            tree: "objects".into(),
+            tree: tree_name.into(),
             key: name.clone(),
             reason: reason.to_string(),
             quarantined_at: Utc::now(),
@@ -100,8 +114,8 @@ impl Store {
         };
         let value = serde_json::to_vec(&record).expect("a record always encodes");
         // Unique per move: the same key may go bad twice.
-        let qkey = format!("objects/{name}@{}", ulid::Ulid::new());
-        let moved = (&self.objects, &self.quarantine)
+        let qkey = format!("{tree_name}/{name}@{}", ulid::Ulid::new());
+        let moved = (tree, &self.quarantine)
             .transaction(|(objs, q)| {
                 if objs.get(k)?.as_deref() != Some(bytes) {
                     return Ok(false);
@@ -113,6 +127,7 @@ impl Store {
             .map_err(StoreError::from)?;
         if moved {
             error!(
+                tree = tree_name,
                 key = %name,
                 %reason,
                 "moved an unreadable record into quarantine (see `berth admin fsck`)"
