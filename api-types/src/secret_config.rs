@@ -4,9 +4,10 @@
 
 use crate::meta::Object;
 use crate::validate::{check_envelope, Errors, FieldError};
+use hmac::{Hmac, Mac};
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -171,21 +172,62 @@ impl DataSpec {
     }
 }
 
-/// One key's content hash, as shown instead of a Secret's value and used in Swarm names.
-pub fn content_hash(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+/// The key of content digests: derived from the master key (`HMAC-SHA256(master, "berth content
+/// hash v1")`), so only the API server can compute one, and a digest in a response or a Swarm name
+/// cannot be used to test guesses of a value offline (a plain SHA-256 of a short password can).
+/// Its `Debug` never shows the bytes.
+#[derive(Clone)]
+pub struct ContentKey([u8; 32]);
+
+impl fmt::Debug for ContentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ContentKey(<derived>)")
+    }
 }
 
-/// What the API shows of one Secret key instead of its value.
+/// Names what the derived key is for; another layout of digests gets another label (and key).
+const CONTENT_KEY_LABEL: &[u8] = b"berth content hash v1";
+
+impl ContentKey {
+    /// Derives the content key from the master key's bytes (a PRF over a fixed label: stable
+    /// across restarts, distinct from the master key and from its other uses).
+    pub fn derive(master: &[u8; 32]) -> Self {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(master).expect("HMAC takes keys of any length");
+        mac.update(CONTENT_KEY_LABEL);
+        ContentKey(mac.finalize().into_bytes().into())
+    }
+
+    /// One value's digest: lowercase hex of `HMAC-SHA256(content key, bytes)`. Equal values give
+    /// equal digests within one installation (and one master key); nothing else can be learnt.
+    pub fn digest(&self, bytes: &[u8]) -> String {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(bytes);
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The digest of every file of a Secret or Config (key -> digest): what the data endpoint hands
+    /// controllers, who name Swarm secrets and configs by it.
+    pub fn digests(&self, files: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, String> {
+        files
+            .iter()
+            .map(|(k, v)| (k.clone(), self.digest(v)))
+            .collect()
+    }
+}
+
+/// What the API shows of one Secret key instead of its value. `digest` is a keyed hash (see
+/// [`ContentKey`]), not a SHA-256 of the value: it tells whether a value changed, nothing more.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RedactedKey {
     pub size: usize,
-    pub sha256: String,
+    pub digest: String,
 }
 
-/// The read-only view of a Secret's spec that the API returns: keys, sizes and hashes, no values.
-/// It is not accepted on apply, so output of `berth get` cannot overwrite a secret by accident.
-pub fn redacted_view(spec: &DataSpec) -> serde_json::Value {
+/// The read-only view of a Secret's spec that the API returns: keys, sizes and keyed digests, no
+/// values. It is not accepted on apply, so output of `berth get` cannot overwrite a secret by accident.
+pub fn redacted_view(spec: &DataSpec, key: &ContentKey) -> serde_json::Value {
     let keys: BTreeMap<String, RedactedKey> = spec
         .files()
         .into_iter()
@@ -194,7 +236,7 @@ pub fn redacted_view(spec: &DataSpec) -> serde_json::Value {
                 k,
                 RedactedKey {
                     size: v.len(),
-                    sha256: content_hash(&v),
+                    digest: key.digest(&v),
                 },
             )
         })
@@ -432,9 +474,40 @@ mod tests {
     fn redacted_view_has_no_values() {
         let d: DataSpec =
             serde_json::from_value(json!({"stringData": {"pw": "s3cret-value"}})).unwrap();
-        let v = redacted_view(&d);
+        let key = ContentKey::derive(&[1u8; 32]);
+        let v = redacted_view(&d, &key);
         assert_eq!(v["redacted"]["pw"]["size"], 12);
-        assert_eq!(v["redacted"]["pw"]["sha256"], content_hash(b"s3cret-value"));
+        assert_eq!(v["redacted"]["pw"]["digest"], key.digest(b"s3cret-value"));
+        assert!(v["redacted"]["pw"].get("sha256").is_none(), "{v}");
         assert!(!v.to_string().contains("s3cret"));
+        // Not the plain SHA-256 an offline guesser could check candidates against.
+        use sha2::Digest;
+        let plain = hex::encode(Sha256::digest(b"s3cret-value"));
+        assert_ne!(key.digest(b"s3cret-value"), plain);
+        assert!(!v.to_string().contains(&plain));
+    }
+
+    #[test]
+    fn content_digests_are_keyed() {
+        let a = ContentKey::derive(&[1u8; 32]);
+        let b = ContentKey::derive(&[2u8; 32]);
+        assert_eq!(a.digest(b"v"), a.digest(b"v"), "stable under one key");
+        assert_ne!(a.digest(b"v"), a.digest(b"w"));
+        assert_ne!(
+            a.digest(b"v"),
+            b.digest(b"v"),
+            "another master key, another digest"
+        );
+        assert_eq!(a.digest(b"v").len(), 64);
+        assert!(!format!("{a:?}").contains("01"));
+        // Pinned, so a change of derivation is deliberate (it renames every Swarm secret):
+        // CK=$(printf 'berth content hash v1' | openssl dgst -sha256 -mac HMAC -macopt hexkey:0101..01)
+        // printf v | openssl dgst -sha256 -mac HMAC -macopt hexkey:$CK
+        assert_eq!(
+            a.digest(b"v"),
+            "dee1110fd83884cdc21a7a6a47cbe872d8aa50426835daa080afef0d16a25be4"
+        );
+        let files = BTreeMap::from([("k".to_string(), b"v".to_vec())]);
+        assert_eq!(a.digests(&files)["k"], a.digest(b"v"));
     }
 }

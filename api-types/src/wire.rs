@@ -55,6 +55,9 @@ pub struct Discovery {
     /// The Network services join when they list none of their own.
     pub default_network: String,
     pub kinds: Vec<Kind>,
+    /// Records the store could not read and moved aside (see `berth admin fsck`); 0 when healthy.
+    #[serde(default)]
+    pub quarantined: usize,
 }
 
 /// The answer of `paths::JOIN_COMMAND`.
@@ -83,8 +86,12 @@ pub struct List<T> {
     pub items: Vec<T>,
 }
 
-/// Body of `GET <object>/data`: base64 values per key.
+/// Body of `GET <object>/data`: base64 values per key, and each value's keyed digest
+/// (`secret_config::ContentKey`, hex), by which controllers name what they create in Swarm.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataBody {
     pub data: BTreeMap<String, String>,
+    /// Absent from servers older than keyed digests; a controller then refuses to name files.
+    #[serde(default)]
+    pub digests: BTreeMap<String, String>,
 }

@@ -83,14 +83,27 @@ pub trait ResourceStore: Send + Sync + 'static {
     async fn deregister(&self, kind: Kind, name: &str) -> Result<(), ClientError>;
 }
 
+/// The files of a Secret or Config (key -> bytes), each with its keyed digest (key -> hex). The
+/// digest is computed by the API server, which alone holds the key it is derived from (see
+/// `secret_config::ContentKey`); controllers name Swarm secrets and configs by it, never by a plain
+/// hash of the value. Reads as the map of files; no `Debug`, so values cannot reach a log by accident.
+#[derive(Clone, Default)]
+pub struct DataFiles {
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub digests: BTreeMap<String, String>,
+}
+
+impl std::ops::Deref for DataFiles {
+    type Target = BTreeMap<String, Vec<u8>>;
+    fn deref(&self) -> &Self::Target {
+        &self.files
+    }
+}
+
 /// Decrypted Secret/Config values. Given only to controllers that must hand them to the engine: it
 /// is how a Secret's value reaches Swarm, and the only way it leaves the API.
 #[async_trait]
 pub trait SecretReader: Send + Sync + 'static {
-    /// The files of a Secret or Config (key -> bytes); `None` if the object does not exist.
-    async fn data(
-        &self,
-        kind: Kind,
-        name: &str,
-    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError>;
+    /// The files of a Secret or Config with their digests; `None` if the object does not exist.
+    async fn data(&self, kind: Kind, name: &str) -> Result<Option<DataFiles>, ClientError>;
 }

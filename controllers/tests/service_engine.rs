@@ -613,8 +613,8 @@ async fn a_rotated_secret_moves_the_service_and_the_old_one_is_collected() {
 
     f.reconcile(&name).await;
     // The value is materialised under a content-addressed name, labelled as berth's.
-    let v1 = swarm_name(&db, "password", &first);
-    let c1 = swarm_name(&conf, "app.conf", b"mode = test\n");
+    let v1 = swarm_name(&db, "password", &f.store.digest(&first));
+    let c1 = swarm_name(&conf, "app.conf", &f.store.digest(b"mode = test\n"));
     assert_eq!(f.secret_names(&db).await, vec![v1.clone()]);
     assert_eq!(f.config_names(&conf).await, vec![c1.clone()]);
     let s1 = f.secrets(&v1).await.remove(0);
@@ -641,7 +641,7 @@ async fn a_rotated_secret_moves_the_service_and_the_old_one_is_collected() {
     let second = secret_value("two");
     f.store
         .put_data(Kind::Secret, &db, &[("password", &second)]);
-    let v2 = swarm_name(&db, "password", &second);
+    let v2 = swarm_name(&db, "password", &f.store.digest(&second));
     assert_ne!(v1, v2);
     let deadline = Instant::now() + CONVERGE;
     loop {
@@ -681,6 +681,49 @@ async fn a_rotated_secret_moves_the_service_and_the_old_one_is_collected() {
     f.ctl.collect_garbage(&ctx).await.expect("collect garbage");
     assert_eq!(f.secret_names(&db).await, vec![v2.clone()]);
     assert_eq!(f.config_names(&conf).await, vec![c1.clone()]);
+
+    // The master key changes (`berth admin rotate-master-key`; the same happens once at the upgrade
+    // from names of plain SHA-256 hashes): every digest, so every name, changes with it. The values
+    // did not change, and the normal path moves the service onto the new names and collects the
+    // old ones, exactly as for a changed value.
+    f.store.set_master_key(&[77u8; 32]);
+    let v3 = swarm_name(&db, "password", &f.store.digest(&second));
+    let c3 = swarm_name(&conf, "app.conf", &f.store.digest(b"mode = test\n"));
+    assert_ne!(v3, v2);
+    assert_ne!(c3, c1);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let action = f.reconcile(&name).await;
+        let svc = f.must_service(&name).await;
+        if mounted_secrets(&svc) == vec![(v3.clone(), db.clone())]
+            && mounted_configs(&svc) == vec![(c3.clone(), "/etc/app.conf".to_string())]
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service does not move onto the re-keyed names (last action {action:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let deadline = Instant::now() + CONVERGE;
+    while f.secret_names(&db).await != vec![v3.clone()]
+        || f.config_names(&conf).await != vec![c3.clone()]
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old names are not collected: {:?} {:?}",
+            f.secret_names(&db).await,
+            f.config_names(&conf).await
+        );
+        f.reconcile(&name).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    f.ready(&name).await;
+    assert!(
+        f.read_in_task(&name, &format!("/run/secrets/{db}")).await == second,
+        "the task reads the same value under its new name"
+    );
 
     // The object is deleted: cleanup removes its service and what only it used.
     f.store.remove(Kind::Service, &name);

@@ -5,9 +5,8 @@ use async_trait::async_trait;
 use berth_api_types::names::paths;
 use berth_api_types::wire::{ApplyResult, DataBody, Discovery, ErrorBody, Installation, List};
 use berth_api_types::{DynObject, Event, Kind};
-use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
+use berth_controllers::api::{ClientError, DataFiles, ResourceStore, SecretReader};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// HTTP client of the berth API, used by the CLI and by controllers running as their own process.
@@ -343,11 +342,7 @@ pub fn registration(kind: Kind, name: &str) -> Value {
 
 #[async_trait]
 impl SecretReader for ApiClient {
-    async fn data(
-        &self,
-        kind: Kind,
-        name: &str,
-    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
+    async fn data(&self, kind: Kind, name: &str) -> Result<Option<DataFiles>, ClientError> {
         use base64::Engine;
         let body: DataBody = match self
             .send(self.http.get(self.url(&paths::data(kind, name))))
@@ -357,7 +352,8 @@ impl SecretReader for ApiClient {
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e),
         };
-        body.data
+        let files = body
+            .data
             .into_iter()
             .map(|(k, v)| {
                 base64::engine::general_purpose::STANDARD
@@ -365,7 +361,10 @@ impl SecretReader for ApiClient {
                     .map(|b| (k, b))
                     .map_err(|_| ClientError::Protocol("data is not base64".into()))
             })
-            .collect::<Result<_, _>>()
-            .map(Some)
+            .collect::<Result<_, _>>()?;
+        Ok(Some(DataFiles {
+            files,
+            digests: body.digests,
+        }))
     }
 }

@@ -338,8 +338,9 @@ async fn offline(
     let (store_dir, key) = if dry_run && !store_dir.exists() {
         (scratch.path().join("store"), MasterKey::random("dry run"))
     } else {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| format!("error: cannot create {}: {e}", data_dir.display()))?;
+        // What berth writes there is private, as when the server makes it (see `data_dir`).
+        crate::data_dir::prepare(data_dir, &crate::data_dir::KEY_FILES)
+            .map_err(|e| format!("error: {e}"))?;
         if !dry_run {
             let adopted = Store::adopt_installation(&store_dir, &doc.installation)
                 .map_err(|e| format!("error: {e}"))?;

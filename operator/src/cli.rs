@@ -257,6 +257,12 @@ pub async fn info(conn: &Conn, out: Output) -> CliResult {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            if d.quarantined > 0 {
+                println!(
+                    "Quarantined:     {} unreadable record(s): run `berth admin fsck`",
+                    d.quarantined
+                );
+            }
         }
         Output::Json => println!(
             "{}",

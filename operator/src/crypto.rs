@@ -18,6 +18,9 @@ use std::sync::Arc;
 pub const MASTER_KEY_ENV: &str = "BERTH_MASTER_KEY";
 /// Name of the key file inside the data directory.
 pub const MASTER_KEY_FILE: &str = "master.key";
+/// The new key of a master key rotation, until the rotation is known to be complete (see
+/// `admin.rs`): it exists only between `berth admin rotate-master-key` and the next start.
+pub const PENDING_KEY_FILE: &str = "master.key.new";
 const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 
@@ -76,6 +79,30 @@ impl MasterKey {
         }
     }
 
+    /// The key a store already uses: `BERTH_MASTER_KEY` if set, else `<data_dir>/master.key`, which
+    /// must exist (offline admin commands never make a key).
+    pub fn resolve_existing(data_dir: &Path) -> Result<Self, String> {
+        let path = data_dir.join(MASTER_KEY_FILE);
+        if std::env::var_os(MASTER_KEY_ENV).is_none() && !path.exists() {
+            return Err(format!(
+                "no master key: {MASTER_KEY_ENV} is not set and {} does not exist",
+                path.display()
+            ));
+        }
+        Self::resolve(data_dir)
+    }
+
+    /// Whether the key came from `BERTH_MASTER_KEY` (rather than the key file).
+    pub fn is_from_env(&self) -> bool {
+        self.source == MASTER_KEY_ENV
+    }
+
+    /// Whether two keys are the same key (constant time).
+    pub fn same_as(&self, other: &MasterKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.bytes.ct_eq(&other.bytes).into()
+    }
+
     /// Parses the value of `BERTH_MASTER_KEY`: 64 hex characters or base64 of 32 bytes. The value is
     /// never part of an error.
     pub fn parse_env(value: &str) -> Result<Self, String> {
@@ -114,8 +141,8 @@ impl MasterKey {
     /// not exist. Refuses a file of the wrong length or one that group or others can read.
     pub fn load_or_create(path: &Path) -> Result<Self, String> {
         match std::fs::metadata(path) {
-            Ok(meta) => {
-                check_private(path, &meta)?;
+            Ok(_) => {
+                crate::data_dir::check_private_file(path, "master key")?;
                 let bytes = std::fs::read(path)
                     .map_err(|e| format!("cannot read the master key {}: {e}", path.display()))?;
                 if bytes.len() != KEY_LEN {
@@ -151,6 +178,12 @@ impl MasterKey {
         crate::deploy_auth::DeployKey::derive(&self.bytes)
     }
 
+    /// The key of content digests (Secret keys in API responses, Swarm secret and config names),
+    /// derived for that purpose alone; see `secret_config::ContentKey`.
+    pub fn content_key(&self) -> berth_api_types::secret_config::ContentKey {
+        berth_api_types::secret_config::ContentKey::derive(&self.bytes)
+    }
+
     pub fn sealer(&self) -> Sealer {
         Sealer {
             cipher: Arc::new(XChaCha20Poly1305::new(Key::from_slice(&self.bytes))),
@@ -166,50 +199,34 @@ fn to_key(bytes: &[u8]) -> Result<[u8; KEY_LEN], String> {
     <[u8; KEY_LEN]>::try_from(bytes).map_err(|_| format!("a master key is exactly {KEY_LEN} bytes"))
 }
 
-#[cfg(unix)]
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "the master key file {} is readable or writable by group or others (mode {mode:04o}); \
-             refusing to use it. Run `chmod 600 {}` (and consider the key exposed)",
-            path.display(),
-            path.display()
-        ));
-    }
-    if !meta.is_file() {
-        return Err(format!(
-            "the master key {} is not a regular file",
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
-    if !meta.is_file() {
-        return Err(format!(
-            "the master key {} is not a regular file",
-            path.display()
-        ));
-    }
-    Ok(())
-}
-
 /// Writes a fresh key to a temporary file (mode 0600, fsynced), then links it into place without
 /// replacing anything (two servers starting at once agree on one key), then fsyncs the directory.
 fn create_key_file(path: &Path) -> Result<MasterKey, String> {
-    use std::io::Write;
     let key = MasterKey::random(path.display().to_string());
-    let tmp = path.with_extension(format!("key.tmp-{}", std::process::id()));
-    let fail = |what: &str, e: std::io::Error| {
-        format!(
-            "cannot create the master key {}: {what}: {e}",
-            path.display()
-        )
-    };
+    match write_new_key_file(path, &key) {
+        Ok(()) => {}
+        // Someone else created it meanwhile: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return MasterKey::load_or_create(path)
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot create the master key {}: {e}",
+                path.display()
+            ))
+        }
+    }
+    Ok(MasterKey {
+        created: Some(path.to_path_buf()),
+        ..key
+    })
+}
+
+/// Writes `key` as a new key file at `path` (mode 0600, fsynced, directory fsynced); fails with
+/// `AlreadyExists` rather than replace a file.
+pub fn write_new_key_file(path: &Path, key: &MasterKey) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -224,25 +241,24 @@ fn create_key_file(path: &Path) -> Result<MasterKey, String> {
     });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(fail("write", e));
+        return Err(e);
     }
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {}
-        // Someone else created it meanwhile: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return MasterKey::load_or_create(path)
-        }
-        Err(e) => return Err(fail("link into place", e)),
-    }
+    linked?;
     if let Some(dir) = path.parent() {
-        sync_dir(dir).map_err(|e| fail("sync directory", e))?;
+        sync_dir(dir)?;
     }
-    Ok(MasterKey {
-        created: Some(path.to_path_buf()),
-        ..key
-    })
+    Ok(())
+}
+
+/// Replaces the key file `to` with `from` (a rename: atomic), then fsyncs the directory.
+pub fn replace_key_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    if let Some(dir) = to.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 #[cfg(unix)]

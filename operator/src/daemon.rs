@@ -73,6 +73,11 @@ async fn admin_token(data_dir: &Path, tokens: &Tokens) -> Result<PathBuf, String
     if tokens.has_admin().map_err(|e| format!("error: {e}"))? {
         return Ok(path);
     }
+    // A token file group or others can read is refused, not used (see `data_dir`).
+    if path.exists() {
+        crate::data_dir::check_private_file(&path, "admin token")
+            .map_err(|e| format!("error: {e}"))?;
+    }
     let token = match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
         _ => {
@@ -137,14 +142,19 @@ async fn start_api(
     ingress_proxy: &str,
     tasks: &mut Tasks,
 ) -> Result<ApiParts, String> {
-    std::fs::create_dir_all(&server.data_dir)
-        .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
+    // Before anything is read or created in it: 0700, files 0600, umask 077 (see `data_dir`).
+    crate::data_dir::prepare(&server.data_dir, &crate::data_dir::KEY_FILES)
+        .map_err(|e| format!("error: {e}"))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
-    let store =
-        open_store(&server.data_dir.join("store"), &key)?.with_policy(crate::store::Policy {
+    // A master key rotation interrupted by a crash is completed or rolled back here.
+    let key =
+        crate::admin::settle_rotation(&server.data_dir, key).map_err(|e| format!("error: {e}"))?;
+    let store = open_store(&crate::admin::store_dir(&server.data_dir), &key)?.with_policy(
+        crate::store::Policy {
             allow_bind_mounts: server.allow_bind_mounts,
             ingress_proxy: ingress_proxy.to_string(),
-        });
+        },
+    );
     if server.allow_bind_mounts {
         tracing::warn!("--allow-bind-mounts: Volumes may mount host paths and devices");
     }
@@ -183,6 +193,17 @@ async fn start_api(
     );
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
+    // A failed flush leaves writes in memory that may not be on disk: the store refuses service,
+    // and the process exits so that its restart recovers exactly what is on disk.
+    let watched = store.clone();
+    tasks.spawn(async move {
+        watched.failed().await;
+        Err(
+            "error: the store could not flush a write to disk (see the log); restart berth: it \
+             recovers what is on disk, and clients re-apply what was not acknowledged"
+                .to_string(),
+        )
+    });
     let backups = start_backups(
         server,
         &store,
@@ -647,8 +668,7 @@ pub async fn controller(
         .await
         .map_err(|e| format!("error: {e}"))?;
     controller_token_check(&http).await?;
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|e| format!("error: cannot create {}: {e}", state_dir.display()))?;
+    crate::data_dir::prepare(&state_dir, &[]).map_err(|e| format!("error: {e}"))?;
     let kind = CONTROLLERS
         .into_iter()
         .find(|k| Kind::parse_loose(kind) == Some(*k))
@@ -667,4 +687,41 @@ pub async fn controller(
     let mut tasks = Tasks::new();
     wiring.start(kind, &mut tasks).await?;
     supervise(tasks).await
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn the_admin_token_file_is_made_private_and_refused_when_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = MasterKey::from_bytes([4u8; 32], "test key");
+        let store = Store::open(&dir.path().join("store"), &key).unwrap();
+        let path = dir.path().join("admin.token");
+        // An older berth's file, readable by others: refused (it may have been copied), kept.
+        std::fs::write(&path, "old-token-value").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tokens = Tokens::open(&store).unwrap();
+        let e = admin_token(dir.path(), &tokens).await.unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string())
+                && e.contains("mode 0644")
+                && e.contains(&format!("chmod 600 {}", path.display())),
+            "{e}"
+        );
+        assert!(!e.contains("old-token-value"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old-token-value");
+        // The start's own check says the same before anything else runs.
+        let e = crate::data_dir::prepare(dir.path(), &crate::data_dir::KEY_FILES).unwrap_err();
+        assert!(e.contains("admin token") && e.contains("chmod 600"), "{e}");
+        // A fresh token file is made 0600.
+        std::fs::remove_file(&path).unwrap();
+        admin_token(dir.path(), &tokens).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
 }

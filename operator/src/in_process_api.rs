@@ -10,9 +10,8 @@ use berth_api_types::secret_config::DataSpec;
 use berth_api_types::typed::decode_object;
 use berth_api_types::wire::Installation;
 use berth_api_types::{DynObject, Kind};
-use berth_controllers::api::{ClientError, ResourceStore, SecretReader};
+use berth_controllers::api::{ClientError, DataFiles, ResourceStore, SecretReader};
 use serde_json::Value;
-use std::collections::BTreeMap;
 
 #[derive(Clone)]
 pub struct InProcessApi {
@@ -37,14 +36,18 @@ impl ResourceStore for InProcessApi {
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, ClientError> {
         self.store
             .get(kind, name)
-            .map(|o| o.map(redact))
+            .map(|o| o.map(|o| redact(self.store.content_key(), o)))
             .map_err(to_client)
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
         self.store
             .list(kind)
-            .map(|os| os.into_iter().map(redact).collect())
+            .map(|os| {
+                os.into_iter()
+                    .map(|o| redact(self.store.content_key(), o))
+                    .collect()
+            })
             .map_err(to_client)
     }
 
@@ -58,7 +61,7 @@ impl ResourceStore for InProcessApi {
         self.store
             .update_status(kind, name, status, resource_version)
             .await
-            .map(redact)
+            .map(|o| redact(self.store.content_key(), o))
             .map_err(to_client)
     }
 
@@ -99,17 +102,16 @@ impl ResourceStore for InProcessApi {
 
 #[async_trait]
 impl SecretReader for InProcessApi {
-    async fn data(
-        &self,
-        kind: Kind,
-        name: &str,
-    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
+    async fn data(&self, kind: Kind, name: &str) -> Result<Option<DataFiles>, ClientError> {
         let Some(obj) = self.store.get(kind, name).map_err(to_client)? else {
             return Ok(None);
         };
         let spec: DataSpec = serde_json::from_value(obj.spec)
             .map_err(|_| ClientError::Protocol(format!("{kind} `{name}` has no readable data")))?;
-        Ok(Some(spec.files()))
+        let files = spec.files();
+        // The same digests the data endpoint hands a controller in its own process.
+        let digests = self.store.content_key().digests(&files);
+        Ok(Some(DataFiles { files, digests }))
     }
 }
 
@@ -170,6 +172,11 @@ mod tests {
         // Values only through the SecretReader.
         let files = l.data(Kind::Secret, "db").await.unwrap().unwrap();
         assert_eq!(files["pw"], b"hunter2-value");
+        assert_eq!(
+            files.digests["pw"],
+            l.store.content_key().digest(b"hunter2-value"),
+            "keyed digests with the values, as over HTTP"
+        );
         assert!(l.data(Kind::Secret, "gone").await.unwrap().is_none());
         let inst = l.installation().await.unwrap();
         assert_eq!(inst.instance, l.store.instance());

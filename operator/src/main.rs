@@ -2,12 +2,14 @@
 //! (`apply`, `get`, `describe`, `delete`, `events`) talk to a running API server.
 
 mod access;
+mod admin;
 mod api_client;
 mod backup_api;
 mod backup_cli;
 mod cli;
 mod crypto;
 mod daemon;
+mod data_dir;
 mod deploy_applier;
 mod deploy_auth;
 mod environment;
@@ -322,11 +324,33 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Operations on the data directory, run on the API server's machine with berth stopped.
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// What berth runs inside its short-lived agent tasks on other nodes (not for people).
     #[command(hide = true)]
     Agent {
         #[command(subcommand)]
         action: AgentAction,
+    },
+}
+
+/// `berth admin ...` (see admin.rs). Offline: sled's lock makes them fail while berth runs.
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Check the store: every object decodes, every sealed value opens, key and token files are
+    /// private; list quarantined records. Exits non-zero when anything is wrong.
+    Fsck {
+        #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
+        data_dir: PathBuf,
+    },
+    /// Re-seal every sealed value under a new master key, atomically. With BERTH_MASTER_KEY set,
+    /// the new key is printed once: set BERTH_MASTER_KEY to it before starting berth.
+    RotateMasterKey {
+        #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
+        data_dir: PathBuf,
     },
 }
 
@@ -522,6 +546,10 @@ fn main() -> ExitCode {
                 output,
                 conn,
             } => cli::events(&conn, watch, kind.as_deref(), limit, output).await,
+            Command::Admin { action } => match action {
+                AdminAction::Fsck { data_dir } => admin::fsck(&data_dir),
+                AdminAction::RotateMasterKey { data_dir } => admin::rotate_master_key(&data_dir),
+            },
             Command::Agent { .. } => unreachable!("handled before the runtime starts"),
         }
     });

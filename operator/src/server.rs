@@ -3,7 +3,7 @@
 //! document with the same precise, field-addressed messages the CLI prints.
 //!
 //! A Secret's values never appear in a response about the Secret: its `spec` is shown as
-//! `secret_config::redacted_view` (keys, sizes, sha256). Only `GET .../{secrets|configs}/{name}/data` returns
+//! `secret_config::redacted_view` (keys, sizes, keyed digests). Only `GET .../{secrets|configs}/{name}/data` returns
 //! values, for controllers.
 
 use crate::access::{deployer_may_write, Audited, Change};
@@ -20,7 +20,7 @@ use axum::routing::{get, post, put};
 use axum::Extension;
 use axum::{Json, Router};
 use berth_api_types::names::{paths, API_VERSION};
-use berth_api_types::secret_config::{redacted_view, DataSpec};
+use berth_api_types::secret_config::{redacted_view, ContentKey, DataSpec};
 use berth_api_types::typed::decode_object;
 use berth_api_types::validate::FieldError;
 use berth_api_types::wire::{DataBody, Discovery, ErrorBody, ErrorDetail, List};
@@ -244,11 +244,12 @@ fn checked(value: &Value, kind: Kind, name: Option<&str>) -> ApiResult<DynObject
 }
 
 /// An object as the API shows it: a Secret's spec replaced by its redacted view (keys, sizes,
-/// hashes). A spec that does not parse shows no keys rather than anything of its content.
-pub fn redact(mut obj: DynObject) -> DynObject {
+/// keyed digests under `key`, the store's content key). A spec that does not parse shows no keys
+/// rather than anything of its content.
+pub fn redact(key: &ContentKey, mut obj: DynObject) -> DynObject {
     if obj.kind == Kind::Secret {
         obj.spec = match serde_json::from_value::<DataSpec>(std::mem::take(&mut obj.spec)) {
-            Ok(d) => redacted_view(&d),
+            Ok(d) => redacted_view(&d, key),
             Err(_) => serde_json::json!({ "redacted": {} }),
         };
     }
@@ -261,6 +262,7 @@ async fn discovery(State(state): State<AppState>) -> Json<Discovery> {
         instance: state.store.instance().to_string(),
         default_network: state.default_network.to_string(),
         kinds: Kind::ALL.into_iter().filter(|k| k.is_served()).collect(),
+        quarantined: state.store.quarantined_count(),
     })
 }
 
@@ -412,7 +414,12 @@ async fn list(
 ) -> ApiResult<Json<List<DynObject>>> {
     let kind = kind_of(&plural)?;
     Ok(Json(List {
-        items: state.store.list(kind)?.into_iter().map(redact).collect(),
+        items: state
+            .store
+            .list(kind)?
+            .into_iter()
+            .map(|o| redact(state.store.content_key(), o))
+            .collect(),
     }))
 }
 
@@ -424,7 +431,7 @@ async fn get_one(
     state
         .store
         .get(kind, &name)?
-        .map(|o| Json(redact(o)))
+        .map(|o| Json(redact(state.store.content_key(), o)))
         .ok_or_else(|| StoreError::NotFound { kind, name }.into())
 }
 
@@ -459,12 +466,14 @@ async fn get_data(
             format!("{kind} `{name}` has a stored spec that does not parse"),
         )
     })?;
-    let data = spec
-        .files()
+    let files = spec.files();
+    // Keyed digests: what controllers name Swarm secrets and configs by (they have no master key).
+    let digests = state.store.content_key().digests(&files);
+    let data = files
         .into_iter()
         .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
         .collect();
-    Ok(Json(DataBody { data }))
+    Ok(Json(DataBody { data, digests }))
 }
 
 async fn get_one_status(
@@ -556,7 +565,11 @@ async fn create(
         None,
         Some(obj.metadata.generation),
     );
-    let mut resp = (StatusCode::CREATED, Json(redact(obj))).into_response();
+    let mut resp = (
+        StatusCode::CREATED,
+        Json(redact(state.store.content_key(), obj)),
+    )
+        .into_response();
     audited(&mut resp, "create", vec![c]);
     Ok(resp)
 }
@@ -582,7 +595,7 @@ async fn replace(
         .await?;
     let obj = out.remove(0).1;
     let c = change(kind, &name, before[0], Some(obj.metadata.generation));
-    let mut resp = Json(redact(obj)).into_response();
+    let mut resp = Json(redact(state.store.content_key(), obj)).into_response();
     audited(&mut resp, "replace", vec![c]);
     Ok(resp)
 }
@@ -643,7 +656,7 @@ async fn patch(
         Some(current.metadata.generation),
         Some(obj.metadata.generation),
     );
-    let mut resp = Json(redact(obj)).into_response();
+    let mut resp = Json(redact(state.store.content_key(), obj)).into_response();
     audited(&mut resp, "patch", vec![c]);
     Ok(resp)
 }
@@ -679,7 +692,7 @@ async fn delete(
         .await?;
     info!(%kind, %name, "deleted");
     let c = change(kind, &name, Some(obj.metadata.generation), None);
-    let mut resp = Json(redact(obj)).into_response();
+    let mut resp = Json(redact(state.store.content_key(), obj)).into_response();
     audited(&mut resp, "delete", vec![c]);
     Ok(resp)
 }
@@ -719,6 +732,7 @@ async fn put_status(
         }
     };
     Ok(Json(redact(
+        state.store.content_key(),
         state
             .store
             .update_status(kind, &name, status, expected_rv.as_deref())
@@ -1173,8 +1187,10 @@ mod tests {
         assert_eq!(code, 201, "{created}");
         assert_eq!(created["spec"]["redacted"]["pw"]["size"], v1.len());
         assert_eq!(
-            created["spec"]["redacted"]["pw"]["sha256"],
-            berth_api_types::secret_config::content_hash(v1.as_bytes())
+            created["spec"]["redacted"]["pw"]["digest"],
+            crate::crypto::MasterKey::from_bytes([9u8; 32], "test key")
+                .content_key()
+                .digest(v1.as_bytes())
         );
         assert!(created["spec"]["redacted"]["cert"].is_object());
         let (code, dry) = call_clean(
@@ -1268,7 +1284,16 @@ mod tests {
         // Only the data endpoint carries values.
         let (code, data) = call(&app, "GET", "/apis/berth/v1/secrets/db/data", None, true).await;
         assert_eq!(code, 200);
-        assert_eq!(data, json!({"data": {"pw": b64(v1)}}));
+        let ck = crate::crypto::MasterKey::from_bytes([9u8; 32], "test key").content_key();
+        assert_eq!(
+            data,
+            json!({"data": {"pw": b64(v1)}, "digests": {"pw": ck.digest(v1.as_bytes())}}),
+            "the digest shown in the redacted view, for naming the Swarm secret"
+        );
+        assert_eq!(
+            data["digests"]["pw"],
+            created["spec"]["redacted"]["pw"]["digest"]
+        );
 
         let (code, deleted) = call_clean(&app, "DELETE", one, None, &values).await;
         assert_eq!(code, 200);
@@ -1295,7 +1320,13 @@ mod tests {
             let path = format!("/apis/berth/v1/{plural}/app/data");
             let (code, data) = call(&app, "GET", &path, None, true).await;
             assert_eq!(code, 200);
-            assert_eq!(data, json!({"data": {"a": b64("text"), "b": b64("bytes")}}));
+            assert_eq!(data["data"], json!({"a": b64("text"), "b": b64("bytes")}));
+            // Configs get keyed digests as Secrets do: one naming rule for both.
+            let ck = crate::crypto::MasterKey::from_bytes([9u8; 32], "test key").content_key();
+            assert_eq!(
+                data["digests"],
+                json!({"a": ck.digest(b"text"), "b": ck.digest(b"bytes")})
+            );
             let (code, _) = call(&app, "GET", &path, None, false).await;
             assert_eq!(code, 401);
             let (code, err) = call(

@@ -183,13 +183,25 @@ impl Webhooks {
         self.store.sealer()
     }
 
+    /// Every webhook. A record that does not decode is moved into the store's quarantine and
+    /// left out, so one bad record does not hide the others (or fail the environment snapshot).
     pub fn list(&self) -> Result<Vec<Webhook>, StoreError> {
-        let mut out: Vec<Webhook> = self
-            .by_id
-            .iter()
-            .values()
-            .map(|v| decode(&v?))
-            .collect::<Result<_, _>>()?;
+        let mut out: Vec<Webhook> = Vec::new();
+        for item in self.by_id.iter() {
+            let (k, v) = item?;
+            match decode(&v) {
+                Ok(h) => out.push(h),
+                Err(_) => {
+                    self.store.quarantine_record(
+                        "webhooks",
+                        &self.by_id,
+                        &k,
+                        &v,
+                        "does not decode as a webhook",
+                    )?;
+                }
+            }
+        }
         out.sort_by(|a, b| (&a.service, a.created).cmp(&(&b.service, b.created)));
         Ok(out)
     }
@@ -331,6 +343,52 @@ impl Webhooks {
             })
     }
 
+    /// Every signed webhook's record with its signing secret sealed again under `new` (for
+    /// `berth admin rotate-master-key`, which writes them in one transaction with the Secrets).
+    pub(crate) fn resealed(
+        &self,
+        new: &Sealer,
+    ) -> Result<crate::store::rekey::TreeReseal, StoreError> {
+        let mut records = Vec::new();
+        for item in self.by_id.iter() {
+            let (k, v) = item?;
+            let mut hook = decode(&v)?;
+            let Some(secret) = self.signing_secret(&hook)? else {
+                continue;
+            };
+            hook.signing_sealed = Some(new.seal(&signing_aad(&hook.id), &secret));
+            let bytes = serde_json::to_vec(&hook).expect("a webhook always encodes");
+            records.push((k, v, bytes));
+        }
+        Ok(crate::store::rekey::TreeReseal {
+            tree: self.by_id.clone(),
+            records,
+        })
+    }
+
+    /// What is wrong with the stored webhooks (`berth admin fsck`): records that do not decode,
+    /// signing secrets that do not open. Returns (records checked, problems).
+    pub(crate) fn check(&self) -> Result<(usize, Vec<String>), StoreError> {
+        let mut problems = Vec::new();
+        let mut n = 0;
+        for item in self.by_id.iter() {
+            let (k, v) = item?;
+            n += 1;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            match decode(&v) {
+                Err(_) => problems.push(format!("webhook {id}: the record does not decode")),
+                Ok(hook) => {
+                    if self.signing_secret(&hook).is_err() {
+                        problems.push(format!(
+                            "webhook {id}: its signing secret does not open with the master key"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok((n, problems))
+    }
+
     /// Records that a webhook was used. Best effort and not flushed: a lost `lastUsed` after a
     /// crash is harmless, and a flush per call would cost more than the call itself.
     pub fn touch(&self, hook: &Webhook) {
@@ -434,6 +492,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([7u8; 32], "test key");
         (Store::open(dir.path(), &key).unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_webhook_is_quarantined_and_the_others_listed() {
+        let (s, _d) = store();
+        let w = Webhooks::open(&s).unwrap();
+        let (good, _, _) = w
+            .create(HookKind::Service, Some("web".into()), None, true)
+            .await
+            .unwrap();
+        w.by_id
+            .insert("wh-broken", b"{not json".as_slice())
+            .unwrap();
+        let ids: Vec<String> = w.list().unwrap().into_iter().map(|h| h.id).collect();
+        assert_eq!(ids, [good.id]);
+        let q = s.quarantined().unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(
+            (q[0].tree.as_str(), q[0].key.as_str()),
+            ("webhooks", "wh-broken")
+        );
+        assert!(w.by_id.get("wh-broken").unwrap().is_none());
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! controllers rely on (resourceVersion moves on every write, conditional status writes answer
 //! 409, identical status is a no-op), Secret and Config values, and a record of status writes.
 
-use crate::api::{ClientError, ResourceStore, SecretReader};
+use crate::api::{ClientError, DataFiles, ResourceStore, SecretReader};
 use async_trait::async_trait;
+use berth_api_types::secret_config::ContentKey;
 use berth_api_types::wire::Installation;
 use berth_api_types::{DynObject, Kind};
 use serde_json::Value;
@@ -20,6 +21,9 @@ struct Inner {
 
 pub struct FakeStore {
     inner: Mutex<Inner>,
+    /// Stands in for the API server's content key (digests of `data`); tests swap it to play a
+    /// master key rotation.
+    content_key: Mutex<ContentKey>,
     installation: Installation,
 }
 
@@ -42,6 +46,7 @@ impl FakeStore {
     pub fn new(instance: &str) -> Self {
         FakeStore {
             inner: Mutex::default(),
+            content_key: Mutex::new(ContentKey::derive(&[0u8; 32])),
             installation: Installation {
                 instance: instance.to_string(),
                 default_network: "berth-internal".to_string(),
@@ -80,6 +85,19 @@ impl FakeStore {
         obj.metadata.resource_version = Some(inner.rv.to_string());
         inner.objects.insert(key, obj.clone());
         obj
+    }
+
+    /// The digest the API server would give `value` now.
+    pub fn digest(&self, value: &[u8]) -> String {
+        self.content_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .digest(value)
+    }
+
+    /// Derives digests from another master key from now on (as after `berth admin rotate-master-key`).
+    pub fn set_master_key(&self, master: &[u8; 32]) {
+        *self.content_key.lock().unwrap_or_else(|p| p.into_inner()) = ContentKey::derive(master);
     }
 
     /// The values a Secret or Config holds (what `SecretReader::data` answers).
@@ -193,21 +211,23 @@ impl ResourceStore for FakeStore {
 
 #[async_trait]
 impl SecretReader for FakeStore {
-    async fn data(
-        &self,
-        kind: Kind,
-        name: &str,
-    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, ClientError> {
-        let inner = self.lock();
-        if !inner.objects.contains_key(&(kind, name.to_string())) {
-            return Ok(None);
-        }
-        Ok(Some(
+    async fn data(&self, kind: Kind, name: &str) -> Result<Option<DataFiles>, ClientError> {
+        let files = {
+            let inner = self.lock();
+            if !inner.objects.contains_key(&(kind, name.to_string())) {
+                return Ok(None);
+            }
             inner
                 .data
                 .get(&(kind, name.to_string()))
                 .cloned()
-                .unwrap_or_default(),
-        ))
+                .unwrap_or_default()
+        };
+        let digests = self
+            .content_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .digests(&files);
+        Ok(Some(DataFiles { files, digests }))
     }
 }

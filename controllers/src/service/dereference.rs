@@ -80,7 +80,17 @@ pub async fn dependencies(src: &Sources<'_>, spec: &ServiceSpec) -> Result<Deps,
                     continue;
                 }
             };
-            let name = swarm_name(&r.name, key, value);
+            // The API server sends a digest per key; one without is a server older than this
+            // controller (it named files by a plain hash): wait for it rather than guess.
+            let Some(digest) = files.digests.get(key) else {
+                waiting.push(format!(
+                    "the API server sent no digest for key `{key}` of {} `{}` (upgrade the API server)",
+                    kind.kind(),
+                    r.name
+                ));
+                continue;
+            };
+            let name = swarm_name(&r.name, key, digest);
             let labels = src
                 .owner
                 .for_kind(kind.kind())

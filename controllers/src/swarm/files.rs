@@ -157,17 +157,22 @@ async fn ensure(
     })
 }
 
-/// The Swarm name of one key's content: `<object>-<12 hex of sha256(key, value)>`. Content-addressed,
-/// so the same value is never created twice and a new value never reuses a name.
+/// The Swarm name of one key's content: `<object>-<12 hex of sha256(key, digest)>`, where `digest` is
+/// the API server's keyed digest of the value (`DataFiles::digests`), never the value itself: a
+/// Swarm name is visible to anyone who can list secrets, and a plain hash of a short value could be
+/// checked against guesses offline. Content-addressed all the same, so the same value is never
+/// created twice and a new value never reuses a name. The digest changes with the master key, so a
+/// key rotation (or the upgrade from names of plain hashes) is a new name per key, rolled out and
+/// collected like a changed value.
 ///
 /// Object names may be 63 characters but the engine takes at most 64 for the whole name, so a longer
 /// object name is cut to fit; the full name then goes into the hash too, so two objects that share
 /// the cut prefix still get different names. Names that fit are as they always were.
-pub fn swarm_name(object: &str, key: &str, value: &[u8]) -> String {
+pub fn swarm_name(object: &str, key: &str, digest: &str) -> String {
     let mut h = Sha256::new();
     h.update(key.as_bytes());
     h.update([0u8]);
-    h.update(value);
+    h.update(digest.as_bytes());
     let keep = MAX_SWARM_NAME - 13;
     let prefix = if object.len() > keep {
         h.update([0u8]);
@@ -316,25 +321,25 @@ mod tests {
 
     #[test]
     fn names_are_content_addressed() {
-        let a = swarm_name("db", "password", b"one");
+        let a = swarm_name("db", "password", "d-one");
         assert!(a.starts_with("db-") && a.len() == "db-".len() + 12, "{a}");
-        assert_eq!(a, swarm_name("db", "password", b"one"));
-        assert_ne!(a, swarm_name("db", "password", b"two"));
+        assert_eq!(a, swarm_name("db", "password", "d-one"));
+        assert_ne!(a, swarm_name("db", "password", "d-two"));
         assert_ne!(
             a,
-            swarm_name("db", "user", b"one"),
+            swarm_name("db", "user", "d-one"),
             "same value under another key"
         );
         // The longest object names still give names the engine accepts, and distinct ones.
         let long_a = format!("{}a", "x".repeat(62));
         let long_b = format!("{}b", "x".repeat(62));
-        let na = swarm_name(&long_a, "k", b"v");
-        let nb = swarm_name(&long_b, "k", b"v");
+        let na = swarm_name(&long_a, "k", "d-v");
+        let nb = swarm_name(&long_b, "k", "d-v");
         assert_eq!(na.len(), MAX_SWARM_NAME, "{na}");
         assert_eq!(na[..51], long_a[..51]);
         assert_ne!(na, nb, "objects sharing the cut prefix");
         let fits = "y".repeat(51);
-        assert_eq!(swarm_name(&fits, "k", b"v").len(), MAX_SWARM_NAME);
-        assert!(swarm_name(&fits, "k", b"v").starts_with(&format!("{fits}-")));
+        assert_eq!(swarm_name(&fits, "k", "d-v").len(), MAX_SWARM_NAME);
+        assert!(swarm_name(&fits, "k", "d-v").starts_with(&format!("{fits}-")));
     }
 }

@@ -9,15 +9,27 @@
 //!
 //! One async write lock serialises every write. That makes "is this Secret still used by a Service?"
 //! and the delete that follows one step: no Service can start using it in between.
+//!
+//! Durability (see `Durability`): every answer that acknowledges a write — including "unchanged",
+//! which acknowledges the state it compared against — waits until everything committed before it is
+//! on disk. A commit is numbered under the write lock, so a writer that finds its change already
+//! there ("unchanged", an identical status) waits for the commit that put it there, not only for its
+//! own. A failed flush poisons the store: the write may be in memory but not on disk, and sled cannot
+//! take it back, so from then on every read and write answers `StorageError` (nothing not durable is
+//! shown) and the daemon exits; the restart recovers exactly what is on disk. A client that got the
+//! 500 cannot know whether its write survived (as after a timeout) and re-applies; apply is idempotent.
 
 mod admission;
 pub mod outbox;
+mod quarantine;
+pub(crate) mod rekey;
 mod seal;
 
 pub use admission::{ensure_backup_plan, ensure_network, Policy};
 
 use crate::crypto::{MasterKey, Sealer};
 use crate::deploy_auth::DeployKey;
+use berth_api_types::secret_config::ContentKey;
 use berth_api_types::wire::{ApplyOutcome, ApplyResult};
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use chrono::Utc;
@@ -128,6 +140,8 @@ pub struct Store {
     events: sled::Tree,
     outbox: sled::Tree,
     meta: sled::Tree,
+    /// Records that cannot be read, moved aside with their bytes (`quarantine.rs`).
+    quarantine: sled::Tree,
     ids: Arc<Mutex<ulid::Generator>>,
     /// Wakes the outbox publisher after a commit.
     outbox_ready: Arc<Notify>,
@@ -140,6 +154,8 @@ pub struct Store {
     deploy_key: DeployKey,
     /// What this server allows beyond each object's own validation (see `admission::Policy`).
     policy: Arc<admission::Policy>,
+    /// Keys the digests of Secret and Config values (redacted views, the data endpoint).
+    content_key: ContentKey,
     /// Held by every write (see the module comment).
     write_lock: Arc<tokio::sync::Mutex<()>>,
     /// Group commit: writers that commit while a flush runs share the next one.
@@ -149,9 +165,19 @@ pub struct Store {
     pub(crate) fail_writes: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// What a flush does before (or instead of) `sled::Db::flush`: the fault-injection seam of the
+/// durability tests (block a flush, or fail it as a broken disk would).
+#[cfg(test)]
+pub(crate) type FlushHook = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Counts commits and what the last fsync covered, so that concurrent writers share one fsync
 /// (group commit) instead of queueing one each: a 100-service apply made ~660 fsyncs, up to
 /// 0.4 s each on a busy disk. Every write is still on disk before it is acknowledged.
+///
+/// Invariant: a commit takes its number only after its data is in sled (object writes under the
+/// write lock, so numbers follow commit order), and a flush covers every number taken before it
+/// started. So "flushed >= n" means commit n and everything an object writer could see before
+/// taking or reading number n is on disk.
 #[derive(Default)]
 struct Durability {
     /// Commits so far; a writer takes its number after its transaction committed.
@@ -160,6 +186,27 @@ struct Durability {
     flushed: std::sync::atomic::AtomicU64,
     /// One fsync at a time; who waits here usually finds their commit covered when it is its turn.
     flushing: tokio::sync::Mutex<()>,
+    /// A flush failed: what is in memory may not be on disk, so nothing is served any more.
+    failed: std::sync::atomic::AtomicBool,
+    /// Wakes whoever waits in [`Store::failed`] (the daemon, which then exits).
+    failed_notify: Notify,
+    #[cfg(test)]
+    flush_hook: Mutex<Option<FlushHook>>,
+}
+
+impl Durability {
+    /// Numbers a commit whose data is in sled now; the caller holds the write lock (object
+    /// writes), or numbers after its own transaction (other records).
+    fn number(&self) -> u64 {
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1
+    }
+
+    /// The durable point of what a writer holding the write lock has seen: every commit so far.
+    fn seen(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 pub(crate) fn key(kind: Kind, name: &str) -> String {
@@ -208,6 +255,7 @@ impl Store {
             objects: db.open_tree("objects")?,
             events: db.open_tree("events")?,
             outbox: db.open_tree("outbox")?,
+            quarantine: db.open_tree(quarantine::TREE)?,
             meta,
             db,
             ids: Arc::new(Mutex::new(ulid::Generator::new())),
@@ -217,12 +265,22 @@ impl Store {
             sealer,
             deploy_key: key.deploy_key(),
             policy: Arc::default(),
+            content_key: key.content_key(),
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
             durability: Arc::default(),
             #[cfg(test)]
             fail_writes: Arc::default(),
         };
         store.seal_unsealed()?;
+        let moved = store.quarantine_unreadable()?;
+        let held = store.quarantined_count();
+        if held > 0 {
+            tracing::warn!(
+                quarantined = held,
+                moved_now = moved,
+                "the store holds unreadable records in quarantine; run `berth admin fsck` (with berth stopped)"
+            );
+        }
         Ok(store)
     }
 
@@ -298,18 +356,62 @@ impl Store {
         &self.sealer
     }
 
+    /// The key of content digests (see `secret_config::ContentKey`).
+    pub(crate) fn content_key(&self) -> &ContentKey {
+        &self.content_key
+    }
+
     /// The key deploy events on the bus are signed with (see `deploy_auth`).
     pub(crate) fn deploy_key(&self) -> &DeployKey {
         &self.deploy_key
     }
 
-    /// Makes everything written so far durable (same blocking-pool flush as `committed`).
+    /// Makes everything written so far durable: for records written outside the object path
+    /// (webhooks, meta flags), after their transaction. Same group commit and failure rule as
+    /// object writes.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
+        self.healthy()?;
+        let upto = self.durability.number();
+        self.durable(upto).await
+    }
+
+    /// Resolves once a flush has failed (never, on a healthy disk): the daemon exits then, and
+    /// its restart recovers what is on disk.
+    pub async fn failed(&self) {
+        loop {
+            let notified = self.durability.failed_notify.notified();
+            if self.is_failed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn is_failed(&self) -> bool {
+        self.durability
+            .failed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Refuses service after a failed flush (see the module comment).
+    fn healthy(&self) -> Result<(), StoreError> {
+        if self.is_failed() {
+            return Err(StoreError::Storage(
+                "the store could not make a write durable and serves nothing until berth restarts"
+                    .into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Fault injection for the durability tests: runs before every flush; an error fails it.
+    #[cfg(test)]
+    pub(crate) fn set_flush_hook(&self, hook: Option<FlushHook>) {
+        *self
+            .durability
+            .flush_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     fn next_id(&self) -> String {
@@ -321,18 +423,30 @@ impl Store {
     }
 
     pub fn get(&self, kind: Kind, name: &str) -> Result<Option<DynObject>, StoreError> {
+        self.healthy()?;
         self.objects
             .get(key(kind, name))?
             .map(|b| self.decode_obj(&b))
             .transpose()
     }
 
+    /// Every object of a kind. A record that cannot be read is moved into quarantine and left
+    /// out, so one bad record does not hide the rest (`quarantine.rs`).
     pub fn list(&self, kind: Kind) -> Result<Vec<DynObject>, StoreError> {
-        self.objects
-            .scan_prefix(format!("{}/", kind.lower()))
-            .values()
-            .map(|v| self.decode_obj(&v?))
-            .collect()
+        self.healthy()?;
+        let mut out = Vec::new();
+        for item in self.objects.scan_prefix(format!("{}/", kind.lower())) {
+            let (k, v) = item?;
+            match self.decode_obj(&v) {
+                Ok(obj) => out.push(obj),
+                Err(_) => {
+                    let reason = quarantine::object_problem(self, &k, &v)
+                        .unwrap_or_else(|| "unreadable".into());
+                    self.quarantine_object(&k, &v, &reason)?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Atomically writes a set of validated objects (apply, create, replace). Either every object is
@@ -381,9 +495,11 @@ impl Store {
             return Err(StoreError::Storage("injected write failure".into()));
         }
         let guard = self.write_lock.lock().await;
+        self.healthy()?;
         let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
         let (out, emitted) = trees.transaction(|(objs, events, outbox, meta)| {
-            let mut rv = current_rv(meta)?;
+            let start_rv = current_rv(meta)?;
+            let mut rv = start_rv;
             let mut out = Vec::with_capacity(objects.len());
             let mut emitted = Vec::new();
             for (i, incoming) in objects.iter().enumerate() {
@@ -411,11 +527,20 @@ impl Store {
                 }
                 out.push((result_of(&obj, outcome), obj));
             }
-            meta.insert("rv", &rv.to_be_bytes())?;
+            if rv != start_rv {
+                meta.insert("rv", &rv.to_be_bytes())?;
+            }
             Ok((out, emitted))
         })?;
+        // Nothing written ("unchanged" throughout) still acknowledges what it compared against.
+        let upto = if emitted.is_empty() {
+            self.durability.seen()
+        } else {
+            self.durability.number()
+        };
         drop(guard);
-        self.committed(emitted).await?;
+        self.durable(upto).await?;
+        self.announce(emitted);
         Ok(out)
     }
 
@@ -470,6 +595,7 @@ impl Store {
         default_network: &str,
     ) -> Result<DynObject, StoreError> {
         let guard = self.write_lock.lock().await;
+        self.healthy()?;
         if self.objects.contains_key(key(kind, name))? {
             admission::admit(
                 self,
@@ -481,8 +607,9 @@ impl Store {
             )?;
         }
         let result = self.modify_locked(kind, name, |_| Ok(Some(Change::Remove)));
+        let upto = self.commit_point(&result);
         drop(guard);
-        self.finish(result).await
+        self.finish(result, upto).await
     }
 
     /// Read-modify-write of one existing object in one transaction, with its event. `change` returns
@@ -494,20 +621,32 @@ impl Store {
         change: impl Fn(&DynObject) -> Result<Option<Change>, StoreError>,
     ) -> Result<DynObject, StoreError> {
         let guard = self.write_lock.lock().await;
+        self.healthy()?;
         let result = self.modify_locked(kind, name, change);
+        let upto = self.commit_point(&result);
         drop(guard);
-        self.finish(result).await
+        self.finish(result, upto).await
+    }
+
+    /// The commit number a `modify_locked` result must wait for (under the write lock): its own
+    /// if it wrote, else everything it may have seen (an identical status acknowledges the state
+    /// it compared against, which another writer may have committed but not yet flushed).
+    fn commit_point(&self, result: &Result<(DynObject, Option<Event>), StoreError>) -> u64 {
+        match result {
+            Ok((_, Some(_))) => self.durability.number(),
+            _ => self.durability.seen(),
+        }
     }
 
     /// Makes the result of `modify_locked` durable and announces its event (after the lock is released).
     async fn finish(
         &self,
         result: Result<(DynObject, Option<Event>), StoreError>,
+        upto: u64,
     ) -> Result<DynObject, StoreError> {
         let (obj, emitted) = result?;
-        if let Some(ev) = emitted {
-            self.committed(vec![ev]).await?;
-        }
+        self.durable(upto).await?;
+        self.announce(emitted.into_iter().collect());
         Ok(obj)
     }
 
@@ -561,33 +700,69 @@ impl Store {
         Ok(result)
     }
 
-    /// Makes a commit durable, then lets the publisher and watchers know.
+    /// Returns once commit `upto` (and every one before it) is on disk.
     ///
     /// The fsync runs as a blocking flush on tokio's blocking pool, not through sled's
     /// `flush_async`: that one waits on sled's own small I/O thread pool, and enough concurrent
     /// callers occupy every thread of it with waiters while the I/O they wait for needs one of those
     /// threads (sled 0.34, spacejam/sled#1308). Seen here as every reconcile hanging under load.
-    async fn committed(&self, events: Vec<Event>) -> Result<(), StoreError> {
+    ///
+    /// A failed flush poisons the store (module comment): this caller and every later one get
+    /// `StorageError`, also those that wait for a flush after it — their own flush might succeed
+    /// and make them acknowledge a state the failed caller was told did not happen.
+    async fn durable(&self, upto: u64) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         let d = &self.durability;
-        let mine = d.commits.fetch_add(1, Ordering::AcqRel) + 1;
-        if d.flushed.load(Ordering::Acquire) < mine {
-            let _turn = d.flushing.lock().await;
-            if d.flushed.load(Ordering::Acquire) < mine {
-                // Every commit numbered up to here is in sled's log already: this fsync covers it.
-                let upto = d.commits.load(Ordering::Acquire);
-                let db = self.db.clone();
-                tokio::task::spawn_blocking(move || db.flush())
-                    .await
-                    .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
-                d.flushed.fetch_max(upto, Ordering::AcqRel);
+        if d.flushed.load(Ordering::Acquire) >= upto {
+            return Ok(());
+        }
+        let _turn = d.flushing.lock().await;
+        self.healthy()?;
+        if d.flushed.load(Ordering::Acquire) >= upto {
+            return Ok(());
+        }
+        // Every commit numbered up to here is in sled's log already: this fsync covers it.
+        let covers = d.commits.load(Ordering::Acquire);
+        let db = self.db.clone();
+        #[cfg(test)]
+        let hook = d
+            .flush_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let flushed = tokio::task::spawn_blocking(move || {
+            #[cfg(test)]
+            if let Some(hook) = hook {
+                hook()?;
+            }
+            db.flush().map(drop).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("flush task failed: {e}"))
+        .and_then(|r| r);
+        match flushed {
+            Ok(()) => {
+                d.flushed.fetch_max(covers, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                d.failed.store(true, Ordering::Release);
+                d.failed_notify.notify_waiters();
+                tracing::error!(error = %e, "cannot flush the store to disk; refusing service until restart");
+                Err(StoreError::Storage(format!(
+                    "cannot make the write durable ({e}); whether it survives is known after \
+                     berth restarts (re-apply then); the store serves nothing until then"
+                )))
             }
         }
+    }
+
+    /// After a durable commit: lets the publisher and watchers know.
+    fn announce(&self, events: Vec<Event>) {
         self.outbox_ready.notify_one();
         for e in events {
             let _ = self.watchers.send(e);
         }
-        Ok(())
     }
 
     /// Recent events, oldest first, filtered by kind and name.
@@ -1028,5 +1203,177 @@ mod tests {
             rv2 > rv.parse::<u64>().unwrap(),
             "resourceVersion keeps increasing across restarts"
         );
+    }
+
+    /// A flush that blocks until the test releases it (with the result the "disk" gives), and a
+    /// way to wait until a flush has started.
+    struct HeldFlush {
+        entered: std::sync::mpsc::Receiver<()>,
+        release: std::sync::mpsc::Sender<Result<(), String>>,
+    }
+
+    fn hold_flushes(s: &Store) -> HeldFlush {
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let release_rx = Mutex::new(release_rx);
+        s.set_flush_hook(Some(Arc::new(move || {
+            let _ = entered_tx.send(());
+            release_rx
+                .lock()
+                .unwrap()
+                .recv()
+                .unwrap_or_else(|_| Err("test ended".into()))
+        })));
+        HeldFlush { entered, release }
+    }
+
+    impl HeldFlush {
+        async fn wait_entered(self) -> Self {
+            tokio::task::spawn_blocking(move || {
+                self.entered
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("a flush starts");
+                self
+            })
+            .await
+            .unwrap()
+        }
+    }
+
+    async fn still_running<T>(h: &tokio::task::JoinHandle<T>) -> bool {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        !h.is_finished()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_write_is_acknowledged_before_it_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        s.write(vec![svc("web", 1)], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+
+        // An apply whose flush has not finished, and the identical apply behind it.
+        let held = hold_flushes(&s);
+        let s1 = s.clone();
+        let first = tokio::spawn(async move {
+            s1.write(vec![svc("web", 2)], WriteMode::Upsert, None, false)
+                .await
+        });
+        let held = held.wait_entered().await;
+        let s2 = s.clone();
+        let same = tokio::spawn(async move {
+            s2.write(vec![svc("web", 2)], WriteMode::Upsert, None, false)
+                .await
+        });
+        assert!(
+            still_running(&same).await,
+            "the identical apply answered before the write it found was on disk"
+        );
+        held.release.send(Ok(())).unwrap();
+        assert_eq!(
+            first.await.unwrap().unwrap()[0].0.outcome,
+            ApplyOutcome::Configured
+        );
+        assert_eq!(
+            same.await.unwrap().unwrap()[0].0.outcome,
+            ApplyOutcome::Unchanged
+        );
+
+        // The same for status: an identical status is no write, but it confirms one.
+        let held = hold_flushes(&s);
+        let s1 = s.clone();
+        let first = tokio::spawn(async move {
+            s1.update_status(Kind::Service, "web", json!({"a": 1}), None)
+                .await
+        });
+        let held = held.wait_entered().await;
+        let s2 = s.clone();
+        let same = tokio::spawn(async move {
+            s2.update_status(Kind::Service, "web", json!({"a": 1}), None)
+                .await
+        });
+        assert!(
+            still_running(&same).await,
+            "the identical status answered before the status it found was on disk"
+        );
+        held.release.send(Ok(())).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(same.await.unwrap().unwrap().status, json!({"a": 1}));
+        s.set_flush_hook(None);
+        // Nothing was poisoned: the next write goes through.
+        s.write(vec![svc("web", 3)], WriteMode::Upsert, None, false)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_flush_shows_nothing_and_refuses_service() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), &test_key()).unwrap();
+            s.write(vec![svc("kept", 1)], WriteMode::Upsert, None, false)
+                .await
+                .unwrap();
+            let held = hold_flushes(&s);
+            let s1 = s.clone();
+            let first = tokio::spawn(async move {
+                s1.write(vec![svc("lost", 1)], WriteMode::Upsert, None, false)
+                    .await
+            });
+            let held = held.wait_entered().await;
+            // Behind it: the identical apply, which must not say "unchanged" about a write that
+            // failed, even if its own flush would work.
+            let s2 = s.clone();
+            let same = tokio::spawn(async move {
+                s2.write(vec![svc("lost", 1)], WriteMode::Upsert, None, false)
+                    .await
+            });
+            assert!(still_running(&same).await);
+            let watcher = tokio::spawn({
+                let s = s.clone();
+                async move { s.failed().await }
+            });
+            held.release
+                .send(Err("injected: I/O error".into()))
+                .unwrap();
+            let err = first.await.unwrap().unwrap_err();
+            assert_eq!(err.status_and_reason(), (500, "StorageError"));
+            assert!(
+                err.to_string().contains("cannot make the write durable"),
+                "{err}"
+            );
+            let err = same.await.unwrap().unwrap_err();
+            assert_eq!(err.status_and_reason(), (500, "StorageError"), "{err}");
+            tokio::time::timeout(std::time::Duration::from_secs(5), watcher)
+                .await
+                .expect("the daemon learns of the failure")
+                .unwrap();
+
+            // The write that failed is not shown, nor anything else: every call refuses.
+            s.set_flush_hook(None);
+            for r in [
+                s.get(Kind::Service, "lost").map(drop),
+                s.get(Kind::Service, "kept").map(drop),
+                s.list(Kind::Service).map(drop),
+                s.write(vec![svc("kept", 1)], WriteMode::Upsert, None, false)
+                    .await
+                    .map(drop),
+                s.update_status(Kind::Service, "kept", json!({}), None)
+                    .await
+                    .map(drop),
+                s.delete(Kind::Service, "kept", "berth-internal")
+                    .await
+                    .map(drop),
+                s.flush().await,
+                s.outbox_batch(10).map(drop),
+            ] {
+                let err = r.unwrap_err();
+                assert!(err.to_string().contains("until berth restarts"), "{err}");
+            }
+        }
+        // The restart serves what is on disk.
+        let s = Store::open(dir.path(), &test_key()).unwrap();
+        assert!(s.get(Kind::Service, "kept").unwrap().is_some());
     }
 }

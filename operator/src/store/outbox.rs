@@ -17,6 +17,8 @@ const EVENT_HISTORY: usize = 5000;
 impl Store {
     /// The oldest unpublished events, in commit order.
     pub(super) fn outbox_batch(&self, max: usize) -> Result<Vec<(sled::IVec, Event)>, StoreError> {
+        // After a failed flush an entry may be of a write that is not on disk: publish nothing.
+        self.healthy()?;
         let mut out = Vec::new();
         for item in self.outbox.iter().take(max) {
             let (k, v) = item?;

@@ -26,7 +26,7 @@ fn sealed_blob(spec: &Value) -> Option<&str> {
 
 /// Key-check entry in `meta`: a known plaintext sealed under the master key at first open, so a
 /// wrong key is refused at start rather than discovered on the first read of a Secret.
-const KEY_CHECK: &str = "key-check";
+pub(super) const KEY_CHECK: &str = "key-check";
 const KEY_CHECK_AAD: &[u8] = b"berth/key-check";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"berth master key check v1";
 
@@ -53,14 +53,40 @@ pub(super) fn check_key(
             }
         }
         None => {
-            meta.insert(
-                KEY_CHECK,
-                sealer.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT).as_bytes(),
-            )?;
+            meta.insert(KEY_CHECK, key_check_value(sealer).as_bytes())?;
             db.flush()?;
         }
     }
     Ok(())
+}
+
+/// The key check's value under `sealer`'s key.
+pub(super) fn key_check_value(sealer: &Sealer) -> String {
+    sealer.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT)
+}
+
+/// A stored Secret record with its spec opened with `old` and sealed again with `new`; everything
+/// else as it was. Errors name the object, never a value.
+pub(super) fn reseal_object(
+    bytes: &[u8],
+    old: &Sealer,
+    new: &Sealer,
+) -> Result<Vec<u8>, StoreError> {
+    let mut obj = decode(bytes)?;
+    let name = obj.metadata.name.clone();
+    let aad = sealed_aad(&name);
+    let blob = sealed_blob(&obj.spec).ok_or_else(|| {
+        StoreError::Storage(format!(
+            "Secret `{name}` is not sealed; nothing was changed"
+        ))
+    })?;
+    let plaintext = old.open(aad.as_bytes(), blob).map_err(|_| {
+        StoreError::Storage(format!(
+            "Secret `{name}` does not open with the current key; nothing was changed (see `berth admin fsck`)"
+        ))
+    })?;
+    obj.spec = json!({ "sealed": new.seal(aad.as_bytes(), &plaintext) });
+    Ok(encode(&obj))
 }
 
 impl Store {
@@ -72,7 +98,8 @@ impl Store {
             .scan_prefix(format!("{}/", Kind::Secret.lower()))
         {
             let (k, v) = item?;
-            let obj = decode(&v)?;
+            // Unreadable records are the quarantine's (`quarantine.rs`), which runs next.
+            let Ok(obj) = decode(&v) else { continue };
             if sealed_blob(&obj.spec).is_none() {
                 self.objects.insert(k, self.encode_obj(&obj))?;
                 sealed_any = true;
