@@ -125,6 +125,9 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         (M::POST, paths::TOKENS.into(), Need::Admin),
         (M::POST, paths::ADMIN_TOKEN_ROTATE.into(), Need::Admin),
         (M::DELETE, paths::token("{id}"), Need::Admin),
+        // The audit trail names every token, address and object touched.
+        (M::GET, paths::AUDIT.into(), Need::Admin),
+        (M::GET, paths::AUDIT_VERIFY.into(), Need::Admin),
     ];
     rows.into_iter()
         .map(|(method, path, need)| Rule { method, path, need })

@@ -3,6 +3,7 @@
 //! pieces below; only which pieces run differs.
 
 use crate::api_client::ApiClient;
+use crate::audit::AuditLog;
 use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
 use crate::in_process_api::InProcessApi;
@@ -139,6 +140,7 @@ async fn start_api(
         .map_err(|e| format!("error: cannot create {}: {e}", server.data_dir.display()))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     let store = open_store(&server.data_dir.join("store"), &key)?;
+    let audit_log = AuditLog::open(&store).map_err(|e| format!("error: {e}"))?;
     if !server.backup.no_default_backup_plan
         && crate::store::ensure_backup_plan(&store)
             .await
@@ -174,6 +176,7 @@ async fn start_api(
     );
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
+    tasks.spawn(audit_publisher_task(audit_log.clone(), bus.clone()));
     let backups = start_backups(
         server,
         &store,
@@ -209,6 +212,7 @@ async fn start_api(
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
         backups,
         controllers: connected.sharing.store().clone(),
+        audit_log,
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
@@ -306,6 +310,11 @@ async fn start_backups(
 
 async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {
     crate::store::outbox::publish(store, bus).await;
+    Ok(())
+}
+
+async fn audit_publisher_task(log: AuditLog, bus: Arc<dyn EventBus>) -> Result<(), String> {
+    crate::audit::publish(log, bus).await;
     Ok(())
 }
 

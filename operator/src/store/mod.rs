@@ -532,12 +532,24 @@ impl Store {
     }
 
     /// Makes a commit durable, then lets the publisher and watchers know.
+    async fn committed(&self, events: Vec<Event>) -> Result<(), StoreError> {
+        self.make_durable().await?;
+        self.outbox_ready.notify_one();
+        for e in events {
+            let _ = self.watchers.send(e);
+        }
+        Ok(())
+    }
+
+    /// Makes everything committed so far durable, sharing the fsync with every writer that
+    /// commits meanwhile (group commit, see `Durability`). For records kept beside the objects
+    /// (the audit log) that must be on disk before they are acknowledged.
     ///
     /// The fsync runs as a blocking flush on tokio's blocking pool, not through sled's
     /// `flush_async`: that one waits on sled's own small I/O thread pool, and enough concurrent
     /// callers occupy every thread of it with waiters while the I/O they wait for needs one of those
     /// threads (sled 0.34, spacejam/sled#1308). Seen here as every reconcile hanging under load.
-    async fn committed(&self, events: Vec<Event>) -> Result<(), StoreError> {
+    pub(crate) async fn make_durable(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         let d = &self.durability;
         let mine = d.commits.fetch_add(1, Ordering::AcqRel) + 1;
@@ -552,10 +564,6 @@ impl Store {
                     .map_err(|e| StoreError::Storage(format!("flush task failed: {e}")))??;
                 d.flushed.fetch_max(upto, Ordering::AcqRel);
             }
-        }
-        self.outbox_ready.notify_one();
-        for e in events {
-            let _ = self.watchers.send(e);
         }
         Ok(())
     }
