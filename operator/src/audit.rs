@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -149,6 +150,10 @@ struct Inner {
     tip: Mutex<Tip>,
     /// Wakes the bus publisher after an append.
     appended: Notify,
+    /// The highest seq known to be on disk: the publisher goes no further, so the bus never
+    /// carries a record that a crash could still take from the store (and give its number to
+    /// another).
+    durable: AtomicU64,
 }
 
 fn seq_key(seq: u64) -> [u8; 8] {
@@ -222,6 +227,8 @@ impl AuditLog {
         let tip = Self::find_tip(&records, &meta, &key)?;
         Ok(AuditLog {
             inner: Arc::new(Inner {
+                // What was read back from disk is on disk.
+                durable: AtomicU64::new(tip.seq),
                 store: store.clone(),
                 records,
                 meta,
@@ -323,6 +330,8 @@ impl AuditLog {
         };
         // Outside the lock, so appends that arrive meanwhile share this fsync (group commit).
         inner.store.make_durable().await?;
+        let last = out.last().map_or(0, |r| r.seq);
+        inner.durable.fetch_max(last, Ordering::AcqRel);
         inner.appended.notify_one();
         Ok(out)
     }
@@ -414,8 +423,17 @@ impl AuditLog {
     /// The oldest records not yet on the bus (after the `published` cursor).
     fn unpublished(&self, max: usize) -> Result<Vec<Unpublished>, StoreError> {
         let from = self.published()? + 1;
+        let durable = self.inner.durable.load(Ordering::Acquire);
+        if from > durable {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
-        for item in self.inner.records.range(seq_key(from)..).take(max) {
+        for item in self
+            .inner
+            .records
+            .range(seq_key(from)..=seq_key(durable))
+            .take(max)
+        {
             let (k, v) = item?;
             let Some(seq) = seq_of(&k) else { continue };
             match serde_json::from_slice::<AuditRecord>(&v) {
@@ -1195,6 +1213,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(bus.published.lock().unwrap().len(), 4, "nothing twice");
         publisher.abort();
+    }
+
+    #[tokio::test]
+    async fn the_publisher_stops_at_what_is_on_disk() {
+        let (log, _s, _d) = log_with(3).await;
+        // Record 3 committed but not yet flushed, as between an append's commit and its fsync.
+        log.inner.durable.store(2, Ordering::SeqCst);
+        let seqs = |log: &AuditLog| {
+            log.unpublished(10)
+                .unwrap()
+                .iter()
+                .map(|u| u.seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&log), [1, 2]);
+        log.append(entry(4)).await.unwrap();
+        assert_eq!(seqs(&log), [1, 2, 3, 4], "the next flush covers it");
     }
 
     /// What an append costs: `cargo test -p berth-operator append_latency -- --ignored --nocapture`.
