@@ -129,6 +129,11 @@ pub mod subjects {
     /// Prefix of audit records (`api_types::access::AuditRecord`), published after they are
     /// stored: an outside copy of the chain that a writer of the store cannot edit.
     pub const AUDIT_PREFIX: &str = "berth.audit";
+    /// Every audit record; the `BERTH_AUDIT` stream captures it.
+    pub const AUDIT_ALL: &str = "berth.audit.>";
+    /// JetStream stream of audit records (deduplicated by `Nats-Msg-Id` =
+    /// `audit-<installation>-<seq>`), created by the API server when it first publishes one.
+    pub const AUDIT_STREAM: &str = "BERTH_AUDIT";
     /// `berth.audit.<kind>` (lowercase, e.g. `service`), or `berth.audit.token` for token
     /// changes and `berth.audit.api` for requests about no object.
     pub fn audit(topic: &str) -> String {

@@ -553,3 +553,54 @@ async fn deploys_have_their_own_stream_and_are_delivered_once() {
     assert_no_deploy(&mut durable).await;
     assert_ne!(old.id, d3.id);
 }
+
+#[tokio::test]
+async fn audit_records_go_to_their_own_stream_once_and_only_on_audit_subjects() {
+    let server = NatsServer::start();
+    let bus = connect(&server.url).await;
+    let admin = async_nats::jetstream::new(async_nats::connect(&server.url).await.unwrap());
+    assert!(
+        admin.get_stream(subjects::AUDIT_STREAM).await.is_err(),
+        "connecting alone creates no audit stream (controllers have no permission on it)"
+    );
+    let mut resource_events = bus.subscribe(&[], None).await.unwrap();
+    let client = async_nats::connect(&server.url).await.unwrap();
+    let mut outside = client.subscribe(subjects::AUDIT_ALL).await.unwrap();
+    let _ = client.request("$JS.API.INFO", "".into()).await.unwrap();
+
+    let payload = br#"{"seq":1,"tokenId":"ci","action":"patch","kind":"Service"}"#.to_vec();
+    let subject = subjects::audit("service");
+    bus.publish_audit(&subject, "audit-inst-1", payload.clone())
+        .await
+        .unwrap();
+    // A retry after a lost ack is stored once.
+    bus.publish_audit(&subject, "audit-inst-1", payload.clone())
+        .await
+        .unwrap();
+    bus.publish_audit(&subjects::audit("token"), "audit-inst-2", b"{}".to_vec())
+        .await
+        .unwrap();
+
+    let mut stream = admin.get_stream(subjects::AUDIT_STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 2);
+    assert_eq!(info.config.subjects, [subjects::AUDIT_ALL]);
+    let msg = tokio::time::timeout(Duration::from_secs(3), outside.next())
+        .await
+        .expect("outside subscriber got nothing")
+        .unwrap();
+    assert_eq!(msg.subject.as_str(), subject);
+    assert_eq!(
+        msg.payload.as_ref(),
+        payload.as_slice(),
+        "the bytes as given"
+    );
+
+    let err = bus
+        .publish_audit(&subjects::event(Kind::Service, "web"), "x", b"{}".to_vec())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an audit subject"), "{err}");
+    assert_idle(&mut resource_events).await;
+}

@@ -125,6 +125,9 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         (M::POST, paths::TOKENS.into(), Need::Admin),
         (M::POST, paths::ADMIN_TOKEN_ROTATE.into(), Need::Admin),
         (M::DELETE, paths::token("{id}"), Need::Admin),
+        // The audit trail names every token, address and object touched.
+        (M::GET, paths::AUDIT.into(), Need::Admin),
+        (M::GET, paths::AUDIT_VERIFY.into(), Need::Admin),
     ];
     rows.into_iter()
         .map(|(method, path, need)| Rule { method, path, need })
@@ -467,24 +470,16 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
         } else {
             code.canonical_reason().unwrap_or("error").to_string()
         };
-        if note.changes.is_empty() {
-            state
-                .audit
-                .record(entry(
-                    Some(&principal),
-                    action,
-                    code,
-                    &outcome,
-                    Change::default(),
-                ))
-                .await;
-        }
-        for change in note.changes {
-            state
-                .audit
-                .record(entry(Some(&principal), action, code, &outcome, change))
-                .await;
-        }
+        let changes = if note.changes.is_empty() {
+            vec![Change::default()]
+        } else {
+            note.changes
+        };
+        let entries = changes
+            .into_iter()
+            .map(|change| entry(Some(&principal), action, code, &outcome, change))
+            .collect();
+        state.audit.record_all(entries).await;
     }
     resp
 }
@@ -507,16 +502,22 @@ async fn raw_params(
 pub trait AuditSink: Send + Sync + 'static {
     /// Records one entry durably before returning. A failure is logged, not returned: the
     /// request it describes already happened, and its answer must not lie about that.
-    async fn record(&self, entry: AuditEntry);
+    async fn record(&self, entry: AuditEntry) {
+        self.record_all(vec![entry]).await
+    }
+
+    /// Records the entries of one request together (one transaction, one flush).
+    async fn record_all(&self, entries: Vec<AuditEntry>);
 }
 
-/// Writes entries to the log only (until the store's chained log is wired).
-pub struct TracingAudit;
-
+/// The store's hash-chained log (`crate::audit`).
 #[async_trait::async_trait]
-impl AuditSink for TracingAudit {
-    async fn record(&self, entry: AuditEntry) {
-        tracing::info!(target: "berth::audit", entry = %serde_json::to_string(&entry).unwrap_or_default(), "audit");
+impl AuditSink for crate::audit::AuditLog {
+    async fn record_all(&self, entries: Vec<AuditEntry>) {
+        let n = entries.len();
+        if let Err(e) = self.append_all(entries).await {
+            tracing::error!(error = %e, records = n, "audit records not written");
+        }
     }
 }
 
@@ -528,8 +529,11 @@ pub struct MemoryAudit(pub std::sync::Mutex<Vec<AuditEntry>>);
 #[cfg(test)]
 #[async_trait::async_trait]
 impl AuditSink for MemoryAudit {
-    async fn record(&self, entry: AuditEntry) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(entry);
+    async fn record_all(&self, entries: Vec<AuditEntry>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(entries);
     }
 }
 

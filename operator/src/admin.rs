@@ -134,7 +134,9 @@ pub fn rotate_master_key(data_dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("error: {e}"))?;
     crypto::write_new_key_file(&pending, &new)
         .map_err(|e| format!("error: cannot write {}: {e}", pending.display()))?;
-    let done = match store.reseal_all(&new, &[webhooks]) {
+    let chain_key = crate::audit::chain_key_resealed(&store, &old.sealer(), &new.sealer())
+        .map_err(|e| format!("error: {e}"))?;
+    let done = match store.reseal_all(&new, &[webhooks, chain_key]) {
         Ok(done) => done,
         Err(e) => {
             // Nothing was changed: the transaction did not commit.

@@ -2,6 +2,7 @@
 //! process (`berth controller KIND`) uses as its `ResourceStore` and `SecretReader`.
 
 use async_trait::async_trait;
+use berth_api_types::access::{AuditRecord, AuditVerification};
 use berth_api_types::names::paths;
 use berth_api_types::wire::{ApplyResult, DataBody, Discovery, ErrorBody, Installation, List};
 use berth_api_types::{DynObject, Event, Kind};
@@ -239,6 +240,23 @@ impl ApiClient {
             },
         );
         Ok(lines)
+    }
+
+    /// The audit trail, oldest first; `since` as the API takes it (RFC 3339 or a duration).
+    pub async fn audit(&self, since: Option<&str>) -> Result<Vec<AuditRecord>, ClientError> {
+        let mut req = self.http.get(self.url(paths::AUDIT));
+        if let Some(since) = since {
+            // As a query pair, so that the `+` of an offset arrives as a `+`.
+            req = req.query(&[("since", since)]);
+        }
+        let list: List<AuditRecord> = self.send(req).await?;
+        Ok(list.items)
+    }
+
+    /// The audit chain recomputed by the server.
+    pub async fn audit_verify(&self) -> Result<AuditVerification, ClientError> {
+        self.send(self.http.get(self.url(paths::AUDIT_VERIFY)))
+            .await
     }
 
     /// A request builder for `path` (for [`ApiClient::json_lines`]).

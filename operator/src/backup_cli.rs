@@ -473,16 +473,7 @@ fn table(items: &[SnapshotRecord]) -> String {
 
 /// One row per snapshot; volumes and exclusions as `;`-separated lists in their cells.
 fn csv(items: &[SnapshotRecord]) -> String {
-    fn cell(s: &str) -> String {
-        if s.contains([',', '"', '\n', ';']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    }
-    let mut out = String::from(
-        "snapshot,time_utc,plan,installation,objects,volumes,excluded,restic_snapshot,verified_at,verified_ok\n",
-    );
+    let mut rows = Vec::with_capacity(items.len());
     for r in items {
         let objects: Vec<String> = r.objects.iter().map(|(k, n)| format!("{k}={n}")).collect();
         let volumes: Vec<String> = r
@@ -499,7 +490,7 @@ fn csv(items: &[SnapshotRecord]) -> String {
             Some(v) => (format_time(&v.time), v.ok.to_string()),
             None => (String::new(), String::new()),
         };
-        let row = [
+        rows.push(vec![
             r.id.clone(),
             format_time(&r.time),
             r.plan.clone(),
@@ -510,9 +501,21 @@ fn csv(items: &[SnapshotRecord]) -> String {
             r.restic_snapshot.clone().unwrap_or_default(),
             at,
             ok,
-        ];
-        out.push_str(&row.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","));
-        out.push('\n');
+        ]);
     }
-    out
+    crate::output::csv(
+        &[
+            "snapshot",
+            "time_utc",
+            "plan",
+            "installation",
+            "objects",
+            "volumes",
+            "excluded",
+            "restic_snapshot",
+            "verified_at",
+            "verified_ok",
+        ],
+        &rows,
+    )
 }

@@ -3,6 +3,7 @@
 //! pieces below; only which pieces run differs.
 
 use crate::api_client::ApiClient;
+use crate::audit::AuditLog;
 use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
 use crate::in_process_api::InProcessApi;
@@ -158,6 +159,7 @@ async fn start_api(
     if server.allow_bind_mounts {
         tracing::warn!("--allow-bind-mounts: Volumes may mount host paths and devices");
     }
+    let audit_log = AuditLog::open(&store).map_err(|e| format!("error: {e}"))?;
     if !server.backup.no_default_backup_plan
         && crate::store::ensure_backup_plan(&store)
             .await
@@ -204,6 +206,7 @@ async fn start_api(
                 .to_string(),
         )
     });
+    tasks.spawn(audit_publisher_task(audit_log.clone(), bus.clone()));
     let backups = start_backups(
         server,
         &store,
@@ -219,7 +222,7 @@ async fn start_api(
         .nats
         .is_some()
         .then(|| format!("berth-{}-deploy-applier", store.instance()));
-    let audit: Arc<dyn crate::access::AuditSink> = Arc::new(crate::access::TracingAudit);
+    let audit: Arc<dyn crate::access::AuditSink> = Arc::new(audit_log.clone());
     let applier = deploy_applier::start(
         store.clone(),
         connected.deploys.clone(),
@@ -239,6 +242,7 @@ async fn start_api(
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
         backups,
         controllers: connected.sharing.store().clone(),
+        audit_log,
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
@@ -336,6 +340,11 @@ async fn start_backups(
 
 async fn publisher_task(store: Store, bus: Arc<dyn EventBus>) -> Result<(), String> {
     crate::store::outbox::publish(store, bus).await;
+    Ok(())
+}
+
+async fn audit_publisher_task(log: AuditLog, bus: Arc<dyn EventBus>) -> Result<(), String> {
+    crate::audit::publish(log, bus).await;
     Ok(())
 }
 

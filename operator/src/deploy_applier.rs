@@ -848,6 +848,14 @@ mod tests {
         {
             Ok(futures::stream::pending().boxed())
         }
+        async fn publish_audit(
+            &self,
+            _: &str,
+            _: &str,
+            _: Vec<u8>,
+        ) -> Result<(), berth_controllers::bus::BusError> {
+            Ok(())
+        }
         fn describe(&self) -> String {
             "observed".into()
         }

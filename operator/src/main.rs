@@ -4,6 +4,9 @@
 mod access;
 mod admin;
 mod api_client;
+mod audit;
+mod audit_api;
+mod audit_cli;
 mod backup_api;
 mod backup_cli;
 mod cli;
@@ -300,6 +303,22 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The audit trail: every write, token change, secret read and refused request, oldest
+    /// first (admin only). `berth audit verify` recomputes its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Audit {
+        #[command(subcommand)]
+        command: Option<audit_cli::AuditCommand>,
+        /// Only records from this time on: RFC 3339 (2026-01-31T12:00:00Z) or a duration back
+        /// from now (90m, 24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// `csv` has a header row and every field, the chain's `prev` and `hash` included.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: backup_cli::EvidenceFormat,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Follow, list or revert a Service's rollouts.
     Rollout {
         #[command(subcommand)]
@@ -539,6 +558,17 @@ fn main() -> ExitCode {
             Command::Whoami { output, conn } => token_cli::whoami(&conn, output).await,
             Command::Backup { command, conn } => backup_cli::backup(&conn, command).await,
             Command::Restore { command, conn } => backup_cli::restore(&conn, command).await,
+            Command::Audit {
+                command,
+                since,
+                output,
+                conn,
+            } => match command {
+                Some(audit_cli::AuditCommand::Verify { output }) => {
+                    audit_cli::verify(&conn, output).await
+                }
+                None => audit_cli::list(&conn, since.as_deref(), output).await,
+            },
             Command::Events {
                 watch,
                 kind,

@@ -87,6 +87,54 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A table cell for text that did not come from berth (a name from a refused request's URL):
+/// control characters are shown escaped, so an escape sequence cannot rewrite the terminal.
+pub fn plain(s: &str) -> String {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        s.to_string()
+    }
+}
+
+/// CSV (RFC 4180, with `\n` line ends): a header row, then one line per row. A cell is quoted when it holds a comma,
+/// quote, semicolon (the separator of some spreadsheet locales) or line break, with quotes
+/// doubled. A cell that starts with `=`, `+`, `-`, `@`, tab or carriage return gets a leading `'`
+/// so a spreadsheet shows it instead of running it as a formula (CSV injection): the JSON output
+/// is the exact data.
+pub fn csv(header: &[&str], rows: &[Vec<String>]) -> String {
+    fn cell(s: &str) -> String {
+        let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            format!("'{s}")
+        } else {
+            s.to_string()
+        };
+        if s.contains([',', '"', ';', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = cells.map(cell).collect::<Vec<_>>().join(",");
+        l.push('\n');
+        l
+    };
+    let mut out = line(&mut header.iter().copied());
+    for r in rows {
+        out.push_str(&line(&mut r.iter().map(String::as_str)));
+    }
+    out
+}
+
 fn status_conditions(obj: &DynObject) -> Vec<berth_api_types::Condition> {
     obj.status
         .get("conditions")

@@ -50,6 +50,8 @@ pub struct AppState {
     pub backups: Option<Arc<berth_controllers::backup::operations::Backups>>,
     /// Where controller instances report themselves (`berth controllers`).
     pub controllers: Arc<dyn berth_controllers::runtime::shares::LeaseStore>,
+    /// The hash-chained audit trail (`berth audit`), in the store's database.
+    pub audit_log: crate::audit::AuditLog,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -77,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         )
         .merge(crate::backup_api::routes())
         .merge(crate::token_api::routes())
+        .merge(crate::audit_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -816,13 +819,14 @@ impl AppState {
         let tokens = crate::tokens::Tokens::open(&store).unwrap();
         tokens.set_admin_for_tests(TEST_ADMIN);
         AppState {
-            store,
             tokens,
             audit: Arc::new(crate::access::MemoryAudit::default()),
             default_network: Arc::new("berth-internal".into()),
             docker_host: None,
             backups: None,
             controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
+            audit_log: crate::audit::AuditLog::open(&store).unwrap(),
+            store,
         }
     }
 }

@@ -104,6 +104,11 @@ impl EventBus for EmbeddedBus {
         Ok(stream.boxed())
     }
 
+    async fn publish_audit(&self, _: &str, _: &str, _: Vec<u8>) -> Result<(), BusError> {
+        // Nobody outside this process can subscribe, and inside it the store holds the records.
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "embedded".to_string()
     }

@@ -71,6 +71,18 @@ pub trait EventBus: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Publishes one audit record (`api_types::access::AuditRecord`, as the JSON the store keeps)
+    /// on `subject` (under `berth.audit.`); like `publish`, returns once it is accepted durably,
+    /// and the same `id` published twice is stored once. NATS: into the `BERTH_AUDIT` stream,
+    /// created at the first call, so processes that never publish one (controllers) need no
+    /// permission on it. The embedded bus has no reader outside the process: nothing to do.
+    async fn publish_audit(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), BusError>;
+
     /// Human-readable description for logs (`embedded`, `nats://127.0.0.1:4222`); never contains
     /// credentials.
     fn describe(&self) -> String;

@@ -19,7 +19,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, stream};
 use berth_api_types::deploy::DeployEvent;
 use berth_api_types::names::subjects::{
-    kind_events, DEPLOY_ALL, DEPLOY_STREAM, EVENTS_ALL, EVENTS_STREAM,
+    kind_events, AUDIT_ALL, AUDIT_PREFIX, AUDIT_STREAM, DEPLOY_ALL, DEPLOY_STREAM, EVENTS_ALL,
+    EVENTS_STREAM,
 };
 use berth_api_types::{Event, Kind};
 use futures::stream::BoxStream;
@@ -89,6 +90,23 @@ const DEPLOYS: StreamSpec = StreamSpec {
     durable_idle: DEPLOY_MAX_AGE,
 };
 
+/// How long audit records stay in their stream. The stream is the chain's copy outside the
+/// store and the way a SIEM collects it; the complete trail stays in the store (`berth audit`).
+/// Three months rides out a collector that was down for a long time without growing without
+/// bound; an operator who wants another retention edits the stream, which berth then leaves as is.
+const AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 60 * 60);
+
+/// Audit records (`berth.audit.<topic>`). Nothing in berth consumes them; the consumer settings
+/// only complete the spec.
+const AUDIT: StreamSpec = StreamSpec {
+    name: AUDIT_STREAM,
+    all: AUDIT_ALL,
+    max_age: AUDIT_MAX_AGE,
+    description: "berth audit records",
+    first_deliver: consumer::DeliverPolicy::All,
+    durable_idle: AUDIT_MAX_AGE,
+};
+
 /// What a stream carries: decoded from JSON, deduplicated by id.
 trait Payload: serde::de::DeserializeOwned + Send + Sync + 'static {
     fn id(&self) -> &str;
@@ -145,6 +163,8 @@ pub struct NatsBus {
     gaps: watch::Receiver<u64>,
     /// Ack wait of the durable consumers this bus creates (see `DEFAULT_ACK_WAIT`).
     ack_wait: Duration,
+    /// Set once the audit stream is known to exist (see `publish_audit`); clones share it.
+    audit_stream: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl NatsBus {
@@ -196,6 +216,7 @@ impl NatsBus {
             url: shown,
             gaps,
             ack_wait: DEFAULT_ACK_WAIT,
+            audit_stream: Arc::default(),
         })
     }
 
@@ -388,6 +409,35 @@ impl EventBus for NatsBus {
             .subscribe_durable(spec, filters, keep, name, OWN_CONSUMER_IDLE)
             .await?;
         Ok(events_of(items))
+    }
+
+    async fn publish_audit(
+        &self,
+        subject: &str,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), BusError> {
+        let failed = |reason: String| BusError::Publish {
+            id: id.to_string(),
+            subject: subject.to_string(),
+            reason,
+        };
+        // Only the audit subjects: this method must not become a way around `publish`'s typing.
+        if !subject.starts_with(&format!("{AUDIT_PREFIX}.")) {
+            return Err(failed(format!("not an audit subject (`{AUDIT_PREFIX}.*`)")));
+        }
+        // Created on first use rather than at connect: controllers share `connect_with` and
+        // hold no permission on this stream. A failure is not remembered, so the next publish
+        // (the audit publisher retries) tries again.
+        self.audit_stream
+            .get_or_try_init(|| async { ensure_stream(&self.js, &AUDIT).await.map(|_| ()) })
+            .await
+            .map_err(|reason| BusError::Stream {
+                stream: AUDIT_STREAM.to_string(),
+                url: self.url.clone(),
+                reason,
+            })?;
+        self.publish_json(subject.to_string(), id, payload).await
     }
 
     async fn remove_consumer(&self, name: &str) -> Result<(), BusError> {

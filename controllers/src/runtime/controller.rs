@@ -886,6 +886,14 @@ mod tests {
                 rx.recv().await.ok().map(|m| (m, rx))
             })))
         }
+        async fn publish_audit(
+            &self,
+            _: &str,
+            _: &str,
+            _: Vec<u8>,
+        ) -> Result<(), crate::bus::BusError> {
+            Ok(())
+        }
         fn describe(&self) -> String {
             "scripted".into()
         }

@@ -181,6 +181,15 @@ mod tests {
             self.inner.subscribe(kinds, durable).await
         }
 
+        async fn publish_audit(
+            &self,
+            subject: &str,
+            id: &str,
+            payload: Vec<u8>,
+        ) -> Result<(), BusError> {
+            self.inner.publish_audit(subject, id, payload).await
+        }
+
         fn describe(&self) -> String {
             "flaky".into()
         }
