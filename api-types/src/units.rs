@@ -101,7 +101,7 @@ impl Duration {
             (1_000, "us"),
         ]
         .into_iter()
-        .find(|(unit, _)| nanos % unit == 0)
+        .find(|(unit, _)| nanos.is_multiple_of(*unit))
         .map_or_else(
             || format!("{nanos}ns"),
             |(unit, name)| format!("{}{name}", nanos / unit),

@@ -171,12 +171,12 @@ async fn read_body(body: Body) -> Result<Bytes, Refused> {
 /// What a CI call may name, in a JSON body or the query string.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeployRequest {
+pub(crate) struct DeployRequest {
     tag: Option<String>,
     digest: Option<String>,
 }
 
-fn deploy_request(parts: &Parts, body: &[u8]) -> Result<DeployRequest, String> {
+pub(crate) fn deploy_request(parts: &Parts, body: &[u8]) -> Result<DeployRequest, String> {
     let from_query = match parts.uri.query() {
         Some(q) if !q.is_empty() => Some(
             axum::extract::Query::<DeployRequest>::try_from_uri(&parts.uri)

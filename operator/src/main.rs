@@ -17,6 +17,8 @@ mod deploy_applier;
 mod deploy_auth;
 mod environment;
 mod extract;
+#[cfg(test)]
+mod fuzz;
 mod hooks;
 mod in_process_api;
 mod nats_args;
