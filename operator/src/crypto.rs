@@ -115,7 +115,7 @@ impl MasterKey {
     pub fn load_or_create(path: &Path) -> Result<Self, String> {
         match std::fs::metadata(path) {
             Ok(meta) => {
-                check_private(path, &meta)?;
+                check_private(path, &meta, "master key")?;
                 let bytes = std::fs::read(path)
                     .map_err(|e| format!("cannot read the master key {}: {e}", path.display()))?;
                 if bytes.len() != KEY_LEN {
@@ -166,13 +166,19 @@ fn to_key(bytes: &[u8]) -> Result<[u8; KEY_LEN], String> {
     <[u8; KEY_LEN]>::try_from(bytes).map_err(|_| format!("a master key is exactly {KEY_LEN} bytes"))
 }
 
+/// Refuses a key file (`what`: "master key", "API CA key") that group or others can read or write,
+/// or that is not a regular file.
 #[cfg(unix)]
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+pub(crate) fn check_private(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &str,
+) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "the master key file {} is readable or writable by group or others (mode {mode:04o}); \
+            "the {what} file {} is readable or writable by group or others (mode {mode:04o}); \
              refusing to use it. Run `chmod 600 {}` (and consider the key exposed)",
             path.display(),
             path.display()
@@ -180,7 +186,7 @@ fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
     }
     if !meta.is_file() {
         return Err(format!(
-            "the master key {} is not a regular file",
+            "the {what} {} is not a regular file",
             path.display()
         ));
     }
@@ -188,10 +194,14 @@ fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
 }
 
 #[cfg(not(unix))]
-fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+pub(crate) fn check_private(
+    path: &Path,
+    meta: &std::fs::Metadata,
+    what: &str,
+) -> Result<(), String> {
     if !meta.is_file() {
         return Err(format!(
-            "the master key {} is not a regular file",
+            "the {what} {} is not a regular file",
             path.display()
         ));
     }
