@@ -241,3 +241,155 @@ async fn split_controller_over_https() {
     )
     .await;
 }
+
+/// A mutual-TLS endpoint in front of the local engine's socket, checking client certificates the
+/// way `dockerd --tlsverify` does; counts the clients it let through. Writes the docker CLI's
+/// client files (`ca.pem`, `cert.pem`, `key.pem`) to `certs`.
+struct TlsEngine {
+    port: u16,
+    admitted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsEngine {
+    async fn start(certs: &std::path::Path) -> TlsEngine {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio_rustls::rustls;
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&server_key, &ca, &ca_key)
+            .unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+        std::fs::write(certs.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(certs.join("cert.pem"), client.pem()).unwrap();
+        std::fs::write(certs.join("key.pem"), client_key.serialize_pem()).unwrap();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![server.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let counter = admitted.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, counter) = (acceptor.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut engine) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut engine).await;
+                });
+            }
+        });
+        TlsEngine { port, admitted }
+    }
+
+    fn host(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    fn admitted(&self) -> usize {
+        self.admitted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `--docker-host tcp://...` with DOCKER_TLS_VERIFY: berth reaches the engine only through mutual
+/// TLS with the docker CLI's files, converges a Service that way, and a missing key file stops it
+/// with the file's path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_over_tls_with_the_docker_cli_files() {
+    let p = prefix("tlsengine");
+    let _cleanup = Cleanup::new(&p);
+    let certs = berth_e2e::tempdir("engine-certs");
+    let engine = TlsEngine::start(certs.path()).await;
+    let cert_path = certs.path().to_str().unwrap();
+    let tls_env = [("DOCKER_TLS_VERIFY", "1"), ("DOCKER_CERT_PATH", cert_path)];
+    let b = Berth::start_env(&["--docker-host", &engine.host()], &tls_env);
+    assert!(engine.admitted() > 0, "berth did not connect through TLS");
+    assert!(
+        !b.log_text().contains("plain HTTP"),
+        "no clear-text warning with TLS:\n{}",
+        b.log_text()
+    );
+
+    let d = docker().await;
+    let name = format!("{p}-web");
+    let (_dir, file) = manifest("svc.yaml", &service_yaml(&name, "berth-test/busybox:1"));
+    b.cli_ok(&["apply", "-f", file.to_str().unwrap()]);
+    wait_for(
+        Duration::from_secs(60),
+        "the service created through TLS",
+        || async { (swarm_replicas(&d, &name).await == Some(1)).then_some(()) },
+    )
+    .await;
+    b.cli_ok(&["delete", "service", &name]);
+    wait_for(
+        Duration::from_secs(30),
+        "the Swarm service to be removed",
+        || async { swarm_replicas(&d, &name).await.is_none().then_some(()) },
+    )
+    .await;
+    drop(b);
+
+    // Without key.pem berth does not start, and names the file.
+    let key = certs.path().join("key.pem");
+    std::fs::remove_file(&key).unwrap();
+    let data = berth_e2e::tempdir("engine-nokey");
+    let mut child = Command::new(berth_bin())
+        .args(["up", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "--default-network",
+            &format!("{p}-net"),
+            "--docker-host",
+            &engine.host(),
+        ])
+        .envs(tls_env)
+        .env("BERTH_NO_DEFAULT_BACKUP_PLAN", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("e2e: run berth up");
+    let status = wait_for(Duration::from_secs(20), "berth up to refuse", || {
+        let done = child.try_wait().expect("wait");
+        async move { done }
+    })
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&key.display().to_string()), "{stderr}");
+}

@@ -136,6 +136,15 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, EngineError> {
             Docker::connect_with_http(&url, 120, version)
         }
         Transport::Tls { url, ca, cert, key } => {
+            // bollard looks the client key up through the process's default provider: make it
+            // ring (what every other TLS connection of berth uses) before it asks.
+            let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+            // bollard reads the client certificate only during the handshake and, if it cannot,
+            // sends none: the engine's refusal would not name the file.
+            check_pem(&cert, &key).map_err(|message| EngineError::Settings {
+                host: host_s.clone(),
+                message,
+            })?;
             Docker::connect_with_ssl(&url, &key, &cert, &ca, 120, version)
         }
     }
@@ -143,6 +152,20 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, EngineError> {
     let docker = docker.negotiate_version().await.map_err(err)?;
     docker.ping().await.map_err(err)?;
     Ok(docker)
+}
+
+/// The client certificate and key files hold what their names say.
+fn check_pem(cert: &Path, key: &Path) -> Result<(), String> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map(|i| i.filter_map(Result::ok).count())
+        .unwrap_or(0);
+    if certs == 0 {
+        return Err(format!("{} holds no PEM certificate", cert.display()));
+    }
+    PrivateKeyDer::from_pem_file(key)
+        .map(|_| ())
+        .map_err(|_| format!("{} holds no PEM private key", key.display()))
 }
 
 /// Once per process: every controller connects, one warning is enough to be seen.
