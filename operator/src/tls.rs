@@ -768,6 +768,64 @@ mod tests {
         );
     }
 
+    fn pem(tag: &str, der: &[u8]) -> String {
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {tag}-----\n{}\n-----END {tag}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// `--tls-cert`/`--tls-key`: served as given, and no internal CA is made.
+    #[tokio::test]
+    async fn serves_the_operators_certificate() {
+        use std::os::unix::fs::PermissionsExt;
+        let issuer_dir = tempfile::tempdir().unwrap();
+        let ca = InternalCa::load_or_create(issuer_dir.path(), "someone").unwrap();
+        let (chain, key) = ca.issue(&["localhost".into()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert_file, pem("CERTIFICATE", &chain[0])).unwrap();
+        std::fs::write(&key_file, pem("PRIVATE KEY", key.secret_der())).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let args = parse(&[
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        let data_dir = tempfile::tempdir().unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = tcp.local_addr().unwrap();
+        let tls = args
+            .server_tls(data_dir.path(), "inst", &[local])
+            .unwrap()
+            .unwrap();
+        assert!(tls.ca_file.is_none());
+        assert!(!data_dir.path().join(CA_KEY_FILE).exists());
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+        tokio::spawn(serve(tcp, Some(tls.config), app));
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.cert_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let body = client
+            .get(format!("https://localhost:{}/", local.port()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, "hi");
+    }
+
     /// Over a real socket: HTTPS works with the CA, the handler sees the peer address, and plain
     /// HTTP gets a 400 that says to use https.
     #[tokio::test]
