@@ -212,7 +212,9 @@ pub fn deployer_may_write(
             ),
         ))
     };
-    if after.kind != berth_api_types::Kind::Service || !p.services.contains(&after.metadata.name) {
+    if after.kind != berth_api_types::Kind::Service
+        || !p.services.contains(&after.metadata.name)
+    {
         return deny(format!(
             "{}/{} is not one of them",
             after.kind, after.metadata.name
