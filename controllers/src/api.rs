@@ -20,7 +20,7 @@ pub enum ClientError {
         message: String,
         details: Vec<ErrorDetail>,
     },
-    #[error("cannot reach the berth API at {url}: {source}")]
+    #[error("cannot reach the berth API at {url}: {}", transport_cause(source))]
     Unreachable {
         url: String,
         #[source]
@@ -28,6 +28,29 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the berth API: {0}")]
     Protocol(String),
+}
+
+/// The whole chain of a transport error (reqwest's own message names only the URL; the reason, e.g.
+/// a certificate the client does not trust, is further down), with what to do about an untrusted
+/// certificate.
+fn transport_cause(e: &reqwest::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    let mut out = parts.join(": ");
+    if out.contains("certificate") {
+        out.push_str(
+            " (the server's TLS certificate is not trusted: pass the CA that signed it with --ca \
+             or BERTH_CA, e.g. <data-dir>/ca.pem of a berth started with --tls internal)",
+        );
+    }
+    out
 }
 
 impl ClientError {

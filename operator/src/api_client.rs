@@ -19,16 +19,35 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    pub fn new(base: &str, token: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+    /// `ca`: the only CA trusted for an https URL (berth's internal CA, or the one that signed the
+    /// operator's certificate); `None` trusts the system's roots.
+    pub fn new(base: &str, token: &str, ca: Option<&std::path::Path>) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(path) = ca {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("error: --ca {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "error: --ca {}: no PEM certificate in the file",
+                        path.display()
+                    )
+                })?;
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
-            .expect("a client with only a timeout set builds");
-        ApiClient {
+            .map_err(|e| format!("error: cannot set up the HTTP client: {e}"))?;
+        Ok(ApiClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             http,
-        }
+        })
     }
 
     pub fn base_url(&self) -> &str {

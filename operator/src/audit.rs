@@ -274,6 +274,7 @@ impl AuditLog {
     }
 
     /// Records one entry: numbered, timed, chained, and on disk before this returns.
+    #[cfg(test)]
     pub async fn append(&self, entry: AuditEntry) -> Result<AuditRecord, StoreError> {
         let mut records = self.append_all(vec![entry]).await?;
         Ok(records.pop().expect("one entry in, one record out"))

@@ -28,7 +28,28 @@ pub(crate) fn client(conn: &Conn) -> Result<ApiClient, String> {
     let token = conn.token.clone().ok_or(
         "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
     )?;
-    Ok(ApiClient::new(&conn.url, &token))
+    if let Some(host) = clear_text_host(&conn.url) {
+        eprintln!(
+            "warning: {} is plain HTTP to {host}: the token and any Secret values cross the network in clear (use https)",
+            conn.url
+        );
+    }
+    ApiClient::new(&conn.url, &token, conn.ca.as_deref())
+}
+
+/// The host of an `http://` URL that is not loopback: where a token would travel in clear.
+pub(crate) fn clear_text_host(url: &str) -> Option<String> {
+    let url = reqwest::Url::parse(url).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    let host = url.host_str()?;
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| host.to_string())
 }
 
 pub(crate) fn api_error(e: ClientError) -> String {
@@ -337,4 +358,30 @@ pub async fn join_command(conn: &Conn, role: &str) -> CliResult {
         .map_err(api_error)?;
     println!("{}", answer.command);
     Ok(())
+}
+
+#[cfg(test)]
+mod clear_text_tests {
+    use super::clear_text_host;
+
+    #[test]
+    fn warns_only_for_plain_http_beyond_loopback() {
+        assert_eq!(
+            clear_text_host("http://10.0.0.5:7474").as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(
+            clear_text_host("http://berth.example").as_deref(),
+            Some("berth.example")
+        );
+        for quiet in [
+            "http://127.0.0.1:7474",
+            "http://localhost:7474",
+            "http://[::1]:7474",
+            "https://10.0.0.5:7474",
+            "not a url",
+        ] {
+            assert_eq!(clear_text_host(quiet), None, "{quiet}");
+        }
+    }
 }

@@ -184,15 +184,9 @@ async fn start_api(
         .await
         .map_err(|e| format!("error: {e}"))?;
     let bus = connected.events;
-    let listener = tokio::net::TcpListener::bind(&server.listen)
-        .await
-        .map_err(|e| format!("error: cannot listen on {}: {e}", server.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    info!(%addr, instance = %store.instance(), bus = %bus.describe(), "API server listening");
-    eprintln!(
-        "berth API on http://{addr}; admin token in {}",
-        token_path.display()
-    );
+    let listeners = Listeners::bind(server, store.instance()).await?;
+    info!(addr = %listeners.api_addr, instance = %store.instance(), bus = %bus.describe(), "API server listening");
+    listeners.announce(&token_path);
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
     // A failed flush leaves writes in memory that may not be on disk: the store refuses service,
@@ -246,21 +240,98 @@ async fn start_api(
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
-    let app = router(state.clone()).merge(hooks::router(state, hook_state));
-    tasks.spawn(async move {
-        // The peer address is what webhook calls are rate-limited by.
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .await
-        .map_err(|e| format!("error: API server failed: {e}"))
-    });
+    listeners.serve(state, hook_state, tasks);
     Ok(ApiParts {
         store,
         bus,
         sharing: connected.sharing,
     })
+}
+
+/// The API listener and, with `--hooks-listen`, the webhook listener: bound, checked (plain HTTP
+/// only on loopback unless allowed), with their TLS.
+struct Listeners {
+    api: tokio::net::TcpListener,
+    api_addr: std::net::SocketAddr,
+    hooks: Option<(tokio::net::TcpListener, std::net::SocketAddr)>,
+    tls: Option<crate::tls::ServerTls>,
+}
+
+impl Listeners {
+    async fn bind(server: &ServerArgs, instance: &str) -> Result<Listeners, String> {
+        async fn bind(
+            flag: &str,
+            addr: &str,
+        ) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), String> {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("error: cannot listen on {addr} ({flag}): {e}"))?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            Ok((l, bound))
+        }
+        let (api, api_addr) = bind("--listen", &server.listen).await?;
+        server.tls.check_plain("--listen", api_addr)?;
+        let hooks = match &server.hooks_listen {
+            Some(addr) => {
+                let (l, bound) = bind("--hooks-listen", addr).await?;
+                server.tls.check_plain("--hooks-listen", bound)?;
+                Some((l, bound))
+            }
+            None => None,
+        };
+        let mut addrs = vec![api_addr];
+        addrs.extend(hooks.as_ref().map(|h| h.1));
+        let tls = server.tls.server_tls(&server.data_dir, instance, &addrs)?;
+        Ok(Listeners {
+            api,
+            api_addr,
+            hooks,
+            tls,
+        })
+    }
+
+    /// Tells the operator where berth listens and what clients need.
+    fn announce(&self, token_path: &Path) {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        eprintln!(
+            "berth API on {scheme}://{}; admin token in {}",
+            self.api_addr,
+            token_path.display()
+        );
+        if let Some(ca) = self.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
+            eprintln!(
+                "clients trust berth's CA in {} (berth --ca or BERTH_CA)",
+                ca.display()
+            );
+        }
+        if let Some((_, addr)) = &self.hooks {
+            eprintln!("webhooks on {scheme}://{addr} (only /hooks/...)");
+        }
+    }
+
+    fn serve(self, api: AppState, hooks: HookState, tasks: &mut Tasks) {
+        let config = self.tls.map(|t| t.config);
+        let serve = |listener, app, what: &'static str| {
+            let config = config.clone();
+            async move {
+                crate::tls::serve(listener, config, app)
+                    .await
+                    .map_err(|e| format!("error: {what} failed: {e}"))
+            }
+        };
+        match self.hooks {
+            None => tasks.spawn(serve(
+                self.api,
+                router(api.clone()).merge(hooks::router(api, hooks)),
+                "API server",
+            )),
+            Some((listener, _)) => {
+                let (main, hooks) = hooks::separate_listeners(api, hooks);
+                tasks.spawn(serve(self.api, main, "API server"));
+                tasks.spawn(serve(listener, hooks, "webhook listener"));
+            }
+        }
+    }
 }
 
 /// The installation's backups and the Backup controller that schedules them. They run here, in
@@ -672,7 +743,7 @@ pub async fn controller(
     let token = conn
         .token
         .ok_or("error: no token: set BERTH_TOKEN or pass --token")?;
-    let http = Arc::new(ApiClient::new(&conn.url, &token));
+    let http = Arc::new(ApiClient::new(&conn.url, &token, conn.ca.as_deref())?);
     let connected = bus::connect(Some(&nats))
         .await
         .map_err(|e| format!("error: {e}"))?;

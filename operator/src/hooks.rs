@@ -22,7 +22,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{middleware, Json, Router};
 use berth_api_types::deploy::{retarget, DeployEvent, DeploySource};
 use berth_api_types::image::ImageRef;
@@ -85,18 +85,29 @@ impl HookState {
     }
 }
 
-/// The hook endpoints and, behind the API's bearer-token check, webhook administration.
+/// The hook endpoints and, behind the API's bearer-token check, webhook administration: what the
+/// API listener serves when webhooks have no listener of their own.
 pub fn router(api: AppState, state: HookState) -> Router {
-    let admin = Router::new()
+    hook_routes(api.clone(), state.clone()).merge(admin_routes(api, state))
+}
+
+/// Webhook administration (`/apis/berth/v1/webhooks...`): admin API, always on the API listener.
+pub fn admin_routes(api: AppState, state: HookState) -> Router {
+    Router::new()
         .route(paths::WEBHOOKS, get(list).post(create))
         .route(&format!("{}/{{id}}", paths::WEBHOOKS), delete(remove))
         .route(&format!("{}/{{id}}/rotate", paths::WEBHOOKS), post(rotate))
         .layer(middleware::from_fn_with_state(
-            api.clone(),
+            api,
             crate::access::authorize,
-        ));
-    // The hooks are public in the access table (their URL token and signature are checked
-    // here); the same layer is what leaves an audit record when a call is refused.
+        ))
+        .with_state(state)
+}
+
+/// The hook endpoints alone. They are public in the access table (their URL token and signature
+/// are their credential, checked here); the access layer is what leaves an audit record when a
+/// call is refused.
+fn hook_routes(api: AppState, state: HookState) -> Router {
     Router::new()
         .route(
             &format!("{}/registry/{{token}}", paths::HOOKS),
@@ -107,8 +118,25 @@ pub fn router(api: AppState, state: HookState) -> Router {
             api,
             crate::access::authorize,
         ))
-        .merge(admin)
         .with_state(state)
+}
+
+/// The routers of the two listeners when webhooks have their own (`--hooks-listen`): the API
+/// listener answers `/hooks/...` with the generic 404, and the hooks listener serves only the hook
+/// endpoints and `/healthz` (404 for everything else, the admin API included), so a CI system can
+/// reach its hooks without reaching the admin API.
+pub fn separate_listeners(api: AppState, state: HookState) -> (Router, Router) {
+    let main = crate::server::router(api.clone())
+        .merge(admin_routes(api.clone(), state.clone()))
+        // Without these routes the API's authenticated fallback would answer 401, which tells a
+        // caller that something lives there.
+        .route(paths::HOOKS, any(unknown))
+        .route(&format!("{}/{{*rest}}", paths::HOOKS), any(unknown));
+    let hooks = Router::new()
+        .route(paths::HEALTHZ, get(|| async { "ok" }))
+        .merge(hook_routes(api, state))
+        .fallback(unknown);
+    (main, hooks)
 }
 
 fn err(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Response {
@@ -621,6 +649,11 @@ mod tests {
     }
 
     async fn setup(rate: u32) -> Setup {
+        setup_listeners(rate, false).await.0
+    }
+
+    /// `separate`: the API listener's router and the hooks listener's (`--hooks-listen`).
+    async fn setup_listeners(rate: u32, separate: bool) -> (Setup, Option<Router>) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
         let store = Store::open(dir.path(), &key).unwrap();
@@ -629,7 +662,15 @@ mod tests {
         let api = AppState::for_tests(store.clone());
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
         let webhooks = hooks.hooks.clone();
-        let app = crate::server::router(api.clone()).merge(router(api, hooks));
+        let (app, hooks_app) = if separate {
+            let (main, hooks) = separate_listeners(api, hooks);
+            (main, Some(hooks))
+        } else {
+            (
+                crate::server::router(api.clone()).merge(router(api, hooks)),
+                None,
+            )
+        };
         for (name, image) in [
             ("web", "127.0.0.1:5731/team/app:1"),
             ("web2", "127.0.0.1:5731/team/app:2"),
@@ -643,13 +684,64 @@ mod tests {
                 .await
                 .unwrap();
         }
-        Setup {
-            app,
-            deploys,
-            store,
-            hooks: webhooks,
-            _dir: dir,
+        (
+            Setup {
+                app,
+                deploys,
+                store,
+                hooks: webhooks,
+                _dir: dir,
+            },
+            hooks_app,
+        )
+    }
+
+    /// With `--hooks-listen`: the hooks listener serves the hook endpoints and /healthz only (the
+    /// admin API is 404 there, token or not); the API listener serves webhook administration and
+    /// answers the hook endpoints with the generic 404, sending no deploy.
+    #[tokio::test]
+    async fn separate_listeners_serve_disjoint_routes() {
+        let (mut s, hooks_app) = setup_listeners(100, true).await;
+        let hooks_app = hooks_app.unwrap();
+        let created = create_hook(&s.app, json!({"service": "web"})).await;
+
+        let (code, v, _) = hook(&s.app, &created.path, r#"{"tag": "2"}"#).await;
+        assert_eq!((code, v["reason"].as_str()), (404, Some("NotFound")));
+        let (code, _, _) = hook(&s.app, "/hooks/v1/registry/x", "{}").await;
+        assert_eq!(code, 404);
+        let (code, _, _, _) = send(&s.app, "GET", paths::HOOKS, &[], vec![]).await;
+        assert_eq!(code, 404);
+        no_deploy(&mut s).await;
+        let (code, _) = admin(&s.app, "GET", paths::API_ROOT, None).await;
+        assert_eq!(code, 200, "the admin API stays on the API listener");
+
+        for path in [
+            paths::API_ROOT.to_string(),
+            paths::collection(Kind::Service),
+            paths::WEBHOOKS.to_string(),
+            "/anything".to_string(),
+        ] {
+            let (code, v) = admin(&hooks_app, "GET", &path, None).await;
+            assert_eq!(
+                (code, v["reason"].as_str()),
+                (404, Some("NotFound")),
+                "{path}"
+            );
         }
+        let (code, _) = admin(
+            &hooks_app,
+            "POST",
+            paths::WEBHOOKS,
+            Some(json!({"service": "web"})),
+        )
+        .await;
+        assert_eq!(code, 404);
+        let (code, _, text, _) = send(&hooks_app, "GET", paths::HEALTHZ, &[], vec![]).await;
+        assert_eq!((code, text.as_str()), (200, "ok"));
+
+        let (code, v, _) = hook(&hooks_app, &created.path, r#"{"tag": "2"}"#).await;
+        assert_eq!(code, 202, "{v}");
+        assert_eq!(next_deploy(&mut s).await.image, "127.0.0.1:5731/team/app:2");
     }
 
     async fn send(

@@ -27,6 +27,7 @@ mod push_hooks;
 mod rollout_cli;
 mod server;
 mod store;
+mod tls;
 mod token_api;
 mod token_cli;
 mod tokens;
@@ -62,6 +63,10 @@ pub struct Conn {
     /// Bearer token (`berth up` writes the admin token to <data-dir>/admin.token).
     #[arg(long, env = "BERTH_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
+    /// Trust only this CA (PEM) for an https URL, e.g. <data-dir>/ca.pem of `berth up --tls
+    /// internal`. Without it the system's roots are trusted.
+    #[arg(long, env = "BERTH_CA", global = true)]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -69,9 +74,16 @@ pub struct ServerArgs {
     /// Where the API server keeps its database and the admin token.
     #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
     pub data_dir: PathBuf,
-    /// Address the API server listens on.
+    /// Address the API server listens on. Beyond loopback it needs TLS (or --insecure-http).
     #[arg(long, env = "BERTH_LISTEN", default_value = "127.0.0.1:7474")]
     pub listen: String,
+    /// Serve the deploy webhooks (`/hooks/...`) on this address instead, and only them: a CI
+    /// system reaches its hooks without reaching the admin API, which then answers 404 for
+    /// `/hooks/...`. Same TLS as the API.
+    #[arg(long, env = "BERTH_HOOKS_LISTEN")]
+    pub hooks_listen: Option<String>,
+    #[command(flatten)]
+    pub tls: tls::TlsArgs,
     /// NATS server URL; without it, events stay inside this process (embedded bus).
     // The URL may carry a password: `--help` must not print the variable's value.
     #[arg(long, env = "BERTH_NATS", hide_env_values = true)]

@@ -52,10 +52,7 @@ pub enum TokenCommand {
 type CliResult = Result<(), String>;
 
 fn client(conn: &Conn) -> Result<ApiClient, String> {
-    let token = conn.token.clone().ok_or(
-        "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
-    )?;
-    Ok(ApiClient::new(&conn.url, &token))
+    crate::cli::client(conn)
 }
 
 fn print_value(v: &serde_json::Value, out: Output) -> CliResult {

@@ -64,10 +64,7 @@ pub enum WebhookCommand {
 type CliResult = Result<(), String>;
 
 fn client(conn: &Conn) -> Result<ApiClient, String> {
-    let token = conn.token.clone().ok_or(
-        "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
-    )?;
-    Ok(ApiClient::new(&conn.url, &token))
+    crate::cli::client(conn)
 }
 
 fn api_error(e: ClientError) -> String {

@@ -205,6 +205,10 @@ pub struct Berth {
     pub instance: String,
     /// Extra environment of the process (see `start_env`).
     env: Vec<(String, String)>,
+    /// Started with `--tls internal` (see `start_tls`): clients use https and trust `ca_file()`.
+    tls: bool,
+    /// The client the harness's own API requests use (trusts the internal CA when `tls`).
+    client: reqwest::Client,
 }
 
 impl Berth {
@@ -250,6 +254,22 @@ impl Berth {
         b
     }
 
+    /// Starts `berth <subcommand> --tls internal` (`up`, or `api` for split controllers): the
+    /// harness then talks https, its CLI runs and controllers get `--ca <data-dir>/ca.pem`.
+    pub fn start_tls(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
+        let mut b = Self::prepare(subcommand, nats, extra);
+        b.tls = true;
+        b.extra
+            .splice(0..0, ["--tls".to_string(), "internal".to_string()]);
+        b.spawn();
+        b
+    }
+
+    /// The internal CA's certificate clients trust (written by `berth --tls internal`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("ca.pem")
+    }
+
     fn prepare(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
         let tmp = tempdir("berth");
         let data_dir = tmp.path().join("data");
@@ -267,6 +287,8 @@ impl Berth {
             default_network: prefix("net"),
             instance: String::new(),
             env: Vec::new(),
+            tls: false,
+            client: http(),
         }
     }
 
@@ -327,6 +349,16 @@ impl Berth {
                 std::fs::read_to_string(self.data_dir.join("admin.token")).unwrap_or_default();
             if healthy && !token.trim().is_empty() {
                 self.token = token.trim().to_string();
+                if self.tls {
+                    let Ok(pem) = std::fs::read(self.ca_file()) else {
+                        continue;
+                    };
+                    let ca = reqwest::Certificate::from_pem(&pem).expect("e2e: ca.pem is PEM");
+                    self.client = reqwest::Client::builder()
+                        .add_root_certificate(ca)
+                        .build()
+                        .expect("e2e: an https client");
+                }
                 let info = self.cli(&["info", "-o", "json"]);
                 if info.success {
                     let v: serde_json::Value =
@@ -345,7 +377,13 @@ impl Berth {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The HTTP client that reaches this berth (trusting its CA when it serves TLS).
+    pub fn client(&self) -> reqwest::Client {
+        self.client.clone()
     }
 
     /// Starts `berth controller KIND` as its own process against this API server and its NATS.
@@ -377,7 +415,8 @@ impl Berth {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = owned(&mut Command::new(berth_bin()))
+        let mut cmd = Command::new(berth_bin());
+        let child = owned(&mut cmd)
             .envs(env.iter().copied())
             .args([
                 "controller",
@@ -391,6 +430,12 @@ impl Berth {
             ])
             .arg("--state-dir")
             .arg(&state)
+            .args(
+                self.tls
+                    .then(|| ["--ca".into(), self.ca_file().into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("BERTH_LOG", "info,berth_controllers=debug")
             .stdout(file.try_clone().expect("log"))
             .stderr(file)
@@ -437,7 +482,11 @@ impl Berth {
     /// A client command run with another token (a role's), with optional standard input.
     pub fn cli_as(&self, token: &str, args: &[&str], stdin: Option<&str>) -> CliOutput {
         use std::io::Write;
-        let mut child = Command::new(berth_bin())
+        let mut cmd = Command::new(berth_bin());
+        if self.tls {
+            cmd.env("BERTH_CA", self.ca_file());
+        }
+        let mut child = cmd
             .args(args)
             .env("BERTH_URL", self.url())
             .env("BERTH_TOKEN", token)
@@ -483,7 +532,8 @@ impl Berth {
 
     /// GET an API path with the admin token; returns (status, JSON body).
     pub async fn api_get(&self, path: &str) -> (u16, serde_json::Value) {
-        let resp = http()
+        let resp = self
+            .client
             .get(format!("{}{path}", self.url()))
             .bearer_auth(&self.token)
             .send()
@@ -495,7 +545,8 @@ impl Berth {
 
     /// POST a JSON body to an API path with the admin token; returns (status, JSON body).
     pub async fn api_post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
-        let resp = http()
+        let resp = self
+            .client
             .post(format!("{}{path}", self.url()))
             .bearer_auth(&self.token)
             .json(body)
@@ -515,7 +566,8 @@ impl Berth {
         body: Option<&serde_json::Value>,
     ) -> (u16, String) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("HTTP method");
-        let mut req = http()
+        let mut req = self
+            .client
             .request(method, format!("{}{path}", self.url()))
             .bearer_auth(&self.token);
         if let Some(b) = body {

@@ -124,6 +124,38 @@ async fn roles_tokens_and_rotation() {
     assert_eq!(file.trim(), new);
     berth.token = new;
     berth.cli_ok(&["get", "services"]);
+    // Every write, refusal and token change above is on the audit trail, and its chain holds.
+    let trail = berth.cli_ok(&["audit", "-o", "json"]);
+    let trail: serde_json::Value = serde_json::from_str(&trail).unwrap();
+    let records = trail["items"].as_array().unwrap();
+    let has = |action: &str, role: &str, code: u64| {
+        records
+            .iter()
+            .any(|r| r["action"] == action && r["role"] == role && r["code"] == code)
+    };
+    assert!(
+        has("delete", "viewer", 403),
+        "the viewer's refused delete: {trail}"
+    );
+    assert!(
+        has("apply", "deployer", 200),
+        "the deployer's apply: {trail}"
+    );
+    assert!(
+        has("delete", "operator", 200),
+        "the operator's delete: {trail}"
+    );
+    assert!(has("token-revoke", "admin", 200), "the revocation: {trail}");
+    assert!(has("admin-rotate", "admin", 200), "the rotation: {trail}");
+    for t in [&viewer, &operator, &deployer] {
+        assert!(
+            !trail.to_string().contains(&t[t.len() - 64..]),
+            "a token in the trail"
+        );
+    }
+    let verify = berth.cli(&["audit", "verify"]);
+    assert!(verify.success, "{} {}", verify.stdout, verify.stderr);
+
     // And the token survives a restart (only its hash is stored).
     berth.restart();
     berth.cli_ok(&["get", "services"]);

@@ -27,15 +27,18 @@ impl std::fmt::Debug for GeneratedCa {
     }
 }
 
-/// How long the root is valid. Caddy issues short-lived intermediates and leaves from it.
+/// How long a root is valid. Caddy issues short-lived intermediates and leaves from it; the API's
+/// CA issues its server certificate anew at every start.
 const ROOT_YEARS: i32 = 10;
 
-/// Generates a root CA (ECDSA P-256) named after the installation.
-pub fn generate(instance: &str) -> Result<GeneratedCa, String> {
-    let key = KeyPair::generate().map_err(|e| format!("cannot generate the CA key: {e}"))?;
+/// The parameters of a berth root CA named `common_name`: the ingress CA here, and the API's own
+/// CA (`berth up --tls internal`). Only the name, key usages and constraints go into what a
+/// certificate issued from it says about its issuer, so a root rebuilt from the same name and key
+/// issues certificates that the first one verifies.
+pub fn root_params(common_name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, format!("berth ingress CA {instance}"));
+    dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationName, "berth");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -48,6 +51,13 @@ pub fn generate(instance: &str) -> Result<GeneratedCa, String> {
     let today = chrono::Utc::now().date_naive();
     params.not_before = rcgen::date_time_ymd(today.year(), today.month() as u8, today.day() as u8);
     params.not_after = rcgen::date_time_ymd(today.year() + ROOT_YEARS, today.month() as u8, 1);
+    params
+}
+
+/// Generates a root CA (ECDSA P-256) named after the installation.
+pub fn generate(instance: &str) -> Result<GeneratedCa, String> {
+    let key = KeyPair::generate().map_err(|e| format!("cannot generate the CA key: {e}"))?;
+    let params = root_params(&format!("berth ingress CA {instance}"));
     let cert = params
         .self_signed(&key)
         .map_err(|e| format!("cannot sign the CA certificate: {e}"))?;
