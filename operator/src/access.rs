@@ -553,15 +553,12 @@ mod tests {
     use crate::hooks::{self, HookState};
     use crate::server::{router, TEST_ADMIN};
     use crate::store::Store;
-    use axum::body::Body;
     use axum::Router;
     use berth_api_types::access::TokenRequest;
     use berth_controllers::bus::{DeployQueue, EmbeddedBus};
-    use http_body_util::BodyExt;
     use serde_json::{json, Value};
     use std::collections::HashMap;
     use std::sync::Arc;
-    use tower::ServiceExt;
 
     struct World {
         app: Router,
@@ -631,21 +628,8 @@ mod tests {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = axum::http::Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req
-            .header("content-type", "application/json")
-            .body(
-                body.map(|b| Body::from(b.to_string()))
-                    .unwrap_or_else(Body::empty),
-            )
-            .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let code = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let (code, text) = crate::server::send_test(app, method, path, token, body).await;
+        (code, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     /// A concrete path for a rule's pattern; `name` fills `{name}`.

@@ -831,12 +831,39 @@ impl AppState {
     }
 }
 
+/// One JSON request through a router, with `token` as the bearer; (status, body text).
+#[cfg(test)]
+pub(crate) async fn send_test(
+    app: &Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let mut req = axum::http::Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .header("content-type", "application/json")
+        .body(
+            body.map(|b| axum::body::Body::from(b.to_string()))
+                .unwrap_or_else(axum::body::Body::empty),
+        )
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
-    use http_body_util::BodyExt;
     use serde_json::json;
     use tower::ServiceExt;
 
@@ -867,21 +894,7 @@ mod tests {
         body: Option<Value>,
         token: bool,
     ) -> (u16, String) {
-        let mut req = Request::builder().method(method).uri(path);
-        if token {
-            req = req.header("authorization", &format!("Bearer {TEST_ADMIN}"));
-        }
-        let req = req
-            .header("content-type", "application/json")
-            .body(
-                body.map(|b| Body::from(b.to_string()))
-                    .unwrap_or_else(Body::empty),
-            )
-            .unwrap();
-        let resp = app.clone().oneshot(req).await.unwrap();
-        let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        send_test(app, method, path, token.then_some(TEST_ADMIN), body).await
     }
 
     fn svc(name: &str, replicas: Value) -> Value {
