@@ -29,7 +29,8 @@ pub enum Need {
     Read,
     /// Change spec (apply, create, replace, patch, delete). A deployer may change the image of the
     /// Services on its token through apply, replace or patch; the handler checks that nothing but
-    /// the image changed ([`deployer_may_write`]).
+    /// the image changed ([`deployer_may_write`]). A controller may only register and deregister
+    /// Nodes ([`controller_path_allows`]), as a kubelet registers its Node.
     Write,
     /// Write an object's status: controllers only (the API server is the only writer of spec,
     /// controllers the only writers of status).
@@ -44,13 +45,28 @@ pub enum Need {
 }
 
 impl Need {
-    /// The roles a requirement admits (a deployer's narrower rights are checked on top).
+    /// The roles a requirement admits without a narrower scope, as a refusal names them.
+    pub fn unscoped_roles(self) -> Vec<Role> {
+        let scoped: &[Role] = match self {
+            Need::Read => &[Role::Deployer],
+            Need::Write => &[Role::Deployer, Role::Controller],
+            _ => &[],
+        };
+        self.roles()
+            .iter()
+            .copied()
+            .filter(|r| !scoped.contains(r))
+            .collect()
+    }
+
+    /// The roles a requirement admits (a deployer's and a controller's narrower rights are
+    /// checked on top).
     pub fn roles(self) -> &'static [Role] {
         use Role::*;
         match self {
             Need::Public | Need::Token => &[Admin, Operator, Deployer, Viewer, Controller],
             Need::Read => &[Admin, Operator, Deployer, Viewer, Controller],
-            Need::Write => &[Admin, Operator, Deployer],
+            Need::Write => &[Admin, Operator, Deployer, Controller],
             Need::WriteStatus => &[Admin, Controller],
             Need::SecretData => &[Admin, Controller],
             Need::RunBackups => &[Admin, Operator],
@@ -193,6 +209,37 @@ fn deployer_path_allows(
         _ => false,
     };
     own_service && shape_ok
+}
+
+/// A controller's one kind of spec write: the Node controller registers a node it finds in the
+/// swarm (an object with an empty spec; `controller_may_create` checks that) and deregisters it
+/// once the node is gone. Nothing else.
+fn controller_path_allows(method: &Method, route: &str, params: &[(String, String)]) -> bool {
+    let nodes = params
+        .iter()
+        .any(|(k, v)| k == "plural" && v == berth_api_types::Kind::Node.plural());
+    nodes
+        && ((*method == Method::POST && route == api("/{plural}"))
+            || (*method == Method::DELETE && route == api("/{plural}/{name}")))
+}
+
+/// A controller creates only registrations: an object with an empty spec, which teams then set.
+pub fn controller_may_create(
+    p: &Principal,
+    obj: &berth_api_types::DynObject,
+) -> Result<(), ApiError> {
+    let empty = obj.spec.as_object().is_none_or(|m| m.is_empty());
+    if p.role == Role::Controller && !empty {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!(
+                "a controller registers {}/{} with an empty spec; its spec is for role admin or operator",
+                obj.kind, obj.metadata.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// May this principal make a spec change from `before` to `after`? Everyone the table let through
@@ -418,7 +465,10 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
     let allowed = need.roles().contains(&principal.role)
         && (principal.role != Role::Deployer
             || matches!(need, Need::Token)
-            || deployer_path_allows(&principal, &method, route_str, &params));
+            || deployer_path_allows(&principal, &method, route_str, &params))
+        && (principal.role != Role::Controller
+            || need != Need::Write
+            || controller_path_allows(&method, route_str, &params));
     if !allowed {
         let action = default_action(&method, Some(need));
         state
@@ -431,8 +481,7 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
                 Change::default(),
             ))
             .await;
-        let mut roles = need.roles().to_vec();
-        roles.retain(|r| *r != Role::Deployer || principal.role != Role::Deployer);
+        let roles = need.unscoped_roles();
         let scope = if principal.role == Role::Deployer && need.roles().contains(&Role::Deployer) {
             format!(
                 " (a deployer token reaches only the Services {}, and only to read them or change their image)",
@@ -703,7 +752,9 @@ mod tests {
                             && rule.path.contains("{name}")
                             && !rule.path.ends_with("/data")
                             && matches!(rule.method, Method::GET | Method::PUT | Method::PATCH));
-                    if admitted && deployer_scope {
+                    // A controller writes spec only to register Nodes (the walk names Services).
+                    let controller_scope = role != Role::Controller || rule.need != Need::Write;
+                    if admitted && deployer_scope && controller_scope {
                         assert_ne!(resp["reason"], "Forbidden", "{what}");
                     } else {
                         assert_eq!(code, 403, "{what}");
@@ -812,6 +863,53 @@ mod tests {
                 "{role}"
             );
         }
+    }
+
+    /// The Node controller registers the nodes it finds (empty spec) and deregisters them; its
+    /// token can do no other spec write.
+    #[tokio::test]
+    async fn a_controller_registers_and_deregisters_nodes_only() {
+        let w = world().await;
+        let c = Some(w.tokens[&Role::Controller].as_str());
+        let node = |spec: Value| json!({"apiVersion": "berth/v1", "kind": "Node", "metadata": {"name": "n1"}, "spec": spec});
+        let (code, body) = call(
+            &w.app,
+            "POST",
+            &api("/nodes"),
+            c,
+            Some(node(json!({"availability": "drain"}))),
+        )
+        .await;
+        assert_eq!(code, 403, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("empty spec"),
+            "{body}"
+        );
+        let (code, body) = call(&w.app, "POST", &api("/nodes"), c, Some(node(json!({})))).await;
+        assert_eq!(code, 201, "{body}");
+        for (method, path, body) in [
+            ("PUT", api("/nodes/n1"), Some(node(json!({})))),
+            ("DELETE", api("/services/web"), None),
+            (
+                "POST",
+                paths::APPLY.to_string(),
+                Some(json!({"items": [node(json!({}))]})),
+            ),
+        ] {
+            let (code, resp) = call(&w.app, method, &path, c, body).await;
+            assert_eq!(code, 403, "{method} {path}: {resp}");
+            assert!(
+                resp["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("it needs role admin or operator"),
+                "{resp}"
+            );
+        }
+        assert_eq!(
+            call(&w.app, "DELETE", &api("/nodes/n1"), c, None).await.0,
+            200
+        );
     }
 
     #[tokio::test]

@@ -557,6 +557,7 @@ async fn create(
     let kind = kind_of(&plural)?;
     let obj = checked(&parse_body(body)?, kind, None)?;
     deployer_may_write(&principal, None, &obj)?;
+    crate::access::controller_may_create(&principal, &obj)?;
     let mut out = state
         .store
         .write(vec![obj], WriteMode::Create, None, q.dry_run)

@@ -52,7 +52,7 @@ async fn roles_tokens_and_rotation() {
     assert!(!out.success);
     assert!(
         out.stderr.contains("role `viewer` may not DELETE")
-            && out.stderr.contains("admin or operator or deployer"),
+            && out.stderr.contains("it needs role admin or operator"),
         "{}",
         out.stderr
     );
