@@ -351,6 +351,8 @@ async fn offline(
                     data_dir.display(),
                     doc.installation
                 );
+            } else {
+                take_snapshot_key(data_dir, &doc.master_key)?;
             }
         }
         (
@@ -379,6 +381,22 @@ async fn offline(
         );
     }
     Ok(())
+}
+
+/// The installation that comes back takes its own master key back (from the snapshot) when the
+/// data directory has none and none is given in `BERTH_MASTER_KEY`: the keyed digests that name
+/// its Secrets and Configs in Swarm derive from it, so with the same key the adopted Swarm objects
+/// keep their names and no service restarts. (A new key would re-seal everything and rename them:
+/// `berth admin rotate-master-key` does that, when wanted, afterwards.)
+fn take_snapshot_key(data_dir: &std::path::Path, sealed_doc_key: &str) -> CliResult {
+    let path = data_dir.join(crate::crypto::MASTER_KEY_FILE);
+    if std::env::var_os(crate::crypto::MASTER_KEY_ENV).is_some() || path.exists() {
+        return Ok(());
+    }
+    let key = MasterKey::parse_env(sealed_doc_key)
+        .map_err(|_| "error: the snapshot's master key is not 32 bytes of base64".to_string())?;
+    crate::crypto::write_new_key_file(&path, &key)
+        .map_err(|e| format!("error: cannot write {}: {e}", path.display()))
 }
 
 fn show_plan(plan: &RestorePlan) {
