@@ -152,6 +152,15 @@ pub mod subjects {
         format!("{DEPLOY_PREFIX}.{service}")
     }
 
+    /// Default name of the JetStream stream that is the store's log (`berth api --store nats`):
+    /// every commit of the API servers, replicated. One per installation.
+    pub const STORE_STREAM: &str = "BERTH_STORE";
+
+    /// `berth.store.<stream>`: the one subject of a store log stream.
+    pub fn store_log(stream: &str) -> String {
+        format!("berth.store.{stream}")
+    }
+
     /// JetStream KV bucket of the controllers' leases and instance records (`KV_BERTH_CONTROLLERS`,
     /// subjects `$KV.BERTH_CONTROLLERS.>`). Its max age is the lease time: an entry nobody renews
     /// disappears, so dead instances and installations leave nothing behind.

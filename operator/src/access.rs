@@ -337,6 +337,17 @@ fn audited(method: &Method, need: Option<Need>, code: StatusCode) -> bool {
 
 /// The middleware every API route runs behind.
 pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // With several API servers on one NATS store, this one first takes in every commit
+    // acknowledged before the request arrived: a token or webhook made through another server
+    // authenticates here, and a read shows every write acknowledged anywhere (nothing on sled).
+    if let Err(e) = state.store.catch_up().await {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            format!("{e}; try another API server"),
+        )
+        .into_response();
+    }
     let method = req.method().clone();
     let route = req
         .extensions()
@@ -620,8 +631,10 @@ mod tests {
     /// one token per role; the deployer may deploy `web` only.
     async fn world() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::store::testing::test_key()).unwrap();
-        let mut state = AppState::for_tests(store.clone());
+        let store = Store::open(dir.path(), &crate::store::testing::test_key())
+            .await
+            .unwrap();
+        let mut state = AppState::for_tests(store.clone()).await;
         let audit = Arc::new(MemoryAudit::default());
         state.audit = audit.clone();
         let mut tokens = HashMap::from([(Role::Admin, TEST_ADMIN.to_string())]);

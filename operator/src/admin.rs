@@ -31,12 +31,12 @@ pub fn store_dir(data_dir: &Path) -> std::path::PathBuf {
 }
 
 /// Opens the store for an offline command; a running server holds sled's lock.
-fn open_offline(data_dir: &Path, key: &MasterKey) -> Result<Store, String> {
+async fn open_offline(data_dir: &Path, key: &MasterKey) -> Result<Store, String> {
     let dir = store_dir(data_dir);
     if !dir.exists() {
         return Err(format!("error: no store at {}", dir.display()));
     }
-    Store::open(&dir, key).map_err(|e| match e {
+    Store::open(&dir, key).await.map_err(|e| match e {
         StoreError::Storage(m) if m.contains("lock") => format!(
             "error: the store {} is in use ({m}); stop berth first",
             dir.display()
@@ -60,7 +60,7 @@ fn refuse_pending(data_dir: &Path) -> Result<(), String> {
 }
 
 /// `berth admin fsck`: the report on stdout, `Err` (exit non-zero) when anything is wrong.
-pub fn fsck(data_dir: &Path) -> Result<(), String> {
+pub async fn fsck(data_dir: &Path) -> Result<(), String> {
     crate::data_dir::private_umask();
     refuse_pending(data_dir)?;
     let mut problems = Vec::new();
@@ -77,7 +77,7 @@ pub fn fsck(data_dir: &Path) -> Result<(), String> {
     }
     let key = MasterKey::resolve_existing(data_dir).map_err(|e| format!("error: {e}"))?;
     // The key check runs at open: a wrong key stops here, naming it.
-    let store = open_offline(data_dir, &key)?;
+    let store = open_offline(data_dir, &key).await?;
     let (objects, object_problems) = store.check_objects().map_err(|e| e.to_string())?;
     problems.extend(object_problems);
     let (hooks, hook_problems) = Webhooks::open(&store)
@@ -122,11 +122,11 @@ fn base64_len(b64: &str) -> usize {
 }
 
 /// `berth admin rotate-master-key` (see the module comment for the crash rule).
-pub fn rotate_master_key(data_dir: &Path) -> Result<(), String> {
+pub async fn rotate_master_key(data_dir: &Path) -> Result<(), String> {
     crate::data_dir::private_umask();
     refuse_pending(data_dir)?;
     let old = MasterKey::resolve_existing(data_dir).map_err(|e| format!("error: {e}"))?;
-    let store = open_offline(data_dir, &old)?;
+    let store = open_offline(data_dir, &old).await?;
     let pending = data_dir.join(PENDING_KEY_FILE);
     let new = MasterKey::random(pending.display().to_string());
     let webhooks = Webhooks::open(&store)
@@ -136,7 +136,7 @@ pub fn rotate_master_key(data_dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("error: cannot write {}: {e}", pending.display()))?;
     let chain_key = crate::audit::chain_key_resealed(&store, &old.sealer(), &new.sealer())
         .map_err(|e| format!("error: {e}"))?;
-    let done = match store.reseal_all(&new, &[webhooks, chain_key]) {
+    let done = match store.reseal_all(&new, &[webhooks, chain_key]).await {
         Ok(done) => done,
         Err(e) => {
             // Nothing was changed: the transaction did not commit.
@@ -178,7 +178,7 @@ pub fn rotate_master_key(data_dir: &Path) -> Result<(), String> {
 
 /// At start, before the store is opened for service: settles a rotation that did not finish
 /// (see the module comment). Returns the key the store is sealed with.
-pub fn settle_rotation(data_dir: &Path, key: MasterKey) -> Result<MasterKey, String> {
+pub async fn settle_rotation(data_dir: &Path, key: MasterKey) -> Result<MasterKey, String> {
     let pending = data_dir.join(PENDING_KEY_FILE);
     if !pending.exists() {
         return Ok(key);
@@ -186,7 +186,7 @@ pub fn settle_rotation(data_dir: &Path, key: MasterKey) -> Result<MasterKey, Str
     crate::data_dir::check_private_file(&pending, "master key")?;
     let new = MasterKey::load_or_create(&pending)?;
     let dir = store_dir(data_dir);
-    match Store::open(&dir, &key) {
+    match Store::open(&dir, &key).await {
         Ok(_) => {
             // The store opens with the key given: either the rotation's transaction never
             // committed (old key), or this start already has the new key in BERTH_MASTER_KEY.
@@ -207,7 +207,9 @@ pub fn settle_rotation(data_dir: &Path, key: MasterKey) -> Result<MasterKey, Str
         }
         Err(StoreError::WrongKey { .. }) => {
             // Only the new key can be right now: the transaction committed.
-            Store::open(&dir, &new).map_err(|e| format!("{e} (nor with {})", pending.display()))?;
+            Store::open(&dir, &new)
+                .await
+                .map_err(|e| format!("{e} (nor with {})", pending.display()))?;
             if key.is_from_env() {
                 return Err(format!(
                     "the store was re-keyed by `berth admin rotate-master-key`: set {MASTER_KEY_ENV} \
@@ -243,7 +245,7 @@ mod tests {
     async fn installation() -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let key = MasterKey::load_or_create(&dir.path().join(MASTER_KEY_FILE)).unwrap();
-        let store = Store::open(&store_dir(dir.path()), &key).unwrap();
+        let store = Store::open(&store_dir(dir.path()), &key).await.unwrap();
         store
             .write(
                 vec![secret("a", "aardvark-1"), secret("b", "badger-2")],
@@ -268,7 +270,7 @@ mod tests {
     }
 
     async fn assert_everything_opens(data_dir: &Path, key: &MasterKey, hook: &str) {
-        let store = Store::open(&store_dir(data_dir), key).unwrap();
+        let store = Store::open(&store_dir(data_dir), key).await.unwrap();
         for (n, v) in [("a", "aardvark-1"), ("b", "badger-2")] {
             assert_eq!(
                 store.get(Kind::Secret, n).unwrap().unwrap().spec["stringData"]["pw"],
@@ -286,19 +288,22 @@ mod tests {
         let (dir, hook) = installation().await;
         let file = dir.path().join(MASTER_KEY_FILE);
         let old = MasterKey::load_or_create(&file).unwrap();
-        rotate_master_key(dir.path()).unwrap();
+        rotate_master_key(dir.path()).await.unwrap();
         let new = MasterKey::load_or_create(&file).unwrap();
         assert!(!new.same_as(&old));
         assert!(!dir.path().join(PENDING_KEY_FILE).exists());
         assert_everything_opens(dir.path(), &new, &hook).await;
-        let err = Store::open(&store_dir(dir.path()), &old).err().unwrap();
+        let err = Store::open(&store_dir(dir.path()), &old)
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
         // The content key moved with it: Swarm names will change.
         assert_ne!(
             new.content_key().digest(b"x"),
             old.content_key().digest(b"x")
         );
-        fsck(dir.path()).unwrap();
+        fsck(dir.path()).await.unwrap();
     }
 
     #[tokio::test]
@@ -309,8 +314,11 @@ mod tests {
         let old = MasterKey::load_or_create(&file).unwrap();
         let pending = dir.path().join(PENDING_KEY_FILE);
         crypto::write_new_key_file(&pending, &MasterKey::random("new")).unwrap();
-        assert!(fsck(dir.path()).unwrap_err().contains("not been settled"));
-        let key = settle_rotation(dir.path(), old.clone()).unwrap();
+        assert!(fsck(dir.path())
+            .await
+            .unwrap_err()
+            .contains("not been settled"));
+        let key = settle_rotation(dir.path(), old.clone()).await.unwrap();
         assert!(key.same_as(&old));
         assert!(!pending.exists());
         assert_everything_opens(dir.path(), &old, &hook).await;
@@ -319,14 +327,14 @@ mod tests {
         let new = MasterKey::random("new");
         crypto::write_new_key_file(&pending, &new).unwrap();
         {
-            let store = Store::open(&store_dir(dir.path()), &old).unwrap();
+            let store = Store::open(&store_dir(dir.path()), &old).await.unwrap();
             let w = Webhooks::open(&store)
                 .unwrap()
                 .resealed(&new.sealer())
                 .unwrap();
-            store.reseal_all(&new, &[w]).unwrap();
+            store.reseal_all(&new, &[w]).await.unwrap();
         }
-        let key = settle_rotation(dir.path(), old.clone()).unwrap();
+        let key = settle_rotation(dir.path(), old.clone()).await.unwrap();
         assert!(key.same_as(&new));
         assert!(!pending.exists());
         assert!(MasterKey::load_or_create(&file).unwrap().same_as(&new));
@@ -344,16 +352,16 @@ mod tests {
         let new = MasterKey::random("new");
         crypto::write_new_key_file(&pending, &new).unwrap();
         {
-            let store = Store::open(&store_dir(dir.path()), &old).unwrap();
+            let store = Store::open(&store_dir(dir.path()), &old).await.unwrap();
             let w = Webhooks::open(&store)
                 .unwrap()
                 .resealed(&new.sealer())
                 .unwrap();
-            store.reseal_all(&new, &[w]).unwrap();
+            store.reseal_all(&new, &[w]).await.unwrap();
         }
         // Started with the old key still in the environment: refused, naming the fix; the new
         // key is not lost.
-        let err = settle_rotation(dir.path(), old_env).unwrap_err();
+        let err = settle_rotation(dir.path(), old_env).await.unwrap_err();
         assert!(
             err.contains(MASTER_KEY_ENV) && err.contains(PENDING_KEY_FILE),
             "{err}"
@@ -361,7 +369,7 @@ mod tests {
         assert!(pending.exists());
         // Started with the new key: the pending file goes.
         let new_env = MasterKey::parse_env(&new.to_base64()).unwrap();
-        let key = settle_rotation(dir.path(), new_env).unwrap();
+        let key = settle_rotation(dir.path(), new_env).await.unwrap();
         assert!(key.same_as(&new));
         assert!(!pending.exists());
         assert_everything_opens(dir.path(), &new, &hook).await;
@@ -373,7 +381,7 @@ mod tests {
         let file = dir.path().join(MASTER_KEY_FILE);
         let old = MasterKey::load_or_create(&file).unwrap();
         let other = MasterKey::random("other");
-        let store = Store::open(&store_dir(dir.path()), &old).unwrap();
+        let store = Store::open(&store_dir(dir.path()), &old).await.unwrap();
         // The rotation opens every Secret with the current key; one sealed under another key
         // (as if tampered with after the open's quarantine scan) makes it stop before writing.
         let w = Webhooks::open(&store)
@@ -382,13 +390,14 @@ mod tests {
             .unwrap();
         store
             .reseal_all(&other, &[w])
+            .await
             .expect("a clean store re-seals");
         let w = Webhooks::open(&store).unwrap().resealed(&old.sealer());
         assert!(
             w.is_err(),
             "webhook secrets no longer open with the old key"
         );
-        let err = store.reseal_all(&old, &[]).unwrap_err();
+        let err = store.reseal_all(&old, &[]).await.unwrap_err();
         assert!(err.to_string().contains("does not open"), "{err}");
         drop(store);
         // Still everything under `other`, the key check included.
@@ -400,17 +409,18 @@ mod tests {
         let (dir, _) = installation().await;
         let key = MasterKey::load_or_create(&dir.path().join(MASTER_KEY_FILE)).unwrap();
         {
-            let store = Store::open(&store_dir(dir.path()), &key).unwrap();
+            let store = Store::open(&store_dir(dir.path()), &key).await.unwrap();
             let objects = store.aux_tree("objects").unwrap();
             objects
                 .insert("service/broken", b"garbage".as_slice())
+                .await
                 .unwrap();
-            objects.flush().unwrap();
+            store.flush().await.unwrap();
         }
-        let err = fsck(dir.path()).unwrap_err();
+        let err = fsck(dir.path()).await.unwrap_err();
         assert!(err.contains("1 quarantined"), "{err}");
         // The store itself still opens and serves.
-        let store = Store::open(&store_dir(dir.path()), &key).unwrap();
+        let store = Store::open(&store_dir(dir.path()), &key).await.unwrap();
         assert_eq!(store.list(Kind::Secret).unwrap().len(), 2);
         assert_eq!(store.quarantined_count(), 1);
     }
@@ -422,7 +432,7 @@ mod tests {
         let (dir, _) = installation().await;
         let file = dir.path().join(MASTER_KEY_FILE);
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = fsck(dir.path()).unwrap_err();
+        let err = fsck(dir.path()).await.unwrap_err();
         assert!(err.contains("chmod 600"), "{err}");
     }
 }

@@ -30,6 +30,7 @@
 //! head written down elsewhere (`berth audit verify` prints it) are for that.
 
 use crate::crypto::Sealer;
+use crate::store::backend::Tree;
 use crate::store::{Store, StoreError};
 use berth_api_types::access::{AuditEntry, AuditRecord, AuditVerification};
 use berth_api_types::names::subjects;
@@ -41,8 +42,6 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,6 +128,7 @@ struct Unpublished {
 }
 
 /// Where the next record goes.
+#[derive(Clone)]
 struct Tip {
     seq: u64,
     hash: String,
@@ -142,8 +142,8 @@ pub struct AuditLog {
 
 struct Inner {
     store: Store,
-    records: sled::Tree,
-    meta: sled::Tree,
+    records: Tree,
+    meta: Tree,
     key: ChainKey,
     /// Held while a record is numbered, chained and committed: one append at a time, so every
     /// `seq` and `prev` follows from the one before.
@@ -187,7 +187,7 @@ impl AuditLog {
     /// Opens the store's audit log, making the chain key at first use. Refuses a log whose chain
     /// key is missing while records exist, or does not open with the master key: the trail could
     /// then be neither verified nor continued, and starting a new chain over it would hide that.
-    pub fn open(store: &Store) -> Result<AuditLog, StoreError> {
+    pub async fn open(store: &Store) -> Result<AuditLog, StoreError> {
         let records = store.aux_tree(RECORDS_TREE)?;
         let meta = store.aux_tree(META_TREE)?;
         let key = match meta.get(CHAIN_KEY)? {
@@ -215,13 +215,35 @@ impl AuditLog {
             None => {
                 let mut bytes = [0u8; 32];
                 rand::rngs::OsRng.fill_bytes(&mut bytes);
-                meta.insert(
-                    CHAIN_KEY,
-                    store.sealer().seal(CHAIN_KEY_AAD, &bytes).as_bytes(),
-                )?;
+                let sealed = store.sealer().seal(CHAIN_KEY_AAD, &bytes);
+                // Create-if-absent: API servers starting together on one NATS log make one chain.
+                let kept = store
+                    .db()
+                    .transact(&[&meta], |t| match t[0].get(CHAIN_KEY)? {
+                        Some(theirs) => Ok(Some(theirs)),
+                        None => {
+                            t[0].insert(CHAIN_KEY, sealed.as_bytes())?;
+                            Ok(None)
+                        }
+                    })
+                    .await?;
                 // On disk before any record depends on it.
-                meta.flush()?;
-                ChainKey(bytes)
+                store.flush().await?;
+                match kept {
+                    None => ChainKey(bytes),
+                    Some(theirs) => ChainKey(
+                        std::str::from_utf8(&theirs)
+                            .ok()
+                            .and_then(|s| store.sealer().open(CHAIN_KEY_AAD, s).ok())
+                            .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
+                            .ok_or_else(|| {
+                                StoreError::Storage(
+                                    "the audit trail's chain key does not open with this master key"
+                                        .into(),
+                                )
+                            })?,
+                    ),
+                }
             }
         };
         let tip = Self::find_tip(&records, &meta, &key)?;
@@ -242,11 +264,7 @@ impl AuditLog {
     /// Where the chain continues: after the last stored record, or after the head if that is
     /// further (the newest records were deleted: numbering on from them keeps the hole visible
     /// instead of filling it with new records).
-    fn find_tip(
-        records: &sled::Tree,
-        meta: &sled::Tree,
-        key: &ChainKey,
-    ) -> Result<Tip, StoreError> {
+    fn find_tip(records: &Tree, meta: &Tree, key: &ChainKey) -> Result<Tip, StoreError> {
         let mut tip = Tip {
             seq: 0,
             hash: GENESIS.to_string(),
@@ -293,37 +311,51 @@ impl AuditLog {
         let out = {
             let mut tip = inner.tip.lock().await;
             let time = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-            let (mut seq, mut prev) = (tip.seq, tip.hash.clone());
-            let mut out = Vec::with_capacity(entries.len());
-            for entry in entries {
-                seq += 1;
-                let mut record = AuditRecord {
-                    seq,
-                    time: time.clone(),
-                    entry,
-                    prev,
-                    hash: String::new(),
-                };
-                record.hash = inner.key.record_hash(&record);
-                prev = record.hash.clone();
-                out.push(record);
-            }
-            let encoded: Vec<Vec<u8>> = out
-                .iter()
-                .map(|r| serde_json::to_vec(r).expect("audit records always encode"))
-                .collect();
-            let head =
-                serde_json::to_vec(&inner.key.head(seq, &prev)).expect("the head always encodes");
-            (&inner.records, &inner.meta)
-                .transaction(|(records, meta)| {
-                    for (r, bytes) in out.iter().zip(&encoded) {
-                        records.insert(&seq_key(r.seq), bytes.as_slice())?;
+            let cached = tip.clone();
+            // Numbered and chained inside the transaction, from the head it reads: on the NATS
+            // log other API servers append to the same chain, and a commit made on a head that
+            // moved meanwhile is refused and chained again.
+            let (out, last) = inner
+                .store
+                .db()
+                .transact(&[&inner.records, &inner.meta], |t| {
+                    let head = match t[1].get(HEAD)? {
+                        Some(v) => serde_json::from_slice::<Head>(&v).ok(),
+                        None => None,
+                    };
+                    let start = match head {
+                        Some(h) if inner.key.check_head(&h) && h.seq >= cached.seq => Tip {
+                            seq: h.seq,
+                            hash: h.hash,
+                        },
+                        _ => cached.clone(),
+                    };
+                    let (mut seq, mut prev) = (start.seq, start.hash);
+                    let mut out = Vec::with_capacity(entries.len());
+                    for entry in &entries {
+                        seq += 1;
+                        let mut record = AuditRecord {
+                            seq,
+                            time: time.clone(),
+                            entry: entry.clone(),
+                            prev,
+                            hash: String::new(),
+                        };
+                        record.hash = inner.key.record_hash(&record);
+                        prev = record.hash.clone();
+                        let bytes =
+                            serde_json::to_vec(&record).expect("audit records always encode");
+                        t[0].insert(seq_key(seq), bytes)?;
+                        out.push(record);
                     }
-                    meta.insert(HEAD, head.as_slice())?;
-                    Ok::<_, ConflictableTransactionError<()>>(())
+                    let head = serde_json::to_vec(&inner.key.head(seq, &prev))
+                        .expect("the head always encodes");
+                    t[1].insert(HEAD, head)?;
+                    Ok((out, Tip { seq, hash: prev }))
                 })
-                .map_err(|e: TransactionError<()>| storage("cannot append", format!("{e:?}")))?;
-            *tip = Tip { seq, hash: prev };
+                .await
+                .map_err(|e| storage("cannot append", e))?;
+            *tip = last;
             out
         };
         // Outside the lock, so appends that arrive meanwhile share this fsync (group commit).
@@ -419,7 +451,7 @@ impl AuditLog {
     }
 
     /// The oldest records not yet on the bus (after the `published` cursor).
-    fn unpublished(&self, max: usize) -> Result<Vec<Unpublished>, StoreError> {
+    async fn unpublished(&self, max: usize) -> Result<Vec<Unpublished>, StoreError> {
         let from = self.published()? + 1;
         let durable = self.inner.durable.load(Ordering::Acquire);
         if from > durable {
@@ -429,7 +461,7 @@ impl AuditLog {
         for item in self
             .inner
             .records
-            .range(seq_key(from)..=seq_key(durable))
+            .range_inclusive(seq_key(from), seq_key(durable))
             .take(max)
         {
             let (k, v) = item?;
@@ -443,7 +475,7 @@ impl AuditLog {
                 Err(e) => {
                     // Unreadable: it cannot be routed, and waiting would stop every later one.
                     warn!(seq, error = %e, "an audit record does not decode; not published (`berth audit verify` reports it)");
-                    self.mark_published(seq)?;
+                    self.mark_published(seq).await?;
                 }
             }
         }
@@ -461,8 +493,8 @@ impl AuditLog {
 
     /// Moves the cursor. Not flushed on its own: after a crash a few records go out again,
     /// which the stream drops as duplicates (same message id) or a reader recognises by seq.
-    fn mark_published(&self, seq: u64) -> Result<(), StoreError> {
-        self.inner.meta.insert(PUBLISHED, &seq_key(seq))?;
+    async fn mark_published(&self, seq: u64) -> Result<(), StoreError> {
+        self.inner.meta.insert(PUBLISHED, seq_key(seq)).await?;
         Ok(())
     }
 
@@ -471,7 +503,7 @@ impl AuditLog {
     }
 }
 
-fn read_head(meta: &sled::Tree) -> Result<Option<Head>, StoreError> {
+fn read_head(meta: &Tree) -> Result<Option<Head>, StoreError> {
     Ok(meta
         .get(HEAD)?
         // An unreadable head counts as altered: `check_head` says so.
@@ -584,7 +616,7 @@ pub(crate) fn chain_key_resealed(
                 )
             })?;
         let new = to.seal(CHAIN_KEY_AAD, &key).into_bytes();
-        records.push((sled::IVec::from(CHAIN_KEY.as_bytes()), sealed, new));
+        records.push((CHAIN_KEY.as_bytes().to_vec(), sealed, new));
     }
     Ok(crate::store::rekey::TreeReseal {
         tree: meta,
@@ -598,7 +630,7 @@ pub(crate) fn chain_key_resealed(
 pub async fn publish(log: AuditLog, bus: Arc<dyn EventBus>) {
     let mut retry = BackoffPolicy::reconnect().retry();
     loop {
-        let batch = match log.unpublished(PUBLISH_BATCH) {
+        let batch = match log.unpublished(PUBLISH_BATCH).await {
             Ok(b) => b,
             Err(e) => {
                 let delay = retry.next_delay();
@@ -613,6 +645,8 @@ pub async fn publish(log: AuditLog, bus: Arc<dyn EventBus>) {
                 tokio::time::timeout(Duration::from_secs(5), log.inner.appended.notified()).await;
             continue;
         }
+        let mut last = None;
+        let mut failed = None;
         for Unpublished {
             seq,
             topic,
@@ -626,18 +660,25 @@ pub async fn publish(log: AuditLog, bus: Arc<dyn EventBus>) {
             {
                 Ok(()) => {
                     retry.reset();
-                    if let Err(e) = log.mark_published(seq) {
-                        warn!(error = %e, seq, "cannot move the audit publish cursor");
-                    }
+                    last = Some(seq);
                 }
                 Err(e) => {
-                    let delay = retry.next_delay();
-                    warn!(error = %e, bus = %bus.describe(), retry_in = ?delay, "cannot publish audit record; will retry");
-                    tokio::time::sleep(delay).await;
                     // The rest waits: the copy keeps the chain's order.
+                    failed = Some(e);
                     break;
                 }
             }
+        }
+        // One cursor move per batch: on the NATS log every move is a commit.
+        if let Some(seq) = last {
+            if let Err(e) = log.mark_published(seq).await {
+                warn!(error = %e, seq, "cannot move the audit publish cursor");
+            }
+        }
+        if let Some(e) = failed {
+            let delay = retry.next_delay();
+            warn!(error = %e, bus = %bus.describe(), retry_in = ?delay, "cannot publish audit record; will retry");
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -698,8 +739,8 @@ mod tests {
 
     async fn log_with(n: u64) -> (AuditLog, Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &test_key()).unwrap();
-        let log = AuditLog::open(&store).unwrap();
+        let store = Store::open(dir.path(), &test_key()).await.unwrap();
+        let log = AuditLog::open(&store).await.unwrap();
         for i in 1..=n {
             log.append(entry(i)).await.unwrap();
         }
@@ -715,15 +756,15 @@ mod tests {
             .to_vec()
     }
 
-    fn put(log: &AuditLog, seq: u64, bytes: &[u8]) {
-        log.inner.records.insert(seq_key(seq), bytes).unwrap();
+    async fn put(log: &AuditLog, seq: u64, bytes: &[u8]) {
+        log.inner.records.insert(seq_key(seq), bytes).await.unwrap();
     }
 
     /// Edits a record's JSON the way someone with the database files could.
-    fn edit(log: &AuditLog, seq: u64, change: impl FnOnce(&mut serde_json::Value)) {
+    async fn edit(log: &AuditLog, seq: u64, change: impl FnOnce(&mut serde_json::Value)) {
         let mut v: serde_json::Value = serde_json::from_slice(&stored(log, seq)).unwrap();
         change(&mut v);
-        put(log, seq, &serde_json::to_vec(&v).unwrap());
+        put(log, seq, &serde_json::to_vec(&v).unwrap()).await;
     }
 
     fn broken_at(v: &AuditVerification) -> (u64, String) {
@@ -816,7 +857,7 @@ mod tests {
         let (log, _s, _d) = log_with(5).await;
         log.append(refused()).await.unwrap();
         log.append(entry(7)).await.unwrap();
-        edit(&log, 6, |v| v["outcome"] = "ok".into());
+        edit(&log, 6, |v| v["outcome"] = "ok".into()).await;
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 6);
         assert!(
@@ -853,11 +894,12 @@ mod tests {
             .unwrap();
             use sha2::Digest;
             v["hash"] = hex::encode(Sha256::digest(&canonical)).into();
-        });
+        })
+        .await;
         let forged = serde_json::from_slice::<AuditRecord>(&stored(&log, 3))
             .unwrap()
             .hash;
-        edit(&log, 4, |v| v["prev"] = forged.clone().into());
+        edit(&log, 4, |v| v["prev"] = forged.clone().into()).await;
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 3);
         assert!(problem.contains("hash does not match"), "{problem}");
@@ -866,7 +908,7 @@ mod tests {
     #[tokio::test]
     async fn an_added_field_or_a_moved_record_is_detected() {
         let (log, _s, _d) = log_with(4).await;
-        edit(&log, 2, |v| v["note"] = "nothing to see".into());
+        edit(&log, 2, |v| v["note"] = "nothing to see".into()).await;
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 2);
         assert!(problem.contains("not part of an audit record"), "{problem}");
@@ -874,8 +916,8 @@ mod tests {
         let (log, _s, _d) = log_with(4).await;
         // Record 3 swapped with record 2: each sits under the other's number.
         let (two, three) = (stored(&log, 2), stored(&log, 3));
-        put(&log, 2, &three);
-        put(&log, 3, &two);
+        put(&log, 2, &three).await;
+        put(&log, 3, &two).await;
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 2);
         assert!(problem.contains("says it is record 3"), "{problem}");
@@ -884,7 +926,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_that_does_not_decode_is_named() {
         let (log, _s, _d) = log_with(3).await;
-        put(&log, 2, b"{\"seq\": 2, truncated");
+        put(&log, 2, b"{\"seq\": 2, truncated").await;
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 2);
         assert!(problem.contains("not JSON"), "{problem}");
@@ -898,7 +940,7 @@ mod tests {
     #[tokio::test]
     async fn deleting_a_middle_record_names_the_gap() {
         let (log, _s, _d) = log_with(6).await;
-        log.inner.records.remove(seq_key(4)).unwrap();
+        log.inner.records.remove(seq_key(4)).await.unwrap();
         let v = log.verify().unwrap();
         let (seq, problem) = broken_at(&v);
         assert_eq!(seq, 4);
@@ -908,7 +950,7 @@ mod tests {
         );
         assert_eq!(v.records, 5);
 
-        log.inner.records.remove(seq_key(5)).unwrap();
+        log.inner.records.remove(seq_key(5)).await.unwrap();
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 4);
         assert!(problem.contains("records 4 to 5 are missing"), "{problem}");
@@ -918,27 +960,27 @@ mod tests {
     async fn deleting_the_newest_records_is_caught_by_the_head_and_numbering_goes_on_past_them() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), &test_key()).unwrap();
-            let log = AuditLog::open(&store).unwrap();
+            let store = Store::open(dir.path(), &test_key()).await.unwrap();
+            let log = AuditLog::open(&store).await.unwrap();
             for i in 1..=5 {
                 log.append(entry(i)).await.unwrap();
             }
-            log.inner.records.remove(seq_key(5)).unwrap();
+            log.inner.records.remove(seq_key(5)).await.unwrap();
             let (seq, problem) = broken_at(&log.verify().unwrap());
             assert_eq!(seq, 5);
             assert!(
                 problem.contains("record 5, the newest, is missing"),
                 "{problem}"
             );
-            log.inner.records.remove(seq_key(4)).unwrap();
+            log.inner.records.remove(seq_key(4)).await.unwrap();
             let (seq, problem) = broken_at(&log.verify().unwrap());
             assert_eq!(seq, 4);
             assert!(problem.contains("records 4 to 5, the newest"), "{problem}");
             store.flush().await.unwrap();
         }
         // After a restart the hole is not filled with new records: they are numbered after it.
-        let store = Store::open(dir.path(), &test_key()).unwrap();
-        let log = AuditLog::open(&store).unwrap();
+        let store = Store::open(dir.path(), &test_key()).await.unwrap();
+        let log = AuditLog::open(&store).await.unwrap();
         let r = log.append(entry(6)).await.unwrap();
         assert_eq!(r.seq, 6);
         let (seq, problem) = broken_at(&log.verify().unwrap());
@@ -950,7 +992,7 @@ mod tests {
     async fn the_head_cannot_be_rewound_or_removed_unnoticed() {
         let (log, _s, _d) = log_with(5).await;
         let four = serde_json::from_slice::<AuditRecord>(&stored(&log, 4)).unwrap();
-        log.inner.records.remove(seq_key(5)).unwrap();
+        log.inner.records.remove(seq_key(5)).await.unwrap();
         // Pointing the head at record 4 takes the key.
         let forged = Head {
             seq: 4,
@@ -960,6 +1002,7 @@ mod tests {
         log.inner
             .meta
             .insert(HEAD, serde_json::to_vec(&forged).unwrap())
+            .await
             .unwrap();
         let (_, problem) = broken_at(&log.verify().unwrap());
         assert!(
@@ -967,7 +1010,7 @@ mod tests {
             "{problem}"
         );
 
-        log.inner.meta.remove(HEAD).unwrap();
+        log.inner.meta.remove(HEAD).await.unwrap();
         let (seq, problem) = broken_at(&log.verify().unwrap());
         assert_eq!(seq, 4);
         assert!(
@@ -980,16 +1023,16 @@ mod tests {
     async fn reopening_the_store_continues_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let third = {
-            let store = Store::open(dir.path(), &test_key()).unwrap();
-            let log = AuditLog::open(&store).unwrap();
+            let store = Store::open(dir.path(), &test_key()).await.unwrap();
+            let log = AuditLog::open(&store).await.unwrap();
             let mut last = None;
             for i in 1..=3 {
                 last = Some(log.append(entry(i)).await.unwrap());
             }
             last.unwrap()
         };
-        let store = Store::open(dir.path(), &test_key()).unwrap();
-        let log = AuditLog::open(&store).unwrap();
+        let store = Store::open(dir.path(), &test_key()).await.unwrap();
+        let log = AuditLog::open(&store).await.unwrap();
         let fourth = log.append(entry(4)).await.unwrap();
         assert_eq!(fourth.seq, 4);
         assert_eq!(fourth.prev, third.hash);
@@ -1001,8 +1044,8 @@ mod tests {
     #[tokio::test]
     async fn the_chain_key_is_sealed_and_a_log_without_its_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &test_key()).unwrap();
-        let log = AuditLog::open(&store).unwrap();
+        let store = Store::open(dir.path(), &test_key()).await.unwrap();
+        let log = AuditLog::open(&store).await.unwrap();
         log.append(entry(1)).await.unwrap();
         let sealed = log.inner.meta.get(CHAIN_KEY).unwrap().unwrap();
         assert_eq!(
@@ -1018,12 +1061,13 @@ mod tests {
         log.inner
             .meta
             .insert(CHAIN_KEY, other.seal(CHAIN_KEY_AAD, &[1u8; 32]).as_bytes())
+            .await
             .unwrap();
-        let err = AuditLog::open(&store).err().unwrap().to_string();
+        let err = AuditLog::open(&store).await.err().unwrap().to_string();
         assert!(err.contains("does not open with this master key"), "{err}");
         // Gone while records exist: refused too.
-        log.inner.meta.remove(CHAIN_KEY).unwrap();
-        let err = AuditLog::open(&store).err().unwrap().to_string();
+        log.inner.meta.remove(CHAIN_KEY).await.unwrap();
+        let err = AuditLog::open(&store).await.err().unwrap().to_string();
         assert!(err.contains("chain key is gone"), "{err}");
     }
 
@@ -1034,7 +1078,7 @@ mod tests {
         let reseal = chain_key_resealed(&store, store.sealer(), &new).unwrap();
         assert_eq!(reseal.records.len(), 1);
         let (k, _, bytes) = &reseal.records[0];
-        reseal.tree.insert(k, bytes.as_slice()).unwrap();
+        reseal.tree.insert(k, bytes.as_slice()).await.unwrap();
         let sealed = log.inner.meta.get(CHAIN_KEY).unwrap().unwrap();
         let sealed = std::str::from_utf8(&sealed).unwrap();
         assert_eq!(new.open(CHAIN_KEY_AAD, sealed).unwrap(), log.inner.key.0);
@@ -1166,7 +1210,7 @@ mod tests {
     async fn the_publisher_sends_records_after_the_cursor_in_order_through_an_outage() {
         let (log, store, _d) = log_with(1).await;
         // Record 1 went out before a restart.
-        log.mark_published(1).unwrap();
+        log.mark_published(1).await.unwrap();
         log.append(entry(2)).await.unwrap();
         let token_change = AuditEntry {
             action: "token-revoke".into(),
@@ -1223,16 +1267,17 @@ mod tests {
         let (log, _s, _d) = log_with(3).await;
         // Record 3 committed but not yet flushed, as between an append's commit and its fsync.
         log.inner.durable.store(2, Ordering::SeqCst);
-        let seqs = |log: &AuditLog| {
+        async fn seqs(log: &AuditLog) -> Vec<u64> {
             log.unpublished(10)
+                .await
                 .unwrap()
                 .iter()
                 .map(|u| u.seq)
                 .collect::<Vec<_>>()
-        };
-        assert_eq!(seqs(&log), [1, 2]);
+        }
+        assert_eq!(seqs(&log).await, [1, 2]);
         log.append(entry(4)).await.unwrap();
-        assert_eq!(seqs(&log), [1, 2, 3, 4], "the next flush covers it");
+        assert_eq!(seqs(&log).await, [1, 2, 3, 4], "the next flush covers it");
     }
 
     /// What an append costs: `cargo test -p berth-operator append_latency -- --ignored --nocapture`.
@@ -1283,7 +1328,10 @@ mod tests {
         let scratch = log.inner.store.aux_tree("audit-latency-scratch").unwrap();
         let start = std::time::Instant::now();
         for i in 0u64..1000 {
-            scratch.insert(i.to_be_bytes(), b"x".as_slice()).unwrap();
+            scratch
+                .insert(i.to_be_bytes(), b"x".as_slice())
+                .await
+                .unwrap();
             log.inner.store.flush().await.unwrap();
         }
         println!("flush alone: 1000 in {:?}", start.elapsed());

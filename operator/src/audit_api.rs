@@ -96,8 +96,10 @@ mod tests {
     #[tokio::test]
     async fn the_trail_and_its_verification_over_http() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::store::testing::test_key()).unwrap();
-        let state = AppState::for_tests(store);
+        let store = Store::open(dir.path(), &crate::store::testing::test_key())
+            .await
+            .unwrap();
+        let state = AppState::for_tests(store).await;
         let log = state.audit_log.clone();
         let app = crate::server::router(state);
         for outcome in ["ok", "Forbidden"] {

@@ -360,7 +360,9 @@ async fn offline(
             MasterKey::resolve(data_dir).map_err(|e| format!("error: {e}"))?,
         )
     };
-    let store = Store::open(&store_dir, &key).map_err(|e| format!("error: {e}"))?;
+    let store = Store::open(&store_dir, &key)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
     let plan = environment::restore(&store, &doc, dry_run)
         .await
         .map_err(|e| format!("error: {e}"))?;

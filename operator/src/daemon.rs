@@ -8,9 +8,10 @@ use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
 use crate::in_process_api::InProcessApi;
 use crate::server::{router, AppState};
+use crate::store::backend::jetstream::{Log, LogConfig};
 use crate::store::{Store, StoreError};
 use crate::tokens::Tokens;
-use crate::{deploy_applier, Conn, IngressArgs, ServerArgs};
+use crate::{deploy_applier, Conn, IngressArgs, ServerArgs, StoreBackend};
 use berth_api_types::Kind;
 use berth_controllers::api::{ResourceStore, SecretReader};
 use berth_controllers::backup::operations::{Backups, Settings};
@@ -79,19 +80,25 @@ async fn admin_token(data_dir: &Path, tokens: &Tokens) -> Result<PathBuf, String
         crate::data_dir::check_private_file(&path, "admin token")
             .map_err(|e| format!("error: {e}"))?;
     }
-    let token = match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+    let (token, made_file) = match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => (t.trim().to_string(), false),
         _ => {
             let token = crate::tokens::new_admin_token();
             write_private(&path, &token)
                 .map_err(|e| format!("error: cannot write {}: {e}", path.display()))?;
-            token
+            (token, true)
         }
     };
-    tokens
+    let kept = tokens
         .ensure_admin(&token)
         .await
         .map_err(|e| format!("error: {e}"))?;
+    if !kept && made_file {
+        // Another API server on the same NATS store made the admin token first: this file's
+        // token would work nowhere.
+        let _ = std::fs::remove_file(&path);
+        info!("the store's admin token was made by another API server; use that one's admin.token");
+    }
     Ok(path)
 }
 
@@ -111,8 +118,31 @@ pub(crate) fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
 
 /// Opens the store with the master key. A key file created just now for a store whose Secrets were
 /// sealed with another key is removed again, so the next start does not pick up a wrong key.
-fn open_store(dir: &Path, key: &MasterKey) -> Result<Store, String> {
-    match Store::open(dir, key) {
+async fn open_store(
+    server: &ServerArgs,
+    key: &MasterKey,
+    nats: Option<&async_nats::Client>,
+) -> Result<Store, String> {
+    let opened = match server.store {
+        StoreBackend::Sled => Store::open(&crate::admin::store_dir(&server.data_dir), key).await,
+        StoreBackend::Nats => {
+            let (Some(client), Some(url)) = (nats, server.nats_settings()) else {
+                return Err(
+                    "error: --store nats needs --nats (the NATS servers that keep the store)"
+                        .into(),
+                );
+            };
+            let config = LogConfig {
+                stream: server.store_stream.clone(),
+                replicas: usize::from(server.store_replicas),
+            };
+            match Log::open(client.clone(), url.shown_url(), config).await {
+                Ok(log) => Store::open_log(log, key).await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match opened {
         Ok(s) => Ok(s),
         Err(e @ StoreError::WrongKey { .. }) => {
             let mut msg = format!("error: {e}");
@@ -148,18 +178,24 @@ async fn start_api(
         .map_err(|e| format!("error: {e}"))?;
     let key = MasterKey::resolve(&server.data_dir).map_err(|e| format!("error: {e}"))?;
     // A master key rotation interrupted by a crash is completed or rolled back here.
-    let key =
-        crate::admin::settle_rotation(&server.data_dir, key).map_err(|e| format!("error: {e}"))?;
-    let store = open_store(&crate::admin::store_dir(&server.data_dir), &key)?.with_policy(
-        crate::store::Policy {
+    let key = crate::admin::settle_rotation(&server.data_dir, key)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let connected = bus::connect(server.nats_settings().as_ref())
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let store = open_store(server, &key, connected.nats.as_ref())
+        .await?
+        .with_policy(crate::store::Policy {
             allow_bind_mounts: server.allow_bind_mounts,
             ingress_proxy: ingress_proxy.to_string(),
-        },
-    );
+        });
     if server.allow_bind_mounts {
         tracing::warn!("--allow-bind-mounts: Volumes may mount host paths and devices");
     }
-    let audit_log = AuditLog::open(&store).map_err(|e| format!("error: {e}"))?;
+    let audit_log = AuditLog::open(&store)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
     if !server.backup.no_default_backup_plan
         && crate::store::ensure_backup_plan(&store)
             .await
@@ -180,12 +216,9 @@ async fn start_api(
         .map_err(|e| format!("error: {e}"))?
         .with_admin_file(server.data_dir.join("admin.token"));
     let token_path = admin_token(&server.data_dir, &tokens).await?;
-    let connected = bus::connect(server.nats_settings().as_ref())
-        .await
-        .map_err(|e| format!("error: {e}"))?;
     let bus = connected.events;
     let listeners = Listeners::bind(server, store.instance()).await?;
-    info!(addr = %listeners.api_addr, instance = %store.instance(), bus = %bus.describe(), "API server listening");
+    info!(addr = %listeners.api_addr, instance = %store.instance(), bus = %bus.describe(), store = %store.describe(), "API server listening");
     listeners.announce(&token_path);
 
     tasks.spawn(publisher_task(store.clone(), bus.clone()));
@@ -778,7 +811,7 @@ mod tests {
     async fn the_admin_token_file_is_made_private_and_refused_when_readable() {
         let dir = tempfile::tempdir().unwrap();
         let key = MasterKey::from_bytes([4u8; 32], "test key");
-        let store = Store::open(&dir.path().join("store"), &key).unwrap();
+        let store = Store::open(&dir.path().join("store"), &key).await.unwrap();
         let path = dir.path().join("admin.token");
         // An older berth's file, readable by others: refused (it may have been copied), kept.
         std::fs::write(&path, "old-token-value").unwrap();

@@ -453,10 +453,10 @@ mod tests {
     use berth_api_types::deploy::DeploySource;
     use serde_json::json;
 
-    fn store() -> (Store, tempfile::TempDir) {
+    async fn store() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([3u8; 32], "test key");
-        (Store::open(dir.path(), &key).unwrap(), dir)
+        (Store::open(dir.path(), &key).await.unwrap(), dir)
     }
 
     async fn create(store: &Store, name: &str, image: &str) -> DynObject {
@@ -510,7 +510,7 @@ mod tests {
 
     #[tokio::test]
     async fn new_tag_changes_the_image_and_annotates_the_generation() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let e = ev(&store, "web", "team/app:2");
         assert_eq!(
@@ -535,7 +535,7 @@ mod tests {
     /// the field named; it neither panics the applier nor wraps the counter to 0.
     #[tokio::test]
     async fn a_force_update_counter_at_its_limit_refuses_the_redeploy() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         for (name, n) in [
             ("at-max", json!(berth_api_types::service::MAX_FORCE_UPDATE)),
             ("beyond", json!(u64::MAX)),
@@ -560,7 +560,7 @@ mod tests {
 
     #[tokio::test]
     async fn same_tag_forces_an_update_once_per_event() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let e = ev(&store, "web", "team/app:1");
         assert_eq!(
@@ -597,7 +597,7 @@ mod tests {
 
     #[tokio::test]
     async fn late_redelivery_of_an_older_deploy_does_not_roll_back() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let older = ev(&store, "web", "team/app:2");
         let newer = ev(&store, "web", "team/app:3");
@@ -611,7 +611,7 @@ mod tests {
 
     #[tokio::test]
     async fn pinned_digest_already_running_is_unchanged() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         let pinned = format!("team/app:2@sha256:{}", "a".repeat(64));
         create(&store, "web", &pinned).await;
         let mut e = ev(&store, "web", &pinned);
@@ -623,7 +623,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_service_other_instance_and_bad_image_change_nothing() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         assert_eq!(
             apply(&store, &ev(&store, "ghost", "team/app:2"))
                 .await
@@ -684,7 +684,7 @@ mod tests {
 
     #[tokio::test]
     async fn unsigned_forged_or_unbound_events_are_refused() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let mut unsigned = ev(&store, "web", "team/app:2");
         unsigned.signature = None;
@@ -740,7 +740,7 @@ mod tests {
 
     #[tokio::test]
     async fn ids_from_the_future_are_refused_near_now_accepted() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let now = chrono::Utc::now();
         let mut far = ev(&store, "web", "team/app:2");
@@ -776,7 +776,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_tag_and_digest_change_through_the_bus() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "127.0.0.1:5000/team/app:1").await;
         for (image, what) in [
             ("127.0.0.1:5000/team/other:1", "repository"),
@@ -895,7 +895,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_are_acked_only_after_the_write_is_durable() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let bus: Arc<dyn DeployQueue> = Arc::new(Observed {
@@ -989,7 +989,7 @@ mod tests {
 
     #[tokio::test]
     async fn applier_consumes_the_bus() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         create(&store, "web", "team/app:1").await;
         let bus: Arc<dyn DeployQueue> = Arc::new(berth_controllers::bus::EmbeddedBus::new());
         // Subscribed once `start` returns: the very first event is not lost.

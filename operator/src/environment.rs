@@ -15,14 +15,15 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 /// The document a backup stores.
-pub fn export(store: &Store, key: &MasterKey) -> Result<EnvironmentDocument, StoreError> {
+pub async fn export(store: &Store, key: &MasterKey) -> Result<EnvironmentDocument, StoreError> {
     let objects = store
         .export_objects()?
         .into_iter()
         .map(|o| serde_json::to_value(o).expect("objects always encode"))
         .collect();
     let webhooks = Webhooks::open(store)?
-        .list()?
+        .list()
+        .await?
         .into_iter()
         .map(|w| serde_json::to_value(w).expect("webhooks always encode"))
         .collect();
@@ -46,7 +47,9 @@ pub struct StoreEnvironment {
 #[async_trait::async_trait]
 impl berth_controllers::backup::operations::EnvironmentSource for StoreEnvironment {
     async fn export(&self) -> Result<EnvironmentDocument, String> {
-        export(&self.store, &self.key).map_err(|e| e.to_string())
+        export(&self.store, &self.key)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -203,7 +206,7 @@ mod tests {
     async fn a_snapshot_restores_into_another_store_with_its_secrets_resealed() {
         let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let key_a = test_key();
-        let a = Store::open(a_dir.path(), &key_a).unwrap();
+        let a = Store::open(a_dir.path(), &key_a).await.unwrap();
         a.write(
             vec![
                 svc("web", 2),
@@ -215,7 +218,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let doc = export(&a, &key_a).unwrap();
+        let doc = export(&a, &key_a).await.unwrap();
         // Sealed in the document: the value is not there in clear.
         let text = serde_json::to_string(&doc).unwrap();
         assert!(!text.contains("aGVsbG8="), "a Secret's value is in clear");
@@ -223,7 +226,7 @@ mod tests {
         // A fresh store takes the installation id, then the objects under its own master key.
         assert!(Store::adopt_installation(b_dir.path(), &doc.installation).unwrap());
         let key_b = MasterKey::random("test b");
-        let b = Store::open(b_dir.path(), &key_b).unwrap();
+        let b = Store::open(b_dir.path(), &key_b).await.unwrap();
         assert_eq!(b.instance(), a.instance());
         let dry = restore(&b, &doc, true).await.unwrap();
         assert!(dry
@@ -262,7 +265,7 @@ mod tests {
     async fn a_damaged_document_changes_nothing_and_says_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();
         let key = test_key();
-        let s = Store::open(dir.path(), &key).unwrap();
+        let s = Store::open(dir.path(), &key).await.unwrap();
         s.write(
             vec![secret("db", json!({"data": {"password": "aGVsbG8="}}))],
             WriteMode::Upsert,
@@ -271,7 +274,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let mut doc = export(&s, &key).unwrap();
+        let mut doc = export(&s, &key).await.unwrap();
         doc.objects
             .push(json!({"apiVersion": "berth/v1", "kind": "Service",
             "metadata": {"name": "bad"}, "spec": {"replicas": 1}}));

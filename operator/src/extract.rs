@@ -104,12 +104,12 @@ mod tests {
     use tower::ServiceExt;
 
     /// The whole HTTP surface: the API, the backup routes and the hooks, as `berth up` serves it.
-    fn app() -> (axum::Router, tempfile::TempDir) {
+    async fn app() -> (axum::Router, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([4u8; 32], "test key");
-        let store = Store::open(dir.path(), &key).unwrap();
+        let store = Store::open(dir.path(), &key).await.unwrap();
         let bus: Arc<dyn DeployQueue> = Arc::new(EmbeddedBus::new());
-        let api = AppState::for_tests(store.clone());
+        let api = AppState::for_tests(store.clone()).await;
         let hooks = HookState::new(store, bus, 100).unwrap();
         let app = crate::server::router(api.clone()).merge(crate::hooks::router(api, hooks));
         (app, dir)
@@ -153,7 +153,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_query_parameters_are_json_400s_naming_the_parameter() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let items = Some(r#"{"items": []}"#);
         for (method, uri, body, param) in [
             ("POST", "/apis/berth/v1/apply?dryRun=maybe", items, "dryRun"),
@@ -200,7 +200,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_percent_encoding_in_a_path_is_a_json_400() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         for (method, uri) in [
             ("GET", "/apis/berth/v1/services/%FF"),
             ("GET", "/apis/berth/v1/%C3%28"),
@@ -224,7 +224,7 @@ mod tests {
     /// A hook token is a credential: a malformed one answers exactly what an unknown path does.
     #[tokio::test]
     async fn a_malformed_hook_token_is_the_generic_404() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let (_, unknown) = call(&app, "GET", "/no/such/path", None).await;
         for uri in ["/hooks/v1/%FF", "/hooks/v1/registry/%FF%FE"] {
             let (status, err) = call(&app, "POST", uri, Some("{}")).await;
@@ -238,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_json_bodies_are_json_errors() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let verify = "/apis/berth/v1/snapshots/verify";
         let (status, err) = call(&app, "POST", verify, Some("{not json")).await;
         assert_eq!(

@@ -286,7 +286,7 @@ async fn service_hook(
     if let Err(resp) = publish(&state, &hook, &event).await {
         return *resp;
     }
-    state.hooks.touch(&hook);
+    state.hooks.touch(&hook).await;
     (
         StatusCode::ACCEPTED,
         Json(json!({"id": event.id, "service": event.service, "image": event.image})),
@@ -432,7 +432,7 @@ async fn registry_hook(
         }
     }
     if !events.is_empty() {
-        state.hooks.touch(&hook);
+        state.hooks.touch(&hook).await;
     }
     debug!(webhook = %hook.id, pushes = pushes.len(), deploys = events.len(), "registry notification");
     let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
@@ -494,7 +494,8 @@ async fn list(
 ) -> Result<Json<List<WebhookView>>, ApiError> {
     let items = state
         .hooks
-        .list()?
+        .list()
+        .await?
         .into_iter()
         .filter(|h| q.service.is_none() || h.service == q.service)
         .map(|h| h.view())
@@ -656,10 +657,10 @@ mod tests {
     async fn setup_listeners(rate: u32, separate: bool) -> (Setup, Option<Router>) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
-        let store = Store::open(dir.path(), &key).unwrap();
+        let store = Store::open(dir.path(), &key).await.unwrap();
         let bus: Arc<dyn DeployQueue> = Arc::new(EmbeddedBus::new());
         let deploys = bus.subscribe_deploys(None).await.unwrap();
-        let api = AppState::for_tests(store.clone());
+        let api = AppState::for_tests(store.clone()).await;
         let hooks = HookState::new(store.clone(), bus, rate).unwrap();
         let webhooks = hooks.hooks.clone();
         let (app, hooks_app) = if separate {

@@ -120,10 +120,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn local() -> (InProcessApi, tempfile::TempDir) {
+    async fn local() -> (InProcessApi, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([5u8; 32], "test key");
-        let store = Store::open(dir.path(), &key).unwrap();
+        let store = Store::open(dir.path(), &key).await.unwrap();
         (
             InProcessApi {
                 store,
@@ -135,7 +135,7 @@ mod tests {
 
     #[tokio::test]
     async fn status_writes_are_conditional_as_over_http() {
-        let (l, _d) = local();
+        let (l, _d) = local().await;
         let obj = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Secret",
             "metadata": {"name": "db"}, "spec": {"stringData": {"pw": "hunter2-value"}}}))
         .unwrap();

@@ -90,6 +90,18 @@ pub struct ServerArgs {
     pub nats: Option<String>,
     #[command(flatten)]
     pub nats_auth: nats_args::NatsAuthArgs,
+    /// Where the API server keeps its state: `sled` (a database in --data-dir, one server) or
+    /// `nats` (a replicated stream on the NATS servers of --nats: run `berth api --store nats`
+    /// on several managers and any of them serves reads and writes).
+    #[arg(long, env = "BERTH_STORE", value_enum, default_value = "sled")]
+    pub store: StoreBackend,
+    /// Replicas of the store's stream with `--store nats`: 3 on a three-server NATS cluster
+    /// (survives losing one), 1 on a single server. Used when the stream is created.
+    #[arg(long, env = "BERTH_STORE_REPLICAS", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub store_replicas: u8,
+    /// The store's stream with `--store nats`: one per installation on a shared NATS.
+    #[arg(long, env = "BERTH_STORE_STREAM", default_value = berth_api_types::names::subjects::STORE_STREAM, value_parser = stream_name)]
+    pub store_stream: String,
     /// The Network every Service joins when it lists none; created at start if missing.
     #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::network::DEFAULT_NETWORK)]
     pub default_network: String,
@@ -103,6 +115,28 @@ pub struct ServerArgs {
     /// could then read and write the node's files, its Docker socket included.
     #[arg(long, env = "BERTH_ALLOW_BIND_MOUNTS", value_parser = clap::builder::FalseyValueParser::new())]
     pub allow_bind_mounts: bool,
+}
+
+/// The backends of the API server's store (`store::backend`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreBackend {
+    Sled,
+    Nats,
+}
+
+/// A JetStream stream name: letters, digits, `-` and `_` (NATS refuses `.`, `*`, `>` and spaces).
+fn stream_name(s: &str) -> Result<String, String> {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "`{s}` is not a stream name: use 1-64 letters, digits, `-` or `_`"
+        ))
+    }
 }
 
 impl ServerArgs {
@@ -591,8 +625,10 @@ fn main() -> ExitCode {
                 conn,
             } => cli::events(&conn, watch, kind.as_deref(), limit, output).await,
             Command::Admin { action } => match action {
-                AdminAction::Fsck { data_dir } => admin::fsck(&data_dir),
-                AdminAction::RotateMasterKey { data_dir } => admin::rotate_master_key(&data_dir),
+                AdminAction::Fsck { data_dir } => admin::fsck(&data_dir).await,
+                AdminAction::RotateMasterKey { data_dir } => {
+                    admin::rotate_master_key(&data_dir).await
+                }
             },
             Command::Agent { .. } => unreachable!("handled before the runtime starts"),
         }

@@ -816,9 +816,9 @@ pub(crate) const TEST_ADMIN: &str =
 #[cfg(test)]
 impl AppState {
     /// A state over `store` with [`TEST_ADMIN`] as its admin token, no engine and no audit.
-    pub(crate) fn for_tests(store: Store) -> AppState {
+    pub(crate) async fn for_tests(store: Store) -> AppState {
         let tokens = crate::tokens::Tokens::open(&store).unwrap();
-        tokens.set_admin_for_tests(TEST_ADMIN);
+        tokens.set_admin_for_tests(TEST_ADMIN).await;
         AppState {
             tokens,
             audit: Arc::new(crate::access::MemoryAudit::default()),
@@ -826,7 +826,7 @@ impl AppState {
             docker_host: None,
             backups: None,
             controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
-            audit_log: crate::audit::AuditLog::open(&store).unwrap(),
+            audit_log: crate::audit::AuditLog::open(&store).await.unwrap(),
             store,
         }
     }
@@ -868,11 +868,11 @@ mod tests {
     use serde_json::json;
     use tower::ServiceExt;
 
-    fn app() -> (Router, tempfile::TempDir) {
+    async fn app() -> (Router, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([9u8; 32], "test key");
-        let store = Store::open(dir.path(), &key).unwrap();
-        let app = router(AppState::for_tests(store));
+        let store = Store::open(dir.path(), &key).await.unwrap();
+        let app = router(AppState::for_tests(store).await);
         (app, dir)
     }
 
@@ -905,7 +905,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_is_required_except_for_healthz() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let (code, body) = call(&app, "GET", "/apis/berth/v1/services", None, false).await;
         assert_eq!(code, 401);
         assert_eq!(body["reason"], "Unauthorized");
@@ -919,7 +919,7 @@ mod tests {
     /// bad role is refused before the engine is asked.
     #[tokio::test]
     async fn the_join_command_needs_the_token_and_a_known_role() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let path = format!("{}?role=worker", paths::JOIN_COMMAND);
         let (code, body) = call_raw(&app, "GET", &path, None, false).await;
         assert_eq!(code, 401);
@@ -937,7 +937,7 @@ mod tests {
     /// answers without the admin token, and the key never leaks into a refusal.
     #[tokio::test]
     async fn backup_routes_need_the_admin_token() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         for (method, path) in [
             ("POST", paths::backup_run("environment")),
             ("GET", paths::SNAPSHOTS.to_string()),
@@ -956,7 +956,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_controller_list_needs_the_admin_token() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let (code, body) = call(&app, "GET", paths::CONTROLLERS, None, false).await;
         assert_eq!(code, 401, "{body}");
         // With the token: the instances of this installation (none run in this test).
@@ -967,7 +967,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_objects_get_field_errors_and_change_nothing() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let body = json!({"items": [svc("ok", json!(1)), svc("bad", json!("three"))]});
         let (code, err) = call(&app, "POST", "/apis/berth/v1/apply", Some(body), true).await;
         assert_eq!(code, 422);
@@ -990,7 +990,7 @@ mod tests {
 
     #[tokio::test]
     async fn crud_patch_and_status() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let (code, created) = call(
             &app,
             "POST",
@@ -1072,7 +1072,7 @@ mod tests {
 
     #[tokio::test]
     async fn status_writes_with_a_stale_resource_version_conflict() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let (_, created) = call(
             &app,
             "POST",
@@ -1122,7 +1122,7 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_and_malformed_bodies() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let big = "x".repeat(MAX_BODY + 1);
         let req = Request::builder()
             .method("POST")
@@ -1184,7 +1184,7 @@ mod tests {
 
     #[tokio::test]
     async fn secrets_are_redacted_in_every_response() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let (v1, v2, bin) = (
             "pelican-7781-first",
             "walrus-5120-second",
@@ -1320,7 +1320,7 @@ mod tests {
 
     #[tokio::test]
     async fn data_endpoint_is_for_secrets_and_configs() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         for (kind, plural) in [("Secret", "secrets"), ("Config", "configs")] {
             let (code, _) = call(
                 &app,
@@ -1385,7 +1385,7 @@ mod tests {
 
     #[tokio::test]
     async fn objects_used_by_services_cannot_be_deleted() {
-        let (app, _d) = app();
+        let (app, _d) = app().await;
         let deps = [
             object("Secret", "db", json!({"stringData": {"pw": "x"}})),
             object("Config", "nginx", json!({"stringData": {"conf": "x"}})),

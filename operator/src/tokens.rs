@@ -7,6 +7,7 @@
 //! `berth token rotate-admin` replaces it. Tokens made before roles existed (64 hex, no prefix) are
 //! the admin token too, under the id `admin`.
 
+use crate::store::backend::Tree;
 use crate::store::{Store, StoreError};
 use berth_api_types::access::{IssuedToken, Role, TokenInfo, TokenRequest, ADMIN_TOKEN_ID};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -52,7 +53,7 @@ pub enum AuthError {
 
 #[derive(Clone)]
 pub struct Tokens {
-    tree: sled::Tree,
+    tree: Tree,
     store: Store,
     /// `<data-dir>/admin.token`: a rotation rewrites it when it is still there, so the file
     /// never holds a token that no longer works.
@@ -141,7 +142,7 @@ impl Tokens {
 
     async fn put(&self, rec: &TokenRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(rec).expect("token records always encode");
-        self.tree.insert(rec.info.id.as_bytes(), bytes)?;
+        self.tree.insert(rec.info.id.as_bytes(), bytes).await?;
         self.store.flush().await
     }
 
@@ -152,10 +153,7 @@ impl Tokens {
     /// Makes `token` the admin token when the store has none yet (first start, or a store from
     /// before roles existed). Returns whether it did: afterwards the file is only for people.
     pub async fn ensure_admin(&self, token: &str) -> Result<bool, StoreError> {
-        if self.record(ADMIN_TOKEN_ID)?.is_some() {
-            return Ok(false);
-        }
-        self.put(&TokenRecord {
+        let rec = TokenRecord {
             info: TokenInfo {
                 id: ADMIN_TOKEN_ID.into(),
                 role: Role::Admin,
@@ -166,14 +164,28 @@ impl Tokens {
                 revoked: None,
             },
             hash: hash(token),
-        })
-        .await?;
-        Ok(true)
+        };
+        let bytes = serde_json::to_vec(&rec).expect("token records always encode");
+        // Create-if-absent in one transaction: API servers starting together on one NATS log
+        // must not overwrite each other's admin token.
+        let made = self
+            .store
+            .db()
+            .transact(&[&self.tree], |t| {
+                if t[0].get(ADMIN_TOKEN_ID)?.is_some() {
+                    return Ok(false);
+                }
+                t[0].insert(ADMIN_TOKEN_ID, &bytes)?;
+                Ok(true)
+            })
+            .await?;
+        self.store.flush().await?;
+        Ok(made)
     }
 
     /// The admin token, without waiting for the disk (unit tests of the routes).
     #[cfg(test)]
-    pub fn set_admin_for_tests(&self, token: &str) {
+    pub async fn set_admin_for_tests(&self, token: &str) {
         let rec = TokenRecord {
             info: TokenInfo {
                 id: ADMIN_TOKEN_ID.into(),
@@ -188,6 +200,7 @@ impl Tokens {
         };
         self.tree
             .insert(ADMIN_TOKEN_ID, serde_json::to_vec(&rec).unwrap())
+            .await
             .unwrap();
     }
 
@@ -360,7 +373,9 @@ mod tests {
 
     async fn tokens() -> (tempfile::TempDir, Tokens) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &crate::store::testing::test_key()).unwrap();
+        let store = Store::open(dir.path(), &crate::store::testing::test_key())
+            .await
+            .unwrap();
         (dir, Tokens::open(&store).unwrap())
     }
 

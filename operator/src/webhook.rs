@@ -12,6 +12,7 @@
 //! server's clock, and only once (replays are remembered for as long as they would be accepted).
 
 use crate::crypto::Sealer;
+use crate::store::backend::Tree;
 use crate::store::{Store, StoreError};
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -19,7 +20,6 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sled::Transactional;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use subtle::ConstantTimeEq;
@@ -166,8 +166,8 @@ fn signing_aad(id: &str) -> Vec<u8> {
 #[derive(Clone)]
 pub struct Webhooks {
     store: Store,
-    by_id: sled::Tree,
-    by_hash: sled::Tree,
+    by_id: Tree,
+    by_hash: Tree,
 }
 
 impl Webhooks {
@@ -185,20 +185,16 @@ impl Webhooks {
 
     /// Every webhook. A record that does not decode is moved into the store's quarantine and
     /// left out, so one bad record does not hide the others (or fail the environment snapshot).
-    pub fn list(&self) -> Result<Vec<Webhook>, StoreError> {
+    pub async fn list(&self) -> Result<Vec<Webhook>, StoreError> {
         let mut out: Vec<Webhook> = Vec::new();
         for item in self.by_id.iter() {
             let (k, v) = item?;
             match decode(&v) {
                 Ok(h) => out.push(h),
                 Err(_) => {
-                    self.store.quarantine_record(
-                        "webhooks",
-                        &self.by_id,
-                        &k,
-                        &v,
-                        "does not decode as a webhook",
-                    )?;
+                    self.store
+                        .quarantine_record(&self.by_id, &k, &v, "does not decode as a webhook")
+                        .await?;
                 }
             }
         }
@@ -286,13 +282,13 @@ impl Webhooks {
         let Some(old) = self.get(id)? else {
             return Ok(None);
         };
-        (&self.by_id, &self.by_hash)
-            .transaction(|(ids, hashes)| {
-                ids.remove(id.as_bytes())?;
-                hashes.remove(old.token_hash.as_bytes())?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
+        self.store
+            .db()
+            .transact(&[&self.by_id, &self.by_hash], |t| {
+                t[0].remove(id.as_bytes())?;
+                t[1].remove(old.token_hash.as_bytes())
             })
-            .map_err(StoreError::from)?;
+            .await?;
         self.store.flush().await?;
         Ok(Some(old))
     }
@@ -300,16 +296,16 @@ impl Webhooks {
     /// Writes a record and its hash index in one transaction (dropping `old_hash`), then flushes.
     async fn put(&self, hook: &Webhook, old_hash: Option<&str>) -> Result<(), StoreError> {
         let value = serde_json::to_vec(hook).expect("a webhook always encodes");
-        (&self.by_id, &self.by_hash)
-            .transaction(|(ids, hashes)| {
+        self.store
+            .db()
+            .transact(&[&self.by_id, &self.by_hash], |t| {
                 if let Some(h) = old_hash {
-                    hashes.remove(h.as_bytes())?;
+                    t[1].remove(h.as_bytes())?;
                 }
-                ids.insert(hook.id.as_bytes(), value.clone())?;
-                hashes.insert(hook.token_hash.as_bytes(), hook.id.as_bytes())?;
-                Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(())
+                t[0].insert(hook.id.as_bytes(), &value)?;
+                t[1].insert(hook.token_hash.as_bytes(), hook.id.as_bytes())
             })
-            .map_err(StoreError::from)?;
+            .await?;
         self.store.flush().await
     }
 
@@ -391,16 +387,23 @@ impl Webhooks {
 
     /// Records that a webhook was used. Best effort and not flushed: a lost `lastUsed` after a
     /// crash is harmless, and a flush per call would cost more than the call itself.
-    pub fn touch(&self, hook: &Webhook) {
+    pub async fn touch(&self, hook: &Webhook) {
         let mut h = hook.clone();
         h.last_used = Some(Utc::now());
-        if let Ok(v) = serde_json::to_vec(&h) {
-            // Only if the record is unchanged meanwhile (a rotate or delete wins).
-            let current = serde_json::to_vec(hook).ok();
-            let _ = self
-                .by_id
-                .compare_and_swap(hook.id.as_bytes(), current, Some(v));
-        }
+        let (Ok(new), Ok(current)) = (serde_json::to_vec(&h), serde_json::to_vec(hook)) else {
+            return;
+        };
+        // Only if the record is unchanged meanwhile (a rotate or delete wins).
+        let _ = self
+            .store
+            .db()
+            .transact(&[&self.by_id], |t| {
+                if t[0].get(hook.id.as_bytes())?.as_deref() == Some(current.as_slice()) {
+                    t[0].insert(hook.id.as_bytes(), &new)?;
+                }
+                Ok(())
+            })
+            .await;
     }
 }
 
@@ -488,15 +491,15 @@ impl ReplayGuard {
 mod tests {
     use super::*;
 
-    fn store() -> (Store, tempfile::TempDir) {
+    async fn store() -> (Store, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([7u8; 32], "test key");
-        (Store::open(dir.path(), &key).unwrap(), dir)
+        (Store::open(dir.path(), &key).await.unwrap(), dir)
     }
 
     #[tokio::test]
     async fn an_unreadable_webhook_is_quarantined_and_the_others_listed() {
-        let (s, _d) = store();
+        let (s, _d) = store().await;
         let w = Webhooks::open(&s).unwrap();
         let (good, _, _) = w
             .create(HookKind::Service, Some("web".into()), None, true)
@@ -504,8 +507,9 @@ mod tests {
             .unwrap();
         w.by_id
             .insert("wh-broken", b"{not json".as_slice())
+            .await
             .unwrap();
-        let ids: Vec<String> = w.list().unwrap().into_iter().map(|h| h.id).collect();
+        let ids: Vec<String> = w.list().await.unwrap().into_iter().map(|h| h.id).collect();
         assert_eq!(ids, [good.id]);
         let q = s.quarantined().unwrap();
         assert_eq!(q.len(), 1);
@@ -542,7 +546,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = crate::crypto::MasterKey::from_bytes([7u8; 32], "test key");
         let (id, token, secret) = {
-            let store = Store::open(dir.path(), &key).unwrap();
+            let store = Store::open(dir.path(), &key).await.unwrap();
             let hooks = Webhooks::open(&store).unwrap();
             let (hook, token, secret) = hooks
                 .create(HookKind::Service, Some("web".into()), None, true)
@@ -554,8 +558,7 @@ mod tests {
                 .aux_tree("webhooks")
                 .unwrap()
                 .iter()
-                .values()
-                .map(|v| String::from_utf8_lossy(&v.unwrap()).into_owned())
+                .map(|item| String::from_utf8_lossy(&item.unwrap().1).into_owned())
                 .collect();
             assert_eq!(raw.len(), 1);
             assert!(
@@ -565,7 +568,7 @@ mod tests {
             assert!(raw[0].contains(&token_hash(&token)));
             (hook.id, token, secret)
         };
-        let store = Store::open(dir.path(), &key).unwrap();
+        let store = Store::open(dir.path(), &key).await.unwrap();
         let hooks = Webhooks::open(&store).unwrap();
         let found = hooks.find(&token).unwrap().expect("found after reopen");
         assert_eq!(found.id, id);
@@ -593,19 +596,19 @@ mod tests {
             new_secret.as_bytes()
         );
 
-        hooks.touch(&rotated);
+        hooks.touch(&rotated).await;
         assert!(hooks.get(&id).unwrap().unwrap().last_used.is_some());
 
         assert!(hooks.delete(&id).await.unwrap().is_some());
         assert!(hooks.find(&new_token).unwrap().is_none());
-        assert!(hooks.list().unwrap().is_empty());
+        assert!(hooks.list().await.unwrap().is_empty());
         assert!(hooks.delete(&id).await.unwrap().is_none());
         assert!(hooks.rotate(&id).await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn unsigned_hooks_have_no_secret() {
-        let (store, _d) = store();
+        let (store, _d) = store().await;
         let hooks = Webhooks::open(&store).unwrap();
         let (hook, _, secret) = hooks
             .create(HookKind::Registry, None, Some("reg:5000".into()), false)

@@ -211,6 +211,9 @@ pub struct Bus {
     /// How controller instances on this bus share their kinds' objects: leases in a JetStream KV
     /// bucket on NATS; one process owning everything on the embedded bus.
     pub sharing: Sharing,
+    /// The NATS connection under the bus, when there is one: the API server's store on NATS
+    /// (`--store nats`) shares it.
+    pub nats: Option<async_nats::Client>,
 }
 
 impl Bus {
@@ -220,6 +223,7 @@ impl Bus {
             events: bus.clone(),
             deploys: bus,
             sharing,
+            nats: None,
         }
     }
 }
@@ -231,7 +235,11 @@ pub async fn connect(nats: Option<&NatsSettings>) -> Result<Bus, BusError> {
         Some(settings) => {
             let bus = NatsBus::connect_with(settings).await?;
             let leases = bus.leases().await?;
-            Ok(Bus::of(bus, Sharing::Leased(Arc::new(leases))))
+            let client = bus.client();
+            Ok(Bus {
+                nats: Some(client),
+                ..Bus::of(bus, Sharing::Leased(Arc::new(leases)))
+            })
         }
     }
 }

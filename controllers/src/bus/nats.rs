@@ -193,7 +193,7 @@ impl NatsBus {
                 let url = log_url.clone();
                 async move { on_client_event(event, &gap_tx, &disconnected, &url) }
             })
-            .connect(url.as_str())
+            .connect(server_list(&url)?)
             .await
             .map_err(|err| BusError::Connect {
                 url: shown.clone(),
@@ -218,6 +218,11 @@ impl NatsBus {
             ack_wait: DEFAULT_ACK_WAIT,
             audit_stream: Arc::default(),
         })
+    }
+
+    /// The connection, for other users of the same NATS (the API server's store).
+    pub fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     /// The controllers' lease bucket on this server (see `bus::leases`).
@@ -851,6 +856,22 @@ fn parse<T: Payload>(subject: &str, payload: &[u8]) -> Option<T> {
 
 /// A connect failure in words an operator can act on. async-nats says "authorization
 /// violation" or "TLS error" and little more; which option to check depends on what was given.
+/// `nats://a:4222,nats://b:4222`: the servers of one cluster; the client connects to one and
+/// moves to another when it is lost.
+fn server_list(urls: &str) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| BusError::Connect {
+                    url: super::nats_options::redact_url(u),
+                    reason: format!("not a NATS URL: {e}"),
+                })
+        })
+        .collect()
+}
+
 fn connect_failure(err: &async_nats::ConnectError, settings: &NatsSettings) -> String {
     use async_nats::ConnectErrorKind as K;
     // A certificate the client rejects comes back as an IO error, not a TLS one.

@@ -266,7 +266,7 @@ mod tests {
     #[tokio::test]
     async fn apply_keeps_what_deploys_wrote() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let manifest = || {
             obj(
                 json!({"apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
@@ -311,7 +311,7 @@ mod tests {
     #[tokio::test]
     async fn a_registrys_password_secret_cannot_be_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let registry = obj(json!({"apiVersion": "berth/v1", "kind": "Registry",
             "metadata": {"name": "team"},
             "spec": {"server": "registry.example.com", "username": "ci",
@@ -346,7 +346,7 @@ mod tests {
     #[tokio::test]
     async fn objects_in_use_cannot_be_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let net = |n: &str| {
             obj(
                 json!({"apiVersion": "berth/v1", "kind": "Network", "metadata": {"name": n}, "spec": {}}),
@@ -460,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn bind_mounts_are_refused_unless_the_server_allows_them() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let root = volume(
             "rootfs",
             json!({"type": "none", "o": "bind", "device": "/"}),
@@ -489,6 +489,7 @@ mod tests {
         }
         assert!(s.list(Kind::Volume).unwrap().is_empty(), "nothing written");
         let open = Store::open(tempfile::tempdir().unwrap().path(), &test_key())
+            .await
             .unwrap()
             .with_policy(Policy {
                 allow_bind_mounts: true,
@@ -505,7 +506,7 @@ mod tests {
     #[tokio::test]
     async fn berths_own_swarm_names_are_reserved_for_every_kind_they_collide_with() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let spec = |kind: &str| match kind {
             "Service" => json!({"image": "a:1"}),
             "Secret" | "Config" => json!({"stringData": {"k": "v"}}),
@@ -586,6 +587,7 @@ mod tests {
         assert_eq!(refused_paths(err), ["spec.volumes[0].volume"]);
         // Another proxy name moves the reservation with it.
         let edge = Store::open(tempfile::tempdir().unwrap().path(), &test_key())
+            .await
             .unwrap()
             .with_policy(Policy {
                 ingress_proxy: "edge".into(),
@@ -616,8 +618,8 @@ mod tests {
     async fn the_api_answers_a_policy_refusal_with_field_details() {
         use tower::ServiceExt;
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &test_key()).unwrap();
-        let app = crate::server::router(crate::server::AppState::for_tests(store.clone()));
+        let store = Store::open(dir.path(), &test_key()).await.unwrap();
+        let app = crate::server::router(crate::server::AppState::for_tests(store.clone()).await);
         let body = json!({"items": [{"apiVersion": "berth/v1", "kind": "Volume",
             "metadata": {"name": "rootfs"},
             "spec": {"driverOpts": {"type": "none", "o": "bind", "device": "/"}}}]});
@@ -655,14 +657,14 @@ mod tests {
     #[tokio::test]
     async fn default_network_is_created_once() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         assert!(ensure_network(&s, "berth-internal").await.unwrap());
         assert!(!ensure_network(&s, "berth-internal").await.unwrap());
         let n = s.get(Kind::Network, "berth-internal").unwrap().unwrap();
         assert_eq!(n.spec, json!({}));
         assert_eq!(n.metadata.generation, 1);
         assert_eq!(
-            outbox_types(&s),
+            outbox_types(&s).await,
             vec![(EventType::Applied, "berth-internal".into(), 1)]
         );
         let err = ensure_network(&s, "Bad_Name").await.unwrap_err();

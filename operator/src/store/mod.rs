@@ -20,6 +20,7 @@
 //! 500 cannot know whether its write survived (as after a timeout) and re-applies; apply is idempotent.
 
 mod admission;
+pub mod backend;
 pub mod outbox;
 mod quarantine;
 pub(crate) mod rekey;
@@ -29,13 +30,13 @@ pub use admission::{ensure_backup_plan, ensure_network, Policy};
 
 use crate::crypto::{MasterKey, Sealer};
 use crate::deploy_auth::DeployKey;
+use backend::{abort, Db, Tree, TxError, TxView};
 use berth_api_types::secret_config::ContentKey;
 use berth_api_types::wire::{ApplyOutcome, ApplyResult};
 use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use chrono::Utc;
 use serde_json::Value;
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::Transactional;
+use sled::transaction::TransactionError;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, Notify};
@@ -135,13 +136,13 @@ const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    objects: sled::Tree,
-    events: sled::Tree,
-    outbox: sled::Tree,
-    meta: sled::Tree,
+    db: Db,
+    objects: Tree,
+    events: Tree,
+    outbox: Tree,
+    meta: Tree,
     /// Records that cannot be read, moved aside with their bytes (`quarantine.rs`).
-    quarantine: sled::Tree,
+    quarantine: Tree,
     ids: Arc<Mutex<ulid::Generator>>,
     /// Wakes the outbox publisher after a commit.
     outbox_ready: Arc<Notify>,
@@ -213,10 +214,6 @@ pub(crate) fn key(kind: Kind, name: &str) -> String {
     format!("{}/{}", kind.lower(), name)
 }
 
-fn abort<T>(e: StoreError) -> Result<T, ConflictableTransactionError<StoreError>> {
-    Err(ConflictableTransactionError::Abort(e))
-}
-
 fn decode(bytes: &[u8]) -> Result<DynObject, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Storage(format!("corrupt object: {e}")))
 }
@@ -226,9 +223,10 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store. A store that was used with another master key is refused with
-    /// `WrongKey`; Secrets stored unsealed (by a version before encryption) are sealed here.
-    pub fn open(dir: &Path, key: &MasterKey) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store in `dir` (sled). A store that was used with another master
+    /// key is refused with `WrongKey`; Secrets stored unsealed (by a version before encryption)
+    /// are sealed here.
+    pub async fn open(dir: &Path, key: &MasterKey) -> Result<Self, StoreError> {
         // sled's page cache defaults to 1 GiB and fills with every object read or written, so RSS
         // grew with the number of objects (253 MB after 10,000 Configs). The working set is far
         // smaller: reads are by key or one kind's prefix, and every write is flushed at once.
@@ -238,24 +236,42 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
-        let meta = db.open_tree("meta")?;
-        let instance = match meta.get("instance")? {
-            Some(v) => String::from_utf8_lossy(&v).into_owned(),
-            None => {
-                let id = ulid::Ulid::new().to_string().to_lowercase();
-                meta.insert("instance", id.as_bytes())?;
-                db.flush()?;
-                id
-            }
-        };
+        Self::open_db(Db::Sled(db), &dir.display().to_string(), key).await
+    }
+
+    /// Opens the store on the replicated log on NATS (`--store nats`): the same checks as
+    /// [`Store::open`]; every API server on the same log serves the same state.
+    pub async fn open_log(
+        log: Arc<backend::jetstream::Log>,
+        key: &MasterKey,
+    ) -> Result<Self, StoreError> {
+        let shown = log.describe();
+        Self::open_db(Db::Log(log), &shown, key).await
+    }
+
+    /// `place`: where the store is, for errors (a directory, or the NATS stream).
+    async fn open_db(db: Db, place: &str, key: &MasterKey) -> Result<Self, StoreError> {
+        let meta = db.tree("meta")?;
+        let fresh = ulid::Ulid::new().to_string().to_lowercase();
+        // First writer wins: servers starting together on one log agree on one id.
+        let instance = db
+            .transact(&[&meta], |t| match t[0].get("instance")? {
+                Some(v) => Ok(String::from_utf8_lossy(&v).into_owned()),
+                None => {
+                    t[0].insert("instance", fresh.as_bytes())?;
+                    Ok(fresh.clone())
+                }
+            })
+            .await?;
+        db.flush_blocking()?;
         let sealer = key.sealer();
-        seal::check_key(&db, &meta, &sealer, dir, key)?;
+        seal::check_key(&db, &meta, &sealer, place, key).await?;
         let (watchers, _) = broadcast::channel(1024);
         let store = Store {
-            objects: db.open_tree("objects")?,
-            events: db.open_tree("events")?,
-            outbox: db.open_tree("outbox")?,
-            quarantine: db.open_tree(quarantine::TREE)?,
+            objects: db.tree("objects")?,
+            events: db.tree("events")?,
+            outbox: db.tree("outbox")?,
+            quarantine: db.tree(quarantine::TREE)?,
             meta,
             db,
             ids: Arc::new(Mutex::new(ulid::Generator::new())),
@@ -271,8 +287,26 @@ impl Store {
             #[cfg(test)]
             fail_writes: Arc::default(),
         };
-        store.seal_unsealed()?;
-        let moved = store.quarantine_unreadable()?;
+        if let Db::Log(log) = &store.db {
+            // Another server's commits: its events reach this server's watchers, and its outbox
+            // entries this server's publisher (the bus drops the copies by event id).
+            let (watchers, ready) = (store.watchers.clone(), store.outbox_ready.clone());
+            log.observe(Box::new(move |ops| {
+                for op in ops {
+                    match (op.tree.as_str(), &op.value) {
+                        ("events", Some(v)) => {
+                            if let Ok(e) = serde_json::from_slice::<Event>(v) {
+                                let _ = watchers.send(e);
+                            }
+                        }
+                        ("outbox", Some(_)) => ready.notify_one(),
+                        _ => {}
+                    }
+                }
+            }));
+        }
+        store.seal_unsealed().await?;
+        let moved = store.quarantine_unreadable().await?;
         let held = store.quarantined_count();
         if held > 0 {
             tracing::warn!(
@@ -282,6 +316,17 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// What the store runs on (`sled`, or the NATS stream), for the start log.
+    pub fn describe(&self) -> String {
+        self.db.describe()
+    }
+
+    /// Waits until this server has every write acknowledged anywhere before the call (several
+    /// API servers on one NATS log); immediate on sled. The API does it before every read.
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        self.db.catch_up().await
     }
 
     /// The same store, admitting writes under `policy` (the server's flags) instead of the
@@ -322,7 +367,7 @@ impl Store {
     }
 
     pub(crate) async fn set_meta_flag(&self, name: &str) -> Result<(), StoreError> {
-        self.meta.insert(format!("flag/{name}"), b"1".as_slice())?;
+        self.meta.insert(format!("flag/{name}"), b"1").await?;
         self.flush().await
     }
 
@@ -331,9 +376,8 @@ impl Store {
     pub fn export_objects(&self) -> Result<Vec<DynObject>, StoreError> {
         self.objects
             .iter()
-            .values()
-            .map(|v| {
-                let mut obj = decode(&v?)?;
+            .map(|item| {
+                let mut obj = decode(&item?.1)?;
                 obj.status = serde_json::Value::Null;
                 Ok(obj)
             })
@@ -347,8 +391,14 @@ impl Store {
 
     /// A named tree of the same database for records that are not objects (webhooks): they get
     /// the same durability and the same data directory without going through the object path.
-    pub(crate) fn aux_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
+    pub(crate) fn aux_tree(&self, name: &str) -> Result<Tree, StoreError> {
+        self.db.tree(name)
+    }
+
+    /// The database under this store, for modules that commit across its trees (webhooks, the
+    /// audit chain).
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
     }
 
     /// The master key's sealer, for other secrets kept in the store (webhook signing secrets).
@@ -440,9 +490,18 @@ impl Store {
             match self.decode_obj(&v) {
                 Ok(obj) => out.push(obj),
                 Err(_) => {
+                    // Left out now, moved aside in the background (a read does not wait for
+                    // a commit).
                     let reason = quarantine::object_problem(self, &k, &v)
                         .unwrap_or_else(|| "unreadable".into());
-                    self.quarantine_object(&k, &v, &reason)?;
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let store = self.clone();
+                        rt.spawn(async move {
+                            if let Err(e) = store.quarantine_object(&k, &v, &reason).await {
+                                tracing::warn!(error = %e, "cannot quarantine an unreadable record");
+                            }
+                        });
+                    }
                 }
             }
         }
@@ -496,42 +555,46 @@ impl Store {
         }
         let guard = self.write_lock.lock().await;
         self.healthy()?;
-        let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
-        let (out, emitted) = trees.transaction(|(objs, events, outbox, meta)| {
-            let start_rv = current_rv(meta)?;
-            let mut rv = start_rv;
-            let mut out = Vec::with_capacity(objects.len());
-            let mut emitted = Vec::new();
-            for (i, incoming) in objects.iter().enumerate() {
-                let k = key(incoming.kind, &incoming.metadata.name);
-                // Plaintext on both sides, so "unchanged" and `generation` see through the sealing.
-                let old = match objs.get(k.as_bytes())? {
-                    Some(b) => Some(self.decode_obj(&b).or_else(abort)?),
-                    None => None,
-                };
-                let (obj, outcome) = plan(
-                    self,
-                    old,
-                    incoming,
-                    mode,
-                    expected_rv.as_deref(),
-                    Stamp { uid: &uids[i], now },
-                    &mut rv,
-                )
-                .or_else(abort)?;
-                if outcome != ApplyOutcome::Unchanged {
-                    objs.insert(k.as_bytes(), self.encode_obj(&obj))?;
-                    let ev = make_event(&ids[i], EventType::Applied, &obj, now, String::new());
-                    record_event(events, outbox, &ev)?;
-                    emitted.push(ev);
+        let trees = [&self.objects, &self.events, &self.outbox, &self.meta];
+        let (out, emitted) = self
+            .db
+            .transact(&trees, |t| {
+                let (objs, events, outbox, meta) = (&t[0], &t[1], &t[2], &t[3]);
+                let start_rv = current_rv(meta)?;
+                let mut rv = start_rv;
+                let mut out = Vec::with_capacity(objects.len());
+                let mut emitted = Vec::new();
+                for (i, incoming) in objects.iter().enumerate() {
+                    let k = key(incoming.kind, &incoming.metadata.name);
+                    // Plaintext on both sides, so "unchanged" and `generation` see through the sealing.
+                    let old = match objs.get(k.as_bytes())? {
+                        Some(b) => Some(self.decode_obj(&b).or_else(abort)?),
+                        None => None,
+                    };
+                    let (obj, outcome) = plan(
+                        self,
+                        old,
+                        incoming,
+                        mode,
+                        expected_rv.as_deref(),
+                        Stamp { uid: &uids[i], now },
+                        &mut rv,
+                    )
+                    .or_else(abort)?;
+                    if outcome != ApplyOutcome::Unchanged {
+                        objs.insert(k.as_bytes(), self.encode_obj(&obj))?;
+                        let ev = make_event(&ids[i], EventType::Applied, &obj, now, String::new());
+                        record_event(events, outbox, &ev)?;
+                        emitted.push(ev);
+                    }
+                    out.push((result_of(&obj, outcome), obj));
                 }
-                out.push((result_of(&obj, outcome), obj));
-            }
-            if rv != start_rv {
-                meta.insert("rv", &rv.to_be_bytes())?;
-            }
-            Ok((out, emitted))
-        })?;
+                if rv != start_rv {
+                    meta.insert("rv", rv.to_be_bytes())?;
+                }
+                Ok((out, emitted))
+            })
+            .await?;
         // Nothing written ("unchanged" throughout) still acknowledges what it compared against.
         let upto = if emitted.is_empty() {
             self.durability.seen()
@@ -596,7 +659,7 @@ impl Store {
     ) -> Result<DynObject, StoreError> {
         let guard = self.write_lock.lock().await;
         self.healthy()?;
-        if self.objects.contains_key(key(kind, name))? {
+        let check = || {
             admission::admit(
                 self,
                 admission::Op::Delete {
@@ -604,9 +667,24 @@ impl Store {
                     name,
                     default_network,
                 },
-            )?;
-        }
-        let result = self.modify_locked(kind, name, |_| Ok(Some(Change::Remove)));
+            )
+        };
+        let result = if self.db.checks_inside_transactions() {
+            // On the NATS log another server may add a reference until the commit, which is
+            // then refused, and the check runs again on the new state.
+            self.modify_locked(kind, name, |_| {
+                check()?;
+                Ok(Some(Change::Remove))
+            })
+            .await
+        } else {
+            // On sled the write lock keeps every other writer out until the commit.
+            if self.objects.contains_key(key(kind, name))? {
+                check()?;
+            }
+            self.modify_locked(kind, name, |_| Ok(Some(Change::Remove)))
+                .await
+        };
         let upto = self.commit_point(&result);
         drop(guard);
         self.finish(result, upto).await
@@ -622,7 +700,7 @@ impl Store {
     ) -> Result<DynObject, StoreError> {
         let guard = self.write_lock.lock().await;
         self.healthy()?;
-        let result = self.modify_locked(kind, name, change);
+        let result = self.modify_locked(kind, name, change).await;
         let upto = self.commit_point(&result);
         drop(guard);
         self.finish(result, upto).await
@@ -651,7 +729,7 @@ impl Store {
     }
 
     /// The transaction of `modify`; the caller holds the write lock.
-    fn modify_locked(
+    async fn modify_locked(
         &self,
         kind: Kind,
         name: &str,
@@ -660,43 +738,47 @@ impl Store {
         let now = Utc::now();
         let id = self.next_id();
         let k = key(kind, name);
-        let trees = (&self.objects, &self.events, &self.outbox, &self.meta);
-        let result = trees.transaction(|(objs, events, outbox, meta)| {
-            let Some(b) = objs.get(k.as_bytes())? else {
-                return abort(StoreError::NotFound {
-                    kind,
-                    name: name.to_string(),
-                });
-            };
-            let old = self.decode_obj(&b).or_else(abort)?;
-            let Some(change) = change(&old).or_else(abort)? else {
-                return Ok((old, None));
-            };
-            let rv = current_rv(meta)? + 1;
-            meta.insert("rv", &rv.to_be_bytes())?;
-            let (mut obj, type_) = match change {
-                Change::Status(status) => {
-                    let mut obj = old;
-                    obj.status = status;
-                    (obj, EventType::StatusChanged)
+        let trees = [&self.objects, &self.events, &self.outbox, &self.meta];
+        let result = self
+            .db
+            .transact(&trees, |t| {
+                let (objs, events, outbox, meta) = (&t[0], &t[1], &t[2], &t[3]);
+                let Some(b) = objs.get(k.as_bytes())? else {
+                    return abort(StoreError::NotFound {
+                        kind,
+                        name: name.to_string(),
+                    });
+                };
+                let old = self.decode_obj(&b).or_else(abort)?;
+                let Some(change) = change(&old).or_else(abort)? else {
+                    return Ok((old, None));
+                };
+                let rv = current_rv(meta)? + 1;
+                meta.insert("rv", rv.to_be_bytes())?;
+                let (mut obj, type_) = match change {
+                    Change::Status(status) => {
+                        let mut obj = old;
+                        obj.status = status;
+                        (obj, EventType::StatusChanged)
+                    }
+                    Change::Remove => {
+                        objs.remove(k.as_bytes())?;
+                        (old, EventType::Deleted)
+                    }
+                };
+                obj.metadata.resource_version = Some(rv.to_string());
+                if type_ != EventType::Deleted {
+                    objs.insert(k.as_bytes(), self.encode_obj(&obj))?;
                 }
-                Change::Remove => {
-                    objs.remove(k.as_bytes())?;
-                    (old, EventType::Deleted)
-                }
-            };
-            obj.metadata.resource_version = Some(rv.to_string());
-            if type_ != EventType::Deleted {
-                objs.insert(k.as_bytes(), self.encode_obj(&obj))?;
-            }
-            let message = match type_ {
-                EventType::StatusChanged => ready_message(&obj),
-                _ => String::new(),
-            };
-            let ev = make_event(&id, type_, &obj, now, message);
-            record_event(events, outbox, &ev)?;
-            Ok((obj, Some(ev)))
-        })?;
+                let message = match type_ {
+                    EventType::StatusChanged => ready_message(&obj),
+                    _ => String::new(),
+                };
+                let ev = make_event(&id, type_, &obj, now, message);
+                record_event(events, outbox, &ev)?;
+                Ok((obj, Some(ev)))
+            })
+            .await?;
         Ok(result)
     }
 
@@ -713,8 +795,9 @@ impl Store {
     async fn durable(&self, upto: u64) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         let d = &self.durability;
-        if d.flushed.load(Ordering::Acquire) >= upto {
-            return Ok(());
+        // A commit to the NATS log is on a quorum of servers when it is acknowledged.
+        if !self.db.needs_flush() || d.flushed.load(Ordering::Acquire) >= upto {
+            return self.healthy();
         }
         let _turn = d.flushing.lock().await;
         self.healthy()?;
@@ -735,7 +818,7 @@ impl Store {
             if let Some(hook) = hook {
                 hook()?;
             }
-            db.flush().map(drop).map_err(|e| e.to_string())
+            db.flush_blocking().map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| format!("flush task failed: {e}"))
@@ -885,7 +968,7 @@ fn result_of(obj: &DynObject, outcome: ApplyOutcome) -> ApplyResult {
     }
 }
 
-fn current_rv(meta: &TransactionalTree) -> Result<u64, ConflictableTransactionError<StoreError>> {
+fn current_rv(meta: &TxView<'_>) -> Result<u64, TxError> {
     Ok(meta
         .get("rv")?
         .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
@@ -914,15 +997,11 @@ fn make_event(
 }
 
 /// Events are keyed by their ULID (time-ordered), in the history and the outbox alike.
-fn record_event(
-    events: &TransactionalTree,
-    outbox: &TransactionalTree,
-    ev: &Event,
-) -> Result<(), ConflictableTransactionError<StoreError>> {
+fn record_event(events: &TxView<'_>, outbox: &TxView<'_>, ev: &Event) -> Result<(), TxError> {
     let k = ev.id.as_bytes();
     let v = encode(ev);
-    events.insert(k, v.clone())?;
-    outbox.insert(k, v)?;
+    events.insert(k, &v)?;
+    outbox.insert(k, &v)?;
     Ok(())
 }
 
@@ -967,8 +1046,9 @@ pub(crate) mod testing {
         .unwrap()
     }
 
-    pub fn outbox_types(s: &Store) -> Vec<(EventType, String, u64)> {
+    pub async fn outbox_types(s: &Store) -> Vec<(EventType, String, u64)> {
         s.outbox_batch(100)
+            .await
             .unwrap()
             .into_iter()
             .map(|(_, e)| (e.type_, e.name, e.generation))
@@ -995,7 +1075,7 @@ mod tests {
     #[tokio::test]
     async fn generation_moves_only_with_spec() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let r = s
             .write(vec![svc("web", 1)], WriteMode::Upsert, None, false)
             .await
@@ -1049,7 +1129,7 @@ mod tests {
             .unwrap();
         assert!(s.get(Kind::Service, "web").unwrap().is_none());
         assert_eq!(
-            outbox_types(&s),
+            outbox_types(&s).await,
             vec![
                 (EventType::Applied, "web".into(), 1),
                 (EventType::Applied, "web".into(), 1),
@@ -1064,7 +1144,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_is_all_or_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         s.write(vec![svc("b", 1)], WriteMode::Create, None, false)
             .await
             .unwrap();
@@ -1082,26 +1162,26 @@ mod tests {
             s.get(Kind::Service, "a").unwrap().is_none(),
             "nothing of a failed batch is kept"
         );
-        assert_eq!(outbox_types(&s).len(), 1);
+        assert_eq!(outbox_types(&s).await.len(), 1);
     }
 
     #[tokio::test]
     async fn dry_run_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let r = s
             .write(vec![svc("a", 1)], WriteMode::Upsert, None, true)
             .await
             .unwrap();
         assert_eq!(r[0].0.outcome, ApplyOutcome::Created);
         assert!(s.get(Kind::Service, "a").unwrap().is_none());
-        assert!(outbox_types(&s).is_empty());
+        assert!(outbox_types(&s).await.is_empty());
     }
 
     #[tokio::test]
     async fn conditional_writes_detect_conflicts() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let r = s
             .write(vec![svc("a", 1)], WriteMode::Create, None, false)
             .await
@@ -1130,7 +1210,7 @@ mod tests {
     #[tokio::test]
     async fn status_writes_can_be_conditional() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let r = s
             .write(vec![svc("a", 1)], WriteMode::Create, None, false)
             .await
@@ -1145,7 +1225,7 @@ mod tests {
         let rv2 = o.metadata.resource_version.clone().unwrap();
         assert_ne!(rv2, rv);
         // Read before that write: refused, nothing written, no event.
-        let events = outbox_types(&s).len();
+        let events = outbox_types(&s).await.len();
         let err = s
             .update_status(Kind::Service, "a", json!({"n": 2}), Some(&rv))
             .await
@@ -1155,7 +1235,7 @@ mod tests {
         let now = s.get(Kind::Service, "a").unwrap().unwrap();
         assert_eq!(now.status, json!({"n": 1}));
         assert_eq!(now.metadata.resource_version.as_deref(), Some(rv2.as_str()));
-        assert_eq!(outbox_types(&s).len(), events);
+        assert_eq!(outbox_types(&s).await.len(), events);
         // Without a version: unconditional.
         let o = s
             .update_status(Kind::Service, "a", json!({"n": 3}), None)
@@ -1174,7 +1254,7 @@ mod tests {
     async fn survives_reopen_with_instance_and_counter() {
         let dir = tempfile::tempdir().unwrap();
         let (instance, rv) = {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).await.unwrap();
             let r = s
                 .write(vec![svc("a", 1)], WriteMode::Create, None, false)
                 .await
@@ -1184,7 +1264,7 @@ mod tests {
                 r[0].1.metadata.resource_version.clone().unwrap(),
             )
         };
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         assert_eq!(s.instance(), instance);
         assert!(s.get(Kind::Service, "a").unwrap().is_some());
         let r = s
@@ -1248,7 +1328,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_write_is_acknowledged_before_it_is_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         s.write(vec![svc("web", 1)], WriteMode::Upsert, None, false)
             .await
             .unwrap();
@@ -1311,7 +1391,7 @@ mod tests {
     async fn a_failed_flush_shows_nothing_and_refuses_service() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).await.unwrap();
             s.write(vec![svc("kept", 1)], WriteMode::Upsert, None, false)
                 .await
                 .unwrap();
@@ -1366,14 +1446,14 @@ mod tests {
                     .await
                     .map(drop),
                 s.flush().await,
-                s.outbox_batch(10).map(drop),
+                s.outbox_batch(10).await.map(drop),
             ] {
                 let err = r.unwrap_err();
                 assert!(err.to_string().contains("until berth restarts"), "{err}");
             }
         }
         // The restart serves what is on disk.
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         assert!(s.get(Kind::Service, "kept").unwrap().is_some());
     }
 }

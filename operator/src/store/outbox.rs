@@ -16,7 +16,10 @@ const EVENT_HISTORY: usize = 5000;
 
 impl Store {
     /// The oldest unpublished events, in commit order.
-    pub(super) fn outbox_batch(&self, max: usize) -> Result<Vec<(sled::IVec, Event)>, StoreError> {
+    pub(super) async fn outbox_batch(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(Vec<u8>, Event)>, StoreError> {
         // After a failed flush an entry may be of a write that is not on disk: publish nothing.
         self.healthy()?;
         let mut out = Vec::new();
@@ -26,25 +29,48 @@ impl Store {
                 Ok(e) => out.push((k, e)),
                 Err(_) => {
                     // Unreadable entries would block the outbox forever.
-                    self.outbox.remove(&k)?;
+                    self.outbox.remove(&k).await?;
                 }
             }
         }
         Ok(out)
     }
 
-    fn outbox_done(&self, key: &sled::IVec) -> Result<(), StoreError> {
-        self.outbox.remove(key)?;
-        Ok(())
+    /// Clears published events, in one commit.
+    async fn outbox_done(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .transact(&[&self.outbox], |t| {
+                for k in keys {
+                    t[0].remove(k)?;
+                }
+                Ok(())
+            })
+            .await
     }
 
-    /// Keeps the event history bounded.
-    fn trim_events(&self) -> Result<(), StoreError> {
+    /// Keeps the event history bounded, in one commit.
+    async fn trim_events(&self) -> Result<(), StoreError> {
         let excess = self.events.len().saturating_sub(EVENT_HISTORY);
-        for k in self.events.iter().keys().take(excess) {
-            self.events.remove(k?)?;
+        if excess == 0 {
+            return Ok(());
         }
-        Ok(())
+        let old: Vec<Vec<u8>> = self
+            .events
+            .iter()
+            .take(excess)
+            .map(|item| item.map(|(k, _)| k))
+            .collect::<Result<_, _>>()?;
+        self.db
+            .transact(&[&self.events], |t| {
+                for k in &old {
+                    t[0].remove(k)?;
+                }
+                Ok(())
+            })
+            .await
     }
 }
 
@@ -53,7 +79,7 @@ pub async fn publish(store: Store, bus: Arc<dyn EventBus>) {
     // One sequence for reading the outbox and publishing: both mean "try the same batch again".
     let mut retry = BackoffPolicy::reconnect().retry();
     loop {
-        let batch = match store.outbox_batch(512) {
+        let batch = match store.outbox_batch(512).await {
             Ok(b) => b,
             Err(e) => {
                 let delay = retry.next_delay();
@@ -63,7 +89,7 @@ pub async fn publish(store: Store, bus: Arc<dyn EventBus>) {
             }
         };
         if batch.is_empty() {
-            if let Err(e) = store.trim_events() {
+            if let Err(e) = store.trim_events().await {
                 warn!(error = %e, "cannot trim event history");
             }
             // Woken by every commit; the timeout is a safety net, not the mechanism.
@@ -71,22 +97,28 @@ pub async fn publish(store: Store, bus: Arc<dyn EventBus>) {
                 tokio::time::timeout(Duration::from_secs(5), store.outbox_ready.notified()).await;
             continue;
         }
+        let mut published = Vec::with_capacity(batch.len());
+        let mut failed = None;
         for (key, event) in batch {
             match bus.publish(&event).await {
                 Ok(()) => {
                     retry.reset();
-                    if let Err(e) = store.outbox_done(&key) {
-                        warn!(error = %e, "cannot clear a published event from the outbox");
-                    }
+                    published.push(key);
                 }
                 Err(e) => {
-                    let delay = retry.next_delay();
-                    warn!(error = %e, bus = %bus.describe(), retry_in = ?delay, "cannot publish event; will retry");
-                    tokio::time::sleep(delay).await;
                     // The rest of the batch waits: events go out in commit order.
+                    failed = Some(e);
                     break;
                 }
             }
+        }
+        if let Err(e) = store.outbox_done(&published).await {
+            warn!(error = %e, "cannot clear published events from the outbox");
+        }
+        if let Some(e) = failed {
+            let delay = retry.next_delay();
+            warn!(error = %e, bus = %bus.describe(), retry_in = ?delay, "cannot publish event; will retry");
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -121,7 +153,7 @@ mod tests {
     async fn an_event_survives_a_crash_between_commit_and_publish() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).await.unwrap();
             s.write(
                 vec![svc("a", 1), svc("b", 1)],
                 WriteMode::Create,
@@ -132,9 +164,10 @@ mod tests {
             .unwrap();
             // The process dies here: committed, acknowledged, never published.
         }
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         assert_eq!(
             outbox_types(&s)
+                .await
                 .into_iter()
                 .map(|(_, name, _)| name)
                 .collect::<Vec<_>>(),
@@ -146,7 +179,7 @@ mod tests {
         let publisher = tokio::spawn(publish(s.clone(), Arc::new(bus)));
         assert_eq!(names(&mut sub, 2).await, ["a", "b"]);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !outbox_types(&s).is_empty() {
+        while !outbox_types(&s).await.is_empty() {
             assert!(std::time::Instant::now() < deadline, "outbox not cleared");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -198,7 +231,7 @@ mod tests {
     #[tokio::test]
     async fn a_bus_outage_only_delays_events_which_arrive_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let bus = Arc::new(Flaky {
             inner: EmbeddedBus::new(),
             outage: 3,

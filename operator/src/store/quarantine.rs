@@ -10,12 +10,11 @@
 //! Service's Swarm service is removed at the next resync). Restore it from the quarantined bytes
 //! or a backup, then apply it again.
 
+use super::backend::Tree;
 use super::{key, Store, StoreError};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sled::transaction::ConflictableTransactionError;
-use sled::Transactional;
 use tracing::error;
 
 /// The sled tree quarantined records are kept in.
@@ -69,41 +68,41 @@ pub(super) fn object_problem(store: &Store, k: &[u8], bytes: &[u8]) -> Option<St
 impl Store {
     /// Moves every object record that cannot be served into quarantine (at open). Returns how
     /// many it moved.
-    pub(super) fn quarantine_unreadable(&self) -> Result<usize, StoreError> {
+    pub(super) async fn quarantine_unreadable(&self) -> Result<usize, StoreError> {
         let mut moved = 0;
         for item in self.objects.iter() {
             let (k, v) = item?;
             if let Some(reason) = object_problem(self, &k, &v) {
-                moved += usize::from(self.quarantine_object(&k, &v, &reason)?);
+                moved += usize::from(self.quarantine_object(&k, &v, &reason).await?);
             }
         }
         if moved > 0 {
-            self.db.flush()?;
+            self.db.flush_blocking()?;
         }
         Ok(moved)
     }
 
     /// Moves one object record into quarantine, if it still holds `bytes` (a write that replaced
     /// it meanwhile wins). Returns whether it moved it.
-    pub(super) fn quarantine_object(
+    pub(super) async fn quarantine_object(
         &self,
         k: &[u8],
         bytes: &[u8],
         reason: &str,
     ) -> Result<bool, StoreError> {
         let objects = self.objects.clone();
-        self.quarantine_record("objects", &objects, k, bytes, reason)
+        self.quarantine_record(&objects, k, bytes, reason).await
     }
 
     /// The same for a record of another tree of this store (`aux_tree`), e.g. a webhook.
-    pub(crate) fn quarantine_record(
+    pub(crate) async fn quarantine_record(
         &self,
-        tree_name: &str,
-        tree: &sled::Tree,
+        tree: &Tree,
         k: &[u8],
         bytes: &[u8],
         reason: &str,
     ) -> Result<bool, StoreError> {
+        let tree_name = tree.name();
         let name = String::from_utf8_lossy(k).into_owned();
         let record = Quarantined {
             tree: tree_name.into(),
@@ -115,16 +114,17 @@ impl Store {
         let value = serde_json::to_vec(&record).expect("a record always encodes");
         // Unique per move: the same key may go bad twice.
         let qkey = format!("{tree_name}/{name}@{}", ulid::Ulid::new());
-        let moved = (tree, &self.quarantine)
-            .transaction(|(objs, q)| {
-                if objs.get(k)?.as_deref() != Some(bytes) {
+        let moved = self
+            .db
+            .transact(&[tree, &self.quarantine], |t| {
+                if t[0].get(k)?.as_deref() != Some(bytes) {
                     return Ok(false);
                 }
-                objs.remove(k)?;
-                q.insert(qkey.as_bytes(), value.clone())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(true)
+                t[0].remove(k)?;
+                t[1].insert(qkey.as_bytes(), &value)?;
+                Ok(true)
             })
-            .map_err(StoreError::from)?;
+            .await?;
         if moved {
             error!(
                 tree = tree_name,
@@ -155,9 +155,8 @@ impl Store {
     pub fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
         self.quarantine
             .iter()
-            .values()
-            .map(|v| {
-                serde_json::from_slice(&v?)
+            .map(|item| {
+                serde_json::from_slice(&item?.1)
                     .map_err(|_| StoreError::Storage("a quarantine entry is unreadable".into()))
             })
             .collect()
@@ -183,7 +182,7 @@ mod tests {
         let garbage = b"\x00\xffnot json at all".to_vec();
         let moved = svc("elsewhere", 1);
         {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).await.unwrap();
             s.write(
                 vec![
                     svc("good", 1),
@@ -195,10 +194,14 @@ mod tests {
             )
             .await
             .unwrap();
-            s.objects.insert("service/bad", garbage.clone()).unwrap();
+            s.objects
+                .insert("service/bad", garbage.clone())
+                .await
+                .unwrap();
             // A good object under another object's key.
             s.objects
                 .insert("service/wrong", super::super::encode(&moved))
+                .await
                 .unwrap();
             // A Secret whose seal does not open (tampered).
             let mut sealed: serde_json::Value =
@@ -206,11 +209,12 @@ mod tests {
             sealed["spec"]["sealed"] = json!("AAAA");
             s.objects
                 .insert("secret/pw", serde_json::to_vec(&sealed).unwrap())
+                .await
                 .unwrap();
-            s.db.flush().unwrap();
+            s.db.flush_blocking().unwrap();
         }
         // It used to fail here.
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let names: Vec<String> = s
             .list(Kind::Service)
             .unwrap()
@@ -246,12 +250,15 @@ mod tests {
     #[tokio::test]
     async fn a_list_that_meets_an_unreadable_record_quarantines_it() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         s.write(vec![svc("good", 1)], WriteMode::Upsert, None, false)
             .await
             .unwrap();
         // Goes bad while running.
-        s.objects.insert("service/bad", b"{".as_slice()).unwrap();
+        s.objects
+            .insert("service/bad", b"{".as_slice())
+            .await
+            .unwrap();
         let names: Vec<String> = s
             .list(Kind::Service)
             .unwrap()
@@ -259,6 +266,13 @@ mod tests {
             .map(|o| o.metadata.name)
             .collect();
         assert_eq!(names, ["good"]);
+        // Moved aside in the background (a read does not wait for a commit).
+        for _ in 0..100 {
+            if s.quarantined_count() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         assert_eq!(s.quarantined_count(), 1);
         assert!(s.objects.get("service/bad").unwrap().is_none());
     }

@@ -4,11 +4,11 @@
 //! redacts it. A key check sealed at first open refuses a wrong master key at start, and Secrets
 //! stored in clear by a version before encryption are sealed at open.
 
+use super::backend::{Db, Tree};
 use super::{decode, encode, key, Store, StoreError};
 use crate::crypto::{MasterKey, Sealer};
 use berth_api_types::{DynObject, Kind};
 use serde_json::{json, Value};
-use std::path::Path;
 
 /// Associated data of a sealed Secret spec: the object's key, so a blob only opens where it was written.
 fn sealed_aad(name: &str) -> String {
@@ -32,14 +32,25 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"berth master key check v1";
 
 /// Refuses a master key that is not the one this store was first opened with; records it at first
 /// open.
-pub(super) fn check_key(
-    db: &sled::Db,
-    meta: &sled::Tree,
+pub(super) async fn check_key(
+    db: &Db,
+    meta: &Tree,
     sealer: &Sealer,
-    dir: &Path,
+    place: &str,
     key: &MasterKey,
 ) -> Result<(), StoreError> {
-    match meta.get(KEY_CHECK)? {
+    let check = key_check_value(sealer);
+    // First writer wins, so servers starting together on one log keep one key check.
+    let stored = db
+        .transact(&[meta], |t| match t[0].get(KEY_CHECK)? {
+            Some(v) => Ok(Some(v)),
+            None => {
+                t[0].insert(KEY_CHECK, check.as_bytes())?;
+                Ok(None)
+            }
+        })
+        .await?;
+    match stored {
         Some(v) => {
             let ok = std::str::from_utf8(&v)
                 .ok()
@@ -47,15 +58,12 @@ pub(super) fn check_key(
                 .is_some_and(|p| p == KEY_CHECK_PLAINTEXT);
             if !ok {
                 return Err(StoreError::WrongKey {
-                    dir: dir.display().to_string(),
+                    dir: place.to_string(),
                     source_: key.source().to_string(),
                 });
             }
         }
-        None => {
-            meta.insert(KEY_CHECK, key_check_value(sealer).as_bytes())?;
-            db.flush()?;
-        }
+        None => db.flush_blocking()?,
     }
     Ok(())
 }
@@ -91,7 +99,7 @@ pub(super) fn reseal_object(
 
 impl Store {
     /// Seals any Secret stored in clear (written before encryption at rest existed).
-    pub(super) fn seal_unsealed(&self) -> Result<(), StoreError> {
+    pub(super) async fn seal_unsealed(&self) -> Result<(), StoreError> {
         let mut sealed_any = false;
         for item in self
             .objects
@@ -101,12 +109,12 @@ impl Store {
             // Unreadable records are the quarantine's (`quarantine.rs`), which runs next.
             let Ok(obj) = decode(&v) else { continue };
             if sealed_blob(&obj.spec).is_none() {
-                self.objects.insert(k, self.encode_obj(&obj))?;
+                self.objects.insert(k, self.encode_obj(&obj)).await?;
                 sealed_any = true;
             }
         }
         if sealed_any {
-            self.db.flush()?;
+            self.db.flush_blocking()?;
         }
         Ok(())
     }
@@ -165,7 +173,7 @@ mod tests {
     use berth_api_types::wire::ApplyOutcome;
 
     /// Every byte of every file under `dir`.
-    fn all_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn all_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
@@ -193,7 +201,7 @@ mod tests {
         let bin = "okapi-quince-9932-BINARY";
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).await.unwrap();
             s.write(
                 vec![
                     secret(
@@ -219,7 +227,7 @@ mod tests {
                 .unwrap();
             let stored = decode(&s.objects.get("secret/db").unwrap().unwrap()).unwrap();
             assert!(sealed_blob(&stored.spec).is_some(), "{}", stored.spec);
-            s.db.flush().unwrap();
+            s.db.flush_blocking().unwrap();
         }
         let files = all_files(dir.path());
         assert!(!files.is_empty());
@@ -243,13 +251,13 @@ mod tests {
             "Configs are stored in clear (and the scan does see values)"
         );
 
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let got = s.get(Kind::Secret, "db").unwrap().unwrap();
         assert_eq!(got.spec["stringData"]["pw"], text);
         drop(s);
 
         let other = MasterKey::from_bytes([7u8; 32], "BERTH_MASTER_KEY");
-        let err = Store::open(dir.path(), &other).err().unwrap();
+        let err = Store::open(dir.path(), &other).await.err().unwrap();
         let msg = err.to_string();
         assert!(matches!(err, StoreError::WrongKey { .. }), "{msg}");
         assert!(
@@ -261,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn a_sealed_blob_only_opens_where_it_was_written() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         s.write(
             vec![
                 secret("a", json!({"stringData": {"k": "value-of-a"}})),
@@ -277,7 +285,7 @@ mod tests {
         let a = decode(&s.objects.get("secret/a").unwrap().unwrap()).unwrap();
         let mut b = decode(&s.objects.get("secret/b").unwrap().unwrap()).unwrap();
         b.spec = a.spec;
-        s.objects.insert("secret/b", encode(&b)).unwrap();
+        s.objects.insert("secret/b", encode(&b)).await.unwrap();
         let err = s.get(Kind::Secret, "b").unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, StoreError::Storage(_)));
@@ -290,13 +298,13 @@ mod tests {
     async fn unsealed_secrets_are_sealed_at_open() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path(), &test_key()).unwrap();
+            let s = Store::open(dir.path(), &test_key()).await.unwrap();
             // As an older version would have stored it.
             let old = secret("old", json!({"stringData": {"k": "legacy-clear-value"}}));
-            s.objects.insert("secret/old", encode(&old)).unwrap();
-            s.db.flush().unwrap();
+            s.objects.insert("secret/old", encode(&old)).await.unwrap();
+            s.db.flush_blocking().unwrap();
         }
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let stored = decode(&s.objects.get("secret/old").unwrap().unwrap()).unwrap();
         assert!(sealed_blob(&stored.spec).is_some());
         assert_eq!(
@@ -308,7 +316,7 @@ mod tests {
     #[tokio::test]
     async fn secret_generation_compares_plaintext() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path(), &test_key()).unwrap();
+        let s = Store::open(dir.path(), &test_key()).await.unwrap();
         let write = |v: &str| {
             let s = s.clone();
             let o = secret("db", json!({"stringData": {"pw": v}}));

@@ -1,0 +1,578 @@
+//! The store on NATS JetStream (`--store nats`): one replicated stream is the log of every
+//! commit, and each API server applies it, in order, to an in-memory copy it serves reads from.
+//! This is the design of etcd and of JetStream's own KV (a log replicated by Raft, a state
+//! machine per server), on a NATS cluster berth already runs, instead of a consensus of our own.
+//!
+//! - **Atomic.** A commit is ONE message holding every record it writes (object, event, outbox
+//!   entry, counters), so a crash can never leave half of it.
+//! - **Serializable.** A commit is published with `Nats-Expected-Last-Sequence` = the last
+//!   sequence the writer's copy had applied when it read. If any server committed in between,
+//!   NATS refuses it; the writer catches up and runs the transaction again on the new state. So
+//!   every commit was decided on the state right before it, as under sled's single write lock:
+//!   "is this Secret still used?" and the delete that follows stay one step across servers.
+//! - **Durable.** NATS acknowledges a publish to an R3 stream once a quorum has stored it. An
+//!   acknowledged commit survives the loss of any one of three NATS servers.
+//! - **Reads.** From the local copy, which trails the log by the time a message takes to arrive;
+//!   [`Log::catch_up`] waits until it has everything acknowledged before the call, which the API
+//!   does before answering a read, so a client sees its writes through any server.
+//!
+//! Values are already what the store keeps (Secrets sealed with the master key), so nothing in
+//! the log is plaintext a NATS operator could read.
+
+use super::{Entry, TxError, TxView};
+use crate::store::StoreError;
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use futures::StreamExt;
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often a transaction is run again after other servers committed first, before giving up.
+const MAX_ATTEMPTS: usize = 64;
+/// How long a read waits for this server's copy to catch up before it fails (NATS unreachable).
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One write of a commit: a record set (`v` present) or removed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Op {
+    #[serde(rename = "t")]
+    pub tree: String,
+    #[serde(rename = "k", with = "b64")]
+    pub key: Vec<u8>,
+    #[serde(rename = "v", default, with = "b64_opt")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// One message of the log.
+#[derive(Debug, Serialize, Deserialize)]
+struct Commit {
+    /// Format version, so a later berth can read an older log.
+    #[serde(rename = "v")]
+    version: u32,
+    /// The process that wrote it: it applied the commit already and announced its events.
+    origin: String,
+    ops: Vec<Op>,
+}
+
+/// The state every server derives from the log.
+#[derive(Default)]
+struct View {
+    /// The last log sequence applied.
+    seq: u64,
+    trees: HashMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl View {
+    fn apply(&mut self, seq: u64, ops: &[Op]) {
+        for op in ops {
+            let tree = self.trees.entry(op.tree.clone()).or_default();
+            match &op.value {
+                Some(v) => {
+                    tree.insert(op.key.clone(), v.clone());
+                }
+                None => {
+                    tree.remove(&op.key);
+                }
+            }
+        }
+        self.seq = seq;
+    }
+}
+
+/// Called with the ops of every commit another process made, after it is applied here (the
+/// store announces their events to this server's watchers and wakes its outbox publisher).
+pub type Observer = Box<dyn Fn(&[Op]) + Send + Sync>;
+
+/// Where the log is and how it is kept.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// The stream (`BERTH_STORE`); one per installation.
+    pub stream: String,
+    /// Replicas of the stream: 3 on a three-server cluster (survives the loss of one), 1 on a
+    /// single server.
+    pub replicas: usize,
+}
+
+pub struct Log {
+    js: jetstream::Context,
+    config: LogConfig,
+    subject: String,
+    /// This process, as written into its commits.
+    origin: String,
+    view: RwLock<View>,
+    /// The sequence applied so far, for whoever waits on it.
+    applied: watch::Sender<u64>,
+    /// One local commit at a time: local writers then never conflict with each other, only with
+    /// other servers.
+    commit: tokio::sync::Mutex<()>,
+    observer: OnceLock<Observer>,
+    url: String,
+}
+
+impl Log {
+    /// Opens (creating if missing) the log stream and loads it: returns once this server's copy
+    /// holds every commit made before the call.
+    pub async fn open(
+        client: async_nats::Client,
+        url: String,
+        config: LogConfig,
+    ) -> Result<Arc<Log>, StoreError> {
+        let js = jetstream::new(client);
+        let subject = berth_api_types::names::subjects::store_log(&config.stream);
+        let wanted = stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![subject.clone()],
+            description: Some("berth's store: the log of every commit (--store nats)".into()),
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            retention: stream::RetentionPolicy::Limits,
+            // Nothing may be removed from the middle of the log: every server applies all of it.
+            deny_delete: true,
+            ..Default::default()
+        };
+        let stream = js.get_or_create_stream(wanted).await.map_err(|e| {
+            StoreError::Storage(format!(
+                "cannot open the store's stream {} on NATS {url} with {} replica(s): {e}{}",
+                config.stream,
+                config.replicas,
+                if config.replicas > 1 {
+                    " (a single NATS server holds 1 replica: --store-replicas 1)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+        let have = stream.cached_info().config.num_replicas;
+        if have != config.replicas {
+            tracing::warn!(
+                stream = %config.stream,
+                replicas = have,
+                wanted = config.replicas,
+                "the store's stream exists with another replica count; leaving it as it is"
+            );
+        }
+        let (applied, _) = watch::channel(0);
+        let log = Arc::new(Log {
+            js,
+            subject,
+            origin: ulid::Ulid::new().to_string(),
+            view: RwLock::new(View::default()),
+            applied,
+            commit: tokio::sync::Mutex::new(()),
+            observer: OnceLock::new(),
+            url,
+            config,
+        });
+        tokio::spawn(tail(Arc::downgrade(&log)));
+        log.catch_up().await?;
+        Ok(log)
+    }
+
+    /// Registers the observer of other processes' commits (once, by the store).
+    pub fn observe(&self, observer: Observer) {
+        let _ = self.observer.set(observer);
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "nats stream {} (R{}) at {}",
+            self.config.stream, self.config.replicas, self.url
+        )
+    }
+
+    /// The sequence this server's copy has applied.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    pub fn get(&self, tree: &str, key: &[u8]) -> Option<Vec<u8>> {
+        self.view
+            .read_recursive()
+            .trees
+            .get(tree)
+            .and_then(|t| t.get(key).cloned())
+    }
+
+    pub fn scan(&self, tree: &str, prefix: &[u8]) -> Vec<Entry> {
+        let view = self.view.read_recursive();
+        let Some(t) = view.trees.get(tree) else {
+            return Vec::new();
+        };
+        t.range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn range(&self, tree: &str, start: Vec<u8>, end: Vec<u8>) -> Vec<Entry> {
+        let view = self.view.read_recursive();
+        match view.trees.get(tree) {
+            Some(t) if start <= end => t
+                .range(start..=end)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn len(&self, tree: &str) -> usize {
+        self.view
+            .read_recursive()
+            .trees
+            .get(tree)
+            .map_or(0, BTreeMap::len)
+    }
+
+    /// Waits until this copy has applied the log's last sequence as NATS reports it now.
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        let unreachable = |e: String| {
+            StoreError::Storage(format!(
+                "the store's log on NATS ({}) cannot be read: {e}",
+                self.url
+            ))
+        };
+        let last = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            let stream = self
+                .js
+                .get_stream(&self.config.stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(stream.cached_info().state.last_sequence)
+        })
+        .await
+        .map_err(|_| unreachable("no answer within 10 s".into()))?
+        .map_err(unreachable)?;
+        self.wait_applied(last).await
+    }
+
+    async fn wait_applied(&self, seq: u64) -> Result<(), StoreError> {
+        let mut rx = self.applied.subscribe();
+        tokio::time::timeout(CATCH_UP_TIMEOUT, rx.wait_for(|a| *a >= seq))
+            .await
+            .map_err(|_| {
+                StoreError::Storage(format!(
+                    "this server's copy of the store did not reach commit {seq} within 10 s \
+                     (NATS at {} unreachable?)",
+                    self.url
+                ))
+            })?
+            .map_err(|_| StoreError::Storage("the store's log reader stopped".into()))?;
+        Ok(())
+    }
+
+    /// Runs `f` on the current state and commits what it wrote as one message, expecting the
+    /// log to be where this copy was when `f` read it; runs `f` again after catching up when
+    /// another server committed first (module comment).
+    pub async fn transact<R>(
+        &self,
+        trees: &[&str],
+        f: impl Fn(&[TxView<'_>]) -> Result<R, TxError>,
+    ) -> Result<R, StoreError> {
+        let _one = self.commit.lock().await;
+        for _ in 0..MAX_ATTEMPTS {
+            let (result, ops, read_at) = {
+                let view = self.view.read_recursive();
+                let txs: Vec<TxView<'_>> = trees
+                    .iter()
+                    .map(|name| {
+                        TxView::Log(TxTree {
+                            name,
+                            base: view.trees.get(*name),
+                            writes: RefCell::default(),
+                        })
+                    })
+                    .collect();
+                let result = match f(&txs) {
+                    Ok(r) => r,
+                    Err(TxError::Abort(e)) => return Err(e),
+                    Err(TxError::Sled(e)) => return Err(StoreError::Storage(e.to_string())),
+                };
+                let ops: Vec<Op> = txs
+                    .into_iter()
+                    .flat_map(|t| match t {
+                        TxView::Log(t) => t.into_ops(),
+                        TxView::Sled(_) => unreachable!(),
+                    })
+                    .collect();
+                (result, ops, view.seq)
+            };
+            if ops.is_empty() {
+                return Ok(result);
+            }
+            match self.publish(&ops, read_at).await {
+                Ok(seq) => {
+                    let mut view = self.view.write();
+                    // The tail may have applied it already (it arrives there too).
+                    if view.seq == read_at {
+                        view.apply(seq, &ops);
+                        drop(view);
+                        self.applied.send_replace(seq);
+                    }
+                    return Ok(result);
+                }
+                Err(Publish::Behind) => {
+                    self.catch_up().await?;
+                }
+                Err(Publish::Failed(e)) => return Err(e),
+            }
+        }
+        Err(StoreError::Storage(format!(
+            "the commit lost to other servers' commits {MAX_ATTEMPTS} times in a row; retry"
+        )))
+    }
+
+    async fn publish(&self, ops: &[Op], read_at: u64) -> Result<u64, Publish> {
+        let commit = Commit {
+            version: 1,
+            origin: self.origin.clone(),
+            ops: ops.to_vec(),
+        };
+        let payload = serde_json::to_vec(&commit).expect("a commit always encodes");
+        let failed = |e: String| {
+            Publish::Failed(StoreError::Storage(format!(
+                "the commit was not acknowledged by NATS ({}): {e}; it may or may not have been \
+                 stored (re-apply: apply is idempotent)",
+                self.url
+            )))
+        };
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload.into())
+            .expected_last_sequence(read_at);
+        let ack = self
+            .js
+            .send_publish(self.subject.clone(), msg)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Publish::Behind),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    /// Applies a message of the log, in order. Returns whether it was another process's commit.
+    fn apply_message(&self, seq: u64, payload: &[u8]) -> Option<Vec<Op>> {
+        let commit: Commit = match serde_json::from_slice(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                // Skipping would let servers disagree; stopping here keeps this one's copy
+                // exactly at the last commit it understood, and says why.
+                tracing::error!(seq, error = %e, "a commit in the store's log does not decode; this server's copy stops here (is a newer berth writing to it?)");
+                return None;
+            }
+        };
+        let mut view = self.view.write();
+        if seq <= view.seq {
+            return None;
+        }
+        if seq != view.seq + 1 {
+            tracing::warn!(
+                expected = view.seq + 1,
+                got = seq,
+                "the store's log skipped sequences (messages removed from its stream?)"
+            );
+        }
+        view.apply(seq, &commit.ops);
+        drop(view);
+        self.applied.send_replace(seq);
+        (commit.origin != self.origin).then_some(commit.ops)
+    }
+}
+
+enum Publish {
+    /// Another commit came first: catch up and run the transaction again.
+    Behind,
+    Failed(StoreError),
+}
+
+/// Reads the log from where this copy is, for as long as the log exists; a broken consumer is
+/// made again from the next sequence.
+async fn tail(log: std::sync::Weak<Log>) {
+    let mut retry = berth_controllers::runtime::backoff::BackoffPolicy::reconnect().retry();
+    loop {
+        let Some(strong) = log.upgrade() else { return };
+        let (js, name, from) = (
+            strong.js.clone(),
+            strong.config.stream.clone(),
+            strong.applied() + 1,
+        );
+        drop(strong);
+        let messages = async {
+            let stream = js.get_stream(&name).await.map_err(|e| e.to_string())?;
+            let consumer = stream
+                .create_consumer(consumer::pull::OrderedConfig {
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            consumer.messages().await.map_err(|e| e.to_string())
+        }
+        .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                let delay = retry.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot read the store's log");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        while let Some(item) = messages.next().await {
+            let msg = match item {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the store's log reader broke; reading on");
+                    break;
+                }
+            };
+            let Ok(seq) = msg.info().map(|i| i.stream_sequence) else {
+                continue;
+            };
+            let Some(strong) = log.upgrade() else { return };
+            retry.reset();
+            if let Some(ops) = strong.apply_message(seq, &msg.payload) {
+                if let Some(observer) = strong.observer.get() {
+                    observer(&ops);
+                }
+            }
+        }
+        tokio::time::sleep(retry.next_delay()).await;
+    }
+}
+
+/// One tree inside a log transaction: the copy's records under the transaction's own writes.
+pub struct TxTree<'a> {
+    name: &'a str,
+    base: Option<&'a BTreeMap<Vec<u8>, Vec<u8>>>,
+    writes: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl TxTree<'_> {
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(w) = self.writes.borrow().get(key) {
+            return w.clone();
+        }
+        self.base.and_then(|b| b.get(key).cloned())
+    }
+
+    pub fn insert(&self, key: &[u8], value: &[u8]) {
+        self.writes
+            .borrow_mut()
+            .insert(key.to_vec(), Some(value.to_vec()));
+    }
+
+    pub fn remove(&self, key: &[u8]) {
+        self.writes.borrow_mut().insert(key.to_vec(), None);
+    }
+
+    /// What the transaction changed; writing what is there already is no change.
+    fn into_ops(self) -> Vec<Op> {
+        let base = self.base;
+        self.writes
+            .into_inner()
+            .into_iter()
+            .filter(|(k, v)| base.and_then(|b| b.get(k)) != v.as_ref())
+            .map(|(key, value)| Op {
+                tree: self.name.to_string(),
+                key,
+                value,
+            })
+            .collect()
+    }
+}
+
+mod b64 {
+    use base64::Engine;
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod b64_opt {
+    use base64::Engine;
+    pub fn serialize<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_some(&base64::engine::general_purpose::STANDARD.encode(v)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        let s: Option<String> = serde::Deserialize::deserialize(d)?;
+        s.map(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_round_trips_binary_keys_and_removals() {
+        let c = Commit {
+            version: 1,
+            origin: "o".into(),
+            ops: vec![
+                Op {
+                    tree: "meta".into(),
+                    key: b"rv".to_vec(),
+                    value: Some(7u64.to_be_bytes().to_vec()),
+                },
+                Op {
+                    tree: "objects".into(),
+                    key: b"service/web".to_vec(),
+                    value: None,
+                },
+            ],
+        };
+        let back: Commit = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
+        assert_eq!(back.ops, c.ops);
+    }
+
+    #[test]
+    fn a_transaction_sees_its_own_writes_and_records_only_changes() {
+        let mut base = BTreeMap::new();
+        base.insert(b"a".to_vec(), b"1".to_vec());
+        base.insert(b"b".to_vec(), b"2".to_vec());
+        let t = TxTree {
+            name: "t",
+            base: Some(&base),
+            writes: RefCell::default(),
+        };
+        t.insert(b"a", b"1"); // the same value: no change
+        t.insert(b"c", b"3");
+        t.remove(b"b");
+        t.remove(b"zz"); // absent: no change
+        assert_eq!(t.get(b"c"), Some(b"3".to_vec()));
+        assert_eq!(t.get(b"b"), None);
+        let ops = t.into_ops();
+        let keys: Vec<_> = ops
+            .iter()
+            .map(|o| (o.key.clone(), o.value.clone()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![(b"b".to_vec(), None), (b"c".to_vec(), Some(b"3".to_vec()))]
+        );
+    }
+}
