@@ -193,7 +193,9 @@ impl NatsBus {
                 let url = log_url.clone();
                 async move { on_client_event(event, &gap_tx, &disconnected, &url) }
             })
-            .connect(url.as_str())
+            // Several servers as a list: async-nats parses a string as one server, and
+            // "nats://a:4222,nats://b:4222" fails with "invalid port number".
+            .connect(url.split(',').map(str::trim).collect::<Vec<_>>().as_slice())
             .await
             .map_err(|err| BusError::Connect {
                 url: shown.clone(),
