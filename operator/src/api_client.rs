@@ -133,8 +133,9 @@ impl ApiClient {
         })
     }
 
-    /// The same client with another retry budget (tests; a caller that must fail fast).
-    pub fn with_retry_budget(mut self, budget: Duration) -> Self {
+    /// The same client with another retry budget (tests wait less).
+    #[cfg(test)]
+    fn with_retry_budget(mut self, budget: Duration) -> Self {
         self.budget = budget;
         self
     }

@@ -243,10 +243,15 @@ impl NatsCluster {
     }
 
     /// Waits until every running server has routes to the other running ones and names the same
-    /// JetStream meta leader.
+    /// JetStream meta leader, itself running (after the leader stopped, the others keep naming it
+    /// until they have elected another: JetStream API requests time out meanwhile).
     pub fn wait_formed(&self, timeout: Duration) {
         let start = Instant::now();
         let running: Vec<&ClusterNode> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+        let names: Vec<String> = (0..Self::SIZE)
+            .filter(|i| self.nodes[*i].child.is_some())
+            .map(Self::name)
+            .collect();
         loop {
             let leaders: Vec<Option<String>> = running
                 .iter()
@@ -257,7 +262,11 @@ impl NatsCluster {
                     (routes as usize + 1 >= running.len() && !leader.is_empty()).then_some(leader)
                 })
                 .collect();
-            if leaders.iter().all(Option::is_some) && leaders.windows(2).all(|w| w[0] == w[1]) {
+            if leaders
+                .iter()
+                .all(|l| l.as_ref().is_some_and(|l| names.contains(l)))
+                && leaders.windows(2).all(|w| w[0] == w[1])
+            {
                 return;
             }
             assert!(
