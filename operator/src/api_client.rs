@@ -697,19 +697,17 @@ fn untrusted(e: &ClientError) -> bool {
     };
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source);
     while let Some(err) = next {
-        // `io::Error::source` skips the error it wraps: look inside explicitly.
-        let inner = err
+        if let Some(rustls::Error::InvalidCertificate(_)) = err.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps (the TLS one sits in two of them).
+        next = match err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            .map(|e| e as &(dyn std::error::Error + 'static));
-        for candidate in [Some(err), inner].into_iter().flatten() {
-            if let Some(rustls::Error::InvalidCertificate(_)) =
-                candidate.downcast_ref::<rustls::Error>()
-            {
-                return true;
-            }
-        }
-        next = err.source();
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     false
 }
@@ -989,6 +987,46 @@ mod tests {
             waited >= Duration::from_millis(200) && waited < Duration::from_secs(2),
             "{waited:?}"
         );
+    }
+
+    /// A certificate the client does not trust is not waited out: every server is tried once and
+    /// the error says what to do, instead of going round until the budget is spent.
+    #[tokio::test]
+    async fn an_untrusted_certificate_fails_at_once() {
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            tls: crate::tls::TlsArgs,
+        }
+        use clap::Parser as _;
+        let tls_args = Cmd::try_parse_from(["berth", "--tls", "internal"])
+            .unwrap()
+            .tls;
+        let dir = tempfile::tempdir().unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = tcp.local_addr().unwrap();
+        let tls = tls_args
+            .server_tls(dir.path(), "inst", &[local])
+            .unwrap()
+            .unwrap();
+        let app = axum::Router::new().route("/who", get(|| async { "{}" }));
+        tokio::spawn(crate::tls::serve(tcp, Some(tls.config), app));
+        let url = format!("https://127.0.0.1:{}", local.port());
+
+        let c = client(&[&url]).with_retry_budget(Duration::from_secs(5));
+        let started = Instant::now();
+        let e = who(&c).await.unwrap_err();
+        assert!(untrusted(&e), "{e:?}");
+        assert!(e.to_string().contains("--ca"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // With the CA it answers, so the failure above was the certificate.
+        let c = ApiClient::new(&url, "t", tls.ca_file.as_deref()).unwrap();
+        let v: Value = c.request_json(Method::GET, "/who", None).await.unwrap();
+        assert_eq!(v, serde_json::json!({}));
     }
 
     #[tokio::test]
