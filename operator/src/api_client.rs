@@ -259,14 +259,33 @@ impl ApiClient {
             let last = last.expect("at least one attempt per round");
             // A certificate the client does not trust stays untrusted: no point waiting for it.
             if !healing {
-                return Err(last);
+                return Err(self.none_answered(last, n));
             }
             let delay = retry.next_delay();
             if started.elapsed() + delay > self.budget {
-                return Err(last);
+                return Err(self.none_answered(last, n));
             }
             tracing::debug!(error = %last, ?delay, "no berth API server answered; retrying");
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The last error of a request no server answered, saying that the others were tried too.
+    fn none_answered(&self, last: ClientError, tried: usize) -> ClientError {
+        match last {
+            ClientError::Unreachable { url, source } if tried > 1 => {
+                let others: Vec<&str> = self
+                    .bases
+                    .iter()
+                    .filter(|b| **b != url)
+                    .map(String::as_str)
+                    .collect();
+                ClientError::Unreachable {
+                    url: format!("{url} (nor at {})", others.join(", ")),
+                    source,
+                }
+            }
+            other => other,
         }
     }
 
@@ -978,8 +997,17 @@ mod tests {
         let started = Instant::now();
         let e = who(&c).await.unwrap_err();
         assert!(e.is_transient());
+        // The last server tried, and the other one.
+        let shown = e.to_string();
+        let (last, other) = if shown.contains(&format!("at {d1} ")) {
+            (&d1, &d2)
+        } else {
+            (&d2, &d1)
+        };
         assert!(
-            e.to_string().contains("cannot reach the berth API at"),
+            shown.contains(&format!(
+                "cannot reach the berth API at {last} (nor at {other}): "
+            )),
             "{e}"
         );
         let waited = started.elapsed();
