@@ -28,13 +28,15 @@ pub(crate) fn client(conn: &Conn) -> Result<ApiClient, String> {
     let token = conn.token.clone().ok_or(
         "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
     )?;
-    if let Some(host) = clear_text_host(&conn.url) {
-        eprintln!(
-            "warning: {} is plain HTTP to {host}: the token and any Secret values cross the network in clear (use https)",
-            conn.url
-        );
+    let client = ApiClient::new(&conn.url, &token, conn.ca.as_deref())?;
+    for url in client.base_urls() {
+        if let Some(host) = clear_text_host(url) {
+            eprintln!(
+                "warning: {url} is plain HTTP to {host}: the token and any Secret values cross the network in clear (use https)"
+            );
+        }
     }
-    ApiClient::new(&conn.url, &token, conn.ca.as_deref())
+    Ok(client)
 }
 
 /// The host of an `http://` URL that is not loopback: where a token would travel in clear.

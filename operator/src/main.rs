@@ -52,7 +52,8 @@ struct Cli {
 /// Where the API server is and how to authenticate.
 #[derive(Args, Clone)]
 pub struct Conn {
-    /// API server URL.
+    /// API server URL; several, separated by commas, for API servers sharing one store (a request
+    /// goes to the next when one does not answer).
     #[arg(
         long,
         env = "BERTH_URL",

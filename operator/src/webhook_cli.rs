@@ -100,7 +100,7 @@ pub async fn run(conn: &Conn, command: WebhookCommand) -> CliResult {
                 .map_err(api_error)?;
             show_secrets(
                 &created,
-                public_url.as_deref().unwrap_or(&conn.url),
+                public_url.as_deref().unwrap_or(client.base_url()),
                 output,
                 "created",
             )
@@ -135,7 +135,7 @@ pub async fn run(conn: &Conn, command: WebhookCommand) -> CliResult {
                 .map_err(api_error)?;
             show_secrets(
                 &rotated,
-                public_url.as_deref().unwrap_or(&conn.url),
+                public_url.as_deref().unwrap_or(client.base_url()),
                 output,
                 "rotated",
             )

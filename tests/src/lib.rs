@@ -162,6 +162,190 @@ impl Drop for Nats {
     }
 }
 
+/// Three nats-servers on loopback forming one JetStream cluster (what three berth managers share):
+/// each with its own store, client, route and monitoring port. Killed, with their stores, on drop.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+struct ClusterNode {
+    child: Option<Child>,
+    port: u16,
+    monitor: u16,
+    config: PathBuf,
+}
+
+impl NatsCluster {
+    /// The size of the cluster: the smallest that keeps a JetStream quorum (2) with one server down.
+    pub const SIZE: usize = 3;
+
+    /// Starts the three servers and waits until their routes are up and JetStream has a meta leader
+    /// all three agree on (until then a stream with 3 replicas cannot be created).
+    pub fn start() -> NatsCluster {
+        let dir = tempdir("nats-cluster");
+        let ports: Vec<(u16, u16, u16)> = (0..Self::SIZE)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, route, monitor)) in ports.iter().enumerate() {
+            let store = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&store).expect("e2e: cannot create a nats store directory");
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, r, _))| format!("\"nats-route://127.0.0.1:{r}\""))
+                .collect();
+            // server_name must be unique: JetStream's Raft groups name their peers by it.
+            let config = format!(
+                "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor}\"\n\
+                 jetstream {{\n  store_dir: \"{}\"\n}}\n\
+                 cluster {{\n  name: \"berth-e2e\"\n  listen: \"127.0.0.1:{route}\"\n  routes: [{}]\n}}\n",
+                store.display(),
+                routes.join(", ")
+            );
+            let path = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(&path, config).expect("e2e: cannot write a nats-server config");
+            nodes.push(ClusterNode {
+                child: None,
+                port: *port,
+                monitor: *monitor,
+                config: path,
+            });
+        }
+        let mut cluster = NatsCluster { nodes, _dir: dir };
+        for i in 0..Self::SIZE {
+            cluster.spawn(i);
+        }
+        cluster.wait_formed(Duration::from_secs(30));
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(
+            node.child.is_none(),
+            "e2e: nats-server n{i} is already running"
+        );
+        node.child = Some(
+            owned(&mut Command::new("nats-server"))
+                .arg("-c")
+                .arg(&node.config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect(
+                    "e2e: cannot start nats-server (is it installed? scripts/test installs it)",
+                ),
+        );
+        wait_port(node.port, Duration::from_secs(10), "nats-server");
+    }
+
+    /// Waits until every running server has routes to the other running ones and names the same
+    /// JetStream meta leader, itself running (after the leader stopped, the others keep naming it
+    /// until they have elected another: JetStream API requests time out meanwhile).
+    pub fn wait_formed(&self, timeout: Duration) {
+        let start = Instant::now();
+        let running: Vec<&ClusterNode> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+        let names: Vec<String> = (0..Self::SIZE)
+            .filter(|i| self.nodes[*i].child.is_some())
+            .map(Self::name)
+            .collect();
+        loop {
+            let leaders: Vec<Option<String>> = running
+                .iter()
+                .map(|n| {
+                    let routes = monitor_json(n.monitor, "/routez")?["num_routes"].as_u64()?;
+                    let jsz = monitor_json(n.monitor, "/jsz")?;
+                    let leader = jsz["meta_cluster"]["leader"].as_str()?.to_string();
+                    (routes as usize + 1 >= running.len() && !leader.is_empty()).then_some(leader)
+                })
+                .collect();
+            if leaders
+                .iter()
+                .all(|l| l.as_ref().is_some_and(|l| names.contains(l)))
+                && leaders.windows(2).all(|w| w[0] == w[1])
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "e2e: the NATS cluster did not form within {timeout:?} (meta leaders seen: {leaders:?})"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every server's client URL, comma-separated (as berth's --nats takes them).
+    pub fn urls(&self) -> String {
+        (0..Self::SIZE)
+            .map(|i| self.url(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// The server's `server_name` (what `server_info` and JetStream's cluster info report).
+    pub fn name(i: usize) -> String {
+        format!("n{i}")
+    }
+
+    /// Stops server `i` as an operator would (SIGTERM: it syncs its store and leaves the cluster
+    /// cleanly) and waits until it has exited.
+    pub fn stop(&mut self, i: usize) {
+        self.signal(i, libc::SIGTERM);
+    }
+
+    /// Kills server `i` (SIGKILL: a crash, nothing synced) and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        self.signal(i, libc::SIGKILL);
+    }
+
+    fn signal(&mut self, i: usize, signal: i32) {
+        let mut child = self.nodes[i]
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("e2e: nats-server n{i} is not running"));
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let _ = child.wait();
+    }
+
+    /// Starts server `i` again with its store and ports, and waits until it has rejoined.
+    pub fn start_node(&mut self, i: usize) {
+        self.spawn(i);
+        self.wait_formed(Duration::from_secs(30));
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A nats-server monitoring endpoint's JSON, or `None` while it does not answer.
+fn monitor_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    let (_, body) = answer.split_once("\r\n\r\n")?;
+    serde_json::from_str(body).ok()
+}
+
 fn wait_port(port: u16, timeout: Duration, what: &str) {
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
