@@ -14,6 +14,10 @@
 //!   rotation is completed (renamed into place). Either the old or the new key works for
 //!   everything at every point.
 //!
+//! - `migrate-store --from sled|nats --to nats|sled`: copies the whole store to the other backend
+//!   (`store::migrate`), checks both sides record for record, and checks that the master key
+//!   opens the copy. With every API server stopped; the services in Swarm run on.
+//!
 //! Everything derived from the master key changes with it: content digests (so every Swarm secret
 //! and config berth made gets a new name and is rolled out and collected like a changed value) and
 //! the deploy-event signing key (deploy events signed before the rotation and still queued on NATS
@@ -21,8 +25,11 @@
 //! before.
 
 use crate::crypto::{self, MasterKey, MASTER_KEY_ENV, MASTER_KEY_FILE, PENDING_KEY_FILE};
+use crate::store::backend::{jetstream::Log, Db};
 use crate::store::{Store, StoreError};
 use crate::webhook::Webhooks;
+use crate::{StoreBackend, StoreLogArgs};
+use berth_controllers::bus::NatsSettings;
 use std::path::Path;
 
 /// The store's directory inside the data directory.
@@ -172,6 +179,83 @@ pub async fn rotate_master_key(data_dir: &Path) -> Result<(), String> {
     println!(
         "Swarm secrets and configs get new names (their digests are keyed by the master key) and \
          are rolled out at the next reconcile; deploy events signed before now are refused."
+    );
+    Ok(())
+}
+
+/// One side of a migration, opened raw (nothing written to it by opening).
+async fn open_side(
+    backend: StoreBackend,
+    data_dir: &Path,
+    nats: Option<&NatsSettings>,
+    log: &StoreLogArgs,
+) -> Result<(Db, String), String> {
+    match backend {
+        StoreBackend::Sled => {
+            let dir = store_dir(data_dir);
+            let db = crate::store::open_sled(&dir).map_err(|e| match e {
+                StoreError::Storage(m) if m.contains("lock") => format!(
+                    "error: the store {} is in use ({m}); stop berth first",
+                    dir.display()
+                ),
+                e => format!("error: {e}"),
+            })?;
+            Ok((db, format!("sled {}", dir.display())))
+        }
+        StoreBackend::Nats => {
+            let settings = nats.ok_or("error: the nats side needs --nats (its NATS servers)")?;
+            let bus = berth_controllers::bus::NatsBus::connect_with(settings)
+                .await
+                .map_err(|e| format!("error: {e}"))?;
+            let log = Log::open(bus.client(), settings.shown_url(), log.config())
+                .await
+                .map_err(|e| format!("error: {e}"))?;
+            let shown = log.describe();
+            Ok((Db::Log(log), shown))
+        }
+    }
+}
+
+/// `berth admin migrate-store` (see the module comment).
+pub async fn migrate_store(
+    data_dir: &Path,
+    from: StoreBackend,
+    to: StoreBackend,
+    nats: Option<&NatsSettings>,
+    log: &StoreLogArgs,
+) -> Result<(), String> {
+    crate::data_dir::private_umask();
+    refuse_pending(data_dir)?;
+    if from == to {
+        return Err("error: --from and --to name the same backend; nothing to do".into());
+    }
+    let key = MasterKey::resolve_existing(data_dir).map_err(|e| format!("error: {e}"))?;
+    let (source, source_shown) = open_side(from, data_dir, nats, log).await?;
+    // The source must open with this key, or the copy would be of no use to this installation.
+    Store::open_db(source.clone(), &source_shown, &key)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    let (target, target_shown) = open_side(to, data_dir, nats, log).await?;
+    println!("copying {source_shown} -> {target_shown}");
+    let trees = crate::store::migrate::copy(&source, &target)
+        .await
+        .map_err(|e| format!("error: {e}"))?;
+    Store::open_db(target, &target_shown, &key)
+        .await
+        .map_err(|e| format!("error: the copy does not open with the master key: {e}"))?;
+    println!("{:<24} {:>8}  SHA-256 (both sides)", "TREE", "RECORDS");
+    for t in &trees {
+        println!("{:<24} {:>8}  {}", t.name, t.records, t.sha256);
+    }
+    let total: usize = trees.iter().map(|t| t.records).sum();
+    println!(
+        "copied {total} records in {} trees; source and target agree. Start the API servers \
+         with --store {} (the source is left as it was: remove it once they serve)",
+        trees.len(),
+        match to {
+            StoreBackend::Sled => "sled",
+            StoreBackend::Nats => "nats",
+        }
     );
     Ok(())
 }

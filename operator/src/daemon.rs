@@ -8,7 +8,7 @@ use crate::crypto::MasterKey;
 use crate::hooks::{self, HookState};
 use crate::in_process_api::InProcessApi;
 use crate::server::{router, AppState};
-use crate::store::backend::jetstream::{Log, LogConfig};
+use crate::store::backend::jetstream::Log;
 use crate::store::{Store, StoreError};
 use crate::tokens::Tokens;
 use crate::{deploy_applier, Conn, IngressArgs, ServerArgs, StoreBackend};
@@ -132,11 +132,7 @@ async fn open_store(
                         .into(),
                 );
             };
-            let config = LogConfig {
-                stream: server.store_stream.clone(),
-                replicas: usize::from(server.store_replicas),
-            };
-            match Log::open(client.clone(), url.shown_url(), config).await {
+            match Log::open(client.clone(), url.shown_url(), server.store_log.config()).await {
                 Ok(log) => Store::open_log(log, key).await,
                 Err(e) => Err(e),
             }

@@ -96,13 +96,8 @@ pub struct ServerArgs {
     /// on several managers and any of them serves reads and writes).
     #[arg(long, env = "BERTH_STORE", value_enum, default_value = "sled")]
     pub store: StoreBackend,
-    /// Replicas of the store's stream with `--store nats`: 3 on a three-server NATS cluster
-    /// (survives losing one), 1 on a single server. Used when the stream is created.
-    #[arg(long, env = "BERTH_STORE_REPLICAS", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
-    pub store_replicas: u8,
-    /// The store's stream with `--store nats`: one per installation on a shared NATS.
-    #[arg(long, env = "BERTH_STORE_STREAM", default_value = berth_api_types::names::subjects::STORE_STREAM, value_parser = stream_name)]
-    pub store_stream: String,
+    #[command(flatten)]
+    pub store_log: StoreLogArgs,
     /// The Network every Service joins when it lists none; created at start if missing.
     #[arg(long, env = "BERTH_DEFAULT_NETWORK", default_value = berth_api_types::network::DEFAULT_NETWORK)]
     pub default_network: String,
@@ -116,6 +111,27 @@ pub struct ServerArgs {
     /// could then read and write the node's files, its Docker socket included.
     #[arg(long, env = "BERTH_ALLOW_BIND_MOUNTS", value_parser = clap::builder::FalseyValueParser::new())]
     pub allow_bind_mounts: bool,
+}
+
+/// The store's stream on NATS (`--store nats`, and `admin migrate-store`).
+#[derive(Args, Clone, Debug)]
+pub struct StoreLogArgs {
+    /// Replicas of the store's stream with `--store nats`: 3 on a three-server NATS cluster
+    /// (survives losing one), 1 on a single server. Used when the stream is created.
+    #[arg(long, env = "BERTH_STORE_REPLICAS", default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub store_replicas: u8,
+    /// The store's stream with `--store nats`: one per installation on a shared NATS.
+    #[arg(long, env = "BERTH_STORE_STREAM", default_value = berth_api_types::names::subjects::STORE_STREAM, value_parser = stream_name)]
+    pub store_stream: String,
+}
+
+impl StoreLogArgs {
+    pub fn config(&self) -> crate::store::backend::jetstream::LogConfig {
+        crate::store::backend::jetstream::LogConfig {
+            stream: self.store_stream.clone(),
+            replicas: usize::from(self.store_replicas),
+        }
+    }
 }
 
 /// The backends of the API server's store (`store::backend`).
@@ -420,6 +436,24 @@ enum AdminAction {
         #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
         data_dir: PathBuf,
     },
+    /// Move the whole store from one backend to the other (sled <-> nats), with every API server
+    /// stopped; services in Swarm keep running. The target must be empty. Prints each tree's
+    /// record count and hash on both sides and fails if they differ.
+    MigrateStore {
+        #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth")]
+        data_dir: PathBuf,
+        #[arg(long, value_enum)]
+        from: StoreBackend,
+        #[arg(long, value_enum)]
+        to: StoreBackend,
+        /// The NATS servers of the `nats` side.
+        #[arg(long, env = "BERTH_NATS", hide_env_values = true)]
+        nats: Option<String>,
+        #[command(flatten)]
+        nats_auth: nats_args::NatsAuthArgs,
+        #[command(flatten)]
+        store_log: StoreLogArgs,
+    },
 }
 
 /// The transfer agent's jobs (see controllers/src/backup/agent.rs). Everything it needs to reach
@@ -629,6 +663,17 @@ fn main() -> ExitCode {
                 AdminAction::Fsck { data_dir } => admin::fsck(&data_dir).await,
                 AdminAction::RotateMasterKey { data_dir } => {
                     admin::rotate_master_key(&data_dir).await
+                }
+                AdminAction::MigrateStore {
+                    data_dir,
+                    from,
+                    to,
+                    nats,
+                    nats_auth,
+                    store_log,
+                } => {
+                    let nats = nats.as_deref().map(|url| nats_auth.settings(url));
+                    admin::migrate_store(&data_dir, from, to, nats.as_ref(), &store_log).await
                 }
             },
             Command::Agent { .. } => unreachable!("handled before the runtime starts"),

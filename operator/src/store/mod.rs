@@ -21,6 +21,7 @@
 
 mod admission;
 pub mod backend;
+pub mod migrate;
 pub mod outbox;
 mod quarantine;
 pub(crate) mod rekey;
@@ -210,6 +211,20 @@ impl Durability {
     }
 }
 
+/// The sled database in `dir`, as the store opens it.
+pub(crate) fn open_sled(dir: &Path) -> Result<Db, StoreError> {
+    // sled's page cache defaults to 1 GiB and fills with every object read or written, so RSS
+    // grew with the number of objects (253 MB after 10,000 Configs). The working set is far
+    // smaller: reads are by key or one kind's prefix, and every write is flushed at once.
+    sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map(Db::Sled)
+        .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))
+}
+
 pub(crate) fn key(kind: Kind, name: &str) -> String {
     format!("{}/{}", kind.lower(), name)
 }
@@ -227,16 +242,7 @@ impl Store {
     /// key is refused with `WrongKey`; Secrets stored unsealed (by a version before encryption)
     /// are sealed here.
     pub async fn open(dir: &Path, key: &MasterKey) -> Result<Self, StoreError> {
-        // sled's page cache defaults to 1 GiB and fills with every object read or written, so RSS
-        // grew with the number of objects (253 MB after 10,000 Configs). The working set is far
-        // smaller: reads are by key or one kind's prefix, and every write is flushed at once.
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
-        Self::open_db(Db::Sled(db), &dir.display().to_string(), key).await
+        Self::open_db(open_sled(dir)?, &dir.display().to_string(), key).await
     }
 
     /// Opens the store on the replicated log on NATS (`--store nats`): the same checks as
@@ -250,7 +256,7 @@ impl Store {
     }
 
     /// `place`: where the store is, for errors (a directory, or the NATS stream).
-    async fn open_db(db: Db, place: &str, key: &MasterKey) -> Result<Self, StoreError> {
+    pub(crate) async fn open_db(db: Db, place: &str, key: &MasterKey) -> Result<Self, StoreError> {
         let meta = db.tree("meta")?;
         let fresh = ulid::Ulid::new().to_string().to_lowercase();
         // First writer wins: servers starting together on one log agree on one id.

@@ -219,6 +219,10 @@ impl Log {
         }
     }
 
+    pub fn tree_names(&self) -> Vec<String> {
+        self.view.read_recursive().trees.keys().cloned().collect()
+    }
+
     pub fn len(&self, tree: &str) -> usize {
         self.view
             .read_recursive()

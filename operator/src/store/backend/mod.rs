@@ -174,6 +174,21 @@ impl Db {
         }
     }
 
+    /// Every tree that holds or held records (sled's internal default tree left out).
+    pub fn tree_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match self {
+            Db::Sled(db) => db
+                .tree_names()
+                .into_iter()
+                .map(|n| String::from_utf8_lossy(&n).into_owned())
+                .filter(|n| n != "__sled__default")
+                .collect(),
+            Db::Log(log) => log.tree_names(),
+        };
+        names.sort();
+        names
+    }
+
     /// What the store runs on, for the start log and `berth version`.
     pub fn describe(&self) -> String {
         match self {
