@@ -393,6 +393,9 @@ pub struct Berth {
     tls: bool,
     /// The client the harness's own API requests use (trusts the internal CA when `tls`).
     client: reqwest::Client,
+    /// Other API servers of the same store (`--store nats`): CLI runs and controllers get
+    /// `--url <this>,<peers...>` and fail over to them.
+    pub peers: Vec<String>,
 }
 
 impl Berth {
@@ -408,6 +411,26 @@ impl Berth {
     /// Starts `berth api` alone: controllers run as their own processes (see `start_controller`).
     pub fn start_api(nats: String) -> Berth {
         Self::launch("api", Some(nats), &[])
+    }
+
+    /// Starts `berth api` with extra arguments, on NATS when `nats` is given (e.g. `--store nats`).
+    pub fn start_api_with(nats: Option<String>, extra: &[&str]) -> Berth {
+        Self::launch("api", nats, extra)
+    }
+
+    /// Starts `berth api` on an existing data directory (e.g. after `admin migrate-store`), with
+    /// the default network the installation had.
+    pub fn start_api_on(
+        data_dir: &std::path::Path,
+        default_network: &str,
+        nats: Option<String>,
+        extra: &[&str],
+    ) -> Berth {
+        let mut b = Self::prepare("api", nats, extra);
+        b.data_dir = data_dir.to_path_buf();
+        b.default_network = default_network.to_string();
+        b.spawn();
+        b
     }
 
     /// Starts `berth up` with extra arguments and environment (e.g. `BERTH_NO_DEFAULT_BACKUP_PLAN=0`
@@ -428,6 +451,28 @@ impl Berth {
         let mut b = Self::prepare("up", None, extra);
         b.data_dir = data_dir.to_path_buf();
         b.default_network = default_network.to_string();
+        b.spawn();
+        b
+    }
+
+    /// One more API server of this installation, on its NATS store (`--store nats`): started
+    /// with a copy of this one's master key and admin token, as an operator hands them to each
+    /// manager. Same subcommand, NATS servers and arguments; its own port and data directory.
+    pub fn start_replica(&self) -> Berth {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let mut b = Self::prepare(self.subcommand, self.nats.clone(), &extra);
+        b.default_network = self.default_network.clone();
+        std::fs::create_dir_all(&b.data_dir).expect("e2e: data dir");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&b.data_dir, std::fs::Permissions::from_mode(0o700))
+            .expect("e2e: data dir mode");
+        for file in ["master.key", "admin.token"] {
+            let to = b.data_dir.join(file);
+            std::fs::copy(self.data_dir.join(file), &to)
+                .unwrap_or_else(|e| panic!("e2e: copying {file} to a replica: {e}"));
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .expect("e2e: key file mode");
+        }
         b.spawn();
         b
     }
@@ -473,7 +518,16 @@ impl Berth {
             env: Vec::new(),
             tls: false,
             client: http(),
+            peers: Vec::new(),
         }
+    }
+
+    /// `--url` for clients of this server: this one first, then its peers.
+    pub fn client_urls(&self) -> String {
+        std::iter::once(self.url())
+            .chain(self.peers.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Where this berth's default backup repositories go (`--backup-dir`): its own temporary
@@ -608,7 +662,7 @@ impl Berth {
                 "--nats",
                 &nats,
                 "--url",
-                &self.url(),
+                &self.client_urls(),
                 "--token",
                 self.controller_token(),
             ])
@@ -672,7 +726,7 @@ impl Berth {
         }
         let mut child = cmd
             .args(args)
-            .env("BERTH_URL", self.url())
+            .env("BERTH_URL", self.client_urls())
             .env("BERTH_TOKEN", token)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
@@ -1042,6 +1096,9 @@ pub enum Bus {
     Embedded,
     /// A real nats-server with JetStream, started for the test.
     Nats,
+    /// NATS for the events and for the store: `--store nats` on a three-server JetStream
+    /// cluster (replicas 3), started for the test.
+    NatsStore,
 }
 
 /// `berth up` on the chosen bus, plus the nats-server behind it when there is one. Fields drop in
@@ -1049,6 +1106,7 @@ pub enum Bus {
 pub struct Stack {
     pub berth: Berth,
     pub nats: Option<Nats>,
+    pub cluster: Option<NatsCluster>,
 }
 
 impl Stack {
@@ -1057,20 +1115,37 @@ impl Stack {
     }
 
     pub fn start_with(bus: Bus, extra: &[&str]) -> Stack {
-        let nats = match bus {
-            Bus::Embedded => None,
-            Bus::Nats => Some(Nats::start()),
-        };
-        let berth = Berth::start_with(nats.as_ref().map(Nats::url), extra);
-        Stack { berth, nats }
+        match bus {
+            Bus::Embedded | Bus::Nats => {
+                let nats = (bus == Bus::Nats).then(Nats::start);
+                let berth = Berth::start_with(nats.as_ref().map(Nats::url), extra);
+                Stack {
+                    berth,
+                    nats,
+                    cluster: None,
+                }
+            }
+            Bus::NatsStore => {
+                let cluster = NatsCluster::start();
+                let mut args = vec!["--store", "nats"];
+                args.extend_from_slice(extra);
+                let berth = Berth::start_with(Some(cluster.urls()), &args);
+                Stack {
+                    berth,
+                    nats: None,
+                    cluster: Some(cluster),
+                }
+            }
+        }
     }
 
-    /// The NATS URL (panics on the embedded bus: only NATS scenarios ask).
+    /// A NATS URL of the stack (panics on the embedded bus: only NATS scenarios ask).
     pub fn nats_url(&self) -> String {
-        self.nats
-            .as_ref()
-            .map(Nats::url)
-            .expect("e2e: this stack runs the embedded bus")
+        match (&self.nats, &self.cluster) {
+            (Some(n), _) => n.url(),
+            (None, Some(c)) => c.url(0),
+            (None, None) => panic!("e2e: this stack runs the embedded bus"),
+        }
     }
 }
 
@@ -1161,6 +1236,32 @@ impl Drop for ControllerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a core scenario on each bus and on the NATS store: `embedded`, `nats` and `nats_store`
+/// (`--store nats` on a three-server cluster), so the store's backends are held to one behaviour.
+#[macro_export]
+macro_rules! on_every_store {
+    ($scenario:ident) => {
+        mod $scenario {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$scenario(Bus::Embedded).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats() {
+                super::$scenario(Bus::Nats).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn nats_store() {
+                super::$scenario(Bus::NatsStore).await;
+            }
+        }
+    };
 }
 
 /// One `#[tokio::test]` per bus for a scenario `async fn NAME(bus: Bus)`: `NAME::embedded` and

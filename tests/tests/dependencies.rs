@@ -10,8 +10,8 @@
 use berth_api_types::names::{labels, paths};
 use berth_api_types::Kind;
 use berth_e2e::{
-    condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker,
-    Stack,
+    condition, docker, eventually, manifest, on_both_buses, on_every_store, prefix, Berth, Bus,
+    Cleanup, Docker, Stack,
 };
 use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
@@ -462,7 +462,7 @@ async fn rotation(bus: Bus) {
     assert_eq!(obj["metadata"]["generation"], 1, "{obj}");
 }
 
-on_both_buses!(rotation);
+on_every_store!(rotation);
 
 // ---------------------------------------------------------------------------------------------
 // 4. A Service naming a Secret that does not exist waits for it, then converges by itself.

@@ -10,7 +10,8 @@
 use berth_api_types::names::{annotations, paths};
 use berth_e2e::deploy::{create_webhook, post, running_tasks, wait_running, Tap, CONVERGE};
 use berth_e2e::{
-    docker, eventually, manifest, on_both_buses, prefix, Berth, Bus, Cleanup, Docker, Stack,
+    docker, eventually, manifest, on_both_buses, on_every_store, prefix, Berth, Bus, Cleanup,
+    Docker, Stack,
 };
 use bollard::query_parameters::TagImageOptions;
 use serde_json::Value;
@@ -96,7 +97,7 @@ async fn webhook_rolls_out_new_tag(bus: Bus) {
     apply(b, &name, 1);
     let first = wait_running(b, &d, &name, IMAGE_1, 1).await;
     let mut tap = match bus {
-        Bus::Nats => Some(Tap::start(&stack.nats_url(), &name).await),
+        Bus::Nats | Bus::NatsStore => Some(Tap::start(&stack.nats_url(), &name).await),
         Bus::Embedded => None,
     };
 
@@ -186,7 +187,7 @@ async fn webhook_rolls_out_new_tag(bus: Bus) {
     }
 }
 
-on_both_buses!(webhook_rolls_out_new_tag);
+on_every_store!(webhook_rolls_out_new_tag);
 
 /// Wrong token, bad signature, replayed signature and oversized body: refused, no deploy event,
 /// no spec change. One good signed call in between shows the checks are not simply always failing.
@@ -201,7 +202,7 @@ async fn refused_calls_change_nothing(bus: Bus) {
     // No tasks: the refusals are about the spec and the bus, not the engine.
     apply(b, &name, 0);
     let mut tap = match bus {
-        Bus::Nats => Some(Tap::start(&stack.nats_url(), &name).await),
+        Bus::Nats | Bus::NatsStore => Some(Tap::start(&stack.nats_url(), &name).await),
         Bus::Embedded => None,
     };
     let hook = create_webhook(b, &[&name, "--signed"]);

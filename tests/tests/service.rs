@@ -9,8 +9,8 @@
 use berth_api_types::names::{labels, paths, subjects};
 use berth_api_types::{Event, EventType, Kind};
 use berth_e2e::{
-    await_resync, condition, docker, eventually, manifest, on_both_buses, prefix, Berth, Bus,
-    Cleanup, Docker, Stack,
+    await_resync, condition, docker, eventually, manifest, on_both_buses, on_every_store, prefix,
+    Berth, Bus, Cleanup, Docker, Stack,
 };
 use bollard::models::{Service as SwarmService, ServiceSpec, ServiceSpecMode, TaskSpec};
 use bollard::query_parameters::{ListServicesOptions, UpdateServiceOptions};
@@ -393,6 +393,7 @@ async fn apply_update_delete(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "aud-emb",
         Bus::Nats => "aud-nats",
+        Bus::NatsStore => "aud-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let stack = Stack::start(bus);
@@ -403,7 +404,7 @@ async fn apply_update_delete(bus: Bus) {
 
     // An outside tool subscribing on NATS before anything happens.
     let mut tap = match bus {
-        Bus::Nats => {
+        Bus::Nats | Bus::NatsStore => {
             Some(Tap::start(&stack.nats_url(), subjects::event(Kind::Service, &name)).await)
         }
         Bus::Embedded => None,
@@ -588,7 +589,7 @@ async fn apply_update_delete(bus: Bus) {
     }
 }
 
-on_both_buses!(apply_update_delete);
+on_every_store!(apply_update_delete);
 
 // ---------------------------------------------------------------------------------------------
 // 3: re-applying an unchanged manifest changes nothing, also across forced resyncs.
@@ -597,6 +598,7 @@ async fn reapply_unchanged(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "same-emb",
         Bus::Nats => "same-nats",
+        Bus::NatsStore => "same-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let stack = Stack::start_with(bus, &["--resync", "2"]);
@@ -691,6 +693,7 @@ async fn name_taken_is_refused(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "taken-emb",
         Bus::Nats => "taken-nats",
+        Bus::NatsStore => "taken-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     // Resyncs every 2 s, so the refusal is also checked against repeated reconciles.
@@ -810,6 +813,7 @@ async fn self_heal(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "heal-emb",
         Bus::Nats => "heal-nats",
+        Bus::NatsStore => "heal-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     // No resync during the test: a repair can only come from the engine's events. (Speed is the
@@ -947,6 +951,7 @@ async fn bad_manifest(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "bad-emb",
         Bus::Nats => "bad-nats",
+        Bus::NatsStore => "bad-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let stack = Stack::start(bus);
@@ -1082,6 +1087,7 @@ async fn kill9_after_apply(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "k9-emb",
         Bus::Nats => "k9-nats",
+        Bus::NatsStore => "k9-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let mut stack = Stack::start(bus);
@@ -1136,7 +1142,7 @@ async fn kill9_after_apply(bus: Bus) {
     assert_eq!(get_service(b, &name).expect("object")["status"], status);
 }
 
-on_both_buses!(kill9_after_apply);
+on_every_store!(kill9_after_apply);
 
 // ---------------------------------------------------------------------------------------------
 // 10: the API requires the token; only /healthz is open.
@@ -1145,6 +1151,7 @@ async fn api_requires_token(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "auth-emb",
         Bus::Nats => "auth-nats",
+        Bus::NatsStore => "auth-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let stack = Stack::start(bus);
@@ -1225,6 +1232,7 @@ async fn failing_task(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "fail-emb",
         Bus::Nats => "fail-nats",
+        Bus::NatsStore => "fail-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let stack = Stack::start(bus);
@@ -1288,6 +1296,7 @@ async fn id_prefix_is_no_conflict(bus: Bus) {
     let p = prefix(match bus {
         Bus::Embedded => "idp-emb",
         Bus::Nats => "idp-nats",
+        Bus::NatsStore => "idp-nstore",
     });
     let _cleanup = Cleanup::new(&p);
     let d = &docker().await;
