@@ -123,6 +123,9 @@ pub struct StoreLogArgs {
     /// The store's stream with `--store nats`: one per installation on a shared NATS.
     #[arg(long, env = "BERTH_STORE_STREAM", default_value = berth_api_types::names::subjects::STORE_STREAM, value_parser = stream_name)]
     pub store_stream: String,
+    /// Commits between snapshots of the store's log (the most a starting server replays).
+    #[arg(long, env = "BERTH_STORE_COMPACT_EVERY", default_value_t = 10_000, hide = true, value_parser = clap::value_parser!(u64).range(10..))]
+    pub store_compact_every: u64,
 }
 
 impl StoreLogArgs {
@@ -130,6 +133,7 @@ impl StoreLogArgs {
         crate::store::backend::jetstream::LogConfig {
             stream: self.store_stream.clone(),
             replicas: usize::from(self.store_replicas),
+            compact_every: self.store_compact_every,
         }
     }
 }
@@ -423,6 +427,8 @@ enum Command {
 
 /// `berth admin ...` (see admin.rs). Offline: sled's lock makes them fail while berth runs.
 #[derive(Subcommand)]
+// Parsed once at start; the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum AdminAction {
     /// Check the store: every object decodes, every sealed value opens, key and token files are
     /// private; list quarantined records. Exits non-zero when anything is wrong.

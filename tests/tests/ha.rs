@@ -420,3 +420,81 @@ async fn migration_sled_to_nats_and_back_keeps_everything() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The log does not grow forever: every `--store-compact-every` commits it becomes a snapshot
+/// and is purged. A server started afterwards, and one restarted after a crash, load the
+/// snapshot and every commit after it, and serve the whole store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_log_loads_into_new_and_restarted_servers() {
+    let p = prefix("ha-snap");
+    let _cleanup = Cleanup::new(&p);
+    let cluster = NatsCluster::start();
+    let stream = p.replace('-', "_");
+    let first = Berth::start_api_with(
+        Some(cluster.urls()),
+        &[
+            "--store",
+            "nats",
+            "--store-stream",
+            &stream,
+            "--store-compact-every",
+            "40",
+        ],
+    );
+    let mut second = first.start_replica();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let names = all_acknowledged(
+        &burst(first.url(), first.token.clone(), p.clone(), 60, acked),
+        "applies while compacting",
+    );
+
+    // The log was purged: its first message is past the first commits.
+    let client = async_nats::connect(cluster.url(1)).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let first_seq = eventually(&first, Duration::from_secs(30), "a compaction", || {
+        let js = js.clone();
+        let stream = stream.clone();
+        async move {
+            let info = js
+                .get_stream(&stream)
+                .await
+                .map_err(|e| e.to_string())?
+                .cached_info()
+                .state
+                .clone();
+            if info.first_sequence > 40 {
+                Ok(info.first_sequence)
+            } else {
+                Err(format!("log still starts at {}", info.first_sequence))
+            }
+        }
+    })
+    .await;
+    eprintln!("the log now starts at {first_seq}");
+    assert!(first.log_text().contains("compacted the store's log"));
+
+    // A new server and a crashed-and-restarted one both hold everything.
+    let third = first.start_replica();
+    assert!(
+        third.log_text().contains("loaded the store's snapshot"),
+        "{}",
+        third.log_text()
+    );
+    second.restart();
+    for s in [&first, &second, &third] {
+        assert_eq!(
+            config_names(s, &p).await,
+            sorted(names.clone()),
+            "on {}",
+            s.url()
+        );
+        assert!(s.cli_ok(&["audit", "verify"]).contains("intact"));
+    }
+    // And they go on together.
+    let out = third.cli_in(
+        &["apply", "-f", "-"],
+        Some(&config_yaml(&format!("{p}-c-late"), 0)),
+    );
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(config_names(&second, &p).await.len(), names.len() + 1);
+}

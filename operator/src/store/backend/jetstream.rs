@@ -16,6 +16,12 @@
 //!   [`Log::catch_up`] waits until it has everything acknowledged before the call, which the API
 //!   does before answering a read, so a client sees its writes through any server.
 //!
+//! - **Bounded.** Every `compact_every` commits, the server that made the commit crossing the
+//!   mark writes a snapshot of its copy into the log (in parts, marked as such; the state at
+//!   sequence S) and then purges the log below S+1. Commits that arrive meanwhile stay: they are
+//!   above S. A server that starts on a purged log, or finds the log purged beyond where its
+//!   copy was, loads the snapshot and applies the commits after S; one in step ignores it.
+//!
 //! Values are already what the store keeps (Secrets sealed with the master key), so nothing in
 //! the log is plaintext a NATS operator could read.
 
@@ -47,7 +53,8 @@ pub struct Op {
     pub value: Option<Vec<u8>>,
 }
 
-/// One message of the log.
+/// One message of the log: a commit, or a part of a snapshot (whose `ops` are records of the
+/// state at `snapshot.at`, not changes).
 #[derive(Debug, Serialize, Deserialize)]
 struct Commit {
     /// Format version, so a later berth can read an older log.
@@ -56,7 +63,38 @@ struct Commit {
     /// The process that wrote it: it applied the commit already and announced its events.
     origin: String,
     ops: Vec<Op>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapshotPart>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotPart {
+    id: String,
+    /// The log sequence whose state the snapshot holds.
+    at: u64,
+    part: u32,
+    parts: u32,
+}
+
+/// A copy that lost its place in the log (it starts on a purged log, or the log was purged
+/// beyond it): snapshot parts and the commits around them, until one snapshot is whole.
+#[derive(Default)]
+struct Recovery {
+    /// The parts of each snapshot seen, by snapshot id.
+    staged: HashMap<String, Staged>,
+    /// Commits seen meanwhile: those above the snapshot's sequence are applied after it.
+    commits: Vec<(u64, Vec<Op>)>,
+}
+
+/// One snapshot's parts as they arrive.
+struct Staged {
+    at: u64,
+    parts: u32,
+    seen: BTreeMap<u32, Vec<Op>>,
+}
+
+/// The records of one snapshot message: well under NATS' default 1 MB message limit.
+const SNAPSHOT_PART_BYTES: usize = 512 * 1024;
 
 /// The state every server derives from the log.
 #[derive(Default)]
@@ -95,6 +133,8 @@ pub struct LogConfig {
     /// Replicas of the stream: 3 on a three-server cluster (survives the loss of one), 1 on a
     /// single server.
     pub replicas: usize,
+    /// Commits between snapshots (module comment): what a starting server replays at most.
+    pub compact_every: u64,
 }
 
 pub struct Log {
@@ -111,6 +151,16 @@ pub struct Log {
     commit: tokio::sync::Mutex<()>,
     observer: OnceLock<Observer>,
     url: String,
+    /// This log itself, for the compaction task it spawns.
+    this: OnceLock<std::sync::Weak<Log>>,
+    /// Set while this copy has lost its place in the log (see [`Recovery`]).
+    recovery: parking_lot::Mutex<Option<Recovery>>,
+    /// The sequence of the last whole snapshot seen (0: none).
+    snapshot_at: std::sync::atomic::AtomicU64,
+    /// A compaction of this server is running.
+    compacting: std::sync::atomic::AtomicBool,
+    /// A message that does not decode stops this copy there (see `apply_message`).
+    halted: std::sync::atomic::AtomicBool,
 }
 
 impl Log {
@@ -166,7 +216,13 @@ impl Log {
             observer: OnceLock::new(),
             url,
             config,
+            this: OnceLock::new(),
+            recovery: parking_lot::Mutex::new(None),
+            snapshot_at: Default::default(),
+            compacting: Default::default(),
+            halted: Default::default(),
         });
+        let _ = log.this.set(Arc::downgrade(&log));
         tokio::spawn(tail(Arc::downgrade(&log)));
         log.catch_up().await?;
         Ok(log)
@@ -315,7 +371,10 @@ impl Log {
                         view.apply(seq, &ops);
                         drop(view);
                         self.applied.send_replace(seq);
+                    } else {
+                        drop(view);
                     }
+                    self.maybe_compact(seq);
                     return Ok(result);
                 }
                 Err(Publish::Behind) => {
@@ -334,6 +393,7 @@ impl Log {
             version: 1,
             origin: self.origin.clone(),
             ops: ops.to_vec(),
+            snapshot: None,
         };
         let payload = serde_json::to_vec(&commit).expect("a commit always encodes");
         let failed = |e: String| {
@@ -359,14 +419,20 @@ impl Log {
         }
     }
 
-    /// Applies a message of the log, in order. Returns whether it was another process's commit.
+    /// Applies a message of the log, in order. Returns the ops of another process's commit (for
+    /// the observer).
     fn apply_message(&self, seq: u64, payload: &[u8]) -> Option<Vec<Op>> {
+        use std::sync::atomic::Ordering;
+        if self.halted.load(Ordering::Acquire) {
+            return None;
+        }
         let commit: Commit = match serde_json::from_slice(payload) {
             Ok(c) => c,
             Err(e) => {
-                // Skipping would let servers disagree; stopping here keeps this one's copy
-                // exactly at the last commit it understood, and says why.
-                tracing::error!(seq, error = %e, "a commit in the store's log does not decode; this server's copy stops here (is a newer berth writing to it?)");
+                // Skipping it would let servers disagree: this copy stops at the last commit it
+                // understood (reads wait, and fail after 10 s, naming the cause).
+                self.halted.store(true, Ordering::Release);
+                tracing::error!(seq, error = %e, "a message of the store's log does not decode; this server's copy stops before it (is a newer berth writing to it?)");
                 return None;
             }
         };
@@ -374,18 +440,173 @@ impl Log {
         if seq <= view.seq {
             return None;
         }
-        if seq != view.seq + 1 {
+        let mut recovery = self.recovery.lock();
+        if seq != view.seq + 1 && recovery.is_none() {
             tracing::warn!(
-                expected = view.seq + 1,
-                got = seq,
-                "the store's log skipped sequences (messages removed from its stream?)"
+                had = view.seq,
+                next = seq,
+                "the store's log was compacted beyond this server's copy; loading its snapshot"
             );
+            *recovery = Some(Recovery::default());
+        }
+        if let Some(r) = recovery.as_mut() {
+            let Some(part) = commit.snapshot else {
+                r.commits.push((seq, commit.ops));
+                return None;
+            };
+            let whole = {
+                let staged = r.staged.entry(part.id.clone()).or_insert_with(|| Staged {
+                    at: part.at,
+                    parts: part.parts,
+                    seen: BTreeMap::new(),
+                });
+                staged.seen.insert(part.part, commit.ops);
+                staged.seen.len() == staged.parts as usize
+            };
+            if !whole {
+                return None;
+            }
+            let Staged { at, seen, .. } = r.staged.remove(&part.id).expect("staged above");
+            let mut fresh = View::default();
+            for ops in seen.values() {
+                fresh.apply(at, ops);
+            }
+            fresh.seq = at;
+            for (s, ops) in r.commits.iter().filter(|(s, _)| *s > at) {
+                fresh.apply(*s, ops);
+            }
+            fresh.seq = seq;
+            *view = fresh;
+            *recovery = None;
+            drop(view);
+            self.snapshot_at.fetch_max(at, Ordering::AcqRel);
+            self.applied.send_replace(seq);
+            tracing::info!(snapshot_at = at, seq, "loaded the store's snapshot");
+            return None;
+        }
+        drop(recovery);
+        if let Some(part) = commit.snapshot {
+            // In step already: a snapshot holds nothing this copy lacks.
+            view.seq = seq;
+            drop(view);
+            if part.part + 1 == part.parts {
+                self.snapshot_at.fetch_max(part.at, Ordering::AcqRel);
+            }
+            self.applied.send_replace(seq);
+            return None;
         }
         view.apply(seq, &commit.ops);
         drop(view);
         self.applied.send_replace(seq);
         (commit.origin != self.origin).then_some(commit.ops)
     }
+
+    /// After a local commit at `seq`: starts a compaction when the log has grown by
+    /// `compact_every` commits since the last snapshot (only the server whose commit crossed the
+    /// mark, so servers do not all snapshot at once).
+    fn maybe_compact(self: &Log, seq: u64) {
+        use std::sync::atomic::Ordering;
+        let since = seq.saturating_sub(self.snapshot_at.load(Ordering::Acquire));
+        if since < self.config.compact_every || self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(log) = self.me() else {
+            self.compacting.store(false, Ordering::Release);
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = log.compact().await {
+                tracing::warn!(error = %e, "cannot compact the store's log; trying again later");
+            }
+            log.compacting.store(false, Ordering::Release);
+        });
+    }
+
+    /// Writes a snapshot of this copy into the log and purges everything it replaces.
+    pub async fn compact(&self) -> Result<u64, StoreError> {
+        let failed = |what: &str, e: String| {
+            StoreError::Storage(format!("compacting the store's log: {what}: {e}"))
+        };
+        let (at, parts) = {
+            let view = self.view.read_recursive();
+            if self.recovery.lock().is_some() {
+                return Err(StoreError::Storage(
+                    "this copy is loading a snapshot".into(),
+                ));
+            }
+            (view.seq, snapshot_parts(&view))
+        };
+        let id = ulid::Ulid::new().to_string();
+        let total = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        for (i, ops) in parts.into_iter().enumerate() {
+            let message = Commit {
+                version: 1,
+                origin: self.origin.clone(),
+                ops,
+                snapshot: Some(SnapshotPart {
+                    id: id.clone(),
+                    at,
+                    part: i as u32,
+                    parts: total,
+                }),
+            };
+            let payload = serde_json::to_vec(&message).expect("a snapshot always encodes");
+            self.js
+                .publish(self.subject.clone(), payload.into())
+                .await
+                .map_err(|e| failed("publishing", e.to_string()))?
+                .await
+                .map_err(|e| failed("publishing", e.to_string()))?;
+        }
+        // Everything up to `at` is in the snapshot; what came after it stays.
+        let stream = self
+            .js
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| failed("the stream", e.to_string()))?;
+        let purged = stream
+            .purge()
+            .sequence(at + 1)
+            .await
+            .map_err(|e| failed("purging", e.to_string()))?;
+        self.snapshot_at
+            .fetch_max(at, std::sync::atomic::Ordering::AcqRel);
+        tracing::info!(
+            at,
+            parts = total,
+            purged = purged.purged,
+            "compacted the store's log into a snapshot"
+        );
+        Ok(at)
+    }
+
+    fn me(&self) -> Option<Arc<Log>> {
+        self.this.get().and_then(std::sync::Weak::upgrade)
+    }
+}
+
+/// A copy's records as snapshot parts of at most [`SNAPSHOT_PART_BYTES`] each (at least one
+/// part, so an empty store has a snapshot too).
+fn snapshot_parts(view: &View) -> Vec<Vec<Op>> {
+    let mut parts = vec![Vec::new()];
+    let mut bytes = 0;
+    let mut names: Vec<&String> = view.trees.keys().collect();
+    names.sort();
+    for name in names {
+        for (k, v) in &view.trees[name] {
+            if bytes > SNAPSHOT_PART_BYTES {
+                parts.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += k.len() + v.len();
+            parts.last_mut().expect("one part at least").push(Op {
+                tree: name.clone(),
+                key: k.clone(),
+                value: Some(v.clone()),
+            });
+        }
+    }
+    parts
 }
 
 enum Publish {
@@ -536,6 +757,7 @@ mod tests {
         let c = Commit {
             version: 1,
             origin: "o".into(),
+            snapshot: None,
             ops: vec![
                 Op {
                     tree: "meta".into(),
