@@ -322,11 +322,20 @@ impl Listeners {
     /// Tells the operator where berth listens and what clients need.
     fn announce(&self, token_path: &Path) {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        eprintln!(
-            "berth API on {scheme}://{}; admin token in {}",
-            self.api_addr,
-            token_path.display()
-        );
+        if token_path.exists() {
+            eprintln!(
+                "berth API on {scheme}://{}; admin token in {}",
+                self.api_addr,
+                token_path.display()
+            );
+        } else {
+            // Another API server of the same NATS store made it (or the file was moved away).
+            eprintln!(
+                "berth API on {scheme}://{}; the admin token is the store's (not in {})",
+                self.api_addr,
+                token_path.display()
+            );
+        }
         if let Some(ca) = self.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
             eprintln!(
                 "clients trust berth's CA in {} (berth --ca or BERTH_CA)",

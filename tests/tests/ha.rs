@@ -498,3 +498,64 @@ async fn a_compacted_log_loads_into_new_and_restarted_servers() {
     assert!(out.success, "{}", out.stderr);
     assert_eq!(config_names(&second, &p).await.len(), names.len() + 1);
 }
+
+/// Backups run on the NATS store as on sled (the snapshot reads the store through the same
+/// interface), and an environment snapshot of a NATS installation restores into a fresh data
+/// directory (on sled; `admin migrate-store` takes it back to NATS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_backup_of_the_nats_store_restores() {
+    let p = prefix("ha-bk");
+    let _cleanup = Cleanup::new(&p);
+    let cluster = NatsCluster::start();
+    let stream = p.replace('-', "_");
+    let a = Berth::start_api_with(
+        Some(cluster.urls()),
+        &["--store", "nats", "--store-stream", &stream],
+    );
+    let repo = a.backup_dir().join("repo");
+    let manifests = format!(
+        "apiVersion: berth/v1\nkind: Secret\nmetadata:\n  name: {p}-db\nspec:\n  stringData:\n    password: hunter2\n---\n\
+         apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {p}-web\nspec:\n  image: berth-test/busybox:1\n  replicas: 0\n  secrets: [{{name: {p}-db}}]\n---\n\
+         apiVersion: berth/v1\nkind: Backup\nmetadata:\n  name: {p}-dr\nspec:\n  schedule: \"0 0 1 1 *\"\n  repository:\n    path: {}\n",
+        repo.display()
+    );
+    let out = a.cli_in(&["apply", "-f", "-"], Some(&manifests));
+    assert!(out.success, "{}", out.stderr);
+    let ran = a.cli_ok(&["backup", "run", &format!("{p}-dr")]);
+    let id = ran
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no snapshot id in `{ran}`"))
+        .to_string();
+    let keep = tempfile::tempdir().unwrap();
+    let key_file = keep.path().join("backup.key");
+    std::fs::write(&key_file, a.cli_ok(&["backup", "key"]).trim()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fresh = keep.path().join("data");
+    let out = std::process::Command::new(berth_bin())
+        .args(["restore", "environment", "--snapshot", &id, "--data-dir"])
+        .arg(&fresh)
+        .arg("--repository")
+        .arg(&repo)
+        .arg("--key-file")
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = Berth::start_api_on(&fresh, &a.default_network, None, &[]);
+    assert_eq!(b.instance, a.instance, "the same installation");
+    for path in [
+        paths::object(Kind::Service, &format!("{p}-web")),
+        paths::object(Kind::Secret, &format!("{p}-db")),
+    ] {
+        let (code_a, obj_a) = a.api_get(&path).await;
+        let (code_b, obj_b) = b.api_get(&path).await;
+        assert_eq!((code_a, code_b), (200, 200), "{path}: {obj_a} / {obj_b}");
+        assert_eq!(obj_a["spec"], obj_b["spec"], "{path}");
+    }
+}
