@@ -64,6 +64,7 @@ impl HookState {
     ) -> Result<Self, StoreError> {
         let rate = NonZeroU32::new(per_second.max(1)).expect("at least 1");
         let burst = NonZeroU32::new(per_second.max(1).saturating_mul(5)).expect("at least 5");
+        let replay = ReplayGuard::open(&store)?;
         Ok(HookState {
             hooks: Webhooks::open(&store)?,
             store,
@@ -71,7 +72,7 @@ impl HookState {
             limiter: Arc::new(DefaultKeyedRateLimiter::keyed(
                 Quota::per_second(rate).allow_burst(burst),
             )),
-            replay: Arc::new(ReplayGuard::default()),
+            replay: Arc::new(replay),
             ids: Arc::new(std::sync::Mutex::new(ulid::Generator::new())),
         })
     }
@@ -243,7 +244,7 @@ async fn service_hook(
         Ok(admitted) => admitted,
         Err(resp) => return *resp,
     };
-    let source = match signed(&state, &hook, &parts, &body) {
+    let source = match signed(&state, &hook, &parts, &body).await {
         Ok(s) => s,
         Err(resp) => return *resp,
     };
@@ -314,7 +315,7 @@ async fn admit(
 }
 
 /// For a signed webhook, checks signature, window and replay; the deploy's source either way.
-fn signed(
+async fn signed(
     state: &HookState,
     hook: &Webhook,
     parts: &Parts,
@@ -340,10 +341,12 @@ fn signed(
         ))
     };
     let signed_at = verify_signature(&secret, ts, sig, body, now).map_err(|e| refused(&e))?;
-    if !state
+    let first = state
         .replay
         .first_use(&hook.id, sig.unwrap_or_default(), signed_at, now)
-    {
+        .await
+        .map_err(|e| Box::new(internal(e)))?;
+    if !first {
         return Err(refused(&SignatureError::Replayed));
     }
     Ok(DeploySource::Signed)

@@ -20,8 +20,6 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::sync::Mutex;
 use subtle::ConstantTimeEq;
 
 /// Header with `sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
@@ -465,25 +463,92 @@ pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Signatures already accepted, each until its timestamp leaves the window (after that the window
-/// check refuses it anyway). In memory: a restart forgets them, which reopens at most the last
-/// five minutes' signatures to a replay, and only for someone who captured them in transit.
-#[derive(Default)]
+/// Signatures already accepted, in the store (tree `webhook-replays`, signature -> when it leaves
+/// the window): every API server of a NATS store refuses a call any of them accepted, and a
+/// restart forgets nothing. The check and the record are one transaction.
 pub struct ReplayGuard {
-    seen: Mutex<HashMap<String, i64>>,
+    store: Store,
+    tree: Tree,
+    /// When this process last dropped entries past the window (unix seconds).
+    pruned: std::sync::atomic::AtomicI64,
 }
 
 impl ReplayGuard {
-    /// Records a signature of webhook `id` signed at `ts`; false if it was seen before.
-    pub fn first_use(&self, id: &str, signature: &str, ts: i64, now: i64) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.retain(|_, until| *until >= now);
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(ReplayGuard {
+            tree: store.aux_tree("webhook-replays")?,
+            store: store.clone(),
+            pruned: Default::default(),
+        })
+    }
+
+    /// Records a signature of webhook `id` signed at `ts`; false if it was seen before (and is
+    /// still within the window at `now`). A store that cannot record it refuses the call.
+    pub async fn first_use(
+        &self,
+        id: &str,
+        signature: &str,
+        ts: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
         let key = format!("{id} {}", signature.trim().to_ascii_lowercase());
-        if seen.contains_key(&key) {
-            return false;
+        let until = ts.saturating_add(REPLAY_WINDOW_SECS);
+        let first = self
+            .store
+            .db()
+            .transact(&[&self.tree], |t| {
+                let seen_until = t[0]
+                    .get(key.as_bytes())?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                    .map(i64::from_be_bytes);
+                if seen_until.is_some_and(|u| u >= now) {
+                    return Ok(false);
+                }
+                t[0].insert(key.as_bytes(), until.to_be_bytes())?;
+                Ok(true)
+            })
+            .await?;
+        self.store.flush().await?;
+        self.prune(now).await;
+        Ok(first)
+    }
+
+    /// Drops entries past the window, at most once a minute per process.
+    async fn prune(&self, now: i64) {
+        use std::sync::atomic::Ordering;
+        let last = self.pruned.load(Ordering::Acquire);
+        if now.saturating_sub(last) < 60
+            || self
+                .pruned
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
         }
-        seen.insert(key, ts.saturating_add(REPLAY_WINDOW_SECS));
-        true
+        let expired: Vec<Vec<u8>> = self
+            .tree
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| {
+                <[u8; 8]>::try_from(v.as_slice())
+                    .map(i64::from_be_bytes)
+                    .is_ok_and(|u| u < now)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let _ = self
+            .store
+            .db()
+            .transact(&[&self.tree], |t| {
+                for k in &expired {
+                    t[0].remove(k)?;
+                }
+                Ok(())
+            })
+            .await;
     }
 }
 
@@ -700,9 +765,20 @@ mod tests {
                 assert_eq!(got, want, "ts {ts}, now {now}");
             }
         }
-        let guard = ReplayGuard::default();
-        assert!(guard.first_use("wh", "sha256=aa", i64::MAX, i64::MAX));
-        assert!(!guard.first_use("wh", "sha256=aa", i64::MAX, i64::MAX));
+    }
+
+    #[tokio::test]
+    async fn the_replay_guard_takes_extreme_times() {
+        let (s, _d) = store().await;
+        let guard = ReplayGuard::open(&s).unwrap();
+        assert!(guard
+            .first_use("wh", "sha256=aa", i64::MAX, i64::MAX)
+            .await
+            .unwrap());
+        assert!(!guard
+            .first_use("wh", "sha256=aa", i64::MAX, i64::MAX)
+            .await
+            .unwrap());
     }
 
     #[test]
@@ -714,20 +790,36 @@ mod tests {
         );
     }
 
-    #[test]
-    fn replays_are_refused_while_they_could_be_accepted() {
-        let guard = ReplayGuard::default();
+    #[tokio::test]
+    async fn replays_are_refused_while_they_could_be_accepted_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::crypto::MasterKey::from_bytes([7u8; 32], "test key");
         let now = 1_700_000_000;
-        assert!(guard.first_use("wh-1", "sha256=ab", now, now));
-        assert!(!guard.first_use("wh-1", "sha256=ab", now, now + 10));
-        assert!(!guard.first_use("wh-1", "SHA256=AB", now, now + 10), "case");
-        assert!(
-            guard.first_use("wh-2", "sha256=ab", now, now),
-            "per webhook"
-        );
-        assert!(!guard.first_use("wh-1", "sha256=ab", now, now + REPLAY_WINDOW_SECS));
-        // Once the timestamp is out of the window the entry is dropped (the window check refuses
-        // the signature from then on).
-        assert!(guard.first_use("wh-1", "sha256=ab", now, now + REPLAY_WINDOW_SECS + 1));
+        {
+            let s = Store::open(dir.path(), &key).await.unwrap();
+            let guard = ReplayGuard::open(&s).unwrap();
+            assert!(guard
+                .first_use("wh-1", "sha256=ab", now, now)
+                .await
+                .unwrap());
+            assert!(!guard
+                .first_use("wh-1", "sha256=ab", now, now + 10)
+                .await
+                .unwrap());
+        }
+        // Another process of the same store (a restart, or another API server).
+        let s = Store::open(dir.path(), &key).await.unwrap();
+        let guard = ReplayGuard::open(&s).unwrap();
+        let first = |id: &'static str, sig: &'static str, at: i64| {
+            let guard = &guard;
+            async move { guard.first_use(id, sig, now, at).await.unwrap() }
+        };
+        assert!(!first("wh-1", "sha256=ab", now + 10).await);
+        assert!(!first("wh-1", "SHA256=AB", now + 10).await, "case");
+        assert!(first("wh-2", "sha256=ab", now).await, "per webhook");
+        assert!(!first("wh-1", "sha256=ab", now + REPLAY_WINDOW_SECS).await);
+        // Once the timestamp is out of the window the entry no longer counts (the window check
+        // refuses the signature from then on), and pruning drops it.
+        assert!(first("wh-1", "sha256=ab", now + REPLAY_WINDOW_SECS + 1).await);
     }
 }
