@@ -559,3 +559,36 @@ async fn an_environment_backup_of_the_nats_store_restores() {
         assert_eq!(obj_a["spec"], obj_b["spec"], "{path}");
     }
 }
+
+/// One commit is one NATS message: a change larger than the servers' `max_payload` (1 MB by
+/// default) is refused whole, with what to do, and nothing of it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_big_for_one_message_is_refused_whole() {
+    let p = prefix("ha-big");
+    let _cleanup = Cleanup::new(&p);
+    let cluster = NatsCluster::start();
+    let stream = p.replace('-', "_");
+    let a = Berth::start_api_with(
+        Some(cluster.urls()),
+        &["--store", "nats", "--store-stream", &stream],
+    );
+    let big = "x".repeat(400_000);
+    let docs: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "apiVersion: berth/v1\nkind: Config\nmetadata:\n  name: {p}-c{i}\nspec:\n  stringData:\n    blob: {big}\n"
+            )
+        })
+        .collect();
+    let out = a.cli_in(&["apply", "-f", "-"], Some(&docs.join("---\n")));
+    assert!(!out.success, "a 1.2 MB commit was accepted");
+    assert!(out.stderr.contains("max_payload"), "{}", out.stderr);
+    assert!(
+        config_names(&a, &p).await.is_empty(),
+        "part of it was written"
+    );
+    // One at a time fits.
+    let out = a.cli_in(&["apply", "-f", "-"], Some(&docs[0]));
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(config_names(&a, &p).await.len(), 1);
+}

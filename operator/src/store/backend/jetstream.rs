@@ -138,6 +138,7 @@ pub struct LogConfig {
 }
 
 pub struct Log {
+    client: async_nats::Client,
     js: jetstream::Context,
     config: LogConfig,
     subject: String,
@@ -171,7 +172,7 @@ impl Log {
         url: String,
         config: LogConfig,
     ) -> Result<Arc<Log>, StoreError> {
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let subject = berth_api_types::names::subjects::store_log(&config.stream);
         let wanted = stream::Config {
             name: config.stream.clone(),
@@ -207,6 +208,7 @@ impl Log {
         }
         let (applied, _) = watch::channel(0);
         let log = Arc::new(Log {
+            client,
             js,
             subject,
             origin: ulid::Ulid::new().to_string(),
@@ -396,6 +398,16 @@ impl Log {
             snapshot: None,
         };
         let payload = serde_json::to_vec(&commit).expect("a commit always encodes");
+        let max = self.client.server_info().max_payload;
+        if max > 0 && payload.len() > max {
+            // Certain not to be stored: say so, rather than "may or may not".
+            return Err(Publish::Failed(StoreError::Storage(format!(
+                "this change is {} bytes as one commit, more than the NATS servers accept in one \
+                 message (max_payload {max}); nothing was written: apply fewer objects at once, \
+                 or raise max_payload in the NATS servers' configuration",
+                payload.len()
+            ))));
+        }
         let failed = |e: String| {
             Publish::Failed(StoreError::Storage(format!(
                 "the commit was not acknowledged by NATS ({}): {e}; it may or may not have been \
