@@ -81,6 +81,10 @@ pub enum StoreError {
     WrongKey { dir: String, source_: String },
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The store cannot be reached now (NATS servers lost, a leader being elected); another API
+    /// server, or the same one a little later, may answer.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -95,6 +99,7 @@ impl StoreError {
             StoreError::Protected { .. } => (409, "Protected"),
             StoreError::Refused { .. } => (422, "Invalid"),
             StoreError::Storage(_) | StoreError::WrongKey { .. } => (500, "StorageError"),
+            StoreError::Unavailable(_) => (503, "Unavailable"),
         }
     }
 }

@@ -41,6 +41,13 @@ use tokio::sync::watch;
 const MAX_ATTEMPTS: usize = 64;
 /// How long a read waits for this server's copy to catch up before it fails (NATS unreachable).
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// One JetStream request's wait for its answer. Short, because a request whose server went away
+/// is sent again (a commit under the same message id, see `publish`); a leader election takes
+/// several of them.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a commit is sent again while NATS does not acknowledge it (a server lost, a leader
+/// being elected), before the write fails as unavailable.
+const COMMIT_BUDGET: Duration = Duration::from_secs(9);
 
 /// One write of a commit: a record set (`v` present) or removed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -162,6 +169,8 @@ pub struct Log {
     compacting: std::sync::atomic::AtomicBool,
     /// A message that does not decode stops this copy there (see `apply_message`).
     halted: std::sync::atomic::AtomicBool,
+    /// Asks the tail to make its consumer again (a read found it behind).
+    tail_restart: tokio::sync::Notify,
 }
 
 impl Log {
@@ -172,7 +181,8 @@ impl Log {
         url: String,
         config: LogConfig,
     ) -> Result<Arc<Log>, StoreError> {
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(REQUEST_TIMEOUT);
         let subject = berth_api_types::names::subjects::store_log(&config.stream);
         let wanted = stream::Config {
             name: config.stream.clone(),
@@ -185,7 +195,20 @@ impl Log {
             deny_delete: true,
             ..Default::default()
         };
-        let stream = js.get_or_create_stream(wanted).await.map_err(|e| {
+        // A cluster that just formed, or is electing a leader, times requests out for a few
+        // seconds: asked again within the catch-up budget before giving up.
+        let started = std::time::Instant::now();
+        let stream = loop {
+            match js.get_or_create_stream(wanted.clone()).await {
+                Ok(s) => break Ok(s),
+                Err(e) if started.elapsed() + REQUEST_TIMEOUT < CATCH_UP_TIMEOUT => {
+                    tracing::debug!(error = %e, "opening the store's stream again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let stream = stream.map_err(|e| {
             StoreError::Storage(format!(
                 "cannot open the store's stream {} on NATS {url} with {} replica(s): {e}{}",
                 config.stream,
@@ -223,6 +246,7 @@ impl Log {
             snapshot_at: Default::default(),
             compacting: Default::default(),
             halted: Default::default(),
+            tail_restart: tokio::sync::Notify::new(),
         });
         let _ = log.this.set(Arc::downgrade(&log));
         tokio::spawn(tail(Arc::downgrade(&log)));
@@ -291,24 +315,61 @@ impl Log {
 
     /// Waits until this copy has applied the log's last sequence as NATS reports it now.
     pub async fn catch_up(&self) -> Result<(), StoreError> {
-        let unreachable = |e: String| {
-            StoreError::Storage(format!(
-                "the store's log on NATS ({}) cannot be read: {e}",
-                self.url
-            ))
+        let started = std::time::Instant::now();
+        // Asked again while a server is lost or a leader elected, within the budget.
+        let (stream, last) = loop {
+            match self.js.get_stream(&self.config.stream).await {
+                Ok(stream) => {
+                    let last = stream.cached_info().state.last_sequence;
+                    break (stream, last);
+                }
+                Err(e) if started.elapsed() + REQUEST_TIMEOUT < CATCH_UP_TIMEOUT => {
+                    tracing::debug!(error = %e, "asking the store's log for its last sequence again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "the store's log on NATS ({}) cannot be read: {e}",
+                        self.url
+                    )))
+                }
+            }
         };
-        let last = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
-            let stream = self
-                .js
-                .get_stream(&self.config.stream)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(stream.cached_info().state.last_sequence)
-        })
-        .await
-        .map_err(|_| unreachable("no answer within 10 s".into()))?
-        .map_err(unreachable)?;
-        self.wait_applied(last).await
+        // The tail delivers within milliseconds; when it does not (its consumer was on a
+        // NATS server that went away and is being made again), the missing commits are read
+        // from the stream directly, so no read waits for the tail to recover.
+        while self.applied() < last {
+            let mut rx = self.applied.subscribe();
+            let caught = matches!(
+                tokio::time::timeout(Duration::from_millis(300), rx.wait_for(|a| *a >= last)).await,
+                Ok(Ok(_))
+            );
+            if caught || self.applied() >= last {
+                break;
+            }
+            if started.elapsed() > CATCH_UP_TIMEOUT {
+                return self.wait_applied(last).await;
+            }
+            self.tail_restart.notify_one();
+            let next = self.applied() + 1;
+            for seq in next..=last {
+                match stream.get_raw_message(seq).await {
+                    Ok(msg) => {
+                        if let Some(ops) = self.apply_message(seq, &msg.payload) {
+                            if let Some(observer) = self.observer.get() {
+                                observer(&ops);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(seq, error = %e, "cannot read a commit of the store's log directly");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn wait_applied(&self, seq: u64) -> Result<(), StoreError> {
@@ -316,7 +377,7 @@ impl Log {
         tokio::time::timeout(CATCH_UP_TIMEOUT, rx.wait_for(|a| *a >= seq))
             .await
             .map_err(|_| {
-                StoreError::Storage(format!(
+                StoreError::Unavailable(format!(
                     "this server's copy of the store did not reach commit {seq} within 10 s \
                      (NATS at {} unreachable?)",
                     self.url
@@ -408,26 +469,37 @@ impl Log {
                 payload.len()
             ))));
         }
-        let failed = |e: String| {
-            Publish::Failed(StoreError::Storage(format!(
-                "the commit was not acknowledged by NATS ({}): {e}; it may or may not have been \
-                 stored (re-apply: apply is idempotent)",
-                self.url
-            )))
-        };
-        let msg = jetstream::message::PublishMessage::build()
-            .payload(payload.into())
-            .expected_last_sequence(read_at);
-        let ack = self
-            .js
-            .send_publish(self.subject.clone(), msg)
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .await;
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Publish::Behind),
-            Err(e) => Err(failed(e.to_string())),
+        // Sent again under the same id while unacknowledged: if an earlier send was stored,
+        // JetStream answers with that one's sequence (a duplicate) instead of storing it twice,
+        // so a lost acknowledgement never turns into a second commit or a false failure.
+        let id = ulid::Ulid::new().to_string();
+        let payload = bytes::Bytes::from(payload);
+        let started = std::time::Instant::now();
+        loop {
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&id)
+                .expected_last_sequence(read_at);
+            let ack = match self.js.send_publish(self.subject.clone(), msg).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            let e = match ack {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(Publish::Behind)
+                }
+                Err(e) => e,
+            };
+            if started.elapsed() + REQUEST_TIMEOUT >= COMMIT_BUDGET {
+                return Err(Publish::Failed(StoreError::Unavailable(format!(
+                    "NATS ({}) did not acknowledge the commit within {COMMIT_BUDGET:?}: {e}; \
+                     it may or may not be stored (apply is idempotent: apply again)",
+                    self.url
+                ))));
+            }
+            tracing::debug!(error = %e, "the commit was not acknowledged; sending it again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -662,7 +734,21 @@ async fn tail(log: std::sync::Weak<Log>) {
                 continue;
             }
         };
-        while let Some(item) = messages.next().await {
+        loop {
+            let restart = async {
+                match log.upgrade() {
+                    Some(l) => l.tail_restart.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let item = tokio::select! {
+                item = messages.next() => item,
+                () = restart => {
+                    tracing::debug!("making the store's log reader again");
+                    break;
+                }
+            };
+            let Some(item) = item else { break };
             let msg = match item {
                 Ok(m) => m,
                 Err(e) => {
