@@ -76,6 +76,30 @@ fn burst(
         .collect()
 }
 
+/// A burst of `n` applies through `via`'s URL list (in a thread), with `strike` done once 10 of
+/// them are acknowledged: what each apply got.
+async fn burst_struck(via: &Berth, p: &str, n: usize, strike: impl FnOnce()) -> Vec<Applied> {
+    let acked = Arc::new(AtomicUsize::new(0));
+    let thread = {
+        let (urls, token, p, acked) = (
+            via.client_urls(),
+            via.token.clone(),
+            p.to_string(),
+            acked.clone(),
+        );
+        std::thread::spawn(move || burst(urls, token, p, n, acked))
+    };
+    while acked.load(Ordering::SeqCst) < 10 {
+        assert!(
+            !thread.is_finished(),
+            "the burst ended before 10 applies were acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    strike();
+    thread.join().expect("the burst thread")
+}
+
 /// Every apply was acknowledged, each within the bound; returns the names.
 fn all_acknowledged(results: &[Applied], what: &str) -> Vec<String> {
     for r in results {
@@ -167,21 +191,13 @@ async fn a_killed_api_server_loses_no_acknowledged_apply_and_controllers_converg
     let _net = servers[0].start_controller("network");
     let _svc = servers[0].start_controller("service");
 
-    let acked = Arc::new(AtomicUsize::new(0));
-    let burst_thread = {
-        let (urls, token, p, acked) = (
-            servers[0].client_urls(),
-            servers[0].token.clone(),
-            p.clone(),
-            acked.clone(),
-        );
-        std::thread::spawn(move || burst(urls, token, p, 40, acked))
-    };
-    while acked.load(Ordering::SeqCst) < 10 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    servers[0].kill9();
-    let results = burst_thread.join().expect("the burst thread");
+    let pid = servers[0].pid().expect("the first API server runs");
+    // SIGKILL by pid: the burst borrows the server for its URLs meanwhile.
+    let results = burst_struck(&servers[0], &p, 40, || unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    })
+    .await;
+    servers[0].kill9(); // reaps it
     let names = all_acknowledged(&results, "kill -9 of the API server");
     let after_kill = results.iter().skip(10).count();
     assert!(after_kill >= 20, "the kill came too late to prove anything");
@@ -248,21 +264,7 @@ async fn stopping_a_nats_server_mid_burst_loses_nothing_acknowledged() {
     let mut cluster = NatsCluster::start();
     let servers = three_api_servers(&cluster, &p);
 
-    let acked = Arc::new(AtomicUsize::new(0));
-    let burst_thread = {
-        let (urls, token, p, acked) = (
-            servers[1].client_urls(),
-            servers[1].token.clone(),
-            p.clone(),
-            acked.clone(),
-        );
-        std::thread::spawn(move || burst(urls, token, p, 40, acked))
-    };
-    while acked.load(Ordering::SeqCst) < 10 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    cluster.stop(0);
-    let results = burst_thread.join().expect("the burst thread");
+    let results = burst_struck(&servers[1], &p, 40, || cluster.stop(0)).await;
     let names = all_acknowledged(&results, "a NATS server stopped");
     for s in &servers {
         assert_eq!(
