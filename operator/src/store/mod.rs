@@ -299,19 +299,17 @@ impl Store {
             fail_writes: Arc::default(),
         };
         if let Db::Log(log) = &store.db {
-            // Another server's commits: its events reach this server's watchers, and its outbox
-            // entries this server's publisher (the bus drops the copies by event id).
-            let (watchers, ready) = (store.watchers.clone(), store.outbox_ready.clone());
+            // Another server's commits: their events reach this server's watchers. Their outbox
+            // entries are that server's to publish; this one's publisher takes them at its next
+            // round (at most 5 s later) only if they are still there, as after that server died
+            // (the bus drops a copy published twice by its event id).
+            let watchers = store.watchers.clone();
             log.observe(Box::new(move |ops| {
                 for op in ops {
-                    match (op.tree.as_str(), &op.value) {
-                        ("events", Some(v)) => {
-                            if let Ok(e) = serde_json::from_slice::<Event>(v) {
-                                let _ = watchers.send(e);
-                            }
+                    if let ("events", Some(v)) = (op.tree.as_str(), &op.value) {
+                        if let Ok(e) = serde_json::from_slice::<Event>(v) {
+                            let _ = watchers.send(e);
                         }
-                        ("outbox", Some(_)) => ready.notify_one(),
-                        _ => {}
                     }
                 }
             }));
