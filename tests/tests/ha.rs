@@ -159,12 +159,22 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
+/// The store's stream of a test: its own, on the shared cluster harness.
+fn stream_of(p: &str) -> String {
+    p.replace('-', "_")
+}
+
+/// `berth api --store nats` on `cluster`, on the test's own stream.
+fn nats_store_api(cluster: &NatsCluster, p: &str, extra: &[&str]) -> Berth {
+    let stream = stream_of(p);
+    let mut args = vec!["--store", "nats", "--store-stream", &stream];
+    args.extend_from_slice(extra);
+    Berth::start_api_with(Some(cluster.urls()), &args)
+}
+
 /// Three API servers on one NATS store; `servers[0]`'s clients list the others after it.
 fn three_api_servers(cluster: &NatsCluster, p: &str) -> Vec<Berth> {
-    let first = Berth::start_api_with(
-        Some(cluster.urls()),
-        &["--store", "nats", "--store-stream", &p.replace('-', "_")],
-    );
+    let first = nats_store_api(cluster, p, &[]);
     let second = first.start_replica();
     let third = first.start_replica();
     let mut servers = vec![first, second, third];
@@ -347,7 +357,7 @@ async fn migration_sled_to_nats_and_back_keeps_everything() {
     let p = prefix("ha-mig");
     let _cleanup = Cleanup::new(&p);
     let cluster = NatsCluster::start();
-    let stream = p.replace('-', "_");
+    let stream = stream_of(&p);
 
     let mut sled = Berth::start_api_with(None, &[]);
     let manifests = format!(
@@ -431,18 +441,8 @@ async fn a_compacted_log_loads_into_new_and_restarted_servers() {
     let p = prefix("ha-snap");
     let _cleanup = Cleanup::new(&p);
     let cluster = NatsCluster::start();
-    let stream = p.replace('-', "_");
-    let first = Berth::start_api_with(
-        Some(cluster.urls()),
-        &[
-            "--store",
-            "nats",
-            "--store-stream",
-            &stream,
-            "--store-compact-every",
-            "40",
-        ],
-    );
+    let stream = stream_of(&p);
+    let first = nats_store_api(&cluster, &p, &["--store-compact-every", "40"]);
     let mut second = first.start_replica();
     let acked = Arc::new(AtomicUsize::new(0));
     let names = all_acknowledged(
@@ -509,11 +509,7 @@ async fn an_environment_backup_of_the_nats_store_restores() {
     let p = prefix("ha-bk");
     let _cleanup = Cleanup::new(&p);
     let cluster = NatsCluster::start();
-    let stream = p.replace('-', "_");
-    let a = Berth::start_api_with(
-        Some(cluster.urls()),
-        &["--store", "nats", "--store-stream", &stream],
-    );
+    let a = nats_store_api(&cluster, &p, &[]);
     let repo = a.backup_dir().join("repo");
     let manifests = format!(
         "apiVersion: berth/v1\nkind: Secret\nmetadata:\n  name: {p}-db\nspec:\n  stringData:\n    password: hunter2\n---\n\
@@ -569,11 +565,7 @@ async fn a_change_too_big_for_one_message_is_refused_whole() {
     let p = prefix("ha-big");
     let _cleanup = Cleanup::new(&p);
     let cluster = NatsCluster::start();
-    let stream = p.replace('-', "_");
-    let a = Berth::start_api_with(
-        Some(cluster.urls()),
-        &["--store", "nats", "--store-stream", &stream],
-    );
+    let a = nats_store_api(&cluster, &p, &[]);
     let big = "x".repeat(400_000);
     let docs: Vec<String> = (0..3)
         .map(|i| {
