@@ -1149,6 +1149,25 @@ impl Stack {
     }
 }
 
+/// The replicas of the Swarm service `name`, or `None` when the engine answers 404 (no such
+/// service). Any other engine error fails the test: it is not evidence that the service is absent.
+pub async fn swarm_replicas(d: &Docker, name: &str) -> Option<i64> {
+    use bollard::query_parameters::InspectServiceOptions;
+    let s = match d.inspect_service(name, None::<InspectServiceOptions>).await {
+        Ok(s) => s,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => return None,
+        Err(e) => panic!("e2e: inspecting Swarm service {name}: {e}"),
+    };
+    let replicas = s
+        .spec
+        .and_then(|spec| spec.mode)
+        .and_then(|mode| mode.replicated)
+        .and_then(|r| r.replicas);
+    Some(replicas.unwrap_or_else(|| panic!("e2e: Swarm service {name} is not replicated")))
+}
+
 /// Polls `f` every 100 ms until it returns `Ok`. `Err` describes what was seen instead; on timeout
 /// the panic shows the last such description and the tail of the `berth up` log, so a convergence
 /// failure explains itself.

@@ -10,7 +10,9 @@
 
 use berth_api_types::names::paths;
 use berth_api_types::Kind;
-use berth_e2e::{berth_bin, condition, docker, eventually, prefix, Berth, Cleanup, NatsCluster};
+use berth_e2e::{
+    berth_bin, condition, docker, eventually, prefix, swarm_replicas, Berth, Cleanup, NatsCluster,
+};
 use serde_json::Value;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -248,21 +250,7 @@ async fn a_killed_api_server_loses_no_acknowledged_apply_and_controllers_converg
     )
     .await;
     assert_eq!(obj["status"]["observedGeneration"], 1);
-    let swarm = d
-        .inspect_service(
-            &svc,
-            None::<bollard::query_parameters::InspectServiceOptions>,
-        )
-        .await
-        .expect("the Swarm service exists");
-    assert_eq!(
-        swarm
-            .spec
-            .and_then(|s| s.mode)
-            .and_then(|m| m.replicated)
-            .and_then(|r| r.replicas),
-        Some(1)
-    );
+    assert_eq!(swarm_replicas(&d, &svc).await, Some(1));
     let out = servers[1].cli(&["delete", "service", &svc]);
     assert!(out.success, "{}", out.stderr);
 }

@@ -290,17 +290,12 @@ async fn processes_log_in_with_their_own_credentials() {
         || async { swarm_service_exists(&d, &name).await.then_some(()) },
     )
     .await;
-    wait_for(
+    api.wait_condition(
+        Kind::Service,
+        &name,
+        "Ready",
         Duration::from_secs(60),
-        "the Service to be Ready",
-        || async {
-            let (_, obj) = api.api_get(&paths::object(Kind::Service, &name)).await;
-            obj["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                .then_some(())
-        },
+        |c| c["status"] == "True",
     )
     .await;
     // An update travels the controller's durable consumer too (pull and ack were allowed).

@@ -3,32 +3,13 @@
 
 use berth_api_types::names::paths;
 use berth_api_types::Kind;
-use berth_e2e::{docker, manifest, prefix, wait_for, Berth, Cleanup, Nats};
-use bollard::query_parameters::InspectServiceOptions;
+use berth_e2e::{docker, manifest, prefix, swarm_replicas, wait_for, Berth, Cleanup, Nats};
 use std::time::Duration;
 
 fn service_yaml(name: &str, replicas: u32) -> String {
     format!(
         "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  image: berth-test/busybox:1\n  command: [\"sleep\", \"100000\"]\n  init: true\n  stopGracePeriod: 1s\n  replicas: {replicas}\n"
     )
-}
-
-/// The replicas of the Swarm service, or `None` when the engine answers 404 (no such service). Any
-/// other engine error fails the test: it is not evidence that the service is absent.
-async fn swarm_replicas(d: &bollard::Docker, name: &str) -> Option<i64> {
-    let s = match d.inspect_service(name, None::<InspectServiceOptions>).await {
-        Ok(s) => s,
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => return None,
-        Err(e) => panic!("e2e: inspecting Swarm service {name}: {e}"),
-    };
-    let replicas = s
-        .spec
-        .and_then(|spec| spec.mode)
-        .and_then(|mode| mode.replicated)
-        .and_then(|r| r.replicas);
-    Some(replicas.unwrap_or_else(|| panic!("e2e: Swarm service {name} is not replicated")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,9 @@
 
 use berth_api_types::names::paths;
 use berth_api_types::Kind;
-use berth_e2e::{berth_bin, docker, free_port, manifest, prefix, wait_for, Berth, Cleanup, Nats};
-use bollard::query_parameters::InspectServiceOptions;
+use berth_e2e::{
+    berth_bin, docker, free_port, manifest, prefix, swarm_replicas, wait_for, Berth, Cleanup, Nats,
+};
 use std::process::Command;
 use std::time::Duration;
 
@@ -159,21 +160,6 @@ async fn internal_ca_cli_and_a_separate_hooks_listener() {
     .await;
 }
 
-/// The replicas of the Swarm service, `None` while it does not exist.
-async fn swarm_replicas(d: &bollard::Docker, name: &str) -> Option<i64> {
-    match d.inspect_service(name, None::<InspectServiceOptions>).await {
-        Ok(s) => s
-            .spec
-            .and_then(|spec| spec.mode)
-            .and_then(|mode| mode.replicated)
-            .and_then(|r| r.replicas),
-        Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => None,
-        Err(e) => panic!("e2e: inspecting Swarm service {name}: {e}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_controller_over_https() {
     let p = prefix("tlssplit");
@@ -214,17 +200,12 @@ async fn split_controller_over_https() {
         || async { (swarm_replicas(&d, &name).await == Some(1)).then_some(()) },
     )
     .await;
-    wait_for(
+    api.wait_condition(
+        Kind::Service,
+        &name,
+        "Ready",
         Duration::from_secs(60),
-        "Ready status written over https",
-        || async {
-            let (_, obj) = api.api_get(&paths::object(Kind::Service, &name)).await;
-            obj["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                .then_some(())
-        },
+        |c| c["status"] == "True",
     )
     .await;
     assert!(ctl.is_running(), "controller exited:\n{}", ctl.log_text());
