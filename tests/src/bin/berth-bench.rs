@@ -1468,7 +1468,7 @@ mod store_apply {
                     if i >= n {
                         return Ok::<_, anyhow::Error>(lat);
                     }
-                    // One small Config (~150 bytes of data), as `berth apply` would send it.
+                    // One small Config (~110 bytes of data), as `berth apply` would send it.
                     let body = serde_json::json!({
                         "items": [{
                             "apiVersion": berth_api_types::names::API_VERSION,
