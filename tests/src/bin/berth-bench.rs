@@ -13,6 +13,11 @@
 //! webhook each, then R webhook calls per second for S seconds, round robin over the services, each
 //! naming a new tag. The latency of a call is from just before it is sent to the engine's service
 //! update event carrying that tag (`image.new`, time in ns): request received -> update committed.
+//!
+//! `berth-bench store-apply --objects N --concurrency 1,8 --backends sled,nats-r1,nats-r3` measures
+//! the API server's store (issue 15): a fresh `berth api` per backend and concurrency, N small
+//! Configs applied one per HTTP request by C concurrent clients, each request timed; then single
+//! GETs of one object. No Docker engine is needed.
 
 use anyhow::{bail, Context, Result};
 use berth_api_types::names::paths;
@@ -91,6 +96,29 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         kills: usize,
     },
+    /// Apply latency and throughput of the API server's store, per backend (issue 15): N small
+    /// Configs, one per request, by C concurrent clients; p50/p99/max and objects per second.
+    StoreApply {
+        /// Configs applied (and timed) per backend and concurrency, after the warm-up.
+        #[arg(long, default_value_t = 2000)]
+        objects: usize,
+        /// Concurrent clients; each value is a run of its own on a fresh server.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        concurrency: Vec<usize>,
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "sled,nats-r1,nats-r3"
+        )]
+        backends: Vec<StoreBench>,
+        /// Configs applied first and not counted (connections, caches, the stream's first blocks).
+        #[arg(long, default_value_t = 100)]
+        warmup: usize,
+        /// GETs of one object, one at a time, after the applies.
+        #[arg(long, default_value_t = 500)]
+        reads: usize,
+    },
     Scale {
         /// Config objects, applied as one multi-document file.
         #[arg(long, default_value_t = 10_000)]
@@ -114,6 +142,17 @@ enum StackNet {
     /// The stack's own overlay network, encrypted: what berth's default network is.
     Encrypted,
     Host,
+}
+
+/// The store backends `store-apply` compares.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum StoreBench {
+    /// `--store sled` (the default): one database in --data-dir, fsync per group commit.
+    Sled,
+    /// `--store nats --store-replicas 1` on one nats-server.
+    NatsR1,
+    /// `--store nats --store-replicas 3` on a three-server JetStream cluster.
+    NatsR3,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +239,13 @@ async fn main() -> Result<()> {
         std::env::set_var("BERTH_E2E_LOG", "info");
     }
     match Cli::parse().cmd {
+        Cmd::StoreApply {
+            objects,
+            concurrency,
+            backends,
+            warmup,
+            reads,
+        } => store_apply::run(objects, &concurrency, &backends, warmup, reads).await,
         Cmd::ControllerInstances {
             services,
             max_instances,
@@ -1138,4 +1184,320 @@ async fn controller_instances(
         )
         .output();
     result
+}
+
+/// `store-apply`: the API server's store backends under the same stream of small applies.
+mod store_apply {
+    use super::{percentile, StoreBench};
+    use anyhow::{bail, Context, Result};
+    use berth_api_types::names::paths;
+    use berth_api_types::Kind;
+    use berth_e2e::{Berth, Nats, NatsCluster};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// The NATS servers a run's berth uses: held (never read) until berth has stopped.
+    struct Servers {
+        _one: Option<Nats>,
+        _cluster: Option<NatsCluster>,
+    }
+
+    /// What one backend at one concurrency measured (latencies in ms, sorted).
+    struct Figures {
+        applies: Vec<f64>,
+        wall: Duration,
+        reads: Vec<f64>,
+    }
+
+    pub async fn run(
+        n: usize,
+        concurrency: &[usize],
+        backends: &[StoreBench],
+        warmup: usize,
+        reads: usize,
+    ) -> Result<()> {
+        preflight(backends)?;
+        if n == 0 || concurrency.is_empty() || concurrency.contains(&0) || backends.is_empty() {
+            bail!("--objects, --concurrency and --backends need at least one non-zero value each");
+        }
+        println!(
+            "store-apply: {n} Configs per run (+{warmup} warm-up, not counted), one per POST {}, \
+             berth api {} (log level info, --no-default-backup-plan)",
+            paths::APPLY,
+            berth_e2e::berth_bin().display()
+        );
+        let mut rows = Vec::new();
+        for &backend in backends {
+            for &c in concurrency {
+                let f = one_run(backend, n, c, warmup, reads).await?;
+                eprintln!(
+                    "{backend:?} c={c}: {:.1} objects/s, p50 {:.2} ms",
+                    n as f64 / f.wall.as_secs_f64(),
+                    percentile(&f.applies, 0.5)
+                );
+                rows.push((backend, c, f));
+            }
+        }
+        println!();
+        println!(
+            "| backend | clients | apply p50 | apply p99 | apply max | objects/s | GET p50 | GET p99 |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (backend, c, f) in &rows {
+            println!(
+                "| {} | {c} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} | {:.2} ms | {:.2} ms |",
+                label(*backend),
+                percentile(&f.applies, 0.5),
+                percentile(&f.applies, 0.99),
+                f.applies.last().copied().unwrap_or(f64::NAN),
+                f.applies.len() as f64 / f.wall.as_secs_f64(),
+                percentile(&f.reads, 0.5),
+                percentile(&f.reads, 0.99),
+            );
+        }
+        Ok(())
+    }
+
+    fn label(b: StoreBench) -> &'static str {
+        match b {
+            StoreBench::Sled => "sled",
+            StoreBench::NatsR1 => "nats R1 (1 server)",
+            StoreBench::NatsR3 => "nats R3 (3-server cluster)",
+        }
+    }
+
+    /// The binaries a run needs, checked before anything starts: a missing one is an error, never
+    /// a run that reports nothing.
+    fn preflight(_backends: &[StoreBench]) -> Result<()> {
+        if let Some(bin) = std::env::var_os("BERTH_BIN") {
+            if !std::path::Path::new(&bin).is_file() {
+                bail!("BERTH_BIN={} is not a file: build berth first (cargo build --release -p berth-operator --bin berth)", bin.to_string_lossy());
+            }
+        }
+        let bin = berth_e2e::berth_bin();
+        let out = std::process::Command::new(&bin)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} --version failed: {}",
+                bin.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Every backend needs it: the sled run's bus is a nats-server too, as `berth api` has.
+        let nats = std::process::Command::new("nats-server")
+            .arg("--version")
+            .output();
+        match nats {
+            Ok(o) if o.status.success() => Ok(()),
+            _ => bail!("nats-server is not on PATH or does not run (scripts/test installs it)"),
+        }
+    }
+
+    /// A fresh `berth api` with its own NATS: sled with a one-server bus, or the store on NATS.
+    fn start(backend: StoreBench) -> (Berth, Servers) {
+        let extra = ["--no-default-backup-plan"];
+        match backend {
+            StoreBench::Sled => {
+                let nats = Nats::start();
+                let berth = Berth::start_api_with(Some(nats.url()), &extra);
+                (
+                    berth,
+                    Servers {
+                        _one: Some(nats),
+                        _cluster: None,
+                    },
+                )
+            }
+            StoreBench::NatsR1 => {
+                let nats = Nats::start();
+                let berth = Berth::start_api_with(
+                    Some(nats.url()),
+                    &[extra[0], "--store", "nats", "--store-replicas", "1"],
+                );
+                (
+                    berth,
+                    Servers {
+                        _one: Some(nats),
+                        _cluster: None,
+                    },
+                )
+            }
+            StoreBench::NatsR3 => {
+                let cluster = NatsCluster::start();
+                let berth = Berth::start_api_with(
+                    Some(cluster.urls()),
+                    &[extra[0], "--store", "nats", "--store-replicas", "3"],
+                );
+                (
+                    berth,
+                    Servers {
+                        _one: None,
+                        _cluster: Some(cluster),
+                    },
+                )
+            }
+        }
+    }
+
+    /// The store berth says it opened (its "API server listening" line), checked against the
+    /// backend asked for: a flag berth ignored would otherwise measure the wrong thing.
+    fn check_store(berth: &Berth, backend: StoreBench) -> Result<()> {
+        let log = berth.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("API server listening"))
+            .with_context(|| format!("berth api did not log its start:\n{log}"))?;
+        let want = match backend {
+            StoreBench::Sled => "store=sled",
+            StoreBench::NatsR1 => "(R1)",
+            StoreBench::NatsR3 => "(R3)",
+        };
+        if !line.contains(want) {
+            bail!("berth api did not open the {backend:?} store (no `{want}` in: {line})");
+        }
+        Ok(())
+    }
+
+    async fn one_run(
+        backend: StoreBench,
+        n: usize,
+        clients: usize,
+        warmup: usize,
+        reads: usize,
+    ) -> Result<Figures> {
+        let (berth, servers) = start(backend);
+        let result = async {
+            check_store(&berth, backend)?;
+            let p = berth_e2e::prefix("store");
+            applies(&berth, &format!("{p}-w"), warmup, clients).await?;
+            let start = Instant::now();
+            let mut lat = applies(&berth, &p, n, clients).await?;
+            let wall = start.elapsed();
+            lat.sort_by(f64::total_cmp);
+
+            // Every measured object must be there: a run that lost writes reports nothing.
+            let list: serde_json::Value = berth
+                .client()
+                .get(format!(
+                    "{}{}",
+                    berth.url(),
+                    paths::collection(Kind::Config)
+                ))
+                .bearer_auth(&berth.token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let found = list["items"]
+                .as_array()
+                .map(|items| {
+                    items
+                        .iter()
+                        .filter(|o| {
+                            o["metadata"]["name"].as_str().is_some_and(|name| {
+                                name.starts_with(&p) && !name.starts_with(&format!("{p}-w"))
+                            })
+                        })
+                        .count()
+                })
+                .unwrap_or_default();
+            if found != n {
+                bail!("{n} Configs were applied and acknowledged, {found} are listed");
+            }
+
+            let url = format!(
+                "{}{}",
+                berth.url(),
+                paths::object(Kind::Config, &name(&p, n / 2))
+            );
+            let mut read_ms = Vec::with_capacity(reads);
+            for _ in 0..reads {
+                let t = Instant::now();
+                let resp = berth
+                    .client()
+                    .get(&url)
+                    .bearer_auth(&berth.token)
+                    .send()
+                    .await?;
+                let status = resp.status();
+                let body = resp.bytes().await?;
+                if !status.is_success() {
+                    bail!("GET {url}: {status}: {}", String::from_utf8_lossy(&body));
+                }
+                read_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            read_ms.sort_by(f64::total_cmp);
+            Ok(Figures {
+                applies: lat,
+                wall,
+                reads: read_ms,
+            })
+        }
+        .await;
+        // berth stops before the NATS servers it writes to.
+        drop(berth);
+        drop(servers);
+        result
+    }
+
+    fn name(p: &str, i: usize) -> String {
+        format!("{p}-{i:05}")
+    }
+
+    /// Applies `n` Configs named `<p>-<i>`, one per request, from `clients` concurrent clients;
+    /// each request's latency in ms. Any answer but 200 stops the run with berth's message.
+    async fn applies(berth: &Berth, p: &str, n: usize, clients: usize) -> Result<Vec<f64>> {
+        let next = Arc::new(AtomicUsize::new(0));
+        let url = format!("{}{}", berth.url(), paths::APPLY);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            let next = next.clone();
+            let http = berth.client();
+            let token = berth.token.clone();
+            let url = url.clone();
+            let p = p.to_string();
+            tasks.spawn(async move {
+                let mut lat = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok::<_, anyhow::Error>(lat);
+                    }
+                    // One small Config (~110 bytes of data), as `berth apply` would send it.
+                    let body = serde_json::json!({
+                        "items": [{
+                            "apiVersion": berth_api_types::names::API_VERSION,
+                            "kind": "Config",
+                            "metadata": { "name": name(&p, i) },
+                            "spec": { "stringData": { "app.ini": format!(
+                                "[server]\nname = {p}-{i}\nport = {}\nlog_level = info\nupstream = http://backend-{i}.internal:8080\n",
+                                8000 + i % 1000
+                            ) } }
+                        }]
+                    });
+                    let t = Instant::now();
+                    let resp = http.post(&url).bearer_auth(&token).json(&body).send().await?;
+                    let status = resp.status();
+                    let text = resp.text().await?;
+                    if status != reqwest::StatusCode::OK {
+                        bail!("apply of {} answered {status}: {text}", name(&p, i));
+                    }
+                    lat.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            });
+        }
+        let mut all = Vec::with_capacity(n);
+        while let Some(r) = tasks.join_next().await {
+            all.extend(r??);
+        }
+        if all.len() != n {
+            bail!("{} of {n} applies were timed", all.len());
+        }
+        Ok(all)
+    }
 }
