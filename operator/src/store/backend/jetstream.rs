@@ -28,6 +28,7 @@
 use super::{Entry, TxError, TxView};
 use crate::store::StoreError;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use berth_controllers::runtime::backoff::BackoffPolicy;
 use futures::StreamExt;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -198,12 +199,13 @@ impl Log {
         // A cluster that just formed, or is electing a leader, times requests out for a few
         // seconds: asked again within the catch-up budget before giving up.
         let started = std::time::Instant::now();
+        let mut retry = BackoffPolicy::reconnect().retry();
         let stream = loop {
             match js.get_or_create_stream(wanted.clone()).await {
                 Ok(s) => break Ok(s),
                 Err(e) if started.elapsed() + REQUEST_TIMEOUT < CATCH_UP_TIMEOUT => {
                     tracing::debug!(error = %e, "opening the store's stream again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
                 Err(e) => break Err(e),
             }
@@ -316,6 +318,7 @@ impl Log {
     /// Waits until this copy has applied the log's last sequence as NATS reports it now.
     pub async fn catch_up(&self) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
+        let mut retry = BackoffPolicy::reconnect().retry();
         // Asked again while a server is lost or a leader elected, within the budget.
         let (stream, last) = loop {
             match self.js.get_stream(&self.config.stream).await {
@@ -325,7 +328,7 @@ impl Log {
                 }
                 Err(e) if started.elapsed() + REQUEST_TIMEOUT < CATCH_UP_TIMEOUT => {
                     tracing::debug!(error = %e, "asking the store's log for its last sequence again");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(retry.next_delay()).await;
                 }
                 Err(e) => {
                     return Err(StoreError::Unavailable(format!(
@@ -363,7 +366,7 @@ impl Log {
                     }
                     Err(e) => {
                         tracing::debug!(seq, error = %e, "cannot read a commit of the store's log directly");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(retry.next_delay()).await;
                         break;
                     }
                 }
@@ -475,6 +478,7 @@ impl Log {
         let id = ulid::Ulid::new().to_string();
         let payload = bytes::Bytes::from(payload);
         let started = std::time::Instant::now();
+        let mut retry = BackoffPolicy::reconnect().retry();
         loop {
             let msg = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
@@ -499,7 +503,7 @@ impl Log {
                 ))));
             }
             tracing::debug!(error = %e, "the commit was not acknowledged; sending it again");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(retry.next_delay()).await;
         }
     }
 
@@ -702,7 +706,7 @@ enum Publish {
 /// Reads the log from where this copy is, for as long as the log exists; a broken consumer is
 /// made again from the next sequence.
 async fn tail(log: std::sync::Weak<Log>) {
-    let mut retry = berth_controllers::runtime::backoff::BackoffPolicy::reconnect().retry();
+    let mut retry = BackoffPolicy::reconnect().retry();
     loop {
         let Some(strong) = log.upgrade() else { return };
         let (js, name, from) = (
