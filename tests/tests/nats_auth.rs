@@ -432,6 +432,15 @@ async fn a_controller_cannot_publish_deploys_or_events() {
     ctl.flush().await.expect("flush");
     wait_violation(&errors, &event_subject).await;
 
+    // Nor write the store's log (`--store nats`): a commit there would pass every access check.
+    let store_subject =
+        berth_api_types::names::subjects::store_log(berth_api_types::names::subjects::STORE_STREAM);
+    ctl.publish(store_subject.clone(), "{}".into())
+        .await
+        .expect("queued");
+    ctl.flush().await.expect("flush");
+    wait_violation(&errors, &store_subject).await;
+
     // Nor can it change the streams to capture other subjects.
     let err = ctl_js
         .update_stream(async_nats::jetstream::stream::Config {
