@@ -1257,50 +1257,37 @@ impl Drop for ControllerProcess {
     }
 }
 
-/// Runs a core scenario on each bus and on the NATS store: `embedded`, `nats` and `nats_store`
-/// (`--store nats` on a three-server cluster), so the store's backends are held to one behaviour.
+/// One `#[tokio::test]` per listed bus for a scenario `async fn NAME(bus: Bus)`, in module `NAME`
+/// (`NAME::embedded`, `NAME::nats`, ...). The scenario's module must have `Bus` in scope.
 #[macro_export]
-macro_rules! on_every_store {
-    ($scenario:ident) => {
+macro_rules! scenario_on {
+    ($scenario:ident: $($test:ident => $bus:ident),+) => {
         mod $scenario {
             use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$scenario(Bus::Embedded).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$scenario(Bus::Nats).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats_store() {
-                super::$scenario(Bus::NatsStore).await;
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$scenario(Bus::$bus).await;
+                }
+            )+
         }
     };
 }
 
-/// One `#[tokio::test]` per bus for a scenario `async fn NAME(bus: Bus)`: `NAME::embedded` and
-/// `NAME::nats`. The scenario's module must have `Bus` in scope.
+/// A scenario once with each bus: `NAME::embedded` and `NAME::nats`.
 #[macro_export]
 macro_rules! on_both_buses {
     ($scenario:ident) => {
-        mod $scenario {
-            use super::*;
+        $crate::scenario_on!($scenario: embedded => Embedded, nats => Nats);
+    };
+}
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn embedded() {
-                super::$scenario(Bus::Embedded).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn nats() {
-                super::$scenario(Bus::Nats).await;
-            }
-        }
+/// A core scenario on each bus and on the NATS store: `embedded`, `nats` and `nats_store`
+/// (`--store nats` on a three-server cluster), so the store's backends are held to one behaviour.
+#[macro_export]
+macro_rules! on_every_store {
+    ($scenario:ident) => {
+        $crate::scenario_on!($scenario: embedded => Embedded, nats => Nats, nats_store => NatsStore);
     };
 }
 
