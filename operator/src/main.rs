@@ -527,19 +527,11 @@ enum RolloutAction {
     },
 }
 
-/// `90s`, `5m`, `1h`, or plain seconds.
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 90s, 5m, 1h)"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("`{s}` is not a duration (e.g. 90s, 5m, 1h)")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+/// Every duration flag (`--timeout 1m30s`, `--since 10m`) reads the manifests' syntax, with the
+/// manifests' parser, so what works in a spec works on the command line and the errors read alike.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    berth_api_types::units::Duration::parse(s)
+        .map(|d| std::time::Duration::from_nanos(d.as_nanos()))
 }
 
 fn main() -> ExitCode {
