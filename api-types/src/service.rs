@@ -37,7 +37,13 @@ pub struct ServiceSpec {
     /// Replaces the image's CMD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// A list of `{name, value}`, or a map `KEY: value` as Compose files write it; kept as the
+    /// list.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "env_list_or_map"
+    )]
     pub env: Vec<EnvVar>,
     /// Labels on the Swarm service (berth adds its own `io.berth.*` labels beside them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -164,6 +170,62 @@ pub struct EnvVar {
     pub name: String,
     #[serde(default)]
     pub value: String,
+}
+
+/// `env` as a list (`- name: A` / `value: "1"`) or a map (`A: 1`). A map's scalar values are
+/// taken as written (`PORT: 8080` is `"8080"`, `DEBUG: true` is `"true"`); a key without a value
+/// is refused: Compose would take it from the shell that runs `docker stack deploy`, and there
+/// is no such shell here.
+fn env_list_or_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
+    use serde::de::{self, MapAccess, SeqAccess, Visitor};
+
+    struct EnvVisitor;
+
+    /// One map value as text.
+    struct Scalar(String);
+
+    impl<'de> Deserialize<'de> for Scalar {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            match serde_json::Value::deserialize(d)? {
+                serde_json::Value::String(s) => Ok(Scalar(s)),
+                serde_json::Value::Number(n) => Ok(Scalar(n.to_string())),
+                serde_json::Value::Bool(b) => Ok(Scalar(b.to_string())),
+                serde_json::Value::Null => Err(de::Error::custom(
+                    "has no value: write one (`\"\"` for empty); berth does not read it from a shell as Compose does",
+                )),
+                _ => Err(de::Error::custom(
+                    "must be a string, a number or a boolean",
+                )),
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for EnvVisitor {
+        type Value = Vec<EnvVar>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of {name, value} or a map of NAME: value")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element::<EnvVar>()? {
+                out.push(v);
+            }
+            Ok(out)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(name) = map.next_key::<String>()? {
+                let Scalar(value) = map.next_value()?;
+                out.push(EnvVar { name, value });
+            }
+            Ok(out)
+        }
+    }
+
+    d.deserialize_any(EnvVisitor)
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -699,6 +761,46 @@ mod tests {
             Ok(()) => vec![],
             Err(e) => e.iter().map(ToString::to_string).collect(),
         }
+    }
+
+    #[test]
+    fn env_is_a_list_or_a_compose_style_map() {
+        let list = svc(json!({"image": "a", "env": [{"name": "PORT", "value": "8080"}]})).unwrap();
+        let map = svc(json!({"image": "a", "env": {"PORT": 8080}})).unwrap();
+        assert_eq!(list.spec.env, map.spec.env);
+        let map = svc(json!({"image": "a", "env": {"B": true, "A": "x y", "C": 1.5}})).unwrap();
+        let pairs: Vec<(&str, &str)> = map
+            .spec
+            .env
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(pairs, [("A", "x y"), ("B", "true"), ("C", "1.5")]);
+        // Stored (and shown) as the list, whatever form it was written in.
+        assert_eq!(
+            serde_json::to_value(&map.spec).unwrap()["env"][0],
+            json!({"name": "A", "value": "x y"})
+        );
+        let path_of = |spec| {
+            let v = json!({"apiVersion": "berth/v1", "kind": "Service",
+                           "metadata": {"name": "web"}, "spec": spec});
+            crate::typed::deserialize_value::<Service>(&v)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = path_of(json!({"image": "a", "env": {"DEBUG": null}}));
+        assert!(
+            e.starts_with("spec.env.DEBUG: has no value"),
+            "the key is named: {e}"
+        );
+        let e = path_of(json!({"image": "a", "env": {"A": [1]}}));
+        assert!(e.starts_with("spec.env.A: must be a string"), "{e}");
+        let e = path_of(json!({"image": "a", "env": "A=1"}));
+        assert!(e.contains("a list of {name, value} or a map"), "{e}");
+        assert_eq!(
+            problems(json!({"image": "a", "env": {"A=B": "1"}})),
+            ["spec.env[0].name: `A=B` must not contain `=`"]
+        );
     }
 
     #[test]
