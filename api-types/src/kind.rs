@@ -93,6 +93,20 @@ impl Kind {
         )
     }
 
+    /// Whether a controller reconciles the kind and reports conditions in its status. Secrets,
+    /// Configs and Volumes are data that Services use: they are in effect once stored.
+    pub fn is_reconciled(self) -> bool {
+        matches!(
+            self,
+            Kind::Service
+                | Kind::Network
+                | Kind::Node
+                | Kind::Registry
+                | Kind::Ingress
+                | Kind::Backup
+        )
+    }
+
     /// Accepts what a kubectl user would type: `Service`, `service`, `services`, `svc`.
     pub fn parse_loose(s: &str) -> Option<Kind> {
         let l = s.to_ascii_lowercase();

@@ -137,6 +137,18 @@ pub fn set_condition(
     }
 }
 
+/// Reasons of a `Degraded=True` condition that will not clear without someone changing something
+/// (the spec, a registry, a name someone else holds): waiting longer only repeats them. `berth wait`
+/// and `apply --wait` stop at these instead of running into their timeout.
+pub const GIVE_UP_REASONS: [&str; 6] = [
+    "InvalidSpec",
+    "Refused",
+    "Conflict",
+    "ImagePullFailed",
+    "RolledBack",
+    "UpdatePaused",
+];
+
 /// Looks a condition up by type.
 pub fn condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)

@@ -61,7 +61,7 @@ pub(crate) fn api_error(e: ClientError) -> String {
     }
 }
 
-fn kind_arg(s: &str) -> Result<Kind, String> {
+pub(crate) fn kind_arg(s: &str) -> Result<Kind, String> {
     Kind::parse_loose(s).ok_or_else(|| {
         format!(
             "error: unknown resource type `{s}` (known: {})",
@@ -110,11 +110,26 @@ fn load(files: &[PathBuf]) -> Result<Vec<DynObject>, String> {
     Ok(objects)
 }
 
-pub async fn apply(conn: &Conn, files: &[PathBuf], dry_run: bool) -> CliResult {
+/// `berth apply`; with `wait`, then waits (that long at most) for what controllers reconcile.
+pub async fn apply(
+    conn: &Conn,
+    files: &[PathBuf],
+    dry_run: bool,
+    wait: Option<std::time::Duration>,
+) -> CliResult {
     let objects = load(files)?;
     let client = client(conn)?;
     let results = client.apply(&objects, dry_run).await.map_err(api_error)?;
     let suffix = if dry_run { " (dry run)" } else { "" };
+    let targets: Vec<crate::wait_cli::Target> = results
+        .iter()
+        .filter(|r| r.kind.is_reconciled())
+        .map(|r| crate::wait_cli::Target {
+            kind: r.kind,
+            name: r.name.clone(),
+            generation: r.generation,
+        })
+        .collect();
     for r in results {
         let what = match r.outcome {
             ApplyOutcome::Created => "created",
@@ -123,7 +138,13 @@ pub async fn apply(conn: &Conn, files: &[PathBuf], dry_run: bool) -> CliResult {
         };
         println!("{}/{} {what}{suffix}", r.kind.lower(), r.name);
     }
-    Ok(())
+    match wait {
+        Some(timeout) if !dry_run => {
+            crate::wait_cli::until(&client, &targets, &crate::wait_cli::Goal::ready(), timeout)
+                .await
+        }
+        _ => Ok(()),
+    }
 }
 
 pub async fn get(conn: &Conn, kind: &str, name: Option<&str>, out: Output) -> CliResult {

@@ -32,6 +32,7 @@ mod token_api;
 mod token_cli;
 mod tokens;
 mod webhook;
+mod wait_cli;
 mod webhook_cli;
 
 use clap::{Args, Parser, Subcommand};
@@ -291,6 +292,28 @@ enum Command {
         /// Validate and show what would change, without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Then wait until every applied object that a controller reconciles is Ready; fail
+        /// naming the first that cannot get there (for CI).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (`90s`, `5m`, `1m30s`; 0 waits as long as it takes).
+        #[arg(long, default_value = "5m", value_parser = parse_duration, requires = "wait")]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Wait until objects meet a condition (`--for condition=Ready`) or are deleted
+    /// (`--for delete`); exit non-zero naming why when one cannot, or at the timeout.
+    Wait {
+        kind: String,
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// `condition=TYPE` (True), `condition=TYPE=False`, or `delete`.
+        #[arg(long = "for", default_value = "condition=Ready")]
+        goal: String,
+        /// Give up after this long (`90s`, `5m`, `1m30s`; 0 waits as long as it takes).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
         #[command(flatten)]
         conn: Conn,
     },
@@ -587,8 +610,17 @@ fn main() -> ExitCode {
             Command::Apply {
                 files,
                 dry_run,
+                wait,
+                timeout,
                 conn,
-            } => cli::apply(&conn, &files, dry_run).await,
+            } => cli::apply(&conn, &files, dry_run, wait.then_some(timeout)).await,
+            Command::Wait {
+                kind,
+                names,
+                goal,
+                timeout,
+                conn,
+            } => wait_cli::wait(&conn, &kind, &names, &goal, timeout).await,
             Command::Get {
                 kind,
                 name,
