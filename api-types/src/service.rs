@@ -93,6 +93,14 @@ pub struct ServiceSpec {
     /// deploy of the tag already running does. Swarm's `ForceUpdate`; 0 (absent) is the default.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub force_update: u64,
+    /// `berth rollout pause`: berth stops writing the Swarm service (no rollout, no scaling, no
+    /// drift repair) while spec changes are stored; `rollout resume` rolls them out in one update.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub paused: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -442,6 +450,8 @@ pub mod conditions {
     pub const PROGRESSING: &str = "Progressing";
     /// Tasks fail, a rollout paused or rolled back, or the spec cannot be applied.
     pub const DEGRADED: &str = "Degraded";
+    /// The reason of `Progressing=False` while `spec.paused`.
+    pub const PAUSED_REASON: &str = "Paused";
 }
 
 impl ServiceSpec {

@@ -15,6 +15,7 @@ mod daemon;
 mod data_dir;
 mod deploy_applier;
 mod deploy_auth;
+mod edit_cli;
 mod environment;
 mod extract;
 #[cfg(test)]
@@ -31,8 +32,8 @@ mod tls;
 mod token_api;
 mod token_cli;
 mod tokens;
-mod webhook;
 mod wait_cli;
+mod webhook;
 mod webhook_cli;
 
 use clap::{Args, Parser, Subcommand};
@@ -411,7 +412,36 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Follow, list or revert a Service's rollouts.
+    /// Set a Service's replica count (written to its spec, so drift repair keeps it).
+    Scale {
+        /// `service`
+        kind: String,
+        name: String,
+        #[arg(long)]
+        replicas: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Set (`key=value`) or remove (`key-`) labels on an object.
+    Label {
+        kind: String,
+        name: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+        /// Replace a label that already has another value.
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Edit an object in $VISUAL or $EDITOR and write it back (refused if it changed meanwhile).
+    Edit {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Follow, list, revert, restart, pause or resume a Service's rollouts.
     Rollout {
         #[command(subcommand)]
         action: RolloutAction,
@@ -548,6 +578,28 @@ enum RolloutAction {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Replace every task with a new one from the same spec (pulling the image again), under the
+    /// service's update policy.
+    Restart {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop rolling out spec changes: they are stored and shown, and roll out together on resume.
+    Pause {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Roll out what the spec says now, after `rollout pause`.
+    Resume {
+        kind: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 /// Every duration flag (`--timeout 1m30s`, `--since 10m`) reads the manifests' syntax, with the
@@ -644,7 +696,30 @@ fn main() -> ExitCode {
                     to_revision,
                     conn,
                 } => rollout_cli::undo(&conn, &kind, &name, to_revision).await,
+                RolloutAction::Restart { kind, name, conn } => {
+                    rollout_cli::restart(&conn, &kind, &name).await
+                }
+                RolloutAction::Pause { kind, name, conn } => {
+                    rollout_cli::set_paused(&conn, &kind, &name, true).await
+                }
+                RolloutAction::Resume { kind, name, conn } => {
+                    rollout_cli::set_paused(&conn, &kind, &name, false).await
+                }
             },
+            Command::Scale {
+                kind,
+                name,
+                replicas,
+                conn,
+            } => edit_cli::scale(&conn, &kind, &name, replicas).await,
+            Command::Label {
+                kind,
+                name,
+                changes,
+                overwrite,
+                conn,
+            } => edit_cli::label(&conn, &kind, &name, &changes, overwrite).await,
+            Command::Edit { kind, name, conn } => edit_cli::edit(&conn, &kind, &name).await,
             Command::Delete {
                 kind,
                 name,
@@ -712,7 +787,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("{}", message.trim_end());
+            // Empty: the command said everything already and only the exit code is left (`diff`).
+            if !message.trim().is_empty() {
+                eprintln!("{}", message.trim_end());
+            }
             ExitCode::FAILURE
         }
     }

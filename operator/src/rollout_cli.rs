@@ -218,19 +218,7 @@ pub async fn undo(conn: &Conn, kind: &str, name: &str, to: Option<u64>) -> CliRe
             target.revision
         ));
     }
-    // The image changes, so this write makes the next generation; the patch is conditional on the
-    // version read above, so no other write can take that generation in between.
-    let patch = serde_json::json!({
-        "metadata": {
-            "resourceVersion": obj.metadata.resource_version,
-            "annotations": {
-                annotations::DEPLOY_SOURCE: "rollback",
-                annotations::DEPLOY_ID: ulid::Ulid::new().to_string(),
-                annotations::DEPLOY_GENERATION: (obj.metadata.generation + 1).to_string(),
-            }
-        },
-        "spec": { "image": image },
-    });
+    let patch = deploy_patch(&obj, "rollback", serde_json::json!({ "image": image }));
     client
         .patch_object(Kind::Service, name, &patch)
         .await
@@ -239,6 +227,71 @@ pub async fn undo(conn: &Conn, kind: &str, name: &str, to: Option<u64>) -> CliRe
         "service/{name} rolled back to revision {} ({image})",
         target.revision
     );
+    Ok(())
+}
+
+/// A spec change marked as a deploy from `source`, so the revision history says where it came
+/// from. The change makes the next generation; the patch is conditional on the version read, so no
+/// other write can take that generation in between.
+fn deploy_patch(obj: &DynObject, source: &str, spec: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "resourceVersion": obj.metadata.resource_version,
+            "annotations": {
+                annotations::DEPLOY_SOURCE: source,
+                annotations::DEPLOY_ID: ulid::Ulid::new().to_string(),
+                annotations::DEPLOY_GENERATION: (obj.metadata.generation + 1).to_string(),
+            }
+        },
+        "spec": spec,
+    })
+}
+
+/// `rollout restart`: new tasks from the same spec (`spec.forceUpdate` moves on, as a deploy of
+/// the tag already running does), rolled out under the service's update policy.
+pub async fn restart(conn: &Conn, kind: &str, name: &str) -> CliResult {
+    let (client, obj) = service(conn, kind, name).await?;
+    let force = obj
+        .spec
+        .get("forceUpdate")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let patch = deploy_patch(
+        &obj,
+        "restart",
+        serde_json::json!({ "forceUpdate": force + 1 }),
+    );
+    client
+        .patch_object(Kind::Service, name, &patch)
+        .await
+        .map_err(api_error)?;
+    println!("service/{name} restarted");
+    Ok(())
+}
+
+/// `rollout pause|resume`: while `spec.paused`, spec changes are kept but not rolled out (see the
+/// service controller); resuming rolls out whatever the spec says then, in one update.
+pub async fn set_paused(conn: &Conn, kind: &str, name: &str, paused: bool) -> CliResult {
+    let (client, obj) = service(conn, kind, name).await?;
+    let now = obj.spec.get("paused").and_then(|v| v.as_bool()) == Some(true);
+    let word = if paused { "paused" } else { "resumed" };
+    if now == paused {
+        println!(
+            "service/{name} is already {}",
+            if paused { "paused" } else { "not paused" }
+        );
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "metadata": {"resourceVersion": obj.metadata.resource_version},
+        // `null` removes the field: a resumed service's spec reads as one never paused.
+        "spec": {"paused": if paused { serde_json::Value::Bool(true) } else { serde_json::Value::Null }},
+    });
+    client
+        .patch_object(Kind::Service, name, &patch)
+        .await
+        .map_err(api_error)?;
+    println!("service/{name} {word}");
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use crate::api_client::ApiClient;
 use crate::cli::{api_error, client};
 use crate::Conn;
 use berth_api_types::meta::{condition, Condition, GIVE_UP_REASONS};
+use berth_api_types::service::conditions::PAUSED_REASON;
 use berth_api_types::{ConditionStatus, DynObject, Kind};
 use berth_controllers::api::ClientError;
 use std::time::{Duration, Instant};
@@ -45,7 +46,9 @@ pub fn parse_goal(s: &str) -> Result<Goal, String> {
     if s == "delete" {
         return Ok(Goal::Delete);
     }
-    let bad = || format!("`{s}` is not a goal: use `condition=Ready`, `condition=TYPE=False` or `delete`");
+    let bad = || {
+        format!("`{s}` is not a goal: use `condition=Ready`, `condition=TYPE=False` or `delete`")
+    };
     let rest = s.strip_prefix("condition=").ok_or_else(bad)?;
     let (type_, status) = match rest.split_once('=') {
         None => (rest, ConditionStatus::True),
@@ -105,6 +108,10 @@ fn verdict(obj: &DynObject, goal: &Goal, generation: u64) -> Verdict {
         ));
     }
     let conditions = conditions_of(obj);
+    // What a paused Service reports is about the spec before the pause: never an answer.
+    if let Some(c) = condition(&conditions, "Progressing").filter(|c| c.reason == PAUSED_REASON) {
+        return Verdict::Failed(format!("{what} is paused: {}", c.message));
+    }
     if let Some(c) = condition(&conditions, type_).filter(|c| c.status == *status) {
         return Verdict::Met(format!("{what} condition met: {type_}={:?}", c.status));
     }
@@ -257,7 +264,12 @@ mod tests {
             }
         );
         assert_eq!(parse_goal("delete").unwrap(), Goal::Delete);
-        for bad in ["Ready", "condition=", "condition=Ready=maybe", "jsonpath={.x}"] {
+        for bad in [
+            "Ready",
+            "condition=",
+            "condition=Ready=maybe",
+            "jsonpath={.x}",
+        ] {
             assert!(parse_goal(bad).unwrap_err().contains(bad), "{bad}");
         }
     }
@@ -266,7 +278,9 @@ mod tests {
     fn a_status_about_an_older_generation_is_no_answer() {
         let ready = json!({"observedGeneration": 1,
             "conditions": [cond("Ready", "True", "AllTasksRunning", "1/1 tasks running")]});
-        assert!(matches!(verdict(&obj(2, ready.clone()), &Goal::ready(), 2), Verdict::Waiting(l) if l.contains("generation 2")));
+        assert!(
+            matches!(verdict(&obj(2, ready.clone()), &Goal::ready(), 2), Verdict::Waiting(l) if l.contains("generation 2"))
+        );
         assert!(matches!(
             verdict(&obj(1, ready), &Goal::ready(), 1),
             Verdict::Met(_)
@@ -291,6 +305,12 @@ mod tests {
         assert_eq!(
             verdict(&obj(3, crash), &Goal::ready(), 3),
             Verdict::Waiting("service/web: Ready=False (TasksStarting: 0/1 tasks running)".into())
+        );
+        let paused = json!({"observedGeneration": 3, "conditions": [
+            cond("Ready", "True", "AllTasksRunning", "1/1 tasks running"),
+            cond("Progressing", "False", "Paused", "rollout paused: ...")]});
+        assert!(
+            matches!(verdict(&obj(3, paused), &Goal::ready(), 3), Verdict::Failed(l) if l.contains("is paused"))
         );
         let none = json!({"observedGeneration": 3});
         assert!(

@@ -125,6 +125,31 @@ impl Reconciler for ServiceController {
             default_network: &ctx.installation.default_network,
         };
 
+        // Paused: observe only. Nothing is written, so the stored spec (and drift from it) waits for
+        // the resume, which rolls everything out in one update.
+        if svc.spec.paused {
+            let found = engine.find(name).await?;
+            let now = chrono::Utc::now();
+            let status = match found.owned.first() {
+                Some(swarm) => {
+                    let tasks = engine.tasks(swarm).await?;
+                    let o = status::Observed {
+                        service: swarm,
+                        tasks: &tasks,
+                        now,
+                    };
+                    status::paused(&obj.status, svc, Some(&o), now)
+                }
+                None => status::paused(&obj.status, svc, None, now),
+            };
+            let action = if status::is_ready(&status) {
+                Action::await_change()
+            } else {
+                Action::requeue(PROGRESS_POLL)
+            };
+            return Ok(Reconciled { status, action });
+        }
+
         // Dereference: what it depends on (a missing dependency is waited for, not retried hot),
         // the image's credentials, and the digest its tag names.
         let resolved = match dereference::dependencies(&src, &svc.spec).await? {

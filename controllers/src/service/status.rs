@@ -58,6 +58,43 @@ pub fn refused(
     s
 }
 
+/// Status of a paused Service (`spec.paused`): what the engine runs, observed as usual when the
+/// Swarm service exists, with `Progressing=False/Paused` saying that the spec is not rolled out.
+pub fn paused(
+    current: &ServiceStatus,
+    svc: &Service,
+    o: Option<&Observed>,
+    now: DateTime<Utc>,
+) -> ServiceStatus {
+    let generation = svc.metadata.generation;
+    let name = &svc.metadata.name;
+    let mut s = match o {
+        Some(o) => observed(current, generation, o),
+        None => {
+            let mut s = current.clone();
+            s.observed_generation = Some(generation);
+            set_condition(
+                &mut s.conditions,
+                conditions::READY,
+                False,
+                conditions::PAUSED_REASON,
+                "not created while paused",
+                now,
+            );
+            s
+        }
+    };
+    set_condition(
+        &mut s.conditions,
+        conditions::PROGRESSING,
+        False,
+        conditions::PAUSED_REASON,
+        &format!("rollout paused: spec changes roll out on `berth rollout resume service {name}`"),
+        now,
+    );
+    s
+}
+
 /// What apply did, for the status.
 pub struct Applied<'a> {
     /// Whether berth wrote the Swarm service in this reconcile (a new revision, if the image moved).
@@ -449,6 +486,26 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_paused_service_reports_what_runs_and_that_it_is_paused() {
+        let now = Utc::now();
+        let mut svc: Service = serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"image": "a:2", "paused": true}
+        }))
+        .unwrap();
+        svc.metadata.generation = 4;
+        let s = paused(&ServiceStatus::default(), &svc, None, now);
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(
+            cond(&s, "Ready"),
+            (False, "Paused".into(), "not created while paused".into())
+        );
+        let (st, reason, msg) = cond(&s, "Progressing");
+        assert_eq!((st, reason.as_str()), (False, "Paused"));
+        assert!(msg.contains("berth rollout resume service web"), "{msg}");
     }
 
     fn cond(s: &ServiceStatus, t: &str) -> (berth_api_types::ConditionStatus, String, String) {
