@@ -71,7 +71,7 @@ pub(crate) fn kind_arg(s: &str) -> Result<Kind, String> {
 }
 
 /// Loads, parses and validates every manifest; returns every problem found, or the objects.
-fn load(files: &[PathBuf]) -> Result<Vec<DynObject>, String> {
+pub(crate) fn load(files: &[PathBuf]) -> Result<Vec<DynObject>, String> {
     let docs = load_paths(files).map_err(|errs| {
         errs.iter()
             .map(|e| format!("error: {e}"))

@@ -15,6 +15,7 @@ mod daemon;
 mod data_dir;
 mod deploy_applier;
 mod deploy_auth;
+mod diff_cli;
 mod edit_cli;
 mod environment;
 mod extract;
@@ -300,6 +301,14 @@ enum Command {
         /// With --wait: give up after this long (`90s`, `5m`, `1m30s`; 0 waits as long as it takes).
         #[arg(long, default_value = "5m", value_parser = parse_duration, requires = "wait")]
         timeout: std::time::Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show what `apply -f` would change, as a unified diff of each object's labels, annotations
+    /// and spec (Secret values never shown); exit 1 when something would change.
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -666,6 +675,7 @@ fn main() -> ExitCode {
                 timeout,
                 conn,
             } => cli::apply(&conn, &files, dry_run, wait.then_some(timeout)).await,
+            Command::Diff { files, conn } => diff_cli::diff(&conn, &files).await,
             Command::Wait {
                 kind,
                 names,
