@@ -45,7 +45,10 @@ fn object_diff(live: Option<&DynObject>, local: &DynObject) -> String {
         let after = secret_keys(&local.spec);
         let Some(live) = live else {
             let keys: Vec<_> = after.into_iter().collect();
-            return format!("{id}: created with keys {} (values not shown)\n", keys.join(", "));
+            return format!(
+                "{id}: created with keys {} (values not shown)\n",
+                keys.join(", ")
+            );
         };
         let before = secret_keys(&live.spec);
         let mut parts: Vec<String> = after
@@ -130,11 +133,20 @@ mod tests {
         let live = obj("Service", json!({"image": "app:1", "replicas": 2}));
         let local = obj("Service", json!({"image": "app:2", "replicas": 2}));
         let d = object_diff(Some(&live), &local);
-        assert!(d.starts_with("--- live/service/web\n+++ files/service/web\n"), "{d}");
-        assert!(d.contains("-  image: \"app:1\"\n+  image: \"app:2\"\n"), "{d}");
+        assert!(
+            d.starts_with("--- live/service/web\n+++ files/service/web\n"),
+            "{d}"
+        );
+        assert!(
+            d.contains("-  image: \"app:1\"\n+  image: \"app:2\"\n"),
+            "{d}"
+        );
         assert!(!d.contains("observedGeneration"), "{d}");
         let new = object_diff(None, &local);
-        assert!(new.contains("+++ new/service/web") && new.contains("+  image: \"app:2\""), "{new}");
+        assert!(
+            new.contains("+++ new/service/web") && new.contains("+  image: \"app:2\""),
+            "{new}"
+        );
     }
 
     #[test]
@@ -143,7 +155,10 @@ mod tests {
             "Secret",
             json!({"redacted": {"pw": {"size": 3, "digest": "x"}, "old": {"size": 1, "digest": "y"}}}),
         );
-        let local = obj("Secret", json!({"stringData": {"pw": "hunter2", "new": "s3cret"}}));
+        let local = obj(
+            "Secret",
+            json!({"stringData": {"pw": "hunter2", "new": "s3cret"}}),
+        );
         let d = object_diff(Some(&live), &local);
         assert_eq!(
             d,
