@@ -95,6 +95,7 @@ pub struct ServiceSpec {
     pub force_update: u64,
     /// `berth rollout pause`: berth stops writing the Swarm service (no rollout, no scaling, no
     /// drift repair) while spec changes are stored; `rollout resume` rolls them out in one update.
+    /// Applying a manifest that does not mention it keeps it, as with `forceUpdate`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub paused: bool,
 }

@@ -224,10 +224,11 @@ async fn a_paused_service_keeps_running_its_old_spec_until_resumed() {
         b.cli_ok(&["rollout", "pause", "service", &name]),
         format!("service/{name} paused\n")
     );
+    // The manifest does not say `paused`: applying it (as a CI job would) keeps the pause.
     b.apply(&service_yaml(
         &name,
         1,
-        "  paused: true\n  env:\n    ROUND: 2\n    DEBUG: true\n",
+        "  env:\n    ROUND: 2\n    DEBUG: true\n",
     ));
     let obj = b
         .wait_condition(Kind::Service, &name, "Progressing", CONVERGE, |c| {

@@ -119,10 +119,11 @@ pub(super) fn admit(store: &Store, op: Op<'_>) -> Result<(), StoreError> {
     }
 }
 
-/// What deploys wrote and a manifest does not know about survives `apply` of that manifest: the
-/// `deploy.berth.io/*` annotations and a Service's `forceUpdate` counter, unless the manifest sets
-/// them. Otherwise re-applying an unchanged manifest after a same-tag redeploy would lower the
-/// counter and restart every task. (The image is the manifest's to set: applying it reverts a deploy,
+/// What deploys and rollout commands wrote and a manifest does not know about survives `apply` of
+/// that manifest: the `deploy.berth.io/*` annotations, a Service's `forceUpdate` counter and its
+/// `paused` flag, unless the manifest sets them. Otherwise re-applying an unchanged manifest after a
+/// same-tag redeploy would lower the counter and restart every task, and a CI apply would silently
+/// resume a service someone paused (only `rollout resume` does that). (The image is the manifest's to set: applying it reverts a deploy,
 /// as with kubectl.)
 fn keep_deploy_state(old: &DynObject, incoming: &mut DynObject) {
     for (k, v) in &old.metadata.annotations {
@@ -138,6 +139,9 @@ fn keep_deploy_state(old: &DynObject, incoming: &mut DynObject) {
         if let (Some(n), Some(spec)) = (old.spec.get("forceUpdate"), incoming.spec.as_object_mut())
         {
             spec.entry("forceUpdate").or_insert_with(|| n.clone());
+        }
+        if let (Some(p), Some(spec)) = (old.spec.get("paused"), incoming.spec.as_object_mut()) {
+            spec.entry("paused").or_insert_with(|| p.clone());
         }
     }
 }
@@ -279,6 +283,7 @@ mod tests {
         // A same-tag redeploy, as the deploy applier writes it.
         let mut deployed = s.get(Kind::Service, "web").unwrap().unwrap();
         deployed.spec["forceUpdate"] = json!(1);
+        deployed.spec["paused"] = json!(true);
         deployed
             .metadata
             .annotations
@@ -294,6 +299,7 @@ mod tests {
         assert_eq!(r[0].0.outcome, ApplyOutcome::Unchanged);
         let now = s.get(Kind::Service, "web").unwrap().unwrap();
         assert_eq!(now.spec["forceUpdate"], 1);
+        assert_eq!(now.spec["paused"], true);
         assert_eq!(now.metadata.annotations["deploy.berth.io/id"], "01J");
         // A PUT is a full replacement: there the client's object is the whole truth.
         s.write(vec![manifest()], WriteMode::Replace, None, false)
