@@ -18,6 +18,7 @@ pub mod network;
 pub mod node;
 pub mod registry;
 pub mod secret_config;
+pub mod selector;
 pub mod service;
 pub mod typed;
 pub mod units;

@@ -58,6 +58,9 @@ pub mod paths {
     /// `GET`: the audit chain recomputed (`berth audit verify`).
     pub const AUDIT_VERIFY: &str = "/apis/berth/v1/audit/verify";
 
+    /// The query parameter of a collection's `GET` that filters by labels (`selector.rs` syntax).
+    pub const LABEL_SELECTOR_PARAM: &str = "labelSelector";
+
     /// `/apis/berth/v1/<plural>`
     pub fn collection(kind: Kind) -> String {
         format!("{API_ROOT}/{}", kind.plural())

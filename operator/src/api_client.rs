@@ -348,9 +348,21 @@ impl ApiClient {
     }
 
     pub async fn list_objects(&self, kind: Kind) -> Result<Vec<DynObject>, ClientError> {
-        let list: List<DynObject> = self
-            .send(self.http.get(self.url(&paths::collection(kind))))
-            .await?;
+        self.list_selected(kind, None).await
+    }
+
+    /// The objects of a kind whose labels match `selector` (evaluated by the server; a bad
+    /// selector is its 400).
+    pub async fn list_selected(
+        &self,
+        kind: Kind,
+        selector: Option<&str>,
+    ) -> Result<Vec<DynObject>, ClientError> {
+        let mut req = self.http.get(self.url(&paths::collection(kind)));
+        if let Some(s) = selector {
+            req = req.query(&[(paths::LABEL_SELECTOR_PARAM, s)]);
+        }
+        let list: List<DynObject> = self.send(req).await?;
         Ok(list.items)
     }
 

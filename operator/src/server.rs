@@ -21,6 +21,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use berth_api_types::names::{paths, API_VERSION};
 use berth_api_types::secret_config::{redacted_view, ContentKey, DataSpec};
+use berth_api_types::selector::Selector;
 use berth_api_types::typed::decode_object;
 use berth_api_types::validate::FieldError;
 use berth_api_types::wire::{DataBody, Discovery, ErrorBody, ErrorDetail, List};
@@ -411,16 +412,32 @@ fn object_label(item: &Value, index: usize) -> String {
     }
 }
 
+#[derive(Deserialize)]
+struct ListQuery {
+    /// `paths::LABEL_SELECTOR_PARAM`: only objects whose labels match (see `selector.rs`).
+    #[serde(rename = "labelSelector")]
+    label_selector: Option<String>,
+}
+
 async fn list(
     State(state): State<AppState>,
     Path(plural): Path<String>,
+    Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<List<DynObject>>> {
     let kind = kind_of(&plural)?;
+    let selector = match q.label_selector.as_deref() {
+        Some(text) => Selector::parse(text).map_err(|e| {
+            ApiError::field(paths::LABEL_SELECTOR_PARAM, e.to_string())
+                .with_status(StatusCode::BAD_REQUEST, "BadRequest")
+        })?,
+        None => Selector::default(),
+    };
     Ok(Json(List {
         items: state
             .store
             .list(kind)?
             .into_iter()
+            .filter(|o| selector.matches(&o.metadata.labels))
             .map(|o| redact(state.store.content_key(), o))
             .collect(),
     }))
@@ -913,6 +930,48 @@ mod tests {
         assert_eq!(code, 200);
         let (code, _) = call(&app, "GET", "/apis/berth/v1/services", None, true).await;
         assert_eq!(code, 200);
+    }
+
+    /// `?labelSelector=` keeps exactly the matching objects; a bad selector is a 400 naming the
+    /// parameter and what is wrong.
+    #[tokio::test]
+    async fn list_filters_by_label_selector() {
+        let (app, _d) = app().await;
+        for (name, tier) in [("a", "web"), ("b", "db"), ("c", "")] {
+            let mut s = svc(name, json!(1));
+            if !tier.is_empty() {
+                s["metadata"]["labels"] = json!({ "app": "shop", "tier": tier });
+            }
+            let (code, body) = call(&app, "POST", "/apis/berth/v1/services", Some(s), true).await;
+            assert_eq!(code, 201, "{body}");
+        }
+        let names = |body: &Value| -> Vec<String> {
+            body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        for (selector, expect) in [
+            ("app%3Dshop", vec!["a", "b"]),
+            ("tier%21%3Ddb", vec!["a", "c"]),
+            ("tier+in+%28db%2Ccache%29", vec!["b"]),
+            ("%21app", vec!["c"]),
+        ] {
+            let path = format!("/apis/berth/v1/services?labelSelector={selector}");
+            let (code, body) = call(&app, "GET", &path, None, true).await;
+            assert_eq!(code, 200, "{body}");
+            assert_eq!(names(&body), expect, "{selector}");
+        }
+        let path = "/apis/berth/v1/services?labelSelector=tier+in+db";
+        let (code, body) = call(&app, "GET", path, None, true).await;
+        assert_eq!(code, 400, "{body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("labelSelector") && message.contains("parenthesised list"),
+            "{message}"
+        );
     }
 
     /// The join command carries the swarm's join token: no answer without the admin token, and a
