@@ -110,14 +110,19 @@ pub(crate) fn load(files: &[PathBuf]) -> Result<Vec<DynObject>, String> {
     Ok(objects)
 }
 
-/// `berth apply`; with `wait`, then waits (that long at most) for what controllers reconcile.
+/// `berth apply`; with `prune`, then deletes what that selector matches and the files do not name;
+/// with `wait`, then waits (that long at most) for what controllers reconcile.
 pub async fn apply(
     conn: &Conn,
     files: &[PathBuf],
     dry_run: bool,
     wait: Option<std::time::Duration>,
+    prune: Option<&str>,
 ) -> CliResult {
     let objects = load(files)?;
+    if let Some(selector) = prune {
+        crate::prune_cli::check(selector)?;
+    }
     let client = client(conn)?;
     let results = client.apply(&objects, dry_run).await.map_err(api_error)?;
     let suffix = if dry_run { " (dry run)" } else { "" };
@@ -137,6 +142,9 @@ pub async fn apply(
             ApplyOutcome::Unchanged => "unchanged",
         };
         println!("{}/{} {what}{suffix}", r.kind.lower(), r.name);
+    }
+    if let Some(selector) = prune {
+        crate::prune_cli::prune(&client, selector, &objects, dry_run).await?;
     }
     match wait {
         Some(timeout) if !dry_run => {

@@ -25,6 +25,7 @@ mod hooks;
 mod in_process_api;
 mod nats_args;
 mod output;
+mod prune_cli;
 mod push_hooks;
 mod rollout_cli;
 mod server;
@@ -301,6 +302,12 @@ enum Command {
         /// With --wait: give up after this long (`90s`, `5m`, `1m30s`; 0 waits as long as it takes).
         #[arg(long, default_value = "5m", value_parser = parse_duration, requires = "wait")]
         timeout: std::time::Duration,
+        /// Then delete the objects matching -l that the files do not name (shown first).
+        #[arg(long, requires = "selector")]
+        prune: bool,
+        /// With --prune: the label selector that says which objects these files own (`app=shop`).
+        #[arg(short = 'l', long, requires = "prune")]
+        selector: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -673,8 +680,19 @@ fn main() -> ExitCode {
                 dry_run,
                 wait,
                 timeout,
+                prune: _,
+                selector,
                 conn,
-            } => cli::apply(&conn, &files, dry_run, wait.then_some(timeout)).await,
+            } => {
+                cli::apply(
+                    &conn,
+                    &files,
+                    dry_run,
+                    wait.then_some(timeout),
+                    selector.as_deref(),
+                )
+                .await
+            }
             Command::Diff { files, conn } => diff_cli::diff(&conn, &files).await,
             Command::Wait {
                 kind,

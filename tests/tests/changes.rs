@@ -386,3 +386,105 @@ async fn diff_edit_and_label_change_exactly_what_they_say() {
     let labels = b.object(Kind::Service, &name).await.unwrap()["metadata"]["labels"].clone();
     assert_eq!(labels, serde_json::json!({"tier": "db"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_prune_deletes_only_what_the_selector_owns_and_the_files_dropped() {
+    let p = prefix("prune");
+    let _cleanup = Cleanup::new(&p);
+    let b = Berth::start(None);
+    let d = docker().await;
+    let owned = |name: &str, app: &str| {
+        format!(
+            "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\n  labels:\n    app: {app}\nspec:\n  image: {IMAGE}\n  command: [\"sleep\", \"100000\"]\n  init: true\n  stopGracePeriod: 1s\n  replicas: 1\n"
+        )
+    };
+    let app = format!("{p}-shop");
+    let (web, api, other) = (format!("{p}-web"), format!("{p}-api"), format!("{p}-other"));
+    let config = format!("apiVersion: berth/v1\nkind: Config\nmetadata:\n  name: {p}-cfg\n  labels:\n    app: {app}\nspec:\n  stringData:\n    a: b\n");
+    // Another team's object, labelled otherwise: never a candidate.
+    b.apply(&owned(&other, "someone-else"));
+    let all = format!(
+        "{}---\n{}---\n{config}",
+        owned(&web, &app),
+        owned(&api, &app)
+    );
+    let (_dir, file) = manifest("shop.yaml", &all);
+    let path = file.to_str().unwrap();
+    let selector = format!("app={app}");
+    b.cli_ok(&[
+        "apply",
+        "-f",
+        path,
+        "--prune",
+        "-l",
+        &selector,
+        "--wait",
+        "--timeout",
+        "2m",
+    ]);
+    assert!(swarm_replicas(&d, &api).await.is_some());
+
+    // The api service and the config leave the files.
+    std::fs::write(&file, owned(&web, &app)).unwrap();
+    let out = b.cli(&["apply", "-f", path, "--prune", "-l", &selector, "--dry-run"]);
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains(&format!("service/{api} pruned (dry run)")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        b.object(Kind::Service, &api).await.is_some(),
+        "a dry run deleted"
+    );
+
+    let out = b.cli(&["apply", "-f", path, "--prune", "-l", &selector]);
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("pruning 2 object(s) matching `{selector}`")),
+        "what goes is shown first: {}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.contains(&format!("service/{api} pruned")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("config/{p}-cfg pruned")),
+        "{}",
+        out.stdout
+    );
+    assert!(b.object(Kind::Service, &api).await.is_none());
+    assert!(b.object(Kind::Config, &format!("{p}-cfg")).await.is_none());
+    assert!(b.object(Kind::Service, &web).await.is_some());
+    assert!(
+        b.object(Kind::Service, &other).await.is_some(),
+        "another team's object was pruned"
+    );
+    berth_e2e::wait_for(CONVERGE, "the pruned Swarm service to go", || async {
+        swarm_replicas(&d, &api).await.is_none().then_some(())
+    })
+    .await;
+
+    // A selector is required, and a bad one changes nothing.
+    let out = b.cli(&["apply", "-f", path, "--prune"]);
+    assert!(
+        !out.success && out.stderr.contains("--selector"),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(
+        &file,
+        owned(&web, &app).replace("replicas: 1", "replicas: 2"),
+    )
+    .unwrap();
+    let out = b.cli(&["apply", "-f", path, "--prune", "-l", "app in (x"]);
+    assert!(!out.success && out.stderr.contains("-l:"), "{}", out.stderr);
+    assert_eq!(
+        b.object(Kind::Service, &web).await.unwrap()["spec"]["replicas"],
+        1
+    );
+}
