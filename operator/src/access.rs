@@ -574,7 +574,8 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
         let action = note
             .action
             .unwrap_or_else(|| default_action(&method, Some(need)));
-        let outcome = if code.is_success() {
+        // 101: an exec's stream was opened (the command starts once this record is written).
+        let outcome = if code.is_success() || code == StatusCode::SWITCHING_PROTOCOLS {
             "ok".to_string()
         } else {
             code.canonical_reason().unwrap_or("error").to_string()

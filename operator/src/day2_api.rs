@@ -310,10 +310,8 @@ async fn logs(
                 _ = tx.closed() => break,
                 _ = tokio::time::sleep(FOLLOW_RELIST) => {}
             }
-            current = match task_list(&t).await {
-                Ok(list) => list,
-                Err(_) => Vec::new(),
-            };
+            // An engine hiccup skips one look for new tasks; the streams already open go on.
+            current = task_list(&t).await.unwrap_or_default();
         }
         drop(tx);
         if follow {
@@ -462,16 +460,7 @@ async fn exec(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "TaskOnAnotherNode",
-            format!(
-                "task {} runs on node {} ({}), not on the API server's node {local_host} ({local}): \
-                 Swarm runs a command only through the engine of the node that runs the container, \
-                 and this berth execs only through its own engine. Choose a task on {local_host} \
-                 with --task, or ask an admin to run it on {}",
-                task.log_prefix(),
-                task.node,
-                task.node_id,
-                task.node
-            ),
+            on_another_node(task, &local, &local_host),
         ));
     }
     let container = task.container_id.clone().ok_or_else(|| {
@@ -537,6 +526,19 @@ async fn exec(
         }],
     });
     Ok(resp)
+}
+
+/// Why a task on another node is refused, naming the task, its node and this one.
+fn on_another_node(task: &TaskInfo, local: &str, local_host: &str) -> String {
+    format!(
+        "task {} runs on node {} ({}), not on the API server's node {local_host} ({local}): Swarm \
+         runs a command only through the engine of the node that runs the container, and berth \
+         execs only through its own engine. Choose a task on {local_host} with --task (see `berth \
+         ps`)",
+        task.log_prefix(),
+        task.node,
+        task.node_id,
+    )
 }
 
 fn check_command(command: &[String]) -> ApiResult<()> {
@@ -705,6 +707,24 @@ mod tests {
         assert!(!task_matches(&t, Some("1")));
         assert!(task_matches(&t, Some("k3x")));
         assert!(!task_matches(&t, Some("zz")));
+    }
+
+    #[test]
+    fn a_task_on_another_node_is_refused_by_name_node_and_reason() {
+        let t = TaskInfo {
+            id: "abcdefghijklmnop".into(),
+            name: "web.2".into(),
+            node_id: "n2id".into(),
+            node: "node2".into(),
+            ..TaskInfo::default()
+        };
+        assert_eq!(
+            on_another_node(&t, "n1id", "node1"),
+            "task web.2.abcdefghijkl@node2 runs on node node2 (n2id), not on the API server's node \
+             node1 (n1id): Swarm runs a command only through the engine of the node that runs the \
+             container, and berth execs only through its own engine. Choose a task on node1 with \
+             --task (see `berth ps`)"
+        );
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub async fn ps(a: PsArgs) -> CliResult {
         .await
         .map_err(api_error)?;
     match a.output {
-        Output::Table => print!("{}", tasks_table(&list.items)),
+        Output::Table => println!("{}", tasks_table(&list.items)),
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "items": list.items }))
@@ -277,13 +277,18 @@ pub async fn exec(a: ExecArgs) -> CliResult {
     let result = attach(conn, a.interactive, a.tty).await;
     // The terminal is itself again before anything more is printed.
     drop(raw);
-    let code = result?;
-    if code != 0 {
-        let _ = std::io::stdout().flush();
-        // The command's own exit code is the CLI's (the runtime has nothing left to finish).
-        std::process::exit(code);
-    }
-    Ok(())
+    let code = match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("{}", message.trim_end());
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // The command's exit code is the CLI's. Exiting here rather than returning also keeps the
+    // runtime's shutdown from waiting on the blocked read of a terminal's standard input.
+    std::process::exit(code)
 }
 
 /// Pumps standard input (with `interactive`) and terminal resizes (with `tty`) to the stream,
