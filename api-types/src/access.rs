@@ -77,6 +77,10 @@ pub struct TokenInfo {
     pub services: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// May run commands in running containers (`berth exec`): a grant of its own, given
+    /// explicitly at creation (`--exec`), never implied by the role. The admin always may.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exec: bool,
     /// RFC 3339.
     pub created: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +101,9 @@ pub struct TokenRequest {
     pub expires: Option<String>,
     #[serde(default)]
     pub description: String,
+    /// Grant `berth exec` (operator and deployer tokens only).
+    #[serde(default)]
+    pub exec: bool,
 }
 
 /// The answer to a token creation or rotation: the only time the secret is shown.
@@ -135,6 +142,12 @@ pub struct AuditEntry {
     pub generation_before: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation_after: Option<u64>,
+    /// For an exec: the task the command ran in (`web.1.abcdef012345@node1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// For an exec: the program's name only, never its arguments (they may carry secrets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
     /// The HTTP status answered.
     pub code: u16,
     /// `ok`, or the refusal's reason (`Forbidden`, `Unauthorized`, `Invalid`, `Conflict`, ...).

@@ -25,6 +25,7 @@ pub mod units;
 pub mod validate;
 pub mod volume;
 pub mod wire;
+pub mod workload;
 
 pub use event::{Event, EventType};
 pub use kind::Kind;

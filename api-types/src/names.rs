@@ -81,6 +81,23 @@ pub mod paths {
         format!("{API_ROOT}/{}/{name}/status", kind.plural())
     }
 
+    /// `/apis/berth/v1/<plural>/<name>/logs`: GET (`?follow&since&tail&timestamps&task`) a
+    /// Service's logs from all its tasks on every node, as JSON lines (`berth logs`).
+    pub fn logs(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}/logs", kind.plural())
+    }
+
+    /// `/apis/berth/v1/<plural>/<name>/tasks`: GET a Service's Swarm tasks (`berth ps`).
+    pub fn tasks(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}/tasks", kind.plural())
+    }
+
+    /// `/apis/berth/v1/<plural>/<name>/exec`: POST a command to run in one of a Service's tasks,
+    /// upgrading the connection to `workload::EXEC_PROTOCOL` (`berth exec`).
+    pub fn exec(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}/exec", kind.plural())
+    }
+
     /// Webhook administration (bearer token): list (GET) and create (POST).
     pub const WEBHOOKS: &str = "/apis/berth/v1/webhooks";
 

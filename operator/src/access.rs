@@ -42,6 +42,11 @@ pub enum Need {
     /// Everything that hands out keys to the kingdom: tokens, the swarm join token, the backup
     /// repository key, restores, webhook credentials, the audit trail.
     Admin,
+    /// Run a command in a running container (`berth exec`): it reads and changes whatever the
+    /// container can, secrets included, so it is a grant of its own rather than part of any
+    /// role. The admin always may; an operator or deployer token only when created with `--exec`
+    /// (a deployer's only in its own Services); a viewer or controller never ([`exec_allowed`]).
+    Exec,
 }
 
 impl Need {
@@ -70,7 +75,8 @@ impl Need {
             Need::WriteStatus => &[Admin, Controller],
             Need::SecretData => &[Admin, Controller],
             Need::RunBackups => &[Admin, Operator],
-            Need::Admin => &[Admin],
+            // The roles that may hold the grant are in `exec_allowed`; by role alone, the admin.
+            Need::Admin | Need::Exec => &[Admin],
         }
     }
 }
@@ -111,6 +117,11 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         (M::GET, api("/{plural}/{name}/status"), Need::Read),
         (M::PUT, api("/{plural}/{name}/status"), Need::WriteStatus),
         (M::GET, api("/{plural}/{name}/data"), Need::SecretData),
+        // Day-2: what runs (tasks), what it printed (logs; audited, they may hold user data) and
+        // a command in it (exec: its own grant).
+        (M::GET, api("/{plural}/{name}/tasks"), Need::Read),
+        (M::GET, api("/{plural}/{name}/logs"), Need::Read),
+        (M::POST, api("/{plural}/{name}/exec"), Need::Exec),
         (M::GET, paths::EVENTS.into(), Need::Read),
         (M::GET, paths::CONTROLLERS.into(), Need::Read),
         // The swarm's join token lets a machine into the cluster.
@@ -202,13 +213,31 @@ fn deployer_path_allows(
     let own_service = param("plural") == Some("services")
         && param("name").is_some_and(|n| p.services.iter().any(|s| s == n));
     let shape_ok = match *method {
-        Method::GET | Method::HEAD => {
-            route == api("/{plural}/{name}") || route == api("/{plural}/{name}/status")
-        }
+        Method::GET | Method::HEAD => [
+            "/{plural}/{name}",
+            "/{plural}/{name}/status",
+            "/{plural}/{name}/tasks",
+            "/{plural}/{name}/logs",
+        ]
+        .iter()
+        .any(|r| route == api(r)),
         Method::PUT | Method::PATCH => route == api("/{plural}/{name}"),
+        // Exec, with the grant (checked by `exec_allowed`).
+        Method::POST => route == api("/{plural}/{name}/exec"),
         _ => false,
     };
     own_service && shape_ok
+}
+
+/// Whether a principal may run commands in containers: the admin always; an operator or a
+/// deployer only with the exec grant on its token; a viewer or a controller never, whatever its
+/// token says (the token API refuses the grant to them, and this refuses it again).
+pub fn exec_allowed(p: &Principal) -> bool {
+    match p.role {
+        Role::Admin => true,
+        Role::Operator | Role::Deployer => p.exec,
+        Role::Viewer | Role::Controller => false,
+    }
 }
 
 /// A controller's one kind of spec write: the Node controller registers a node it finds in the
@@ -308,11 +337,16 @@ pub struct Change {
     pub name: Option<String>,
     pub generation_before: Option<u64>,
     pub generation_after: Option<u64>,
+    /// An exec's task (`web.1.abcdef012345@node1`).
+    pub task: Option<String>,
+    /// An exec's program name (never its arguments).
+    pub program: Option<String>,
 }
 
 fn default_action(method: &Method, need: Option<Need>) -> &'static str {
     match (need, method) {
         (Some(Need::SecretData), _) => "read-secret-data",
+        (Some(Need::Exec), _) => "exec",
         (_, &Method::POST) => "create",
         (_, &Method::PUT) => "replace",
         (_, &Method::PATCH) => "patch",
@@ -330,7 +364,7 @@ fn audited(method: &Method, need: Option<Need>, code: StatusCode) -> bool {
     }
     match need {
         Some(Need::Public) | Some(Need::WriteStatus) => false,
-        Some(Need::SecretData) => true,
+        Some(Need::SecretData) | Some(Need::Exec) => true,
         _ => !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS),
     }
 }
@@ -424,6 +458,8 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
             name: change.name.or(name),
             generation_before: change.generation_before,
             generation_after: change.generation_after,
+            task: change.task,
+            program: change.program,
             code: code.as_u16(),
             outcome: outcome.to_string(),
         }
@@ -473,7 +509,12 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
     };
     let need = need.expect("set above for every routed request");
     let route_str = route.as_deref().unwrap_or("");
-    let allowed = need.roles().contains(&principal.role)
+    let admitted = if need == Need::Exec {
+        exec_allowed(&principal)
+    } else {
+        need.roles().contains(&principal.role)
+    };
+    let allowed = admitted
         && (principal.role != Role::Deployer
             || matches!(need, Need::Token)
             || deployer_path_allows(&principal, &method, route_str, &params))
@@ -501,11 +542,16 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
         } else {
             String::new()
         };
+        let grant = if need == Need::Exec {
+            ", or an operator or deployer token created with `--exec` (berth token create --exec)"
+        } else {
+            ""
+        };
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "Forbidden",
             format!(
-                "role `{}` may not {method} {route_str}: it needs role {}{scope}",
+                "role `{}` may not {method} {route_str}: it needs role {}{grant}{scope}",
                 principal.role,
                 role_list(&roles)
             ),
@@ -516,7 +562,10 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
     req.extensions_mut().insert(principal.clone());
     let resp = next.run(req).await;
     let code = resp.status();
-    if audited(&method, Some(need), code) {
+    // A handler that notes what it served is recorded even for a read (a Service's logs: user
+    // data, possibly health data, that an auditor asks who read).
+    let noted = resp.extensions().get::<Audited>().is_some();
+    if noted || audited(&method, Some(need), code) {
         let note = resp
             .extensions()
             .get::<Audited>()
@@ -525,7 +574,8 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
         let action = note
             .action
             .unwrap_or_else(|| default_action(&method, Some(need)));
-        let outcome = if code.is_success() {
+        // 101: an exec's stream was opened (the command starts once this record is written).
+        let outcome = if code.is_success() || code == StatusCode::SWITCHING_PROTOCOLS {
             "ok".to_string()
         } else {
             code.canonical_reason().unwrap_or("error").to_string()
@@ -1137,6 +1187,93 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("guessed-hook-token"), "{text}");
+    }
+
+    #[test]
+    fn exec_is_a_grant_of_its_own_never_a_viewers_or_a_controllers() {
+        let p = |role: Role, exec: bool| Principal {
+            token_id: "t".into(),
+            role,
+            services: vec![],
+            exec,
+        };
+        assert!(exec_allowed(&p(Role::Admin, false)));
+        for role in [Role::Operator, Role::Deployer] {
+            assert!(!exec_allowed(&p(role, false)), "{role} without the grant");
+            assert!(exec_allowed(&p(role, true)), "{role} with the grant");
+        }
+        for role in [Role::Viewer, Role::Controller] {
+            assert!(
+                !exec_allowed(&p(role, true)),
+                "{role}, even with the flag set"
+            );
+        }
+    }
+
+    /// Exec through the router: refused (and recorded) without the grant, let through with it
+    /// (to the handler, which then wants the HTTP upgrade this test does not make); a deployer's
+    /// grant reaches only its own Services.
+    #[tokio::test]
+    async fn exec_needs_the_grant_and_every_attempt_is_recorded() {
+        let w = world().await;
+        let admin = Some(w.tokens[&Role::Admin].as_str());
+        let mut granted = HashMap::new();
+        for role in ["operator", "deployer"] {
+            let (code, t) = call(
+                &w.app,
+                "POST",
+                paths::TOKENS,
+                admin,
+                Some(json!({"role": role, "exec": true, "services": if role == "deployer" { json!(["web"]) } else { json!([]) }})),
+            )
+            .await;
+            assert_eq!(code, 201, "{t}");
+            assert_eq!(t["exec"], true);
+            granted.insert(role, t["token"].as_str().unwrap().to_string());
+        }
+        let (code, t) = call(
+            &w.app,
+            "POST",
+            paths::TOKENS,
+            admin,
+            Some(json!({"role": "viewer", "exec": true})),
+        )
+        .await;
+        assert_eq!(code, 422, "a viewer is never given exec: {t}");
+        w.audit.0.lock().unwrap().clear();
+        let body = json!({"command": ["sh", "-c", "echo secret-arg"]});
+        let exec = |name: &str| paths::exec(berth_api_types::Kind::Service, name);
+        for (token, name, want) in [
+            (w.tokens[&Role::Viewer].as_str(), "web", 403),
+            (w.tokens[&Role::Operator].as_str(), "web", 403),
+            (w.tokens[&Role::Deployer].as_str(), "web", 403),
+            (w.tokens[&Role::Controller].as_str(), "web", 403),
+            (granted["operator"].as_str(), "web", 426),
+            (granted["deployer"].as_str(), "web", 426),
+            (granted["deployer"].as_str(), "other", 403),
+            (w.tokens[&Role::Admin].as_str(), "web", 426),
+        ] {
+            let (code, resp) =
+                call(&w.app, "POST", &exec(name), Some(token), Some(body.clone())).await;
+            assert_eq!(code, want, "{name}: {resp}");
+            if want == 403 {
+                assert!(
+                    resp["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("created with `--exec`"),
+                    "{resp}"
+                );
+            }
+        }
+        let log = w.audit.0.lock().unwrap();
+        assert_eq!(log.len(), 8, "every exec attempt is a record: {log:?}");
+        assert!(log.iter().all(|e| e.action == "exec"), "{log:?}");
+        let text = serde_json::to_string(&*log).unwrap();
+        assert!(
+            !text.contains("secret-arg"),
+            "no argument is recorded: {text}"
+        );
     }
 
     #[test]

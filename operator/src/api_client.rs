@@ -511,11 +511,51 @@ impl ApiClient {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<impl futures::Stream<Item = Result<T, ClientError>>, ClientError> {
-        use futures::StreamExt;
         let resp = match self.dispatch(req, None, false).await? {
             Answer::Whole(status, bytes) => return Err(refusal(status, &bytes)),
             Answer::Streaming(resp) => resp,
         };
+        self.decode_json_lines(resp).await
+    }
+
+    /// A request answered by a stream with no end in sight or by a connection upgrade (`berth
+    /// logs -f`, `berth exec`): sent once, to the server that answered last, with a time limit
+    /// on connecting only. An error answer is decoded as usual; `101 Switching Protocols` and
+    /// success are handed back.
+    pub async fn open(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let base = self.base_url().to_string();
+        let req = req
+            .bearer_auth(&self.token)
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("cannot build the request: {e}")))?;
+        let resp = self
+            .http
+            .execute(req)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                url: base.clone(),
+                source: e,
+            })?;
+        let status = resp.status();
+        if status.is_success() || status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(resp);
+        }
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+            url: base,
+            source: e,
+        })?;
+        Err(refusal(status, &bytes))
+    }
+
+    /// The newline-delimited JSON of an answer, decoded line by line.
+    pub async fn decode_json_lines<T: serde::de::DeserializeOwned + 'static>(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<impl futures::Stream<Item = Result<T, ClientError>>, ClientError> {
+        use futures::StreamExt;
         let base = self.base_url().to_string();
         if !resp.status().is_success() {
             let status = resp.status();

@@ -11,7 +11,8 @@
 //! The chain: a record's `hash` is HMAC-SHA256 under the chain key, in hex, over its canonical
 //! form, which is the compact JSON array
 //! `["berth.audit/v1", seq, time, tokenId, role, source, action, kind, name, generationBefore,
-//! generationAfter, code, outcome, prev]` (absent fields `null`) as serde_json writes it. An
+//! generationAfter, code, outcome, prev]` (absent fields `null`) as serde_json writes it; an
+//! exec's record is `[that array, task, program]`. An
 //! array with a fixed order rather than the record's object: its bytes depend on no map ordering,
 //! serde attribute or field a later version adds. `prev` is the hash of the record before (64
 //! zeros for the first), so a record cannot be changed, removed or moved without breaking the
@@ -80,7 +81,7 @@ impl ChainKey {
 
     fn record_hash(&self, r: &AuditRecord) -> String {
         let e = &r.entry;
-        self.mac(&(
+        let base = (
             RECORD_TAG,
             r.seq,
             &r.time,
@@ -95,7 +96,14 @@ impl ChainKey {
             e.code,
             &e.outcome,
             &r.prev,
-        ))
+        );
+        // An exec's task and program (added after the first records were written) extend the
+        // array only when present, so every record written before keeps its hash.
+        if e.task.is_none() && e.program.is_none() {
+            self.mac(&base)
+        } else {
+            self.mac(&(base, &e.task, &e.program))
+        }
     }
 
     fn head(&self, seq: u64, hash: &str) -> Head {
@@ -722,6 +730,7 @@ mod tests {
             generation_after: Some(i),
             code: 200,
             outcome: "ok".into(),
+            ..AuditEntry::default()
         }
     }
 
@@ -835,6 +844,7 @@ mod tests {
                 generation_after: Some(2),
                 code: 200,
                 outcome: "ok".into(),
+                ..AuditEntry::default()
             },
             prev: "ab".repeat(32),
             hash: String::new(),
@@ -848,6 +858,20 @@ mod tests {
         mac.update(canonical.as_bytes());
         assert_eq!(
             key.record_hash(&record),
+            hex::encode(mac.finalize().into_bytes())
+        );
+        // An exec's record: the same array, then its task and program.
+        let mut exec = record.clone();
+        exec.entry.task = Some("web.1.abc@vm".into());
+        exec.entry.program = Some("sh".into());
+        let canonical = format!(
+            r#"[["berth.audit/v1",3,"2026-11-30T02:38:00.123Z","ci","deployer",null,"patch","Service","we\"b",1,2,200,"ok","{}"],"web.1.abc@vm","sh"]"#,
+            "ab".repeat(32)
+        );
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&[7u8; 32]).unwrap();
+        mac.update(canonical.as_bytes());
+        assert_eq!(
+            key.record_hash(&exec),
             hex::encode(mac.finalize().into_bytes())
         );
     }

@@ -78,14 +78,22 @@ fn broken(v: &AuditVerification) -> String {
     )
 }
 
-/// `Service/web`, `Service`, or `-`.
+/// `Service/web`, `Service`, or `-`; an exec's task and program after it.
 fn object(r: &AuditRecord) -> String {
-    match (&r.entry.kind, &r.entry.name) {
+    let object = match (&r.entry.kind, &r.entry.name) {
         (Some(k), Some(n)) => format!("{k}/{n}"),
         (Some(k), None) => k.clone(),
         (None, Some(n)) => n.clone(),
         (None, None) => "-".into(),
+    };
+    let mut extra = String::new();
+    if let Some(t) = &r.entry.task {
+        extra.push_str(&format!(" task={t}"));
     }
+    if let Some(p) = &r.entry.program {
+        extra.push_str(&format!(" program={p}"));
+    }
+    format!("{object}{extra}")
 }
 
 /// `1->2`, `->1` (created), `3->` (deleted), or `-`.
@@ -159,6 +167,8 @@ fn records_csv(records: &[AuditRecord]) -> String {
                 opt(e.generation_after),
                 e.code.to_string(),
                 e.outcome.clone(),
+                e.task.clone().unwrap_or_default(),
+                e.program.clone().unwrap_or_default(),
                 r.prev.clone(),
                 r.hash.clone(),
             ]
@@ -178,6 +188,8 @@ fn records_csv(records: &[AuditRecord]) -> String {
             "generation_after",
             "code",
             "outcome",
+            "task",
+            "program",
             "prev",
             "hash",
         ],
@@ -205,6 +217,7 @@ mod tests {
                 generation_after: Some(4),
                 code: 200,
                 outcome: "ok".into(),
+                ..AuditEntry::default()
             },
             prev: "a".repeat(64),
             hash: "b".repeat(64),
@@ -221,12 +234,12 @@ mod tests {
         let lines: Vec<&str> = out.split_terminator('\n').collect();
         assert_eq!(
             lines[0],
-            "seq,time,token_id,role,source,action,kind,name,generation_before,generation_after,code,outcome,prev,hash"
+            "seq,time,token_id,role,source,action,kind,name,generation_before,generation_after,code,outcome,task,program,prev,hash"
         );
         assert_eq!(
             lines[1],
             format!(
-                r#"7,2026-11-30T02:38:00.123Z,ci,deployer,10.0.0.5:51234,patch,Service,"we,b ""x""",3,4,200,ok,{},{}"#,
+                r#"7,2026-11-30T02:38:00.123Z,ci,deployer,10.0.0.5:51234,patch,Service,"we,b ""x""",3,4,200,ok,,,{},{}"#,
                 "a".repeat(64),
                 "b".repeat(64)
             )

@@ -13,6 +13,8 @@ mod cli;
 mod crypto;
 mod daemon;
 mod data_dir;
+mod day2_api;
+mod day2_cli;
 mod deploy_applier;
 mod deploy_auth;
 mod diff_cli;
@@ -467,6 +469,14 @@ enum Command {
         #[command(subcommand)]
         action: NodeAction,
     },
+    /// Show a Service's logs from all its tasks on every node, each line prefixed with its task
+    /// and node (`web.1.abcdef012345@node1 | ...`).
+    Logs(day2_cli::LogsArgs),
+    /// List a Service's tasks: slot, node, desired and current state, since, digest, error.
+    Ps(day2_cli::PsArgs),
+    /// Run a command in a running task of a Service (`-it` for a shell); exits with its exit
+    /// code. Needs the admin token or one created with `--exec`.
+    Exec(day2_cli::ExecArgs),
     /// Show recent events, or follow them.
     Events {
         #[arg(long)]
@@ -785,6 +795,9 @@ fn main() -> ExitCode {
                 }
                 None => audit_cli::list(&conn, since.as_deref(), output).await,
             },
+            Command::Logs(args) => day2_cli::logs(args).await,
+            Command::Ps(args) => day2_cli::ps(args).await,
+            Command::Exec(args) => day2_cli::exec(args).await,
             Command::Events {
                 watch,
                 kind,

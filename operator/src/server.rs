@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::backup_api::routes())
         .merge(crate::token_api::routes())
         .merge(crate::audit_api::routes())
+        .merge(crate::day2_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -393,6 +394,7 @@ fn change(kind: Kind, name: &str, before: Option<u64>, after: Option<u64>) -> Ch
         name: Some(name.to_string()),
         generation_before: before,
         generation_after: after,
+        ..Change::default()
     }
 }
 

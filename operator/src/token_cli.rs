@@ -30,6 +30,11 @@ pub enum TokenCommand {
         /// What the token is for (shown by `token list`).
         #[arg(long, default_value = "")]
         description: String,
+        /// Also let it run commands in running containers (`berth exec`): a separate grant, for
+        /// operator and deployer tokens (a deployer's only in its own Services). Every exec is
+        /// an audit record.
+        #[arg(long)]
+        exec: bool,
         /// `table` prints the token alone on stdout (for `$(berth token create ...)`).
         #[arg(short = 'o', long, default_value = "table")]
         output: Output,
@@ -88,6 +93,11 @@ pub fn tokens_table(items: &[TokenInfo]) -> String {
             vec![
                 t.id.clone(),
                 t.role.to_string(),
+                if t.exec || t.role == berth_api_types::access::Role::Admin {
+                    "yes".into()
+                } else {
+                    "-".into()
+                },
                 if t.services.is_empty() {
                     "-".into()
                 } else {
@@ -107,6 +117,7 @@ pub fn tokens_table(items: &[TokenInfo]) -> String {
         &[
             "ID",
             "ROLE",
+            "EXEC",
             "SERVICES",
             "CREATED",
             "EXPIRES",
@@ -126,6 +137,7 @@ pub async fn run(conn: &Conn, command: TokenCommand) -> CliResult {
             services,
             expires,
             description,
+            exec,
             output,
         } => {
             let body = serde_json::to_value(TokenRequest {
@@ -133,6 +145,7 @@ pub async fn run(conn: &Conn, command: TokenCommand) -> CliResult {
                 services,
                 expires,
                 description,
+                exec,
             })
             .map_err(|e| e.to_string())?;
             let t: IssuedToken = client

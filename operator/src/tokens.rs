@@ -26,6 +26,8 @@ pub struct Principal {
     pub role: Role,
     /// For a deployer: the Services it may deploy.
     pub services: Vec<String>,
+    /// Whether the token was given the exec grant (`berth token create --exec`).
+    pub exec: bool,
 }
 
 /// A stored token: everything but the secret.
@@ -162,6 +164,7 @@ impl Tokens {
                 created: now(),
                 expires: None,
                 revoked: None,
+                exec: false,
             },
             hash: hash(token),
         };
@@ -195,6 +198,7 @@ impl Tokens {
                 created: now(),
                 expires: None,
                 revoked: None,
+                exec: false,
             },
             hash: hash(token),
         };
@@ -230,6 +234,7 @@ impl Tokens {
             token_id: rec.info.id,
             role: rec.info.role,
             services: rec.info.services,
+            exec: rec.info.exec,
         })
     }
 
@@ -263,6 +268,12 @@ impl Tokens {
             }
             _ => {}
         }
+        if req.exec && !matches!(role, Role::Operator | Role::Deployer) {
+            return Err(format!(
+                "--exec is for operator and deployer tokens, not {role}: a viewer only reads, and a \
+                 controller never runs commands in containers"
+            ));
+        }
         if req.description.len() > 200 || req.description.chars().any(char::is_control) {
             return Err("description: at most 200 characters, no control characters".into());
         }
@@ -287,6 +298,7 @@ impl Tokens {
             created: now(),
             expires,
             revoked: None,
+            exec: req.exec,
         };
         self.put(&TokenRecord {
             info: info.clone(),
@@ -342,6 +354,7 @@ impl Tokens {
             created: now(),
             expires: None,
             revoked: None,
+            exec: false,
         };
         self.put(&TokenRecord {
             info: info.clone(),
@@ -385,6 +398,7 @@ mod tests {
             services: services.iter().map(|s| s.to_string()).collect(),
             expires: expires.map(str::to_string),
             description: String::new(),
+            exec: false,
         }
     }
 
@@ -467,6 +481,20 @@ mod tests {
                 "invalid expiry `forever`",
             ),
             (req("viewer", &[], Some("99999999d")), "invalid expiry"),
+            (
+                TokenRequest {
+                    exec: true,
+                    ..req("viewer", &[], None)
+                },
+                "--exec is for operator and deployer tokens, not viewer",
+            ),
+            (
+                TokenRequest {
+                    exec: true,
+                    ..req("controller", &[], None)
+                },
+                "not controller",
+            ),
         ];
         for (r, want) in bad {
             let e = Tokens::validate(&r).unwrap_err();

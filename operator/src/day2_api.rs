@@ -1,0 +1,738 @@
+//! The day-2 routes of a Service (paths in `api_types::names::paths`): its Swarm tasks
+//! (`berth ps`), its logs from every task on every node (`berth logs`), and a command run in one
+//! of its running tasks (`berth exec`, over an HTTP upgrade). Teams have no Docker access: these
+//! go through the engine the API server has (`--docker-host`), and only ever reach the Swarm
+//! service that carries this installation's labels for that Service.
+//!
+//! Exec reaches only tasks on the API server's own node: Swarm runs a command only through the
+//! engine of the node that runs the container. A task elsewhere is refused, naming the task, its
+//! node and why; bridging to other nodes' engines is not built.
+
+use crate::access::{Audited, Change};
+use crate::extract::{Path, Query};
+use crate::server::{ApiError, AppState};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use berth_api_types::names::paths;
+use berth_api_types::wire::List;
+use berth_api_types::workload::{
+    finish_log_lines, image_digest, program_name, select_task, split_log_lines, ExecRequest, Frame,
+    LogLine, TaskInfo, EXEC_PROTOCOL,
+};
+use berth_api_types::Kind;
+use berth_controllers::swarm::engine;
+use berth_controllers::swarm::owner::Owner;
+use bollard::container::LogOutput;
+use bollard::Docker;
+use futures::StreamExt;
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Largest exec request body (a command line).
+const MAX_EXEC_BODY: usize = 64 * 1024;
+/// How often a followed log looks for new tasks (a restarted or scaled-up replica).
+const FOLLOW_RELIST: Duration = Duration::from_secs(2);
+
+pub fn routes() -> Router<AppState> {
+    let route = |suffix: &str| format!("{}/{{plural}}/{{name}}/{suffix}", paths::API_ROOT);
+    Router::new()
+        .route(&route("tasks"), get(tasks))
+        .route(&route("logs"), get(logs))
+        .route(&route("exec"), post(exec))
+}
+
+fn engine_unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "EngineUnavailable",
+        e.to_string(),
+    )
+}
+
+/// A berth Service and the Swarm service this installation made for it.
+struct Target {
+    name: String,
+    docker: Docker,
+    service_id: String,
+}
+
+/// Finds the Service's Swarm service by berth's labels (never by name alone: a service of the
+/// same name that berth does not own is not shown or touched).
+async fn target(state: &AppState, plural: &str, name: &str) -> ApiResult<Target> {
+    if plural != Kind::Service.plural() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("tasks, logs and exec are served for services only, not `{plural}`"),
+        ));
+    }
+    if state.store.get(Kind::Service, name)?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("no Service `{name}` (list them with `berth get services`)"),
+        ));
+    }
+    let docker = engine::connect(state.docker_host.as_deref().map(|h| h.as_str()))
+        .await
+        .map_err(engine_unavailable)?;
+    let owner = Owner::new(state.store.instance(), Kind::Service);
+    let services = docker
+        .list_services(Some(bollard::query_parameters::ListServicesOptions {
+            filters: Some(owner.filters(Some(name), &[])),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| {
+            engine_unavailable(format!(
+                "cannot list Swarm services: {}",
+                engine::message(&e)
+            ))
+        })?;
+    let service_id = services
+        .into_iter()
+        .find(|s| owner.owns(s.spec.as_ref().and_then(|sp| sp.labels.as_ref()), name))
+        .and_then(|s| s.id)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!(
+                    "Service `{name}` has no Swarm service yet (berth creates it when it reconciles \
+                     the Service; see `berth describe service {name}`)"
+                ),
+            )
+        })?;
+    Ok(Target {
+        name: name.to_string(),
+        docker,
+        service_id,
+    })
+}
+
+/// The Swarm tasks of a target, newest first within each slot, with their nodes' hostnames.
+async fn task_list(t: &Target) -> ApiResult<Vec<TaskInfo>> {
+    let tasks = t
+        .docker
+        .list_tasks(Some(bollard::query_parameters::ListTasksOptions {
+            filters: Some(HashMap::from([(
+                "service".to_string(),
+                vec![t.service_id.clone()],
+            )])),
+        }))
+        .await
+        .map_err(|e| engine_unavailable(format!("cannot list tasks: {}", engine::message(&e))))?;
+    let nodes: HashMap<String, String> = t
+        .docker
+        .list_nodes(None)
+        .await
+        .map_err(|e| engine_unavailable(format!("cannot list nodes: {}", engine::message(&e))))?
+        .into_iter()
+        .filter_map(|n| {
+            let host = n.description.and_then(|d| d.hostname)?;
+            Some((n.id?, host))
+        })
+        .collect();
+    let mut out: Vec<(TaskInfo, Option<chrono::DateTime<chrono::Utc>>)> = tasks
+        .into_iter()
+        // Only tasks of the service asked for (the filter is the engine's; this is ours).
+        .filter(|task| task.service_id.as_deref() == Some(t.service_id.as_str()))
+        .map(|task| {
+            let status = task.status.clone().unwrap_or_default();
+            let node_id = task.node_id.clone().unwrap_or_default();
+            let name = match task.slot {
+                Some(slot) => format!("{}.{slot}", t.name),
+                None => format!("{}.{node_id}", t.name),
+            };
+            let image = task
+                .spec
+                .as_ref()
+                .and_then(|s| s.container_spec.as_ref())
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default();
+            let container = status.container_status.clone().unwrap_or_default();
+            let info = TaskInfo {
+                id: task.id.clone().unwrap_or_default(),
+                name,
+                slot: task.slot,
+                node: nodes
+                    .get(&node_id)
+                    .cloned()
+                    .unwrap_or_else(|| node_id.clone()),
+                node_id,
+                desired_state: task
+                    .desired_state
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                state: status.state.map(|s| s.to_string()).unwrap_or_default(),
+                since: status
+                    .timestamp
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                digest: image_digest(&image),
+                image,
+                error: status.err.filter(|e| !e.is_empty()),
+                message: status.message.unwrap_or_default(),
+                exit_code: container.exit_code.filter(|_| {
+                    // The engine reports 0 for containers that have not exited.
+                    !matches!(
+                        status.state.map(|s| s.to_string()).as_deref(),
+                        Some("running")
+                    )
+                }),
+                container_id: container.container_id.filter(|c| !c.is_empty()),
+            };
+            (info, task.created_at)
+        })
+        .collect();
+    out.sort_by(|(a, ta), (b, tb)| {
+        (a.slot, &a.node_id)
+            .cmp(&(b.slot, &b.node_id))
+            .then(tb.cmp(ta))
+    });
+    Ok(out.into_iter().map(|(t, _)| t).collect())
+}
+
+async fn tasks(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> ApiResult<axum::Json<List<TaskInfo>>> {
+    let t = target(&state, &plural, &name).await?;
+    Ok(axum::Json(List {
+        items: task_list(&t).await?,
+    }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LogsQuery {
+    #[serde(default)]
+    follow: bool,
+    /// RFC 3339, or a duration back from now (`10m`).
+    since: Option<String>,
+    /// A number of lines per task, or `all`.
+    tail: Option<String>,
+    #[serde(default)]
+    timestamps: bool,
+    /// A slot number or a task id (prefix).
+    task: Option<String>,
+}
+
+/// Whether a task is one `selector` (a slot or the start of a task id) names.
+fn task_matches(t: &TaskInfo, selector: Option<&str>) -> bool {
+    match selector {
+        None => true,
+        Some(s) if s.bytes().all(|b| b.is_ascii_digit()) => s.parse::<i64>().ok() == t.slot,
+        Some(s) => t.id.starts_with(s),
+    }
+}
+
+async fn logs(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| crate::audit::parse_since(s, chrono::Utc::now()))
+        .transpose()
+        .map_err(|e| {
+            ApiError::field("since", e).with_status(StatusCode::BAD_REQUEST, "BadRequest")
+        })?
+        .map(|t| i32::try_from(t.timestamp()).unwrap_or(0).max(0))
+        .unwrap_or(0);
+    let tail = match q.tail.as_deref() {
+        None | Some("all") => "all".to_string(),
+        Some(n) if n.parse::<u32>().is_ok() => n.to_string(),
+        Some(other) => {
+            return Err(ApiError::field(
+                "tail",
+                format!("`{other}` is not a number of lines (or `all`)"),
+            )
+            .with_status(StatusCode::BAD_REQUEST, "BadRequest"))
+        }
+    };
+    let selector = q.task.clone().filter(|s| !s.is_empty());
+    let t = target(&state, &plural, &name).await?;
+    let first = task_list(&t).await?;
+    if let Some(s) = &selector {
+        if !first.iter().any(|task| task_matches(task, Some(s))) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("Service `{name}` has no task `{s}` (see `berth ps {name}`)"),
+            ));
+        }
+    }
+    let options = bollard::query_parameters::LogsOptions {
+        follow: q.follow,
+        stdout: true,
+        stderr: true,
+        since,
+        until: 0,
+        timestamps: q.timestamps,
+        tail,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+    let follow = q.follow;
+    tokio::spawn(async move {
+        let mut streaming = tokio::task::JoinSet::new();
+        let mut seen = HashSet::new();
+        let mut current = first;
+        loop {
+            for task in current
+                .into_iter()
+                .filter(|task| task_matches(task, selector.as_deref()))
+                // A task that never got a container (a missing image) has no logs.
+                .filter(|task| task.container_id.is_some())
+            {
+                if seen.insert(task.id.clone()) {
+                    streaming.spawn(task_stream(
+                        t.docker.clone(),
+                        task,
+                        options.clone(),
+                        tx.clone(),
+                    ));
+                }
+            }
+            if !follow {
+                break;
+            }
+            tokio::select! {
+                _ = tx.closed() => break,
+                _ = tokio::time::sleep(FOLLOW_RELIST) => {}
+            }
+            // An engine hiccup skips one look for new tasks; the streams already open go on.
+            current = task_list(&t).await.unwrap_or_default();
+        }
+        drop(tx);
+        if follow {
+            // The client went away: stop reading from the engine.
+            streaming.abort_all();
+        }
+        while streaming.join_next().await.is_some() {}
+    });
+    let body = Body::from_stream(tokio_stream_of(rx).map(Ok::<_, std::convert::Infallible>));
+    let mut resp = Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(body)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    // Logs are the workload's own output and may carry user (health) data: who read them is
+    // recorded, like a read of secret values, once per request (not per line).
+    resp.extensions_mut().insert(Audited {
+        action: Some("read-logs"),
+        changes: vec![Change {
+            kind: Some(Kind::Service.to_string()),
+            name: Some(name),
+            task: q.task,
+            ..Change::default()
+        }],
+    });
+    Ok(resp)
+}
+
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+) -> impl futures::Stream<Item = bytes::Bytes> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// One task's log stream, sent on as JSON lines prefixed with the task.
+async fn task_stream(
+    docker: Docker,
+    task: TaskInfo,
+    options: bollard::query_parameters::LogsOptions,
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+) {
+    let prefix = task.log_prefix();
+    let timestamps = options.timestamps;
+    let mut stream = docker.task_logs(&task.id, Some(options));
+    let mut pending: HashMap<&'static str, Vec<u8>> = HashMap::new();
+    let send = |stream: &str, time: Option<String>, line: String| {
+        let mut json = serde_json::to_vec(&LogLine {
+            task: prefix.clone(),
+            stream: stream.to_string(),
+            time,
+            line,
+        })
+        .expect("log lines always encode");
+        json.push(b'\n');
+        tx.send(bytes::Bytes::from(json))
+    };
+    while let Some(item) = stream.next().await {
+        let (name, message) = match item {
+            Ok(LogOutput::StdErr { message }) => ("stderr", message),
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                ("stdout", message)
+            }
+            Ok(LogOutput::StdIn { .. }) => continue,
+            Err(e) => {
+                // A finished task whose container is gone has nothing to show; a running one
+                // that cannot be read is worth saying.
+                if task.is_running() {
+                    let _ = send("error", None, engine::message(&e)).await;
+                }
+                break;
+            }
+        };
+        let buf = pending.entry(name).or_default();
+        for (time, line) in split_log_lines(buf, &message, timestamps) {
+            if send(name, time, line).await.is_err() {
+                return;
+            }
+        }
+    }
+    for (name, mut buf) in pending {
+        if let Some((time, line)) = finish_log_lines(&mut buf, timestamps) {
+            let _ = send(name, time, line).await;
+        }
+    }
+}
+
+/// `POST .../services/<name>/exec` with `Upgrade: berth-exec/1`: checks everything (the
+/// command, the task, that it runs on this node) and creates the exec before answering `101`, so
+/// every refusal is an ordinary JSON error; the command starts only once the connection is
+/// upgraded, after the access layer has written the audit record.
+async fn exec(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    let wants_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(EXEC_PROTOCOL));
+    let on_upgrade = wants_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let body = axum::body::to_bytes(req.into_body(), MAX_EXEC_BODY)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLarge",
+                format!("an exec request is at most {MAX_EXEC_BODY} bytes"),
+            )
+        })?;
+    let ask: ExecRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!(
+                "expected {{\"command\": [...], \"task\"?, \"stdin\"?, \"tty\"?, \"size\"?}}: {e}"
+            ),
+        )
+    })?;
+    check_command(&ask.command)?;
+    let Some(on_upgrade) = on_upgrade else {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "UpgradeRequired",
+            format!("exec streams over an HTTP upgrade to `{EXEC_PROTOCOL}` (use `berth exec`)"),
+        ));
+    };
+    let t = target(&state, &plural, &name).await?;
+    let tasks = task_list(&t).await?;
+    let info = t.docker.info().await.map_err(|e| {
+        engine_unavailable(format!("cannot read the engine: {}", engine::message(&e)))
+    })?;
+    let local = info
+        .swarm
+        .as_ref()
+        .and_then(|s| s.node_id.clone())
+        .unwrap_or_default();
+    let local_host = info.name.clone().unwrap_or_else(|| local.clone());
+    let task = select_task(&tasks, ask.task.as_deref(), &local).map_err(|why| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "NoRunningTask",
+            format!("cannot exec in Service `{name}`: {why} (see `berth ps {name}`)"),
+        )
+    })?;
+    if task.node_id != local {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "TaskOnAnotherNode",
+            on_another_node(task, &local, &local_host),
+        ));
+    }
+    let container = task.container_id.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "NoRunningTask",
+            format!("task {} has no container yet", task.log_prefix()),
+        )
+    })?;
+    let created = t
+        .docker
+        .create_exec(
+            &container,
+            bollard::models::ExecConfig {
+                attach_stdin: Some(ask.stdin),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(ask.tty),
+                cmd: Some(ask.command.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "ExecFailed",
+                format!(
+                    "cannot exec in task {}: {}",
+                    task.log_prefix(),
+                    engine::message(&e)
+                ),
+            )
+        })?;
+    let program = program_name(&ask.command);
+    tracing::info!(service = %name, task = %task.log_prefix(), %program, "exec");
+    let docker = t.docker.clone();
+    let tty = ask.tty;
+    let size = ask.size;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                run_exec(docker, created.id, tty, size, io).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "exec: the connection was not upgraded"),
+        }
+    });
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
+        .header(header::UPGRADE, HeaderValue::from_static(EXEC_PROTOCOL))
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    resp.extensions_mut().insert(Audited {
+        action: Some("exec"),
+        changes: vec![Change {
+            kind: Some(Kind::Service.to_string()),
+            name: Some(name),
+            task: Some(task.log_prefix()),
+            program: Some(program),
+            ..Change::default()
+        }],
+    });
+    Ok(resp)
+}
+
+/// Why a task on another node is refused, naming the task, its node and this one.
+fn on_another_node(task: &TaskInfo, local: &str, local_host: &str) -> String {
+    format!(
+        "task {} runs on node {} ({}), not on the API server's node {local_host} ({local}): Swarm \
+         runs a command only through the engine of the node that runs the container, and berth \
+         execs only through its own engine. Choose a task on {local_host} with --task (see `berth \
+         ps`)",
+        task.log_prefix(),
+        task.node,
+        task.node_id,
+    )
+}
+
+fn check_command(command: &[String]) -> ApiResult<()> {
+    let bad = |m: String| ApiError::field("command", m);
+    if command.is_empty() || command[0].is_empty() {
+        return Err(bad(
+            "give the program to run (`berth exec SERVICE -- CMD ...`)".into(),
+        ));
+    }
+    if command.len() > 4096 {
+        return Err(bad(format!("{} arguments (at most 4096)", command.len())));
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        return Err(bad("an argument holds a NUL byte".into()));
+    }
+    Ok(())
+}
+
+/// Bridges a started exec and the upgraded client connection until the command ends, then sends
+/// its exit code as the last frame.
+async fn run_exec<IO>(docker: Docker, id: String, tty: bool, size: Option<[u16; 2]>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut from_client, mut to_client) = tokio::io::split(io);
+    let started = docker
+        .start_exec(
+            &id,
+            Some(bollard::exec::StartExecOptions {
+                detach: false,
+                tty,
+                output_capacity: None,
+            }),
+        )
+        .await;
+    let (mut output, mut input) = match started {
+        Ok(bollard::exec::StartExecResults::Attached { output, input }) => (output, input),
+        Ok(bollard::exec::StartExecResults::Detached) => {
+            let _ = send_frame(&mut to_client, &Frame::Error("the exec detached".into())).await;
+            return;
+        }
+        Err(e) => {
+            let _ = send_frame(
+                &mut to_client,
+                &Frame::Error(format!("cannot start the command: {}", engine::message(&e))),
+            )
+            .await;
+            return;
+        }
+    };
+    let resize = |cols: u16, rows: u16| {
+        let docker = docker.clone();
+        let id = id.clone();
+        async move {
+            if cols > 0 && rows > 0 {
+                let _ = docker
+                    .resize_exec(
+                        &id,
+                        bollard::query_parameters::ResizeExecOptions {
+                            w: i32::from(cols),
+                            h: i32::from(rows),
+                        },
+                    )
+                    .await;
+            }
+        }
+    };
+    if let (true, Some([cols, rows])) = (tty, size) {
+        resize(cols, rows).await;
+    }
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut client_open = true;
+    let failure: Option<String> = loop {
+        tokio::select! {
+            item = output.next() => match item {
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    if send_frame(&mut to_client, &Frame::Stderr(message.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(LogOutput::StdOut { message })) | Some(Ok(LogOutput::Console { message })) => {
+                    if send_frame(&mut to_client, &Frame::Stdout(message.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(LogOutput::StdIn { .. })) => {}
+                Some(Err(e)) => break Some(format!("the command's output broke off: {e}")),
+                None => break None,
+            },
+            n = from_client.read(&mut chunk), if client_open => match n {
+                Ok(0) | Err(_) => {
+                    // The client is gone: closing the command's stdin ends an interactive shell.
+                    client_open = false;
+                    let _ = input.shutdown().await;
+                }
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        match Frame::take(&mut buf) {
+                            Ok(Some(Frame::Stdin(data))) => {
+                                let _ = input.write_all(&data).await;
+                                let _ = input.flush().await;
+                            }
+                            Ok(Some(Frame::StdinEof)) => {
+                                let _ = input.shutdown().await;
+                            }
+                            Ok(Some(Frame::Resize(cols, rows))) => resize(cols, rows).await,
+                            Ok(Some(_)) => {}
+                            Ok(None) => break,
+                            Err(e) => {
+                                let _ = send_frame(&mut to_client, &Frame::Error(e)).await;
+                                return;
+                            }
+                        }
+                    }
+                }
+            },
+        }
+    };
+    if let Some(message) = failure {
+        let _ = send_frame(&mut to_client, &Frame::Error(message)).await;
+        return;
+    }
+    // The output ends a moment before the engine records the exit code.
+    let mut code = None;
+    for _ in 0..50 {
+        match docker.inspect_exec(&id).await {
+            Ok(i) if i.running != Some(true) => {
+                code = i.exit_code;
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => break,
+        }
+    }
+    let last = match code {
+        Some(c) => Frame::Exit(i32::try_from(c).unwrap_or(1)),
+        None => Frame::Error("the command's exit code is unknown".into()),
+    };
+    let _ = send_frame(&mut to_client, &last).await;
+    let _ = to_client.shutdown().await;
+}
+
+async fn send_frame(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    frame: &Frame,
+) -> std::io::Result<()> {
+    w.write_all(&frame.encode()).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_selector_is_a_slot_or_an_id_prefix() {
+        let t = TaskInfo {
+            id: "k3x9abc".into(),
+            slot: Some(2),
+            ..TaskInfo::default()
+        };
+        assert!(task_matches(&t, None));
+        assert!(task_matches(&t, Some("2")));
+        assert!(!task_matches(&t, Some("1")));
+        assert!(task_matches(&t, Some("k3x")));
+        assert!(!task_matches(&t, Some("zz")));
+    }
+
+    #[test]
+    fn a_task_on_another_node_is_refused_by_name_node_and_reason() {
+        let t = TaskInfo {
+            id: "abcdefghijklmnop".into(),
+            name: "web.2".into(),
+            node_id: "n2id".into(),
+            node: "node2".into(),
+            ..TaskInfo::default()
+        };
+        assert_eq!(
+            on_another_node(&t, "n1id", "node1"),
+            "task web.2.abcdefghijkl@node2 runs on node node2 (n2id), not on the API server's node \
+             node1 (n1id): Swarm runs a command only through the engine of the node that runs the \
+             container, and berth execs only through its own engine. Choose a task on node1 with \
+             --task (see `berth ps`)"
+        );
+    }
+
+    #[test]
+    fn a_command_is_checked_before_anything_runs() {
+        let cmd = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_command(&cmd(&["sh", "-c", "echo hi"])).is_ok());
+        for bad in [cmd(&[]), cmd(&[""]), cmd(&["sh", "a\0b"])] {
+            assert!(check_command(&bad).is_err(), "{bad:?}");
+        }
+    }
+}
