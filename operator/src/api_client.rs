@@ -199,9 +199,15 @@ impl ApiClient {
         replay: Option<Replay>,
         whole: bool,
     ) -> Result<Answer, ClientError> {
+        // A whole answer has a time limit; a stream (a watch) has none beyond connecting, or
+        // `events --watch` and `get -w` would end after ATTEMPT_TIMEOUT however healthy.
+        let req = req.bearer_auth(&self.token);
+        let req = if whole {
+            req.timeout(ATTEMPT_TIMEOUT)
+        } else {
+            req
+        };
         let req = req
-            .bearer_auth(&self.token)
-            .timeout(ATTEMPT_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Protocol(format!("cannot build the request: {e}")))?;
         let replay = replay.unwrap_or_else(|| replay_of(req.method(), req.url().path()));
