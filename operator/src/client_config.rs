@@ -205,8 +205,12 @@ pub fn resolve_with(
 /// [`resolve_with`] on the process's environment and configuration file.
 pub fn resolve(conn: &Conn) -> Result<Resolved, String> {
     let env = |k: &str| std::env::var(k).ok();
-    let path = config_path(&env)?;
-    let file = load(&path)?;
+    // A process without a home (a controller under systemd) runs on flags and variables alone.
+    let file = match config_path(&env) {
+        Ok(path) => load(&path)?,
+        Err(_) if conn.context.is_none() => ConfigFile::default(),
+        Err(e) => return Err(e),
+    };
     resolve_with(conn, &env, &file, &read_token_file)
 }
 

@@ -505,14 +505,18 @@ mod tests {
             "service/web\nservice/api\n"
         );
         assert_eq!(
-            render(&[obj.clone()], &f("jsonpath={.spec.image}"), true),
+            render(
+                std::slice::from_ref(&obj),
+                &f("jsonpath={.spec.image}"),
+                true
+            ),
             "nginx:1\n"
         );
         assert_eq!(
             render(&two, &f("jsonpath={.items[*].metadata.name}"), false),
             "web api\n"
         );
-        let wide = render(&[obj.clone()], &f("wide"), true);
+        let wide = render(std::slice::from_ref(&obj), &f("wide"), true);
         assert!(
             wide.contains("NETWORKS") && wide.contains("front") && wide.contains("app=shop"),
             "{wide}"
