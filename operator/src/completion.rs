@@ -50,7 +50,9 @@ compdef _berth_objects berth
 const FISH: &str = r#"
 function __berth_objects
     set -l words (commandline -opc)
-    $words[1] __complete -- $words[2..-1] (commandline -ct) 2>/dev/null
+    set -l cmd $words[1]
+    set -e words[1]
+    $cmd __complete -- $words (commandline -ct) 2>/dev/null
 end
 function __berth_objects_wanted
     set -l candidates (__berth_objects)
