@@ -63,7 +63,7 @@ pub(crate) fn api_error(e: ClientError) -> String {
     }
 }
 
-fn kind_arg(s: &str) -> Result<Kind, String> {
+pub(crate) fn kind_arg(s: &str) -> Result<Kind, String> {
     Kind::parse_loose(s).ok_or_else(|| {
         format!(
             "error: unknown resource type `{s}` (known: {})",

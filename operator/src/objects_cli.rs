@@ -3,7 +3,7 @@
 //! (`-o table|wide|name|yaml|json|jsonpath=...`) and follows them (`-w`).
 
 use crate::api_client::ApiClient;
-use crate::cli::{api_error, client, CliResult};
+use crate::cli::{api_error, client, kind_arg, CliResult};
 use crate::jsonpath::Template;
 use crate::output;
 use crate::Conn;
@@ -64,15 +64,6 @@ pub enum Targets {
     All(Vec<Kind>),
     /// These objects (`service web api`, `service/web network/front`), in the order given.
     Named(Vec<(Kind, String)>),
-}
-
-fn kind_arg(s: &str) -> Result<Kind, String> {
-    Kind::parse_loose(s).ok_or_else(|| {
-        format!(
-            "error: unknown resource type `{s}` (known: {})",
-            Kind::ALL.map(|k| k.plural()).join(", ")
-        )
-    })
 }
 
 /// Reads `KIND [NAME...]`, `KIND,KIND...` or `KIND/NAME...`.
