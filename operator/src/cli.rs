@@ -22,13 +22,15 @@ pub enum Output {
     Json,
 }
 
-type CliResult = Result<(), String>;
+pub(crate) type CliResult = Result<(), String>;
+
+/// What a client command says when no token is configured anywhere.
+pub(crate) const NO_TOKEN: &str = "error: no token: pass --token-file (or set BERTH_TOKEN_FILE), give the context a token-file (berth config set-context), or set BERTH_TOKEN (berth up writes one to <data-dir>/admin.token)";
 
 pub(crate) fn client(conn: &Conn) -> Result<ApiClient, String> {
-    let token = conn.token.clone().ok_or(
-        "error: no token: set BERTH_TOKEN or pass --token (berth up writes one to <data-dir>/admin.token)",
-    )?;
-    let client = ApiClient::new(&conn.url, &token, conn.ca.as_deref())?;
+    let resolved = crate::client_config::resolve(conn)?;
+    let token = resolved.token.ok_or(NO_TOKEN)?;
+    let client = ApiClient::new(&resolved.url, &token.value, resolved.ca.as_deref())?;
     for url in client.base_urls() {
         if let Some(host) = clear_text_host(url) {
             eprintln!(
@@ -155,43 +157,6 @@ pub async fn apply(
     }
 }
 
-pub async fn get(conn: &Conn, kind: &str, name: Option<&str>, out: Output) -> CliResult {
-    let kind = kind_arg(kind)?;
-    let client = client(conn)?;
-    let objects = match name {
-        Some(n) => vec![client.get_object(kind, n).await.map_err(api_error)?],
-        None => client.list_objects(kind).await.map_err(api_error)?,
-    };
-    match out {
-        Output::Table => {
-            if objects.is_empty() {
-                eprintln!("No {} found.", kind.plural());
-            } else {
-                println!("{}", output::objects_table(kind, &objects));
-            }
-        }
-        Output::Json => {
-            let v = if name.is_some() {
-                serde_json::to_value(&objects[0])
-            } else {
-                serde_json::to_value(serde_json::json!({ "items": objects }))
-            }
-            .map_err(|e| e.to_string())?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?
-            );
-        }
-        Output::Yaml => {
-            for o in &objects {
-                let v = serde_json::to_value(o).map_err(|e| e.to_string())?;
-                print!("{}", output::to_yaml(&v));
-            }
-        }
-    }
-    Ok(())
-}
-
 pub async fn describe(conn: &Conn, kind: &str, name: &str) -> CliResult {
     let kind = kind_arg(kind)?;
     let client = client(conn)?;
@@ -204,49 +169,15 @@ pub async fn describe(conn: &Conn, kind: &str, name: &str) -> CliResult {
     Ok(())
 }
 
-pub async fn delete(
-    conn: &Conn,
-    kind: Option<&str>,
-    name: Option<&str>,
-    files: &[PathBuf],
-    ignore_not_found: bool,
-) -> CliResult {
-    let targets: Vec<(Kind, String)> = match (kind, name, files.is_empty()) {
-        (Some(k), Some(n), true) => vec![(kind_arg(k)?, n.to_string())],
-        (None, None, false) => load(files)?
-            .into_iter()
-            .map(|o| (o.kind, o.metadata.name))
-            .collect(),
-        _ => return Err("error: give either KIND NAME or -f PATH".into()),
-    };
-    // Users first: a Secret, Config, Volume or Network cannot be deleted while a Service or Registry
-    // uses it, so `delete -f DIR` removes the users before what they use.
-    let mut targets = targets;
-    targets.sort_by_key(|(k, _)| !matches!(k, Kind::Service | Kind::Registry));
-    let client = client(conn)?;
-    let mut failures = Vec::new();
-    for (kind, name) in targets {
-        match client.delete(kind, &name).await {
-            Ok(_) => println!("{}/{name} deleted", kind.lower()),
-            Err(e) if e.is_not_found() && ignore_not_found => {}
-            Err(e) => failures.push(api_error(e)),
-        }
-    }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(failures.join("\n"))
-    }
-}
-
+/// Recent events, or (`watch`) events as they happen; of one kind, or one object, when given.
 pub async fn events(
     conn: &Conn,
     watch: bool,
-    kind: Option<&str>,
+    kind: Option<Kind>,
+    name: Option<&str>,
     limit: usize,
     out: Output,
 ) -> CliResult {
-    let kind = kind.map(kind_arg).transpose()?;
     let client = client(conn)?;
     let print = |events: &[berth_api_types::Event], header: bool| match out {
         Output::Json => {
@@ -282,13 +213,13 @@ pub async fn events(
         );
         while let Some(item) = stream.next().await {
             let e = item.map_err(api_error)?;
-            if kind.is_none_or(|k| k == e.kind) {
+            if kind.is_none_or(|k| k == e.kind) && name.is_none_or(|n| n == e.name) {
                 print(&[e], false);
             }
         }
         return Err("error: the API server closed the event stream".into());
     }
-    let events = client.events(kind, None, limit).await.map_err(api_error)?;
+    let events = client.events(kind, name, limit).await.map_err(api_error)?;
     print(&events, true);
     Ok(())
 }

@@ -778,10 +778,13 @@ pub async fn controller(
     ingress: IngressArgs,
 ) -> Result<(), String> {
     init_tracing();
-    let token = conn
-        .token
-        .ok_or("error: no token: set BERTH_TOKEN or pass --token")?;
-    let http = Arc::new(ApiClient::new(&conn.url, &token, conn.ca.as_deref())?);
+    let resolved = crate::client_config::resolve(&conn)?;
+    let token = resolved.token.ok_or(crate::cli::NO_TOKEN)?;
+    let http = Arc::new(ApiClient::new(
+        &resolved.url,
+        &token.value,
+        resolved.ca.as_deref(),
+    )?);
     let connected = bus::connect(Some(&nats))
         .await
         .map_err(|e| format!("error: {e}"))?;

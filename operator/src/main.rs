@@ -10,6 +10,9 @@ mod audit_cli;
 mod backup_api;
 mod backup_cli;
 mod cli;
+mod client_config;
+mod completion;
+mod create_cli;
 mod crypto;
 mod daemon;
 mod data_dir;
@@ -25,7 +28,9 @@ mod extract;
 mod fuzz;
 mod hooks;
 mod in_process_api;
+mod jsonpath;
 mod nats_args;
+mod objects_cli;
 mod output;
 mod prune_cli;
 mod push_hooks;
@@ -40,7 +45,7 @@ mod wait_cli;
 mod webhook;
 mod webhook_cli;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -50,30 +55,36 @@ use std::process::ExitCode;
     version,
     about = "A Kubernetes-style operator for Docker Swarm"
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-/// Where the API server is and how to authenticate.
+/// Where the API server is and how to authenticate. Each setting comes from the first of: its
+/// flag, its environment variable, the context (client_config.rs), the default.
 #[derive(Args, Clone)]
 pub struct Conn {
     /// API server URL; several, separated by commas, for API servers sharing one store (a request
-    /// goes to the next when one does not answer).
-    #[arg(
-        long,
-        env = "BERTH_URL",
-        default_value = "http://127.0.0.1:7474",
-        global = true
-    )]
-    pub url: String,
-    /// Bearer token (`berth up` writes the admin token to <data-dir>/admin.token).
-    #[arg(long, env = "BERTH_TOKEN", hide_env_values = true, global = true)]
+    /// goes to the next when one does not answer). Default: the context's, else
+    /// http://127.0.0.1:7474.
+    #[arg(long, env = "BERTH_URL", global = true)]
+    pub url: Option<String>,
+    /// Bearer token (also $BERTH_TOKEN). Prefer --token-file: a token in argv shows in `ps` and
+    /// shell history. `berth up` writes the admin token to <data-dir>/admin.token.
+    // No `env` here: the token's variables come after both flags (client_config::resolve_with).
+    #[arg(long, global = true)]
     pub token: Option<String>,
+    /// Read the bearer token from this file (also $BERTH_TOKEN_FILE); keep it `chmod 600`.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
     /// Trust only this CA (PEM) for an https URL, e.g. <data-dir>/ca.pem of `berth up --tls
     /// internal`. Without it the system's roots are trusted.
     #[arg(long, env = "BERTH_CA", global = true)]
     pub ca: Option<PathBuf>,
+    /// Use this context of the client configuration (~/.config/berth/config.yaml) instead of its
+    /// current-context.
+    #[arg(long, env = "BERTH_CONTEXT", global = true)]
+    pub context: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -336,12 +347,22 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// List objects of a kind, or show one.
+    /// List objects of a kind (`services`, `services,networks`), or show some (`service web api`,
+    /// `service/web`).
     Get {
-        kind: String,
-        name: Option<String>,
-        #[arg(short = 'o', long, default_value = "table")]
-        output: cli::Output,
+        /// KIND, KIND NAME..., KIND/NAME... or KIND,KIND...
+        #[arg(required = true, value_name = "KIND [NAME]...")]
+        args: Vec<String>,
+        /// Only objects whose labels match: `app=shop`, `tier!=db`, `env in (a,b)`, `env notin
+        /// (c)`, `key`, `!key`, joined by `,`.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// table, wide, name, yaml, json, or jsonpath=TEMPLATE (`{.spec.image}`; RFC 9535 paths).
+        #[arg(short = 'o', long, default_value = "table", value_parser = objects_cli::parse_format)]
+        output: objects_cli::Format,
+        /// After the list, print a line for each change until interrupted.
+        #[arg(short = 'w', long)]
+        watch: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -352,10 +373,15 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Delete objects by kind and name, or those named in manifest files.
+    /// Delete objects by kind and names (`service a b`, `service/a`), by label (`service -l
+    /// app=shop`), or those named in manifest files.
     Delete {
-        kind: Option<String>,
-        name: Option<String>,
+        /// KIND NAME..., KIND/NAME..., or KIND with -l
+        #[arg(value_name = "KIND [NAME]...")]
+        args: Vec<String>,
+        /// Delete every object of KIND whose labels match (syntax as `get -l`).
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
         #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
         /// Do not fail when an object does not exist.
@@ -477,9 +503,13 @@ enum Command {
     /// Run a command in a running task of a Service (`-it` for a shell); exits with its exit
     /// code. Needs the admin token or one created with `--exec`.
     Exec(day2_cli::ExecArgs),
-    /// Show recent events, or follow them.
+    /// Show recent events, or follow them: all, of a kind (`events services`), or of one object
+    /// (`events service web`, `events service/web`).
     Events {
-        #[arg(long)]
+        /// KIND, KIND NAME or KIND/NAME
+        #[arg(value_name = "KIND [NAME]")]
+        args: Vec<String>,
+        #[arg(short = 'w', long)]
         watch: bool,
         /// Only events of this kind.
         #[arg(long)]
@@ -488,6 +518,32 @@ enum Command {
         limit: usize,
         #[arg(short = 'o', long, default_value = "table")]
         output: cli::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Create a Secret or Config from literals and files (no YAML holding the values).
+    Create {
+        #[command(subcommand)]
+        what: create_cli::CreateCommand,
+    },
+    /// The client configuration: contexts (server URL, CA, token file) to switch between.
+    Config {
+        #[command(subcommand)]
+        command: client_config::ConfigCommand,
+    },
+    /// Print a shell completion script (subcommands, flags, kinds and object names). Install:
+    /// bash `berth completion bash > /etc/bash_completion.d/berth`; zsh `source <(berth
+    /// completion zsh)` in ~/.zshrc; fish `berth completion fish >
+    /// ~/.config/fish/completions/berth.fish`.
+    Completion {
+        #[arg(value_enum)]
+        shell: completion::Shell,
+    },
+    /// What the completion scripts call: candidates for the word being completed.
+    #[command(name = "__complete", hide = true)]
+    Complete {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -712,11 +768,12 @@ fn main() -> ExitCode {
                 conn,
             } => wait_cli::wait(&conn, &kind, &names, &goal, timeout).await,
             Command::Get {
-                kind,
-                name,
+                args,
+                selector,
                 output,
+                watch,
                 conn,
-            } => cli::get(&conn, &kind, name.as_deref(), output).await,
+            } => objects_cli::get(&conn, &args, selector.as_deref(), output, watch).await,
             Command::Describe { kind, name, conn } => cli::describe(&conn, &kind, &name).await,
             Command::Rollout { action } => match action {
                 RolloutAction::Status {
@@ -759,20 +816,14 @@ fn main() -> ExitCode {
             } => edit_cli::label(&conn, &kind, &name, &changes, overwrite).await,
             Command::Edit { kind, name, conn } => edit_cli::edit(&conn, &kind, &name).await,
             Command::Delete {
-                kind,
-                name,
+                args,
+                selector,
                 files,
                 ignore_not_found,
                 conn,
             } => {
-                cli::delete(
-                    &conn,
-                    kind.as_deref(),
-                    name.as_deref(),
-                    &files,
-                    ignore_not_found,
-                )
-                .await
+                objects_cli::delete(&conn, &args, selector.as_deref(), &files, ignore_not_found)
+                    .await
             }
             Command::Info { output, conn } => cli::info(&conn, output).await,
             Command::Controllers { output, conn } => cli::controllers(&conn, output).await,
@@ -799,12 +850,20 @@ fn main() -> ExitCode {
             Command::Ps(args) => day2_cli::ps(args).await,
             Command::Exec(args) => day2_cli::exec(args).await,
             Command::Events {
+                args,
                 watch,
                 kind,
                 limit,
                 output,
                 conn,
-            } => cli::events(&conn, watch, kind.as_deref(), limit, output).await,
+            } => objects_cli::events(&conn, watch, &args, kind.as_deref(), limit, output).await,
+            Command::Create { what } => create_cli::run(what).await,
+            Command::Config { command } => client_config::run(command),
+            Command::Completion { shell } => {
+                print!("{}", completion::script(shell, &mut Cli::command()));
+                Ok(())
+            }
+            Command::Complete { words, conn } => completion::complete(&conn, &words).await,
             Command::Admin { action } => match action {
                 AdminAction::Fsck { data_dir } => admin::fsck(&data_dir).await,
                 AdminAction::RotateMasterKey { data_dir } => {

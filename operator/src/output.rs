@@ -145,6 +145,50 @@ fn status_conditions(obj: &DynObject) -> Vec<berth_api_types::Condition> {
 
 /// The `get` table for a kind.
 pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
+    let (header, rows) = objects_columns(kind, objects);
+    table(&header, &rows)
+}
+
+/// `get -o wide`: the table's columns, then more (a Service's mode and networks), then labels.
+pub fn objects_table_wide(kind: Kind, objects: &[DynObject]) -> String {
+    let (mut header, mut rows) = objects_columns(kind, objects);
+    if kind == Kind::Service {
+        header.extend(["MODE", "NETWORKS"]);
+        for (row, o) in rows.iter_mut().zip(objects) {
+            let mode = o.spec["mode"].as_str().unwrap_or("replicated").to_string();
+            let networks: Vec<&str> = o.spec["networks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            row.push(mode);
+            row.push(if networks.is_empty() {
+                "(default)".to_string()
+            } else {
+                networks.join(",")
+            });
+        }
+    }
+    header.push("LABELS");
+    for (row, o) in rows.iter_mut().zip(objects) {
+        let labels: Vec<String> = o
+            .metadata
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        row.push(if labels.is_empty() {
+            "-".to_string()
+        } else {
+            plain(&labels.join(","))
+        });
+    }
+    table(&header, &rows)
+}
+
+/// The `get` table's header and rows for a kind.
+pub fn objects_columns(kind: Kind, objects: &[DynObject]) -> (Vec<&'static str>, Vec<Vec<String>>) {
     match kind {
         Kind::Service => {
             let rows: Vec<Vec<String>> = objects
@@ -177,7 +221,7 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                     ]
                 })
                 .collect();
-            table(&["NAME", "REPLICAS", "IMAGE", "STATUS", "AGE"], &rows)
+            (vec!["NAME", "REPLICAS", "IMAGE", "STATUS", "AGE"], rows)
         }
         Kind::Secret | Kind::Config => {
             let rows: Vec<Vec<String>> = objects
@@ -190,7 +234,7 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                     ]
                 })
                 .collect();
-            table(&["NAME", "KEYS", "AGE"], &rows)
+            (vec!["NAME", "KEYS", "AGE"], rows)
         }
         Kind::Registry => {
             let rows: Vec<Vec<String>> = objects
@@ -220,9 +264,9 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                     ]
                 })
                 .collect();
-            table(
-                &["NAME", "SERVER", "USERNAME", "AUTHENTICATED", "AGE"],
-                &rows,
+            (
+                vec!["NAME", "SERVER", "USERNAME", "AUTHENTICATED", "AGE"],
+                rows,
             )
         }
         Kind::Ingress => {
@@ -246,12 +290,12 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                     vec![o.metadata.name.clone(), hosts.join(","), state, age(o)]
                 })
                 .collect();
-            table(&["NAME", "HOSTS", "STATUS", "AGE"], &rows)
+            (vec!["NAME", "HOSTS", "STATUS", "AGE"], rows)
         }
         Kind::Node => {
             let rows: Vec<Vec<String>> = objects.iter().map(node_row).collect();
-            table(
-                &[
+            (
+                vec![
                     "NAME",
                     "ROLE",
                     "STATE",
@@ -261,13 +305,13 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                     "ENGINE",
                     "AGE",
                 ],
-                &rows,
+                rows,
             )
         }
         Kind::Backup => {
             let rows: Vec<Vec<String>> = objects.iter().map(backup_row).collect();
-            table(
-                &[
+            (
+                vec![
                     "NAME",
                     "SCHEDULE",
                     "LAST RUN",
@@ -277,7 +321,7 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                     "VERIFIED",
                     "AGE",
                 ],
-                &rows,
+                rows,
             )
         }
         _ => {
@@ -285,7 +329,7 @@ pub fn objects_table(kind: Kind, objects: &[DynObject]) -> String {
                 .iter()
                 .map(|o| vec![o.metadata.name.clone(), age(o)])
                 .collect();
-            table(&["NAME", "AGE"], &rows)
+            (vec!["NAME", "AGE"], rows)
         }
     }
 }
