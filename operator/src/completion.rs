@@ -110,17 +110,28 @@ const VALUE_FLAGS: &[&str] = &[
     "--from-literal",
     "--from-file",
     "--label",
+    "--for",
+    "--replicas",
+    "--task",
+    "--tail",
 ];
 
 /// Subcommands whose positionals are `KIND NAME...` (or `KIND/NAME...`), and how many names
 /// they take (`None`: any number).
 fn takes_objects(sub: &[&str]) -> Option<Option<usize>> {
     match sub {
-        ["get"] | ["delete"] => Some(None),
-        ["describe"] | ["events"] => Some(Some(1)),
-        ["rollout", "status" | "history" | "undo"] => Some(Some(1)),
+        ["get"] | ["delete"] | ["wait"] => Some(None),
+        ["describe"] | ["events"] | ["edit"] | ["label"] | ["scale"] => Some(Some(1)),
+        ["rollout", "status" | "history" | "undo" | "restart" | "pause" | "resume"] => {
+            Some(Some(1))
+        }
         _ => None,
     }
+}
+
+/// Subcommands whose first positional is a Service's name, without a kind (`logs web`).
+fn takes_a_service(sub: &str) -> bool {
+    matches!(sub, "logs" | "ps" | "exec")
 }
 
 /// Decides from the words before the cursor (`words`, without the program's name) and the word
@@ -151,6 +162,18 @@ pub fn wanted(words: &[String], current: &str) -> Wanted {
     };
     if positionals.len() < sub_len {
         return Wanted::Nothing;
+    }
+    if sub_len == 1 && takes_a_service(positionals[0]) {
+        // After `--`, the words are the command to run in the task: nothing of berth's.
+        return if positionals.len() == 1 && !words.iter().any(|w| w == "--") {
+            Wanted::Names {
+                kind: Kind::Service,
+                typed_kind: "service".into(),
+                qualified: false,
+            }
+        } else {
+            Wanted::Nothing
+        };
     }
     let Some(max_names) = takes_objects(&positionals[..sub_len]) else {
         return Wanted::Nothing;
@@ -282,6 +305,29 @@ mod tests {
             wanted(&w("get -l app=x services"), ""),
             names(Kind::Service, "services", false)
         );
+        // The day-2 commands: a kind and a name, or a Service's name alone.
+        assert_eq!(
+            wanted(&w("rollout restart service"), ""),
+            names(Kind::Service, "service", false)
+        );
+        assert_eq!(
+            wanted(&w("scale service"), "w"),
+            names(Kind::Service, "service", false)
+        );
+        assert_eq!(
+            wanted(&w("scale service web --replicas"), ""),
+            Wanted::Nothing
+        );
+        assert_eq!(
+            wanted(&w("logs -f"), ""),
+            names(Kind::Service, "service", false)
+        );
+        assert_eq!(
+            wanted(&w("exec --task 1"), "w"),
+            names(Kind::Service, "service", false)
+        );
+        assert_eq!(wanted(&w("exec web -it --"), ""), Wanted::Nothing);
+        assert_eq!(wanted(&w("ps web"), ""), Wanted::Nothing);
     }
 
     #[test]
