@@ -3,6 +3,7 @@
 //! commands, and cleans up every Swarm object a test created even when the test fails. A missing
 //! engine, binary or nats-server is a loud failure, never a skip.
 
+pub mod containers;
 pub mod deploy;
 pub mod lab;
 pub mod registry;

@@ -6,8 +6,8 @@
 
 use berth_api_types::Kind;
 use berth_e2e::{await_resync, docker, manifest, prefix, swarm_replicas, Berth, Cleanup, Docker};
-use bollard::query_parameters::{InspectServiceOptions, ListTasksOptions};
-use std::collections::{BTreeSet, HashMap};
+use bollard::query_parameters::InspectServiceOptions;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 const IMAGE: &str = "berth-test/busybox:1";
@@ -21,24 +21,11 @@ fn service_yaml(name: &str, replicas: u64, extra: &str) -> String {
 
 /// Ids of the service's tasks that are running now.
 async fn running_task_ids(d: &Docker, name: &str) -> BTreeSet<String> {
-    d.list_tasks(Some(ListTasksOptions {
-        filters: Some(HashMap::from([
-            ("service".to_string(), vec![name.to_string()]),
-            ("desired-state".to_string(), vec!["running".to_string()]),
-        ])),
-    }))
-    .await
-    .expect("list tasks")
-    .into_iter()
-    .filter(|t| {
-        t.status
-            .as_ref()
-            .and_then(|s| s.state)
-            .map(|s| s.to_string())
-            == Some("running".into())
-    })
-    .filter_map(|t| t.id)
-    .collect()
+    berth_e2e::deploy::running_tasks(d, name)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// The environment the engine gives the service's containers.

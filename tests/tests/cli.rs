@@ -11,12 +11,6 @@ use berth_api_types::Kind;
 use berth_e2e::{
     berth_bin, docker, eventually, manifest, prefix, Berth, Cleanup, CliOutput, Docker,
 };
-use bollard::container::LogOutput;
-use bollard::exec::StartExecResults;
-use bollard::models::ExecConfig;
-use bollard::query_parameters::ListContainersOptions;
-use futures::StreamExt;
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -419,55 +413,11 @@ async fn contexts_switch_which_token_is_used() {
     );
 }
 
-/// IDs of the running containers of one Swarm service.
-async fn running_containers(d: &Docker, service: &str) -> Vec<String> {
-    let list = d
-        .list_containers(Some(ListContainersOptions {
-            all: false,
-            filters: Some(HashMap::from([
-                (
-                    "label".to_string(),
-                    vec![format!("com.docker.swarm.service.name={service}")],
-                ),
-                ("status".to_string(), vec!["running".to_string()]),
-            ])),
-            ..Default::default()
-        }))
-        .await
-        .expect("e2e: listing containers");
-    list.into_iter().filter_map(|c| c.id).collect()
-}
-
 /// `cat path` in the service's one running container.
 async fn read_in_task(d: &Docker, service: &str, path: &str) -> Result<String, String> {
-    let running = running_containers(d, service).await;
-    let [container] = running.as_slice() else {
-        return Err(format!("{} running containers", running.len()));
-    };
-    let created = d
-        .create_exec(
-            container,
-            ExecConfig {
-                attach_stdout: Some(true),
-                cmd: Some(vec!["cat".into(), path.into()]),
-                ..Default::default()
-            },
-        )
+    berth_e2e::containers::read_file(d, service, path)
         .await
-        .map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    if let StartExecResults::Attached { mut output, .. } = d
-        .start_exec(&created.id, None)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        while let Some(chunk) = output.next().await {
-            if let LogOutput::StdOut { message } = chunk.map_err(|e| e.to_string())? {
-                text.push_str(&String::from_utf8_lossy(&message));
-            }
-        }
-    }
-    Ok(text)
+        .map(|(_, text)| text)
 }
 
 /// `create secret --from-file`: the value reaches the running task and never appears in what

@@ -9,17 +9,13 @@
 
 use berth_api_types::names::{labels, paths};
 use berth_api_types::Kind;
+use berth_e2e::containers::{exec, read_file, running_containers};
 use berth_e2e::{
     condition, docker, eventually, manifest, on_both_buses, on_every_store, prefix, Berth, Bus,
     Cleanup, Docker, Stack,
 };
-use bollard::container::LogOutput;
-use bollard::exec::StartExecResults;
-use bollard::models::{ExecConfig, Service as SwarmService};
-use bollard::query_parameters::{
-    InspectNetworkOptions, ListConfigsOptions, ListContainersOptions, ListSecretsOptions,
-};
-use futures::StreamExt;
+use bollard::models::Service as SwarmService;
+use bollard::query_parameters::{InspectNetworkOptions, ListConfigsOptions, ListSecretsOptions};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -122,86 +118,6 @@ fn network_targets(s: &SwarmService) -> Vec<String> {
         .flatten()
         .filter_map(|n| n.target.clone())
         .collect()
-}
-
-/// IDs of the running containers of one Swarm service.
-async fn running_containers(d: &Docker, service: &str) -> Vec<String> {
-    let list = d
-        .list_containers(Some(ListContainersOptions {
-            all: false,
-            filters: Some(HashMap::from([
-                (
-                    "label".to_string(),
-                    vec![format!("com.docker.swarm.service.name={service}")],
-                ),
-                ("status".to_string(), vec!["running".to_string()]),
-            ])),
-            ..Default::default()
-        }))
-        .await
-        .expect("e2e: listing containers");
-    list.into_iter().filter_map(|c| c.id).collect()
-}
-
-/// Runs `cmd` in a running container; returns (exit code, stdout) or why it could not.
-async fn exec(d: &Docker, container: &str, cmd: &[&str]) -> Result<(i64, String), String> {
-    let short = &container[..12.min(container.len())];
-    let created = d
-        .create_exec(
-            container,
-            ExecConfig {
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                cmd: Some(cmd.iter().map(|s| s.to_string()).collect()),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| format!("exec in {short}: {e}"))?;
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    match d
-        .start_exec(&created.id, None)
-        .await
-        .map_err(|e| format!("starting exec in {short}: {e}"))?
-    {
-        StartExecResults::Attached { mut output, .. } => {
-            while let Some(chunk) = output.next().await {
-                match chunk.map_err(|e| format!("exec output from {short}: {e}"))? {
-                    LogOutput::StdOut { message } => {
-                        stdout.push_str(&String::from_utf8_lossy(&message))
-                    }
-                    LogOutput::StdErr { message } => {
-                        stderr.push_str(&String::from_utf8_lossy(&message))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        StartExecResults::Detached => return Err("exec detached".into()),
-    }
-    let code = d
-        .inspect_exec(&created.id)
-        .await
-        .map_err(|e| format!("inspecting exec in {short}: {e}"))?
-        .exit_code
-        .unwrap_or(-1);
-    if code != 0 && !stderr.is_empty() {
-        return Err(format!("{cmd:?} in {short} exited {code}: {stderr}"));
-    }
-    Ok((code, stdout))
-}
-
-/// The one running container of `service` and the content of `path` in it.
-async fn read_file(d: &Docker, service: &str, path: &str) -> Result<(String, String), String> {
-    let running = running_containers(d, service).await;
-    let [container] = running.as_slice() else {
-        return Err(format!("{} running containers", running.len()));
-    };
-    match exec(d, container, &["cat", path]).await? {
-        (0, text) => Ok((container.clone(), text)),
-        (code, _) => Err(format!("cat {path} exited {code}")),
-    }
 }
 
 /// Waits until the service's one running container holds `want` at `path`; returns its ID.
