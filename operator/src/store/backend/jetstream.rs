@@ -42,6 +42,10 @@ use tokio::sync::watch;
 const MAX_ATTEMPTS: usize = 64;
 /// How long a read waits for this server's copy to catch up before it fails (NATS unreachable).
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a starting server asks for the log's stream before it gives up: a cluster that is still
+/// forming (every manager booting at once) elects its JetStream leaders first, which on a loaded
+/// machine takes longer than a read may wait.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// One JetStream request's wait for its answer. Short, because a request whose server went away
 /// is sent again (a commit under the same message id, see `publish`); a leader election takes
 /// several of them.
@@ -197,14 +201,14 @@ impl Log {
             ..Default::default()
         };
         // A cluster that just formed, or is electing a leader, times requests out for a few
-        // seconds: asked again within the catch-up budget before giving up.
+        // seconds: asked again within the opening budget before giving up.
         let started = std::time::Instant::now();
         let mut retry = BackoffPolicy::reconnect().retry();
         let stream = loop {
             match js.get_or_create_stream(wanted.clone()).await {
                 Ok(s) => break Ok(s),
-                Err(e) if started.elapsed() + REQUEST_TIMEOUT < CATCH_UP_TIMEOUT => {
-                    tracing::debug!(error = %e, "opening the store's stream again");
+                Err(e) if started.elapsed() + REQUEST_TIMEOUT < OPEN_TIMEOUT => {
+                    tracing::info!(error = %e, "the store's stream does not answer yet; asking again");
                     tokio::time::sleep(retry.next_delay()).await;
                 }
                 Err(e) => break Err(e),
