@@ -208,6 +208,12 @@ pub fn objects_columns(kind: Kind, objects: &[DynObject]) -> (Vec<&'static str>,
                         Some(c) => c.reason.clone(),
                         None => "Pending".into(),
                     };
+                    // What runs may be Ready while the spec waits: the table must not hide that.
+                    let state = if o.spec.get("paused").and_then(Value::as_bool) == Some(true) {
+                        format!("{state},Paused")
+                    } else {
+                        state
+                    };
                     vec![
                         o.metadata.name.clone(),
                         replicas,
@@ -569,6 +575,18 @@ mod tests {
             ["node-2", "manager", "ready", "drain", "(2", "left)", "Leader", "2"],
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_paused_service_says_so_in_the_table() {
+        let mut obj = decode_object(&json!({"apiVersion": "berth/v1", "kind": "Service",
+            "metadata": {"name": "web"}, "spec": {"image": "app:2", "paused": true}}))
+        .unwrap();
+        obj.status = json!({"runningReplicas": 1, "desiredReplicas": 1, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "AllTasksRunning",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let t = objects_table(Kind::Service, &[obj]);
+        assert!(t.contains("Ready,Paused"), "{t}");
     }
 
     #[test]
