@@ -347,3 +347,21 @@ mod clear_text_tests {
         }
     }
 }
+
+/// Objects for the CLI modules' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use berth_api_types::DynObject;
+    use serde_json::json;
+
+    /// Service `web` (image `app:2`) at `generation`, with `status`.
+    pub fn service_at(generation: u64, status: serde_json::Value) -> DynObject {
+        let mut o: DynObject = serde_json::from_value(json!({
+            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"image": "app:2"}, "status": status
+        }))
+        .unwrap();
+        o.metadata.generation = generation;
+        o
+    }
+}

@@ -300,15 +300,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(generation: u64, status: serde_json::Value) -> DynObject {
-        let mut o: DynObject = serde_json::from_value(json!({
-            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
-            "spec": {"image": "app:2"}, "status": status
-        }))
-        .unwrap();
-        o.metadata.generation = generation;
-        o
-    }
+    use crate::cli::testing::service_at as obj;
 
     fn rev(n: u64, image: &str, result: &str) -> serde_json::Value {
         json!({"revision": n, "image": image, "generation": n, "time": "2026-11-22T10:00:00Z",

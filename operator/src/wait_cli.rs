@@ -238,15 +238,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(generation: u64, status: serde_json::Value) -> DynObject {
-        let mut o: DynObject = serde_json::from_value(json!({
-            "apiVersion": "berth/v1", "kind": "Service", "metadata": {"name": "web"},
-            "spec": {"image": "app:2"}, "status": status
-        }))
-        .unwrap();
-        o.metadata.generation = generation;
-        o
-    }
+    use crate::cli::testing::service_at as obj;
 
     fn cond(t: &str, s: &str, reason: &str, msg: &str) -> serde_json::Value {
         json!({"type": t, "status": s, "reason": reason, "message": msg,

@@ -1,13 +1,26 @@
 //! What runs inside a Swarm service's containers, read through the engine (never through berth):
-//! the running containers of a service, a command in one, and a file's content.
+//! the container spec the engine holds for a service, its running containers, a command in one, and
+//! a file's content.
 
 use crate::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::StartExecResults;
 use bollard::models::ExecConfig;
-use bollard::query_parameters::ListContainersOptions;
+use bollard::models::TaskSpecContainerSpec;
+use bollard::query_parameters::{InspectServiceOptions, ListContainersOptions};
 use futures::StreamExt;
 use std::collections::HashMap;
+
+/// The container spec the engine holds for a Swarm service (image, env, command...).
+pub async fn container_spec(d: &Docker, service: &str) -> TaskSpecContainerSpec {
+    d.inspect_service(service, None::<InspectServiceOptions>)
+        .await
+        .unwrap_or_else(|e| panic!("e2e: inspecting service {service}: {e}"))
+        .spec
+        .and_then(|s| s.task_template)
+        .and_then(|t| t.container_spec)
+        .unwrap_or_default()
+}
 
 /// IDs of the running containers of one Swarm service.
 pub async fn running_containers(d: &Docker, service: &str) -> Vec<String> {

@@ -1410,3 +1410,38 @@ pub async fn start_service_instances(
     wait_instances(api, "Service", &pids).await;
     ctls
 }
+
+/// `berth restore environment --snapshot ID --data-dir DIR --repository REPO --key-file KEY
+/// [--dry-run]`, run offline as an operator would after a disaster; panics unless it succeeds, and
+/// returns what it printed.
+pub fn restore_environment(
+    snapshot: &str,
+    data_dir: &Path,
+    repository: &Path,
+    key_file: &Path,
+    dry_run: bool,
+) -> String {
+    let mut cmd = Command::new(berth_bin());
+    cmd.args([
+        "restore",
+        "environment",
+        "--snapshot",
+        snapshot,
+        "--data-dir",
+    ])
+    .arg(data_dir)
+    .arg("--repository")
+    .arg(repository)
+    .arg("--key-file")
+    .arg(key_file);
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    let out = cmd.output().expect("e2e: cannot run berth restore");
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -523,33 +523,8 @@ async fn the_environment_comes_back_in_a_fresh_install() {
     }
     drop(d);
     let fresh = keep.path().join("data");
-    let restore = |dry: bool| {
-        let mut args = vec![
-            "restore",
-            "environment",
-            "--snapshot",
-            &id,
-            "--data-dir",
-            fresh.to_str().unwrap(),
-            "--repository",
-            repo_copy.to_str().unwrap(),
-            "--key-file",
-            key_file.to_str().unwrap(),
-        ];
-        if dry {
-            args.push("--dry-run");
-        }
-        let out = Command::new(berth_e2e::berth_bin())
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "restore: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let restore =
+        |dry: bool| berth_e2e::restore_environment(&id, &fresh, &repo_copy, &key_file, dry);
     let dry = restore(true);
     assert!(dry.contains(&format!("create service/{app}")), "{dry}");
     assert!(!fresh.join("store").exists(), "a dry run wrote a store");

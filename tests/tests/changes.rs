@@ -6,7 +6,6 @@
 
 use berth_api_types::Kind;
 use berth_e2e::{await_resync, docker, manifest, prefix, swarm_replicas, Berth, Cleanup, Docker};
-use bollard::query_parameters::InspectServiceOptions;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -30,13 +29,9 @@ async fn running_task_ids(d: &Docker, name: &str) -> BTreeSet<String> {
 
 /// The environment the engine gives the service's containers.
 async fn engine_env(d: &Docker, name: &str) -> Vec<String> {
-    d.inspect_service(name, None::<InspectServiceOptions>)
+    berth_e2e::containers::container_spec(d, name)
         .await
-        .expect("inspect service")
-        .spec
-        .and_then(|s| s.task_template)
-        .and_then(|t| t.container_spec)
-        .and_then(|c| c.env)
+        .env
         .unwrap_or_default()
 }
 

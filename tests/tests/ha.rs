@@ -519,20 +519,7 @@ async fn an_environment_backup_of_the_nats_store_restores() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let fresh = keep.path().join("data");
-    let out = std::process::Command::new(berth_bin())
-        .args(["restore", "environment", "--snapshot", &id, "--data-dir"])
-        .arg(&fresh)
-        .arg("--repository")
-        .arg(&repo)
-        .arg("--key-file")
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    berth_e2e::restore_environment(&id, &fresh, &repo, &key_file, false);
     let b = Berth::start_api_on(&fresh, &a.default_network, None, &[]);
     assert_eq!(b.instance, a.instance, "the same installation");
     for path in [

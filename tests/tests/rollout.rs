@@ -4,7 +4,7 @@
 
 use berth_api_types::Kind;
 use berth_e2e::{condition, docker, prefix, Berth, Bus, Cleanup, Docker, Stack};
-use bollard::query_parameters::{InspectServiceOptions, ListTasksOptions};
+use bollard::query_parameters::ListTasksOptions;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,13 +21,9 @@ fn service_yaml(name: &str, image: &str) -> String {
 }
 
 async fn engine_image(d: &Docker, name: &str) -> String {
-    d.inspect_service(name, None::<InspectServiceOptions>)
+    berth_e2e::containers::container_spec(d, name)
         .await
-        .expect("inspect service")
-        .spec
-        .and_then(|s| s.task_template)
-        .and_then(|t| t.container_spec)
-        .and_then(|c| c.image)
+        .image
         .unwrap_or_default()
 }
 
