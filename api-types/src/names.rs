@@ -229,6 +229,8 @@ pub mod labels {
     /// Node label (`docker node update --label-add io.berth.ingress=true`) choosing the nodes that
     /// run the ingress proxy; without any such node it runs on the managers.
     pub const INGRESS_NODE: &str = "io.berth.ingress";
+    /// Set by Swarm (not berth) on every task's container: the task it runs.
+    pub const SWARM_TASK_ID: &str = "com.docker.swarm.task.id";
 }
 
 /// Names of the Swarm objects berth creates for itself. No berth object may take a name that
@@ -237,6 +239,9 @@ pub mod labels {
 pub mod swarm {
     /// Prefix of the backup transfer agents' services and grant secrets (`berth-transfer-<ulid>`).
     pub const TRANSFER_AGENT_PREFIX: &str = "berth-transfer-";
+    /// Prefix of the exec agents' services and grant secrets (`berth-exec-<ulid>`): `berth exec`
+    /// into a task on a node other than the API server's.
+    pub const EXEC_AGENT_PREFIX: &str = "berth-exec-";
 
     /// Networks every Docker engine defines itself (that are valid object names; the engine's
     /// `docker_gwbridge` is not one); a Network of that name cannot be berth's.
@@ -261,6 +266,11 @@ pub mod swarm {
             return Some(format!(
                 "is reserved: names starting with `{TRANSFER_AGENT_PREFIX}` are berth's backup \
                  transfer agents"
+            ));
+        }
+        if name.starts_with(EXEC_AGENT_PREFIX) {
+            return Some(format!(
+                "is reserved: names starting with `{EXEC_AGENT_PREFIX}` are berth's exec agents"
             ));
         }
         None

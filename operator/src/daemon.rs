@@ -257,6 +257,7 @@ async fn start_api(
         applier.await;
         Ok(())
     });
+    let remote_exec = start_remote_exec(server, store.instance(), docker_host).await?;
     let state = AppState {
         store: store.clone(),
         tokens,
@@ -264,6 +265,7 @@ async fn start_api(
         default_network: Arc::new(server.default_network.clone()),
         docker_host: docker_host.map(|h| Arc::new(h.to_string())),
         backups,
+        remote_exec,
         controllers: connected.sharing.store().clone(),
         audit_log,
     };
@@ -376,6 +378,35 @@ impl Listeners {
 /// the API server's process, because a snapshot reads the store's sealed values and master key.
 /// Without an engine there are no volumes to read: backups are off (and say so) rather than the
 /// API refusing to start.
+/// Exec agents for tasks on other nodes, when the operator allows them (off by default: see
+/// `AgentArgs::allow_remote_exec`). Refusing to start is better than a flag that silently does
+/// nothing: asked for and impossible (no engine, not in a swarm) is an error.
+async fn start_remote_exec(
+    server: &ServerArgs,
+    instance: &str,
+    docker_host: Option<&str>,
+) -> Result<Option<Arc<crate::exec_agent::RemoteExec>>, String> {
+    if !server.agents.allow_remote_exec {
+        return Ok(None);
+    }
+    let docker = engine::connect(docker_host)
+        .await
+        .map_err(|e| format!("error: --allow-remote-exec: {e}"))?;
+    let remote = crate::exec_agent::RemoteExec::new(
+        docker,
+        instance,
+        server.agents.agent_image.clone(),
+        server.agents.agent_host_network,
+        server.agents.agent_engine_socket.clone(),
+    )
+    .await
+    .map_err(|e| format!("error: --allow-remote-exec: {e}"))?;
+    tracing::warn!(
+        "remote exec is allowed: `berth exec` into tasks on other nodes starts an agent there with the node's engine socket"
+    );
+    Ok(Some(Arc::new(remote)))
+}
+
 async fn start_backups(
     server: &ServerArgs,
     store: &Store,
@@ -403,15 +434,11 @@ async fn start_backups(
         key_file: server.data_dir.join("backup.key"),
         restic: server.backup.restic.clone(),
     };
-    let transfers = Transfers::new(
-        docker.clone(),
-        &instance,
-        server.backup.backup_agent_image.clone(),
-    )
-    .await
-    .map_err(|e| format!("error: backups: {e}"))?
-    // Off by default: see `BackupArgs::backup_agent_host_network`.
-    .host_network(server.backup.backup_agent_host_network);
+    let transfers = Transfers::new(docker.clone(), &instance, server.agents.agent_image.clone())
+        .await
+        .map_err(|e| format!("error: backups: {e}"))?
+        // Off by default: see `AgentArgs::agent_host_network`.
+        .host_network(server.agents.agent_host_network);
     let records = Records::open(
         &server.data_dir.join("controllers").join("backup"),
         "backups",

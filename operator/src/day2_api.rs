@@ -4,13 +4,15 @@
 //! go through the engine the API server has (`--docker-host`), and only ever reach the Swarm
 //! service that carries this installation's labels for that Service.
 //!
-//! Exec reaches only tasks on the API server's own node: Swarm runs a command only through the
-//! engine of the node that runs the container. A task elsewhere is refused, naming the task, its
-//! node and why; bridging to other nodes' engines is not built.
+//! Swarm runs a command only through the engine of the node that runs the container: a task on
+//! the API server's node is exec'd through its own engine ([`exec_engine`]); a task elsewhere
+//! through an exec agent on that node ([`exec_agent`]) when the server allows it
+//! (`--allow-remote-exec`), and is refused with the reason otherwise.
 
 use crate::access::{Audited, Change};
 use crate::extract::{Path, Query};
 use crate::server::{ApiError, AppState};
+use crate::{exec_agent, exec_engine};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -20,7 +22,7 @@ use axum::Router;
 use berth_api_types::names::paths;
 use berth_api_types::wire::List;
 use berth_api_types::workload::{
-    finish_log_lines, image_digest, program_name, select_task, split_log_lines, ExecRequest, Frame,
+    finish_log_lines, image_digest, program_name, select_task, split_log_lines, ExecRequest,
     LogLine, TaskInfo, EXEC_PROTOCOL,
 };
 use berth_api_types::Kind;
@@ -32,7 +34,6 @@ use futures::StreamExt;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -456,13 +457,6 @@ async fn exec(
             format!("cannot exec in Service `{name}`: {why} (see `berth ps {name}`)"),
         )
     })?;
-    if task.node_id != local {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "TaskOnAnotherNode",
-            on_another_node(task, &local, &local_host),
-        ));
-    }
     let container = task.container_id.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -470,42 +464,49 @@ async fn exec(
             format!("task {} has no container yet", task.log_prefix()),
         )
     })?;
-    let created = t
-        .docker
-        .create_exec(
-            &container,
-            bollard::models::ExecConfig {
-                attach_stdin: Some(ask.stdin),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                tty: Some(ask.tty),
-                cmd: Some(ask.command.clone()),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "ExecFailed",
-                format!(
-                    "cannot exec in task {}: {}",
-                    task.log_prefix(),
-                    engine::message(&e)
-                ),
-            )
-        })?;
     let program = program_name(&ask.command);
-    tracing::info!(service = %name, task = %task.log_prefix(), %program, "exec");
-    let docker = t.docker.clone();
+    // Everything that can fail is done before the `101`, so a refusal is an ordinary JSON error:
+    // the exec exists (here, or through an agent on the task's node) before the client is told
+    // to switch protocols; it starts only after the upgrade.
+    let session = if task.node_id == local {
+        let id = exec_engine::create(&t.docker, &container, &ask)
+            .await
+            .map_err(|why| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "ExecFailed",
+                    format!("cannot exec in task {}: {why}", task.log_prefix()),
+                )
+            })?;
+        Session::Local(t.docker.clone(), id)
+    } else {
+        let Some(remote) = &state.remote_exec else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "TaskOnAnotherNode",
+                on_another_node(task, &local, &local_host),
+            ));
+        };
+        let (agent, channel) = remote.open(&name, task, &container, &ask).await?;
+        Session::Remote(agent, Box::new(channel))
+    };
+    tracing::info!(service = %name, task = %task.log_prefix(), %program, remote = task.node_id != local, "exec");
     let tty = ask.tty;
     let size = ask.size;
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let io = hyper_util::rt::TokioIo::new(upgraded);
-                run_exec(docker, created.id, tty, size, io).await;
+                match session {
+                    Session::Local(docker, id) => {
+                        exec_engine::run_exec(docker, id, tty, size, io).await
+                    }
+                    Session::Remote(agent, channel) => {
+                        exec_agent::bridge(io, agent, *channel).await
+                    }
+                }
             }
+            // A remote session's agent is removed with it (dropped here).
             Err(e) => tracing::warn!(error = %e, "exec: the connection was not upgraded"),
         }
     });
@@ -528,13 +529,25 @@ async fn exec(
     Ok(resp)
 }
 
-/// Why a task on another node is refused, naming the task, its node and this one.
+/// An exec created and waiting for the client's upgraded connection.
+enum Session {
+    /// In a container on this node, through this server's engine: the engine and the exec's id.
+    Local(Docker, String),
+    /// Through an exec agent on the task's node, which has created the exec.
+    Remote(
+        berth_controllers::swarm::agent_task::AgentTask,
+        Box<berth_controllers::swarm::agent_task::AgentChannel>,
+    ),
+}
+
+/// Why a task on another node is refused when remote exec is off, naming the task, its node, this
+/// one and the way to allow it.
 fn on_another_node(task: &TaskInfo, local: &str, local_host: &str) -> String {
     format!(
         "task {} runs on node {} ({}), not on the API server's node {local_host} ({local}): Swarm \
-         runs a command only through the engine of the node that runs the container, and berth \
-         execs only through its own engine. Choose a task on {local_host} with --task (see `berth \
-         ps`)",
+         runs a command only through the engine of the node that runs the container, and this API \
+         server does not start exec agents on other nodes (its operator allows that with \
+         --allow-remote-exec). Choose a task on {local_host} with --task (see `berth ps`)",
         task.log_prefix(),
         task.node,
         task.node_id,
@@ -555,140 +568,6 @@ fn check_command(command: &[String]) -> ApiResult<()> {
         return Err(bad("an argument holds a NUL byte".into()));
     }
     Ok(())
-}
-
-/// Bridges a started exec and the upgraded client connection until the command ends, then sends
-/// its exit code as the last frame.
-async fn run_exec<IO>(docker: Docker, id: String, tty: bool, size: Option<[u16; 2]>, io: IO)
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut from_client, mut to_client) = tokio::io::split(io);
-    let started = docker
-        .start_exec(
-            &id,
-            Some(bollard::exec::StartExecOptions {
-                detach: false,
-                tty,
-                output_capacity: None,
-            }),
-        )
-        .await;
-    let (mut output, mut input) = match started {
-        Ok(bollard::exec::StartExecResults::Attached { output, input }) => (output, input),
-        Ok(bollard::exec::StartExecResults::Detached) => {
-            let _ = send_frame(&mut to_client, &Frame::Error("the exec detached".into())).await;
-            return;
-        }
-        Err(e) => {
-            let _ = send_frame(
-                &mut to_client,
-                &Frame::Error(format!("cannot start the command: {}", engine::message(&e))),
-            )
-            .await;
-            return;
-        }
-    };
-    let resize = |cols: u16, rows: u16| {
-        let docker = docker.clone();
-        let id = id.clone();
-        async move {
-            if cols > 0 && rows > 0 {
-                let _ = docker
-                    .resize_exec(
-                        &id,
-                        bollard::query_parameters::ResizeExecOptions {
-                            w: i32::from(cols),
-                            h: i32::from(rows),
-                        },
-                    )
-                    .await;
-            }
-        }
-    };
-    if let (true, Some([cols, rows])) = (tty, size) {
-        resize(cols, rows).await;
-    }
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 16 * 1024];
-    let mut client_open = true;
-    let failure: Option<String> = loop {
-        tokio::select! {
-            item = output.next() => match item {
-                Some(Ok(LogOutput::StdErr { message })) => {
-                    if send_frame(&mut to_client, &Frame::Stderr(message.to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(LogOutput::StdOut { message })) | Some(Ok(LogOutput::Console { message })) => {
-                    if send_frame(&mut to_client, &Frame::Stdout(message.to_vec())).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(LogOutput::StdIn { .. })) => {}
-                Some(Err(e)) => break Some(format!("the command's output broke off: {e}")),
-                None => break None,
-            },
-            n = from_client.read(&mut chunk), if client_open => match n {
-                Ok(0) | Err(_) => {
-                    // The client is gone: closing the command's stdin ends an interactive shell.
-                    client_open = false;
-                    let _ = input.shutdown().await;
-                }
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        match Frame::take(&mut buf) {
-                            Ok(Some(Frame::Stdin(data))) => {
-                                let _ = input.write_all(&data).await;
-                                let _ = input.flush().await;
-                            }
-                            Ok(Some(Frame::StdinEof)) => {
-                                let _ = input.shutdown().await;
-                            }
-                            Ok(Some(Frame::Resize(cols, rows))) => resize(cols, rows).await,
-                            Ok(Some(_)) => {}
-                            Ok(None) => break,
-                            Err(e) => {
-                                let _ = send_frame(&mut to_client, &Frame::Error(e)).await;
-                                return;
-                            }
-                        }
-                    }
-                }
-            },
-        }
-    };
-    if let Some(message) = failure {
-        let _ = send_frame(&mut to_client, &Frame::Error(message)).await;
-        return;
-    }
-    // The output ends a moment before the engine records the exit code.
-    let mut code = None;
-    for _ in 0..50 {
-        match docker.inspect_exec(&id).await {
-            Ok(i) if i.running != Some(true) => {
-                code = i.exit_code;
-                break;
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(_) => break,
-        }
-    }
-    let last = match code {
-        Some(c) => Frame::Exit(i32::try_from(c).unwrap_or(1)),
-        None => Frame::Error("the command's exit code is unknown".into()),
-    };
-    let _ = send_frame(&mut to_client, &last).await;
-    let _ = to_client.shutdown().await;
-}
-
-async fn send_frame(
-    w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    frame: &Frame,
-) -> std::io::Result<()> {
-    w.write_all(&frame.encode()).await?;
-    w.flush().await
 }
 
 #[cfg(test)]
@@ -722,8 +601,9 @@ mod tests {
             on_another_node(&t, "n1id", "node1"),
             "task web.2.abcdefghijkl@node2 runs on node node2 (n2id), not on the API server's node \
              node1 (n1id): Swarm runs a command only through the engine of the node that runs the \
-             container, and berth execs only through its own engine. Choose a task on node1 with \
-             --task (see `berth ps`)"
+             container, and this API server does not start exec agents on other nodes (its \
+             operator allows that with --allow-remote-exec). Choose a task on node1 with --task \
+             (see `berth ps`)"
         );
     }
 

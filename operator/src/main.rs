@@ -23,6 +23,8 @@ mod deploy_auth;
 mod diff_cli;
 mod edit_cli;
 mod environment;
+mod exec_agent;
+mod exec_engine;
 mod extract;
 #[cfg(test)]
 mod fuzz;
@@ -123,6 +125,8 @@ pub struct ServerArgs {
     pub hook_rate: u32,
     #[command(flatten)]
     pub backup: BackupArgs,
+    #[command(flatten)]
+    pub agents: AgentArgs,
     /// Let Volumes bind-mount host paths or mount host devices (`local` driver options such as
     /// `type=none,o=bind,device=/srv/data`, or `type=ext4,device=/dev/sdb1`). Off: any Service
     /// could then read and write the node's files, its Docker socket included.
@@ -198,21 +202,41 @@ pub struct BackupArgs {
     /// The restic binary that writes and reads repositories.
     #[arg(long, env = "BERTH_RESTIC", default_value = "restic")]
     pub restic: PathBuf,
-    /// Image of the short-lived agent task that reads or writes a volume on a node other than
-    /// this one (it runs the berth binary: `berth agent`).
-    #[arg(long, env = "BERTH_BACKUP_AGENT_IMAGE", default_value = concat!("berth:", env!("CARGO_PKG_VERSION")))]
-    pub backup_agent_image: String,
     /// Do not create the default `environment` plan at first start (for installations whose
     /// plans are managed elsewhere, and for tests that share one engine).
     #[arg(long, env = "BERTH_NO_DEFAULT_BACKUP_PLAN", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_default_backup_plan: bool,
-    /// Run volume-transfer agents on the node's host network instead of the engine's default
-    /// bridge. Only for nodes whose engines have no bridge network (`dockerd --bridge none`, as
-    /// in the 3-node lab), where an agent task would otherwise have only loopback and could not
-    /// reach berth. It is a privilege: the agent then shares the node's network namespace (every
-    /// interface and port of the node), so it is off unless asked for.
-    #[arg(long, env = "BERTH_BACKUP_AGENT_HOST_NETWORK", value_parser = clap::builder::FalseyValueParser::new())]
-    pub backup_agent_host_network: bool,
+}
+
+/// The short-lived agent tasks berth starts on other nodes (controllers/src/swarm/agent_task.rs):
+/// volume transfers for backups and restores, and `berth exec` into tasks there.
+#[derive(Args, Clone)]
+pub struct AgentArgs {
+    /// The agents' image: it runs the berth binary (`berth agent`).
+    #[arg(long, alias = "backup-agent-image", env = "BERTH_AGENT_IMAGE", default_value = concat!("berth:", env!("CARGO_PKG_VERSION")))]
+    pub agent_image: String,
+    /// Run agents on the node's host network instead of the engine's default bridge. Only for
+    /// nodes whose engines have no bridge network (`dockerd --bridge none`, as in the 3-node lab),
+    /// where an agent task would otherwise have only loopback and could not reach berth. It is a
+    /// privilege: the agent then shares the node's network namespace (every interface and port of
+    /// the node), so it is off unless asked for.
+    #[arg(long, alias = "backup-agent-host-network", env = "BERTH_AGENT_HOST_NETWORK", value_parser = clap::builder::FalseyValueParser::new())]
+    pub agent_host_network: bool,
+    /// Let `berth exec` reach tasks on other nodes than this API server's, through an exec agent
+    /// started on the task's node for the one command. It is a privilege: that agent mounts the
+    /// node's engine socket, and whoever speaks to it is root on the node. Off: such a task is
+    /// refused (tasks on this node are exec'd through this server's own engine either way).
+    /// Callers still need the exec grant (`berth token create --exec`).
+    #[arg(long, env = "BERTH_ALLOW_REMOTE_EXEC", value_parser = clap::builder::FalseyValueParser::new())]
+    pub allow_remote_exec: bool,
+    /// The engine socket on every node, as exec agents mount it. Swarm expands `{{.Node.ID}}` and
+    /// `{{.Node.Hostname}}` in it, for nodes whose sockets differ.
+    #[arg(
+        long,
+        env = "BERTH_AGENT_ENGINE_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    pub agent_engine_socket: String,
 }
 
 /// The Ingress controller's load balancer.
@@ -597,8 +621,9 @@ enum AdminAction {
     },
 }
 
-/// The transfer agent's jobs (see controllers/src/backup/agent.rs). Everything it needs to reach
-/// berth is in the grant file (a Swarm secret), never on the command line.
+/// The agents' jobs (volume transfers: controllers/src/backup/agent.rs; exec: exec_agent.rs).
+/// Everything an agent needs to reach berth is in the grant file (a Swarm secret), never on the
+/// command line.
 #[derive(Subcommand)]
 enum AgentAction {
     /// Send the directory (a volume mounted read-only) to berth as a tar stream.
@@ -614,6 +639,12 @@ enum AgentAction {
         grant: PathBuf,
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Run the command berth sends in a container of this node, through the engine socket
+    /// mounted at /var/run/docker.sock, and carry its terminal.
+    Exec {
+        #[arg(long)]
+        grant: PathBuf,
     },
 }
 
@@ -693,14 +724,16 @@ pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The agent is one blocking job: no async runtime.
+    // An agent is one job: no multi-threaded runtime.
     if let Command::Agent { action } = &cli.command {
-        use berth_controllers::backup::{agent, channel::Op};
-        let (op, grant, dir) = match action {
-            AgentAction::VolumeSend { grant, dir } => (Op::Send, grant, dir),
-            AgentAction::VolumeReceive { grant, dir } => (Op::Receive, grant, dir),
+        use berth_controllers::{backup::agent, swarm::channel::Op};
+        let result = match action {
+            AgentAction::VolumeSend { grant, dir } => agent::run(Op::Send, grant, dir),
+            AgentAction::VolumeReceive { grant, dir } => agent::run(Op::Receive, grant, dir),
+            // The one agent that streams both ways at once builds its own small runtime.
+            AgentAction::Exec { grant } => exec_agent::run_agent(grant),
         };
-        return match agent::run(op, grant, dir) {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("berth agent: {e}");

@@ -49,6 +49,8 @@ pub struct AppState {
     pub docker_host: Option<Arc<String>>,
     /// Backups of this installation (`None` when the engine was not reachable at start).
     pub backups: Option<Arc<berth_controllers::backup::operations::Backups>>,
+    /// Exec agents for tasks on other nodes (`None` unless `--allow-remote-exec`).
+    pub remote_exec: Option<Arc<crate::exec_agent::RemoteExec>>,
     /// Where controller instances report themselves (`berth controllers`).
     pub controllers: Arc<dyn berth_controllers::runtime::shares::LeaseStore>,
     /// The hash-chained audit trail (`berth audit`), in the store's database.
@@ -844,6 +846,7 @@ impl AppState {
             default_network: Arc::new("berth-internal".into()),
             docker_host: None,
             backups: None,
+            remote_exec: None,
             controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
             audit_log: crate::audit::AuditLog::open(&store).await.unwrap(),
             store,

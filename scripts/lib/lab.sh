@@ -13,7 +13,8 @@
 #   2     berth-lab-2   10.99.0.2   unix:///var/run/berth-lab/n2.sock
 #   3     berth-lab-3   10.99.0.3   unix:///var/run/berth-lab/n3.sock
 #
-# Everything of a node lives under names only the lab uses: netns berth-lab-nN, host-side veth
+# Node N's socket is also reachable as /var/run/berth-lab/berth-lab-N.sock (by hostname, for
+# exec agents). Everything of a node lives under names only the lab uses: netns berth-lab-nN, host-side veth
 # berthlab-nN, data root /var/lib/berth-lab/nN, exec root /var/run/berth-lab/nN, cgroup
 # berth-lab-nN (which holds the node's dockerd, containerd, shims and task containers, so a node
 # can be killed whole, like a machine losing power). Nothing else on the machine is touched,
@@ -172,6 +173,11 @@ _berth_lab_resolv_conf() {
 # from an earlier run if there is one: images stay loaded, and the swarm state is checked later.
 berth_lab_start_engine() {
     local n=$1
+    # The socket by the node's hostname too: an exec agent on the node mounts
+    # `$BERTH_LAB_RUN/{{.Node.Hostname}}.sock` (Swarm expands it per node), where a real node has
+    # /var/run/docker.sock.
+    mkdir -p "$BERTH_LAB_RUN"
+    ln -sfn "n$n.sock" "$BERTH_LAB_RUN/$(_lab_hostname "$n").sock"
     if _lab_engine_up "$n"; then
         return 0
     fi

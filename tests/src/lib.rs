@@ -367,7 +367,10 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
-/// The image of berth's backup agent, built from the berth binary under test by scripts/test.
+/// The small image (busybox from Debian) most test Services run; prereqs.sh builds it.
+pub const BUSYBOX: &str = "berth-test/busybox:1";
+
+/// The image of berth's agents, built from the berth binary under test by scripts/test.
 pub const AGENT_IMAGE: &str = "berth-test/agent:1";
 
 /// A `berth up` process with its own data directory and port.
@@ -564,7 +567,7 @@ impl Berth {
             // (a scheduled run in the middle of another test would start agent tasks there).
             .env("BERTH_NO_DEFAULT_BACKUP_PLAN", "1")
             .env("BERTH_BACKUP_DIR", self._tmp.path().join("backups"))
-            .env("BERTH_BACKUP_AGENT_IMAGE", AGENT_IMAGE)
+            .env("BERTH_AGENT_IMAGE", AGENT_IMAGE)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -1320,7 +1323,7 @@ pub async fn await_resync(b: &Berth, d: &Docker, prefix: &str, timeout: Duration
         ])),
         task_template: Some(TaskSpec {
             container_spec: Some(bollard::models::TaskSpecContainerSpec {
-                image: Some("berth-test/busybox:1".to_string()),
+                image: Some(BUSYBOX.to_string()),
                 command: Some(vec!["sleep".into(), "100000".into()]),
                 ..Default::default()
             }),

@@ -26,6 +26,7 @@ use std::time::Instant;
 mod lab {
     pub mod backup;
     pub mod basics;
+    pub mod exec;
     pub mod ingress;
     pub mod node;
 }
@@ -38,6 +39,7 @@ fn areas() -> Vec<(&'static str, Vec<Scenario>)> {
         ("basics", lab::basics::scenarios()),
         ("ingress", lab::ingress::scenarios()),
         ("backup", lab::backup::scenarios()),
+        ("exec", lab::exec::scenarios()),
         ("node", lab::node::scenarios()),
     ]
 }

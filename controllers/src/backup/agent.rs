@@ -7,30 +7,22 @@
 //! whatever it is doing (a watchdog thread exits the process), so a stuck transfer cannot keep a
 //! volume mounted; berth removes the task anyway.
 
-use super::channel::{self, Grant, Op};
 use super::stream;
+use crate::swarm::channel::{self, Grant, Op};
 use std::io::Write;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The longest the agent waits on one read or write of the connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs one transfer; the error is for the task's log (it carries no secret).
 pub fn run(op: Op, grant_file: &Path, dir: &Path) -> Result<(), String> {
-    let grant: Grant = serde_json::from_slice(
-        &std::fs::read(grant_file)
-            .map_err(|e| format!("cannot read the grant {}: {e}", grant_file.display()))?,
-    )
-    .map_err(|e| format!("the grant {} is not valid: {e}", grant_file.display()))?;
-    if grant.op != op {
-        return Err(format!(
-            "the grant is for `{}`, not `{}`",
-            grant.op.word(),
-            op.word()
-        ));
+    let grant = Grant::read(grant_file, op)?;
+    channel::exit_at_deadline(grant.deadline);
+    if op == Op::Exec {
+        return Err("`exec` is not a volume transfer".into());
     }
-    watchdog(grant.deadline);
     let mut s = channel::connect(&grant, IO_TIMEOUT).map_err(|e| e.to_string())?;
     match op {
         Op::Send => {
@@ -64,21 +56,8 @@ pub fn run(op: Op, grant_file: &Path, dir: &Path) -> Result<(), String> {
             );
             Ok(())
         }
+        Op::Exec => unreachable!("refused above"),
     }
-}
-
-/// Exits the process at `deadline` (unix seconds).
-fn watchdog(deadline: u64) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let left = Duration::from_secs(deadline.saturating_sub(now));
-    std::thread::spawn(move || {
-        std::thread::sleep(left);
-        eprintln!("berth agent: the transfer's deadline has passed; giving up");
-        std::process::exit(3);
-    });
 }
 
 /// berth's side of a receive: the agent's one-line answer after unpacking.

@@ -8,15 +8,14 @@
 //! Secret keys: checked on every reconcile, watched, and read when the repository is opened) ->
 //! `build.rs` (pure: which volumes, where, tags) -> `operations.rs` (the run, verification,
 //! restore; shared with the API) -> `status.rs` (pure). Scheduling is `schedule.rs`, what to keep
-//! `retention.rs`, the repository `restic.rs`, volumes on other nodes `volumes.rs` (over
-//! `channel.rs` to `agent.rs`, as `stream.rs`).
+//! `retention.rs`, the repository `restic.rs`, volumes on other nodes `volumes.rs` (an
+//! agent task from the Swarm kit's `agent_task.rs` running `agent.rs`, the data as `stream.rs`).
 //!
 //! It runs in the API server's process (`berth up`, `berth api`): a snapshot must read the store's
 //! sealed values and master key, which only that process holds.
 
 pub mod agent;
 pub mod build;
-pub mod channel;
 pub mod operations;
 pub mod restic;
 pub mod retention;

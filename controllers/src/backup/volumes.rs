@@ -6,28 +6,18 @@
 //!   in place: [`Transfers::read`] copies nothing and returns that path for restic to read.
 //!   [`Transfers::write`] unpacks straight into it (creating the volume, with berth's labels, if
 //!   missing).
-//! - **On another node** berth cannot reach that node's engine (only the manager's API: services,
-//!   tasks, nodes; `docker exec` reaches local containers only). So berth starts a short-lived
-//!   **agent task** there: a Swarm service of one replica that is never restarted, pinned with `node.id == X`, running the berth
-//!   binary itself (`berth agent volume-send|volume-receive`) from the agent image, with the one
-//!   volume mounted (read-only to read it). The agent connects back over a one-time TLS channel
-//!   (see [`channel`](super::channel)); its grant (address, pinned certificate, token) is a Swarm
-//!   secret made for this transfer, so nothing secret is in the service's spec. The data travels as
-//!   tar ([`stream`](super::stream)) and is unpacked on the manager into the caller's staging
-//!   directory, or by the agent into the volume.
+//! - **On another node** berth cannot reach that node's engine, so it starts a short-lived agent
+//!   task there (the Swarm kit's [`agent_task`](crate::swarm::agent_task): one replica pinned to
+//!   the node, its grant a Swarm secret, a one-time TLS channel back) running `berth agent
+//!   volume-send|volume-receive` with the one volume mounted (read-only to read it). The data
+//!   travels as tar ([`stream`](super::stream)) and is unpacked on the manager into the caller's
+//!   staging directory, or by the agent into the volume.
 //!
-//! What the agent task is allowed, and why:
-//! - root (uid 0), because reading and restoring other users' files and their owners needs it;
-//!   but every capability is dropped except those the job needs: `DAC_READ_SEARCH` to read
-//!   (read any file, traverse any directory); `CHOWN`, `DAC_OVERRIDE`, `FOWNER`, `FSETID` to write
-//!   (give files their owners, write into others' directories, set modes and times, keep setuid);
-//! - its root filesystem read-only; one mount, the volume (read-only for a read); one secret;
-//! - no network of its own choosing: the engine's default for a task without networks (the node's
-//!   bridge, with its outbound NAT), enough to reach the manager's swarm address. Host networking
-//!   is an option ([`Transfers::host_network`]) for nodes whose engine has no bridge (`--bridge
-//!   none`, as the 3-node lab's nodes): say so where it is used;
-//! - a hard deadline: berth's timeout ends the transfer and removes the task, and the agent exits
-//!   by itself at the same deadline.
+//! What a transfer agent is allowed beyond the kit's defaults, and why: root (uid 0), because
+//! reading and restoring other users' files and their owners needs it; but of the capabilities
+//! only `DAC_READ_SEARCH` to read (any file, any directory), and `CHOWN`, `DAC_OVERRIDE`,
+//! `FOWNER`, `FSETID` to write (give files their owners, write into others' directories, set
+//! modes and times, keep setuid); one mount, the volume.
 //!
 //! Everything the agent path creates (the service, the secret) carries berth's owner labels (kind
 //! `backup`, the volume's name, `io.berth.role` `transfer-agent` / `transfer-grant`) and is removed
@@ -35,39 +25,30 @@
 //! crashed berth left.
 
 use super::agent;
-use super::channel::{self, ChannelError, Op};
 use super::stream::{self, Counts};
-use crate::swarm::engine::{found, gone, message};
+use crate::swarm::agent_task::{AgentChannel, AgentError, Job, Launcher};
+use crate::swarm::channel::{ChannelError, Op};
+use crate::swarm::engine::{found, message};
 use crate::swarm::Owner;
 use berth_api_types::names::labels;
 use berth_api_types::Kind;
 use bollard::models::{
-    Limit, Mount, MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig,
-    NetworkAttachmentConfig, NodeSpecAvailabilityEnum, NodeState, SecretSpec, ServiceSpec,
-    ServiceSpecMode, ServiceSpecModeReplicated, TaskSpec, TaskSpecContainerSpec,
-    TaskSpecContainerSpecFile, TaskSpecContainerSpecSecrets, TaskSpecPlacement, TaskSpecResources,
-    TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState, VolumeCreateRequest,
+    Mount, MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig, VolumeCreateRequest,
 };
-use bollard::query_parameters::{ListServicesOptions, ListTasksOptions, LogsOptions};
 use bollard::Docker;
-use futures::StreamExt;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// Where the agent finds the volume.
 pub const AGENT_DIR: &str = "/volume";
-/// Where the agent finds its grant (the Swarm secret's file).
-pub const GRANT_FILE: &str = "/run/secrets/berth-transfer-grant";
 /// The image the tests build from the berth binary (scripts/test); production passes berth's own
 /// published image (`--backup-agent-image`).
 pub const TEST_AGENT_IMAGE: &str = "berth-test/agent:1";
 /// The whole of one transfer, agent start to finish, unless the caller says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
-/// The agent's memory limit: it streams file by file through fixed buffers.
-pub const AGENT_MEMORY: i64 = 256 << 20;
 /// `io.berth.role` of the agent's service and of its grant secret.
 pub const ROLE_AGENT: &str = "transfer-agent";
 pub const ROLE_GRANT: &str = "transfer-grant";
@@ -138,6 +119,16 @@ pub enum Error {
     Refused(String),
 }
 
+impl From<AgentError> for Error {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::Engine(m) => Error::Engine(m),
+            AgentError::Channel(c) => Error::Channel(c),
+            AgentError::Refused(m) | AgentError::Failed(m) => Error::Refused(m),
+        }
+    }
+}
+
 fn engine(what: &str) -> impl Fn(bollard::errors::Error) -> Error + '_ {
     move |e| Error::Engine(format!("{what}: {}", message(&e)))
 }
@@ -152,12 +143,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 pub struct Transfers {
     docker: Docker,
     owner: Owner,
-    agent_image: String,
-    listen_ip: IpAddr,
-    listen_port: u16,
-    local_node_id: String,
+    agents: Launcher,
     timeout: Duration,
-    host_network: bool,
     always_agent: bool,
 }
 
@@ -170,48 +157,25 @@ impl Transfers {
         instance: &str,
         agent_image: impl Into<String>,
     ) -> Result<Self, Error> {
-        let info = docker.info().await.map_err(engine("docker info"))?;
-        let swarm = info.swarm.unwrap_or_default();
-        let local_node_id = swarm
-            .node_id
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| Error::Refused("this engine is not part of a swarm".into()))?;
-        let node = docker
-            .inspect_node(&local_node_id)
-            .await
-            .map_err(engine("inspecting berth's node"))?;
-        let addr = node
-            .status
-            .and_then(|s| s.addr)
-            .or(swarm.node_addr)
-            .unwrap_or_default();
-        let listen_ip: IpAddr = addr.parse().map_err(|_| {
-            Error::Refused(format!(
-                "berth's node has no usable swarm address (`{addr}`) for agents to reach"
-            ))
-        })?;
+        let agents = Launcher::new(docker.clone(), agent_image).await?;
         Ok(Transfers {
             docker,
             owner: Owner::new(instance, Kind::Backup),
-            agent_image: agent_image.into(),
-            listen_ip,
-            listen_port: 0,
-            local_node_id,
+            agents,
             timeout: DEFAULT_TIMEOUT,
-            host_network: false,
             always_agent: false,
         })
     }
 
     /// Listen for agents on this address instead of the node's swarm address.
     pub fn listen_ip(mut self, ip: IpAddr) -> Self {
-        self.listen_ip = ip;
+        self.agents = self.agents.listen_ip(ip);
         self
     }
 
     /// Listen on this port (0, the default: any free port; set one to open it in a firewall).
     pub fn listen_port(mut self, port: u16) -> Self {
-        self.listen_port = port;
+        self.agents = self.agents.listen_port(port);
         self
     }
 
@@ -223,7 +187,7 @@ impl Transfers {
 
     /// Run agents on the node's host network (for engines without a bridge network).
     pub fn host_network(mut self, yes: bool) -> Self {
-        self.host_network = yes;
+        self.agents = self.agents.host_network(yes);
         self
     }
 
@@ -236,14 +200,14 @@ impl Transfers {
 
     /// The swarm node berth runs on.
     pub fn local_node_id(&self) -> &str {
-        &self.local_node_id
+        self.agents.local_node_id()
     }
 
     /// Whether the volume exists on its node: `Some` on berth's own node; `None` elsewhere, where
     /// only that node's engine knows, and asking through a task would create it (the engine
     /// creates a missing volume on mount). Read only what a backup plan found there (`build::plan_volumes`).
     pub async fn exists(&self, v: &VolumeOnNode) -> Result<Option<bool>, Error> {
-        if v.node_id != self.local_node_id {
+        if v.node_id != self.local_node_id() {
             return Ok(None);
         }
         Ok(Some(
@@ -257,7 +221,7 @@ impl Transfers {
     /// in place; elsewhere unpacks them, owners, modes and times included, into `staging` (created
     /// if missing; it should be empty: what is there is overwritten, not removed) and returns it.
     pub async fn read(&self, v: &VolumeOnNode, staging: &Path) -> Result<ReadVolume, Error> {
-        if v.node_id == self.local_node_id && !self.always_agent {
+        if v.node_id == self.local_node_id() && !self.always_agent {
             if let Some(path) = self.local_mountpoint(&v.volume).await? {
                 let p = path.clone();
                 let c = tokio::task::spawn_blocking(move || stream::count(&p))
@@ -305,7 +269,7 @@ impl Transfers {
         tar: impl AsyncRead + Unpin + Send + 'static,
     ) -> Result<WriteSummary, Error> {
         let labels = self.owner.for_kind(Kind::Volume).labels(volume);
-        if node_id == self.local_node_id && !self.always_agent {
+        if node_id == self.local_node_id() && !self.always_agent {
             let path = match self.local_mountpoint(volume).await? {
                 Some(p) => p,
                 None => {
@@ -402,9 +366,8 @@ impl Transfers {
         Ok((plain && !v.mountpoint.is_empty()).then(|| PathBuf::from(v.mountpoint)))
     }
 
-    /// Runs one agent transfer: listener, grant secret, agent job; `talk` gets the authenticated
-    /// channel. The job and the secret are removed afterwards, on success, error, timeout, and if
-    /// this future is dropped.
+    /// Runs one agent transfer: `talk` gets the authenticated channel. The agent and its grant
+    /// are removed afterwards, on success, error, timeout, and if this future is dropped.
     async fn with_agent<F, Fut>(
         &self,
         v: &VolumeOnNode,
@@ -413,7 +376,7 @@ impl Transfers {
         talk: F,
     ) -> Result<Counts, Error>
     where
-        F: FnOnce(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut,
+        F: FnOnce(AgentChannel) -> Fut,
         Fut: std::future::Future<Output = Result<Counts, Error>>,
     {
         let node = if v.node_name.is_empty() {
@@ -421,82 +384,24 @@ impl Transfers {
         } else {
             format!("{} ({})", v.node_name, v.node_id)
         };
-        // A task for a node that is down or drained would wait, pending, until the timeout.
-        let n = found(self.docker.inspect_node(&v.node_id).await)
-            .map_err(engine("inspecting the volume's node"))?
-            .ok_or_else(|| Error::Refused(format!("node {node} is not in the swarm")))?;
-        let state = n.status.and_then(|s| s.state);
-        let availability = n.spec.and_then(|s| s.availability);
-        if state != Some(NodeState::READY) || availability != Some(NodeSpecAvailabilityEnum::ACTIVE)
-        {
-            return Err(Error::Refused(format!(
-                "node {node} cannot run a transfer agent now (state {}, availability {})",
-                state.map(|s| s.to_string()).unwrap_or_default(),
-                availability.map(|s| s.to_string()).unwrap_or_default()
-            )));
-        }
-        let name = format!(
-            "{}{}",
-            berth_api_types::names::swarm::TRANSFER_AGENT_PREFIX,
-            ulid::Ulid::new().to_string().to_lowercase()
-        );
-        let mut guard = Cleanup {
-            docker: self.docker.clone(),
-            name: name.clone(),
-            armed: true,
+        let failed = |message: String| Error::Agent {
+            volume: v.volume.clone(),
+            node: node.clone(),
+            message,
         };
-        let deadline = SystemTime::now() + self.timeout;
+        let agent = self
+            .agents
+            .task(berth_api_types::names::swarm::TRANSFER_AGENT_PREFIX);
+        let job = self.job(v, &node, op, new_volume_labels);
         let run = async {
-            let listener = channel::Listener::bind(self.listen_ip, self.listen_port, op).await?;
-            let grant = listener
-                .grant(
-                    deadline
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0),
-                )
-                .map_err(io_err("the transfer listener"))?;
-            let grant = serde_json::to_vec(&grant).expect("a grant serialises");
-            let secret = self
-                .docker
-                .create_secret(SecretSpec {
-                    name: Some(name.clone()),
-                    labels: Some(
-                        self.owner
-                            .labels_with(&v.volume, &[(labels::ROLE, ROLE_GRANT)]),
-                    ),
-                    data: Some(base64::Engine::encode(
-                        &base64::engine::general_purpose::STANDARD,
-                        &grant,
-                    )),
-                    ..Default::default()
-                })
-                .await
-                .map_err(engine("creating the transfer's grant secret"))?;
-            let spec = self.agent_spec(&name, &secret.id, v, op, new_volume_labels);
-            self.docker
-                .create_service(spec, None)
-                .await
-                .map_err(engine("creating the transfer agent"))?;
-            tracing::info!(service = %name, volume = %v.volume, %node, op = op.word(), "transfer agent started");
-            // The agent's failure before it connects (no image, a refused mount) must end the
-            // wait at once, not at the timeout.
-            let tls = tokio::select! {
-                biased;
-                r = listener.accept() => r?,
-                failed = self.task_failure(&name) => {
-                    return Err(Error::Agent { volume: v.volume.clone(), node: node.clone(), message: failed });
-                }
-            };
+            let tls = agent.start(&job).await.map_err(|e| match e {
+                AgentError::Failed(m) => failed(m),
+                e => Error::from(e),
+            })?;
+            tracing::info!(volume = %v.volume, %node, op = op.word(), "transfer agent connected");
             let counts = talk(tls).await?;
             // The agent's own verdict: it exits 0 only after a complete transfer.
-            self.task_outcome(&name)
-                .await
-                .map_err(|message| Error::Agent {
-                    volume: v.volume.clone(),
-                    node: node.clone(),
-                    message,
-                })?;
+            agent.outcome().await.map_err(failed)?;
             Ok(counts)
         };
         let result = match tokio::time::timeout(self.timeout, run).await {
@@ -508,218 +413,62 @@ impl Transfers {
             }),
         };
         let result = match result {
+            // The agent's words say more than "connection reset".
             Err(Error::Io { what, source }) => {
-                // The agent's words say more than "connection reset".
-                let logs = self.agent_logs(&name).await;
-                Err(Error::Agent {
-                    volume: v.volume.clone(),
-                    node: node.clone(),
-                    message: format!("{what}: {source}{logs}"),
-                })
+                Err(failed(format!("{what}: {source}{}", agent.logs().await)))
             }
             r => r,
         };
-        guard.armed = false;
-        remove(&self.docker, &name).await;
+        agent.remove().await;
         result
     }
 
-    fn agent_spec(
+    fn job(
         &self,
-        name: &str,
-        secret_id: &str,
         v: &VolumeOnNode,
+        node: &str,
         op: Op,
         new_volume_labels: Option<HashMap<String, String>>,
-    ) -> ServiceSpec {
+    ) -> Job {
         let caps: &[&str] = match op {
             Op::Send => &["CAP_DAC_READ_SEARCH"],
-            Op::Receive => &["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID"],
+            _ => &["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID"],
         };
-        let labels = self
-            .owner
-            .labels_with(&v.volume, &[(labels::ROLE, ROLE_AGENT)]);
-        ServiceSpec {
-            name: Some(name.to_string()),
-            labels: Some(labels.clone()),
-            // One replica that is never restarted, not a `replicated-job`: engine 20.10 leaves a
-            // job's exited containers behind when the service is removed (seen here: they stay,
-            // holding the volume, and berth cannot reach another node's engine to remove them),
-            // while a replicated service's go with it.
-            mode: Some(ServiceSpecMode {
-                replicated: Some(ServiceSpecModeReplicated { replicas: Some(1) }),
-                ..Default::default()
-            }),
-            task_template: Some(TaskSpec {
-                container_spec: Some(TaskSpecContainerSpec {
-                    image: Some(self.agent_image.clone()),
-                    labels: Some(labels),
-                    command: Some(vec![
-                        "berth".into(),
-                        "agent".into(),
-                        format!("volume-{}", op.word()),
-                        "--grant".into(),
-                        GRANT_FILE.into(),
-                        "--dir".into(),
-                        AGENT_DIR.into(),
-                    ]),
-                    user: Some("0:0".into()),
-                    read_only: Some(true),
-                    capability_drop: Some(vec!["ALL".into()]),
-                    capability_add: Some(caps.iter().map(|c| c.to_string()).collect()),
-                    mounts: Some(vec![Mount {
-                        target: Some(AGENT_DIR.into()),
-                        source: Some(v.volume.clone()),
-                        typ: Some(MountType::VOLUME),
-                        read_only: Some(op == Op::Send),
-                        // Only used by the engine when it creates the volume (a restore under a
-                        // new name): the labels a Service's mount would give it.
-                        volume_options: new_volume_labels.map(|l| MountVolumeOptions {
-                            labels: Some(l),
-                            driver_config: Some(MountVolumeOptionsDriverConfig {
-                                name: Some("local".into()),
-                                options: None,
-                            }),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
-                    secrets: Some(vec![TaskSpecContainerSpecSecrets {
-                        file: Some(TaskSpecContainerSpecFile {
-                            name: Some(
-                                GRANT_FILE
-                                    .rsplit('/')
-                                    .next()
-                                    .expect("a file name")
-                                    .to_string(),
-                            ),
-                            uid: Some("0".into()),
-                            gid: Some("0".into()),
-                            mode: Some(0o400),
-                        }),
-                        secret_id: Some(secret_id.to_string()),
-                        secret_name: Some(name.to_string()),
-                    }]),
-                    ..Default::default()
-                }),
-                placement: Some(TaskSpecPlacement {
-                    constraints: Some(vec![format!("node.id=={}", v.node_id)]),
-                    ..Default::default()
-                }),
-                // Bounded: the agent streams, it holds little (a runaway must not starve the node).
-                resources: Some(TaskSpecResources {
-                    limits: Some(Limit {
-                        memory_bytes: Some(AGENT_MEMORY),
-                        ..Default::default()
+        Job {
+            op,
+            node_id: v.node_id.clone(),
+            node: node.to_string(),
+            args: vec![
+                format!("volume-{}", op.word()),
+                "--dir".into(),
+                AGENT_DIR.into(),
+            ],
+            labels: self
+                .owner
+                .labels_with(&v.volume, &[(labels::ROLE, ROLE_AGENT)]),
+            grant_labels: self
+                .owner
+                .labels_with(&v.volume, &[(labels::ROLE, ROLE_GRANT)]),
+            user: "0:0".into(),
+            caps: caps.iter().map(|c| c.to_string()).collect(),
+            mounts: vec![Mount {
+                target: Some(AGENT_DIR.into()),
+                source: Some(v.volume.clone()),
+                typ: Some(MountType::VOLUME),
+                read_only: Some(op == Op::Send),
+                // Only used by the engine when it creates the volume (a restore under a new
+                // name): the labels a Service's mount would give it.
+                volume_options: new_volume_labels.map(|l| MountVolumeOptions {
+                    labels: Some(l),
+                    driver_config: Some(MountVolumeOptionsDriverConfig {
+                        name: Some("local".into()),
+                        options: None,
                     }),
                     ..Default::default()
                 }),
-                restart_policy: Some(TaskSpecRestartPolicy {
-                    condition: Some(TaskSpecRestartPolicyConditionEnum::NONE),
-                    max_attempts: Some(0),
-                    ..Default::default()
-                }),
-                networks: self.host_network.then(|| {
-                    vec![NetworkAttachmentConfig {
-                        target: Some("host".into()),
-                        ..Default::default()
-                    }]
-                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// The agent task's state, once it has one that ends it.
-    async fn task_state(&self, service: &str) -> Option<(TaskState, String)> {
-        let tasks = self
-            .docker
-            .list_tasks(Some(ListTasksOptions {
-                filters: Some(HashMap::from([(
-                    "service".to_string(),
-                    vec![service.to_string()],
-                )])),
-            }))
-            .await
-            .ok()?;
-        let t = tasks.into_iter().next()?;
-        let st = t.status?;
-        let state = st.state?;
-        let words = st
-            .err
-            .filter(|e| !e.is_empty())
-            .or(st.message)
-            .unwrap_or_default();
-        Some((state, words))
-    }
-
-    /// Resolves only when the agent's task has ended without success (never for one that runs or
-    /// completed): its reason, with the agent's own last words.
-    async fn task_failure(&self, service: &str) -> String {
-        loop {
-            if let Some((state, words)) = self.task_state(service).await {
-                if matches!(
-                    state,
-                    TaskState::FAILED
-                        | TaskState::REJECTED
-                        | TaskState::ORPHANED
-                        | TaskState::SHUTDOWN
-                ) || (state == TaskState::COMPLETE)
-                {
-                    // A task that completed without ever connecting failed too.
-                    return format!("task {state}: {words}{}", self.agent_logs(service).await);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    /// Waits for the agent's task to end: `Ok` if it completed (exit 0).
-    async fn task_outcome(&self, service: &str) -> Result<(), String> {
-        loop {
-            match self.task_state(service).await {
-                Some((TaskState::COMPLETE, _)) => return Ok(()),
-                Some((
-                    s @ (TaskState::FAILED
-                    | TaskState::REJECTED
-                    | TaskState::ORPHANED
-                    | TaskState::SHUTDOWN),
-                    words,
-                )) => {
-                    return Err(format!(
-                        "task {s}: {words}{}",
-                        self.agent_logs(service).await
-                    ))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    }
-
-    /// The agent's last log lines, as `"; agent said: ..."` (empty if none). The agent never logs
-    /// its grant.
-    async fn agent_logs(&self, service: &str) -> String {
-        let mut s = self.docker.service_logs(
-            service,
-            Some(LogsOptions {
-                stdout: true,
-                stderr: true,
-                tail: "5".into(),
-                ..Default::default()
-            }),
-        );
-        let mut lines = Vec::new();
-        let read = async {
-            while let Some(Ok(l)) = s.next().await {
-                lines.push(l.to_string().trim_end().to_string());
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(3), read).await;
-        if lines.is_empty() {
-            String::new()
-        } else {
-            format!("; agent said: {}", lines.join(" | "))
+            }],
+            deadline: SystemTime::now() + self.timeout,
         }
     }
 
@@ -728,70 +477,13 @@ impl Transfers {
     pub async fn collect_leftovers(&self) -> Result<usize, Error> {
         let cutoff = chrono::Utc::now()
             - chrono::Duration::from_std(self.timeout).unwrap_or(chrono::Duration::hours(1));
-        let services = self
-            .docker
-            .list_services(Some(ListServicesOptions {
-                filters: Some(self.owner.filters(None, &[(labels::ROLE, ROLE_AGENT)])),
-                ..Default::default()
-            }))
-            .await
-            .map_err(engine("listing transfer agents"))?;
-        let mut n = 0;
-        for s in services {
-            let old = s.created_at.is_some_and(|c| c < cutoff);
-            if let (true, Some(name)) = (old, s.spec.and_then(|sp| sp.name)) {
-                remove(&self.docker, &name).await;
-                n += 1;
-            }
-        }
-        let secrets = self
-            .docker
-            .list_secrets(Some(bollard::query_parameters::ListSecretsOptions {
-                filters: Some(self.owner.filters(None, &[(labels::ROLE, ROLE_GRANT)])),
-            }))
-            .await
-            .map_err(engine("listing transfer grants"))?;
-        for s in secrets {
-            if s.created_at.is_some_and(|c| c < cutoff) {
-                if let Some(id) = s.id {
-                    let _ = self.docker.delete_secret(&id).await;
-                }
-            }
-        }
-        Ok(n)
-    }
-}
-
-/// Removes an agent's service, then its secret (a secret in use cannot be removed: the service
-/// goes first). Errors are logged: cleanup must not hide the transfer's own result.
-async fn remove(docker: &Docker, name: &str) {
-    if let Err(e) = gone(docker.delete_service(name).await) {
-        tracing::warn!(service = %name, error = %message(&e), "could not remove a transfer agent");
-    }
-    for _ in 0..50 {
-        match gone(docker.delete_secret(name).await) {
-            Ok(()) => return,
-            // In use until the engine has forgotten the service's task.
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-    tracing::warn!(secret = %name, "could not remove a transfer grant; collect_leftovers will");
-}
-
-/// Removes the agent if the transfer's future is dropped before it could.
-struct Cleanup {
-    docker: Docker,
-    name: String,
-    armed: bool,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if self.armed {
-            let (docker, name) = (self.docker.clone(), std::mem::take(&mut self.name));
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { remove(&docker, &name).await });
-            }
-        }
+        Ok(self
+            .agents
+            .collect_leftovers(
+                self.owner.filters(None, &[(labels::ROLE, ROLE_AGENT)]),
+                self.owner.filters(None, &[(labels::ROLE, ROLE_GRANT)]),
+                cutoff,
+            )
+            .await?)
     }
 }

@@ -146,6 +146,32 @@ impl Owner {
     }
 }
 
+/// The labels of something berth runs for itself that belongs to no berth object's kind (an
+/// exec agent), so no controller takes it for one of its own: this installation's, with a role and what it serves.
+pub fn installation_labels(instance: &str, role: &str, name: &str) -> Labels {
+    HashMap::from([
+        (
+            labels::MANAGED_BY.to_string(),
+            labels::MANAGED_BY_VALUE.to_string(),
+        ),
+        (labels::INSTANCE.to_string(), instance.to_string()),
+        (labels::ROLE.to_string(), role.to_string()),
+        (labels::NAME.to_string(), name.to_string()),
+    ])
+}
+
+/// Filters selecting [`installation_labels`] of one role.
+pub fn installation_filters(instance: &str, role: &str) -> Filters {
+    HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE),
+            format!("{}={instance}", labels::INSTANCE),
+            format!("{}={role}", labels::ROLE),
+        ],
+    )])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -508,7 +508,7 @@ mod tests {
     }
 
     /// No object whose Swarm object is named after it may take a name of berth's own Swarm
-    /// objects: the proxy's (configurable), the backup agents', the engine's networks.
+    /// objects: the proxy's (configurable), the backup and exec agents', the engine's networks.
     #[tokio::test]
     async fn berths_own_swarm_names_are_reserved_for_every_kind_they_collide_with() {
         let dir = tempfile::tempdir().unwrap();
@@ -524,6 +524,7 @@ mod tests {
                 "berth-ingress-state",
                 "berth-ingress-tls",
                 "berth-transfer-01j",
+                "berth-exec-01j",
             ] {
                 let err = s
                     .write(

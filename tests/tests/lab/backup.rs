@@ -13,7 +13,7 @@
 //! engines keep plain local volumes under /var/lib/berth-lab/nN/docker/volumes).
 //!
 //! The second scenario does the same through berth only, as a team would: `berth up` on the
-//! manager with `BERTH_BACKUP_AGENT_HOST_NETWORK=1` (the lab's engines have no bridge), a Service
+//! manager with `BERTH_AGENT_HOST_NETWORK=1` (the lab's engines have no bridge), a Service
 //! pinned to node 2 mounting a Volume, `berth backup run`, the evidence, and `berth restore volume
 //! --node berth-lab-3 --as ...`. Its files are written and compared through the nodes' engines
 //! (a shell in the task's container on node 2, a throwaway container on node 3), not the host's
@@ -23,7 +23,7 @@ use anyhow::{ensure, Context, Result};
 use berth_controllers::backup::stream;
 use berth_controllers::backup::volumes::{Transfers, VolumeOnNode, TEST_AGENT_IMAGE};
 use berth_e2e::lab::{block_on, Lab, Scenario};
-use berth_e2e::{prefix, Berth, Cleanup};
+use berth_e2e::{prefix, Berth, Cleanup, BUSYBOX};
 use bollard::models::VolumeCreateRequest;
 use bollard::query_parameters::{
     ListContainersOptions, ListSecretsOptions, ListServicesOptions, RemoveVolumeOptions,
@@ -301,8 +301,6 @@ fn a_volume_on_node_2_is_read_and_restored_on_node_3(lab: &Lab) -> Result<()> {
     })
 }
 
-const BUSYBOX: &str = "berth-test/busybox:1";
-
 /// Removes volumes from lab nodes' engines when dropped, with the docker CLI (a drop may happen
 /// inside [`block_on`]), retrying for up to 30 s: a volume stays in use until the containers of
 /// the service that was just removed are gone from its node.
@@ -412,7 +410,7 @@ fn berth_backs_up_a_volume_on_node_2_and_restores_it_on_node_3(lab: &Lab) -> Res
         volumes: vec![(1, volume.clone()), (2, copy.clone())],
     };
     let _cleanup = Cleanup::new(&p);
-    let b = Berth::start_env(&[], &[("BERTH_BACKUP_AGENT_HOST_NETWORK", "1")]);
+    let b = Berth::start_env(&[], &[("BERTH_AGENT_HOST_NETWORK", "1")]);
     let repo = b.backup_dir().join("repo");
     let started = Instant::now();
 

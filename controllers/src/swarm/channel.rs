@@ -1,6 +1,7 @@
-//! The one-time encrypted channel between berth (on a manager) and a transfer agent (on the node
-//! that holds a volume). Volume data is user data, often health data: it never crosses the network
-//! in clear, and nobody but the agent berth started for this transfer can connect.
+//! The one-time encrypted channel between berth (on a manager) and an agent task it started on
+//! another node (see [`agent_task`](super::agent_task)): a volume's data for a backup or restore,
+//! or a command's terminal for `berth exec`. Both are user data, often health data: they never
+//! cross the network in clear, and nobody but the agent berth started for this job can connect.
 //!
 //! - berth listens on its node's swarm address, on a port of its own (ephemeral by default), with
 //!   a certificate generated for this transfer alone (ECDSA P-256, never written to disk);
@@ -45,6 +46,9 @@ pub enum Op {
     Send,
     /// The agent receives a tar and unpacks it into its volume (a restore).
     Receive,
+    /// The agent runs a command in a container of its node and carries its terminal
+    /// (`berth exec` to a task on another node).
+    Exec,
 }
 
 impl Op {
@@ -52,6 +56,7 @@ impl Op {
         match self {
             Op::Send => "send",
             Op::Receive => "receive",
+            Op::Exec => "exec",
         }
     }
 }
@@ -79,6 +84,40 @@ impl std::fmt::Debug for Grant {
             .field("deadline", &self.deadline)
             .finish_non_exhaustive()
     }
+}
+
+impl Grant {
+    /// An agent's grant from its file (the Swarm secret), checked to be for `op`. The error is for
+    /// the agent's log: it never holds the grant's content.
+    pub fn read(path: &std::path::Path, op: Op) -> Result<Grant, String> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read the grant {}: {e}", path.display()))?;
+        let grant: Grant = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the grant {} is not valid: {e}", path.display()))?;
+        if grant.op != op {
+            return Err(format!(
+                "the grant is for `{}`, not `{}`",
+                grant.op.word(),
+                op.word()
+            ));
+        }
+        Ok(grant)
+    }
+}
+
+/// The agent's watchdog: exits the process at `deadline` (unix seconds) whatever it is doing, so
+/// a stuck agent cannot hold a volume or a terminal open past the job's end.
+pub fn exit_at_deadline(deadline: u64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let left = Duration::from_secs(deadline.saturating_sub(now));
+    std::thread::spawn(move || {
+        std::thread::sleep(left);
+        eprintln!("berth agent: the job's deadline has passed; giving up");
+        std::process::exit(3);
+    });
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,9 +241,8 @@ fn rand_bytes(buf: &mut [u8]) -> io::Result<()> {
 /// The agent's side: a blocking TLS stream (the agent is one process doing one thing).
 pub type AgentStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
 
-/// Connects to berth as the grant says, checks berth's certificate is the pinned one, sends the
-/// hello and waits for `OK`.
-pub fn connect(grant: &Grant, io_timeout: Duration) -> Result<AgentStream, ChannelError> {
+/// The hello an agent sends and the TLS settings that accept only the grant's certificate.
+fn client_side(grant: &Grant) -> Result<(Arc<rustls::ClientConfig>, String), ChannelError> {
     let pinned = base64::engine::general_purpose::STANDARD
         .decode(&grant.cert)
         .map_err(|_| ChannelError::Protocol("the grant's certificate is not base64".into()))?;
@@ -218,14 +256,26 @@ pub fn connect(grant: &Grant, io_timeout: Duration) -> Result<AgentStream, Chann
             provider: provider(),
         }))
         .with_no_client_auth();
+    let hello = format!("{MAGIC} {} {}\n", grant.op.word(), hex::encode(token));
+    Ok((Arc::new(config), hello))
+}
+
+fn refused() -> ChannelError {
+    ChannelError::Protocol("berth did not accept this agent (a stale or foreign grant?)".into())
+}
+
+/// Connects to berth as the grant says, checks berth's certificate is the pinned one, sends the
+/// hello and waits for `OK`.
+pub fn connect(grant: &Grant, io_timeout: Duration) -> Result<AgentStream, ChannelError> {
+    let (config, hello) = client_side(grant)?;
     let name = ServerName::try_from(CERT_NAME).expect("a valid DNS name");
-    let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let conn = rustls::ClientConnection::new(config, name)?;
     let tcp = std::net::TcpStream::connect_timeout(&grant.addr, io_timeout)?;
     tcp.set_read_timeout(Some(io_timeout))?;
     tcp.set_write_timeout(Some(io_timeout))?;
     tcp.set_nodelay(true)?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
-    s.write_all(format!("{MAGIC} {} {}\n", grant.op.word(), hex::encode(token)).as_bytes())?;
+    s.write_all(hello.as_bytes())?;
     s.flush()?;
     // Byte by byte: what follows `OK` is the transfer's data.
     let mut line = Vec::new();
@@ -237,9 +287,38 @@ pub fn connect(grant: &Grant, io_timeout: Duration) -> Result<AgentStream, Chann
         line.push(byte[0]);
     }
     if line != b"OK\n" {
-        return Err(ChannelError::Protocol(
-            "berth did not accept this agent (a stale or foreign grant?)".into(),
-        ));
+        return Err(refused());
+    }
+    Ok(s)
+}
+
+/// [`connect`] for an agent that streams both ways at once (exec: input and output interleave,
+/// for as long as a person types), on tokio. No I/O timeout: an interactive shell may sit idle.
+pub async fn connect_async(
+    grant: &Grant,
+    connect_timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ChannelError> {
+    let (config, hello) = client_side(grant)?;
+    let name = ServerName::try_from(CERT_NAME).expect("a valid DNS name");
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(grant.addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connecting to berth"))??;
+    tcp.set_nodelay(true)?;
+    let mut s = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    s.write_all(hello.as_bytes()).await?;
+    s.flush().await?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 16 && line.last() != Some(&b'\n') {
+        if s.read(&mut byte).await? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    if line != b"OK\n" {
+        return Err(refused());
     }
     Ok(s)
 }

@@ -1,0 +1,171 @@
+//! `berth exec` into a task on another node than the API server's: the API server (on the
+//! manager, node 1) starts an exec agent on node 2 that mounts node 2's engine socket, and the
+//! command's output, input, terminal and exit code travel through it. berth runs with
+//! `--allow-remote-exec` (off by default), its agents on the node's host network (the lab's
+//! engines have no bridge) and the lab's per-node sockets (`/var/run/berth-lab/<hostname>.sock`,
+//! where a real node has /var/run/docker.sock).
+
+use anyhow::{ensure, Context, Result};
+use berth_e2e::lab::{block_on, Lab, Scenario};
+use berth_e2e::{berth_bin, prefix, Berth, Cleanup, CliOutput, BUSYBOX};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![Scenario {
+        name: "exec_reaches_a_task_on_node_2_through_an_agent",
+        run: exec_reaches_a_task_on_node_2_through_an_agent,
+    }]
+}
+
+fn show(o: &CliOutput) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.code, o.stdout, o.stderr
+    )
+}
+
+fn exec_reaches_a_task_on_node_2_through_an_agent(lab: &Lab) -> Result<()> {
+    let p = prefix("labexec");
+    let _cleanup = Cleanup::new(&p);
+    let b = Berth::start_env(
+        &[],
+        &[
+            ("BERTH_ALLOW_REMOTE_EXEC", "1"),
+            ("BERTH_AGENT_HOST_NETWORK", "1"),
+            (
+                "BERTH_AGENT_ENGINE_SOCKET",
+                "/var/run/berth-lab/{{.Node.Hostname}}.sock",
+            ),
+        ],
+    );
+    // An unencrypted network: encrypted overlays carry nothing between the lab's namespaces.
+    b.apply(&format!(
+        r#"apiVersion: berth/v1
+kind: Network
+metadata:
+  name: {p}-plain
+spec:
+  encrypted: false
+---
+apiVersion: berth/v1
+kind: Service
+metadata:
+  name: {p}
+spec:
+  image: {BUSYBOX}
+  command: ["sleep", "100000"]
+  init: true
+  stopGracePeriod: 1s
+  replicas: 1
+  networks: [{p}-plain]
+  placement:
+    constraints: ["node.hostname == {node2}"]
+"#,
+        node2 = lab.node(1).hostname,
+    ));
+    let task = block_on(lab.wait_running_tasks(&p, 1, Duration::from_secs(90)))?
+        .into_iter()
+        .next()
+        .context("no task")?;
+    ensure!(task.0 == 1, "the task runs on node index {}, not 2", task.0);
+    let (_, container) = lab.task_container(&task)?;
+
+    // Output, error output and exit code are the command's; what it wrote stays in the task's
+    // container on node 2 (read back through node 2's own engine).
+    let started = Instant::now();
+    let out = b.cli(&[
+        "exec",
+        &p,
+        "--",
+        "sh",
+        "-c",
+        "echo remote > /marker; echo hi; echo oops >&2; exit 3",
+    ]);
+    eprintln!(
+        "exec through an agent on node 2: {:.1}s (agent start included)",
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(
+        out.code == Some(3) && out.stdout == "hi\n" && out.stderr == "oops\n",
+        "{}",
+        show(&out)
+    );
+    let (code, marker) = block_on(lab.exec(1, &container, &["cat", "/marker"]))?;
+    ensure!(
+        code == 0 && marker.trim() == "remote",
+        "the command did not run in the task's container on node 2: {marker}"
+    );
+
+    // Standard input with -i.
+    let piped = b.cli_in(
+        &["exec", &p, "-i", "--", "sh", "-c", "tr a-z A-Z"],
+        Some("shout\n"),
+    );
+    ensure!(
+        piped.code == Some(0) && piped.stdout == "SHOUT\n",
+        "{}",
+        show(&piped)
+    );
+
+    // An interactive shell through a pty (`script` gives the CLI one).
+    let line = format!(
+        "{} exec {p} -it -- sh",
+        berth_bin().to_str().context("utf-8 path")?
+    );
+    let mut script = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("BERTH_URL", b.client_urls())
+        .env("BERTH_TOKEN", &b.token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running script (util-linux)")?;
+    {
+        let mut stdin = script.stdin.take().context("script's stdin")?;
+        // The agent takes a few seconds to start before the shell reads anything.
+        stdin.write_all(b"echo $((6*7)) $(cat /marker)\n")?;
+        std::thread::sleep(Duration::from_secs(8));
+        stdin.write_all(b"exit 5\n")?;
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(script.wait_with_output());
+    });
+    let done = rx
+        .recv_timeout(Duration::from_secs(60))
+        .context("the interactive exec did not end after `exit`")??;
+    let text = String::from_utf8_lossy(&done.stdout);
+    ensure!(
+        text.lines().any(|l| l.trim() == "42 remote") && done.status.code() == Some(5),
+        "exit {:?}, output: {text}",
+        done.status.code()
+    );
+
+    // Every agent and grant is gone once its command ended (three execs made three).
+    block_on(berth_e2e::wait_for(
+        Duration::from_secs(30),
+        "the exec agents to be removed",
+        || async {
+            (agents("service", &p).is_empty() && agents("secret", &p).is_empty()).then_some(())
+        },
+    ));
+    Ok(())
+}
+
+/// Names of the exec agents' services or grant secrets made for Service `service`.
+fn agents(what: &str, service: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([what, "ls", "--format", "{{.Name}}"])
+        .args(["--filter", &format!("label=io.berth.name={service}")])
+        .output()
+        .expect("docker");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with("berth-exec-"))
+        .map(str::to_string)
+        .collect()
+}
