@@ -472,13 +472,22 @@ EOF
 )
 
 # berth-test/agent:1: the berth binary $1 (just built) with the shared libraries it links, FROM
-# scratch: the image of the transfer agents that read and restore volumes on other nodes
-# (controllers/src/backup). Production uses berth's published image (--backup-agent-image).
-# Built after every `cargo build` (scripts/test): the binary changes. Stripped of its debug info
-# (~200 MB -> ~40 MB: it is loaded into every lab node); an unchanged binary gives the same image
-# (the build cache keeps the layer), so the lab does not load it again.
-berth_build_agent_image() (
-    local bin=$1 tag=berth-test/agent:1
+# scratch: the image of the agents berth starts on other nodes (volume transfers, exec; see
+# controllers/src/swarm/agent_task.rs). Production uses berth's own image (scripts/image,
+# --agent-image). Built after every `cargo build` (scripts/test): the binary changes.
+berth_build_agent_image() {
+    berth_build_berth_image "$1" berth-test/agent:1 agent
+}
+
+# Builds image $2 from the berth binary $1, FROM scratch: the binary stripped of its debug info
+# (~200 MB -> ~40 MB: the agent image is loaded into every lab node) with every shared library it
+# links, at its own path. Kind $3: `agent` (that and nothing more) or `server` (what `berth up`
+# needs in a container: restic for backups with its libraries, the CA bundle for registries,
+# /tmp, and `up` on 0.0.0.0:7474 as its command; see scripts/image). An unchanged binary gives
+# the same image (fixed file times; the build cache keeps the layer), so the lab does not load it
+# again.
+berth_build_berth_image() (
+    local bin=$1 tag=$2 kind=${3:-agent}
     [[ -x $bin ]] || _berth_die "berth binary $bin missing"
     if ! docker buildx version >/dev/null 2>&1; then
         export DOCKER_BUILDKIT=0
@@ -486,21 +495,31 @@ berth_build_agent_image() (
     local tmp
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    local root="$tmp/rootfs" lib
+    local root="$tmp/rootfs"
     mkdir -p "$root/usr/local/bin" "$root/volume" "$root/tmp"
+    chmod 1777 "$root/tmp"
     strip --strip-debug -o "$root/usr/local/bin/berth" "$bin"
-    # Every library the binary links (libc, libm, libgcc_s and the loader), at its own path.
-    for lib in $(ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
-        mkdir -p "$root$(dirname "$lib")"
-        cp -L "$lib" "$root$lib"
-    done
+    _berth_image_libs "$bin" "$root"
+    local cmd='[]'
+    if [[ $kind == server ]]; then
+        local restic
+        restic=$(command -v restic) || _berth_die "restic is not installed (berth_install_packages)"
+        cp -L "$restic" "$root/usr/local/bin/restic"
+        _berth_image_libs "$restic" "$root"
+        mkdir -p "$root/etc/ssl/certs" "$root/var/lib/berth" "$root/var/lib/berth-backups"
+        cp -L /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
+        echo 'root:x:0:0:root:/var/lib/berth:/usr/local/bin/berth' >"$root/etc/passwd"
+        echo 'root:x:0:' >"$root/etc/group"
+        cmd='["up", "--listen", "0.0.0.0:7474", "--tls", "internal"]'
+    fi
     # Fixed times: the same binary gives the same layer, whatever day it is built.
     find "$root" -exec touch -h -d @0 {} +
-    cat >"$tmp/Dockerfile" <<'DOCKERFILE'
+    cat >"$tmp/Dockerfile" <<DOCKERFILE
 FROM scratch
 COPY rootfs/ /
-ENV PATH=/usr/local/bin
+ENV PATH=/usr/local/bin HOME=/var/lib/berth SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 ENTRYPOINT ["/usr/local/bin/berth"]
+CMD $cmd
 DOCKERFILE
     if ! docker build -q -t "$tag" "$tmp" >/dev/null 2>"$tmp/build.log"; then
         cat "$tmp/build.log" >&2
@@ -508,6 +527,16 @@ DOCKERFILE
     fi
     echo "==> image $tag: $(docker image inspect --format '{{.Id}}' "$tag" | cut -c1-19) from $bin"
 )
+
+# Copies every shared library binary $1 links (libc, libm, libgcc_s and the loader) into root $2,
+# at its own path.
+_berth_image_libs() {
+    local lib
+    for lib in $(ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        mkdir -p "$2$(dirname "$lib")"
+        cp -L "$lib" "$2$lib"
+    done
+}
 
 # ---------------------------------------------------------------------------------------------
 # Rust
