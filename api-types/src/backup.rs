@@ -14,7 +14,7 @@ pub type Backup = Object<BackupSpec, serde_json::Value>;
 /// The plan every installation starts with.
 pub const DEFAULT_PLAN: &str = "environment";
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackupSpec {
     /// When to take a snapshot: 5-field cron, UTC. Default: hourly, at a minute chosen per
@@ -40,7 +40,7 @@ pub struct BackupSpec {
 }
 
 /// How many snapshots to keep; buckets are UTC calendar hours, days, ISO weeks and months.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetentionSpec {
     /// Every snapshot of the last this many hours.
@@ -79,7 +79,7 @@ impl Default for RetentionSpec {
 }
 
 /// A local directory, or an SFTP location for a copy off the machine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RepositorySpec {
     /// An absolute directory on the manager that runs berth.
@@ -91,7 +91,7 @@ pub struct RepositorySpec {
 
 /// `sftp:USER@HOST:PATH` over ssh with a key: the private key and the server's host key line come
 /// from berth Secrets, so no credential is written into the manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SftpSpec {
     pub host: String,
@@ -110,7 +110,7 @@ fn default_ssh_port() -> u16 {
     22
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
     pub name: String,
@@ -119,7 +119,7 @@ pub struct SecretKeyRef {
 
 /// Volume names to include (default: all) and to leave out. `*` at the end of a name matches any
 /// suffix.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeSelector {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

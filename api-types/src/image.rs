@@ -192,6 +192,19 @@ impl Serialize for ImageRef {
     }
 }
 
+impl schemars::JsonSchema for ImageRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ImageRef".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        crate::units::text_schema(
+            "An image reference: `[registry/]repository[:tag][@sha256:digest]`, as `docker pull` takes it.",
+            r"^\S+$",
+            false,
+        )
+    }
+}
+
 impl<'de> Deserialize<'de> for ImageRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

@@ -23,7 +23,7 @@ pub const TLS_KEY_KEY: &str = "tls.key";
 /// Longest host name DNS allows.
 const MAX_HOST: usize = 253;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressSpec {
     /// One rule per host.
@@ -33,7 +33,7 @@ pub struct IngressSpec {
     pub tls: IngressTls,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressRule {
     /// A DNS name such as `app.example.com` (lower case, no wildcard, no port).
@@ -41,7 +41,7 @@ pub struct IngressRule {
     pub paths: Vec<IngressPath>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressPath {
     /// A path prefix, matched by whole segments: `/api` matches `/api` and `/api/x`, not `/apix`.
@@ -54,7 +54,7 @@ pub struct IngressPath {
 }
 
 /// Exactly one of `secretRef` and `mode`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressTls {
     /// A Secret with keys `tls.crt` (PEM chain) and `tls.key` (PEM private key).
@@ -68,7 +68,7 @@ pub struct IngressTls {
     pub hsts: Option<bool>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     Internal,

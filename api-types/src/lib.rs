@@ -17,6 +17,7 @@ pub mod names;
 pub mod network;
 pub mod node;
 pub mod registry;
+pub mod schema;
 pub mod secret_config;
 pub mod selector;
 pub mod service;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 /// Metadata of every object. `name`, `labels` and `annotations` come from the user; the rest is set by
 /// the API server and ignored when a manifest carries it (so `berth get -o yaml` output re-applies).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
     pub name: String,
@@ -28,7 +28,9 @@ pub struct ObjectMeta {
     /// conditional on nobody else having written in between.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
+    /// Server-set, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
     pub creation_timestamp: Option<DateTime<Utc>>,
 }
 

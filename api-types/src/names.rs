@@ -11,8 +11,12 @@ pub const API_VERSION: &str = "berth/v1";
 pub mod paths {
     use super::Kind;
 
-    /// Liveness endpoint; the only path served without a bearer token.
+    /// Liveness endpoint; served without a bearer token.
     pub const HEALTHZ: &str = "/healthz";
+    /// `GET /schemas/<kind>.json` (or `berth.json`, any kind): the JSON Schema of a kind's
+    /// manifests (`api_types::schema`). Served without a token, so an editor can fetch it from a
+    /// `$schema` line: it holds only the kinds' shapes, as the source does.
+    pub const SCHEMAS: &str = "/schemas";
     /// Discovery document: the instance id and the kinds this server serves.
     pub const API_ROOT: &str = "/apis/berth/v1";
     /// Atomic multi-object apply (`kubectl apply` over a whole manifest set).

@@ -11,7 +11,7 @@ pub type Network = Object<NetworkSpec, serde_json::Value>;
 /// The network every Service joins unless it lists networks of its own.
 pub const DEFAULT_NETWORK: &str = "berth-internal";
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NetworkSpec {
     /// IPsec encryption of the overlay's traffic between nodes. On unless set to `false`.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub type Registry = Object<RegistrySpec, RegistryStatus>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegistrySpec {
     /// `host[:port]` as it appears in image references, e.g. `registry.example.com` or
@@ -35,7 +35,7 @@ impl RegistrySpec {
 }
 
 /// One key of a Secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
     pub name: String,

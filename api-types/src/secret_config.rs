@@ -31,6 +31,31 @@ pub struct DataSpec {
     pub string_data: BTreeMap<String, TextValue>,
 }
 
+impl schemars::JsonSchema for DataSpec {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "DataSpec".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "additionalProperties": false,
+            "description": "`data` holds base64 values, `stringData` plain text (as in Kubernetes). A key may be in one only.",
+            "properties": {
+                "data": {
+                    "description": "Keys to base64-encoded values.",
+                    "type": "object",
+                    "additionalProperties": {"type": "string", "contentEncoding": "base64"}
+                },
+                "stringData": {
+                    "description": "Keys to plain-text values (stored as given).",
+                    "type": "object",
+                    "additionalProperties": {"type": "string"}
+                }
+            }
+        })
+    }
+}
+
 /// What `DataSpec` reads once its input is known to be a mapping.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

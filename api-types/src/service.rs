@@ -20,7 +20,7 @@ pub const MAX_ATTEMPTS: u64 = 1_000_000;
 /// redeploys; a deploy that would pass it is refused instead of wrapping to 0.
 pub const MAX_FORCE_UPDATE: u64 = u32::MAX as u64;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
     /// `repo:tag` or `repo@sha256:...`.
@@ -44,6 +44,7 @@ pub struct ServiceSpec {
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "env_list_or_map"
     )]
+    #[schemars(schema_with = "env_schema")]
     pub env: Vec<EnvVar>,
     /// Labels on the Swarm service (berth adds its own `io.berth.*` labels beside them).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -109,7 +110,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// A Secret or Config key mounted into the service's containers as a file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileRef {
     /// The Secret or Config object.
@@ -140,7 +141,7 @@ impl FileRef {
 
 /// A mount: a named volume (`volume: NAME`), or, without `volume`, an anonymous volume or (with
 /// `tmpfs: true`) a tmpfs. Anonymous and tmpfs mounts are not backed up, and status says so.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeMount {
     pub target: String,
@@ -166,14 +167,14 @@ impl VolumeMount {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceMode {
     Replicated,
     Global,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvVar {
     pub name: String,
@@ -185,6 +186,20 @@ pub struct EnvVar {
 /// taken as written (`PORT: 8080` is `"8080"`, `DEBUG: true` is `"true"`); a key without a value
 /// is refused: Compose would take it from the shell that runs `docker stack deploy`, and there
 /// is no such shell here.
+/// `env`'s two forms: the list of `{name, value}`, or a map of names to scalars.
+fn env_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let list = g.subschema_for::<Vec<EnvVar>>();
+    schemars::json_schema!({
+        "anyOf": [
+            list,
+            {
+                "type": "object",
+                "additionalProperties": {"type": ["string", "number", "boolean"]}
+            }
+        ]
+    })
+}
+
 fn env_list_or_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
     use serde::de::{self, MapAccess, SeqAccess, Visitor};
 
@@ -237,7 +252,7 @@ fn env_list_or_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>
     d.deserialize_any(EnvVisitor)
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,7 +261,7 @@ pub struct Resources {
     pub reservations: Option<ResourceAmounts>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResourceAmounts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,7 +270,7 @@ pub struct ResourceAmounts {
     pub memory: Option<ByteSize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Placement {
     /// Swarm constraint expressions, e.g. `node.role == manager`, `node.labels.zone != b`.
@@ -268,7 +283,7 @@ pub struct Placement {
     pub max_replicas_per_node: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdatePolicy {
     /// Tasks changed at once; 0 means all at once. Default 1.
@@ -289,7 +304,7 @@ pub struct UpdatePolicy {
     pub order: Option<UpdateOrder>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureAction {
     Pause,
@@ -297,14 +312,14 @@ pub enum FailureAction {
     Rollback,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpdateOrder {
     StopFirst,
     StartFirst,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RestartPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -319,7 +334,7 @@ pub struct RestartPolicy {
     pub window: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartCondition {
     None,
@@ -327,7 +342,7 @@ pub enum RestartCondition {
     Any,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Healthcheck {
     /// As in Docker: `["CMD", "prog", "arg"]`, `["CMD-SHELL", "cmd"]` or `["NONE"]`.

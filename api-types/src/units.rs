@@ -251,6 +251,59 @@ impl<'de> Deserialize<'de> for Cpus {
     }
 }
 
+/// The JSON Schema of a type written as a string (or, `numbers`, also a number) whose syntax only
+/// the parser checks fully; `pattern` catches the obvious mistakes in an editor.
+pub(crate) fn text_schema(description: &str, pattern: &str, numbers: bool) -> schemars::Schema {
+    let string = schemars::json_schema!({"type": "string", "pattern": pattern});
+    if numbers {
+        schemars::json_schema!({
+            "description": description,
+            "anyOf": [string, {"type": "number", "minimum": 0}]
+        })
+    } else {
+        schemars::json_schema!({"type": "string", "pattern": pattern, "description": description})
+    }
+}
+
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        text_schema(
+            "A duration: a number and a unit (`ns`, `us`, `ms`, `s`, `m`, `h`), repeated: `90s`, `1m30s`, `500ms`.",
+            r"^\s*(0|([0-9.]+(ns|us|µs|ms|s|m|h))+)\s*$",
+            false,
+        )
+    }
+}
+
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        text_schema(
+            "A size in bytes; binary suffixes as Docker and Kubernetes: `512m`/`512Mi`, `1g`/`1Gi`, `k`, `t`; a bare number is bytes.",
+            r"^\s*[0-9.]+\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$",
+            true,
+        )
+    }
+}
+
+impl schemars::JsonSchema for Cpus {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Cpus".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        text_schema(
+            "A CPU count: `0.5`, `2`, or millicores `500m`.",
+            r"^\s*[0-9.]+m?\s*$",
+            true,
+        )
+    }
+}
+
 /// YAML users write `cpus: 0.5` and `cpus: "0.5"` interchangeably.
 #[derive(Deserialize)]
 #[serde(untagged, expecting = "a string or a number")]

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 pub type Volume = Object<VolumeSpec, serde_json::Value>;
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VolumeSpec {
     /// Volume driver; default `local`.

@@ -98,6 +98,7 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
     use Method as M;
     let rows: Vec<(Method, String, Need)> = vec![
         (M::GET, paths::HEALTHZ.into(), Need::Public),
+        (M::GET, format!("{}/{{file}}", paths::SCHEMAS), Need::Public),
         (
             M::POST,
             format!("{}/registry/{{token}}", paths::HOOKS),

@@ -37,6 +37,7 @@ mod output;
 mod prune_cli;
 mod push_hooks;
 mod rollout_cli;
+mod schema_cli;
 mod server;
 mod store;
 mod tls;
@@ -563,6 +564,18 @@ enum Command {
         #[arg(value_enum)]
         shell: completion::Shell,
     },
+    /// Print the JSON Schema of a kind's manifests (`all`: one schema for any kind), for editors
+    /// and CI linters. The API serves the same at /schemas/<kind>.json.
+    Schema {
+        /// `service`, `secret`, ... or `all`.
+        kind: String,
+    },
+    /// Describe a field of a kind: `berth explain service.spec.update` prints its type, what it
+    /// means and the fields under it.
+    Explain {
+        /// `KIND[.field[.field...]]`
+        path: String,
+    },
     /// What the completion scripts call: candidates for the word being completed.
     #[command(name = "__complete", hide = true)]
     Complete {
@@ -892,6 +905,8 @@ fn main() -> ExitCode {
             } => objects_cli::events(&conn, watch, &args, kind.as_deref(), limit, output).await,
             Command::Create { what } => create_cli::run(what).await,
             Command::Config { command } => client_config::run(command),
+            Command::Schema { kind } => schema_cli::print_schema(&kind),
+            Command::Explain { path } => schema_cli::explain(&path),
             Command::Completion { shell } => {
                 print!("{}", completion::script(shell, &mut Cli::command()));
                 Ok(())

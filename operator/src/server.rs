@@ -64,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route(paths::EVENTS, get(events))
         .route(paths::JOIN_COMMAND, get(join_command))
         .route(paths::CONTROLLERS, get(controllers))
+        .route(&format!("{}/{{file}}", paths::SCHEMAS), get(schema_file))
         .route(
             &format!("{}/{{plural}}", paths::API_ROOT),
             get(list).post(create),
@@ -94,6 +95,35 @@ pub fn router(state: AppState) -> Router {
         .route(paths::HEALTHZ, get(|| async { "ok" }))
         .merge(api)
         .with_state(state)
+}
+
+/// `GET /schemas/<kind>.json` or `/schemas/berth.json` (every kind).
+async fn schema_file(
+    crate::extract::Path(file): crate::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let schema = match file.strip_suffix(".json") {
+        Some("berth") => berth_api_types::schema::any_kind(),
+        Some(k) => match Kind::ALL.into_iter().find(|kind| kind.lower() == k) {
+            Some(kind) if kind.is_served() => berth_api_types::schema::for_kind(kind),
+            _ => return Err(no_schema(&file)),
+        },
+        None => return Err(no_schema(&file)),
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "application/schema+json")],
+        axum::Json(schema),
+    )
+        .into_response())
+}
+
+fn no_schema(file: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!(
+            "no schema `{file}`: one per kind (`service.json`, `secret.json`, ...) or `berth.json` for any kind"
+        ),
+    )
 }
 
 /// An API error: status code, reason, message and field details.
@@ -935,6 +965,22 @@ mod tests {
         assert_eq!(code, 200);
         let (code, _) = call(&app, "GET", "/apis/berth/v1/services", None, true).await;
         assert_eq!(code, 200);
+    }
+
+    /// Editors fetch schemas from a `$schema` line, without a token.
+    #[tokio::test]
+    async fn schemas_are_served_without_a_token() {
+        let (app, _d) = app().await;
+        let (code, body) = call(&app, "GET", "/schemas/service.json", None, false).await;
+        assert_eq!((code, body["title"].as_str()), (200, Some("Service")));
+        let (code, body) = call(&app, "GET", "/schemas/berth.json", None, false).await;
+        assert_eq!(code, 200);
+        assert!(
+            body["oneOf"].as_array().is_some_and(|k| k.len() == 9),
+            "{body}"
+        );
+        let (code, body) = call(&app, "GET", "/schemas/gadget.json", None, false).await;
+        assert_eq!(code, 404, "{body}");
     }
 
     /// `?labelSelector=` keeps exactly the matching objects; a bad selector is a 400 naming the
