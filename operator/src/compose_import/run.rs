@@ -76,16 +76,21 @@ fn report(result: &Import) {
     );
 }
 
-fn header(source: &str, from: &str) -> String {
-    format!("# Imported by `berth import compose` from {source} ({from}).\n")
+/// One object as a YAML document, with a comment saying where it came from.
+fn document(source: &str, o: &super::Emitted) -> String {
+    let yaml = crate::output::to_yaml(&o.manifest);
+    let body = yaml.strip_prefix("---\n").unwrap_or(&yaml);
+    format!(
+        "---\n# Imported by `berth import compose` from {source} ({}).\n{body}",
+        o.from
+    )
 }
 
 /// One YAML stream: every object, then the Ingress stubs as comments.
 pub fn stream(result: &Import, source: &str) -> String {
     let mut out = String::new();
     for o in &result.objects {
-        out.push_str(&header(source, &o.from));
-        out.push_str(&crate::output::to_yaml(&o.manifest));
+        out.push_str(&document(source, o));
     }
     for s in &result.ingress_stubs {
         out.push_str("---\n");
@@ -98,12 +103,7 @@ pub fn stream(result: &Import, source: &str) -> String {
 pub fn files(result: &Import, source: &str) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for o in &result.objects {
-        let text = format!(
-            "{}{}",
-            header(source, &o.from),
-            crate::output::to_yaml(&o.manifest)
-        );
-        out.push((file_name(&o.kind.lower(), &o.name), text));
+        out.push((file_name(&o.kind.lower(), &o.name), document(source, o)));
     }
     for s in &result.ingress_stubs {
         out.push((file_name("ingress", &s.name), s.text.clone()));
