@@ -151,6 +151,9 @@ pub fn import(
     }
     cx.document(&doc.value);
     if cx.errors.is_empty() {
+        // In file order, as a reader goes through the file.
+        cx.out.warnings.sort_by_key(|f| f.location);
+        cx.out.notes.sort_by_key(|f| f.location);
         Ok(cx.out)
     } else {
         Err(cx.errors)
@@ -555,8 +558,12 @@ impl Cx<'_> {
         match top.get("services") {
             Some(v) => {
                 if let Some(services) = self.mapping(v, "services") {
-                    // Networks the implicit `default` network stands for: created only when some
-                    // service names it; otherwise services use berth's default network.
+                    if let (Some(p), true) = (&self.prefix, services.len() > 1) {
+                        self.note(
+                            "services",
+                            format!("services reach each other by their berth names (`{p}-NAME`), not by their Compose names as in a stack: change host names in env values and configs"),
+                        );
+                    }
                     let mut services: Vec<(&String, &Value)> = services.iter().collect();
                     services.sort_by_key(|(k, _)| k.as_str());
                     for (name, svc) in services {
@@ -795,9 +802,10 @@ impl Cx<'_> {
                 &["driver", "driver_opts", "labels", "external", "name"],
             );
             if self.emit(&path, manifest(Kind::Volume, &name, Value::Object(spec))) {
+                let stack = self.prefix.as_deref().unwrap_or("STACK");
                 self.note(
                     &path,
-                    format!("berth's volume is `{name}` on each node: data in a volume `docker stack deploy` made (`STACK_{key}`) is not carried over; restore it into `{name}` (berth backups) or copy it before switching"),
+                    format!("berth's volume is `{name}` on each node: data in a volume `docker stack deploy` made (`{stack}_{key}`) is not carried over; restore it into `{name}` (berth backups) or copy it before switching"),
                 );
                 out.insert(key.clone(), Declared { name, key: None });
             }

@@ -103,7 +103,7 @@ pub fn stream(result: &Import, source: &str) -> String {
 pub fn files(result: &Import, source: &str) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for o in &result.objects {
-        out.push((file_name(&o.kind.lower(), &o.name), document(source, o)));
+        out.push((file_name(o.kind.lower(), &o.name), document(source, o)));
     }
     for s in &result.ingress_stubs {
         out.push((file_name("ingress", &s.name), s.text.clone()));
