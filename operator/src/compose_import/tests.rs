@@ -858,3 +858,131 @@ fn the_shop_fixture_imports() {
         berth_api_types::typed::decode_doc(d).unwrap();
     }
 }
+
+mod fuzz {
+    //! Property tests ("fuzzing", named `fuzz_` as in src/fuzz.rs): a Compose file is input from
+    //! whoever wrote it, so no shape of it may panic the import, and whatever it emits must load
+    //! as `berth apply -f` loads it.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Values built from Compose's own vocabulary, so the generator reaches deep into the mapping
+    /// code instead of stopping at the first unknown key.
+    fn compose_value() -> impl Strategy<Value = Value> {
+        let key = prop::sample::select(vec![
+            "image",
+            "entrypoint",
+            "command",
+            "environment",
+            "env_file",
+            "deploy",
+            "replicas",
+            "mode",
+            "resources",
+            "limits",
+            "reservations",
+            "cpus",
+            "memory",
+            "update_config",
+            "restart_policy",
+            "placement",
+            "constraints",
+            "preferences",
+            "spread",
+            "healthcheck",
+            "test",
+            "interval",
+            "retries",
+            "labels",
+            "secrets",
+            "configs",
+            "source",
+            "target",
+            "mode",
+            "volumes",
+            "tmpfs",
+            "type",
+            "networks",
+            "ports",
+            "published",
+            "external",
+            "name",
+            "file",
+            "content",
+            "driver_opts",
+            "aliases",
+            "web",
+            "db",
+            "x-a",
+            "<<",
+        ])
+        .prop_map(str::to_string);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (0u64..100_000).prop_map(Value::from),
+            prop::sample::select(vec![
+                "a",
+                "db",
+                "web",
+                "1s",
+                "0.5",
+                "64M",
+                "80:8080",
+                "/data",
+                "db:/d:ro",
+                "global",
+                "CMD",
+                "x=1",
+                "$X",
+                "$$",
+                "a.env",
+                "",
+                "node.role == manager",
+            ])
+            .prop_map(|s| Value::String(s.to_string())),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 60, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_compose_import_never_panics_and_emits_only_valid_objects(
+            services in prop::collection::vec(("[a-z_]{1,8}", compose_value()), 0..4),
+            top in compose_value(),
+        ) {
+            let mut doc = match top {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            };
+            doc.insert(
+                "services".into(),
+                Value::Object(services.into_iter().collect()),
+            );
+            let text = serde_json::to_string(&Value::Object(doc)).unwrap();
+            let files = [("a.env", "A=1\nPW=\"x\n"), ("file", "content")];
+            if let Ok(i) = run(&text, &files, Some("p")) {
+                let out = run::stream(&i, "f");
+                let docs = berth_api_types::manifest::parse_str("out", &out).unwrap();
+                prop_assert_eq!(docs.len(), i.objects.len());
+                for d in &docs {
+                    prop_assert!(berth_api_types::typed::decode_doc(d).is_ok());
+                }
+            }
+        }
+
+        #[test]
+        fn fuzz_env_files_never_panic(text in any::<String>()) {
+            let _ = envfile::parse(&text);
+        }
+    }
+}
