@@ -596,7 +596,8 @@ impl Cx<'_> {
                 }
             }
             Value::Object(m) => {
-                for (k, item) in m {
+                // `x-` blocks are only templates: their copies are scanned where they are used.
+                for (k, item) in m.iter().filter(|(k, _)| !k.starts_with("x-")) {
                     self.scan_interpolation(item, &join(path, k));
                 }
             }
