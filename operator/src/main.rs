@@ -12,6 +12,7 @@ mod backup_cli;
 mod cli;
 mod client_config;
 mod completion;
+mod compose_import;
 mod create_cli;
 mod crypto;
 mod daemon;
@@ -595,6 +596,11 @@ enum Command {
         #[command(subcommand)]
         action: AgentAction,
     },
+    /// Turn files of other tools into berth manifests (`import compose FILE [-o DIR]`).
+    Import {
+        #[command(subcommand)]
+        what: compose_import::run::ImportCommand,
+    },
 }
 
 /// `berth admin ...` (see admin.rs). Offline: sled's lock makes them fail while berth runs.
@@ -930,6 +936,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Agent { .. } => unreachable!("handled before the runtime starts"),
+            Command::Import { what } => compose_import::run::run(what),
         }
     });
     match result {

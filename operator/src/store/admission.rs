@@ -38,7 +38,7 @@ impl Default for Policy {
 }
 
 /// The policy's verdict on one object about to be written; `Err` holds every field it refuses.
-pub(super) fn check_write(policy: &Policy, obj: &DynObject) -> Result<(), Vec<FieldError>> {
+pub(crate) fn check_write(policy: &Policy, obj: &DynObject) -> Result<(), Vec<FieldError>> {
     let mut errors = Vec::new();
     let named_in_swarm = matches!(
         obj.kind,

@@ -27,6 +27,9 @@ mod quarantine;
 pub(crate) mod rekey;
 mod seal;
 
+/// The admission policy's verdict, for callers that check objects before they are sent
+/// (`berth import compose`).
+pub(crate) use admission::check_write;
 pub use admission::{ensure_backup_plan, ensure_network, Policy};
 
 use crate::crypto::{MasterKey, Sealer};
