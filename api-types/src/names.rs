@@ -17,6 +17,9 @@ pub mod paths {
     /// manifests (`api_types::schema`). Served without a token, so an editor can fetch it from a
     /// `$schema` line: it holds only the kinds' shapes, as the source does.
     pub const SCHEMAS: &str = "/schemas";
+    /// `GET`: the OpenAPI 3.1 description of this API, generated from the routes and the kinds'
+    /// schemas. Served without a token, like the schemas, for API tooling.
+    pub const OPENAPI: &str = "/openapi.json";
     /// Discovery document: the instance id and the kinds this server serves.
     pub const API_ROOT: &str = "/apis/berth/v1";
     /// Atomic multi-object apply (`kubectl apply` over a whole manifest set).

@@ -99,6 +99,7 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
     let rows: Vec<(Method, String, Need)> = vec![
         (M::GET, paths::HEALTHZ.into(), Need::Public),
         (M::GET, format!("{}/{{file}}", paths::SCHEMAS), Need::Public),
+        (M::GET, paths::OPENAPI.into(), Need::Public),
         (
             M::POST,
             format!("{}/registry/{{token}}", paths::HOOKS),

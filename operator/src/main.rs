@@ -34,6 +34,7 @@ mod in_process_api;
 mod jsonpath;
 mod nats_args;
 mod objects_cli;
+mod openapi;
 mod output;
 mod prune_cli;
 mod push_hooks;

@@ -66,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         .route(paths::CONTROLLERS, get(controllers))
         .route(&format!("{}/{{file}}", paths::SCHEMAS), get(schema_file))
         .route(
+            paths::OPENAPI,
+            get(|| async { axum::Json(crate::openapi::served()) }),
+        )
+        .route(
             &format!("{}/{{plural}}", paths::API_ROOT),
             get(list).post(create),
         )
@@ -981,6 +985,8 @@ mod tests {
         );
         let (code, body) = call(&app, "GET", "/schemas/gadget.json", None, false).await;
         assert_eq!(code, 404, "{body}");
+        let (code, body) = call(&app, "GET", "/openapi.json", None, false).await;
+        assert_eq!((code, body["openapi"].as_str()), (200, Some("3.1.0")));
     }
 
     /// `?labelSelector=` keeps exactly the matching objects; a bad selector is a 400 naming the
