@@ -367,6 +367,68 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
+impl CliOutput {
+    /// Exit code, stdout and stderr, for an assertion's message.
+    pub fn show(&self) -> String {
+        format!(
+            "code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Berth {
+    /// `berth exec SERVICE -it -- sh` under `script` (util-linux), which gives the CLI a pty as a
+    /// person's terminal would: types each line of `input` after waiting its pause, and returns
+    /// the shell's exit code and what the terminal showed once it ends (panics after `timeout`).
+    pub fn interactive_shell(
+        &self,
+        service: &str,
+        input: &[(&str, Duration)],
+        timeout: Duration,
+    ) -> (Option<i32>, String) {
+        use std::io::Write;
+        let line = format!(
+            "{} exec {service} -it -- sh",
+            berth_bin().to_str().expect("utf-8 path")
+        );
+        let mut cmd = Command::new("script");
+        if self.tls {
+            cmd.env("BERTH_CA", self.ca_file());
+        }
+        let mut script = cmd
+            .args(["-qec", &line, "/dev/null"])
+            .env("BERTH_URL", self.client_urls())
+            .env("BERTH_TOKEN", &self.token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("e2e: cannot run script (util-linux)");
+        {
+            let mut stdin = script.stdin.take().expect("stdin");
+            for (text, pause) in input {
+                stdin
+                    .write_all(text.as_bytes())
+                    .expect("typing into the shell");
+                std::thread::sleep(*pause);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(script.wait_with_output());
+        });
+        let done = rx
+            .recv_timeout(timeout)
+            .expect("the interactive exec did not end")
+            .expect("script output");
+        (
+            done.status.code(),
+            String::from_utf8_lossy(&done.stdout).into_owned(),
+        )
+    }
+}
+
 /// The small image (busybox from Debian) most test Services run; prereqs.sh builds it.
 pub const BUSYBOX: &str = "berth-test/busybox:1";
 

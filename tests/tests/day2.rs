@@ -6,9 +6,9 @@
 
 use berth_api_types::names::paths;
 use berth_api_types::Kind;
-use berth_e2e::{berth_bin, prefix, Berth, Bus, Cleanup, CliOutput, Stack};
+use berth_e2e::{berth_bin, prefix, Berth, Bus, Cleanup, Stack};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -62,13 +62,6 @@ fn wait_running(b: &Berth, name: &str, n: usize) -> Vec<Value> {
     }
 }
 
-fn show(out: &CliOutput) -> String {
-    format!(
-        "code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.code, out.stdout, out.stderr
-    )
-}
-
 #[tokio::test]
 async fn logs_show_every_replica_with_its_task_and_follow_streams_new_lines() {
     let p = prefix("day2logs");
@@ -115,14 +108,14 @@ async fn logs_show_every_replica_with_its_task_and_follow_streams_new_lines() {
     assert!(
         !bad.success && bad.stderr.contains("--since"),
         "{}",
-        show(&bad)
+        bad.show()
     );
     // An unknown Service is a clear 404.
     let missing = b.cli(&["logs", &format!("{p}-nosuch")]);
     assert!(
         !missing.success && missing.stderr.contains("no Service"),
         "{}",
-        show(&missing)
+        missing.show()
     );
 
     // -f --tail 0: nothing old, so every line it shows was printed after it started.
@@ -210,7 +203,7 @@ async fn ps_shows_why_a_task_cannot_start() {
     assert!(
         !out.success && out.stderr.contains("no task of it is running"),
         "{}",
-        show(&out)
+        out.show()
     );
 }
 
@@ -232,11 +225,11 @@ async fn exec_runs_a_command_with_its_exit_code_and_a_shell_through_a_pty() {
         "-c",
         "echo hi; echo oops >&2; exit 3",
     ]);
-    assert_eq!(out.code, Some(3), "{}", show(&out));
-    assert_eq!(out.stdout, "hi\n", "{}", show(&out));
-    assert_eq!(out.stderr, "oops\n", "{}", show(&out));
+    assert_eq!(out.code, Some(3), "{}", out.show());
+    assert_eq!(out.stdout, "hi\n", "{}", out.show());
+    assert_eq!(out.stderr, "oops\n", "{}", out.show());
     let ok = b.cli(&["exec", &p, "--task", "1", "--", "cat", "/proc/1/cmdline"]);
-    assert_eq!(ok.code, Some(0), "{}", show(&ok));
+    assert_eq!(ok.code, Some(0), "{}", ok.show());
     // Standard input with -i.
     let piped = b.cli_in(
         &["exec", &p, "-i", "--", "sh", "-c", "tr a-z A-Z"],
@@ -246,63 +239,42 @@ async fn exec_runs_a_command_with_its_exit_code_and_a_shell_through_a_pty() {
         (piped.code, piped.stdout.as_str()),
         (Some(0), "SHOUT\n"),
         "{}",
-        show(&piped)
+        piped.show()
     );
     // By task id too; a task that does not exist is named.
     let id = tasks[0]["id"].as_str().unwrap();
     let by_id = b.cli(&["exec", &p, "--task", &id[..8], "--", "true"]);
-    assert_eq!(by_id.code, Some(0), "{}", show(&by_id));
+    assert_eq!(by_id.code, Some(0), "{}", by_id.show());
     let none = b.cli(&["exec", &p, "--task", "9", "--", "true"]);
     assert!(
         !none.success && none.stderr.contains("no running task in slot 9"),
         "{}",
-        show(&none)
+        none.show()
     );
     // -t without a terminal is refused before anything runs.
     let no_tty = b.cli(&["exec", &p, "-t", "--", "sh"]);
     assert!(
         !no_tty.success && no_tty.stderr.contains("not a TTY"),
         "{}",
-        show(&no_tty)
+        no_tty.show()
     );
 
     // An interactive shell: the CLI runs under `script`, which gives it a pty for stdin/stdout.
-    let line = format!(
-        "{} exec {p} -it -- sh",
-        berth_bin().to_str().expect("utf-8 path")
+    let (code, text) = b.interactive_shell(
+        &p,
+        &[
+            ("echo $((6*7))\n", Duration::from_millis(1500)),
+            ("exit 5\n", Duration::from_millis(1500)),
+        ],
+        Duration::from_secs(30),
     );
-    let mut script = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .env("BERTH_URL", b.client_urls())
-        .env("BERTH_TOKEN", &b.token)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("e2e: cannot run script (util-linux)");
-    {
-        let mut stdin = script.stdin.take().unwrap();
-        stdin.write_all(b"echo $((6*7))\n").unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        stdin.write_all(b"exit 5\n").unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(script.wait_with_output());
-    });
-    let done = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the interactive exec did not end after `exit`")
-        .expect("script output");
-    let text = String::from_utf8_lossy(&done.stdout);
     assert!(
         text.lines().any(|l| l.trim() == "42"),
         "the shell's answer on a line of its own: {text:?}"
     );
     // The input line came back through the remote terminal's echo (a real pty over there).
     assert!(text.contains("echo $((6*7))"), "{text:?}");
-    assert_eq!(done.status.code(), Some(5), "{text:?}");
+    assert_eq!(code, Some(5), "{text:?}");
 
     // The audit names the token, the task and the program, never the arguments.
     let audit = b.cli_ok(&["audit", "-o", "json"]);
@@ -353,7 +325,7 @@ async fn exec_is_refused_without_the_grant_and_allowed_with_it() {
                 .stderr
                 .contains("--exec is for operator and deployer"),
         "{}",
-        show(&refused_grant)
+        refused_grant.show()
     );
     // `token list` shows who holds the grant.
     let list = b.cli_ok(&["token", "list", "-o", "json"]);
@@ -374,12 +346,12 @@ async fn exec_is_refused_without_the_grant_and_allowed_with_it() {
         assert!(
             !out.success && out.stderr.contains("may not POST") && out.stderr.contains("--exec"),
             "{who}: {}",
-            show(&out)
+            out.show()
         );
         assert!(
             !out.stdout.contains("through"),
             "{who} ran it: {}",
-            show(&out)
+            out.show()
         );
         // The same refusal over plain HTTP is a 403.
         let resp = b
@@ -397,7 +369,7 @@ async fn exec_is_refused_without_the_grant_and_allowed_with_it() {
         (out.code, out.stdout.as_str()),
         (Some(4), "through\n"),
         "{}",
-        show(&out)
+        out.show()
     );
     // Both reads stay open to the viewer.
     assert!(b.cli_as(&viewer, &["ps", &p], None).success);

@@ -7,9 +7,8 @@
 
 use anyhow::{ensure, Context, Result};
 use berth_e2e::lab::{block_on, Lab, Scenario};
-use berth_e2e::{berth_bin, prefix, Berth, Cleanup, CliOutput, BUSYBOX};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use berth_e2e::{prefix, Berth, Cleanup, BUSYBOX};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub fn scenarios() -> Vec<Scenario> {
@@ -17,13 +16,6 @@ pub fn scenarios() -> Vec<Scenario> {
         name: "exec_reaches_a_task_on_node_2_through_an_agent",
         run: exec_reaches_a_task_on_node_2_through_an_agent,
     }]
-}
-
-fn show(o: &CliOutput) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.code, o.stdout, o.stderr
-    )
 }
 
 fn exec_reaches_a_task_on_node_2_through_an_agent(lab: &Lab) -> Result<()> {
@@ -90,7 +82,7 @@ spec:
     ensure!(
         out.code == Some(3) && out.stdout == "hi\n" && out.stderr == "oops\n",
         "{}",
-        show(&out)
+        out.show()
     );
     let (code, marker) = block_on(lab.exec(1, &container, &["cat", "/marker"]))?;
     ensure!(
@@ -106,43 +98,22 @@ spec:
     ensure!(
         piped.code == Some(0) && piped.stdout == "SHOUT\n",
         "{}",
-        show(&piped)
+        piped.show()
     );
 
-    // An interactive shell through a pty (`script` gives the CLI one).
-    let line = format!(
-        "{} exec {p} -it -- sh",
-        berth_bin().to_str().context("utf-8 path")?
+    // An interactive shell through a pty (`script` gives the CLI one). The agent takes a moment
+    // to start before the shell reads anything.
+    let (code, text) = b.interactive_shell(
+        &p,
+        &[
+            ("echo $((6*7)) $(cat /marker)\n", Duration::from_secs(8)),
+            ("exit 5\n", Duration::from_secs(2)),
+        ],
+        Duration::from_secs(60),
     );
-    let mut script = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .env("BERTH_URL", b.client_urls())
-        .env("BERTH_TOKEN", &b.token)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running script (util-linux)")?;
-    {
-        let mut stdin = script.stdin.take().context("script's stdin")?;
-        // The agent takes a few seconds to start before the shell reads anything.
-        stdin.write_all(b"echo $((6*7)) $(cat /marker)\n")?;
-        std::thread::sleep(Duration::from_secs(8));
-        stdin.write_all(b"exit 5\n")?;
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(script.wait_with_output());
-    });
-    let done = rx
-        .recv_timeout(Duration::from_secs(60))
-        .context("the interactive exec did not end after `exit`")??;
-    let text = String::from_utf8_lossy(&done.stdout);
     ensure!(
-        text.lines().any(|l| l.trim() == "42 remote") && done.status.code() == Some(5),
-        "exit {:?}, output: {text}",
-        done.status.code()
+        text.lines().any(|l| l.trim() == "42 remote") && code == Some(5),
+        "exit {code:?}, output: {text}"
     );
 
     // Every agent and grant is gone once its command ended (three execs made three).
