@@ -119,7 +119,16 @@ fn hook_routes(api: AppState, state: HookState) -> Router {
             api,
             crate::access::authorize,
         ))
+        // Outermost: the access layer's refusals are calls too.
+        .layer(middleware::map_response(count_answer))
         .with_state(state)
+}
+
+/// Counts a webhook call by how it was answered (the metric's labels are outcomes only: the
+/// URL holds the hook's token).
+async fn count_answer(response: Response) -> Response {
+    berth_controllers::metrics::global().webhook_answered(response.status().as_u16());
+    response
 }
 
 /// The routers of the two listeners when webhooks have their own (`--hooks-listen`): the API
