@@ -293,14 +293,26 @@ mod tests {
     #[test]
     fn reconciles_render_per_kind_and_outcome_with_a_duration_histogram() {
         let m = Metrics::new();
-        m.reconciled(Kind::Service, ReconcileOutcome::Ok, Duration::from_millis(3));
-        m.reconciled(Kind::Service, ReconcileOutcome::Ok, Duration::from_millis(30));
+        m.reconciled(
+            Kind::Service,
+            ReconcileOutcome::Ok,
+            Duration::from_millis(3),
+        );
+        m.reconciled(
+            Kind::Service,
+            ReconcileOutcome::Ok,
+            Duration::from_millis(30),
+        );
         m.reconciled(
             Kind::Service,
             ReconcileOutcome::Invalid,
             Duration::from_millis(1),
         );
-        m.reconciled(Kind::Network, ReconcileOutcome::Error, Duration::from_secs(2));
+        m.reconciled(
+            Kind::Network,
+            ReconcileOutcome::Error,
+            Duration::from_secs(2),
+        );
         let text = m.render();
         assert!(
             text.contains("# TYPE berth_reconciles_total counter")
@@ -308,20 +320,32 @@ mod tests {
             "{text}"
         );
         assert_eq!(
-            sample(&text, r#"berth_reconciles_total{kind="service",outcome="ok"}"#),
+            sample(
+                &text,
+                r#"berth_reconciles_total{kind="service",outcome="ok"}"#
+            ),
             Some(2.0),
             "{text}"
         );
         assert_eq!(
-            sample(&text, r#"berth_reconciles_total{kind="service",outcome="invalid"}"#),
+            sample(
+                &text,
+                r#"berth_reconciles_total{kind="service",outcome="invalid"}"#
+            ),
             Some(1.0)
         );
         assert_eq!(
-            sample(&text, r#"berth_reconciles_total{kind="network",outcome="error"}"#),
+            sample(
+                &text,
+                r#"berth_reconciles_total{kind="network",outcome="error"}"#
+            ),
             Some(1.0)
         );
         assert_eq!(
-            sample(&text, r#"berth_reconcile_duration_seconds_count{kind="service"}"#),
+            sample(
+                &text,
+                r#"berth_reconcile_duration_seconds_count{kind="service"}"#
+            ),
             Some(3.0)
         );
         // 3 ms and 1 ms fall under the 4 ms bucket; 30 ms does not.
@@ -372,10 +396,19 @@ mod tests {
                 1.0,
             ),
             (r#"berth_webhook_requests_total{outcome="ok"}"#, 1.0),
-            (r#"berth_webhook_requests_total{outcome="unauthorized"}"#, 1.0),
-            (r#"berth_webhook_requests_total{outcome="rate_limited"}"#, 1.0),
+            (
+                r#"berth_webhook_requests_total{outcome="unauthorized"}"#,
+                1.0,
+            ),
+            (
+                r#"berth_webhook_requests_total{outcome="rate_limited"}"#,
+                1.0,
+            ),
             (r#"berth_apply_duration_seconds_count{outcome="ok"}"#, 1.0),
-            (r#"berth_apply_duration_seconds_count{outcome="invalid"}"#, 1.0),
+            (
+                r#"berth_apply_duration_seconds_count{outcome="invalid"}"#,
+                1.0,
+            ),
             (r#"berth_objects{kind="service"}"#, 3.0),
             (r#"berth_objects_ready{kind="service"}"#, 2.0),
         ] {

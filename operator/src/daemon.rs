@@ -315,27 +315,27 @@ impl Listeners {
     fn announce(&self, token_path: &Path) {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         if token_path.exists() {
-            eprintln!(
+            crate::logging::announce(format!(
                 "berth API on {scheme}://{}; admin token in {}",
                 self.api_addr,
                 token_path.display()
-            );
+            ));
         } else {
             // Another API server of the same NATS store made it (or the file was moved away).
-            eprintln!(
+            crate::logging::announce(format!(
                 "berth API on {scheme}://{}; the admin token is the store's (not in {})",
                 self.api_addr,
                 token_path.display()
-            );
+            ));
         }
         if let Some(ca) = self.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
-            eprintln!(
+            crate::logging::announce(format!(
                 "clients trust berth's CA in {} (berth --ca or BERTH_CA)",
                 ca.display()
-            );
+            ));
         }
         if let Some((_, addr)) = &self.hooks {
-            eprintln!("webhooks on {scheme}://{addr} (only /hooks/...)");
+            crate::logging::announce(format!("webhooks on {scheme}://{addr} (only /hooks/...)"));
         }
     }
 

@@ -3,6 +3,21 @@
 //! collector (`--log-format json`), so the fields berth logs (kind, name, error, ...) stay fields.
 
 use clap::{Args, ValueEnum};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once the JSON format is installed: then even the start banner is a JSON line, so a
+/// collector that parses every line finds nothing it cannot read.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// A line for the person starting berth (where it listens, where the token is): printed as is,
+/// or logged as a JSON line with `--log-format json`.
+pub fn announce(line: String) {
+    if JSON.load(Ordering::Relaxed) {
+        tracing::info!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -34,12 +49,15 @@ impl LogArgs {
             LogFormat::Text => builder
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .try_init(),
-            LogFormat::Json => builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
-                .with_span_list(true)
-                .try_init(),
+            LogFormat::Json => {
+                JSON.store(true, Ordering::Relaxed);
+                builder
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(true)
+                    .try_init()
+            }
         };
     }
 }

@@ -98,7 +98,12 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         });
     }
     let (code, body) = readiness(&checks);
-    (code, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
 /// Whether a stored object's `Ready` condition is `True`.
@@ -123,11 +128,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             m.set_objects(kind, objects.len(), ready);
         }
     }
-    (
-        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        m.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], m.render()).into_response()
 }
 
 #[cfg(test)]

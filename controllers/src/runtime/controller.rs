@@ -310,7 +310,8 @@ impl<R: Hooks> Controller<R> {
         config: ControllerConfig,
     ) -> Self {
         // Every controller's queue reports its depth: instrumented here once, for every kind.
-        let queue = WorkQueue::report_depth(config.backoff, metrics::global().queue_depth_of(R::KIND));
+        let queue =
+            WorkQueue::report_depth(config.backoff, metrics::global().queue_depth_of(R::KIND));
         Controller {
             hooks,
             work,
@@ -486,7 +487,8 @@ impl<R: Hooks> Parts<R> {
 async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
     let kind = R::KIND;
     while let Some(key) = parts.queue.get().await {
-        let span = tracing::info_span!("reconcile", kind = %kind, name = %key, worker = id);
+        // `object`, not `name`: a JSON log lists a span's fields next to the span's own `name`.
+        let span = tracing::info_span!("reconcile", kind = %kind, object = %key, worker = id);
         // Another instance owns the key now (handed over since it was queued): it is theirs.
         let Some(mut permit) = parts.shares.begin(&key) else {
             parts.queue.forget(&key);
