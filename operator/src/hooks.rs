@@ -863,6 +863,15 @@ mod tests {
 
     #[tokio::test]
     async fn bad_calls_are_refused_without_an_event() {
+        let counted = |outcome| {
+            let series = format!("berth_webhook_requests_total{{outcome=\"{outcome}\"}} ");
+            berth_controllers::metrics::global()
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (not_found, invalid) = (counted("not_found"), counted("invalid"));
         let mut s = setup(100).await;
         let created = create_hook(&s.app, json!({"service": "web"})).await;
         // Unknown token: the very same 404 as any unknown path.
@@ -919,6 +928,9 @@ mod tests {
         let (code, v, _) = hook(&s.app, &created.path, "").await;
         assert_eq!(code, 409, "{v}");
         no_deploy(&mut s).await;
+        // Each refusal is counted by its outcome (other tests count into the same registry).
+        assert!(counted("not_found") >= not_found + 4);
+        assert!(counted("invalid") >= invalid + 5);
     }
 
     #[tokio::test]

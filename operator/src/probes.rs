@@ -204,6 +204,11 @@ mod tests {
         let (code, text) = send_test(&app, "GET", paths::METRICS, Some(TEST_ADMIN), None).await;
         assert_eq!(code, 200, "{text}");
         assert!(text.contains("berth_objects{kind=\"secret\"} 1"), "{text}");
+        // The apply's write was timed.
+        assert!(
+            text.contains("berth_apply_duration_seconds_count{outcome=\"ok\"}"),
+            "{text}"
+        );
         assert!(text.contains("# HELP berth_objects_ready"), "{text}");
         // Labels are kinds and outcomes: no object name.
         assert!(!text.contains("metrics-test-secret"), "{text}");

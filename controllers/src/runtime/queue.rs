@@ -456,6 +456,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_depth_gauge_counts_keys_waiting_for_a_worker() {
+        let depth = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let q = WorkQueue::report_depth(BackoffPolicy::default(), depth.clone());
+        q.add("a");
+        q.add("b");
+        q.add("a");
+        assert_eq!(depth.get(), 2);
+        // A delayed key is not waiting for a worker until its time comes.
+        q.add_after("c", SEC);
+        assert_eq!(depth.get(), 2);
+        assert_eq!(next(&q).await, Some("a"));
+        assert_eq!(depth.get(), 1);
+        assert_eq!(next(&q).await, Some("b"));
+        assert_eq!(next(&q).await, Some("c"));
+        assert_eq!(depth.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn queued_keys_are_deduplicated() {
         let q = WorkQueue::new();
         q.add("a");
