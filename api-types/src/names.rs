@@ -20,6 +20,11 @@ pub mod paths {
     /// `GET`: the OpenAPI 3.1 description of this API, generated from the routes and the kinds'
     /// schemas. Served without a token, like the schemas, for API tooling.
     pub const OPENAPI: &str = "/openapi.json";
+    /// Readiness: the store, the Swarm engine and NATS (when configured); 503 names what is not
+    /// ready. Public like `/healthz`.
+    pub const READYZ: &str = "/readyz";
+    /// Prometheus metrics (text format); needs a token that may read objects.
+    pub const METRICS: &str = "/metrics";
     /// Discovery document: the instance id and the kinds this server serves.
     pub const API_ROOT: &str = "/apis/berth/v1";
     /// Atomic multi-object apply (`kubectl apply` over a whole manifest set).

@@ -6,6 +6,7 @@ pub mod api;
 pub mod backup;
 pub mod bus;
 pub mod ingress;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod registry;

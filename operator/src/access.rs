@@ -100,6 +100,10 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         (M::GET, paths::HEALTHZ.into(), Need::Public),
         (M::GET, format!("{}/{{file}}", paths::SCHEMAS), Need::Public),
         (M::GET, paths::OPENAPI.into(), Need::Public),
+        // Names which dependency is not ready, nothing more (see `probes`).
+        (M::GET, paths::READYZ.into(), Need::Public),
+        // Counts by kind and outcome, never an object's name; still what runs and how busy it is.
+        (M::GET, paths::METRICS.into(), Need::Read),
         (
             M::POST,
             format!("{}/registry/{{token}}", paths::HOOKS),

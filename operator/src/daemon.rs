@@ -33,17 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::info;
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal; log files and journals get plain text.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -268,6 +257,7 @@ async fn start_api(
         remote_exec,
         controllers: connected.sharing.store().clone(),
         audit_log,
+        nats: connected.nats.clone(),
     };
     let hook_state = HookState::new(store.clone(), connected.deploys, server.hook_rate)
         .map_err(|e| format!("error: {e}"))?;
@@ -325,27 +315,27 @@ impl Listeners {
     fn announce(&self, token_path: &Path) {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         if token_path.exists() {
-            eprintln!(
+            crate::logging::announce(format!(
                 "berth API on {scheme}://{}; admin token in {}",
                 self.api_addr,
                 token_path.display()
-            );
+            ));
         } else {
             // Another API server of the same NATS store made it (or the file was moved away).
-            eprintln!(
+            crate::logging::announce(format!(
                 "berth API on {scheme}://{}; the admin token is the store's (not in {})",
                 self.api_addr,
                 token_path.display()
-            );
+            ));
         }
         if let Some(ca) = self.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
-            eprintln!(
+            crate::logging::announce(format!(
                 "clients trust berth's CA in {} (berth --ca or BERTH_CA)",
                 ca.display()
-            );
+            ));
         }
         if let Some((_, addr)) = &self.hooks {
-            eprintln!("webhooks on {scheme}://{addr} (only /hooks/...)");
+            crate::logging::announce(format!("webhooks on {scheme}://{addr} (only /hooks/...)"));
         }
     }
 
@@ -719,7 +709,6 @@ pub async fn up(
     resync: u64,
     ingress: IngressArgs,
 ) -> Result<(), String> {
-    init_tracing();
     let mut tasks = Tasks::new();
     let parts = start_api(
         &server,
@@ -755,7 +744,6 @@ pub async fn api(
     docker_host: Option<String>,
     ingress_name: String,
 ) -> Result<(), String> {
-    init_tracing();
     let mut tasks = Tasks::new();
     start_api(&server, docker_host.as_deref(), &ingress_name, &mut tasks).await?;
     supervise(tasks).await
@@ -804,7 +792,6 @@ pub async fn controller(
     resync: u64,
     ingress: IngressArgs,
 ) -> Result<(), String> {
-    init_tracing();
     let resolved = crate::client_config::resolve(&conn)?;
     let token = resolved.token.ok_or(crate::cli::NO_TOKEN)?;
     let http = Arc::new(ApiClient::new(

@@ -119,7 +119,16 @@ fn hook_routes(api: AppState, state: HookState) -> Router {
             api,
             crate::access::authorize,
         ))
+        // Outermost: the access layer's refusals are calls too.
+        .layer(middleware::map_response(count_answer))
         .with_state(state)
+}
+
+/// Counts a webhook call by how it was answered (the metric's labels are outcomes only: the
+/// URL holds the hook's token).
+async fn count_answer(response: Response) -> Response {
+    berth_controllers::metrics::global().webhook_answered(response.status().as_u16());
+    response
 }
 
 /// The routers of the two listeners when webhooks have their own (`--hooks-listen`): the API
@@ -854,6 +863,15 @@ mod tests {
 
     #[tokio::test]
     async fn bad_calls_are_refused_without_an_event() {
+        let counted = |outcome| {
+            let series = format!("berth_webhook_requests_total{{outcome=\"{outcome}\"}} ");
+            berth_controllers::metrics::global()
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (not_found, invalid) = (counted("not_found"), counted("invalid"));
         let mut s = setup(100).await;
         let created = create_hook(&s.app, json!({"service": "web"})).await;
         // Unknown token: the very same 404 as any unknown path.
@@ -910,6 +928,9 @@ mod tests {
         let (code, v, _) = hook(&s.app, &created.path, "").await;
         assert_eq!(code, 409, "{v}");
         no_deploy(&mut s).await;
+        // Each refusal is counted by its outcome (other tests count into the same registry).
+        assert!(counted("not_found") >= not_found + 4);
+        assert!(counted("invalid") >= invalid + 5);
     }
 
     #[tokio::test]

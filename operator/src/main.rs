@@ -32,10 +32,12 @@ mod fuzz;
 mod hooks;
 mod in_process_api;
 mod jsonpath;
+mod logging;
 mod nats_args;
 mod objects_cli;
 mod openapi;
 mod output;
+mod probes;
 mod prune_cli;
 mod push_hooks;
 mod rollout_cli;
@@ -291,6 +293,8 @@ enum Command {
         resync: u64,
         #[command(flatten)]
         ingress: IngressArgs,
+        #[command(flatten)]
+        log: logging::LogArgs,
     },
     /// Run the API server alone (controllers run as their own processes, connected through NATS).
     Api {
@@ -304,6 +308,8 @@ enum Command {
         /// command); default DOCKER_HOST or the local socket.
         #[arg(long, env = "DOCKER_HOST")]
         docker_host: Option<String>,
+        #[command(flatten)]
+        log: logging::LogArgs,
     },
     /// Run one controller alone, against a running API server and NATS.
     Controller {
@@ -326,6 +332,8 @@ enum Command {
         resync: u64,
         #[command(flatten)]
         ingress: IngressArgs,
+        #[command(flatten)]
+        log: logging::LogArgs,
     },
     /// Create or update objects from manifest files or directories (all or nothing).
     Apply {
@@ -775,12 +783,20 @@ fn main() -> ExitCode {
                 docker_host,
                 resync,
                 ingress,
-            } => daemon::up(server, docker_host, resync, ingress).await,
+                log,
+            } => {
+                log.init();
+                daemon::up(server, docker_host, resync, ingress).await
+            }
             Command::Api {
                 server,
                 docker_host,
                 ingress_name,
-            } => daemon::api(server, docker_host, ingress_name).await,
+                log,
+            } => {
+                log.init();
+                daemon::api(server, docker_host, ingress_name).await
+            }
             Command::Controller {
                 kind,
                 conn,
@@ -790,7 +806,9 @@ fn main() -> ExitCode {
                 state_dir,
                 resync,
                 ingress,
+                log,
             } => {
+                log.init();
                 let nats = nats_auth.settings(&nats);
                 daemon::controller(&kind, conn, nats, docker_host, state_dir, resync, ingress).await
             }

@@ -15,6 +15,8 @@ fn summary(method: &Method, path: &str) -> Option<&'static str> {
         .unwrap_or(path);
     Some(match (method.as_str(), rel) {
         ("GET", "/healthz") => "Liveness: `ok` while the process serves requests",
+        ("GET", "/readyz") => "Readiness: 200 when the store, the engine and NATS are ready; 503 naming what is not (text)",
+        ("GET", "/metrics") => "Prometheus metrics, text format 0.0.4 (labels: kinds and outcomes only)",
         ("GET", "/schemas/{file}") => "The JSON Schema of a kind (`service.json`), or `berth.json` for any kind",
         ("GET", "/openapi.json") => "This document",
         ("POST", "/hooks/v1/{token}") => "Deploy webhook: set a Service's image (the URL token is the credential)",

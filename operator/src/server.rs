@@ -55,6 +55,8 @@ pub struct AppState {
     pub controllers: Arc<dyn berth_controllers::runtime::shares::LeaseStore>,
     /// The hash-chained audit trail (`berth audit`), in the store's database.
     pub audit_log: crate::audit::AuditLog,
+    /// The NATS connection, when there is one: `/readyz` reports its state.
+    pub nats: Option<async_nats::Client>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -69,6 +71,7 @@ pub fn router(state: AppState) -> Router {
             paths::OPENAPI,
             get(|| async { axum::Json(crate::openapi::served()) }),
         )
+        .route(paths::METRICS, get(crate::probes::metrics))
         .route(
             &format!("{}/{{plural}}", paths::API_ROOT),
             get(list).post(create),
@@ -97,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY));
     Router::new()
         .route(paths::HEALTHZ, get(|| async { "ok" }))
+        .route(paths::READYZ, get(crate::probes::readyz))
         .merge(api)
         .with_state(state)
 }
@@ -883,6 +887,7 @@ impl AppState {
             remote_exec: None,
             controllers: Arc::new(berth_controllers::runtime::shares::MemoryLeases::default()),
             audit_log: crate::audit::AuditLog::open(&store).await.unwrap(),
+            nats: None,
             store,
         }
     }

@@ -341,8 +341,21 @@ impl NatsBus {
         Ok(futures::stream::select(events, lagged).boxed())
     }
 
-    /// Publishes one JSON payload with `Nats-Msg-Id` and waits for the JetStream ack.
+    /// Publishes one JSON payload with `Nats-Msg-Id` and waits for the JetStream ack; counted per
+    /// `stream` (the metric's label) and outcome.
     async fn publish_json(
+        &self,
+        stream: &'static str,
+        subject: String,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), BusError> {
+        let published = self.publish_acked(subject, id, payload).await;
+        crate::metrics::global().published(stream, published.is_ok());
+        published
+    }
+
+    async fn publish_acked(
         &self,
         subject: String,
         id: &str,
@@ -376,7 +389,8 @@ impl EventBus for NatsBus {
             id: event.id.clone(),
             reason: err.to_string(),
         })?;
-        self.publish_json(event.subject(), &event.id, payload).await
+        self.publish_json("events", event.subject(), &event.id, payload)
+            .await
     }
 
     async fn subscribe(
@@ -442,7 +456,8 @@ impl EventBus for NatsBus {
                 url: self.url.clone(),
                 reason,
             })?;
-        self.publish_json(subject.to_string(), id, payload).await
+        self.publish_json("audit", subject.to_string(), id, payload)
+            .await
     }
 
     async fn remove_consumer(&self, name: &str) -> Result<(), BusError> {
@@ -478,7 +493,8 @@ impl DeployQueue for NatsBus {
             id: event.id.clone(),
             reason: err.to_string(),
         })?;
-        self.publish_json(event.subject(), &event.id, payload).await
+        self.publish_json("deploys", event.subject(), &event.id, payload)
+            .await
     }
 
     async fn subscribe_deploys(

@@ -14,6 +14,7 @@ use super::reconciler::{Action, Aggregator, Context, Error, Hooks, Reconciler, R
 use super::shares::{Shares, Sharing};
 use crate::api::ResourceStore;
 use crate::bus::{BusMessage, EventBus};
+use crate::metrics::{self, ReconcileOutcome};
 use async_trait::async_trait;
 use berth_api_types::{EventType, ObjectMeta};
 use bollard::query_parameters::EventsOptions;
@@ -63,7 +64,44 @@ trait Work<R: Hooks>: Send + Sync + 'static {
     fn key_of(&self, name: &str) -> String;
     /// Whether an engine event about `name` is worth a reconcile.
     fn follows(&self, name: &str, cache: &Cache<R>) -> bool;
-    async fn run(&self, key: &str, ctx: &Context<R>) -> Result<Action, Error>;
+    async fn run(&self, key: &str, ctx: &Context<R>) -> Result<Ran, Error>;
+}
+
+/// What a reconcile asked for, and whether it found the object(s) impossible to act on (for the
+/// `invalid` outcome of the reconcile metric; the action is then to wait for a change).
+#[derive(Debug)]
+struct Ran {
+    action: Action,
+    invalid: bool,
+}
+
+impl Ran {
+    fn next(action: Action) -> Ran {
+        Ran {
+            action,
+            invalid: false,
+        }
+    }
+
+    fn invalid() -> Ran {
+        Ran {
+            action: Action::await_change(),
+            invalid: true,
+        }
+    }
+}
+
+/// The reconcile metric's outcome of one run.
+fn outcome_of(result: &Result<Ran, Error>) -> ReconcileOutcome {
+    match result {
+        Ok(Ran { invalid: true, .. }) => ReconcileOutcome::Invalid,
+        Ok(Ran {
+            action: Action::AwaitChange,
+            ..
+        }) => ReconcileOutcome::Ok,
+        Ok(_) => ReconcileOutcome::Requeue,
+        Err(_) => ReconcileOutcome::Error,
+    }
 }
 
 struct PerObject<R>(Arc<R>);
@@ -82,24 +120,24 @@ impl<R: Reconciler> Work<R> for PerObject<R> {
         cache.get(name).is_some()
     }
 
-    async fn run(&self, name: &str, ctx: &Context<R>) -> Result<Action, Error> {
+    async fn run(&self, name: &str, ctx: &Context<R>) -> Result<Ran, Error> {
         match ctx.cache.get(name) {
-            None => self.0.cleanup(name, ctx).await,
+            None => self.0.cleanup(name, ctx).await.map(Ran::next),
             Some(Entry::Invalid(bad)) => {
                 let status =
                     refused_status(&bad.status, bad.meta.generation, "InvalidSpec", &bad.why);
                 write_status::<R>(ctx, &bad.meta, &bad.status, &status).await?;
-                Ok(Action::await_change())
+                Ok(Ran::invalid())
             }
             Some(Entry::Valid(obj)) => match self.0.reconcile(obj.clone(), ctx).await {
                 Ok(done) => {
                     write_status::<R>(ctx, &obj.meta, &obj.status, &done.status).await?;
-                    Ok(done.action)
+                    Ok(Ran::next(done.action))
                 }
                 Err(Error::Refused { reason, message }) => {
                     let status = refused_status(&obj.status, obj.generation(), &reason, &message);
                     write_status::<R>(ctx, &obj.meta, &obj.status, &status).await?;
-                    Ok(Action::await_change())
+                    Ok(Ran::invalid())
                 }
                 Err(e) => Err(e),
             },
@@ -120,7 +158,7 @@ impl<A: Aggregator> Work<A> for Whole<A> {
         true
     }
 
-    async fn run(&self, _key: &str, ctx: &Context<A>) -> Result<Action, Error> {
+    async fn run(&self, _key: &str, ctx: &Context<A>) -> Result<Ran, Error> {
         let entries = ctx.cache.entries();
         let mut valid: Vec<Arc<Cached<A>>> = Vec::new();
         for e in entries {
@@ -140,14 +178,14 @@ impl<A: Aggregator> Work<A> for Whole<A> {
                         write_status::<A>(ctx, &obj.meta, &obj.status, status).await?;
                     }
                 }
-                Ok(done.action)
+                Ok(Ran::next(done.action))
             }
             Err(Error::Refused { reason, message }) => {
                 for obj in &valid {
                     let status = refused_status(&obj.status, obj.generation(), &reason, &message);
                     write_status::<A>(ctx, &obj.meta, &obj.status, &status).await?;
                 }
-                Ok(Action::await_change())
+                Ok(Ran::invalid())
             }
             Err(e) => Err(e),
         }
@@ -197,7 +235,10 @@ pub async fn reconcile_once<R: Reconciler>(
     name: &str,
 ) -> Result<Action, Error> {
     let ctx = context_from(store).await?;
-    PerObject(reconciler.clone()).run(name, &ctx).await
+    PerObject(reconciler.clone())
+        .run(name, &ctx)
+        .await
+        .map(|ran| ran.action)
 }
 
 /// [`reconcile_once`] for an [`Aggregator`]: one converge of the whole kind.
@@ -206,7 +247,10 @@ pub async fn converge_once<A: Aggregator>(
     store: Arc<dyn ResourceStore>,
 ) -> Result<Action, Error> {
     let ctx = context_from(store).await?;
-    Whole(aggregator.clone()).run(&aggregator.key(), &ctx).await
+    Whole(aggregator.clone())
+        .run(&aggregator.key(), &ctx)
+        .await
+        .map(|ran| ran.action)
 }
 
 async fn context_from<R: Resource>(store: Arc<dyn ResourceStore>) -> Result<Context<R>, Error> {
@@ -265,7 +309,9 @@ impl<R: Hooks> Controller<R> {
         bus: Arc<dyn EventBus>,
         config: ControllerConfig,
     ) -> Self {
-        let queue = WorkQueue::with_backoff(config.backoff);
+        // Every controller's queue reports its depth: instrumented here once, for every kind.
+        let queue =
+            WorkQueue::report_depth(config.backoff, metrics::global().queue_depth_of(R::KIND));
         Controller {
             hooks,
             work,
@@ -441,7 +487,8 @@ impl<R: Hooks> Parts<R> {
 async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
     let kind = R::KIND;
     while let Some(key) = parts.queue.get().await {
-        let span = tracing::info_span!("reconcile", kind = %kind, name = %key, worker = id);
+        // `object`, not `name`: a JSON log lists a span's fields next to the span's own `name`.
+        let span = tracing::info_span!("reconcile", kind = %kind, object = %key, worker = id);
         // Another instance owns the key now (handed over since it was queued): it is theirs.
         let Some(mut permit) = parts.shares.begin(&key) else {
             parts.queue.forget(&key);
@@ -449,6 +496,7 @@ async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
             continue;
         };
         let start = std::time::SystemTime::now();
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             r = parts.work.run(&key, &parts.ctx).instrument(span.clone()) => Some(r),
             _ = permit.lost() => None,
@@ -464,8 +512,11 @@ async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
             parts.queue.done(&key);
             continue;
         };
-        match result {
+        let metrics = metrics::global();
+        metrics.reconciled(kind, outcome_of(&result), started.elapsed());
+        match result.map(|ran| ran.action) {
             Ok(Action::Backoff) => {
+                metrics.backed_off(kind);
                 let delay = parts.queue.add_rate_limited(key.clone());
                 debug!(retry_in = ?delay, "status written; retrying with backoff");
             }
@@ -477,6 +528,10 @@ async fn worker<R: Hooks>(id: usize, parts: Arc<Parts<R>>) {
                 }
             }
             Err(e) => {
+                if matches!(e, Error::Engine(_)) {
+                    metrics.engine_error(kind);
+                }
+                metrics.backed_off(kind);
                 let delay = parts.queue.add_rate_limited(key.clone());
                 warn!(error = %e, retry_in = ?delay, failures = parts.queue.failures(&key), "reconcile failed");
             }

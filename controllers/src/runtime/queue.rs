@@ -35,6 +35,8 @@ struct Inner<K> {
     /// Wakes workers parked in `get()`: `notify_one` per newly ready key,
     /// `notify_waiters` when the earliest deadline moves forward or on shutdown.
     notify: Notify,
+    /// Set to the number of ready keys after every operation (see [`WorkQueue::report_depth`]).
+    depth: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 struct State<K> {
@@ -197,6 +199,22 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::new(policy)),
                 notify: Notify::new(),
+                depth: None,
+            }),
+        }
+    }
+
+    /// An empty queue like [`with_backoff`](Self::with_backoff) that keeps `depth` at the number
+    /// of keys waiting for a worker.
+    pub fn report_depth(
+        policy: BackoffPolicy,
+        depth: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::new(policy)),
+                notify: Notify::new(),
+                depth: Some(depth),
             }),
         }
     }
@@ -221,6 +239,9 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
             let wake = state.newly_ready.min(state.ready.len());
             state.newly_ready = 0;
             let moved = std::mem::take(&mut state.deadline_moved);
+            if let Some(depth) = &self.inner.depth {
+                depth.set(state.ready.len() as i64);
+            }
             (result, wake, moved)
         };
         if moved {
@@ -432,6 +453,24 @@ mod tests {
     ) -> tokio::task::JoinHandle<Option<K>> {
         let q = q.clone();
         tokio::spawn(async move { q.get().await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_depth_gauge_counts_keys_waiting_for_a_worker() {
+        let depth = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        let q = WorkQueue::report_depth(BackoffPolicy::default(), depth.clone());
+        q.add("a");
+        q.add("b");
+        q.add("a");
+        assert_eq!(depth.get(), 2);
+        // A delayed key is not waiting for a worker until its time comes.
+        q.add_after("c", SEC);
+        assert_eq!(depth.get(), 2);
+        assert_eq!(next(&q).await, Some("a"));
+        assert_eq!(depth.get(), 1);
+        assert_eq!(next(&q).await, Some("b"));
+        assert_eq!(next(&q).await, Some("c"));
+        assert_eq!(depth.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -521,8 +521,30 @@ impl Store {
     }
 
     /// Atomically writes a set of validated objects (apply, create, replace). Either every object is
-    /// written or none is. `expected_rv`: conditional write (only for a single object).
+    /// written or none is. `expected_rv`: conditional write (only for a single object). Timed for
+    /// the apply latency metric (dry runs write nothing and are not).
     pub async fn write(
+        &self,
+        objects: Vec<DynObject>,
+        mode: WriteMode,
+        expected_rv: Option<String>,
+        dry_run: bool,
+    ) -> Result<Vec<(ApplyResult, DynObject)>, StoreError> {
+        let started = std::time::Instant::now();
+        let written = self
+            .write_objects(objects, mode, expected_rv, dry_run)
+            .await;
+        if !dry_run {
+            let status = match &written {
+                Ok(_) => 200,
+                Err(e) => e.status_and_reason().0,
+            };
+            berth_controllers::metrics::global().applied(status, started.elapsed());
+        }
+        written
+    }
+
+    async fn write_objects(
         &self,
         objects: Vec<DynObject>,
         mode: WriteMode,
