@@ -70,12 +70,12 @@ async fn the_stack_runs_berth_from_its_image_and_it_manages_the_swarm() {
         .unwrap();
     wait_for(
         Duration::from_secs(60),
-        "berth in its container to answer /healthz over HTTPS",
+        "berth in its container to answer /readyz over HTTPS (store, engine)",
         || {
             let https = https.clone();
             let url = url.clone();
             async move {
-                let r = https.get(format!("{url}/healthz")).send().await.ok()?;
+                let r = https.get(format!("{url}/readyz")).send().await.ok()?;
                 r.status().is_success().then_some(())
             }
         },
