@@ -432,6 +432,16 @@ impl Berth {
 /// The small image (busybox from Debian) most test Services run; prereqs.sh builds it.
 pub const BUSYBOX: &str = "berth-test/busybox:1";
 
+/// A Service of one replica of [`BUSYBOX`] that sleeps and stops fast (`init`, 1 s grace), the
+/// workload most tests need; `extra` is more `spec` lines, each indented two spaces
+/// (`"  networks: [n]\n"`).
+pub fn sleeping_service(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  image: {BUSYBOX}\n  \
+         command: [\"sleep\", \"100000\"]\n  init: true\n  stopGracePeriod: 1s\n  replicas: 1\n{extra}"
+    )
+}
+
 /// The image of berth's agents, built from the berth binary under test by scripts/test.
 pub const AGENT_IMAGE: &str = "berth-test/agent:1";
 

@@ -5,7 +5,7 @@
 //! token from the data volume, applies a Service that berth (in its container, through the
 //! mounted engine socket) creates in the swarm.
 
-use berth_e2e::{berth_bin, free_port, prefix, wait_for, Cleanup, BUSYBOX};
+use berth_e2e::{berth_bin, free_port, prefix, sleeping_service, wait_for, Cleanup};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -111,10 +111,7 @@ async fn the_stack_runs_berth_from_its_image_and_it_manages_the_swarm() {
             ),
         )
     };
-    let manifest = format!(
-        "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {p}-web\nspec:\n  image: {BUSYBOX}\n  \
-         command: [sleep, \"100000\"]\n  init: true\n  stopGracePeriod: 1s\n  replicas: 1\n"
-    );
+    let manifest = sleeping_service(&format!("{p}-web"), "");
     let (ok, out) = cli(
         &["apply", "-f", "-", "--wait", "--timeout", "90s"],
         Some(&manifest),

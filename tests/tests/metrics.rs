@@ -7,25 +7,8 @@ use berth_api_types::Kind;
 use berth_e2e::{eventually, prefix, Berth, Cleanup, Nats};
 use std::time::Duration;
 
-const IMAGE: &str = "berth-test/busybox:1";
 /// Generous bound for convergence on a loaded 2-core machine.
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn service_yaml(name: &str) -> String {
-    format!(
-        r#"apiVersion: berth/v1
-kind: Service
-metadata:
-  name: {name}
-spec:
-  image: {IMAGE}
-  command: ["sleep", "100000"]
-  init: true
-  stopGracePeriod: 1s
-  replicas: 1
-"#
-    )
-}
 
 /// The value of one series (name and labels exactly as rendered), 0 when absent.
 fn sample(text: &str, series: &str) -> f64 {
@@ -65,7 +48,7 @@ async fn metrics_readiness_and_json_logs() {
     let ok_series = r#"berth_reconciles_total{kind="service",outcome="ok"}"#;
     let ok_before = sample(&before, ok_series);
 
-    b.apply(&service_yaml(&name));
+    b.apply(&berth_e2e::sleeping_service(&name, ""));
     b.wait_condition(Kind::Service, &name, "Ready", CONVERGE, |c| {
         c["status"] == "True"
     })

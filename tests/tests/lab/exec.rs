@@ -7,7 +7,7 @@
 
 use anyhow::{ensure, Context, Result};
 use berth_e2e::lab::{block_on, Lab, Scenario};
-use berth_e2e::{prefix, Berth, Cleanup, BUSYBOX};
+use berth_e2e::{prefix, sleeping_service, Berth, Cleanup};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -41,21 +41,14 @@ metadata:
 spec:
   encrypted: false
 ---
-apiVersion: berth/v1
-kind: Service
-metadata:
-  name: {p}
-spec:
-  image: {BUSYBOX}
-  command: ["sleep", "100000"]
-  init: true
-  stopGracePeriod: 1s
-  replicas: 1
-  networks: [{p}-plain]
-  placement:
-    constraints: ["node.hostname == {node2}"]
-"#,
-        node2 = lab.node(1).hostname,
+{service}"#,
+        service = sleeping_service(
+            &p,
+            &format!(
+                "  networks: [{p}-plain]\n  placement:\n    constraints: [\"node.hostname == {}\"]\n",
+                lab.node(1).hostname
+            )
+        ),
     ));
     let task = block_on(lab.wait_running_tasks(&p, 1, Duration::from_secs(90)))?
         .into_iter()
