@@ -514,7 +514,7 @@ async fn deploys_have_their_own_stream_and_are_delivered_once() {
     let mut resource_events = bus.subscribe(&[], None).await.unwrap();
     let mut live = bus.subscribe_deploys(None).await.unwrap();
     let mut durable = bus.subscribe_deploys(Some("applier")).await.unwrap();
-    // An outside tool on plain core NATS, as the README describes.
+    // An outside tool on plain core NATS, as docs/events.md describes.
     let client = async_nats::connect(&server.url).await.unwrap();
     let mut outside = client.subscribe(subjects::deploy("web")).await.unwrap();
     client.flush().await.unwrap();

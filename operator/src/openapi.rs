@@ -8,7 +8,7 @@ use axum::http::Method;
 use berth_api_types::schema;
 use serde_json::{json, Map, Value};
 
-/// What a route does, in a line (the README's API table says more).
+/// What a route does, in a line (the table in docs/api.md says more).
 fn summary(method: &Method, path: &str) -> Option<&'static str> {
     let rel = path
         .strip_prefix(berth_api_types::names::paths::API_ROOT)

@@ -357,7 +357,8 @@ _berth_lab_join() {
 
 # How long a lab node's demotion may take before the lab gives up on it (seconds). A demotion is
 # a Raft membership change; it usually takes under a second, but engine 20.10 has been seen to
-# stall in it for minutes (README, "The 3-node lab"). The host's swarm is then recovered instead.
+# stall in it for minutes (docs/nodes.md; "The 3-node lab" in docs/contributing.md). The host's
+# swarm is then recovered instead.
 BERTH_LAB_DEMOTE_WAIT=${BERTH_LAB_DEMOTE_WAIT:-45}
 
 _lab_is_manager() {

@@ -73,7 +73,7 @@ berth_install_packages() {
     command -v docker-registry >/dev/null 2>&1 || missing+=(docker-registry)
     command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
     # Used by these scripts themselves; openssl also by the ingress e2e (certificates) and the
-    # deploy e2e (it signs webhook calls with the README's openssl recipe).
+    # deploy e2e (it signs webhook calls with the openssl recipe in docs/deploy.md).
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)

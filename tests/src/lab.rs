@@ -1,9 +1,9 @@
 //! The 3-node lab harness: a real 3-node Docker Swarm on this one machine, for multi-node tests.
 //!
 //! The lab itself is built by `scripts/lab` (scripts/lib/lab.sh), the same script a person runs by
-//! hand, so the tests and the README never describe two different labs. Node 1 (index 0) is the
-//! host's own engine, the swarm's manager; nodes 2 and 3 (indexes 1 and 2) are extra dockerd
-//! instances in their own network, UTS and mount namespaces, joined as workers:
+//! hand, so the tests and docs/contributing.md never describe two different labs. Node 1 (index 0)
+//! is the host's own engine, the swarm's manager; nodes 2 and 3 (indexes 1 and 2) are extra
+//! dockerd instances in their own network, UTS and mount namespaces, joined as workers:
 //!
 //! | index | node | hostname         | address   | engine                               |
 //! |-------|------|------------------|-----------|--------------------------------------|

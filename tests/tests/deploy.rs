@@ -4,7 +4,7 @@
 //! bad or replayed signature, oversized body) must leave no event and no spec change.
 //!
 //! Images are local: `berth-test/busybox:1` is tagged `berth-test/busybox:2` through the engine
-//! API, so no registry is needed. Signed calls are signed with `openssl`, exactly as the README
+//! API, so no registry is needed. Signed calls are signed with `openssl`, exactly as docs/deploy.md
 //! tells users to.
 
 use berth_api_types::names::{annotations, paths};
@@ -62,7 +62,7 @@ async fn service(b: &Berth, name: &str) -> Value {
     v
 }
 
-/// The README's recipe: `printf '%s' "$TS.$BODY" | openssl dgst -sha256 -hmac "$SECRET"`.
+/// The recipe of docs/deploy.md: `printf '%s' "$TS.$BODY" | openssl dgst -sha256 -hmac "$SECRET"`.
 fn openssl_sign(secret: &str, ts: i64, body: &str) -> String {
     let out = std::process::Command::new("sh")
         .args([
@@ -414,8 +414,8 @@ fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::Path
     out
 }
 
-/// HMAC-SHA256 with `openssl`, the key given as hex: the README's recipe for checking a deploy
-/// event's signature by hand. Returns lowercase hex.
+/// HMAC-SHA256 with `openssl`, the key given as hex: the recipe of docs/deploy.md for checking a
+/// deploy event's signature by hand. Returns lowercase hex.
 fn openssl_hmac(key_hex: &str, data: &[u8]) -> String {
     use std::io::Write;
     let mut child = std::process::Command::new("openssl")
@@ -443,8 +443,8 @@ fn openssl_hmac(key_hex: &str, data: &[u8]) -> String {
 /// None changes the Service, berth's log names each refusal, and a webhook deploy still works
 /// afterwards (the future id did not freeze the service). The foreign repository and the future
 /// id are also tried *validly signed* (the test reads the installation's master key from its data
-/// dir and derives the deploy key with openssl, as the README describes), to show those checks do
-/// not lean on the signature.
+/// dir and derives the deploy key with openssl, as docs/deploy.md describes), to show those checks
+/// do not lean on the signature.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_deploy_events_on_the_bus_change_nothing() {
     use berth_api_types::deploy::DeployEvent;
@@ -480,7 +480,7 @@ async fn forged_deploy_events_on_the_bus_change_nothing() {
     .await;
     let before = service(b, &name).await;
 
-    // The installation's own deploy key, derived as the README says.
+    // The installation's own deploy key, derived as docs/deploy.md says.
     let master = std::fs::read(b.data_dir.join("master.key")).expect("e2e: master.key");
     let deploy_key = openssl_hmac(&hex(&master), b"berth deploy events v1");
     let sign = |e: &mut DeployEvent| {
@@ -490,7 +490,7 @@ async fn forged_deploy_events_on_the_bus_change_nothing() {
     sign(&mut check);
     assert_eq!(
         check.signature, genuine.signature,
-        "the README's derivation does not reproduce berth's signature"
+        "the derivation in docs/deploy.md does not reproduce berth's signature"
     );
 
     let fresh = |image: &str| {

@@ -1,4 +1,4 @@
-//! berth on a NATS server with authorization on: the README's example configuration
+//! berth on a NATS server with authorization on: the example configuration of docs/security.md
 //! (`fixtures/nats/authorization.conf`) is what these tests run, so the permissions it documents
 //! are known to be enough for each process and to keep a controller from deploying.
 //!
@@ -224,7 +224,7 @@ fn assert_no_permission_violation(what: &str, log: &str) {
         ]
         .iter()
         .any(|v| log_lower.contains(v)),
-        "{what} was refused a NATS permission the README's table should grant:\n{log}"
+        "{what} was refused a NATS permission the table in docs/security.md should grant:\n{log}"
     );
 }
 

@@ -581,7 +581,7 @@ fn on_client_event(
                 %url,
                 server_error = %message,
                 "NATS refused an operation: this process's NATS user lacks a permission \
-                 (see the README's NATS permissions table)"
+                 (see the permissions table in docs/security.md)"
             )
         }
         event @ (async_nats::Event::ServerError(_) | async_nats::Event::ClientError(_)) => {

@@ -13,7 +13,7 @@
 //! This is how a config reaches proxies on *every* node, berth's own included: one mechanism. (Caddy
 //! 2.6.2's pull alternative, `admin.config.load` with `load_delay`, was tried and rejected: its
 //! poller stops for good after one config it refuses, and its HTTP loader sends every poll ten
-//! times; see the README.)
+//! times; see docs/ingress.md.)
 
 use super::ca::AdminIdentity;
 use serde_json::Value;

@@ -142,7 +142,7 @@ fn three_nodes_ready(lab: &Lab) -> Result<()> {
 /// On an (unencrypted) overlay network, a web task on node 3 answers HTTP from tasks on node 1
 /// and node 2: VXLAN flows between all the lab's namespaces, node 2 to node 3 across the bridge
 /// included. (Encrypted overlays do not carry traffic between the lab's nodes: ESP between
-/// namespaces does not work in this VM's kernel; see the README.)
+/// namespaces does not work in this VM's kernel; see docs/contributing.md.)
 fn overlay_traffic_crosses_nodes(lab: &Lab) -> Result<()> {
     let prefix = prefix("lab-basics");
     let _cleanup = Cleanup::new(&prefix);

@@ -11,9 +11,9 @@
 //!   for the dead tasks.
 //!
 //! Networks: in this lab, traffic between nodes flows over UNencrypted overlays only (ESP between
-//! the namespaces does not work in this VM's kernel; see the README). The first scenario needs
-//! cross-node traffic (each proxy balances over both backend tasks), so its backend network says
-//! `encrypted: false`; the second uses an encrypted network on purpose, to make remote tasks
+//! the namespaces does not work in this VM's kernel; see docs/contributing.md). The first scenario
+//! needs cross-node traffic (each proxy balances over both backend tasks), so its backend network
+//! says `encrypted: false`; the second uses an encrypted network on purpose, to make remote tasks
 //! unreachable.
 //!
 //! Ports: the proxies publish free high ports, not 443/80, so that the e2e ingress tests on the

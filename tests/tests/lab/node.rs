@@ -380,7 +380,7 @@ fn promote_demote_and_the_last_manager(lab: &Lab) -> Result<()> {
         let start = Instant::now();
         s.apply_node(&node2, "{role: worker}");
         // Under a second once the lab's swarm snapshots often (`scripts/lab up` sets a snapshot
-        // interval of 200; README, "Nodes"): with Docker's default of 10,000 the new manager
+        // interval of 200; docs/nodes.md): with Docker's default of 10,000 the new manager
         // first replayed the whole log and every write waited on it for minutes. A stall here
         // is Swarm stuck, not berth: the scenario fails saying so, and `scripts/lab down` finds
         // a lab node still in Raft and recovers the host's swarm, so the tests after it run.
