@@ -14,7 +14,8 @@
 #     10.99.0.1 on it, so the 3-node lab (scripts/lab) can join nodes to it;
 #   - local test images built FROM scratch (nothing can be pulled): berth-test/busybox:1,
 #     berth-test/app:2 (a second image to deploy), berth-test/broken:1 (fails at once),
-#     berth-demo/web:1 and berth-test/caddy:1 (the ingress proxy, Debian's caddy binary);
+#     berth-demo/web:1 and :2 (the demo's page) and berth-test/caddy:1 (the ingress proxy,
+#     Debian's caddy binary);
 #   - cargo on PATH.
 # Every function is idempotent: whatever is already in place is kept.
 # nats-server is only installed, never started: the e2e harness starts its own on free ports.
@@ -424,24 +425,37 @@ EOF
         build berth-test/broken:1 "$tmp/broken"
     fi
 
-    # berth-demo/web:1: the same busybox serving /www/index.html with httpd on port 8080.
-    if docker image inspect berth-demo/web:1 >/dev/null 2>&1; then
-        echo "==> image berth-demo/web:1: present"
-    else
-        echo "==> image berth-demo/web:1: building"
-        mkdir "$tmp/web"
-        cp "$busybox" "$tmp/web/busybox"
-        echo "hello from berth" >"$tmp/web/index.html"
-        cat >"$tmp/web/Dockerfile" <<'EOF'
+    # berth-demo/web:1 and :2: busybox httpd on port 8080 running fixtures/images/demo-web/index.cgi
+    # for `/` (the page scripts/demo shows); the two differ only in /version, so a deploy of :2
+    # is visible on the page. Rebuilt when the page or busybox changes (a hash label), so a
+    # machine that built an older demo image gets the current one.
+    local demo_src version hash
+    demo_src="$(dirname "${BASH_SOURCE[0]}")/../../fixtures/images/demo-web"
+    hash=$(cat "$demo_src/index.cgi" "$busybox" | sha256sum | cut -c1-16)
+    for version in 1 2; do
+        if [[ $(docker image inspect -f '{{index .Config.Labels "io.berth.image-hash"}}' \
+            "berth-demo/web:$version" 2>/dev/null) == "$hash" ]]; then
+            echo "==> image berth-demo/web:$version: present"
+            continue
+        fi
+        echo "==> image berth-demo/web:$version: building"
+        mkdir -p "$tmp/web$version/www/cgi-bin"
+        cp "$busybox" "$tmp/web$version/busybox"
+        cp "$demo_src/index.cgi" "$tmp/web$version/www/cgi-bin/index.cgi"
+        chmod 0755 "$tmp/web$version/www/cgi-bin/index.cgi"
+        echo "$version" >"$tmp/web$version/version"
+        cat >"$tmp/web$version/Dockerfile" <<EOF
 FROM scratch
 COPY busybox /bin/busybox
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
-COPY index.html /www/index.html
+COPY www/ /www/
+COPY version /version
+LABEL io.berth.image-hash=$hash
 EXPOSE 8080
 CMD ["httpd", "-f", "-p", "8080", "-h", "/www"]
 EOF
-        build berth-demo/web:1 "$tmp/web"
-    fi
+        build "berth-demo/web:$version" "$tmp/web$version"
+    done
 
     # berth-test/caddy:1: Debian's caddy with the libraries it links, standing in for the official
     # caddy:2 image that the ingress controller uses by default.
