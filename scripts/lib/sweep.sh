@@ -17,7 +17,7 @@
 #     recorded in /tmp/berth-e2e-registry-*/host;
 #   - processes whose environment has BERTH_E2E_OWNER=<pid> (the harness sets it on what it starts)
 #     when that test process is gone;
-#   - directories /tmp/berth-e2e-*;
+#   - directories /tmp/berth-e2e-*, after `scripts/demo down` for the demo test's installation;
 #   - the 3-node lab (scripts/lab, scripts/lib/lab.sh): its two extra engines outlive a killed lab
 #     test by design (they run detached), and a run must start from no lab.
 # Nothing else on the engine is looked at twice. And while another e2e run is active (a process
@@ -208,6 +208,18 @@ _berth_sweep_images() {
     docker rmi --no-prune "${refs[@]}" >/dev/null 2>&1 || true
 }
 
+# The demo test (tests/tests/demo.rs) runs scripts/demo, whose objects have the demo's fixed names;
+# its data dir records the installation, and `scripts/demo down` removes what carries its label.
+_berth_sweep_demo() {
+    local dir
+    for dir in /tmp/berth-e2e-demo-*/data; do
+        [[ -s $dir/instance ]] || continue
+        echo "==> sweep: the demo installation in $dir"
+        BERTH_DEMO_DIR=$dir "$(dirname "${BASH_SOURCE[0]}")/../demo" down >/dev/null 2>&1 ||
+            echo "==> sweep: scripts/demo down failed for $dir; continuing" >&2
+    done
+}
+
 berth_sweep_e2e() {
     echo "==> sweep: leftovers of killed e2e runs"
     _berth_sweep_processes
@@ -228,6 +240,7 @@ berth_sweep_e2e() {
         fi
     fi
     if docker info >/dev/null 2>&1; then
+        _berth_sweep_demo
         _berth_sweep_services
         local family
         for family in secret config network volume; do
