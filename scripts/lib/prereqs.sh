@@ -78,6 +78,8 @@ berth_install_packages() {
     command -v curl >/dev/null 2>&1 || missing+=(curl)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v python3 >/dev/null 2>&1 || missing+=(python3)
+    # scripts/test lints the shell scripts.
+    command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
     command -v ip >/dev/null 2>&1 || missing+=(iproute2)
     # Backups are restic repositories written by Debian's restic; the SFTP test runs its own sshd
     # (its own config and keys, 127.0.0.1 only): the package's service is never started here.
