@@ -16,6 +16,7 @@ pub mod meta;
 pub mod names;
 pub mod network;
 pub mod node;
+pub mod predeploy;
 pub mod registry;
 pub mod schema;
 pub mod secret_config;

@@ -142,13 +142,15 @@ pub fn set_condition(
 /// Reasons of a `Degraded=True` condition that will not clear without someone changing something
 /// (the spec, a registry, a name someone else holds): waiting longer only repeats them. `berth wait`
 /// and `apply --wait` stop at these instead of running into their timeout.
-pub const GIVE_UP_REASONS: [&str; 6] = [
+pub const GIVE_UP_REASONS: [&str; 8] = [
     "InvalidSpec",
     "Refused",
     "Conflict",
     "ImagePullFailed",
     "RolledBack",
     "UpdatePaused",
+    crate::service::conditions::PRE_DEPLOY_FAILED,
+    crate::service::conditions::PRE_DEPLOY_TIMED_OUT,
 ];
 
 /// Looks a condition up by type.

@@ -243,6 +243,13 @@ pub mod labels {
     pub const INGRESS_NODE: &str = "io.berth.ingress";
     /// Set by Swarm (not berth) on every task's container: the task it runs.
     pub const SWARM_TASK_ID: &str = "com.docker.swarm.task.id";
+    /// On a Service's pre-deploy job: the rollout it gates (a hash of image and forced-redeploy
+    /// counter), the revision that rollout is, and the step's position in `spec.deploy.preDeploy`.
+    pub const ROLLOUT: &str = "io.berth.rollout";
+    pub const REVISION: &str = "io.berth.revision";
+    pub const STEP: &str = "io.berth.step";
+    /// `io.berth.role` of a Service's pre-deploy jobs.
+    pub const ROLE_PRE_DEPLOY: &str = "pre-deploy";
 }
 
 /// Names of the Swarm objects berth creates for itself. No berth object may take a name that
@@ -254,6 +261,10 @@ pub mod swarm {
     /// Prefix of the exec agents' services and grant secrets (`berth-exec-<ulid>`): `berth exec`
     /// into a task on a node other than the API server's.
     pub const EXEC_AGENT_PREFIX: &str = "berth-exec-";
+    /// Between a Service's name and the rest of its pre-deploy jobs' names
+    /// (`<service>_job-<revision>-<step>`). Swarm allows `_` in service names and berth's object
+    /// names (DNS labels) never hold one, so no object's name can become a job's.
+    pub const JOB_INFIX: &str = "_job-";
 
     /// Networks every Docker engine defines itself (that are valid object names; the engine's
     /// `docker_gwbridge` is not one); a Network of that name cannot be berth's.
@@ -285,6 +296,7 @@ pub mod swarm {
                 "is reserved: names starting with `{EXEC_AGENT_PREFIX}` are berth's exec agents"
             ));
         }
+
         None
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::image::ImageRef;
 use crate::meta::{Condition, Object};
+use crate::predeploy::{DeploySpec, PreDeployStatus};
 use crate::units::{ByteSize, Cpus, Duration};
 use crate::validate::{check_envelope, check_label_key, Errors, FieldError};
 use serde::{Deserialize, Serialize};
@@ -99,6 +100,9 @@ pub struct ServiceSpec {
     /// Applying a manifest that does not mention it keeps it, as with `forceUpdate`.
     #[serde(default, skip_serializing_if = "is_false")]
     pub paused: bool,
+    /// How new images are deployed beyond the update policy: pre-deploy steps (migrations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeploySpec>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -187,7 +191,7 @@ pub struct EnvVar {
 /// is refused: Compose would take it from the shell that runs `docker stack deploy`, and there
 /// is no such shell here.
 /// `env`'s two forms: the list of `{name, value}`, or a map of names to scalars.
-fn env_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn env_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let list = g.subschema_for::<Vec<EnvVar>>();
     schemars::json_schema!({
         "anyOf": [
@@ -200,7 +204,7 @@ fn env_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
-fn env_list_or_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
+pub(crate) fn env_list_or_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
     use serde::de::{self, MapAccess, SeqAccess, Visitor};
 
     struct EnvVisitor;
@@ -393,6 +397,9 @@ pub struct ServiceStatus {
     /// The last rollouts, oldest first (at most [`REVISION_HISTORY`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revisions: Vec<Revision>,
+    /// The pre-deploy steps of the latest rollout that has steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_deploy: Option<PreDeployStatus>,
 }
 
 /// How many rollouts a Service's status remembers.
@@ -437,12 +444,17 @@ pub enum RolloutResult {
     Paused,
     /// A newer rollout replaced it before it finished.
     Superseded,
+    /// A pre-deploy step failed or timed out: the service stayed on its previous image.
+    FailedPredeploy,
 }
 
 impl RolloutResult {
     /// Whether the rollout ended badly.
     pub fn failed(self) -> bool {
-        matches!(self, RolloutResult::RolledBack | RolloutResult::Paused)
+        matches!(
+            self,
+            RolloutResult::RolledBack | RolloutResult::Paused | RolloutResult::FailedPredeploy
+        )
     }
 }
 
@@ -454,6 +466,7 @@ impl std::fmt::Display for RolloutResult {
             RolloutResult::RolledBack => "rolled-back",
             RolloutResult::Paused => "paused",
             RolloutResult::Superseded => "superseded",
+            RolloutResult::FailedPredeploy => "failed-predeploy",
         })
     }
 }
@@ -468,11 +481,22 @@ pub mod conditions {
     pub const DEGRADED: &str = "Degraded";
     /// The reason of `Progressing=False` while `spec.paused`.
     pub const PAUSED_REASON: &str = "Paused";
+    /// `Progressing=True` while pre-deploy steps run.
+    pub const PRE_DEPLOY_RUNNING: &str = "PreDeployRunning";
+    /// `Degraded=True` when a pre-deploy step failed: the service stays on its image.
+    pub const PRE_DEPLOY_FAILED: &str = "PreDeployFailed";
+    /// `Degraded=True` when a pre-deploy step ran past its timeout.
+    pub const PRE_DEPLOY_TIMED_OUT: &str = "PreDeployTimedOut";
 }
 
 impl ServiceSpec {
     pub fn mode(&self) -> ServiceMode {
         self.mode.unwrap_or(ServiceMode::Replicated)
+    }
+
+    /// The pre-deploy steps, in order (none without `deploy`).
+    pub fn steps(&self) -> impl Iterator<Item = &crate::predeploy::PreDeployStep> {
+        self.deploy.iter().flat_map(|d| &d.pre_deploy)
     }
 
     /// Rules the types cannot express. Paths are relative to the object (`spec.…`).
@@ -598,6 +622,9 @@ impl ServiceSpec {
             );
         }
         self.validate_dependencies(errors);
+        if let Some(d) = &self.deploy {
+            d.validate(self, errors);
+        }
         if let Some(h) = &self.healthcheck {
             if h.disable && !h.test.is_empty() {
                 errors.add("spec.healthcheck.disable", "cannot be combined with `test`");
@@ -654,43 +681,12 @@ impl ServiceSpec {
     /// Secret, config, volume and network references: well-formed, and no two files or mounts on one
     /// path. Whether the referenced objects exist is the controller's business (they may come later).
     fn validate_dependencies(&self, errors: &mut Errors) {
-        let mut targets: HashSet<String> = HashSet::new();
+        let mut targets: HashSet<String> = self.validate_files(errors);
         let mut claim = |errors: &mut Errors, path: String, target: String| {
             if !targets.insert(target.clone()) {
                 errors.add(path, format!("`{target}` is mounted twice"));
             }
         };
-        for (field, refs, base) in [
-            ("secrets", &self.secrets, "/run/secrets/"),
-            ("configs", &self.configs, "/"),
-        ] {
-            for (i, r) in refs.iter().enumerate() {
-                crate::validate::check_dns_label(
-                    errors,
-                    &format!("spec.{field}[{i}].name"),
-                    &r.name,
-                );
-                if r.mode.is_some() && r.mode_bits().is_none_or(|m| m > 0o777) {
-                    errors.add(
-                        format!("spec.{field}[{i}].mode"),
-                        "must be an octal file mode as a string, e.g. \"0440\"",
-                    );
-                }
-                let target = r.target.clone().unwrap_or_else(|| r.name.clone());
-                if target.is_empty() || target.split('/').any(|c| c == "..") {
-                    errors.add(
-                        format!("spec.{field}[{i}].target"),
-                        "must be a file path without `..`",
-                    );
-                }
-                let full = if target.starts_with('/') {
-                    target
-                } else {
-                    format!("{base}{target}")
-                };
-                claim(errors, format!("spec.{field}[{i}].target"), full);
-            }
-        }
         for (i, v) in self.volumes.iter().enumerate() {
             if !v.target.starts_with('/') || v.target.split('/').any(|c| c == "..") {
                 errors.add(
@@ -735,12 +731,61 @@ impl ServiceSpec {
         }
     }
 
+    /// Secret and config references: well-formed, no two on one path. Returns the paths taken.
+    pub(crate) fn validate_files(&self, errors: &mut Errors) -> HashSet<String> {
+        let mut targets: HashSet<String> = HashSet::new();
+        for (field, refs, base) in [
+            ("secrets", &self.secrets, "/run/secrets/"),
+            ("configs", &self.configs, "/"),
+        ] {
+            for (i, r) in refs.iter().enumerate() {
+                crate::validate::check_dns_label(
+                    errors,
+                    &format!("spec.{field}[{i}].name"),
+                    &r.name,
+                );
+                if r.mode.is_some() && r.mode_bits().is_none_or(|m| m > 0o777) {
+                    errors.add(
+                        format!("spec.{field}[{i}].mode"),
+                        "must be an octal file mode as a string, e.g. \"0440\"",
+                    );
+                }
+                let target = r.target.clone().unwrap_or_else(|| r.name.clone());
+                if target.is_empty() || target.split('/').any(|c| c == "..") {
+                    errors.add(
+                        format!("spec.{field}[{i}].target"),
+                        "must be a file path without `..`",
+                    );
+                }
+                let full = file_target(r, base);
+                if !targets.insert(full.clone()) {
+                    errors.add(
+                        format!("spec.{field}[{i}].target"),
+                        format!("`{full}` is mounted twice"),
+                    );
+                }
+            }
+        }
+        targets
+    }
+
     /// Names of the objects of `kind` this spec refers to.
     pub fn references(&self, kind: crate::Kind) -> Vec<&str> {
         use crate::Kind;
         match kind {
-            Kind::Secret => self.secrets.iter().map(|r| r.name.as_str()).collect(),
-            Kind::Config => self.configs.iter().map(|r| r.name.as_str()).collect(),
+            // A pre-deploy step's own files are dependencies too: its job cannot start without them.
+            Kind::Secret => self
+                .secrets
+                .iter()
+                .chain(self.steps().flat_map(|s| &s.secrets))
+                .map(|r| r.name.as_str())
+                .collect(),
+            Kind::Config => self
+                .configs
+                .iter()
+                .chain(self.steps().flat_map(|s| &s.configs))
+                .map(|r| r.name.as_str())
+                .collect(),
             Kind::Volume => self
                 .volumes
                 .iter()
@@ -758,6 +803,17 @@ impl ServiceSpec {
             return name == default_network;
         }
         self.references(kind).contains(&name)
+    }
+}
+
+/// Where a secret or config file lands in the container: its target, or its name, under `base`
+/// (`/run/secrets/` or `/`) unless absolute.
+pub(crate) fn file_target(r: &FileRef, base: &str) -> String {
+    let target = r.target.clone().unwrap_or_else(|| r.name.clone());
+    if target.starts_with('/') {
+        target
+    } else {
+        format!("{base}{target}")
     }
 }
 
