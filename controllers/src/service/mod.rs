@@ -1,12 +1,13 @@
 //! The Service controller: keeps one Swarm service per Service object, labelled as berth's, and
 //! reports its replicas, rollout state and task errors as status. Steps: `dereference.rs` (secrets,
 //! configs, volumes, networks, pull credentials, the pinned digest) -> `build.rs` (pure) ->
-//! `apply.rs` (create/update, paced) -> `status.rs` (pure, with `rollout.rs` for the revision
-//! history).
+//! `predeploy.rs` (the steps that gate a rollout of a new image) -> `apply.rs` (create/update,
+//! paced) -> `status.rs` (pure, with `rollout.rs` for the revision history).
 
 pub mod apply;
 pub mod build;
 pub mod dereference;
+pub mod predeploy;
 pub mod rollout;
 pub mod status;
 
@@ -199,12 +200,84 @@ impl Reconciler for ServiceController {
         // Build.
         let built = build::build_pinned(svc, &engine.owner, &resolved, digest.as_deref());
 
-        // Apply.
-        // A Service berth never wrote is created without looking first (see `Engine::apply`).
+        // A Service berth never wrote is created without looking first (see `Engine::apply`),
+        // unless its pre-deploy steps need to know what runs.
+        let (trigger, _) = rollout::trigger(&svc.metadata);
+        let steps = svc
+            .spec
+            .deploy
+            .as_ref()
+            .map(|d| d.steps_for(trigger == "rollback"))
+            .unwrap_or_default();
         let seen = match record {
             Some(_) => Some(engine.find(name).await?),
+            None if !steps.is_empty() => Some(engine.find(name).await?),
             None => None,
         };
+
+        // Pre-deploy steps, before a rollout of a new image.
+        let mut pre_deploy = None;
+        let current = seen
+            .as_ref()
+            .and_then(|s| s.owned.first())
+            .and_then(|s| s.spec.as_ref());
+        if !steps.is_empty() && predeploy::rollout_pending(current, &built.spec) {
+            let now = chrono::Utc::now();
+            let image = svc.spec.image.to_string();
+            let rollout = predeploy::Rollout {
+                svc,
+                key: predeploy::rollout_key(&built.spec),
+                revision: predeploy::revision_of(
+                    &obj.status.revisions,
+                    &image,
+                    digest.as_deref(),
+                    svc.spec.force_update,
+                ),
+                steps,
+                image,
+                digest: digest.as_deref(),
+                previous: obj.status.pre_deploy.as_ref(),
+                now,
+            };
+            match predeploy::gate(&src, &rollout).await? {
+                predeploy::Gate::Passed(s) => pre_deploy = Some(s),
+                predeploy::Gate::Running(s) => {
+                    return Ok(Reconciled {
+                        status: status::pre_deploy_running(&obj.status, generation, s, now),
+                        action: Action::requeue(PROGRESS_POLL),
+                    })
+                }
+                predeploy::Gate::Failed { status: s, settle } => {
+                    // Final for this rollout: a new deploy is a new rollout. A job past its
+                    // timeout is stopped once this status is stored, by the reconcile right after.
+                    let status =
+                        status::pre_deploy_failed(&obj.status, svc, s, digest.as_deref(), now);
+                    let action = if settle {
+                        Action::requeue(Duration::from_secs(1))
+                    } else {
+                        Action::await_change()
+                    };
+                    return Ok(Reconciled { status, action });
+                }
+                predeploy::Gate::Waiting { reasons, soon } => {
+                    let status = status::refused(
+                        &obj.status,
+                        generation,
+                        "WaitingForDependencies",
+                        &format!("pre-deploy: waiting: {}", reasons.join("; ")),
+                        now,
+                    );
+                    let action = if soon {
+                        Action::requeue(PROGRESS_POLL)
+                    } else {
+                        Action::await_change()
+                    };
+                    return Ok(Reconciled { status, action });
+                }
+            }
+        }
+
+        // Apply.
         let had_files = apply::mounts_files(seen.as_ref().and_then(|s| s.owned.first()));
         let uid = svc.metadata.uid.clone().unwrap_or_default();
         let (swarm, wrote, created) =
@@ -255,7 +328,18 @@ impl Reconciler for ServiceController {
                 digest: digest.as_deref(),
             },
         );
-        if status::pull_failing(&tasks, now) {
+        if let Some(p) = pre_deploy {
+            st.pre_deploy = Some(p);
+        }
+        if let Some(keep) = svc.spec.deploy.as_ref().map(|d| d.job_history()) {
+            if wrote {
+                if let Err(e) = predeploy::collect(&engine.docker, &engine.owner, name, keep).await
+                {
+                    warn!(error = %e, "cannot remove old pre-deploy jobs yet");
+                }
+            }
+        }
+                if status::pull_failing(&tasks, now) {
             if let Some(why) = engine.explain_pull(&svc.spec.image, &pull).await {
                 status::explain_pull_failure(&mut st, &why, now);
             }

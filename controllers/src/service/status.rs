@@ -4,7 +4,8 @@
 use super::rollout;
 use crate::runtime::ObjectStatus;
 use berth_api_types::meta::set_condition;
-use berth_api_types::service::{conditions, Service, ServiceStatus};
+use berth_api_types::predeploy::{PreDeployStatus, StepState};
+use berth_api_types::service::{conditions, RolloutResult, Service, ServiceStatus};
 use berth_api_types::ConditionStatus::{False, True};
 use bollard::models::{
     Service as SwarmService, ServiceUpdateStatusStateEnum as U, Task, TaskState,
@@ -92,6 +93,86 @@ pub fn paused(
         &format!("rollout paused: spec changes roll out on `berth rollout resume service {name}`"),
         now,
     );
+    s
+}
+
+/// Status while pre-deploy steps run: the service still runs its previous image, and the new one
+/// is not rolled out yet, so it is not Ready.
+pub fn pre_deploy_running(
+    current: &ServiceStatus,
+    generation: u64,
+    steps: PreDeployStatus,
+    now: DateTime<Utc>,
+) -> ServiceStatus {
+    let mut s = current.clone();
+    s.observed_generation = Some(generation);
+    let total = steps.steps.len();
+    let message = match steps
+        .steps
+        .iter()
+        .position(|st| st.state == StepState::Running)
+    {
+        Some(i) => format!(
+            "revision {}: pre-deploy step `{}` ({}/{total}) running before the rollout",
+            steps.revision,
+            steps.steps[i].name,
+            i + 1
+        ),
+        None => format!("revision {}: pre-deploy steps running", steps.revision),
+    };
+    let reason = conditions::PRE_DEPLOY_RUNNING;
+    set_condition(&mut s.conditions, conditions::READY, False, reason, &message, now);
+    set_condition(&mut s.conditions, conditions::PROGRESSING, True, reason, &message, now);
+    set_condition(&mut s.conditions, conditions::DEGRADED, False, reason, "", now);
+    s.pre_deploy = Some(steps);
+    s
+}
+
+/// Status after a pre-deploy step failed or timed out: the rollout does not happen, the service
+/// keeps running its previous image, and the history gets the revision as `failed-predeploy`.
+pub fn pre_deploy_failed(
+    current: &ServiceStatus,
+    svc: &Service,
+    steps: PreDeployStatus,
+    digest: Option<&str>,
+    now: DateTime<Utc>,
+) -> ServiceStatus {
+    let mut s = current.clone();
+    s.observed_generation = Some(svc.metadata.generation);
+    let failed = steps.failure().cloned().unwrap_or_default();
+    let reason = if failed.state == StepState::TimedOut {
+        conditions::PRE_DEPLOY_TIMED_OUT
+    } else {
+        conditions::PRE_DEPLOY_FAILED
+    };
+    let message = format!(
+        "revision {} not rolled out: {}; the service still runs {}",
+        steps.revision,
+        failed.summary(),
+        current.image.as_deref().unwrap_or("its previous spec")
+    );
+    set_condition(&mut s.conditions, conditions::READY, False, reason, &message, now);
+    set_condition(&mut s.conditions, conditions::PROGRESSING, False, reason, "", now);
+    set_condition(&mut s.conditions, conditions::DEGRADED, True, reason, &message, now);
+    let (trigger, deploy_id) = rollout::trigger(&svc.metadata);
+    let image = svc.spec.image.to_string();
+    s.revisions = rollout::record(
+        &s.revisions,
+        &rollout::Sent {
+            generation: svc.metadata.generation,
+            image: &image,
+            digest,
+            force_update: svc.spec.force_update,
+            trigger: &trigger,
+            deploy_id: deploy_id.as_deref(),
+            now,
+        },
+    );
+    if let Some(last) = s.revisions.last_mut() {
+        last.result = RolloutResult::FailedPredeploy;
+        last.message = Some(failed.summary());
+    }
+    s.pre_deploy = Some(steps);
     s
 }
 
