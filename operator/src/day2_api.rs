@@ -19,7 +19,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use berth_api_types::names::paths;
+use berth_api_types::names::{labels, paths};
 use berth_api_types::wire::List;
 use berth_api_types::workload::{
     finish_log_lines, image_digest, program_name, select_task, split_log_lines, ExecRequest,
@@ -100,6 +100,7 @@ async fn target(state: &AppState, plural: &str, name: &str) -> ApiResult<Target>
         })?;
     let service_id = services
         .into_iter()
+        .filter(|s| !is_pre_deploy_job(s))
         .find(|s| owner.owns(s.spec.as_ref().and_then(|sp| sp.labels.as_ref()), name))
         .and_then(|s| s.id)
         .ok_or_else(|| {
@@ -117,6 +118,95 @@ async fn target(state: &AppState, plural: &str, name: &str) -> ApiResult<Target>
         docker,
         service_id,
     })
+}
+
+/// Whether a Swarm service is one of a Service's pre-deploy jobs (they carry the Service's
+/// ownership labels too, plus their role).
+fn is_pre_deploy_job(s: &bollard::models::Service) -> bool {
+    s.spec
+        .as_ref()
+        .and_then(|sp| sp.labels.as_ref())
+        .and_then(|l| l.get(labels::ROLE))
+        .is_some_and(|r| r == labels::ROLE_PRE_DEPLOY)
+}
+
+/// The pre-deploy jobs of a Service's rollout `revision` (the latest rollout that had jobs when
+/// `None`), one target per step, in step order.
+async fn job_targets(
+    state: &AppState,
+    plural: &str,
+    name: &str,
+    revision: Option<u64>,
+) -> ApiResult<Vec<Target>> {
+    // The Service must exist and be one (same answers as for its tasks).
+    if plural != Kind::Service.plural() || state.store.get(Kind::Service, name)?.is_none() {
+        return target(state, plural, name).await.map(|_| Vec::new());
+    }
+    let docker = engine::connect(state.docker_host.as_deref().map(|h| h.as_str()))
+        .await
+        .map_err(engine_unavailable)?;
+    let owner = Owner::new(state.store.instance(), Kind::Service);
+    let jobs: Vec<bollard::models::Service> = docker
+        .list_services(Some(bollard::query_parameters::ListServicesOptions {
+            filters: Some(owner.filters(
+                Some(name),
+                &[(labels::ROLE, labels::ROLE_PRE_DEPLOY)],
+            )),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| {
+            engine_unavailable(format!(
+                "cannot list Swarm services: {}",
+                engine::message(&e)
+            ))
+        })?
+        .into_iter()
+        .filter(is_pre_deploy_job)
+        .collect();
+    let label = |s: &bollard::models::Service, key: &str| -> Option<u64> {
+        s.spec.as_ref()?.labels.as_ref()?.get(key)?.parse().ok()
+    };
+    let Some(revision) = revision.or_else(|| jobs.iter().filter_map(|j| label(j, labels::REVISION)).max())
+    else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("Service `{name}` has no pre-deploy jobs (see `spec.deploy.preDeploy`)"),
+        ));
+    };
+    let mut of_revision: Vec<_> = jobs
+        .into_iter()
+        .filter(|j| label(j, labels::REVISION) == Some(revision))
+        .collect();
+    if of_revision.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!(
+                "Service `{name}` has no pre-deploy jobs of revision {revision} (older ones are \
+                 removed after `spec.deploy.jobHistory` rollouts)"
+            ),
+        ));
+    }
+    of_revision.sort_by_key(|j| label(j, labels::STEP));
+    Ok(of_revision
+        .into_iter()
+        .map(|j| Target {
+            name: j.spec.and_then(|s| s.name).unwrap_or_default(),
+            docker: docker.clone(),
+            service_id: j.id.unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// The tasks of several targets (a rollout's jobs), in order.
+async fn task_lists(targets: &[Target]) -> ApiResult<Vec<(usize, TaskInfo)>> {
+    let mut out = Vec::new();
+    for (i, t) in targets.iter().enumerate() {
+        out.extend(task_list(t).await?.into_iter().map(|task| (i, task)));
+    }
+    Ok(out)
 }
 
 /// The Swarm tasks of a target, newest first within each slot, with their nodes' hostnames.
@@ -224,6 +314,11 @@ struct LogsQuery {
     timestamps: bool,
     /// A slot number or a task id (prefix).
     task: Option<String>,
+    /// The Service's pre-deploy jobs instead of its tasks (`berth logs job SERVICE`).
+    #[serde(default)]
+    job: bool,
+    /// With `job`: the rollout whose jobs (default: the latest that had jobs).
+    revision: Option<u64>,
 }
 
 /// Whether a task is one `selector` (a slot or the start of a task id) names.
@@ -262,10 +357,18 @@ async fn logs(
         }
     };
     let selector = q.task.clone().filter(|s| !s.is_empty());
-    let t = target(&state, &plural, &name).await?;
-    let first = task_list(&t).await?;
+    let targets = if q.job {
+        job_targets(&state, &plural, &name, q.revision).await?
+    } else {
+        if q.revision.is_some() {
+            return Err(ApiError::field("revision", "applies to job logs only (`job=true`)")
+                .with_status(StatusCode::BAD_REQUEST, "BadRequest"));
+        }
+        vec![target(&state, &plural, &name).await?]
+    };
+    let first = task_lists(&targets).await?;
     if let Some(s) = &selector {
-        if !first.iter().any(|task| task_matches(task, Some(s))) {
+        if !first.iter().any(|(_, task)| task_matches(task, Some(s))) {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -289,15 +392,15 @@ async fn logs(
         let mut seen = HashSet::new();
         let mut current = first;
         loop {
-            for task in current
+            for (i, task) in current
                 .into_iter()
-                .filter(|task| task_matches(task, selector.as_deref()))
+                .filter(|(_, task)| task_matches(task, selector.as_deref()))
                 // A task that never got a container (a missing image) has no logs.
-                .filter(|task| task.container_id.is_some())
+                .filter(|(_, task)| task.container_id.is_some())
             {
                 if seen.insert(task.id.clone()) {
                     streaming.spawn(task_stream(
-                        t.docker.clone(),
+                        targets[i].docker.clone(),
                         task,
                         options.clone(),
                         tx.clone(),
@@ -312,7 +415,7 @@ async fn logs(
                 _ = tokio::time::sleep(FOLLOW_RELIST) => {}
             }
             // An engine hiccup skips one look for new tasks; the streams already open go on.
-            current = task_list(&t).await.unwrap_or_default();
+            current = task_lists(&targets).await.unwrap_or_default();
         }
         drop(tx);
         if follow {

@@ -18,8 +18,13 @@ type CliResult = Result<(), String>;
 
 #[derive(Args)]
 pub struct LogsArgs {
-    /// The Service.
-    service: String,
+    /// The Service, or `job SERVICE` for the logs of its pre-deploy jobs (`spec.deploy.preDeploy`).
+    #[arg(value_name = "[job] SERVICE", num_args = 1..=2, required = true)]
+    what: Vec<String>,
+    /// With `job`: the jobs of this revision (`berth rollout history`); default the latest that
+    /// had jobs.
+    #[arg(long)]
+    revision: Option<u64>,
     /// Keep streaming new lines (and those of tasks that start later) until interrupted.
     #[arg(short = 'f', long)]
     follow: bool,
@@ -77,8 +82,28 @@ pub async fn logs(a: LogsArgs) -> CliResult {
         crate::audit::parse_since(s, chrono::Utc::now())
             .map_err(|e| format!("error: --since: {e}"))?;
     }
+    let (service, job) = match a.what.as_slice() {
+        [service] => (service.clone(), false),
+        [job, service] if job == "job" => (service.clone(), true),
+        [other, _] => {
+            return Err(format!(
+                "error: `berth logs {other} ...`: give one SERVICE, or `job SERVICE` for its pre-deploy jobs"
+            )
+            .into())
+        }
+        _ => unreachable!("clap takes one or two values"),
+    };
+    if a.revision.is_some() && !job {
+        return Err("error: --revision applies to `berth logs job SERVICE`".to_string().into());
+    }
     let client = client(&a.conn)?;
     let mut query: Vec<(&str, String)> = Vec::new();
+    if job {
+        query.push(("job", "true".into()));
+    }
+    if let Some(r) = a.revision {
+        query.push(("revision", r.to_string()));
+    }
     if a.follow {
         query.push(("follow", "true".into()));
     }
@@ -95,7 +120,7 @@ pub async fn logs(a: LogsArgs) -> CliResult {
         query.push(("task", t.clone()));
     }
     let req = client
-        .request(Method::GET, &paths::logs(Kind::Service, &a.service))
+        .request(Method::GET, &paths::logs(Kind::Service, &service))
         .query(&query);
     let resp = client.open(req).await.map_err(api_error)?;
     let mut lines = Box::pin(

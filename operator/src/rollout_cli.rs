@@ -71,6 +71,12 @@ fn phase(obj: &DynObject) -> Phase {
             c.reason, c.message
         ));
     }
+    // Pre-deploy steps run before the new revision reaches the engine (and the history).
+    if let Some(c) = condition(&st.conditions, conditions::PROGRESSING).filter(|c| {
+        c.status == ConditionStatus::True && c.reason == conditions::PRE_DEPLOY_RUNNING
+    }) {
+        return Phase::Waiting(format!("Waiting for service {name} {}...", c.message));
+    }
     let Some(rev) = st.revisions.last() else {
         let why = condition(&st.conditions, conditions::READY)
             .map(|c| format!(" ({}: {})", c.reason, c.message))
@@ -99,6 +105,22 @@ fn phase(obj: &DynObject) -> Phase {
                 .map(|m| format!(": {m}"))
                 .unwrap_or_default();
             Phase::Failed(format!("service {name}: {what} {verb}{why}{running}"))
+        }
+        RolloutResult::FailedPredeploy => {
+            let why = rev
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            let running = st
+                .image
+                .as_deref()
+                .map(|i| format!("; tasks run {i}"))
+                .unwrap_or_default();
+            Phase::Failed(format!(
+                "service {name}: {what} was not rolled out{why}{running} (its log: berth logs job {name} --revision {})",
+                rev.revision
+            ))
         }
         RolloutResult::Progressing | RolloutResult::Superseded => {
             let mut line = format!(
@@ -198,10 +220,13 @@ fn undo_target(revisions: &[Revision], to: Option<u64>) -> Result<&Revision, Str
                 known.join(", ")
             )
         }),
+        // The revision before the latest that ever reached the engine: one whose pre-deploy
+        // steps failed never ran, so there is nothing of it to go back to.
         None => revisions
-            .len()
-            .checked_sub(2)
-            .map(|i| &revisions[i])
+            .iter()
+            .rev()
+            .skip(1)
+            .find(|r| r.result != RolloutResult::FailedPredeploy)
             .ok_or_else(|| "error: there is no earlier revision to go back to".to_string()),
     }
 }
@@ -341,6 +366,41 @@ mod tests {
             "status": "True", "reason": "Refused", "message": "no",
             "lastTransitionTime": "2026-11-22T10:00:00Z"}]});
         assert!(matches!(phase(&obj(2, invalid)), Phase::Failed(_)));
+    }
+
+    #[test]
+    fn pre_deploy_steps_are_waited_for_and_their_failure_fails() {
+        let running = json!({"observedGeneration": 2, "revisions": [rev(1, "app:1", "complete")],
+            "conditions": [{"type": "Progressing", "status": "True", "reason": "PreDeployRunning",
+            "message": "revision 2: pre-deploy step `migrate` (1/1) running before the rollout",
+            "lastTransitionTime": "2026-11-22T10:00:00Z"}]});
+        assert_eq!(
+            phase(&obj(2, running)),
+            Phase::Waiting("Waiting for service web revision 2: pre-deploy step `migrate` (1/1) running before the rollout...".into())
+        );
+        let mut failed = rev(2, "app:2", "failed-predeploy");
+        failed["message"] = json!("pre-deploy step `migrate` failed with exit code 3: boom");
+        let p = phase(&obj(
+            2,
+            json!({"observedGeneration": 2, "image": "app:1",
+                   "revisions": [rev(1, "app:1", "complete"), failed]}),
+        ));
+        assert_eq!(
+            p,
+            Phase::Failed("service web: revision 2 (app:2) was not rolled out: pre-deploy step `migrate` failed with exit code 3: boom; tasks run app:1 (its log: berth logs job web --revision 2)".into())
+        );
+    }
+
+    #[test]
+    fn undo_skips_revisions_that_never_ran() {
+        let revs: Vec<Revision> = serde_json::from_value(json!([
+            rev(1, "app:1", "complete"),
+            rev(2, "app:2", "complete"),
+            rev(3, "app:3", "failed-predeploy"),
+            rev(4, "app:4", "complete")
+        ]))
+        .unwrap();
+        assert_eq!(undo_target(&revs, None).unwrap().revision, 2);
     }
 
     #[test]
