@@ -153,10 +153,7 @@ impl DeploySpec {
             if let Some(t) = &step.timeout {
                 let secs = t.as_nanos() / 1_000_000_000;
                 if t.as_nanos() < 1_000_000_000 || secs > MAX_STEP_TIMEOUT_SECS {
-                    errors.add(
-                        at("timeout"),
-                        format!("{t} is out of range (1s to 24h)"),
-                    );
+                    errors.add(at("timeout"), format!("{t} is out of range (1s to 24h)"));
                 }
             }
             let mut env = HashSet::new();
@@ -181,7 +178,10 @@ impl DeploySpec {
             job.validate_files(&mut own);
             for e in own.into_result().err().unwrap_or_default() {
                 errors.add(
-                    format!("spec.deploy.preDeploy[{i}].{}", e.path.trim_start_matches("spec.")),
+                    format!(
+                        "spec.deploy.preDeploy[{i}].{}",
+                        e.path.trim_start_matches("spec.")
+                    ),
                     e.message,
                 );
             }
@@ -323,8 +323,10 @@ mod tests {
 
     #[test]
     fn steps_are_checked_at_their_own_paths() {
-        assert!(problems(json!({"preDeploy": [{"name": "migrate", "command": ["/app/migrate"]}]}))
-            .is_empty());
+        assert!(
+            problems(json!({"preDeploy": [{"name": "migrate", "command": ["/app/migrate"]}]}))
+                .is_empty()
+        );
         let p = problems(json!({"preDeploy": [
             {"name": "migrate", "args": ["up"]},
             {"name": "migrate", "command": [], "timeout": "48h"},
@@ -379,7 +381,11 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(names(false), [(0, "migrate".into()), (1, "warm".into())]);
-        assert_eq!(names(true), [(1, "warm".into())], "a rollback runs only onRollback steps");
+        assert_eq!(
+            names(true),
+            [(1, "warm".into())],
+            "a rollback runs only onRollback steps"
+        );
         // The step's own files are dependencies of the Service.
         assert!(svc.spec.uses(crate::Kind::Config, "schema", "net"));
     }

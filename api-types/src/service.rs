@@ -204,7 +204,9 @@ pub(crate) fn env_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema 
     })
 }
 
-pub(crate) fn env_list_or_map<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<EnvVar>, D::Error> {
+pub(crate) fn env_list_or_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<EnvVar>, D::Error> {
     use serde::de::{self, MapAccess, SeqAccess, Visitor};
 
     struct EnvVisitor;

@@ -148,10 +148,7 @@ async fn job_targets(
     let owner = Owner::new(state.store.instance(), Kind::Service);
     let jobs: Vec<bollard::models::Service> = docker
         .list_services(Some(bollard::query_parameters::ListServicesOptions {
-            filters: Some(owner.filters(
-                Some(name),
-                &[(labels::ROLE, labels::ROLE_PRE_DEPLOY)],
-            )),
+            filters: Some(owner.filters(Some(name), &[(labels::ROLE, labels::ROLE_PRE_DEPLOY)])),
             ..Default::default()
         }))
         .await
@@ -167,7 +164,8 @@ async fn job_targets(
     let label = |s: &bollard::models::Service, key: &str| -> Option<u64> {
         s.spec.as_ref()?.labels.as_ref()?.get(key)?.parse().ok()
     };
-    let Some(revision) = revision.or_else(|| jobs.iter().filter_map(|j| label(j, labels::REVISION)).max())
+    let Some(revision) =
+        revision.or_else(|| jobs.iter().filter_map(|j| label(j, labels::REVISION)).max())
     else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -361,8 +359,10 @@ async fn logs(
         job_targets(&state, &plural, &name, q.revision).await?
     } else {
         if q.revision.is_some() {
-            return Err(ApiError::field("revision", "applies to job logs only (`job=true`)")
-                .with_status(StatusCode::BAD_REQUEST, "BadRequest"));
+            return Err(
+                ApiError::field("revision", "applies to job logs only (`job=true`)")
+                    .with_status(StatusCode::BAD_REQUEST, "BadRequest"),
+            );
         }
         vec![target(&state, &plural, &name).await?]
     };

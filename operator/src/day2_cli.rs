@@ -88,13 +88,12 @@ pub async fn logs(a: LogsArgs) -> CliResult {
         [other, _] => {
             return Err(format!(
                 "error: `berth logs {other} ...`: give one SERVICE, or `job SERVICE` for its pre-deploy jobs"
-            )
-            .into())
+            ))
         }
         _ => unreachable!("clap takes one or two values"),
     };
     if a.revision.is_some() && !job {
-        return Err("error: --revision applies to `berth logs job SERVICE`".to_string().into());
+        return Err("error: --revision applies to `berth logs job SERVICE`".to_string());
     }
     let client = client(&a.conn)?;
     let mut query: Vec<(&str, String)> = Vec::new();

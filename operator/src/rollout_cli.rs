@@ -72,9 +72,9 @@ fn phase(obj: &DynObject) -> Phase {
         ));
     }
     // Pre-deploy steps run before the new revision reaches the engine (and the history).
-    if let Some(c) = condition(&st.conditions, conditions::PROGRESSING).filter(|c| {
-        c.status == ConditionStatus::True && c.reason == conditions::PRE_DEPLOY_RUNNING
-    }) {
+    if let Some(c) = condition(&st.conditions, conditions::PROGRESSING)
+        .filter(|c| c.status == ConditionStatus::True && c.reason == conditions::PRE_DEPLOY_RUNNING)
+    {
         return Phase::Waiting(format!("Waiting for service {name} {}...", c.message));
     }
     let Some(rev) = st.revisions.last() else {

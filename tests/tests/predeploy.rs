@@ -146,7 +146,10 @@ async fn a_webhook_deploy_runs_the_migration_with_the_new_image_before_the_new_t
         log[step..new].iter().any(|l| l == "alive v1"),
         "the old task still ran while the step did: {log:?}"
     );
-    assert_eq!(at("step v1").map(|i| i < at("task-start v1").unwrap()), Some(true));
+    assert_eq!(
+        at("step v1").map(|i| i < at("task-start v1").unwrap()),
+        Some(true)
+    );
 
     let o = b.object(Kind::Service, &name).await.expect("service");
     let rev = last_revision(&o);
@@ -192,15 +195,24 @@ async fn a_failing_step_keeps_the_old_image_and_is_reported_with_its_log() {
 
     b.apply(&manifest(&name, 2, steps));
     let out = rollout_status(b, &name);
-    assert!(!out.success, "a failed step must fail rollout status: {out:?}");
+    assert!(
+        !out.success,
+        "a failed step must fail rollout status: {out:?}"
+    );
+    let o = b.object(Kind::Service, &name).await.expect("service");
     assert!(
         out.stderr.contains(&format!(
             "revision 2 ({REPO}:2) was not rolled out: pre-deploy step `migrate` failed with exit code 3: table orders already exists"
         )),
+        "{}\n{}",
+        out.stderr,
+        o["status"]
+    );
+    assert!(
+        out.stderr.contains(&format!("tasks run {REPO}:1")),
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains(&format!("tasks run {REPO}:1")), "{}", out.stderr);
     assert_eq!(engine_image(&d, &name).await, format!("{REPO}:1"));
 
     let o = b.object(Kind::Service, &name).await.expect("service");
@@ -259,17 +271,22 @@ async fn a_step_past_its_timeout_is_stopped_and_reported() {
     );
     assert_eq!(last_revision(&o)["result"], "failed-predeploy");
     // Stopped: its job is removed, so nothing of it runs any more.
-    berth_e2e::eventually(b, Duration::from_secs(30), "the timed-out job stopped", || async {
-        let running: Vec<_> = jobs(&name)
-            .into_iter()
-            .filter(|(job, state)| job.contains("_job-2-") || state.starts_with("Running"))
-            .collect();
-        if running.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{running:?}"))
-        }
-    })
+    berth_e2e::eventually(
+        b,
+        Duration::from_secs(30),
+        "the timed-out job stopped",
+        || async {
+            let running: Vec<_> = jobs(&name)
+                .into_iter()
+                .filter(|(job, state)| job.contains("_job-2-") || state.starts_with("Running"))
+                .collect();
+            if running.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{running:?}"))
+            }
+        },
+    )
     .await;
     assert_eq!(engine_image(&d, &name).await, format!("{REPO}:1"));
     let out = rollout_status(b, &name);

@@ -339,7 +339,7 @@ impl Reconciler for ServiceController {
                 }
             }
         }
-                if status::pull_failing(&tasks, now) {
+        if status::pull_failing(&tasks, now) {
             if let Some(why) = engine.explain_pull(&svc.spec.image, &pull).await {
                 status::explain_pull_failure(&mut st, &why, now);
             }

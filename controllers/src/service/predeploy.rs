@@ -113,7 +113,12 @@ pub struct JobFor<'a> {
 /// Turns the service spec built for a step (`PreDeployStep::job_spec` through `build`) into its
 /// job: one task that runs to completion, never restarted, no update policy, no healthcheck (a job
 /// is judged by its exit code), labelled as the Service's pre-deploy job. Pure.
-pub fn job_spec(mut built: ServiceSpec, owner: &Owner, job: &JobFor, step_name: &str) -> ServiceSpec {
+pub fn job_spec(
+    mut built: ServiceSpec,
+    owner: &Owner,
+    job: &JobFor,
+    step_name: &str,
+) -> ServiceSpec {
     let revision = job.revision.to_string();
     let step = job.step.to_string();
     built.name = Some(job_name(job.service, job.revision, step_name));
@@ -156,12 +161,15 @@ pub enum JobState {
     /// Not started or still running, since this time (the job's creation).
     Running,
     Succeeded,
-    Failed { exit_code: Option<i64>, err: String },
+    Failed {
+        exit_code: Option<i64>,
+        err: String,
+    },
 }
 
 /// The state of a job from its tasks (one task: `total_completions` is 1 and nothing restarts).
 pub fn job_state(tasks: &[Task]) -> JobState {
-    let Some(task) = tasks.iter().max_by_key(|t| t.created_at.clone()) else {
+    let Some(task) = tasks.iter().max_by_key(|t| t.created_at) else {
         return JobState::Running;
     };
     let status = task.status.as_ref();
@@ -179,6 +187,18 @@ pub fn job_state(tasks: &[Task]) -> JobState {
     }
 }
 
+/// How long after a job's task ended its log is taken as complete.
+const LOG_SETTLE: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
+/// Whether the job's task ended less than [`LOG_SETTLE`] ago.
+fn just_ended(tasks: &[Task], now: DateTime<Utc>) -> bool {
+    tasks
+        .iter()
+        .max_by_key(|t| t.created_at)
+        .and_then(|t| t.status.as_ref()?.timestamp)
+        .is_some_and(|at| now - at < LOG_SETTLE)
+}
+
 /// What the gate decided.
 pub enum Gate {
     /// Every step succeeded: apply, with this as `status.preDeploy`.
@@ -187,7 +207,10 @@ pub enum Gate {
     Running(PreDeployStatus),
     /// A step failed or timed out: the service stays as it is. `settle`: the failure was only just
     /// seen (a timed-out job is stopped by the next reconcile, once this status is stored).
-    Failed { status: PreDeployStatus, settle: bool },
+    Failed {
+        status: PreDeployStatus,
+        settle: bool,
+    },
     /// A step's secrets, configs, volumes or networks do not exist yet.
     Waiting { reasons: Vec<String>, soon: bool },
 }
@@ -245,9 +268,9 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
         let Some(st) = status.steps.get_mut(pos) else {
             break;
         };
-        let job = jobs.iter().find(|j| {
-            label(j, labels::STEP).and_then(|s| s.parse::<usize>().ok()) == Some(*index)
-        });
+        let job = jobs
+            .iter()
+            .find(|j| label(j, labels::STEP).and_then(|s| s.parse::<usize>().ok()) == Some(*index));
         let Some(job) = job else {
             // Start this step's job.
             let spec = step.job_spec(&r.svc.spec);
@@ -277,10 +300,9 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
                     remove(docker, &stale).await?;
                 }
             }
-            docker
-                .create_service(spec, None)
-                .await
-                .map_err(|e| Error::Transient(format!("cannot start pre-deploy job: {}", message(&e))))?;
+            docker.create_service(spec, None).await.map_err(|e| {
+                Error::Transient(format!("cannot start pre-deploy job: {}", message(&e)))
+            })?;
             info!(job = %job_name, step = %step.name, "started pre-deploy job");
             st.state = StepState::Running;
             st.job = Some(job_name);
@@ -296,6 +318,12 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
                 st.state = StepState::Succeeded;
                 st.exit_code = Some(0);
                 st.finished.get_or_insert(r.now);
+            }
+            JobState::Failed { .. } if just_ended(&tasks, r.now) => {
+                // The engine's log copier may still hold the last lines the job wrote: look again
+                // in a moment, so that the reported tail ends where the job did.
+                st.state = StepState::Running;
+                return Ok(Gate::Running(status));
             }
             JobState::Failed { exit_code, err } => {
                 st.state = StepState::Failed;
@@ -337,7 +365,12 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
 }
 
 /// Removes the jobs of all but the newest `keep` rollouts of a Service (by revision).
-pub async fn collect(docker: &Docker, owner: &Owner, service: &str, keep: u64) -> Result<(), Error> {
+pub async fn collect(
+    docker: &Docker,
+    owner: &Owner,
+    service: &str,
+    keep: u64,
+) -> Result<(), Error> {
     let jobs = jobs_of(docker, owner, service, None).await?;
     let mut revisions: Vec<u64> = jobs
         .iter()
@@ -382,7 +415,12 @@ pub fn is_job(s: &SwarmService) -> bool {
 }
 
 fn label<'a>(s: &'a SwarmService, key: &str) -> Option<&'a str> {
-    s.spec.as_ref()?.labels.as_ref()?.get(key).map(String::as_str)
+    s.spec
+        .as_ref()?
+        .labels
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
 }
 
 fn job_name_of(s: &SwarmService) -> Option<&str> {
@@ -410,7 +448,7 @@ async fn remove(docker: &Docker, job: &SwarmService) -> Result<(), Error> {
 async fn log_tail(docker: &Docker, tasks: &[Task]) -> Vec<String> {
     let Some(id) = tasks
         .iter()
-        .max_by_key(|t| t.created_at.clone())
+        .max_by_key(|t| t.created_at)
         .and_then(|t| t.id.clone())
     else {
         return Vec::new();
@@ -421,6 +459,8 @@ async fn log_tail(docker: &Docker, tasks: &[Task]) -> Vec<String> {
             stdout: true,
             stderr: true,
             tail: LOG_TAIL_LINES.to_string(),
+            // stdout and stderr arrive as two streams: the engine's timestamps put them in order.
+            timestamps: true,
             ..Default::default()
         }),
     );
@@ -443,9 +483,20 @@ async fn log_tail(docker: &Docker, tasks: &[Task]) -> Vec<String> {
     };
     // A log that does not end (a job stopped at its timeout) is read for a bounded time.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    ordered_tail(&text)
+}
+
+/// Log lines as the engine sends them with `timestamps` (`<RFC 3339> <line>`), in time order and
+/// without the timestamps, the last [`LOG_TAIL_LINES`] of them.
+fn ordered_tail(text: &str) -> Vec<String> {
+    let mut lines: Vec<(&str, &str)> = text
+        .lines()
+        .map(|l| l.split_once(' ').unwrap_or(("", l)))
+        .collect();
+    // RFC 3339 in UTC with nanoseconds sorts as text; equal times keep their order.
+    lines.sort_by(|a, b| a.0.cmp(b.0));
     let skip = lines.len().saturating_sub(LOG_TAIL_LINES);
-    lines[skip..].to_vec()
+    lines[skip..].iter().map(|(_, l)| l.to_string()).collect()
 }
 
 #[cfg(test)]
@@ -552,7 +603,10 @@ mod tests {
         let mode = job.mode.unwrap();
         assert!(mode.replicated.is_none() && mode.global.is_none());
         let rj = mode.replicated_job.unwrap();
-        assert_eq!((rj.max_concurrent, rj.total_completions), (Some(1), Some(1)));
+        assert_eq!(
+            (rj.max_concurrent, rj.total_completions),
+            (Some(1), Some(1))
+        );
         assert!(job.update_config.is_none() && job.rollback_config.is_none());
         let t = job.task_template.unwrap();
         assert_eq!(
@@ -588,6 +642,23 @@ mod tests {
     }
 
     #[test]
+    fn log_lines_of_both_streams_come_in_time_order() {
+        let text = "2026-11-30T10:00:00.300000000Z table exists\n\
+                    2026-11-30T10:00:00.100000000Z applying 7\n\
+                    2026-11-30T10:00:00.200000000Z  indented\n";
+        assert_eq!(
+            ordered_tail(text),
+            ["applying 7", " indented", "table exists"]
+        );
+        let many: String = (0..30)
+            .map(|i| format!("2026-11-30T10:00:{i:02}.000000000Z line {i}\n"))
+            .collect();
+        let tail = ordered_tail(&many);
+        assert_eq!(tail.len(), LOG_TAIL_LINES);
+        assert_eq!(tail.last().map(String::as_str), Some("line 29"));
+    }
+
+    #[test]
     fn a_jobs_state_comes_from_its_task() {
         assert_eq!(job_state(&[]), JobState::Running);
         assert_eq!(
@@ -607,7 +678,10 @@ mod tests {
         );
         assert!(matches!(
             job_state(&[task(TaskState::REJECTED, None, "No such image: app:9")]),
-            JobState::Failed { exit_code: None, .. }
+            JobState::Failed {
+                exit_code: None,
+                ..
+            }
         ));
     }
 }

@@ -121,9 +121,30 @@ pub fn pre_deploy_running(
         None => format!("revision {}: pre-deploy steps running", steps.revision),
     };
     let reason = conditions::PRE_DEPLOY_RUNNING;
-    set_condition(&mut s.conditions, conditions::READY, False, reason, &message, now);
-    set_condition(&mut s.conditions, conditions::PROGRESSING, True, reason, &message, now);
-    set_condition(&mut s.conditions, conditions::DEGRADED, False, reason, "", now);
+    set_condition(
+        &mut s.conditions,
+        conditions::READY,
+        False,
+        reason,
+        &message,
+        now,
+    );
+    set_condition(
+        &mut s.conditions,
+        conditions::PROGRESSING,
+        True,
+        reason,
+        &message,
+        now,
+    );
+    set_condition(
+        &mut s.conditions,
+        conditions::DEGRADED,
+        False,
+        reason,
+        "",
+        now,
+    );
     s.pre_deploy = Some(steps);
     s
 }
@@ -151,9 +172,30 @@ pub fn pre_deploy_failed(
         failed.summary(),
         current.image.as_deref().unwrap_or("its previous spec")
     );
-    set_condition(&mut s.conditions, conditions::READY, False, reason, &message, now);
-    set_condition(&mut s.conditions, conditions::PROGRESSING, False, reason, "", now);
-    set_condition(&mut s.conditions, conditions::DEGRADED, True, reason, &message, now);
+    set_condition(
+        &mut s.conditions,
+        conditions::READY,
+        False,
+        reason,
+        &message,
+        now,
+    );
+    set_condition(
+        &mut s.conditions,
+        conditions::PROGRESSING,
+        False,
+        reason,
+        "",
+        now,
+    );
+    set_condition(
+        &mut s.conditions,
+        conditions::DEGRADED,
+        True,
+        reason,
+        &message,
+        now,
+    );
     let (trigger, deploy_id) = rollout::trigger(&svc.metadata);
     let image = svc.spec.image.to_string();
     s.revisions = rollout::record(
