@@ -65,6 +65,32 @@ struct Target {
     service_id: String,
 }
 
+/// The Swarm services this installation made for Service `name` (narrowed by `extra` labels),
+/// through a connection to the engine it returns too.
+async fn owned_services(
+    state: &AppState,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> ApiResult<(Docker, Owner, Vec<bollard::models::Service>)> {
+    let docker = engine::connect(state.docker_host.as_deref().map(|h| h.as_str()))
+        .await
+        .map_err(engine_unavailable)?;
+    let owner = Owner::new(state.store.instance(), Kind::Service);
+    let services = docker
+        .list_services(Some(bollard::query_parameters::ListServicesOptions {
+            filters: Some(owner.filters(Some(name), extra)),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| {
+            engine_unavailable(format!(
+                "cannot list Swarm services: {}",
+                engine::message(&e)
+            ))
+        })?;
+    Ok((docker, owner, services))
+}
+
 /// Finds the Service's Swarm service by berth's labels (never by name alone: a service of the
 /// same name that berth does not own is not shown or touched).
 async fn target(state: &AppState, plural: &str, name: &str) -> ApiResult<Target> {
@@ -82,22 +108,7 @@ async fn target(state: &AppState, plural: &str, name: &str) -> ApiResult<Target>
             format!("no Service `{name}` (list them with `berth get services`)"),
         ));
     }
-    let docker = engine::connect(state.docker_host.as_deref().map(|h| h.as_str()))
-        .await
-        .map_err(engine_unavailable)?;
-    let owner = Owner::new(state.store.instance(), Kind::Service);
-    let services = docker
-        .list_services(Some(bollard::query_parameters::ListServicesOptions {
-            filters: Some(owner.filters(Some(name), &[])),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|e| {
-            engine_unavailable(format!(
-                "cannot list Swarm services: {}",
-                engine::message(&e)
-            ))
-        })?;
+    let (docker, owner, services) = owned_services(state, name, &[]).await?;
     let service_id = services
         .into_iter()
         .filter(|s| !is_pre_deploy_job(s))
@@ -142,25 +153,9 @@ async fn job_targets(
     if plural != Kind::Service.plural() || state.store.get(Kind::Service, name)?.is_none() {
         return target(state, plural, name).await.map(|_| Vec::new());
     }
-    let docker = engine::connect(state.docker_host.as_deref().map(|h| h.as_str()))
-        .await
-        .map_err(engine_unavailable)?;
-    let owner = Owner::new(state.store.instance(), Kind::Service);
-    let jobs: Vec<bollard::models::Service> = docker
-        .list_services(Some(bollard::query_parameters::ListServicesOptions {
-            filters: Some(owner.filters(Some(name), &[(labels::ROLE, labels::ROLE_PRE_DEPLOY)])),
-            ..Default::default()
-        }))
-        .await
-        .map_err(|e| {
-            engine_unavailable(format!(
-                "cannot list Swarm services: {}",
-                engine::message(&e)
-            ))
-        })?
-        .into_iter()
-        .filter(is_pre_deploy_job)
-        .collect();
+    let (docker, _, jobs) =
+        owned_services(state, name, &[(labels::ROLE, labels::ROLE_PRE_DEPLOY)]).await?;
+    let jobs: Vec<bollard::models::Service> = jobs.into_iter().filter(is_pre_deploy_job).collect();
     let label = |s: &bollard::models::Service, key: &str| -> Option<u64> {
         s.spec.as_ref()?.labels.as_ref()?.get(key)?.parse().ok()
     };

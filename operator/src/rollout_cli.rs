@@ -84,44 +84,31 @@ fn phase(obj: &DynObject) -> Phase {
         return Phase::Waiting(format!("Waiting for service {name} to be created{why}..."));
     };
     let what = format!("revision {} ({})", rev.revision, pinned(rev));
+    // Why a rollout ended badly, and what runs instead.
+    let why = rev
+        .message
+        .as_deref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    let running = st
+        .image
+        .as_deref()
+        .map(|i| format!("; tasks run {i}"))
+        .unwrap_or_default();
     match rev.result {
         RolloutResult::Complete => {
             Phase::Done(format!("service {name} successfully rolled out: {what}"))
         }
-        RolloutResult::RolledBack | RolloutResult::Paused => {
-            let verb = if rev.result == RolloutResult::RolledBack {
-                "was rolled back by the engine"
-            } else {
-                "was paused by the engine"
-            };
-            let running = st
-                .image
-                .as_deref()
-                .map(|i| format!("; tasks run {i}"))
-                .unwrap_or_default();
-            let why = rev
-                .message
-                .as_deref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default();
-            Phase::Failed(format!("service {name}: {what} {verb}{why}{running}"))
-        }
-        RolloutResult::FailedPredeploy => {
-            let why = rev
-                .message
-                .as_deref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default();
-            let running = st
-                .image
-                .as_deref()
-                .map(|i| format!("; tasks run {i}"))
-                .unwrap_or_default();
-            Phase::Failed(format!(
-                "service {name}: {what} was not rolled out{why}{running} (its log: berth logs job {name} --revision {})",
-                rev.revision
-            ))
-        }
+        RolloutResult::RolledBack => Phase::Failed(format!(
+            "service {name}: {what} was rolled back by the engine{why}{running}"
+        )),
+        RolloutResult::Paused => Phase::Failed(format!(
+            "service {name}: {what} was paused by the engine{why}{running}"
+        )),
+        RolloutResult::FailedPredeploy => Phase::Failed(format!(
+            "service {name}: {what} was not rolled out{why}{running} (its log: berth logs job {name} --revision {})",
+            rev.revision
+        )),
         RolloutResult::Progressing | RolloutResult::Superseded => {
             let mut line = format!(
                 "Waiting for service {name} {what}: {} of {} updated tasks running",

@@ -158,8 +158,6 @@ pub fn pre_deploy_failed(
     digest: Option<&str>,
     now: DateTime<Utc>,
 ) -> ServiceStatus {
-    let mut s = current.clone();
-    s.observed_generation = Some(svc.metadata.generation);
     let failed = steps.failure().cloned().unwrap_or_default();
     let reason = if failed.state == StepState::TimedOut {
         conditions::PRE_DEPLOY_TIMED_OUT
@@ -172,30 +170,8 @@ pub fn pre_deploy_failed(
         failed.summary(),
         current.image.as_deref().unwrap_or("its previous spec")
     );
-    set_condition(
-        &mut s.conditions,
-        conditions::READY,
-        False,
-        reason,
-        &message,
-        now,
-    );
-    set_condition(
-        &mut s.conditions,
-        conditions::PROGRESSING,
-        False,
-        reason,
-        "",
-        now,
-    );
-    set_condition(
-        &mut s.conditions,
-        conditions::DEGRADED,
-        True,
-        reason,
-        &message,
-        now,
-    );
+    // Final for this rollout, as a refused spec is for its generation.
+    let mut s = refused(current, svc.metadata.generation, reason, &message, now);
     let (trigger, deploy_id) = rollout::trigger(&svc.metadata);
     let image = svc.spec.image.to_string();
     s.revisions = rollout::record(
@@ -755,5 +731,48 @@ mod tests {
             (False, "InvalidSpec".into(), "spec.image: bad".into())
         );
         assert_eq!(cond(&s, "Degraded").0, True);
+    }
+
+    #[test]
+    fn a_failed_pre_deploy_step_is_a_failed_revision_and_the_old_image_stays() {
+        use berth_api_types::predeploy::StepStatus;
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "apiVersion": "berth/v1", "kind": "Service",
+            "metadata": {"name": "web", "generation": 4}, "spec": {"image": "app:2"}
+        }))
+        .unwrap();
+        let current = ServiceStatus {
+            image: Some("app:1".into()),
+            ..Default::default()
+        };
+        let steps = PreDeployStatus {
+            rollout: "k".into(),
+            revision: 2,
+            image: "app:2".into(),
+            steps: vec![StepStatus {
+                name: "migrate".into(),
+                state: StepState::Failed,
+                exit_code: Some(3),
+                log_tail: vec!["table exists".into()],
+                ..Default::default()
+            }],
+        };
+        let now = Utc::now();
+        let s = pre_deploy_failed(&current, &svc, steps.clone(), None, now);
+        assert_eq!(s.observed_generation, Some(4));
+        let (status, reason, message) = cond(&s, "Degraded");
+        assert_eq!((status, reason.as_str()), (True, "PreDeployFailed"));
+        assert_eq!(
+            message,
+            "revision 2 not rolled out: pre-deploy step `migrate` failed with exit code 3: table exists; the service still runs app:1"
+        );
+        assert_eq!(cond(&s, "Ready").0, False);
+        let last = s.revisions.last().unwrap();
+        assert_eq!((last.revision, last.image.as_str()), (1, "app:2"));
+        assert_eq!(last.result, RolloutResult::FailedPredeploy);
+        assert_eq!(s.pre_deploy, Some(steps.clone()));
+        // Looked at again: the same revision, not another.
+        let again = pre_deploy_failed(&s, &svc, steps, None, now);
+        assert_eq!(again.revisions, s.revisions);
     }
 }
