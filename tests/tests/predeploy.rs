@@ -18,6 +18,11 @@ const REPO: &str = "berth-demo/web";
 /// marker the steps leave) and then every 0.3 s while they run, so the log shows the order of
 /// old tasks, steps and new tasks. `steps` is the YAML list under `preDeploy`.
 fn manifest(name: &str, tag: u32, steps: &str) -> String {
+    manifest_keeping(name, tag, steps, 3)
+}
+
+/// [`manifest`], keeping the jobs of the last `history` rollouts.
+fn manifest_keeping(name: &str, tag: u32, steps: &str, history: u32) -> String {
     let task = r#"v=$(cat /version); echo "task-start v$v $(cat /data/marker 2>/dev/null)" >> /data/log; trap 'exit 0' TERM; while true; do echo "alive v$v" >> /data/log; sleep 0.3; done"#;
     format!(
         r#"apiVersion: berth/v1
@@ -37,6 +42,7 @@ spec:
   # The volume is local: tasks and steps run where it is.
   placement: {{constraints: ["node.role == manager"]}}
   deploy:
+    jobHistory: {history}
     preDeploy:
 {steps}
 "#
@@ -110,7 +116,8 @@ async fn a_webhook_deploy_runs_the_migration_with_the_new_image_before_the_new_t
     let steps = r#"      - name: migrate
         command: ["sh", "-c", "echo migrating to v$(cat /version); echo \"step v$(cat /version)\" >> /data/log; echo migrated-v$(cat /version) > /data/marker; sleep 1"]
         timeout: 1m"#;
-    b.apply(&manifest(&name, 1, steps));
+    // Jobs of the last 2 rollouts are kept.
+    b.apply(&manifest_keeping(&name, 1, steps, 2));
     let out = rollout_status(b, &name);
     assert!(out.success, "first rollout: {out:?}\n{}", b.log_text());
 
@@ -165,8 +172,18 @@ async fn a_webhook_deploy_runs_the_migration_with_the_new_image_before_the_new_t
     assert!(logs.contains("migrating to v2"), "{logs}");
     let logs = b.cli_ok(&["logs", "job", &name, "--revision", "1"]);
     assert!(logs.contains("migrating to v1"), "{logs}");
+    // A third rollout (a forced redeploy: same image) runs the step again and removes the jobs of
+    // the first: two rollouts' are kept.
+    b.cli_ok(&["rollout", "restart", "service", &name]);
+    let out = rollout_status(b, &name);
+    assert!(out.success, "restart: {out:?}");
+    let kept: Vec<String> = jobs(&name).into_iter().map(|(job, _)| job).collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept.iter().all(|j| !j.contains("_job-1-")), "{kept:?}");
+    let gone = b.cli(&["logs", "job", &name, "--revision", "1"]);
+    assert!(!gone.success, "{gone:?}");
+    assert!(gone.stderr.contains("no pre-deploy jobs of revision 1"), "{gone:?}");
     // Jobs carry the Service's ownership: deleting it removes them.
-    assert_eq!(jobs(&name).len(), 2, "{:?}", jobs(&name));
     b.cli_ok(&["delete", "service", &name]);
     berth_e2e::eventually(b, Duration::from_secs(30), "jobs removed", || async {
         let left = jobs(&name);
