@@ -226,7 +226,7 @@ impl Reconciler for ServiceController {
             let image = svc.spec.image.to_string();
             let rollout = predeploy::Rollout {
                 svc,
-                key: predeploy::rollout_key(&built.spec),
+                key: predeploy::rollout_key(&built.spec, &steps),
                 revision: predeploy::revision_of(
                     &obj.status.revisions,
                     &image,

@@ -57,12 +57,15 @@ pub fn rollout_pending(current: Option<&ServiceSpec>, built: &ServiceSpec) -> bo
     image(current) != image(built) || force(current) != force(built)
 }
 
-/// The rollout a built spec is: its image (as pinned) and forced-redeploy counter.
-pub fn rollout_key(built: &ServiceSpec) -> String {
+/// The rollout a built spec is, with the steps it runs: its image (as pinned), forced-redeploy
+/// counter and the steps. Steps edited after a failure (a fixed migration command) are a new
+/// rollout, so they run; the same steps for the same image are not run again.
+pub fn rollout_key(built: &ServiceSpec, steps: &[(usize, &PreDeployStep)]) -> String {
     let t = built.task_template.as_ref();
     let v = serde_json::json!({
         "image": t.and_then(|t| t.container_spec.as_ref()).and_then(|c| c.image.clone()),
         "force": t.and_then(|t| t.force_update).unwrap_or(0),
+        "steps": steps,
     });
     canonical_hash(&v)[..16].to_string()
 }
@@ -250,6 +253,11 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
                 .collect(),
         },
     };
+    // Every step of this rollout succeeded already (the engine rolled its tasks back since, or the
+    // write is retried): the steps are not run again, whether or not their jobs are still kept.
+    if !status.steps.is_empty() && status.steps.iter().all(|s| s.state == StepState::Succeeded) {
+        return Ok(Gate::Passed(status));
+    }
     let jobs = jobs_of(docker, src.owner, name, Some(&r.key)).await?;
     if status.failure().is_some() {
         // Stop what still runs of it (a timed-out job, once its status is stored).
@@ -534,11 +542,18 @@ mod tests {
     }
 
     #[test]
-    fn the_rollout_key_follows_image_and_counter_only() {
-        let a = rollout_key(&spec("app:2", 0));
-        assert_eq!(a, rollout_key(&spec("app:2", 0)));
-        assert_ne!(a, rollout_key(&spec("app:2@sha256:aa", 0)));
-        assert_ne!(a, rollout_key(&spec("app:2", 1)));
+    fn the_rollout_key_follows_image_counter_and_steps() {
+        let step: PreDeployStep =
+            serde_json::from_value(serde_json::json!({"name": "m", "args": ["up"]})).unwrap();
+        let steps = [(0, &step)];
+        let a = rollout_key(&spec("app:2", 0), &steps);
+        assert_eq!(a, rollout_key(&spec("app:2", 0), &steps));
+        assert_ne!(a, rollout_key(&spec("app:2@sha256:aa", 0), &steps));
+        assert_ne!(a, rollout_key(&spec("app:2", 1), &steps));
+        let fixed: PreDeployStep =
+            serde_json::from_value(serde_json::json!({"name": "m", "args": ["up", "--fix"]}))
+                .unwrap();
+        assert_ne!(a, rollout_key(&spec("app:2", 0), &[(0, &fixed)]));
         assert_eq!(a.len(), 16);
     }
 
