@@ -224,14 +224,34 @@ pub(crate) fn open_sled(dir: &Path) -> Result<Db, StoreError> {
     // sled's page cache defaults to 1 GiB and fills with every object read or written, so RSS
     // grew with the number of objects (253 MB after 10,000 Configs). The working set is far
     // smaller: reads are by key or one kind's prefix, and every write is flushed at once.
-    sled::Config::new()
+    let config = sled::Config::new()
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES)
-        .mode(sled::Mode::HighThroughput)
-        .open()
-        .map(Db::Sled)
-        .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))
+        .mode(sled::Mode::HighThroughput);
+    // sled releases its file lock from its background flusher after the last handle is dropped,
+    // not at the drop: a store reopened at once in the same process (tests; an in-process restart)
+    // may find it still held for a moment (seen under load). Another process holding it keeps it,
+    // and is reported after this wait.
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => {
+                return other
+                    .map(Db::Sled)
+                    .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))
+            }
+        }
+    }
 }
+
+/// How long opening the sled store waits for a lock its own process is still releasing.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub(crate) fn key(kind: Kind, name: &str) -> String {
     format!("{}/{}", kind.lower(), name)
