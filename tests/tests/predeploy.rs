@@ -182,7 +182,10 @@ async fn a_webhook_deploy_runs_the_migration_with_the_new_image_before_the_new_t
     assert!(kept.iter().all(|j| !j.contains("_job-1-")), "{kept:?}");
     let gone = b.cli(&["logs", "job", &name, "--revision", "1"]);
     assert!(!gone.success, "{gone:?}");
-    assert!(gone.stderr.contains("no pre-deploy jobs of revision 1"), "{gone:?}");
+    assert!(
+        gone.stderr.contains("no pre-deploy jobs of revision 1"),
+        "{gone:?}"
+    );
     // Jobs carry the Service's ownership: deleting it removes them.
     b.cli_ok(&["delete", "service", &name]);
     berth_e2e::eventually(b, Duration::from_secs(30), "jobs removed", || async {
