@@ -156,17 +156,7 @@ impl DeploySpec {
                     errors.add(at("timeout"), format!("{t} is out of range (1s to 24h)"));
                 }
             }
-            let mut env = HashSet::new();
-            for (j, e) in step.env.iter().enumerate() {
-                let path = at(&format!("env[{j}].name"));
-                if e.name.is_empty() {
-                    errors.add(path, "must not be empty");
-                } else if e.name.contains('=') || e.name.contains('\0') {
-                    errors.add(path, format!("`{}` must not contain `=`", e.name));
-                } else if !env.insert(e.name.as_str()) {
-                    errors.add(path, format!("`{}` is set twice", e.name));
-                }
-            }
+            crate::service::check_env_names(errors, &at("env"), &step.env);
             // The step's files join the service's in one container: check them together, under
             // the step's own paths.
             let mut job = service.clone();

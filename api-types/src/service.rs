@@ -526,17 +526,7 @@ impl ServiceSpec {
                 );
             }
         }
-        let mut seen = HashSet::new();
-        for (i, e) in self.env.iter().enumerate() {
-            let path = format!("spec.env[{i}].name");
-            if e.name.is_empty() {
-                errors.add(path, "must not be empty");
-            } else if e.name.contains('=') || e.name.contains('\0') {
-                errors.add(path, format!("`{}` must not contain `=`", e.name));
-            } else if !seen.insert(e.name.as_str()) {
-                errors.add(path, format!("`{}` is set twice", e.name));
-            }
-        }
+        check_env_names(errors, "spec.env", &self.env);
         for key in self.labels.keys() {
             check_label_key(errors, "spec.labels", key);
         }
@@ -805,6 +795,21 @@ impl ServiceSpec {
             return name == default_network;
         }
         self.references(kind).contains(&name)
+    }
+}
+
+/// Env names at `path` (`spec.env`, a step's `env`): set, without `=`, each once.
+pub(crate) fn check_env_names(errors: &mut Errors, path: &str, env: &[EnvVar]) {
+    let mut seen = HashSet::new();
+    for (i, e) in env.iter().enumerate() {
+        let at = format!("{path}[{i}].name");
+        if e.name.is_empty() {
+            errors.add(at, "must not be empty");
+        } else if e.name.contains('=') || e.name.contains('\0') {
+            errors.add(at, format!("`{}` must not contain `=`", e.name));
+        } else if !seen.insert(e.name.as_str()) {
+            errors.add(at, format!("`{}` is set twice", e.name));
+        }
     }
 }
 
