@@ -172,6 +172,16 @@ async fn a_webhook_deploy_runs_the_migration_with_the_new_image_before_the_new_t
     assert!(logs.contains("migrating to v2"), "{logs}");
     let logs = b.cli_ok(&["logs", "job", &name, "--revision", "1"]);
     assert!(logs.contains("migrating to v1"), "{logs}");
+    // The same route and grant as a Service's logs: no token, no logs.
+    let anonymous = berth_e2e::http()
+        .get(format!(
+            "{}/apis/berth/v1/services/{name}/logs?job=true",
+            b.url()
+        ))
+        .send()
+        .await
+        .expect("logs request");
+    assert_eq!(anonymous.status().as_u16(), 401);
     // A third rollout (a forced redeploy: same image) runs the step again and removes the jobs of
     // the first: two rollouts' are kept.
     b.cli_ok(&["rollout", "restart", "service", &name]);
