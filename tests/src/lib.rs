@@ -38,12 +38,25 @@ pub fn http() -> reqwest::Client {
     CLIENT.get_or_init(reqwest::Client::new).clone()
 }
 
-/// A free TCP port on loopback (racy by nature; fine for tests on one machine).
+/// A free TCP port on loopback, for a server a test starts.
+///
+/// Picked at random below the kernel's ephemeral range (32768-60999 on Linux), not by binding port
+/// 0: tests run in several processes at once (scripts/test, nextest), and a port the kernel just
+/// handed out and this process let go is the next one it hands to another process's outgoing
+/// connection or `bind(0)`, so two tests' servers could end up on one port (seen: a client reaching
+/// another test's berth, whose certificate it did not trust). Random picks from 12,000 ports
+/// rarely meet, and each is checked free.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("e2e: cannot find a free port")
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    for _ in 0..1_000 {
+        let r = ulid::Ulid::new().random() as u64;
+        let port = LOW + (r % u64::from(HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("e2e: cannot find a free port between {LOW} and {HIGH}")
 }
 
 /// A temporary directory named `/tmp/berth-e2e-<what>-XXXXXX`, removed on drop; the name lets
