@@ -228,6 +228,11 @@ pub struct StepStatus {
     /// The last lines of a failed or timed-out step's log.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log_tail: Vec<String>,
+    /// The last line the step wrote to stderr. The engine stamps stdout and stderr lines as two
+    /// copiers read them, so lines written a moment apart on the two streams may come out of
+    /// order in `logTail`; the error a step printed last is kept on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,7 +280,7 @@ impl PreDeployStatus {
 
 impl StepStatus {
     /// One line for a condition, an event or `rollout status`: which step, how it ended, and the
-    /// last line of its log.
+    /// last line it wrote to stderr (or, without one, the last line of its log).
     pub fn summary(&self) -> String {
         let how = match (self.state, self.exit_code) {
             (StepState::Failed, Some(code)) => format!("failed with exit code {code}"),
@@ -286,7 +291,12 @@ impl StepStatus {
         if let Some(m) = self.message.as_deref().filter(|m| !m.is_empty()) {
             s.push_str(&format!(" ({m})"));
         }
-        if let Some(last) = self.log_tail.iter().rev().find(|l| !l.trim().is_empty()) {
+        let last = self
+            .last_error
+            .iter()
+            .chain(self.log_tail.iter().rev())
+            .find(|l| !l.trim().is_empty());
+        if let Some(last) = last {
             s.push_str(&format!(": {}", last.trim()));
         }
         s
@@ -403,5 +413,12 @@ mod tests {
             t.summary(),
             "pre-deploy step `migrate` timed out and was stopped (ran longer than its timeout of 3s): table exists"
         );
+        // The stderr line wins over a stdout line the engine stamped later.
+        let e = StepStatus {
+            log_tail: vec!["table exists".into(), "applying 7".into()],
+            last_error: Some("table exists".into()),
+            ..t.clone()
+        };
+        assert!(e.summary().ends_with("): table exists"), "{}", e.summary());
     }
 }

@@ -339,7 +339,7 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
                 // The engine's "non-zero exit (3)" says no more than the exit code; its other
                 // errors ("No such image") say why there is none.
                 st.message = Some(err).filter(|e| !e.is_empty() && exit_code.is_none());
-                st.log_tail = log_tail(docker, &tasks).await;
+                (st.log_tail, st.last_error) = log_tail(docker, &tasks).await;
                 st.finished = Some(r.now);
                 warn!(step = %step.name, ?exit_code, "pre-deploy step failed");
                 return Ok(Gate::Failed {
@@ -356,7 +356,7 @@ pub async fn gate(src: &Sources<'_>, r: &Rollout<'_>) -> Result<Gate, Error> {
                         "ran longer than its timeout of {}s",
                         limit.as_secs()
                     ));
-                    st.log_tail = log_tail(docker, &tasks).await;
+                    (st.log_tail, st.last_error) = log_tail(docker, &tasks).await;
                     st.finished = Some(r.now);
                     warn!(step = %step.name, "pre-deploy step timed out");
                     return Ok(Gate::Failed {
@@ -452,14 +452,15 @@ async fn remove(docker: &Docker, job: &SwarmService) -> Result<(), Error> {
     )?)
 }
 
-/// The last lines of the job's task log (stdout and stderr), read through the manager.
-async fn log_tail(docker: &Docker, tasks: &[Task]) -> Vec<String> {
+/// The last lines of the job's task log (stdout and stderr), read through the manager, and the
+/// last line it wrote to stderr.
+async fn log_tail(docker: &Docker, tasks: &[Task]) -> (Vec<String>, Option<String>) {
     let Some(id) = tasks
         .iter()
         .max_by_key(|t| t.created_at)
         .and_then(|t| t.id.clone())
     else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
     let mut stream = docker.task_logs(
         &id,
@@ -473,12 +474,16 @@ async fn log_tail(docker: &Docker, tasks: &[Task]) -> Vec<String> {
         }),
     );
     let mut text = String::new();
+    let mut errors = String::new();
     let read = async {
         while let Some(item) = stream.next().await {
             match item {
-                Ok(LogOutput::StdOut { message })
-                | Ok(LogOutput::StdErr { message })
-                | Ok(LogOutput::Console { message }) => {
+                Ok(LogOutput::StdErr { message }) => {
+                    let line = String::from_utf8_lossy(&message);
+                    errors.push_str(&line);
+                    text.push_str(&line)
+                }
+                Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
                     text.push_str(&String::from_utf8_lossy(&message))
                 }
                 Ok(LogOutput::StdIn { .. }) => {}
@@ -491,7 +496,11 @@ async fn log_tail(docker: &Docker, tasks: &[Task]) -> Vec<String> {
     };
     // A log that does not end (a job stopped at its timeout) is read for a bounded time.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-    ordered_tail(&text)
+    let last_error = ordered_tail(&errors)
+        .into_iter()
+        .rev()
+        .find(|l| !l.trim().is_empty());
+    (ordered_tail(&text), last_error)
 }
 
 /// Log lines as the engine sends them with `timestamps` (`<RFC 3339> <line>`), in time order and
