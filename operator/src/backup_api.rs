@@ -126,12 +126,45 @@ async fn run(State(state): State<AppState>, Path(name): Path<String>) -> ApiResu
 #[derive(Deserialize)]
 struct ListQuery {
     plan: Option<String>,
+    /// `csv` or `json`: the evidence as a file to download (`Content-Disposition: attachment`),
+    /// as `berth backup list -o csv|json` prints it.
+    format: Option<String>,
 }
 
 async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
     let b = backups(&state)?;
     let items = b.snapshots(q.plan.as_deref());
-    Ok(Json(json!({ "items": items })).into_response())
+    let attachment = |mime: &'static str, ext: &str, body: String| {
+        (
+            [
+                (header::CONTENT_TYPE, mime.to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"berth-backup-evidence.{ext}\""),
+                ),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    match q.format.as_deref() {
+        None => Ok(Json(json!({ "items": items })).into_response()),
+        Some("csv") => Ok(attachment(
+            "text/csv; charset=utf-8",
+            "csv",
+            crate::backup_cli::evidence_csv(&items),
+        )),
+        Some("json") => Ok(attachment(
+            "application/json",
+            "json",
+            serde_json::to_string_pretty(&json!({ "items": items })).unwrap_or_default(),
+        )),
+        Some(other) => Err(ApiError::field(
+            "format",
+            format!("`{other}` is not an evidence format (csv or json)"),
+        )
+        .with_status(StatusCode::BAD_REQUEST, "BadRequest")),
+    }
 }
 
 #[derive(Deserialize)]

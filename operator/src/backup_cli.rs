@@ -191,7 +191,7 @@ pub async fn backup(conn: &Conn, command: BackupCommand) -> CliResult {
                     }))
                     .map_err(|e| e.to_string())?
                 ),
-                EvidenceFormat::Csv => print!("{}", csv(&items)),
+                EvidenceFormat::Csv => print!("{}", evidence_csv(&items)),
                 EvidenceFormat::Table if items.is_empty() => eprintln!("No snapshots yet."),
                 EvidenceFormat::Table => println!("{}", table(&items)),
             }
@@ -492,7 +492,7 @@ fn table(items: &[SnapshotRecord]) -> String {
 }
 
 /// One row per snapshot; volumes and exclusions as `;`-separated lists in their cells.
-fn csv(items: &[SnapshotRecord]) -> String {
+pub(crate) fn evidence_csv(items: &[SnapshotRecord]) -> String {
     let mut rows = Vec::with_capacity(items.len());
     for r in items {
         let objects: Vec<String> = r.objects.iter().map(|(k, n)| format!("{k}={n}")).collect();

@@ -22,15 +22,15 @@ use axum::Router;
 use berth_api_types::names::{labels, paths};
 use berth_api_types::wire::List;
 use berth_api_types::workload::{
-    finish_log_lines, image_digest, program_name, select_task, split_log_lines, ExecRequest,
-    LogLine, TaskInfo, EXEC_PROTOCOL,
+    finish_log_lines, image_digest, program_name, select_task, split_log_lines, ExecRequest, Frame,
+    LogLine, TaskInfo, EXEC_PROTOCOL, MAX_FRAME,
 };
 use berth_api_types::Kind;
 use berth_controllers::swarm::engine;
 use berth_controllers::swarm::owner::Owner;
 use bollard::container::LogOutput;
 use bollard::Docker;
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -48,6 +48,7 @@ pub fn routes() -> Router<AppState> {
         .route(&route("tasks"), get(tasks))
         .route(&route("logs"), get(logs))
         .route(&route("exec"), post(exec))
+        .route(&route("exec/ws"), get(exec_ws))
 }
 
 fn engine_unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -520,7 +521,35 @@ async fn exec(
                 format!("an exec request is at most {MAX_EXEC_BODY} bytes"),
             )
         })?;
-    let ask: ExecRequest = serde_json::from_slice(&body).map_err(|e| {
+    let ask = exec_request(&body)?;
+    let Some(on_upgrade) = on_upgrade else {
+        return Err(ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "UpgradeRequired",
+            format!("exec streams over an HTTP upgrade to `{EXEC_PROTOCOL}` (use `berth exec`)"),
+        ));
+    };
+    let prepared = prepare_exec(&state, &plural, &name, &ask).await?;
+    let audited = prepared.audited();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => prepared.run(hyper_util::rt::TokioIo::new(upgraded)).await,
+            // A remote session's agent is removed with it (dropped here).
+            Err(e) => tracing::warn!(error = %e, "exec: the connection was not upgraded"),
+        }
+    });
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
+        .header(header::UPGRADE, HeaderValue::from_static(EXEC_PROTOCOL))
+        .body(Body::empty())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    resp.extensions_mut().insert(audited);
+    Ok(resp)
+}
+
+fn exec_request(body: &[u8]) -> ApiResult<ExecRequest> {
+    let ask: ExecRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "BadRequest",
@@ -530,14 +559,154 @@ async fn exec(
         )
     })?;
     check_command(&ask.command)?;
-    let Some(on_upgrade) = on_upgrade else {
+    Ok(ask)
+}
+
+#[derive(Deserialize)]
+struct ExecWsQuery {
+    /// The [`ExecRequest`] as JSON (a browser's WebSocket has no request body).
+    request: String,
+    /// The page's CSRF token; the access middleware checks it.
+    #[serde(rename = "csrf")]
+    _csrf: Option<String>,
+}
+
+/// `GET .../exec/ws`: `berth exec` for the dashboard's terminal. A browser opens WebSockets only,
+/// so the same exec runs behind one: each binary message is one [`Frame`] either way, exactly
+/// the frames of the `berth-exec/1` upgrade. The request must come from a page of this server
+/// (its `Origin`): a WebSocket is not bound by the same-origin policy, and this is the one check
+/// that tells a page of another site apart.
+async fn exec_ws(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+    Query(q): Query<ExecWsQuery>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> ApiResult<Response> {
+    if !crate::dashboard::same_origin(&headers, &uri) {
         return Err(ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "UpgradeRequired",
-            format!("exec streams over an HTTP upgrade to `{EXEC_PROTOCOL}` (use `berth exec`)"),
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "an exec WebSocket is accepted from this server's own pages only (Origin)",
         ));
+    }
+    let ask = exec_request(q.request.as_bytes())?;
+    let prepared = prepare_exec(&state, &plural, &name, &ask).await?;
+    let audited = prepared.audited();
+    let mut resp = ws
+        .protocols(["berth-exec.v1"])
+        .on_upgrade(move |socket| ws_bridge(socket, prepared));
+    resp.extensions_mut().insert(audited);
+    Ok(resp)
+}
+
+/// Carries an exec's frames between a WebSocket and the exec stream (run over an in-memory pipe,
+/// so both transports run the one implementation of the stream).
+async fn ws_bridge(socket: axum::extract::ws::WebSocket, prepared: Prepared) {
+    use axum::extract::ws::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ours, theirs) = tokio::io::duplex(MAX_FRAME + 16);
+    let session = tokio::spawn(prepared.run(theirs));
+    let (mut from_exec, mut to_exec) = tokio::io::split(ours);
+    let (mut ws_out, mut ws_in) = socket.split();
+    let upstream = async {
+        while let Some(Ok(msg)) = ws_in.next().await {
+            match msg {
+                Message::Binary(b) => {
+                    if to_exec.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        // The page went away: end the command's stdin, as a closed terminal does.
+        let _ = to_exec.write_all(&Frame::StdinEof.encode()).await;
     };
-    let t = target(&state, &plural, &name).await?;
+    let downstream = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_exec.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while let Ok(Some(frame)) = Frame::take(&mut buf) {
+                let last = matches!(frame, Frame::Exit(_) | Frame::Error(_));
+                if ws_out
+                    .send(Message::Binary(frame.encode().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                if last {
+                    let _ = ws_out.send(Message::Close(None)).await;
+                    return;
+                }
+            }
+        }
+    };
+    // The exec ends when its last frame is sent; a page that stops reading ends it too.
+    tokio::select! {
+        _ = downstream => {}
+        _ = upstream => {}
+    }
+    session.abort();
+}
+
+/// An exec ready to start: created in its container (or by an agent on the task's node), with
+/// what the audit records of it.
+struct Prepared {
+    session: Session,
+    tty: bool,
+    size: Option<[u16; 2]>,
+    service: String,
+    task: String,
+    program: String,
+}
+
+impl Prepared {
+    fn audited(&self) -> Audited {
+        Audited {
+            action: Some("exec"),
+            changes: vec![Change {
+                kind: Some(Kind::Service.to_string()),
+                name: Some(self.service.clone()),
+                task: Some(self.task.clone()),
+                program: Some(self.program.clone()),
+                ..Change::default()
+            }],
+        }
+    }
+
+    /// Runs the exec stream over `io` until the command exits or the client goes away.
+    async fn run<IO>(self, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        match self.session {
+            Session::Local(docker, id) => {
+                exec_engine::run_exec(docker, id, self.tty, self.size, io).await
+            }
+            Session::Remote(agent, channel) => exec_agent::bridge(io, agent, *channel).await,
+        }
+    }
+}
+
+/// Everything that can fail is done here, before the client is told to switch protocols, so a
+/// refusal is an ordinary JSON error: the exec exists (here, or through an agent on the task's
+/// node) before the `101`; it starts only after the upgrade.
+async fn prepare_exec(
+    state: &AppState,
+    plural: &str,
+    name: &str,
+    ask: &ExecRequest,
+) -> ApiResult<Prepared> {
+    let t = target(state, plural, name).await?;
     let tasks = task_list(&t).await?;
     let info = t.docker.info().await.map_err(|e| {
         engine_unavailable(format!("cannot read the engine: {}", engine::message(&e)))
@@ -563,11 +732,8 @@ async fn exec(
         )
     })?;
     let program = program_name(&ask.command);
-    // Everything that can fail is done before the `101`, so a refusal is an ordinary JSON error:
-    // the exec exists (here, or through an agent on the task's node) before the client is told
-    // to switch protocols; it starts only after the upgrade.
     let session = if task.node_id == local {
-        let id = exec_engine::create(&t.docker, &container, &ask)
+        let id = exec_engine::create(&t.docker, &container, ask)
             .await
             .map_err(|why| {
                 ApiError::new(
@@ -585,46 +751,18 @@ async fn exec(
                 on_another_node(task, &local, &local_host),
             ));
         };
-        let (agent, channel) = remote.open(&name, task, &container, &ask).await?;
+        let (agent, channel) = remote.open(name, task, &container, ask).await?;
         Session::Remote(agent, Box::new(channel))
     };
     tracing::info!(service = %name, task = %task.log_prefix(), %program, remote = task.node_id != local, "exec");
-    let tty = ask.tty;
-    let size = ask.size;
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let io = hyper_util::rt::TokioIo::new(upgraded);
-                match session {
-                    Session::Local(docker, id) => {
-                        exec_engine::run_exec(docker, id, tty, size, io).await
-                    }
-                    Session::Remote(agent, channel) => {
-                        exec_agent::bridge(io, agent, *channel).await
-                    }
-                }
-            }
-            // A remote session's agent is removed with it (dropped here).
-            Err(e) => tracing::warn!(error = %e, "exec: the connection was not upgraded"),
-        }
-    });
-    let mut resp = Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
-        .header(header::UPGRADE, HeaderValue::from_static(EXEC_PROTOCOL))
-        .body(Body::empty())
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
-    resp.extensions_mut().insert(Audited {
-        action: Some("exec"),
-        changes: vec![Change {
-            kind: Some(Kind::Service.to_string()),
-            name: Some(name),
-            task: Some(task.log_prefix()),
-            program: Some(program),
-            ..Change::default()
-        }],
-    });
-    Ok(resp)
+    Ok(Prepared {
+        session,
+        tty: ask.tty,
+        size: ask.size,
+        service: name.to_string(),
+        task: task.log_prefix(),
+        program,
+    })
 }
 
 /// An exec created and waiting for the client's upgraded connection.
