@@ -70,6 +70,39 @@ pub mod paths {
     /// `GET`: the audit chain recomputed (`berth audit verify`).
     pub const AUDIT_VERIFY: &str = "/apis/berth/v1/audit/verify";
 
+    /// The web dashboard (`operator/src/dashboard`): server-rendered pages under this prefix, on
+    /// the same listener, tokens and access table as the API.
+    pub const UI: &str = "/ui";
+    /// The overview page.
+    pub const UI_HOME: &str = "/ui/";
+    /// `GET` the sign-in form, `POST` a token to it (sets the session cookie).
+    pub const UI_LOGIN: &str = "/ui/login";
+    /// `POST`: forget the session cookie.
+    pub const UI_LOGOUT: &str = "/ui/logout";
+    /// `GET /ui/assets/<file>`: the pages' scripts and styles, built into the binary.
+    pub const UI_ASSETS: &str = "/ui/assets";
+    /// `GET /ui/services/<name>`: a Service's page.
+    pub fn ui_service(name: &str) -> String {
+        format!("{UI}/services/{name}")
+    }
+    /// `GET /ui/rows/services/<name>`: one Service's overview row, for live updates.
+    pub fn ui_service_row(name: &str) -> String {
+        format!("{UI}/rows/services/{name}")
+    }
+    /// `GET /ui/sections/<section>`: one overview section (nodes, ingresses, backups, events).
+    pub fn ui_section(section: &str) -> String {
+        format!("{UI}/sections/{section}")
+    }
+    /// `GET`: snapshots, their verification, and the evidence downloads.
+    pub const UI_BACKUPS: &str = "/ui/backups";
+    /// `GET`: the audit trail and its chain verification.
+    pub const UI_AUDIT: &str = "/ui/audit";
+    /// `GET` with `Upgrade: websocket`: `berth exec` for a browser. The WebSocket's binary
+    /// messages carry the same frames as the `berth-exec/1` upgrade of [`exec`].
+    pub fn exec_ws(kind: Kind, name: &str) -> String {
+        format!("{API_ROOT}/{}/{name}/exec/ws", kind.plural())
+    }
+
     /// The query parameter of a collection's `GET` that filters by labels (`selector.rs` syntax).
     pub const LABEL_SELECTOR_PARAM: &str = "labelSelector";
 
@@ -313,4 +346,16 @@ pub mod annotations {
     pub const DEPLOY_SOURCE: &str = "deploy.berth.io/source";
     /// The generation that deploy produced.
     pub const DEPLOY_GENERATION: &str = "deploy.berth.io/generation";
+}
+
+/// The dashboard's browser session: which cookie carries the token, and where a page sends the
+/// CSRF token that every write made with that cookie needs.
+pub mod session {
+    /// The cookie that holds the berth token a person signed in with (HttpOnly, Secure,
+    /// SameSite=Strict: page scripts cannot read it and other sites' requests do not carry it).
+    pub const COOKIE: &str = "berth_session";
+    /// The header a page sends its CSRF token in on every write.
+    pub const CSRF_HEADER: &str = "x-berth-csrf";
+    /// The query parameter that carries it where a browser cannot set a header (a WebSocket).
+    pub const CSRF_PARAM: &str = "csrf";
 }

@@ -128,6 +128,8 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         (M::GET, api("/{plural}/{name}/tasks"), Need::Read),
         (M::GET, api("/{plural}/{name}/logs"), Need::Read),
         (M::POST, api("/{plural}/{name}/exec"), Need::Exec),
+        // The same exec for the dashboard's terminal (a WebSocket opens with a GET).
+        (M::GET, api("/{plural}/{name}/exec/ws"), Need::Exec),
         (M::GET, paths::EVENTS.into(), Need::Read),
         (M::GET, paths::CONTROLLERS.into(), Need::Read),
         // The swarm's join token lets a machine into the cluster.
@@ -161,6 +163,24 @@ pub static RULES: LazyLock<Vec<Rule>> = LazyLock::new(|| {
         // The audit trail names every token, address and object touched.
         (M::GET, paths::AUDIT.into(), Need::Admin),
         (M::GET, paths::AUDIT_VERIFY.into(), Need::Admin),
+        // The dashboard: its pages show what the API would answer the same token, so each asks
+        // what its API reads ask. Signing in is public (the form's token is the credential, and
+        // the handler audits every attempt); its scripts and styles are public too.
+        (M::GET, paths::UI.into(), Need::Public),
+        (M::GET, paths::UI_LOGIN.into(), Need::Public),
+        (M::POST, paths::UI_LOGIN.into(), Need::Public),
+        (
+            M::GET,
+            format!("{}/{{file}}", paths::UI_ASSETS),
+            Need::Public,
+        ),
+        (M::POST, paths::UI_LOGOUT.into(), Need::Token),
+        (M::GET, paths::UI_HOME.into(), Need::Read),
+        (M::GET, paths::ui_service("{name}"), Need::Read),
+        (M::GET, paths::ui_service_row("{name}"), Need::Read),
+        (M::GET, paths::ui_section("{section}"), Need::Read),
+        (M::GET, paths::UI_BACKUPS.into(), Need::Read),
+        (M::GET, paths::UI_AUDIT.into(), Need::Admin),
     ];
     rows.into_iter()
         .map(|(method, path, need)| Rule { method, path, need })
@@ -212,9 +232,16 @@ fn deployer_path_allows(
     params: &[(String, String)],
 ) -> bool {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    if route == paths::APPLY {
-        // Every object of the apply is checked by the handler.
+    if route == paths::APPLY || route == paths::UI_HOME {
+        // Every object of the apply is checked by the handler; the overview shows a deployer
+        // its own Services only.
         return true;
+    }
+    let own = param("name").is_some_and(|n| p.services.iter().any(|s| s == n));
+    if *method == Method::GET
+        && (route == paths::ui_service("{name}") || route == paths::ui_service_row("{name}"))
+    {
+        return own;
     }
     let own_service = param("plural") == Some("services")
         && param("name").is_some_and(|n| p.services.iter().any(|s| s == n));
@@ -224,6 +251,7 @@ fn deployer_path_allows(
             "/{plural}/{name}/status",
             "/{plural}/{name}/tasks",
             "/{plural}/{name}/logs",
+            "/{plural}/{name}/exec/ws",
         ]
         .iter()
         .any(|r| route == api(r)),
@@ -489,14 +517,23 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
         }
         return resp;
     }
-    let given = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .trim();
-    let principal = match state.tokens.authenticate(given) {
+        .map(|t| t.trim().to_string());
+    // A browser signed in to the dashboard sends its token in the session cookie instead.
+    let cookie = match bearer {
+        Some(_) => None,
+        None => crate::dashboard::session::cookie_token(req.headers()),
+    };
+    let given = bearer.or_else(|| cookie.clone()).unwrap_or_default();
+    let page = method == Method::GET
+        && route
+            .as_deref()
+            .is_some_and(|r| r == paths::UI_HOME || r.starts_with(&format!("{}/", paths::UI)));
+    let principal = match state.tokens.authenticate(&given) {
         Ok(p) => p,
         Err(e) => {
             let action = default_action(&method, need);
@@ -510,9 +547,38 @@ pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) 
                     Change::default(),
                 ))
                 .await;
+            if page {
+                return crate::dashboard::session::to_sign_in();
+            }
             return unauthorized(&e);
         }
     };
+    // A request the cookie authenticated is one a page made, or one another site had the
+    // browser make: every write, and an exec, must carry the page's CSRF token too.
+    if let Some(token) = &cookie {
+        let writes = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS)
+            || need == Some(Need::Exec);
+        if writes && !crate::dashboard::session::csrf_ok(token, req.headers(), req.uri()) {
+            let action = default_action(&method, need);
+            state
+                .audit
+                .record(entry(
+                    Some(&principal),
+                    action,
+                    StatusCode::FORBIDDEN,
+                    "CsrfRejected",
+                    Change::default(),
+                ))
+                .await;
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "CsrfRejected",
+                "a write with the dashboard's session cookie needs the page's CSRF token \
+                 (header x-berth-csrf); reload the page",
+            )
+            .into_response();
+        }
+    }
     let need = need.expect("set above for every routed request");
     let route_str = route.as_deref().unwrap_or("");
     let admitted = if need == Need::Exec {
@@ -758,6 +824,7 @@ mod tests {
             .replace("{id}", "nosuch")
             .replace("{plan}", "environment")
             .replace("{token}", "nosuch")
+            .replace("{section}", "events")
     }
 
     /// Every route of the table, called with every role (and without a token): a role the rule
@@ -780,6 +847,9 @@ mod tests {
                         "{} {path} is public, got {code} {resp}",
                         rule.method
                     );
+                } else if rule.method == Method::GET && rule.path.starts_with(paths::UI) {
+                    // A dashboard page sends a browser to the sign-in form instead.
+                    assert_eq!(code, 303, "{} {path} without a token", rule.method);
                 } else {
                     assert_eq!(code, 401, "{} {path} without a token: {resp}", rule.method);
                 }
@@ -813,10 +883,11 @@ mod tests {
                     assert_ne!(code, 401, "{what}");
                     let admitted = rule.need.roles().contains(&role);
                     // A deployer's own Service on the routes that serve one; apply checks each
-                    // object in the handler instead.
+                    // object in the handler instead, and the overview shows only its own.
                     let deployer_scope = role != Role::Deployer
                         || matches!(rule.need, Need::Token | Need::Public)
                         || rule.path == paths::APPLY
+                        || rule.path == paths::UI_HOME
                         || (name == "web"
                             && rule.path.contains("{name}")
                             && !rule.path.ends_with("/data")

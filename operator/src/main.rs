@@ -16,6 +16,7 @@ mod compose_import;
 mod create_cli;
 mod crypto;
 mod daemon;
+mod dashboard;
 mod data_dir;
 mod day2_api;
 mod day2_cli;

@@ -123,7 +123,7 @@ fn phase(obj: &DynObject) -> Phase {
 }
 
 /// The image as the engine was told to run it.
-fn pinned(r: &Revision) -> String {
+pub(crate) fn pinned(r: &Revision) -> String {
     match &r.digest {
         Some(d) if !r.image.contains('@') => format!("{}@{d}", r.image),
         _ => r.image.clone(),
@@ -198,7 +198,7 @@ pub async fn history(conn: &Conn, kind: &str, name: &str) -> CliResult {
 }
 
 /// Pure: which revision `undo` goes back to (the one before the latest, or the one asked for).
-fn undo_target(revisions: &[Revision], to: Option<u64>) -> Result<&Revision, String> {
+pub(crate) fn undo_target(revisions: &[Revision], to: Option<u64>) -> Result<&Revision, String> {
     match to {
         Some(n) => revisions.iter().find(|r| r.revision == n).ok_or_else(|| {
             let known: Vec<String> = revisions.iter().map(|r| r.revision.to_string()).collect();
@@ -245,7 +245,11 @@ pub async fn undo(conn: &Conn, kind: &str, name: &str, to: Option<u64>) -> CliRe
 /// A spec change marked as a deploy from `source`, so the revision history says where it came
 /// from. The change makes the next generation; the patch is conditional on the version read, so no
 /// other write can take that generation in between.
-fn deploy_patch(obj: &DynObject, source: &str, spec: serde_json::Value) -> serde_json::Value {
+pub(crate) fn deploy_patch(
+    obj: &DynObject,
+    source: &str,
+    spec: serde_json::Value,
+) -> serde_json::Value {
     serde_json::json!({
         "metadata": {
             "resourceVersion": obj.metadata.resource_version,

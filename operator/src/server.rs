@@ -92,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::token_api::routes())
         .merge(crate::audit_api::routes())
         .merge(crate::day2_api::routes())
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

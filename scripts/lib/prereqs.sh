@@ -86,6 +86,11 @@ berth_install_packages() {
     command -v restic >/dev/null 2>&1 || missing+=(restic)
     [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
     command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+    # The dashboard's browser tests: Debian's Chromium, driven by playwright-core from Node.js
+    # (tests/browser; its npm packages are installed by berth_browser_deps).
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v node >/dev/null 2>&1 || missing+=(nodejs)
+    command -v npm >/dev/null 2>&1 || missing+=(npm)
 
     if [[ ${#missing[@]} -eq 0 ]]; then
         echo "==> packages: all present"
@@ -573,6 +578,21 @@ berth_ensure_rust() {
 
 # ---------------------------------------------------------------------------------------------
 
+# The browser tests' npm packages (playwright-core, pinned by tests/browser/package-lock.json),
+# installed again only when the lock file changed.
+berth_browser_deps() {
+    local dir
+    dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/tests/browser"
+    local stamp="$dir/node_modules/.berth-lock"
+    if [[ -f $stamp ]] && cmp -s "$stamp" "$dir/package-lock.json"; then
+        echo "==> browser test packages: present"
+        return 0
+    fi
+    echo "==> npm ci (tests/browser)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || return 1
+    cp "$dir/package-lock.json" "$stamp"
+}
+
 berth_prereqs() {
     berth_install_packages
     berth_lab_bridge
@@ -580,4 +600,5 @@ berth_prereqs() {
     berth_init_swarm
     berth_build_images
     berth_ensure_rust
+    berth_browser_deps
 }

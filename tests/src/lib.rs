@@ -575,7 +575,21 @@ impl Berth {
     /// Starts `berth <subcommand> --tls internal` (`up`, or `api` for split controllers): the
     /// harness then talks https, its CLI runs and controllers get `--ca <data-dir>/ca.pem`.
     pub fn start_tls(subcommand: &'static str, nats: Option<String>, extra: &[&str]) -> Berth {
+        Self::start_tls_env(subcommand, nats, extra, &[])
+    }
+
+    /// [`Berth::start_tls`] with extra environment for the server.
+    pub fn start_tls_env(
+        subcommand: &'static str,
+        nats: Option<String>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Berth {
         let mut b = Self::prepare(subcommand, nats, extra);
+        b.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         b.tls = true;
         b.extra
             .splice(0..0, ["--tls".to_string(), "internal".to_string()]);

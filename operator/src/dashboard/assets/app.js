@@ -1,0 +1,232 @@
+// berth dashboard: live updates from the event stream, a Service's tasks and logs, undo, and the
+// terminal. Pages are rendered by the server; this only adds what needs a connection. Every
+// request goes to the berth API with the session cookie; writes carry the page's CSRF token.
+"use strict";
+
+const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content ?? "";
+const CSRF = meta("berth-csrf");
+const API = "/apis/berth/v1";
+
+// The terminal's renderer adds <style> elements; the page's policy admits them by this nonce.
+const STYLE_NONCE = meta("berth-style-nonce");
+const createElement = Document.prototype.createElement;
+Document.prototype.createElement = function (tag, options) {
+  const el = createElement.call(this, tag, options);
+  if (String(tag).toLowerCase() === "style" && STYLE_NONCE) el.nonce = STYLE_NONCE;
+  return el;
+};
+
+async function api(method, path, body, contentType) {
+  const headers = { "x-berth-csrf": CSRF };
+  if (body !== undefined) headers["content-type"] = contentType || "application/json";
+  const resp = await fetch(path, { method, headers, body, credentials: "same-origin" });
+  const text = await resp.text();
+  let json = null;
+  try { json = JSON.parse(text); } catch (_) { /* not JSON */ }
+  return { status: resp.status, ok: resp.ok, json, text };
+}
+
+// Reads a streamed response of JSON lines, calling `each` with every object.
+async function lines(path, each, signal) {
+  const resp = await fetch(path, { credentials: "same-origin", signal });
+  if (!resp.ok || !resp.body) return resp.status;
+  const reader = resp.body.getReader();
+  const dec = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += dec.decode(value, { stream: true });
+    let i;
+    while ((i = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, i).trim();
+      buf = buf.slice(i + 1);
+      if (line) {
+        try { each(JSON.parse(line)); } catch (_) { /* a partial or foreign line */ }
+      }
+    }
+  }
+  return resp.status;
+}
+
+// Runs `fn` once per key after `ms` of quiet: a burst of events makes one request.
+function debouncer(ms) {
+  const timers = new Map();
+  return (key, fn) => {
+    clearTimeout(timers.get(key));
+    timers.set(key, setTimeout(() => { timers.delete(key); fn(); }, ms));
+  };
+}
+
+async function replaceWith(el, url) {
+  const resp = await fetch(url, { credentials: "same-origin" });
+  if (resp.status === 404) { el?.remove(); return null; }
+  if (!resp.ok) return null;
+  const tpl = document.createElement("template");
+  tpl.innerHTML = (await resp.text()).trim();
+  const fresh = tpl.content.firstElementChild;
+  if (el && fresh) el.replaceWith(fresh);
+  return fresh;
+}
+
+// The overview follows the event stream: a Service's row, or a section, is fetched again from
+// the server when an event names it. The stream reconnects after a drop.
+function liveOverview() {
+  const later = debouncer(250);
+  const sectionOf = { Node: "nodes", Ingress: "ingresses", Backup: "backups" };
+  const onEvent = (e) => {
+    if (e.kind === "Service") {
+      later(`svc/${e.name}`, async () => {
+        const id = `svc-${e.name}`;
+        let row = document.getElementById(id);
+        if (!row) {
+          row = document.createElement("tr");
+          row.id = id;
+          document.getElementById("services-body")?.appendChild(row);
+        }
+        await replaceWith(row, `/ui/rows/services/${encodeURIComponent(e.name)}`);
+        const count = document.querySelector("#services .count");
+        if (count) count.textContent = document.querySelectorAll("#services-body tr").length;
+      });
+    }
+    for (const section of [sectionOf[e.kind], "events"]) {
+      const el = section && document.querySelector(`[data-section="${section}"]`);
+      if (el) later(section, () => replaceWith(document.querySelector(`[data-section="${section}"]`), `/ui/sections/${section}`));
+    }
+  };
+  const connect = async () => {
+    document.body.dataset.live = "connected";
+    const status = await lines(`${API}/events?watch=true`, onEvent).catch(() => 0);
+    document.body.dataset.live = "disconnected";
+    // A token that may not watch (403) is not retried.
+    if (status !== 403 && status !== 401) setTimeout(connect, 2000);
+  };
+  connect();
+}
+
+function servicePage(root) {
+  const api_ = root.dataset.api;
+  const tasksBody = document.getElementById("tasks-body");
+  const cell = (text) => { const td = document.createElement("td"); td.textContent = text ?? ""; return td; };
+  const loadTasks = async () => {
+    const r = await api("GET", `${api_}/tasks`);
+    if (!r.ok || !tasksBody) return;
+    tasksBody.replaceChildren(...(r.json.items || []).map((t) => {
+      const tr = document.createElement("tr");
+      tr.append(cell(`${t.name}.${(t.id || "").slice(0, 12)}`), cell(t.node), cell(t.desiredState), cell(t.state), cell(t.since), cell(t.image), cell(t.error));
+      return tr;
+    }));
+  };
+  loadTasks();
+  setInterval(loadTasks, 5000);
+
+  // Logs: the last 200 lines of every task, then followed while the box is ticked.
+  const logs = document.getElementById("logs");
+  const follow = document.getElementById("follow");
+  let ctl = null;
+  const loadLogs = () => {
+    ctl?.abort();
+    ctl = new AbortController();
+    logs.textContent = "";
+    const f = follow.checked ? "true" : "false";
+    lines(`${api_}/logs?tail=200&follow=${f}`, (l) => {
+      const line = document.createElement("div");
+      line.className = l.stream;
+      line.textContent = `${l.task} | ${l.line}`;
+      logs.appendChild(line);
+      while (logs.childElementCount > 2000) logs.firstElementChild.remove();
+      logs.scrollTop = logs.scrollHeight;
+    }, ctl.signal).catch(() => {});
+  };
+  follow?.addEventListener("change", loadLogs);
+  if (logs) loadLogs();
+
+  // Undo: the patch the server prepared for the revision (conditional on the version shown).
+  const result = document.getElementById("undo-result");
+  for (const b of document.querySelectorAll("button.undo")) {
+    b.addEventListener("click", async () => {
+      b.disabled = true;
+      const r = await api("PATCH", api_, b.dataset.patch, "application/merge-patch+json");
+      result.textContent = r.ok
+        ? `rolled back to revision ${b.dataset.revision}; reload to see the new revision`
+        : `refused (${r.status}): ${r.json?.message ?? r.text}`;
+      result.className = r.ok ? "ok" : "error";
+      b.disabled = false;
+    });
+  }
+
+  const form = document.getElementById("terminal-form");
+  form?.addEventListener("submit", (ev) => { ev.preventDefault(); openTerminal(root); });
+}
+
+// Exec frames (api-types workload.rs): a type byte, a 4-byte big-endian length, the payload.
+const FRAME = { stdin: 0x00, stdinEof: 0x01, resize: 0x02, stdout: 0x10, stderr: 0x11, exit: 0x12, error: 0x13 };
+function frame(tag, payload) {
+  const out = new Uint8Array(5 + payload.length);
+  out[0] = tag;
+  new DataView(out.buffer).setUint32(1, payload.length);
+  out.set(payload, 5);
+  return out;
+}
+
+let terminal = null;
+function openTerminal(root) {
+  const box = document.getElementById("terminal");
+  terminal?.dispose();
+  box.replaceChildren();
+  const term = new window.Terminal({ cursorBlink: true, convertEol: false, fontSize: 13 });
+  const fit = new window.FitAddon.FitAddon();
+  term.loadAddon(fit);
+  term.open(box);
+  fit.fit();
+  terminal = term;
+  const command = document.getElementById("terminal-command").value.trim().split(/\s+/).filter(Boolean);
+  const task = document.getElementById("terminal-task").value.trim();
+  const request = { command: command.length ? command : ["sh"], stdin: true, tty: true, size: [term.cols, term.rows] };
+  if (task) request.task = task;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const q = new URLSearchParams({ request: JSON.stringify(request), csrf: CSRF });
+  const ws = new WebSocket(`${scheme}://${location.host}${root.dataset.exec}?${q}`, ["berth-exec.v1"]);
+  ws.binaryType = "arraybuffer";
+  const enc = new TextEncoder();
+  const dec = new TextDecoder();
+  box.dataset.state = "connecting";
+  ws.onopen = () => { box.dataset.state = "open"; term.focus(); };
+  ws.onmessage = (m) => {
+    const b = new Uint8Array(m.data);
+    const tag = b[0];
+    const payload = b.subarray(5);
+    if (tag === FRAME.stdout || tag === FRAME.stderr) term.write(payload);
+    else if (tag === FRAME.exit) {
+      term.write(`\r\n[exited with code ${new DataView(payload.buffer, payload.byteOffset).getInt32(0)}]\r\n`);
+      box.dataset.state = "exited";
+    } else if (tag === FRAME.error) {
+      term.write(`\r\n[error: ${dec.decode(payload)}]\r\n`);
+      box.dataset.state = "error";
+    }
+  };
+  ws.onclose = (e) => {
+    if (box.dataset.state === "connecting") {
+      term.write("\r\n[the server refused the terminal: see the role of your token]\r\n");
+      box.dataset.state = "refused";
+    } else if (box.dataset.state === "open") {
+      box.dataset.state = "closed";
+    }
+  };
+  term.onData((d) => { if (ws.readyState === 1) ws.send(frame(FRAME.stdin, enc.encode(d))); });
+  term.onResize(({ cols, rows }) => {
+    const p = new Uint8Array(4);
+    new DataView(p.buffer).setUint16(0, cols);
+    new DataView(p.buffer).setUint16(2, rows);
+    if (ws.readyState === 1) ws.send(frame(FRAME.resize, p));
+  });
+  window.addEventListener("resize", () => fit.fit());
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  if (document.querySelector('[data-live="overview"]')) liveOverview();
+  const svc = document.querySelector("[data-service]");
+  if (svc) servicePage(svc);
+});
+
+window.berth = { api };

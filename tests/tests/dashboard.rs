@@ -1,0 +1,248 @@
+//! The web dashboard in a real browser: berth (`up`, HTTPS with its internal CA) on the shared
+//! Swarm, and Debian's headless Chromium driven by playwright-core (`tests/browser/dashboard.mjs`)
+//! through sign-in, a live update, logs, the terminal, undo, the evidence download and a viewer's
+//! refusals. The HTTP-level guarantees (CSRF, cookie attributes, the policy) are checked here
+//! with a plain client, so a failure names the header that is wrong.
+
+use berth_e2e::{berth_bin, prefix, tempdir, Berth, Cleanup};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+fn service_yaml(name: &str, image: &str) -> String {
+    format!(
+        "apiVersion: berth/v1\nkind: Service\nmetadata:\n  name: {name}\nspec:\n  image: {image}\n  \
+         command: [\"sh\", \"-c\", \"while true; do echo dashboard-log-line; sleep 2; done\"]\n  \
+         init: true\n  stopGracePeriod: 1s\n  replicas: 1\n"
+    )
+}
+
+fn token(b: &Berth, role: &str) -> String {
+    let out = b.cli(&["token", "create", "--role", role]);
+    assert!(out.success, "token create {role}: {}", out.stderr);
+    out.stdout.trim().to_string()
+}
+
+fn browser_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+/// Where the README's screenshots go when `BERTH_SCREENSHOTS` names a directory.
+fn screenshots() -> Option<String> {
+    std::env::var("BERTH_SCREENSHOTS")
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_signs_in_watches_a_rollout_reads_logs_runs_a_command_and_a_viewer_may_not() {
+    assert!(
+        browser_dir().join("node_modules/playwright-core").is_dir(),
+        "e2e: tests/browser has no node_modules: scripts/test installs them (berth_browser_deps)"
+    );
+    let p = prefix("dash");
+    let _cleanup = Cleanup::new(&p);
+    // With the default backup plan, for the evidence page.
+    let b = Berth::start_tls_env("up", None, &[], &[("BERTH_NO_DEFAULT_BACKUP_PLAN", "0")]);
+    let name = format!("{p}-web");
+    let dir = tempdir("dashboard");
+    let v1 = dir.path().join("v1.yaml");
+    let v2 = dir.path().join("v2.yaml");
+    std::fs::write(&v1, service_yaml(&name, "berth-test/busybox:1")).unwrap();
+    std::fs::write(&v2, service_yaml(&name, "berth-test/busybox:2")).unwrap();
+    let viewer = token(&b, "viewer");
+
+    // A snapshot for the evidence page, of the plan berth makes at its first start.
+    berth_e2e::eventually(
+        &b,
+        Duration::from_secs(30),
+        "the environment plan",
+        || async {
+            b.object(berth_api_types::Kind::Backup, "environment")
+                .await
+                .map(|_| ())
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+    .await;
+    let out = b.cli_ok(&["backup", "run", "environment"]);
+    let snapshot = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no snapshot id in `{out}`"))
+        .to_string();
+
+    let run = Command::new("node")
+        .arg(browser_dir().join("dashboard.mjs"))
+        .current_dir(browser_dir())
+        .env("BERTH_URL", b.url())
+        .env("BERTH_BIN", berth_bin())
+        .env("BERTH_CA", b.ca_file())
+        .env("ADMIN_TOKEN", &b.token)
+        .env("VIEWER_TOKEN", &viewer)
+        .env("SERVICE", &name)
+        .env("MANIFEST_V1", &v1)
+        .env("MANIFEST_V2", &v2)
+        .env("SNAPSHOT", &snapshot)
+        .env("SCREENSHOTS", screenshots().unwrap_or_default())
+        .output()
+        .expect("e2e: cannot run node (scripts/test installs nodejs)");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    println!("{stdout}");
+    assert!(
+        run.status.success(),
+        "the browser run failed:\n{stdout}\n{stderr}\n--- berth log (tail) ---\n{}",
+        tail(&b.log_text(), 60)
+    );
+    assert!(stdout.contains("passed"), "{stdout}");
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The session's guarantees at the HTTP level: what the cookie is, that a write with it needs the
+/// page's CSRF token, that a sign-in from another site is refused, and the policy on every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cookie_needs_the_csrf_token_for_writes_and_pages_carry_a_strict_policy() {
+    let p = prefix("dash-csrf");
+    let _cleanup = Cleanup::new(&p);
+    let b = Berth::start_tls("up", None, &[]);
+    let c = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(b.ca_file()).unwrap()).unwrap(),
+        )
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let url = b.url();
+    let origin = url.clone();
+
+    // Anonymous: a page redirects to the sign-in form; the API still answers 401.
+    let r = c.get(format!("{url}/ui/")).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ui/login");
+
+    // A wrong token: 401, no cookie.
+    let r = c
+        .post(format!("{url}/ui/login"))
+        .header("origin", &origin)
+        .form(&[("token", "berth_nobody_00")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    // From another site: refused, even with the right token (login CSRF).
+    let r = c
+        .post(format!("{url}/ui/login"))
+        .header("origin", "https://evil.example")
+        .form(&[("token", b.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    let r = c
+        .post(format!("{url}/ui/login"))
+        .header("origin", &origin)
+        .form(&[("token", b.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    let session = cookie.split(';').next().unwrap().to_string();
+
+    let page = c
+        .get(format!("{url}/ui/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(csp.contains("script-src 'self';"), "{csp}");
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    let html = page.text().await.unwrap();
+    let csrf = html
+        .split("name=\"berth-csrf\" content=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("the page carries its CSRF token")
+        .to_string();
+    assert!(!html.contains(&b.token), "the page never shows the token");
+    assert!(
+        !html.contains("<script>") && !html.contains(" style=\""),
+        "no inline script or style"
+    );
+
+    // A write with the cookie and without the CSRF token: refused before the handler, and
+    // nothing is created.
+    let name = format!("{p}-x");
+    let manifest = serde_json::json!({
+        "apiVersion": "berth/v1", "kind": "Config",
+        "metadata": {"name": name}, "spec": {"data": {"a": "Yg=="}}
+    });
+    let r = c
+        .post(format!("{url}/apis/berth/v1/configs"))
+        .header("cookie", &session)
+        .json(&manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "CsrfRejected", "{body}");
+    assert!(b
+        .object(berth_api_types::Kind::Config, &name)
+        .await
+        .is_none());
+    let r = c
+        .post(format!("{url}/apis/berth/v1/configs"))
+        .header("cookie", &session)
+        .header("x-berth-csrf", "0".repeat(32))
+        .json(&manifest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "another session's or a made-up token");
+
+    // With it: the same write goes through, as the token's role allows.
+    let r = c
+        .post(format!("{url}/apis/berth/v1/configs"))
+        .header("cookie", &session)
+        .header("x-berth-csrf", &csrf)
+        .json(&manifest)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    b.cli_ok(&["delete", "config", &name]);
+
+    // Signing out clears the cookie.
+    let r = c
+        .post(format!("{url}/ui/logout?csrf={csrf}"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert!(r.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+}
