@@ -324,6 +324,15 @@ async fn routes_tls_and_conflicts(bus: Bus) {
         serde_json::json!(["https://app.example.test/"])
     );
     assert_eq!(app["status"]["proxy"], lb.as_str());
+    // The Secret's certificate is valid for 2 days (`openssl req -days 2`): its expiry is in status.
+    let not_after: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(app["status"]["certificateNotAfter"].clone())
+            .unwrap_or_else(|e| panic!("status.certificateNotAfter: {e}: {}", app["status"]));
+    let left = not_after - chrono::Utc::now();
+    assert!(
+        left > chrono::Duration::hours(47) && left <= chrono::Duration::hours(48),
+        "{not_after}"
+    );
 
     // HTTPS with the Secret's certificate: trusted with exactly that certificate as the root.
     let r = wait_reply(b, "https://app.example.test/", Some(&cert), |r| {
@@ -360,6 +369,11 @@ async fn routes_tls_and_conflicts(bus: Bus) {
     ));
     let ing_b = wait_condition(b, &format!("{p}-b"), "Ready", "True").await;
     assert_eq!(ing_b["status"]["delivery"], "live", "{}", ing_b["status"]);
+    assert!(
+        ing_b["status"]["certificateNotAfter"].is_string(),
+        "an internal-CA Ingress reports its CA's expiry: {}",
+        ing_b["status"]
+    );
     let ca = tmp.path().join("berth-ca.pem");
     std::fs::write(
         &ca,

@@ -205,18 +205,23 @@ impl Aggregator for IngressController {
         let mut statuses = BTreeMap::new();
         for o in &objects {
             if let Some(outcome) = plan.ingresses.get(o.name()) {
-                statuses.insert(
-                    o.name().to_string(),
-                    status::observed(
-                        &o.status,
-                        o.generation(),
-                        outcome,
-                        &self.settings.name,
-                        &proxy,
-                        ca_pem.as_deref(),
-                        now,
-                    ),
+                let mut s = status::observed(
+                    &o.status,
+                    o.generation(),
+                    outcome,
+                    &self.settings.name,
+                    &proxy,
+                    ca_pem.as_deref(),
+                    now,
                 );
+                s.certificate_not_after = match &o.object.spec.tls.secret_ref {
+                    Some(secret) => pems.get(secret).and_then(|pem| status::not_after(pem)),
+                    None => s
+                        .ca_certificate
+                        .as_deref()
+                        .and_then(|pem| status::not_after(pem.as_bytes())),
+                };
+                statuses.insert(o.name().to_string(), s);
             }
         }
         let action = if poll {

@@ -72,6 +72,22 @@ pub struct IngressStatus {
     /// clients trust.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificate: Option<String>,
+    /// When the certificate behind this Ingress stops being valid: the certificate of its
+    /// `tls.secretRef` Secret, or with `internal` TLS the internal CA's (the proxy renews the
+    /// short-lived certificates it issues from that CA by itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<DateTime<Utc>>,
+}
+
+/// The `notAfter` of the first certificate in `pem` (which may hold a private key too).
+pub fn not_after(pem: &[u8]) -> Option<DateTime<Utc>> {
+    x509_parser::pem::Pem::iter_from_buffer(pem)
+        .filter_map(Result::ok)
+        .find(|p| p.label == "CERTIFICATE")
+        .and_then(|p| {
+            let cert = p.parse_x509().ok()?;
+            DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
+        })
 }
 
 /// What the proxy is doing, as the reconcile found it.
@@ -187,6 +203,7 @@ fn not_accepted(
     s.delivery = None;
     s.proxies = None;
     s.ca_certificate = None;
+    s.certificate_not_after = None;
     let c = &mut s.conditions;
     set_condition(c, conditions::ACCEPTED, False, reason, message, now);
     set_condition(c, conditions::READY, False, reason, message, now);
@@ -320,6 +337,21 @@ mod tests {
     use super::*;
     use berth_api_types::meta::condition;
     use berth_api_types::ConditionStatus;
+
+    #[test]
+    fn the_certificate_expiry_is_read_from_a_key_and_certificate_pem() {
+        let mut params = rcgen::CertificateParams::new(vec!["shop.example".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 3, 4);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        // As the proxy gets it from a Secret: the key first, then the certificate.
+        let pem = format!("{}{}", key.serialize_pem(), cert.pem());
+        assert_eq!(
+            not_after(pem.as_bytes()).map(|t| t.to_rfc3339()),
+            Some("2031-03-04T00:00:00+00:00".to_string())
+        );
+        assert_eq!(not_after(b"not a certificate"), None);
+    }
 
     fn cond(s: &IngressStatus, t: &str) -> (ConditionStatus, String, String) {
         let c = condition(&s.conditions, t).unwrap();
