@@ -910,6 +910,41 @@ mod tests {
         assert!(checked >= RULES.len() * 10, "{checked}");
     }
 
+    /// The dashboard shows a role what the API would answer it: a deployer's overview lists its
+    /// own Service only and no cluster-wide sections; a viewer sees no undo and no terminal; the
+    /// admin sees both.
+    #[tokio::test]
+    async fn dashboard_pages_follow_the_role() {
+        let w = world().await;
+        let get = |role: Role, path: &'static str| {
+            let app = w.app.clone();
+            let token = w.tokens[&role].clone();
+            async move { crate::server::send_test(&app, "GET", path, Some(&token), None).await }
+        };
+        let (code, html) = get(Role::Deployer, "/ui/").await;
+        assert_eq!(code, 200);
+        assert!(html.contains("id=\"svc-web\""), "{html}");
+        assert!(
+            !html.contains("svc-other"),
+            "a deployer sees only its own Services"
+        );
+        assert!(!html.contains("id=\"nodes\""), "nor the cluster's nodes");
+        let (code, html) = get(Role::Viewer, "/ui/").await;
+        assert_eq!(code, 200);
+        assert!(html.contains("svc-other") && html.contains("id=\"nodes\""));
+        assert!(
+            !html.contains("href=\"/ui/audit\""),
+            "the audit is the admin's"
+        );
+        let (_, html) = get(Role::Viewer, "/ui/services/web").await;
+        assert!(!html.contains("terminal-section"), "a viewer has no exec");
+        let (_, html) = get(Role::Admin, "/ui/services/web").await;
+        assert!(html.contains("terminal-section"));
+        assert_eq!(get(Role::Deployer, "/ui/services/other").await.0, 403);
+        assert_eq!(get(Role::Deployer, "/ui/backups").await.0, 403);
+        assert_eq!(get(Role::Viewer, "/ui/audit").await.0, 403);
+    }
+
     /// Who may do what, spelled out for the rows an auditor asks about first.
     #[tokio::test]
     async fn least_privilege_by_role() {

@@ -613,11 +613,7 @@ async fn ws_bridge(socket: axum::extract::ws::WebSocket, prepared: Prepared) {
     let upstream = async {
         while let Some(Ok(msg)) = ws_in.next().await {
             match msg {
-                Message::Binary(b) => {
-                    if to_exec.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(b) if to_exec.write_all(&b).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }
@@ -650,10 +646,15 @@ async fn ws_bridge(socket: axum::extract::ws::WebSocket, prepared: Prepared) {
             }
         }
     };
-    // The exec ends when its last frame is sent; a page that stops reading ends it too.
-    tokio::select! {
-        _ = downstream => {}
-        _ = upstream => {}
+    // The exec ends when its last frame is sent; a page that goes away ends it too, once the
+    // command has had a moment to read the end of its input (a shell then exits by itself).
+    let page_left = tokio::select! {
+        _ = downstream => false,
+        _ = upstream => true,
+    };
+    let mut session = session;
+    if page_left {
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut session).await;
     }
     session.abort();
 }

@@ -148,6 +148,26 @@ fn the_demo_shows_https_a_webhook_deploy_and_drift_repair_and_down_removes_it_al
         .trim()
         .to_string();
     assert!(!instance.is_empty());
+    // The dashboard it points to answers with its sign-in form.
+    let dashboard = text
+        .split("The dashboard: ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no dashboard URL in:\n{text}"))
+        .to_string();
+    let ca =
+        reqwest::Certificate::from_pem(&std::fs::read(demo.dir.join("ca.pem")).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let page = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(client.get(&dashboard).send())
+        .unwrap();
+    assert_eq!(page.status(), 200, "{dashboard}");
+    assert!(page.url().path().ends_with("/ui/login"), "{}", page.url());
+
     let berth = pid_alive(&demo.dir.join("berth.pid")).expect("berth runs after the demo");
     let nats = pid_alive(&demo.dir.join("nats.pid")).expect("nats-server runs after the demo");
     assert!(!docker_ls("service", &instance).is_empty());

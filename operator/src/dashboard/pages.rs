@@ -182,14 +182,91 @@ fn service_row(o: &DynObject) -> Markup {
     }
 }
 
-fn services_table(services: &[DynObject]) -> Markup {
+/// Services on one page of the overview: a person reads the ones that need attention first, and
+/// a browser lays out a hundred rows in a few milliseconds where a thousand take hundreds.
+pub const PAGE_SIZE: usize = 100;
+
+/// Which Services the overview lists: a page of them, optionally filtered by name or image.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ServicesQuery {
+    #[serde(default)]
+    page: Option<usize>,
+    /// A part of the name or image.
+    #[serde(default)]
+    q: Option<String>,
+}
+
+/// Not Ready first (Degraded, then rolling out or waiting), then by name.
+fn attention(state: &str) -> u8 {
+    match state {
+        "Ready" => 2,
+        "Degraded" => 0,
+        _ => 1,
+    }
+}
+
+/// Counts by state, over every Service the token may read.
+fn services_summary(services: &[DynObject]) -> Markup {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for o in services {
+        *counts.entry(service_state(o)).or_default() += 1;
+    }
     html! {
-        section #services {
-            h2 { "Services " span.count { (services.len()) } }
+        p #services-summary data-section="summary" {
+            (services.len()) " Services"
+            @for (state, n) in &counts {
+                " · " span class=(format!("badge {}", state_class(state))) { (n) " " (state) }
+            }
+        }
+    }
+}
+
+fn services_table(all: &[DynObject], q: &ServicesQuery) -> Markup {
+    let filter = q.q.as_deref().map(str::trim).filter(|f| !f.is_empty());
+    // Each state worked out once: the sort compares them n log n times.
+    let mut shown: Vec<(u8, &DynObject)> = all
+        .iter()
+        .filter(|o| {
+            filter.is_none_or(|f| {
+                o.metadata.name.contains(f) || str_at(&o.spec, "/image").contains(f)
+            })
+        })
+        .map(|o| (attention(&service_state(o)), o))
+        .collect();
+    shown.sort_by(|a, b| (a.0, &a.1.metadata.name).cmp(&(b.0, &b.1.metadata.name)));
+    let pages = shown.len().div_ceil(PAGE_SIZE).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, pages);
+    let rows =
+        &shown[((page - 1) * PAGE_SIZE).min(shown.len())..(page * PAGE_SIZE).min(shown.len())];
+    let link = |n: usize| {
+        let mut qs = form_urlencoded::Serializer::new(String::new());
+        qs.append_pair("page", &n.to_string());
+        if let Some(f) = filter {
+            qs.append_pair("q", f);
+        }
+        format!("{}?{}", paths::UI_HOME, qs.finish())
+    };
+    html! {
+        section #services data-page=(page) data-filtered=(filter.is_some()) data-page-size=(PAGE_SIZE) {
+            div.heading {
+                h2 { "Services" }
+                (services_summary(all))
+                form.filter method="get" action=(paths::UI_HOME) {
+                    input type="search" name="q" placeholder="name or image" value=(filter.unwrap_or(""));
+                    button type="submit" { "Filter" }
+                }
+            }
             table {
                 thead { tr { th { "Name" } th { "Replicas" } th { "State" } th { "Image" } th { "Last rollout" } } }
                 tbody #services-body {
-                    @for o in services { (service_row(o)) }
+                    @for (_, o) in rows { (service_row(o)) }
+                }
+            }
+            @if pages > 1 {
+                nav.pages {
+                    @if page > 1 { a #prev-page href=(link(page - 1)) { "‹ previous" } }
+                    span { "page " (page) " of " (pages) " (" (shown.len()) " Services, not Ready first)" }
+                    @if page < pages { a #next-page href=(link(page + 1)) { "next ›" } }
                 }
             }
         }
@@ -231,7 +308,7 @@ fn ingresses_section(state: &AppState) -> Result<Markup, ApiError> {
                 tbody {
                     @for i in &ingresses {
                         @let ready = if conditions(i).iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True) { "Ready" } else { "Pending" };
-                        @let tls = match str_at(&i.spec, "/tls/secretRef") { "" => "internal CA (renewed by the proxy)".to_string(), s => format!("Secret {s}") };
+                        @let tls = certificate(i);
                         @for rule in i.spec.get("rules").and_then(Value::as_array).into_iter().flatten() {
                             @for path in rule.get("paths").and_then(Value::as_array).into_iter().flatten() {
                                 tr {
@@ -247,6 +324,27 @@ fn ingresses_section(state: &AppState) -> Result<Markup, ApiError> {
             }
         }
     })
+}
+
+/// Where an Ingress's certificate comes from and when it expires (red within 14 days).
+fn certificate(i: &DynObject) -> Markup {
+    let not_after = i
+        .status
+        .get("certificateNotAfter")
+        .and_then(|v| serde_json::from_value::<DateTime<Utc>>(v.clone()).ok());
+    let source = match str_at(&i.spec, "/tls/secretRef") {
+        "" => "internal CA".to_string(),
+        s => format!("Secret {s}"),
+    };
+    html! {
+        (source)
+        @if let Some(t) = not_after {
+            @let days = (t - Utc::now()).num_days();
+            " · " span class=(if days < 14 { "error" } else { "" }) title=(format_time(&t)) {
+                @if days < 0 { "expired " (format_time(&t)) } @else { "expires in " (days) " days" }
+            }
+        }
+    }
 }
 
 fn verification_cell(v: Option<&Verification>) -> Markup {
@@ -332,14 +430,14 @@ fn event_word(t: berth_api_types::EventType) -> &'static str {
 pub async fn overview(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
+    crate::extract::Query(q): crate::extract::Query<ServicesQuery>,
     headers: axum::http::HeaderMap,
 ) -> PageResult {
-    let mut services = visible_services(&state, &p)?;
-    services.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let services = visible_services(&state, &p)?;
     let everything = p.role != Role::Deployer;
     let body = html! {
         div.overview data-live="overview" {
-            (services_table(&services))
+            (services_table(&services, &q))
             @if everything {
                 div.grid {
                     (nodes_section(&state)?)
@@ -382,6 +480,7 @@ pub async fn section(
         ));
     }
     let m = match section.as_str() {
+        "summary" => services_summary(&visible_services(&state, &p)?),
         "nodes" => nodes_section(&state)?,
         "ingresses" => ingresses_section(&state)?,
         "backups" => backups_section(&state)?,
@@ -390,7 +489,7 @@ pub async fn section(
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!("no section `{other}` (nodes, ingresses, backups, events)"),
+                format!("no section `{other}` (summary, nodes, ingresses, backups, events)"),
             ))
         }
     };
@@ -625,6 +724,44 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    fn ready(ok: bool) -> Value {
+        serde_json::json!({"conditions": [{"type": "Ready", "status": if ok { "True" } else { "False" },
+            "reason": if ok { "AllTasksRunning" } else { "TaskFailed" }, "message": "",
+            "lastTransitionTime": "2026-11-30T00:00:00Z"}]})
+    }
+
+    #[test]
+    fn the_overview_pages_services_not_ready_first_and_filters_them() {
+        let all: Vec<DynObject> = (0..250)
+            .map(|i| svc(&format!("s{i:03}"), ready(i != 200)))
+            .collect();
+        let page = |q: ServicesQuery| services_table(&all, &q).into_string();
+        let first = page(ServicesQuery::default());
+        assert_eq!(first.matches("<tr id=\"svc-").count(), PAGE_SIZE);
+        let first_row = first.find("<tr id=\"svc-").unwrap();
+        assert!(
+            first[first_row..].starts_with("<tr id=\"svc-s200\""),
+            "the failing one leads"
+        );
+        assert!(first.contains("page 1 of 3"));
+        assert!(first.contains("250 Services"));
+        let last = page(ServicesQuery {
+            page: Some(9),
+            q: None,
+        });
+        assert!(
+            last.contains("page 3 of 3"),
+            "a page past the end is the last"
+        );
+        assert_eq!(last.matches("<tr id=\"svc-").count(), 50);
+        let found = page(ServicesQuery {
+            page: None,
+            q: Some("s12".into()),
+        });
+        assert_eq!(found.matches("<tr id=\"svc-").count(), 10, "s120..s129");
+        assert!(!found.contains("page 1 of"), "one page needs no pager");
     }
 
     #[test]

@@ -119,6 +119,17 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         reads: usize,
     },
+    /// Dashboard page loads (issue 19) in Debian's headless Chromium with N Services: a fresh
+    /// `berth api` (HTTPS) whose Services carry the status a controller writes (conditions,
+    /// replicas, revisions), then each page loaded L times; Navigation Timing per load, and the
+    /// server's time for the overview measured alone with a plain client.
+    Dashboard {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Timed loads of each page (after one warm-up load).
+        #[arg(long, default_value_t = 20)]
+        loads: usize,
+    },
     Scale {
         /// Config objects, applied as one multi-document file.
         #[arg(long, default_value_t = 10_000)]
@@ -258,6 +269,7 @@ async fn main() -> Result<()> {
             resync_secs,
             periods,
         } => scale(objects, services, resync_secs, periods).await,
+        Cmd::Dashboard { services, loads } => dashboard_load::run(services, loads).await,
         Cmd::WebhookLatency {
             services,
             rate,
@@ -1499,5 +1511,149 @@ mod store_apply {
             bail!("{} of {n} applies were timed", all.len());
         }
         Ok(all)
+    }
+}
+
+mod dashboard_load {
+    use super::percentile;
+    use anyhow::{bail, Context, Result};
+    use berth_api_types::names::paths;
+    use berth_api_types::Kind;
+    use berth_e2e::{Berth, Nats};
+    use serde_json::json;
+    use std::time::Instant;
+
+    pub async fn run(n: usize, loads: usize) -> Result<()> {
+        let browser = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
+        if !browser.join("node_modules/playwright-core").is_dir() {
+            bail!("tests/browser has no node_modules: run scripts/test's prereqs (berth_browser_deps)");
+        }
+        let nats = Nats::start();
+        let b = Berth::start_tls("api", Some(nats.url()), &[]);
+        let items: Vec<_> = (0..n)
+            .map(|i| {
+                json!({"apiVersion": "berth/v1", "kind": "Service",
+                       "metadata": {"name": format!("svc-{i:04}")},
+                       "spec": {"image": format!("registry.example/team/app-{i}:3"), "replicas": 2}})
+            })
+            .collect();
+        let t = Instant::now();
+        let (code, body) = b.api_post(paths::APPLY, &json!({ "items": items })).await;
+        if code != 200 {
+            bail!("apply of {n} Services: {code} {body}");
+        }
+        println!(
+            "dashboard: {n} Services applied in {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+        // The status a converged Service carries, written as its controller writes it.
+        let client = b.client();
+        let ctl = b.controller_token().to_string();
+        let now = chrono::Utc::now();
+        for i in 0..n {
+            let name = format!("svc-{i:04}");
+            let cond = |t: &str, s: &str| {
+                json!({"type": t, "status": s, "reason": "AllTasksRunning",
+                "message": "2/2 tasks running", "lastTransitionTime": now})
+            };
+            let revs: Vec<_> = (1..=3)
+                .map(|r| {
+                    json!({"revision": r, "image": format!("registry.example/team/app-{i}:{r}"),
+                    "generation": r, "time": now, "trigger": "webhook", "result": "complete"})
+                })
+                .collect();
+            let status = json!({"status": {
+                "observedGeneration": 1, "desiredReplicas": 2, "runningReplicas": 2, "updatedReplicas": 2,
+                "image": format!("registry.example/team/app-{i}:3"),
+                "conditions": [cond("Ready", "True"), cond("Progressing", "False"), cond("Degraded", "False")],
+                "revisions": revs,
+            }});
+            let r = client
+                .put(format!(
+                    "{}{}/status",
+                    b.url(),
+                    paths::object(Kind::Service, &name)
+                ))
+                .bearer_auth(&ctl)
+                .json(&status)
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("status of {name}: {} {}", r.status(), r.text().await?);
+            }
+        }
+        // The server alone: the overview's HTML with a bearer token, no browser.
+        let mut server = Vec::new();
+        let mut bytes = 0;
+        for i in 0..=loads {
+            let t = Instant::now();
+            let body = client
+                .get(format!("{}{}", b.url(), paths::UI_HOME))
+                .bearer_auth(&b.token)
+                .send()
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            if i > 0 {
+                server.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            bytes = body.len();
+        }
+        server.sort_by(f64::total_cmp);
+        let pages = [
+            paths::UI_HOME.to_string(),
+            paths::ui_service("svc-0500"),
+            paths::UI_BACKUPS.to_string(),
+        ];
+        let out = std::process::Command::new("node")
+            .arg(browser.join("page-load.mjs"))
+            .current_dir(&browser)
+            .env("BERTH_URL", b.url())
+            .env("TOKEN", &b.token)
+            .env("PAGES", pages.join(","))
+            .env("LOADS", loads.to_string())
+            .output()
+            .context("node (scripts/test installs nodejs)")?;
+        if !out.status.success() {
+            bail!("page-load.mjs: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!(
+            "server: GET {} ({} KiB of HTML, {n} Services): p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({loads} requests)",
+            paths::UI_HOME,
+            bytes / 1024,
+            percentile(&server, 0.5),
+            percentile(&server, 0.95),
+            server.last().copied().unwrap_or(f64::NAN)
+        );
+        println!();
+        println!(
+            "| page | response end p50 | DOMContentLoaded p50 | load p50 | load p95 | load max |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let col = |k: &str| {
+                let mut xs: Vec<f64> = v["runs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r[k].as_f64())
+                    .collect();
+                xs.sort_by(f64::total_cmp);
+                xs
+            };
+            let load = col("load");
+            println!(
+                "| `{}` | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |",
+                v["path"].as_str().unwrap_or(""),
+                percentile(&col("response"), 0.5),
+                percentile(&col("dcl"), 0.5),
+                percentile(&load, 0.5),
+                percentile(&load, 0.95),
+                load.last().copied().unwrap_or(f64::NAN),
+            );
+        }
+        Ok(())
     }
 }

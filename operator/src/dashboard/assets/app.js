@@ -74,20 +74,25 @@ async function replaceWith(el, url) {
 function liveOverview() {
   const later = debouncer(250);
   const sectionOf = { Node: "nodes", Ingress: "ingresses", Backup: "backups" };
+  const services = document.getElementById("services");
   const onEvent = (e) => {
     if (e.kind === "Service") {
       later(`svc/${e.name}`, async () => {
         const id = `svc-${e.name}`;
         let row = document.getElementById(id);
+        // A Service not on this page appears here only on an unfiltered first page with room.
+        const body = document.getElementById("services-body");
+        const room = services.dataset.page === "1" && services.dataset.filtered === "false"
+          && body.childElementCount < Number(services.dataset.pageSize);
+        if (!row && !room) return;
         if (!row) {
           row = document.createElement("tr");
           row.id = id;
-          document.getElementById("services-body")?.appendChild(row);
+          body.appendChild(row);
         }
         await replaceWith(row, `/ui/rows/services/${encodeURIComponent(e.name)}`);
-        const count = document.querySelector("#services .count");
-        if (count) count.textContent = document.querySelectorAll("#services-body tr").length;
       });
+      later("summary", () => replaceWith(document.getElementById("services-summary"), "/ui/sections/summary"));
     }
     for (const section of [sectionOf[e.kind], "events"]) {
       const el = section && document.querySelector(`[data-section="${section}"]`);
