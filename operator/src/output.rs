@@ -135,7 +135,7 @@ pub fn csv(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-fn status_conditions(obj: &DynObject) -> Vec<berth_api_types::Condition> {
+pub(crate) fn status_conditions(obj: &DynObject) -> Vec<berth_api_types::Condition> {
     obj.status
         .get("conditions")
         .cloned()

@@ -107,11 +107,7 @@ fn visible_services(state: &AppState, p: &Principal) -> Result<Vec<DynObject>, A
 }
 
 fn conditions(o: &DynObject) -> Vec<Condition> {
-    o.status
-        .get("conditions")
-        .cloned()
-        .and_then(|c| serde_json::from_value(c).ok())
-        .unwrap_or_default()
+    crate::output::status_conditions(o)
 }
 
 /// A Service's state in one word, as `berth get services` shows it.
@@ -137,6 +133,8 @@ fn state_class(state: &str) -> &'static str {
     }
 }
 
+/// The revision history, empty when absent or malformed: a page shows what it can read rather
+/// than failing on one object.
 fn revisions(o: &DynObject) -> Vec<Revision> {
     o.status
         .get("revisions")
