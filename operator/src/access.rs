@@ -243,8 +243,7 @@ fn deployer_path_allows(
     {
         return own;
     }
-    let own_service = param("plural") == Some("services")
-        && param("name").is_some_and(|n| p.services.iter().any(|s| s == n));
+    let own_service = param("plural") == Some("services") && own;
     let shape_ok = match *method {
         Method::GET | Method::HEAD => [
             "/{plural}/{name}",

@@ -335,14 +335,23 @@ async fn offline(
     // A dry run writes nothing: against a data directory that has no store yet, it runs against
     // a throwaway one (everything would be created).
     let scratch = tempfile::tempdir().map_err(|e| format!("error: {e}"))?;
-    let (store_dir, key) = if dry_run && !store_dir.exists() {
-        (scratch.path().join("store"), MasterKey::random("dry run"))
+    let opened = |dir: &std::path::Path| {
+        crate::store::open_sled(dir)
+            .map(|db| (db, dir.display().to_string()))
+            .map_err(|e| format!("error: {e}"))
+    };
+    let ((db, shown), key) = if dry_run && !store_dir.exists() {
+        (
+            opened(&scratch.path().join("store"))?,
+            MasterKey::random("dry run"),
+        )
     } else {
         // What berth writes there is private, as when the server makes it (see `data_dir`).
         crate::data_dir::prepare(data_dir, &crate::data_dir::KEY_FILES)
             .map_err(|e| format!("error: {e}"))?;
+        let db = opened(&store_dir)?;
         if !dry_run {
-            let adopted = Store::adopt_installation(&store_dir, &doc.installation)
+            let adopted = Store::adopt_installation(&db.0, &doc.installation)
                 .map_err(|e| format!("error: {e}"))?;
             if !adopted {
                 eprintln!(
@@ -356,11 +365,11 @@ async fn offline(
             }
         }
         (
-            store_dir,
+            db,
             MasterKey::resolve(data_dir).map_err(|e| format!("error: {e}"))?,
         )
     };
-    let store = Store::open(&store_dir, &key)
+    let store = Store::open_db(db, &shown, &key)
         .await
         .map_err(|e| format!("error: {e}"))?;
     let plan = environment::restore(&store, &doc, dry_run)

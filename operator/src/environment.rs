@@ -224,9 +224,10 @@ mod tests {
         assert!(!text.contains("aGVsbG8="), "a Secret's value is in clear");
 
         // A fresh store takes the installation id, then the objects under its own master key.
-        assert!(Store::adopt_installation(b_dir.path(), &doc.installation).unwrap());
+        let b_db = crate::store::open_sled(b_dir.path()).unwrap();
+        assert!(Store::adopt_installation(&b_db, &doc.installation).unwrap());
         let key_b = MasterKey::random("test b");
-        let b = Store::open(b_dir.path(), &key_b).await.unwrap();
+        let b = Store::open_db(b_db, "b", &key_b).await.unwrap();
         assert_eq!(b.instance(), a.instance());
         let dry = restore(&b, &doc, true).await.unwrap();
         assert!(dry
@@ -257,8 +258,8 @@ mod tests {
             .all(|r| r.outcome == ApplyOutcome::Unchanged));
         assert!(b.get(Kind::Service, "extra").unwrap().is_some());
         // A store that holds objects keeps its own id.
-        drop(b);
-        assert!(!Store::adopt_installation(b_dir.path(), "other").unwrap());
+        let b_db = b.db().clone();
+        assert!(!Store::adopt_installation(&b_db, "other").unwrap());
     }
 
     #[tokio::test]

@@ -41,7 +41,7 @@ use berth_api_types::{DynObject, Event, EventType, Kind, ObjectMeta};
 use chrono::Utc;
 use serde_json::Value;
 use sled::transaction::TransactionError;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, Notify};
 
@@ -228,11 +228,21 @@ pub(crate) fn open_sled(dir: &Path) -> Result<Db, StoreError> {
         .path(dir)
         .cache_capacity(SLED_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput);
-    // sled releases its file lock from its background flusher after the last handle is dropped,
-    // not at the drop: a store reopened at once in the same process (tests; an in-process restart)
-    // may find it still held for a moment (seen under load). Another process holding it keeps it,
-    // and is reported after this wait.
-    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    // sled releases its file lock from its background threads after the last handle is dropped,
+    // not at the drop: a store reopened at once in the same process (tests; a restore; an
+    // in-process restart) may find it still held, for seconds under load (seen in CI). A store
+    // this process opened before is waited for patiently; one it never opened is another
+    // process's, reported after a short wait.
+    let ours = OPENED_SLED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&lock_key(dir));
+    let wait = if ours {
+        SLED_OWN_LOCK_WAIT
+    } else {
+        SLED_LOCK_WAIT
+    };
+    let deadline = std::time::Instant::now() + wait;
     loop {
         match config.open() {
             Err(sled::Error::Io(e))
@@ -241,17 +251,30 @@ pub(crate) fn open_sled(dir: &Path) -> Result<Db, StoreError> {
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            other => {
-                return other
-                    .map(Db::Sled)
-                    .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))
+            Ok(db) => {
+                OPENED_SLED
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(lock_key(dir));
+                return Ok(Db::Sled(db));
             }
+            Err(e) => return Err(StoreError::Storage(format!("{}: {e}", dir.display()))),
         }
     }
 }
 
-/// How long opening the sled store waits for a lock its own process is still releasing.
+/// The sled directories this process has opened: their lock may still be ours, being released.
+static OPENED_SLED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn lock_key(dir: &Path) -> PathBuf {
+    dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// How long opening the sled store waits for a lock held elsewhere (another process: reported).
 const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long it waits for a lock this process is still releasing.
+const SLED_OWN_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub(crate) fn key(kind: Kind, name: &str) -> String {
     format!("{}/{}", kind.lower(), name)
@@ -376,13 +399,17 @@ impl Store {
     /// Makes a store that holds no objects yet take the installation id `id` (an environment
     /// restore into a fresh data directory: the restored installation then owns, and adopts, the
     /// Swarm objects the snapshot's installation made). Returns whether it did; a store that
-    /// holds objects keeps its own id. Must run before [`Store::open`] on the same directory.
-    pub fn adopt_installation(dir: &Path, id: &str) -> Result<bool, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()
-            .map_err(|e| StoreError::Storage(format!("{}: {e}", dir.display())))?;
+    /// holds objects keeps its own id. Runs on the database [`Store::open_db`] then opens, so
+    /// the store is opened once (a sled store reopened at once in the same process may still
+    /// find its lock held by the first handle's flusher).
+    pub fn adopt_installation(db: &Db, id: &str) -> Result<bool, StoreError> {
+        let Db::Sled(db) = db else {
+            return Err(StoreError::Storage(
+                "an environment restore writes a new sled store (--data-dir); move it to NATS \
+                 afterwards with `berth admin migrate-store`"
+                    .into(),
+            ));
+        };
         let objects = db.open_tree("objects")?;
         if !objects.is_empty() {
             return Ok(false);
