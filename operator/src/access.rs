@@ -232,10 +232,14 @@ fn deployer_path_allows(
     params: &[(String, String)],
 ) -> bool {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    if route == paths::APPLY || route == paths::UI_HOME {
-        // Every object of the apply is checked by the handler; the overview shows a deployer
-        // its own Services only.
+    if route == paths::APPLY || route == paths::UI_HOME || route == paths::EVENTS {
+        // Every object of the apply is checked by the handler; the overview and the events show
+        // a deployer its own Services only.
         return true;
+    }
+    if route == paths::ui_section("{section}") {
+        // The counts of its own Services; the cluster's sections are not a deployer's.
+        return param("section") == Some("summary");
     }
     let own = param("name").is_some_and(|n| p.services.iter().any(|s| s == n));
     if *method == Method::GET
@@ -887,6 +891,7 @@ mod tests {
                         || matches!(rule.need, Need::Token | Need::Public)
                         || rule.path == paths::APPLY
                         || rule.path == paths::UI_HOME
+                        || rule.path == paths::EVENTS
                         || (name == "web"
                             && rule.path.contains("{name}")
                             && !rule.path.ends_with("/data")
@@ -942,6 +947,24 @@ mod tests {
         assert_eq!(get(Role::Deployer, "/ui/services/other").await.0, 403);
         assert_eq!(get(Role::Deployer, "/ui/backups").await.0, 403);
         assert_eq!(get(Role::Viewer, "/ui/audit").await.0, 403);
+        assert_eq!(get(Role::Deployer, "/ui/sections/nodes").await.0, 403);
+        let (code, html) = get(Role::Deployer, "/ui/sections/summary").await;
+        assert_eq!(code, 200);
+        assert!(html.contains("1 Services"), "its own only: {html}");
+        // The event stream a live overview reads: a deployer's holds its own Services only.
+        let (code, events) = get(Role::Deployer, "/apis/berth/v1/events").await;
+        assert_eq!(code, 200);
+        let events: Value = serde_json::from_str(&events).unwrap();
+        let items = events["items"].as_array().unwrap();
+        assert!(!items.is_empty());
+        assert!(
+            items
+                .iter()
+                .all(|e| e["kind"] == "Service" && e["name"] == "web"),
+            "{events}"
+        );
+        let (_, all) = get(Role::Viewer, "/apis/berth/v1/events").await;
+        assert!(all.contains("\"other\"") && all.contains("\"pw\""), "{all}");
     }
 
     /// Who may do what, spelled out for the rows an auditor asks about first.
@@ -1168,7 +1191,7 @@ mod tests {
         for (method, path) in [
             ("DELETE", web.clone()),
             ("GET", api("/services")),
-            ("GET", paths::EVENTS.to_string()),
+            // (Events it may read: those of its own Services; see dashboard_pages_follow_the_role.)
             ("GET", api("/services/other")),
         ] {
             assert_eq!(

@@ -815,8 +815,17 @@ struct EventsQuery {
 
 async fn events(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Response> {
+    // A deployer reads the events of the Services on its token only, as it reads those Services.
+    let scope = (principal.role == berth_api_types::access::Role::Deployer)
+        .then(|| Arc::new(principal.services.clone()));
+    let visible = move |e: &berth_api_types::Event| {
+        scope
+            .as_ref()
+            .is_none_or(|s| e.kind == Kind::Service && s.contains(&e.name))
+    };
     let kind = match q.kind.as_deref() {
         Some(k) => Some(Kind::parse_loose(k).ok_or_else(|| {
             ApiError::new(
@@ -831,8 +840,9 @@ async fn events(
         let rx = state.store.watch();
         let name = q.name.clone();
         let stream = tokio_stream_from(rx).filter_map(move |e| {
-            let keep =
-                kind.is_none_or(|k| k == e.kind) && name.as_deref().is_none_or(|n| n == e.name);
+            let keep = kind.is_none_or(|k| k == e.kind)
+                && name.as_deref().is_none_or(|n| n == e.name)
+                && visible(&e);
             let line = keep.then(|| {
                 let mut s = serde_json::to_string(&e).unwrap_or_default();
                 s.push('\n');
@@ -846,10 +856,11 @@ async fn events(
         )
             .into_response());
     }
-    let items =
+    let mut items =
         state
             .store
             .recent_events(kind, q.name.as_deref(), q.limit.unwrap_or(100).min(5000))?;
+    items.retain(|e| visible(e));
     Ok(Json(List { items }).into_response())
 }
 

@@ -470,7 +470,7 @@ pub async fn section(
     Extension(p): Extension<Principal>,
     crate::extract::Path(section): crate::extract::Path<String>,
 ) -> PageResult {
-    if p.role == Role::Deployer {
+    if p.role == Role::Deployer && section != "summary" {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Forbidden",
