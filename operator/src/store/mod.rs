@@ -245,8 +245,9 @@ pub(crate) fn open_sled(dir: &Path) -> Result<Db, StoreError> {
     let deadline = std::time::Instant::now() + wait;
     loop {
         match config.open() {
+            // sled reports a held lock as an `Other` I/O error with the OS error in its text.
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
+                if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1152,6 +1153,24 @@ mod tests {
     use super::testing::*;
     use super::*;
     use serde_json::json;
+
+    /// A store this process still holds is waited for (as a reopen right after a drop, whose lock
+    /// sled releases later); a directory it never opened is not, and sled's lock error is
+    /// recognised as such.
+    #[test]
+    fn a_lock_this_process_holds_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open_sled(dir.path()).unwrap();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            drop(first);
+        });
+        let started = std::time::Instant::now();
+        let second = open_sled(dir.path());
+        assert!(second.is_ok(), "{:?}", second.err());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+        holder.join().unwrap();
+    }
 
     #[tokio::test]
     async fn generation_moves_only_with_spec() {
