@@ -238,8 +238,9 @@ fn deployer_path_allows(
         return true;
     }
     if route == paths::ui_section("{section}") {
-        // The counts of its own Services; the cluster's sections are not a deployer's.
-        return param("section") == Some("summary");
+        // Its own Services' table and counts; the cluster's sections are not a deployer's.
+        return param("section")
+            .is_some_and(|s| crate::dashboard::pages::DEPLOYER_SECTIONS.contains(&s));
     }
     let own = param("name").is_some_and(|n| p.services.iter().any(|s| s == n));
     if *method == Method::GET
@@ -951,6 +952,14 @@ mod tests {
         let (code, html) = get(Role::Deployer, "/ui/sections/summary").await;
         assert_eq!(code, 200);
         assert!(html.contains("1 Services"), "its own only: {html}");
+        // The table a live page reads again after its event stream was down.
+        let (code, html) = get(Role::Deployer, "/ui/sections/services?page=1").await;
+        assert_eq!(code, 200);
+        assert!(html.starts_with("<section id=\"services\""), "{html}");
+        assert!(
+            html.contains("svc-web") && !html.contains("svc-other"),
+            "{html}"
+        );
         // The event stream a live overview reads: a deployer's holds its own Services only.
         let (code, events) = get(Role::Deployer, "/apis/berth/v1/events").await;
         assert_eq!(code, 200);

@@ -5,8 +5,9 @@
 //! with a plain client, so a failure names the header that is wrong.
 
 use berth_e2e::{berth_bin, prefix, tempdir, Berth, Cleanup};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn service_yaml(name: &str, image: &str) -> String {
@@ -43,13 +44,20 @@ async fn a_person_signs_in_watches_a_rollout_reads_logs_runs_a_command_and_a_vie
     let p = prefix("dash");
     let _cleanup = Cleanup::new(&p);
     // With the default backup plan, for the evidence page.
-    let b = Berth::start_tls_env("up", None, &[], &[("BERTH_NO_DEFAULT_BACKUP_PLAN", "0")]);
+    let mut b = Berth::start_tls_env("up", None, &[], &[("BERTH_NO_DEFAULT_BACKUP_PLAN", "0")]);
     let name = format!("{p}-web");
     let dir = tempdir("dashboard");
     let v1 = dir.path().join("v1.yaml");
     let v2 = dir.path().join("v2.yaml");
     std::fs::write(&v1, service_yaml(&name, "berth-test/busybox:1")).unwrap();
     std::fs::write(&v2, service_yaml(&name, "berth-test/busybox:2")).unwrap();
+    let quiet = dir.path().join("quiet.yaml");
+    std::fs::write(
+        &quiet,
+        service_yaml(&format!("{name}-quiet"), "berth-test/busybox:1")
+            .replace("replicas: 1", "replicas: 0"),
+    )
+    .unwrap();
     let viewer = token(&b, "viewer");
 
     // A snapshot for the evidence page, of the plan berth makes at its first start.
@@ -72,7 +80,7 @@ async fn a_person_signs_in_watches_a_rollout_reads_logs_runs_a_command_and_a_vie
         .unwrap_or_else(|| panic!("no snapshot id in `{out}`"))
         .to_string();
 
-    let run = Command::new("node")
+    let mut node = Command::new("node")
         .arg(browser_dir().join("dashboard.mjs"))
         .current_dir(browser_dir())
         .env("BERTH_URL", b.url())
@@ -83,15 +91,37 @@ async fn a_person_signs_in_watches_a_rollout_reads_logs_runs_a_command_and_a_vie
         .env("SERVICE", &name)
         .env("MANIFEST_V1", &v1)
         .env("MANIFEST_V2", &v2)
+        .env("MANIFEST_QUIET", &quiet)
         .env("SNAPSHOT", &snapshot)
         .env("SCREENSHOTS", screenshots().unwrap_or_default())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("e2e: cannot run node (scripts/test installs nodejs)");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    println!("{stdout}");
+    let mut to_node = node.stdin.take().unwrap();
+    let stderr = node.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut { stderr }, &mut text).unwrap_or_default();
+        text
+    });
+    // The script's steps, one per line; on `RESTART-BERTH` it waits for berth to come back.
+    let mut stdout = String::new();
+    for line in BufReader::new(node.stdout.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        println!("{line}");
+        if line == "RESTART-BERTH" {
+            b.restart();
+            writeln!(to_node, "restarted").expect("e2e: the browser script went away");
+        }
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let status = node.wait().expect("node");
+    let stderr = errors.join().unwrap_or_default();
     assert!(
-        run.status.success(),
+        status.success(),
         "the browser run failed:\n{stdout}\n{stderr}\n--- berth log (tail) ---\n{}",
         tail(&b.log_text(), 60)
     );

@@ -464,13 +464,17 @@ pub async fn service_row_page(
     service_row_fragment(&state, &name).await
 }
 
+/// The overview sections about a deployer's own Services (the others are the cluster's).
+pub const DEPLOYER_SECTIONS: [&str; 2] = ["services", "summary"];
+
 /// `GET /ui/sections/{section}`
 pub async fn section(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
     crate::extract::Path(section): crate::extract::Path<String>,
+    crate::extract::Query(q): crate::extract::Query<ServicesQuery>,
 ) -> PageResult {
-    if p.role == Role::Deployer && section != "summary" {
+    if p.role == Role::Deployer && !DEPLOYER_SECTIONS.contains(&section.as_str()) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -479,6 +483,8 @@ pub async fn section(
     }
     let m = match section.as_str() {
         "summary" => services_summary(&visible_services(&state, &p)?),
+        // The page's table again (same page and filter), after the event stream was down.
+        "services" => services_table(&visible_services(&state, &p)?, &q),
         "nodes" => nodes_section(&state)?,
         "ingresses" => ingresses_section(&state)?,
         "backups" => backups_section(&state)?,
@@ -487,7 +493,9 @@ pub async fn section(
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!("no section `{other}` (summary, nodes, ingresses, backups, events)"),
+                format!(
+                    "no section `{other}` (services, summary, nodes, ingresses, backups, events)"
+                ),
             ))
         }
     };

@@ -26,10 +26,25 @@ async function api(method, path, body, contentType) {
   return { status: resp.status, ok: resp.ok, json, text };
 }
 
-// Reads a streamed response of JSON lines, calling `each` with every object.
-async function lines(path, each, signal) {
+// A GET that tries again when the request did not get through (a network change, a server
+// restart): a browser on a laptop meets both, and a page should not go stale over one.
+async function get(url, tries = 3) {
+  for (let i = 1; ; i += 1) {
+    try {
+      return await fetch(url, { credentials: "same-origin" });
+    } catch (e) {
+      if (i >= tries) throw e;
+      await new Promise((r) => setTimeout(r, 500 * i));
+    }
+  }
+}
+
+// Reads a streamed response of JSON lines, calling `each` with every object (and `opened` once
+// the response has started).
+async function lines(path, each, signal, opened) {
   const resp = await fetch(path, { credentials: "same-origin", signal });
   if (!resp.ok || !resp.body) return resp.status;
+  opened?.();
   const reader = resp.body.getReader();
   const dec = new TextDecoder();
   let buf = "";
@@ -58,15 +73,21 @@ function debouncer(ms) {
   };
 }
 
+// Replaces `el` with the fragment the server renders at `url` (removes it on 404). A failure
+// leaves the element as it is: the next event, or the resync after a reconnect, fetches again.
 async function replaceWith(el, url) {
-  const resp = await fetch(url, { credentials: "same-origin" });
-  if (resp.status === 404) { el?.remove(); return null; }
-  if (!resp.ok) return null;
-  const tpl = document.createElement("template");
-  tpl.innerHTML = (await resp.text()).trim();
-  const fresh = tpl.content.firstElementChild;
-  if (el && fresh) el.replaceWith(fresh);
-  return fresh;
+  try {
+    const resp = await get(url);
+    if (resp.status === 404) { el?.remove(); return null; }
+    if (!resp.ok) return null;
+    const tpl = document.createElement("template");
+    tpl.innerHTML = (await resp.text()).trim();
+    const fresh = tpl.content.firstElementChild;
+    if (el && fresh) el.replaceWith(fresh);
+    return fresh;
+  } catch (_) {
+    return null;
+  }
 }
 
 // The overview follows the event stream: a Service's row, or a section, is fetched again from
@@ -74,7 +95,7 @@ async function replaceWith(el, url) {
 function liveOverview() {
   const later = debouncer(250);
   const sectionOf = { Node: "nodes", Ingress: "ingresses", Backup: "backups" };
-  const services = document.getElementById("services");
+  const services = () => document.getElementById("services");
   const onEvent = (e) => {
     if (e.kind === "Service") {
       later(`svc/${e.name}`, async () => {
@@ -82,8 +103,9 @@ function liveOverview() {
         let row = document.getElementById(id);
         // A Service not on this page appears here only on an unfiltered first page with room.
         const body = document.getElementById("services-body");
-        const room = services.dataset.page === "1" && services.dataset.filtered === "false"
-          && body.childElementCount < Number(services.dataset.pageSize);
+        const table = services();
+        const room = table.dataset.page === "1" && table.dataset.filtered === "false"
+          && body.childElementCount < Number(table.dataset.pageSize);
         if (!row && !room) return;
         if (!row) {
           row = document.createElement("tr");
@@ -99,9 +121,21 @@ function liveOverview() {
       if (el) later(section, () => replaceWith(document.querySelector(`[data-section="${section}"]`), `/ui/sections/${section}`));
     }
   };
+  // Level-based, like berth's controllers: after the stream was down, whatever changed in the
+  // meantime is read again whole (the page's table and every section), not replayed.
+  const resync = () => {
+    replaceWith(services(), `/ui/sections/services${location.search}`);
+    for (const el of document.querySelectorAll("[data-section]")) {
+      replaceWith(el, `/ui/sections/${el.dataset.section}`);
+    }
+  };
+  let opened = false;
   const connect = async () => {
-    document.body.dataset.live = "connected";
-    const status = await lines(`${API}/events?watch=true`, onEvent).catch(() => 0);
+    const status = await lines(`${API}/events?watch=true`, onEvent, undefined, () => {
+      if (opened) resync();
+      opened = true;
+      document.body.dataset.live = "connected";
+    }).catch(() => 0);
     document.body.dataset.live = "disconnected";
     // A token that may not watch (403) is not retried.
     if (status !== 403 && status !== 401) setTimeout(connect, 2000);
@@ -114,8 +148,8 @@ function servicePage(root) {
   const tasksBody = document.getElementById("tasks-body");
   const cell = (text) => { const td = document.createElement("td"); td.textContent = text ?? ""; return td; };
   const loadTasks = async () => {
-    const r = await api("GET", `${api_}/tasks`);
-    if (!r.ok || !tasksBody) return;
+    const r = await api("GET", `${api_}/tasks`).catch(() => null);
+    if (!r?.ok || !tasksBody) return;
     tasksBody.replaceChildren(...(r.json.items || []).map((t) => {
       const tr = document.createElement("tr");
       tr.append(cell(`${t.name}.${(t.id || "").slice(0, 12)}`), cell(t.node), cell(t.desiredState), cell(t.state), cell(t.since), cell(t.image), cell(t.error));
@@ -134,6 +168,7 @@ function servicePage(root) {
     ctl = new AbortController();
     logs.textContent = "";
     const f = follow.checked ? "true" : "false";
+    const mine = ctl;
     lines(`${api_}/logs?tail=200&follow=${f}`, (l) => {
       const line = document.createElement("div");
       line.className = l.stream;
@@ -141,7 +176,10 @@ function servicePage(root) {
       logs.appendChild(line);
       while (logs.childElementCount > 2000) logs.firstElementChild.remove();
       logs.scrollTop = logs.scrollHeight;
-    }, ctl.signal).catch(() => {});
+    }, ctl.signal).catch(() => {
+      // The stream broke (not stopped by us): read the tail again in a moment.
+      if (!mine.signal.aborted) setTimeout(() => { if (ctl === mine) loadLogs(); }, 2000);
+    });
   };
   follow?.addEventListener("change", loadLogs);
   if (logs) loadLogs();
@@ -151,7 +189,10 @@ function servicePage(root) {
   for (const b of document.querySelectorAll("button.undo")) {
     b.addEventListener("click", async () => {
       b.disabled = true;
-      const r = await api("PATCH", api_, b.dataset.patch, "application/merge-patch+json");
+      // Not retried: the patch is conditional on the version the page showed, so a second try
+      // after one that went through would only meet a conflict.
+      const r = await api("PATCH", api_, b.dataset.patch, "application/merge-patch+json")
+        .catch((e) => ({ ok: false, status: 0, json: { message: `${e}; reload to see whether it applied` } }));
       result.textContent = r.ok
         ? `rolled back to revision ${b.dataset.revision}; reload to see the new revision`
         : `refused (${r.status}): ${r.json?.message ?? r.text}`;
