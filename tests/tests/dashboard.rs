@@ -4,6 +4,8 @@
 //! refusals. The HTTP-level guarantees (CSRF, cookie attributes, the policy) are checked here
 //! with a plain client, so a failure names the header that is wrong.
 
+use berth_api_types::names::{paths, session};
+use berth_api_types::Kind;
 use berth_e2e::{berth_bin, prefix, tempdir, Berth, Cleanup};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -152,39 +154,32 @@ async fn the_session_cookie_needs_the_csrf_token_for_writes_and_pages_carry_a_st
     let origin = url.clone();
 
     // Anonymous: a page redirects to the sign-in form; the API still answers 401.
-    let r = c.get(format!("{url}/ui/")).send().await.unwrap();
-    assert_eq!(r.status(), 303);
-    assert_eq!(r.headers()["location"], "/ui/login");
-
-    // A wrong token: 401, no cookie.
     let r = c
-        .post(format!("{url}/ui/login"))
-        .header("origin", &origin)
-        .form(&[("token", "berth_nobody_00")])
+        .get(format!("{url}{}", paths::UI_HOME))
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], paths::UI_LOGIN);
+
+    // One sign-in form post, from `origin`.
+    let sign_in = |origin: &str, token: &str| {
+        c.post(format!("{url}{}", paths::UI_LOGIN))
+            .header("origin", origin)
+            .form(&[("token", token)])
+            .send()
+    };
+    // A wrong token: 401, no cookie.
+    let r = sign_in(&origin, "berth_nobody_00").await.unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers().get("set-cookie").is_none());
 
     // From another site: refused, even with the right token (login CSRF).
-    let r = c
-        .post(format!("{url}/ui/login"))
-        .header("origin", "https://evil.example")
-        .form(&[("token", b.token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let r = sign_in("https://evil.example", &b.token).await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(r.headers().get("set-cookie").is_none());
 
-    let r = c
-        .post(format!("{url}/ui/login"))
-        .header("origin", &origin)
-        .form(&[("token", b.token.as_str())])
-        .send()
-        .await
-        .unwrap();
+    let r = sign_in(&origin, &b.token).await.unwrap();
     assert_eq!(r.status(), 303);
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
     for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
@@ -193,7 +188,7 @@ async fn the_session_cookie_needs_the_csrf_token_for_writes_and_pages_carry_a_st
     let session = cookie.split(';').next().unwrap().to_string();
 
     let page = c
-        .get(format!("{url}/ui/"))
+        .get(format!("{url}{}", paths::UI_HOME))
         .header("cookie", &session)
         .send()
         .await
@@ -227,45 +222,37 @@ async fn the_session_cookie_needs_the_csrf_token_for_writes_and_pages_carry_a_st
         "apiVersion": "berth/v1", "kind": "Config",
         "metadata": {"name": name}, "spec": {"data": {"a": "Yg=="}}
     });
-    let r = c
-        .post(format!("{url}/apis/berth/v1/configs"))
-        .header("cookie", &session)
-        .json(&manifest)
-        .send()
-        .await
-        .unwrap();
+    // One Config POST with the session cookie and, when given, a CSRF header.
+    let create = |csrf: Option<String>| {
+        let mut req = c
+            .post(format!("{url}{}", paths::collection(Kind::Config)))
+            .header("cookie", &session)
+            .json(&manifest);
+        if let Some(t) = csrf {
+            req = req.header(session::CSRF_HEADER, t);
+        }
+        req.send()
+    };
+    let r = create(None).await.unwrap();
     assert_eq!(r.status(), 403);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["reason"], "CsrfRejected", "{body}");
-    assert!(b
-        .object(berth_api_types::Kind::Config, &name)
-        .await
-        .is_none());
-    let r = c
-        .post(format!("{url}/apis/berth/v1/configs"))
-        .header("cookie", &session)
-        .header("x-berth-csrf", "0".repeat(32))
-        .json(&manifest)
-        .send()
-        .await
-        .unwrap();
+    assert!(b.object(Kind::Config, &name).await.is_none());
+    let r = create(Some("0".repeat(32))).await.unwrap();
     assert_eq!(r.status(), 403, "another session's or a made-up token");
 
     // With it: the same write goes through, as the token's role allows.
-    let r = c
-        .post(format!("{url}/apis/berth/v1/configs"))
-        .header("cookie", &session)
-        .header("x-berth-csrf", &csrf)
-        .json(&manifest)
-        .send()
-        .await
-        .unwrap();
+    let r = create(Some(csrf.clone())).await.unwrap();
     assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     b.cli_ok(&["delete", "config", &name]);
 
     // Signing out clears the cookie.
     let r = c
-        .post(format!("{url}/ui/logout?csrf={csrf}"))
+        .post(format!(
+            "{url}{}?{}={csrf}",
+            paths::UI_LOGOUT,
+            session::CSRF_PARAM
+        ))
         .header("cookie", &session)
         .send()
         .await

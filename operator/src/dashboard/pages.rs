@@ -41,7 +41,10 @@ fn layout(title: &str, who: Option<(&Principal, &str)>, body: Markup) -> Respons
                 link rel="stylesheet" href=(asset("app.css"));
                 script src=(asset("app.js")) defer {}
             }
-            body {
+            // The paths and names the script uses, from their one definition (names.rs).
+            body data-path-events=(paths::EVENTS) data-path-row=(paths::ui_service_row(""))
+                data-path-section=(paths::ui_section("")) data-csrf-header=(session::CSRF_HEADER)
+                data-csrf-param=(session::CSRF_PARAM) {
                 header.top {
                     a.brand href=(paths::UI_HOME) { "berth" }
                     @if let Some((p, _)) = who {

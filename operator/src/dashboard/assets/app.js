@@ -5,7 +5,8 @@
 
 const meta = (name) => document.querySelector(`meta[name="${name}"]`)?.content ?? "";
 const CSRF = meta("berth-csrf");
-const API = "/apis/berth/v1";
+// Paths and names come from the page (the server's one definition of each, names.rs).
+const PATHS = document.body.dataset;
 
 // The terminal's renderer adds <style> elements; the page's policy admits them by this nonce.
 const STYLE_NONCE = meta("berth-style-nonce");
@@ -17,7 +18,7 @@ Document.prototype.createElement = function (tag, options) {
 };
 
 async function api(method, path, body, contentType) {
-  const headers = { "x-berth-csrf": CSRF };
+  const headers = { [PATHS.csrfHeader]: CSRF };
   if (body !== undefined) headers["content-type"] = contentType || "application/json";
   const resp = await fetch(path, { method, headers, body, credentials: "same-origin" });
   const text = await resp.text();
@@ -112,26 +113,26 @@ function liveOverview() {
           row.id = id;
           body.appendChild(row);
         }
-        await replaceWith(row, `/ui/rows/services/${encodeURIComponent(e.name)}`);
+        await replaceWith(row, `${PATHS.pathRow}${encodeURIComponent(e.name)}`);
       });
-      later("summary", () => replaceWith(document.getElementById("services-summary"), "/ui/sections/summary"));
+      later("summary", () => replaceWith(document.getElementById("services-summary"), `${PATHS.pathSection}summary`));
     }
     for (const section of [sectionOf[e.kind], "events"]) {
       const el = section && document.querySelector(`[data-section="${section}"]`);
-      if (el) later(section, () => replaceWith(document.querySelector(`[data-section="${section}"]`), `/ui/sections/${section}`));
+      if (el) later(section, () => replaceWith(document.querySelector(`[data-section="${section}"]`), `${PATHS.pathSection}${section}`));
     }
   };
   // Level-based, like berth's controllers: after the stream was down, whatever changed in the
   // meantime is read again whole (the page's table and every section), not replayed.
   const resync = () => {
-    replaceWith(services(), `/ui/sections/services${location.search}`);
+    replaceWith(services(), `${PATHS.pathSection}services${location.search}`);
     for (const el of document.querySelectorAll("[data-section]")) {
-      replaceWith(el, `/ui/sections/${el.dataset.section}`);
+      replaceWith(el, `${PATHS.pathSection}${el.dataset.section}`);
     }
   };
   let opened = false;
   const connect = async () => {
-    const status = await lines(`${API}/events?watch=true`, onEvent, undefined, () => {
+    const status = await lines(`${PATHS.pathEvents}?watch=true`, onEvent, undefined, () => {
       if (opened) resync();
       opened = true;
       document.body.dataset.live = "connected";
@@ -231,7 +232,7 @@ function openTerminal(root) {
   const request = { command: command.length ? command : ["sh"], stdin: true, tty: true, size: [term.cols, term.rows] };
   if (task) request.task = task;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const q = new URLSearchParams({ request: JSON.stringify(request), csrf: CSRF });
+  const q = new URLSearchParams({ request: JSON.stringify(request), [PATHS.csrfParam]: CSRF });
   const ws = new WebSocket(`${scheme}://${location.host}${root.dataset.exec}?${q}`, ["berth-exec.v1"]);
   ws.binaryType = "arraybuffer";
   const enc = new TextEncoder();
